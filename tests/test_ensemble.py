@@ -1,0 +1,122 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.special import softmax
+
+from lmsys.ensemble import combine, fit_ensemble_weights, load_oof, main
+from lmsys.evaluation.metrics import log_loss
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["winner_model_a", "winner_model_b", "winner_tie"]
+
+
+def sample_labels(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
+    return (rng.random(len(probs))[:, None] > probs.cumsum(axis=1)[:, :2]).sum(axis=1)
+
+
+def mixture_case(n: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Three models; labels drawn from 0.7 * model1 + 0.3 * model2, the third model is noise."""
+    rng = np.random.default_rng(seed)
+    models = [rng.dirichlet(np.full(3, 0.7), size=n) for _ in range(3)]
+    labels = sample_labels(rng, 0.7 * models[0] + 0.3 * models[1])
+    return models, labels, np.eye(3)[labels]
+
+
+def write_oof(path: Path, ids: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> Path:
+    frame = pd.DataFrame(probs, columns=COLUMNS)
+    frame.insert(0, "id", ids)
+    frame["label"] = labels
+    frame.to_csv(path, index=False)
+    return path
+
+
+def write_submission(path: Path, ids: np.ndarray, probs: np.ndarray) -> Path:
+    frame = pd.DataFrame(probs, columns=COLUMNS)
+    frame.insert(0, "id", ids)
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_fit_recovers_mixture_weights() -> None:
+    models, _, targets = mixture_case(20_000)
+    weights, temperature = fit_ensemble_weights(models, targets)
+    np.testing.assert_allclose(weights, [0.7, 0.3, 0.0], atol=0.05)
+    assert weights.min() >= 0 and weights.sum() == pytest.approx(1.0)
+    assert temperature == 1.0
+    assert log_loss(combine(models, weights, temperature), targets) <= log_loss(models[0], targets)
+
+
+def test_fit_recovers_temperature() -> None:
+    # A model twice as sharp as the truth: softmax(log(softmax(2z)) / 2) = softmax(z), so T = 2 is optimal.
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(5_000, 3))
+    sharp = softmax(2 * logits, axis=1)
+    weights, temperature = fit_ensemble_weights([sharp, sharp], softmax(logits, axis=1), fit_temperature=True)
+    assert temperature == pytest.approx(2.0, rel=1e-3)
+    assert weights.sum() == pytest.approx(1.0)
+
+
+def test_combine_rows_sum_to_one() -> None:
+    models, _, _ = mixture_case(100)
+    for temperature in (0.5, 1.0, 3.0):
+        np.testing.assert_allclose(combine(models, np.array([0.2, 0.5, 0.3]), temperature).sum(axis=1), 1.0)
+
+
+def test_cli_end_to_end(tmp_path: Path) -> None:
+    n = 3_000
+    models, labels, _ = mixture_case(n, seed=2)
+    ids = np.arange(1000, 1000 + n)
+    # Each file in its own row order: alignment must go by id.
+    orders = [np.arange(n), np.random.default_rng(3).permutation(n), np.arange(n)[::-1]]
+    oofs = [write_oof(tmp_path / f"oof{m}.csv", ids[o], models[m][o], labels[o]) for m, o in enumerate(orders)]
+    test_ids = np.array(["x9", "a1", "m5", "b2"])
+    test_probs = [np.random.default_rng(4 + m).dirichlet(np.ones(3), size=4) for m in range(3)]
+    subs = [write_submission(tmp_path / f"sub{m}.csv", test_ids[::-1] if m else test_ids,
+                             test_probs[m][::-1] if m else test_probs[m]) for m in range(3)]
+    out = tmp_path / "ens"
+
+    result = subprocess.run(
+        [sys.executable, "-m", "lmsys.ensemble", "--oof", *map(str, oofs), "--submissions", *map(str, subs),
+         "--out", str(out), "--temperature"],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+    )
+    assert "ensemble" in result.stdout
+
+    saved = json.loads((out / "weights.json").read_text())
+    assert saved["models"] == [str(p) for p in oofs]
+    assert sum(saved["weights"]) == pytest.approx(1.0)
+    assert saved["weights"][0] > saved["weights"][2]
+    assert saved["temperature"] > 0 and saved["oof_log_loss"] > 0
+
+    submission = pd.read_csv(out / "submission.csv", dtype={"id": str})
+    assert submission["id"].tolist() == test_ids.tolist()
+    np.testing.assert_allclose(submission[COLUMNS].sum(axis=1), 1.0, atol=1e-6)
+    expected = combine(test_probs, np.array(saved["weights"]), saved["temperature"])
+    np.testing.assert_allclose(submission[COLUMNS].to_numpy(), expected, atol=1e-9)
+
+    # Re-applying the saved weights reproduces the submission without fitting.
+    main(["--weights", str(out / "weights.json"), "--submissions", *map(str, subs), "--out", str(tmp_path / "again")])
+    again = pd.read_csv(tmp_path / "again" / "submission.csv", dtype={"id": str})
+    pd.testing.assert_frame_equal(again, submission)
+
+
+def test_soft_targets_preferred_over_label(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"id": [1, 2], "winner_model_a": [0.5, 0.2], "winner_model_b": [0.3, 0.3],
+                          "winner_tie": [0.2, 0.5], "label": [0, 2], "target_a": [0.6, 0.0],
+                          "target_b": [0.4, 0.1], "target_tie": [0.0, 0.9]})
+    frame.to_csv(tmp_path / "oof.csv", index=False)
+    _, _, targets = load_oof([str(tmp_path / "oof.csv")])
+    np.testing.assert_allclose(targets, [[0.6, 0.4, 0.0], [0.0, 0.1, 0.9]])
+
+
+def test_mismatched_ids_error(tmp_path: Path) -> None:
+    probs, labels = np.full((3, 3), 1 / 3), np.array([0, 1, 2])
+    first = write_oof(tmp_path / "a.csv", np.array([1, 2, 3]), probs, labels)
+    second = write_oof(tmp_path / "b.csv", np.array([1, 2, 4]), probs, labels)
+    with pytest.raises(ValueError, match=r"b\.csv.*1 missing.*'3'.*1 extra.*'4'"):
+        main(["--oof", str(first), str(second), "--out", str(tmp_path / "out")])
