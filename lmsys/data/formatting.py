@@ -1,0 +1,153 @@
+"""Turning a `Pair` into the token ids the model reads, within `max_length`, in the PAB or PAPB layout.
+
+Texts are tokenized once (per text, without special tokens); a layout is a list of pieces, fixed marker text or
+a slot for one turn of one part; the token budget left after the markers is shared between the parts by weight
+(water-filling) and between a part's turns equally, and each over-long text keeps its head and tail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import zip_longest
+
+from lmsys.config import InputFormat
+from lmsys.data.schema import Pair
+from lmsys.data.templates import ChatMarkers
+from lmsys.data.truncation import head_tail, water_fill
+
+INTRO = "Which response better answers the conversation: A, B, or is it a tie?\n\n"
+ELLIPSIS = " [...] "
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A place in the layout for turn `turn` of part `part`."""
+
+    part: int
+    turn: int
+
+
+@dataclass(frozen=True)
+class PairTokens:
+    """Token ids of every turn of a pair, tokenized once, reused for both orientations."""
+
+    prompts: list[list[int]]
+    responses_a: list[list[int]]
+    responses_b: list[list[int]]
+
+
+class PairEncoder:
+    """Builds model inputs for pairs: one fixed layout, template and truncation policy."""
+
+    def __init__(
+        self,
+        tokenizer,
+        markers: ChatMarkers,
+        input_format: InputFormat,
+        max_length: int,
+        prompt_share: float,
+        keep_first_turns: int,
+        keep_last_turns: int,
+        head_fraction: float,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.input_format = input_format
+        self.max_length = max_length
+        self.prompt_share = prompt_share
+        self.keep_first_turns = keep_first_turns
+        self.keep_last_turns = keep_last_turns
+        self.head_fraction = head_fraction
+        self._special_prefix = tokenizer("", add_special_tokens=True)["input_ids"]  # [bos] where the model wants one
+        self._marker_cache: dict[str, list[int]] = {}
+        self._user_prefix = markers.user_prefix
+        self._assistant_prefix = markers.assistant_prefix
+        self._ellipsis = self._tok(ELLIPSIS)
+
+    def tokenize(self, pairs: list[Pair]) -> list[PairTokens]:
+        """Tokenize every turn of every pair in one batched call."""
+        texts = [text for pair in pairs for text in (*pair.prompts, *pair.responses_a, *pair.responses_b)]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        out, pos = [], 0
+        for pair in pairs:
+            sizes = (len(pair.prompts), len(pair.responses_a), len(pair.responses_b))
+            groups = []
+            for size in sizes:
+                groups.append([list(t) for t in ids[pos : pos + size]])
+                pos += size
+            out.append(PairTokens(*groups))
+        return out
+
+    def encode(self, tokens: PairTokens, swapped: bool = False) -> list[int]:
+        """The input ids of one pair (A and B exchanged when `swapped`), at most `max_length` long."""
+        responses_a, responses_b = (tokens.responses_b, tokens.responses_a) if swapped else (
+            tokens.responses_a, tokens.responses_b)
+        parts, weights = self._parts(tokens.prompts, responses_a, responses_b)
+        layout = self._layout(len(parts[0]))
+        if self._length(layout, parts) > self.max_length:
+            parts = [self._select_turns(part) for part in parts]
+            layout = self._layout(len(parts[0]))
+        budget = self.max_length - self._length(layout, [[[] for _ in part] for part in parts])
+        if budget < 0:
+            raise ValueError(f"max_length {self.max_length} cannot hold the {self.input_format.value} markers")
+        parts = self._truncate(parts, weights, budget)
+        ids = list(self._special_prefix)
+        for piece in layout:
+            ids += self._tok(piece) if isinstance(piece, str) else parts[piece.part][piece.turn]
+        return ids
+
+    def _parts(self, prompts, responses_a, responses_b) -> tuple[list[list[list[int]]], list[float]]:
+        """The texts that share the budget, turn-aligned, with their weights."""
+        n_turns = max(len(prompts), len(responses_a), len(responses_b))
+        aligned = [_pad_turns(texts, n_turns) for texts in (prompts, responses_a, responses_b)]
+        response_share = (1.0 - self.prompt_share) / 2
+        if self.input_format == InputFormat.pab:
+            return aligned, [self.prompt_share, response_share, response_share]
+        prompt, a, b = aligned
+        half_prompt = self.prompt_share / 2
+        return [prompt, a, [list(t) for t in prompt], b], [half_prompt, response_share, half_prompt, response_share]
+
+    def _layout(self, n_turns: int) -> list[str | Slot]:
+        turns = range(n_turns)
+        if self.input_format == InputFormat.pab:
+            layout: list[str | Slot] = [self._user_prefix + INTRO + "# Prompt\n"]
+            for part, header in ((0, None), (1, "\n\n# Response A\n"), (2, "\n\n# Response B\n")):
+                if header:
+                    layout.append(header)
+                for turn in turns:
+                    layout += (["\n---\n"] if turn else []) + [Slot(part, turn)]
+        else:
+            layout = [self._user_prefix + INTRO]
+            for prompt_part, response_part, name in ((0, 1, "A"), (2, 3, "B")):
+                layout.append(f"# Conversation with {name}\n" if name == "A" else f"\n\n# Conversation with {name}\n")
+                for turn in turns:
+                    layout += [("\n" if turn else "") + "## User\n", Slot(prompt_part, turn), "\n## Assistant\n",
+                               Slot(response_part, turn)]
+        return layout + [self._assistant_prefix]
+
+    def _length(self, layout: list[str | Slot], parts: list[list[list[int]]]) -> int:
+        fixed = sum(len(self._tok(piece)) for piece in layout if isinstance(piece, str))
+        return len(self._special_prefix) + fixed + sum(len(t) for part in parts for t in part)
+
+    def _select_turns(self, part: list[list[int]]) -> list[list[int]]:
+        """Keep the first k and last k turns of an over-long conversation."""
+        first, last = self.keep_first_turns, self.keep_last_turns
+        if len(part) <= first + last:
+            return part
+        return part[:first] + (part[len(part) - last :] if last else [])
+
+    def _truncate(self, parts: list[list[list[int]]], weights: list[float], budget: int) -> list[list[list[int]]]:
+        part_budgets = water_fill([sum(len(t) for t in part) for part in parts], weights, budget)
+        truncated = []
+        for part, part_budget in zip(parts, part_budgets, strict=True):
+            turn_budgets = water_fill([len(t) for t in part], [1.0] * len(part), part_budget)
+            truncated.append([head_tail(t, b, self.head_fraction, self._ellipsis) for t, b in zip(part, turn_budgets)])
+        return truncated
+
+    def _tok(self, text: str) -> list[int]:
+        if text not in self._marker_cache:
+            self._marker_cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._marker_cache[text]
+
+
+def _pad_turns(texts: list[list[int]], n_turns: int) -> list[list[int]]:
+    return [list(t) if t is not None else [] for t, _ in zip_longest(texts, range(n_turns))]

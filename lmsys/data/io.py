@@ -1,0 +1,167 @@
+"""Reading battles from Kaggle LMSYS CSV, WSDM Cup and parquet files into validated `Pair`s.
+
+Every problem is reported as a `DataError` naming the file, the row id and the column, before any model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lmsys.data.schema import TARGET_COLUMNS, Pair
+
+TEXT_COLUMNS = ("prompt", "response_a", "response_b")
+WSDM_WINNERS = {"model_a": (1.0, 0.0, 0.0), "model_b": (0.0, 1.0, 0.0)}
+META_COLUMNS = ("source", "language", "model_a", "model_b", "fold")
+PROB_TOLERANCE = 1e-4
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the row id and the column."""
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Load a CSV or parquet file as a frame, refusing missing and empty files."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix == ".parquet":
+        frame = pd.read_parquet(path)
+    elif path.suffix == ".csv":
+        try:
+            frame = pd.read_csv(path, keep_default_na=False, na_values=[], dtype={"id": str})
+        except pd.errors.EmptyDataError as err:
+            raise DataError(f"{path}: the file is empty") from err
+    else:
+        raise DataError(f"{path}: unsupported file type '{path.suffix}' (use .csv or .parquet)")
+    if frame.empty:
+        raise DataError(f"{path}: the file has no rows")
+    return frame
+
+
+def read_pairs(path: str | Path, require_labels: bool) -> list[Pair]:
+    """Read and validate every row of `path`; labels must be present and valid when `require_labels`."""
+    frame = read_table(path)
+    return pairs_from_frame(frame, str(path), require_labels)
+
+
+def pairs_from_frame(frame: pd.DataFrame, name: str, require_labels: bool) -> list[Pair]:
+    """Validate a frame in any accepted schema and convert it; `name` labels the errors."""
+    _check_columns(frame, name, require_labels)
+    ids = frame["id"].astype(str).tolist()
+    _check_unique_ids(ids, name)
+    is_wsdm = "winner" in frame.columns
+    has_labels = _has_label_columns(frame)
+    pairs = []
+    for row_id, row in zip(ids, frame.to_dict("records"), strict=True):
+        texts = [_parse_turns(row[col], name, row_id, col, plain_text=is_wsdm) for col in TEXT_COLUMNS]
+        target = _parse_target(row, name, row_id) if has_labels else None
+        meta = {key: row[key] for key in META_COLUMNS if key in row and not _is_missing(row[key])}
+        pairs.append(Pair(row_id, *texts, target=target, meta=meta))
+    return pairs
+
+
+def _has_label_columns(frame: pd.DataFrame) -> bool:
+    return "label" in frame.columns or "winner" in frame.columns or set(TARGET_COLUMNS) <= set(frame.columns)
+
+
+def _check_columns(frame: pd.DataFrame, name: str, require_labels: bool) -> None:
+    missing = [col for col in ("id", *TEXT_COLUMNS) if col not in frame.columns]
+    if missing:
+        raise DataError(f"{name}: missing column(s) {missing}; found {list(frame.columns)}")
+    partial = [col for col in TARGET_COLUMNS if col in frame.columns]
+    if partial and len(partial) < 3:
+        absent = [col for col in TARGET_COLUMNS if col not in frame.columns]
+        raise DataError(f"{name}: label column(s) {absent} missing (found {partial})")
+    if require_labels and not _has_label_columns(frame):
+        raise DataError(
+            f"{name}: no label columns: need {list(TARGET_COLUMNS)}, 'label' (0/1/2 or three probabilities) "
+            f"or 'winner' (model_a/model_b)"
+        )
+
+
+def _check_unique_ids(ids: list[str], name: str) -> None:
+    seen: set[str] = set()
+    for row_id in ids:
+        if row_id in seen:
+            raise DataError(f"{name}: row id={row_id} column 'id': duplicate id")
+        seen.add(row_id)
+
+
+def _is_missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _parse_turns(cell: object, name: str, row_id: str, column: str, plain_text: bool) -> tuple[str, ...]:
+    """A cell is a JSON list of turns (Kaggle), a list/array (parquet) or, in the WSDM schema, one plain string."""
+    where = f"{name}: row id={row_id} column '{column}'"
+    if plain_text and isinstance(cell, str):
+        return (cell,)
+    if isinstance(cell, (list, tuple, np.ndarray)):
+        turns = list(cell)
+    elif isinstance(cell, str):
+        try:
+            turns = json.loads(cell)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: malformed JSON ({err.msg} at char {err.pos}): {cell[:80]!r}") from err
+        if not isinstance(turns, list):
+            raise DataError(f"{where}: expected a JSON list of strings, got {type(turns).__name__}")
+    else:
+        raise DataError(f"{where}: expected a JSON list of strings, got {cell!r}")
+    if not turns:
+        raise DataError(f"{where}: empty list of turns")
+    for turn in turns:
+        if not (turn is None or isinstance(turn, str)):
+            raise DataError(f"{where}: turns must be strings or null, got {turn!r}")
+    return tuple("" if turn is None else turn for turn in turns)
+
+
+def _parse_target(row: dict, name: str, row_id: str) -> tuple[float, float, float]:
+    if "winner" in row:
+        winner = row["winner"]
+        if winner not in WSDM_WINNERS:
+            raise DataError(f"{name}: row id={row_id} column 'winner': expected model_a or model_b, got {winner!r}")
+        return WSDM_WINNERS[winner]
+    if "label" in row:
+        return _parse_label_cell(row["label"], name, row_id)
+    return _parse_one_hot(row, name, row_id)
+
+
+def _parse_one_hot(row: dict, name: str, row_id: str) -> tuple[float, float, float]:
+    values = []
+    for col in TARGET_COLUMNS:
+        try:
+            values.append(float(row[col]))
+        except (TypeError, ValueError) as err:
+            raise DataError(f"{name}: row id={row_id} column '{col}': not a number: {row[col]!r}") from err
+    if any(v not in (0.0, 1.0) for v in values) or sum(values) != 1.0:
+        raise DataError(
+            f"{name}: row id={row_id} columns {list(TARGET_COLUMNS)}: labels must be one-hot, got {values}"
+        )
+    return tuple(values)
+
+
+def _parse_label_cell(cell: object, name: str, row_id: str) -> tuple[float, float, float]:
+    """`label` is a class index 0/1/2 or three probabilities (soft labels, pseudo-labels)."""
+    where = f"{name}: row id={row_id} column 'label'"
+    if isinstance(cell, str):
+        try:
+            cell = json.loads(cell)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: expected 0/1/2 or three probabilities, got {cell!r}") from err
+    if isinstance(cell, (list, tuple, np.ndarray)):
+        probs = np.asarray(cell, dtype=float)
+        if probs.shape != (3,) or not np.isfinite(probs).all() or (probs < 0).any():
+            raise DataError(f"{where}: expected three non-negative probabilities, got {list(probs)}")
+        if abs(probs.sum() - 1.0) > PROB_TOLERANCE:
+            raise DataError(f"{where}: probabilities sum to {probs.sum():.6f}, not 1")
+        return tuple(float(p) for p in probs / probs.sum())
+    if isinstance(cell, (int, np.integer, float, np.floating)) and float(cell) in (0.0, 1.0, 2.0):
+        target = [0.0, 0.0, 0.0]
+        target[int(cell)] = 1.0
+        return tuple(target)
+    raise DataError(f"{where}: expected 0/1/2 or three probabilities, got {cell!r}")

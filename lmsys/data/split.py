@@ -1,0 +1,39 @@
+"""The validation split when no validation file is given: a fold column, or a prompt-grouped stratified split."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from lmsys.data.io import DataError
+from lmsys.data.schema import Pair
+
+
+def prompt_group(pair: Pair) -> str:
+    """Pairs with the same prompt share a group, so that no prompt sits on both sides of a split."""
+    return hashlib.sha1("\x1f".join(pair.prompts).encode("utf-8")).hexdigest()
+
+
+def split_train_valid(
+    pairs: list[Pair], valid_fold: int | None, valid_fraction: float, seed: int
+) -> tuple[list[Pair], list[Pair]]:
+    if valid_fold is not None:
+        return _split_by_fold(pairs, valid_fold)
+    n_splits = max(2, round(1.0 / valid_fraction))
+    labels = np.array([pair.label for pair in pairs])
+    groups = np.array([prompt_group(pair) for pair in pairs])
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    train_idx, valid_idx = next(folds.split(np.zeros(len(pairs)), labels, groups))
+    return [pairs[i] for i in train_idx], [pairs[i] for i in valid_idx]
+
+
+def _split_by_fold(pairs: list[Pair], valid_fold: int) -> tuple[list[Pair], list[Pair]]:
+    missing = [pair.id for pair in pairs if "fold" not in pair.meta]
+    if missing:
+        raise DataError(f"data.valid_fold={valid_fold} but row id={missing[0]} has no 'fold' value")
+    valid = [pair for pair in pairs if int(pair.meta["fold"]) == valid_fold]
+    if not valid:
+        raise DataError(f"data.valid_fold={valid_fold}: no row has that fold")
+    return [pair for pair in pairs if int(pair.meta["fold"]) != valid_fold], valid

@@ -1,0 +1,88 @@
+"""Loading the backbone from a local directory: quantized (NF4/FP4/int8) or not, then LoRA (or DoRA) via peft."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModel, BitsAndBytesConfig, PreTrainedModel
+
+from lmsys.config import ComputeDtype, Quantization
+
+DTYPES = {ComputeDtype.float32: torch.float32, ComputeDtype.bfloat16: torch.bfloat16, ComputeDtype.float16: torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model directory that is missing or cannot be used."""
+
+
+def read_model_type(path: str | Path) -> str:
+    """The architecture of a local model directory, read from its config.json without loading weights."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path}: not a model directory (no config.json); run ./setup.sh or set model.path")
+    config = json.loads(config_file.read_text())
+    return config.get("text_config", {}).get("model_type") if config.get("model_type") == "gemma3" else config["model_type"]
+
+
+def resolve_dtype(requested: ComputeDtype, device: torch.device) -> torch.dtype:
+    """bfloat16 on GPU, float32 on CPU (where bf16 matmuls are over 10x slower without AMX)."""
+    if requested == ComputeDtype.auto:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[requested]
+
+
+def quantization_config(quantization: Quantization, double_quant: bool, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if quantization == Quantization.none:
+        return None
+    if quantization == Quantization.int8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.value,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def load_backbone(
+    path: str | Path,
+    quantization: Quantization,
+    double_quant: bool,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    device: torch.device,
+    trust_remote_code: bool,
+) -> PreTrainedModel:
+    """The transformer without its LM head (AutoModel), weights from safetensors only."""
+    return AutoModel.from_pretrained(
+        str(path),
+        quantization_config=quantization_config(quantization, double_quant, dtype),
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        device_map={"": device},
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+    )
+
+
+def add_lora(
+    backbone: PreTrainedModel, r: int, alpha: int, dropout: float, target_modules: list[str], use_dora: bool,
+    gradient_checkpointing: bool,
+) -> PeftModel:
+    """Freeze the backbone and wrap it with trainable LoRA adapters."""
+    if gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    backbone.config.use_cache = False
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), use_dora=use_dora,
+        bias="none", task_type="FEATURE_EXTRACTION",
+    )
+    return get_peft_model(backbone, config)
+
+
+def load_adapter(backbone: PreTrainedModel, adapter_dir: str | Path, trainable: bool) -> PeftModel:
+    backbone.config.use_cache = False
+    return PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=trainable)

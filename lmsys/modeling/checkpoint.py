@@ -1,0 +1,93 @@
+"""A checkpoint holds everything needed to predict without the training config: the LoRA adapter, our head,
+the tokenizer and `lmsys_checkpoint.json` (base model, quantization, head, input layout and truncation)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmsys.config import (
+    Attention, ComputeDtype, Family, HeadInit, HeadType, InputFormat, PaddingSide, Quantization, Template,
+)
+
+FORMAT_VERSION = 1
+SPEC_FILE = "lmsys_checkpoint.json"
+HEAD_FILE = "head.safetensors"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+REQUIRED_FILES = (SPEC_FILE, HEAD_FILE, *ADAPTER_FILES, "tokenizer_config.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is incomplete or from an incompatible version."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to rebuild the model and its inputs; the only configuration a checkpoint carries."""
+
+    base_model_path: str
+    model_type: str
+    family: Family
+    template: Template
+    max_length: int
+    quantization: Quantization
+    double_quant: bool
+    compute_dtype: ComputeDtype
+    attn_implementation: Attention
+    head: HeadType
+    hidden_size: int
+    input_format: InputFormat
+    prompt_share: float
+    keep_first_turns: int
+    keep_last_turns: int
+    head_fraction: float
+    padding_side: PaddingSide
+    trust_remote_code: bool = False
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        payload = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(self).items()}
+        return json.dumps(payload, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> ModelSpec:
+        payload = json.loads(text)
+        version = payload.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"{where}: checkpoint format version {version}, this lmsys reads {FORMAT_VERSION}")
+        enums = {"family": Family, "template": Template, "quantization": Quantization, "compute_dtype": ComputeDtype,
+                 "attn_implementation": Attention, "head": HeadType, "input_format": InputFormat,
+                 "padding_side": PaddingSide}
+        try:
+            return cls(**{k: enums[k](v) if k in enums else v for k, v in payload.items()})
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{where}: unreadable checkpoint spec: {err}") from err
+
+
+def save_checkpoint(directory: Path, model, tokenizer, spec: ModelSpec) -> None:
+    """Write adapter, head, tokenizer and spec into `directory` (a fresh directory)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.backbone.save_pretrained(str(directory))
+    head_state = {k: v.detach().float().contiguous().cpu() for k, v in model.head.state_dict().items()}
+    save_file(head_state, str(directory / HEAD_FILE))
+    tokenizer.save_pretrained(str(directory))
+    (directory / SPEC_FILE).write_text(spec.to_json())
+
+
+def read_spec(directory: str | Path) -> ModelSpec:
+    """Check that the checkpoint is complete before anything is loaded; name what is missing."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{directory}: incomplete checkpoint, missing {missing}")
+    return ModelSpec.from_json((directory / SPEC_FILE).read_text(), str(directory))
+
+
+def load_head_state(directory: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(directory) / HEAD_FILE))

@@ -1,0 +1,40 @@
+"""Our 3-way score head: always full precision, never quantized, saved and restored with the adapter."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmsys.config import HeadInit, HeadType
+
+N_CLASSES = 3
+
+
+class PreferenceHead(nn.Module):
+    """Maps a pooled hidden state (N, H) to (A, B, tie) logits (N, 3)."""
+
+    def __init__(self, hidden_size: int, kind: HeadType, dropout: float, init: HeadInit, init_std: float) -> None:
+        super().__init__()
+        if kind == HeadType.linear:
+            self.layers = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, N_CLASSES))
+        else:
+            inner = hidden_size // 2
+            self.layers = nn.Sequential(
+                nn.Dropout(dropout), nn.Linear(hidden_size, inner), nn.Dropout(dropout), nn.GELU(),
+                nn.Linear(inner, N_CLASSES),
+            )
+        self._initialise(init, init_std)
+
+    def _initialise(self, init: HeadInit, std: float) -> None:
+        # A fresh small head starts near the uniform prediction (loss ln 3) instead of the large loss of a stock head.
+        linears = [m for m in self.layers if isinstance(m, nn.Linear)]
+        for layer in linears:
+            if init == HeadInit.torch_default:
+                continue
+            nn.init.normal_(layer.weight, std=std)
+            nn.init.zeros_(layer.bias)
+        if init == HeadInit.zeros:
+            nn.init.zeros_(linears[-1].weight)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.layers(pooled.float())

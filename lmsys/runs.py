@@ -1,0 +1,56 @@
+"""The run directory: every file of a run is written here, by the main process only, through `RunDir.write`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+FINISHED_MARKER = "metrics.json"
+
+
+class RunDirError(RuntimeError):
+    """A run directory that would be overwritten."""
+
+
+class RunDir:
+    def __init__(self, path: str | Path, is_main: bool) -> None:
+        self.path = Path(path)
+        self.is_main = is_main
+
+    def claim(self, overwrite: bool) -> None:
+        """Refuse to reuse a directory that already holds a finished run, unless told to."""
+        if (self.path / FINISHED_MARKER).exists() and not overwrite:
+            raise RunDirError(
+                f"{self.path} already holds a finished run; choose another hydra.run.dir or seed, or pass overwrite=true"
+            )
+        if self.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    def write(self, name: str, produce: Callable[[Path], None]) -> Path | None:
+        """Atomically create file or directory `name`: `produce` writes to a temporary path that is then renamed."""
+        if not self.is_main:
+            return None
+        target = self.path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)) / target.name
+        produce(tmp)
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            os.replace(target, old) if target.is_file() else target.rename(old)
+        os.replace(tmp, target)
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+        return target
+
+    def write_text(self, name: str, text: str) -> Path | None:
+        return self.write(name, lambda p: p.write_text(text))
+
+    def write_json(self, name: str, payload: dict) -> Path | None:
+        return self.write_text(name, json.dumps(payload, indent=2, default=str) + "\n")

@@ -1,0 +1,159 @@
+"""One training run, as steps: config -> data -> model -> loop -> run dir. Entry points call `run_training`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from accelerate.utils import set_seed
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from lmsys.builders import (
+    build_accelerator, build_encoder, build_eval_batching, build_model, build_spec, build_splits, build_tokenizer,
+    build_train_batching,
+)
+from lmsys.config import TrainConfig
+from lmsys.data.dataset import EncodedSplit, encode_split
+from lmsys.data.schema import TARGET_COLUMNS
+from lmsys.evaluation.metrics import evaluation_metrics, save_reliability_diagram
+from lmsys.evaluation.predict_loop import predict_split
+from lmsys.modeling.checkpoint import save_checkpoint
+from lmsys.runs import RunDir
+from lmsys.training.loop import LoopSettings, total_updates, train_loop
+from lmsys.training.optim import build_optimizer, build_scheduler, parameter_groups
+
+log = logging.getLogger("lmsys")
+
+
+def run_training(cfg: DictConfig) -> dict:
+    config: TrainConfig = OmegaConf.to_object(cfg)  # runs every __post_init__ rule; fails on ??? left unset
+    run_path = Path(HydraConfig.get().runtime.output_dir)
+    train_pairs, valid_pairs = build_splits(config.data)
+    spec = build_spec(config.model, config.data, config.trainer.packing)
+
+    accelerator = build_accelerator(config, run_path)
+    run = RunDir(run_path, accelerator.is_main_process)
+    run.claim(config.overwrite)
+    setup_logging(run, accelerator.is_main_process)
+    run.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("run dir %s; %d train pairs, %d valid pairs; %s", run_path, len(train_pairs), len(valid_pairs),
+             " ".join(sys.argv))
+    set_seed(config.seed)
+
+    tokenizer = build_tokenizer(config.model.path, config.model.trust_remote_code)
+    encoder = build_encoder(spec, tokenizer)
+    train_split, valid_split = encode_split(train_pairs, encoder), encode_split(valid_pairs, encoder)
+    model = build_model(spec, config.model, config.lora, accelerator.device)
+    optimizer_cfg = config.optimizer
+    optimizer = build_optimizer(
+        parameter_groups(model, optimizer_cfg.lr, optimizer_cfg.head_lr, optimizer_cfg.lora_b_lr_multiplier,
+                         optimizer_cfg.weight_decay),
+        optimizer_cfg.name, tuple(optimizer_cfg.betas), optimizer_cfg.eps,
+    )
+    settings = loop_settings(config, len(train_split), accelerator.num_processes, tokenizer.pad_token_id)
+    scheduler = build_scheduler(optimizer, settings.total_updates, optimizer_cfg.warmup_ratio, optimizer_cfg.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if config.use_wandb:
+        init_wandb(accelerator, config, run_path)
+
+    eval_batching = build_eval_batching(config, tokenizer.pad_token_id)
+    best: dict = {}
+
+    def evaluate(step: int) -> dict:
+        predictions = predict_split(accelerator.unwrap_model(model), valid_split, config.trainer.eval_tta,
+                                    eval_batching, accelerator)
+        metrics = evaluation_metrics(predictions.probs_ab, targets_of(valid_split), subset_frame(valid_split),
+                                     predictions.probs_ba_back, config.trainer.tta_mode.value)
+        accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        log.info("eval at update %d: log_loss %.4f accuracy %.4f (prior %.4f)", step, metrics["log_loss"],
+                 metrics["accuracy"], metrics["prior_log_loss"])
+        best["probs"] = predictions.combined(config.trainer.tta_mode.value)
+        return metrics
+
+    def on_improvement(step: int, metrics: dict) -> None:
+        best.update(step=step, metrics=metrics)
+        run.write("oof.csv", lambda p: oof_frame(valid_split, best["probs"]).to_csv(p, index=False))
+        run.write("reliability.png", lambda p: save_reliability_diagram(best["probs"], targets_of(valid_split), p))
+        run.write("checkpoint", lambda p: save_checkpoint(p, accelerator.unwrap_model(model), tokenizer, spec))
+
+    state = train_loop(accelerator, model, optimizer, scheduler, train_split, settings, evaluate, on_improvement)
+    summary = {
+        "best": {"step": state.best_step, **best["metrics"]},
+        "history": state.history,
+        "n_train_pairs": len(train_split),
+        "n_valid_pairs": len(valid_split),
+        "updates": state.step,
+    }
+    run.write_json("metrics.json", summary)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    log.info("best validation log loss %.4f at update %d; class-prior log loss %.4f", best["metrics"]["log_loss"],
+             state.best_step, best["metrics"]["prior_log_loss"])
+    return summary
+
+
+def loop_settings(config: TrainConfig, n_train: int, world_size: int, pad_id: int) -> LoopSettings:
+    trainer = config.trainer
+    pairs_per_update = trainer.batch_size * trainer.grad_accum * world_size
+    return LoopSettings(
+        total_updates=total_updates(n_train, pairs_per_update, trainer.epochs, trainer.max_steps),
+        pairs_per_update=pairs_per_update,
+        swap=trainer.swap_augmentation,
+        batching=build_train_batching(config),
+        pad_id=pad_id,
+        padding_side=config.data.padding_side,
+        max_grad_norm=trainer.max_grad_norm,
+        eval_frequency=trainer.eval_frequency,
+        patience=trainer.patience,
+        log_frequency=trainer.log_frequency,
+        label_smoothing=config.loss.label_smoothing,
+        distill_temperature=config.loss.distill_temperature,
+        seed=config.seed,
+    )
+
+
+def targets_of(split: EncodedSplit) -> np.ndarray:
+    return np.array([pair.target for pair in split.pairs], dtype=float)
+
+
+def subset_frame(split: EncodedSplit) -> pd.DataFrame:
+    return pd.DataFrame({
+        "n_turns": [pair.n_turns for pair in split.pairs],
+        "language": [pair.meta.get("language") for pair in split.pairs],
+        "source": [pair.meta.get("source") for pair in split.pairs],
+        "prompt_tokens": split.prompt_tokens,
+    })
+
+
+def oof_frame(split: EncodedSplit, probs) -> pd.DataFrame:
+    frame = pd.DataFrame(probs, columns=list(TARGET_COLUMNS))
+    frame.insert(0, "id", [pair.id for pair in split.pairs])
+    frame["label"] = [pair.label for pair in split.pairs]
+    return frame
+
+
+def setup_logging(run: RunDir, is_main: bool) -> None:
+    logger = logging.getLogger("lmsys")
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    logger.handlers.clear()
+    logger.propagate = False
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if is_main:
+        handlers.append(logging.FileHandler(run.path / "train.log"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+
+
+def init_wandb(accelerator, config: TrainConfig, run_path: Path) -> None:
+    wandb = config.wandb
+    accelerator.init_trackers(
+        wandb.project, config=OmegaConf.to_container(OmegaConf.structured(config), resolve=True),
+        init_kwargs={"wandb": {"mode": wandb.mode, "entity": wandb.entity, "name": wandb.name or run_path.name,
+                               "tags": wandb.tags, "dir": str(run_path)}},
+    )
