@@ -200,6 +200,7 @@ class TrainerConfig:
     eval_tta: bool = False
     tta_mode: TtaMode = TtaMode.prob
     log_frequency: int = 10
+    state_frequency: int = 50  # updates between saves of the full training state (for resume=true); 0: never
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, "trainer.epochs must be positive")
@@ -207,6 +208,8 @@ class TrainerConfig:
         _require(self.batch_size >= 1 and self.grad_accum >= 1, "trainer.batch_size and grad_accum must be >= 1")
         _require(self.max_grad_norm > 0, "trainer.max_grad_norm must be positive")
         _require(self.eval_frequency >= 0, "trainer.eval_frequency must be >= 0")
+        _require(self.state_frequency >= 0, "trainer.state_frequency must be >= 0")
+        _require(self.eval_max_tokens > 0 and self.max_tokens > 0, "trainer.max_tokens and eval_max_tokens must be > 0")
         _require(self.patience is None or self.patience >= 1, "trainer.patience must be >= 1")
 
 
@@ -234,6 +237,7 @@ class TrainConfig:
     seed: int = 42
     use_wandb: bool = False
     overwrite: bool = False  # allow reusing a run dir that already holds a finished run
+    resume: bool = False  # continue from the run dir's latest training state (a fresh start if there is none)
 
     def __post_init__(self) -> None:
         _require(
@@ -244,6 +248,11 @@ class TrainConfig:
             not self.trainer.packing or self.trainer.max_tokens >= self.model.max_length,
             "trainer.max_tokens must be at least model.max_length so that every pair fits a packed row",
         )
+        _require(
+            not self.trainer.packing or self.trainer.eval_max_tokens >= self.model.max_length,
+            "trainer.eval_max_tokens must be at least model.max_length",
+        )
+        _require(not (self.resume and self.overwrite), "resume=true and overwrite=true contradict each other")
 
 
 class ConfigError(ValueError):

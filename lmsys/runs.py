@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 FINISHED_MARKER = "metrics.json"
+SECRET_VARIABLES = ("WANDB_API_KEY", "KAGGLE_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 class RunDirError(RuntimeError):
@@ -25,7 +26,8 @@ class RunDir:
         """Refuse to reuse a directory that already holds a finished run, unless told to."""
         if (self.path / FINISHED_MARKER).exists() and not overwrite:
             raise RunDirError(
-                f"{self.path} already holds a finished run; choose another hydra.run.dir or seed, or pass overwrite=true"
+                f"{self.path} already holds a finished run; choose another hydra.run.dir or seed, or pass "
+                f"overwrite=true"
             )
         if self.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,16 @@ class RunDir:
         return target
 
     def write_text(self, name: str, text: str) -> Path | None:
-        return self.write(name, lambda p: p.write_text(text))
+        return self.write(name, lambda p: p.write_text(redact_secrets(text)))
 
     def write_json(self, name: str, payload: dict) -> Path | None:
         return self.write_text(name, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def redact_secrets(text: str) -> str:
+    """Secrets from the environment never reach a file of the run, whatever path they took into the text."""
+    for variable in SECRET_VARIABLES:
+        value = os.environ.get(variable)
+        if value and len(value) >= 4:
+            text = text.replace(value, f"<{variable}>")
+    return text

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -22,8 +24,11 @@ from lmsys.data.schema import TARGET_COLUMNS
 from lmsys.evaluation.metrics import evaluation_metrics, save_reliability_diagram
 from lmsys.evaluation.predict_loop import predict_split
 from lmsys.modeling.checkpoint import save_checkpoint
+from lmsys.provenance import run_info
 from lmsys.runs import RunDir
-from lmsys.training.loop import LoopSettings, total_updates, train_loop
+from lmsys.training.loop import LoopSettings, LoopState, total_updates, train_loop
+from lmsys.training.signals import GracefulStop
+from lmsys.training.state import find_state, load_training_state, save_training_state
 from lmsys.training.optim import build_optimizer, build_scheduler, parameter_groups
 
 log = logging.getLogger("lmsys")
@@ -40,8 +45,8 @@ def run_training(cfg: DictConfig) -> dict:
     run.claim(config.overwrite)
     setup_logging(run, accelerator.is_main_process)
     run.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    log.info("run dir %s; %d train pairs, %d valid pairs; %s", run_path, len(train_pairs), len(valid_pairs),
-             " ".join(sys.argv))
+    run.write_json("run_info.json", run_info(accelerator.num_processes, accelerator.distributed_type.value))
+    log.info("run dir %s; %d train pairs, %d valid pairs", run_path, len(train_pairs), len(valid_pairs))
     set_seed(config.seed)
 
     tokenizer = build_tokenizer(config.model.path, config.model.trust_remote_code)
@@ -57,43 +62,75 @@ def run_training(cfg: DictConfig) -> dict:
     settings = loop_settings(config, len(train_split), accelerator.num_processes, tokenizer.pad_token_id)
     scheduler = build_scheduler(optimizer, settings.total_updates, optimizer_cfg.warmup_ratio, optimizer_cfg.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    state = restore_state(config.resume, run_path, unwrapped, optimizer, scheduler)
     if config.use_wandb:
         init_wandb(accelerator, config, run_path)
 
     eval_batching = build_eval_batching(config, tokenizer.pad_token_id)
-    best: dict = {}
+    best_probs: dict = {}
 
     def evaluate(step: int) -> dict:
-        predictions = predict_split(accelerator.unwrap_model(model), valid_split, config.trainer.eval_tta,
-                                    eval_batching, accelerator)
+        predictions = predict_split(unwrapped, valid_split, config.trainer.eval_tta, eval_batching, accelerator)
         metrics = evaluation_metrics(predictions.probs_ab, targets_of(valid_split), subset_frame(valid_split),
                                      predictions.probs_ba_back, config.trainer.tta_mode.value)
         accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         log.info("eval at update %d: log_loss %.4f accuracy %.4f (prior %.4f)", step, metrics["log_loss"],
                  metrics["accuracy"], metrics["prior_log_loss"])
-        best["probs"] = predictions.combined(config.trainer.tta_mode.value)
+        best_probs["latest"] = predictions.combined(config.trainer.tta_mode.value)
         return metrics
 
     def on_improvement(step: int, metrics: dict) -> None:
-        best.update(step=step, metrics=metrics)
-        run.write("oof.csv", lambda p: oof_frame(valid_split, best["probs"]).to_csv(p, index=False))
-        run.write("reliability.png", lambda p: save_reliability_diagram(best["probs"], targets_of(valid_split), p))
-        run.write("checkpoint", lambda p: save_checkpoint(p, accelerator.unwrap_model(model), tokenizer, spec))
+        probs = best_probs["latest"]
+        run.write("oof.csv", lambda p: oof_frame(valid_split, probs).to_csv(p, index=False))
+        run.write("reliability.png", lambda p: save_reliability_diagram(probs, targets_of(valid_split), p))
+        run.write("checkpoint", lambda p: save_checkpoint(p, unwrapped, tokenizer, spec))
 
-    state = train_loop(accelerator, model, optimizer, scheduler, train_split, settings, evaluate, on_improvement)
+    def save_state(loop_state: LoopState) -> None:
+        save_training_state(run, unwrapped, optimizer, scheduler, loop_state)
+
+    with GracefulStop() as stop:
+        state = train_loop(accelerator, model, optimizer, scheduler, train_split, settings, evaluate, on_improvement,
+                           save_state, lambda: stop.requested(accelerator), state)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if state.interrupted:
+        release(accelerator)
+        raise SystemExit(0)
     summary = {
-        "best": {"step": state.best_step, **best["metrics"]},
+        "best": {"step": state.best_step, **state.best_metrics},
         "history": state.history,
         "n_train_pairs": len(train_split),
         "n_valid_pairs": len(valid_split),
         "updates": state.step,
+        "stopped_early": state.stopped_early,
     }
     run.write_json("metrics.json", summary)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    log.info("best validation log loss %.4f at update %d; class-prior log loss %.4f", best["metrics"]["log_loss"],
-             state.best_step, best["metrics"]["prior_log_loss"])
+    log.info("best validation log loss %.4f at update %d; class-prior log loss %.4f",
+             state.best_metrics["log_loss"], state.best_step, state.best_metrics["prior_log_loss"])
+    release(accelerator)
     return summary
+
+
+def restore_state(resume: bool, run_path: Path, model, optimizer, scheduler) -> LoopState | None:
+    if not resume:
+        return None
+    directory = find_state(run_path)
+    if directory is None:
+        log.warning("resume=true but %s holds no training state: starting from the beginning", run_path)
+        return None
+    state = load_training_state(directory, model, optimizer, scheduler)
+    log.info("resumed from %s at update %d (best log loss %.4f)", directory, state.step, state.best_score)
+    return state
+
+
+def release(accelerator) -> None:
+    """Free the process for the next job of a sweep: accelerator state, trackers, cached memory."""
+    del accelerator
+    AcceleratorState._reset_state()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def loop_settings(config: TrainConfig, n_train: int, world_size: int, pad_id: int) -> LoopSettings:
@@ -110,6 +147,7 @@ def loop_settings(config: TrainConfig, n_train: int, world_size: int, pad_id: in
         eval_frequency=trainer.eval_frequency,
         patience=trainer.patience,
         log_frequency=trainer.log_frequency,
+        state_frequency=trainer.state_frequency,
         label_smoothing=config.loss.label_smoothing,
         distill_temperature=config.loss.distill_temperature,
         seed=config.seed,

@@ -32,6 +32,7 @@ class LoopSettings:
     eval_frequency: int  # 0: evaluate only at the end
     patience: int | None
     log_frequency: int
+    state_frequency: int  # updates between saves of the full training state; 0: never
     label_smoothing: float
     distill_temperature: float
     seed: int
@@ -43,6 +44,9 @@ class LoopState:
     best_score: float = math.inf
     best_step: int = -1
     evals_without_improvement: int = 0
+    stopped_early: bool = False
+    interrupted: bool = False
+    best_metrics: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
 
 
@@ -51,15 +55,19 @@ def total_updates(n_pairs: int, pairs_per_update: int, epochs: float, max_steps:
     return planned if max_steps is None else min(planned, max_steps)
 
 
-def iterate_updates(split: EncodedSplit, settings: LoopSettings, rank: int, world_size: int) -> Iterator[Update]:
-    """Updates across epochs until `total_updates`, each epoch with its own shuffle."""
+def iterate_updates(
+    split: EncodedSplit, settings: LoopSettings, rank: int, world_size: int, start: int = 0
+) -> Iterator[Update]:
+    """Updates `start`..`total_updates` across epochs, each epoch with its own shuffle (so a resumed run sees the
+    same data in the same order as an uninterrupted one)."""
     produced, epoch = 0, 0
     while produced < settings.total_updates:
         plan = epoch_plan(split, epoch, settings.seed, settings.pairs_per_update, settings.swap, settings.batching,
                           rank, world_size)
         for update in plan[: settings.total_updates - produced]:
-            yield update
-        produced += min(len(plan), settings.total_updates - produced)
+            if produced >= start:
+                yield update
+            produced += 1
         epoch += 1
 
 
@@ -72,14 +80,19 @@ def train_loop(
     settings: LoopSettings,
     evaluate: Callable[[int], dict],  # step -> metrics with "log_loss"
     on_improvement: Callable[[int, dict], None],
+    save_state: Callable[[LoopState], None],
+    stop_requested: Callable[[], bool],
+    state: LoopState | None = None,  # restored state when resuming
 ) -> LoopState:
-    state = LoopState()
+    state = state or LoopState()
     if settings.total_updates == 0:
         _evaluate_and_track(state, evaluate, on_improvement, settings)
         return state
-    bar = tqdm(total=settings.total_updates, desc="train", disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=settings.total_updates, initial=state.step, desc="train",
+               disable=not accelerator.is_local_main_process)
     model.train()
-    for update in iterate_updates(split, settings, accelerator.process_index, accelerator.num_processes):
+    updates = iterate_updates(split, settings, accelerator.process_index, accelerator.num_processes, state.step)
+    for update in updates:
         loss = run_update(accelerator, model, update, settings)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
         optimizer.step()
@@ -91,11 +104,18 @@ def train_loop(
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         _log_step(accelerator, state.step, loss, lr, float(grad_norm), settings.log_frequency)
         if _eval_due(state.step, settings):
-            stop = _evaluate_and_track(state, evaluate, on_improvement, settings)
+            state.stopped_early = _evaluate_and_track(state, evaluate, on_improvement, settings)
             model.train()
-            if stop:
+            if state.stopped_early:
                 log.info("early stopping at update %d: no improvement in %d evaluations", state.step, settings.patience)
                 break
+        if settings.state_frequency and state.step % settings.state_frequency == 0:
+            save_state(state)
+        if stop_requested():
+            save_state(state)
+            state.interrupted = True
+            log.warning("stop requested: training state saved at update %d; continue with resume=true", state.step)
+            break
     bar.close()
     return state
 
@@ -133,7 +153,7 @@ def _evaluate_and_track(state: LoopState, evaluate, on_improvement, settings: Lo
     metrics = evaluate(state.step)
     state.history.append({"step": state.step, **{k: v for k, v in metrics.items() if k != "subsets"}})
     if metrics["log_loss"] < state.best_score:
-        state.best_score, state.best_step = metrics["log_loss"], state.step
+        state.best_score, state.best_step, state.best_metrics = metrics["log_loss"], state.step, metrics
         state.evals_without_improvement = 0
         on_improvement(state.step, metrics)
     else:

@@ -1,0 +1,46 @@
+"""What a run was made from: code version, packages, command line and process layout (for run_info.json)."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+PACKAGES = ("lmsys", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "hydra-core", "wandb")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git_state() -> dict:
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def package_versions() -> dict[str, str | None]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def run_info(num_processes: int, distributed_type: str) -> dict:
+    return {
+        "git": git_state(),
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "command": [sys.executable, *sys.argv],
+        "num_processes": num_processes,
+        "distributed_type": distributed_type,
+    }

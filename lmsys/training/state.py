@@ -1,0 +1,84 @@
+"""Full training state for resuming after a crash or a kill: trainable weights (LoRA + head, never the frozen
+base), optimizer, scheduler, RNG states and the loop's counters; written atomically into `<run>/state`."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmsys.runs import RunDir
+from lmsys.training.loop import LoopState
+
+STATE_DIR = "state"
+WEIGHTS_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+LOOP_FILE = "loop.json"
+
+
+class ResumeError(RuntimeError):
+    """No usable training state to resume from."""
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_training_state(run: RunDir, model: torch.nn.Module, optimizer, scheduler, loop: LoopState) -> None:
+    """Write the state next to the previous one and swap it in only once complete."""
+    weights = trainable_state(model)  # gathered on every rank; only the main process writes
+    optimizer_state = optimizer.state_dict()
+    payload = {"loop": asdict(loop), "scheduler": scheduler.state_dict(), "python_rng": random.getstate()}
+
+    def produce(directory: Path) -> None:
+        directory.mkdir(parents=True)
+        save_file(weights, str(directory / WEIGHTS_FILE))
+        torch.save({"optimizer": optimizer_state, "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   directory / OPTIMIZER_FILE)
+        (directory / LOOP_FILE).write_text(json.dumps(payload, default=_jsonable))
+
+    run.write(STATE_DIR, produce)
+
+
+def find_state(run_path: Path) -> Path | None:
+    """The latest complete state; the previous one if a kill came between the two renames of a save."""
+    for candidate in (run_path / STATE_DIR, run_path / f".{STATE_DIR}.old"):
+        if (candidate / LOOP_FILE).is_file() and (candidate / WEIGHTS_FILE).is_file():
+            return candidate
+    return None
+
+
+def load_training_state(directory: Path, model: torch.nn.Module, optimizer, scheduler) -> LoopState:
+    weights = load_file(str(directory / WEIGHTS_FILE))
+    params = dict(model.named_parameters())
+    missing = [name for name in weights if name not in params]
+    if missing or len(weights) != sum(p.requires_grad for p in params.values()):
+        raise ResumeError(f"{directory}: trainable parameters do not match this model (e.g. {missing[:3]})")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    blobs = torch.load(directory / OPTIMIZER_FILE, weights_only=True)
+    optimizer.load_state_dict(blobs["optimizer"])
+    torch.set_rng_state(blobs["torch_rng"])
+    if blobs["cuda_rng"]:
+        torch.cuda.set_rng_state_all(blobs["cuda_rng"])
+    payload = json.loads((directory / LOOP_FILE).read_text())
+    scheduler.load_state_dict(payload["scheduler"])
+    random.setstate(_python_rng(payload["python_rng"]))
+    return LoopState(**payload["loop"])
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"cannot store {type(value).__name__} in the training state")
+
+
+def _python_rng(stored: list) -> tuple:
+    version, internal, gauss = stored
+    return version, tuple(internal), gauss

@@ -1,0 +1,101 @@
+"""Tiny random models and an in-process trained tokenizer: real architectures, no downloads."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+from transformers import (
+    Gemma2Config, Gemma2ForCausalLM, Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+SPECIAL_TOKENS = [
+    "<pad>", "<bos>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>",
+    "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+]
+WORDS = ("what is the capital of france paris rome berlin answer question response better tie which conversation "
+         "prompt user assistant model two three four five plus minus equals yes no maybe hello world "
+         "# ## --- [...] A B : ? ! . , 0 1 2 3 4 5 6 7 8 9 é ü 中 文").split()
+
+
+def corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20))) for _ in range(n_lines)]
+
+
+def build_tokenizer(add_bos: bool) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a small corpus, with the chat-template special tokens."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus() + [" ".join(WORDS)], trainer)
+    if add_bos:
+        from tokenizers import processors
+
+        bos = tok.token_to_id("<bos>")
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def _llama(vocab: int):
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=True))
+
+
+def _gemma2(vocab: int):
+    return Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, sliding_window=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2))
+
+
+def _gemma3(vocab: int):
+    return Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, sliding_window=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2))
+
+
+BUILDERS = {"llama": (_llama, False), "gemma2": (_gemma2, True), "gemma3": (_gemma3, True)}
+
+
+def save_tiny_model(kind: str, directory: Path, seed: int = 0) -> Path:
+    """Write a tiny random model of architecture `kind` and its tokenizer to `directory`."""
+    build, add_bos = BUILDERS[kind]
+    tokenizer = build_tokenizer(add_bos)
+    torch.manual_seed(seed)
+    model = build(len(tokenizer))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def arena_frame(n: int, seed: int = 0, labelled: bool = True, start_id: int = 0) -> pd.DataFrame:
+    """Kaggle-schema rows with multi-turn rows, null turns and non-ASCII text."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        n_turns = 2 if i % 5 == 0 else 1
+        prompt = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12))) for _ in range(n_turns)]
+        a = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 30))) for _ in range(n_turns)]
+        b = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 30))) for _ in range(n_turns)]
+        if i % 7 == 3:
+            b[-1] = None
+        row = {"id": start_id + i, "prompt": json.dumps(prompt), "response_a": json.dumps(a),
+               "response_b": json.dumps(b, ensure_ascii=False)}
+        if labelled:
+            label = i % 3
+            row.update(model_a="m1", model_b="m2", winner_model_a=int(label == 0), winner_model_b=int(label == 1),
+                       winner_tie=int(label == 2))
+        rows.append(row)
+    return pd.DataFrame(rows)
