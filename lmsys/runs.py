@@ -54,6 +54,12 @@ class RunDir:
     def write_text(self, name: str, text: str) -> Path | None:
         return self.write(name, lambda p: p.write_text(redact_secrets(text)))
 
+    def append_line(self, name: str, line: str) -> None:
+        """Logs grow line by line (a crash keeps every complete line), main process only."""
+        if self.is_main:
+            with open(self.path / name, "a", encoding="utf-8") as handle:
+                handle.write(redact_secrets(line) + "\n")
+
     def write_json(self, name: str, payload: dict) -> Path | None:
         return self.write_text(name, json.dumps(payload, indent=2, default=str) + "\n")
 

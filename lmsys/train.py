@@ -26,6 +26,7 @@ from lmsys.evaluation.predict_loop import predict_split
 from lmsys.modeling.checkpoint import save_checkpoint
 from lmsys.provenance import run_info
 from lmsys.runs import RunDir
+from lmsys.tracking import Tracker
 from lmsys.training.loop import LoopSettings, LoopState, total_updates, train_loop
 from lmsys.training.signals import GracefulStop
 from lmsys.training.state import find_state, load_training_state, save_training_state
@@ -66,6 +67,7 @@ def run_training(cfg: DictConfig) -> dict:
     state = restore_state(config.resume, run_path, unwrapped, optimizer, scheduler)
     if config.use_wandb:
         init_wandb(accelerator, config, run_path)
+    tracker = Tracker(accelerator, run, config.use_wandb)
 
     eval_batching = build_eval_batching(config, tokenizer.pad_token_id)
     best_probs: dict = {}
@@ -74,7 +76,8 @@ def run_training(cfg: DictConfig) -> dict:
         predictions = predict_split(unwrapped, valid_split, config.trainer.eval_tta, eval_batching, accelerator)
         metrics = evaluation_metrics(predictions.probs_ab, targets_of(valid_split), subset_frame(valid_split),
                                      predictions.probs_ba_back, config.trainer.tta_mode.value)
-        accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step)
+        tracker.log_table("eval/subsets", metrics.get("subsets", []), step)
         log.info("eval at update %d: log_loss %.4f accuracy %.4f (prior %.4f)", step, metrics["log_loss"],
                  metrics["accuracy"], metrics["prior_log_loss"])
         best_probs["latest"] = predictions.combined(config.trainer.tta_mode.value)
@@ -91,7 +94,7 @@ def run_training(cfg: DictConfig) -> dict:
 
     with GracefulStop() as stop:
         state = train_loop(accelerator, model, optimizer, scheduler, train_split, settings, evaluate, on_improvement,
-                           save_state, lambda: stop.requested(accelerator), state)
+                           save_state, lambda: stop.requested(accelerator), tracker.log, state)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if state.interrupted:

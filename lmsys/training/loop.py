@@ -82,6 +82,7 @@ def train_loop(
     on_improvement: Callable[[int, dict], None],
     save_state: Callable[[LoopState], None],
     stop_requested: Callable[[], bool],
+    log_metrics: Callable[[dict, int], None],
     state: LoopState | None = None,  # restored state when resuming
 ) -> LoopState:
     state = state or LoopState()
@@ -102,7 +103,7 @@ def train_loop(
         lr = scheduler.get_last_lr()[0]
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        _log_step(accelerator, state.step, loss, lr, float(grad_norm), settings.log_frequency)
+        _log_step(log_metrics, state.step, loss, lr, float(grad_norm), settings.log_frequency)
         if _eval_due(state.step, settings):
             state.stopped_early = _evaluate_and_track(state, evaluate, on_improvement, settings)
             model.train()
@@ -161,7 +162,7 @@ def _evaluate_and_track(state: LoopState, evaluate, on_improvement, settings: Lo
     return settings.patience is not None and state.evals_without_improvement >= settings.patience
 
 
-def _log_step(accelerator, step: int, loss: float, lr: float, grad_norm: float, every: int) -> None:
-    accelerator.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}, step=step)
+def _log_step(log_metrics, step: int, loss: float, lr: float, grad_norm: float, every: int) -> None:
+    log_metrics({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}, step)
     if step % every == 0 or step == 1:
         log.info("update %d loss %.4f lr %.3e grad_norm %.3f", step, loss, lr, grad_norm)

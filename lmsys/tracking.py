@@ -1,0 +1,32 @@
+"""Metrics of a run: always appended to `metrics.jsonl` in the run dir, and sent to wandb (via accelerate's
+trackers) when it is on."""
+
+from __future__ import annotations
+
+import json
+
+from lmsys.runs import RunDir
+
+METRICS_LOG = "metrics.jsonl"
+
+
+class Tracker:
+    def __init__(self, accelerator, run: RunDir, use_wandb: bool) -> None:
+        self.accelerator = accelerator
+        self.run = run
+        self.use_wandb = use_wandb
+
+    def log(self, values: dict, step: int) -> None:
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.accelerator.log(scalars, step=step)
+        self.run.append_line(METRICS_LOG, json.dumps({"step": step, **scalars}))
+
+    def log_table(self, name: str, rows: list[dict], step: int) -> None:
+        """A per-subset table: a wandb.Table when wandb is on, one JSON line always."""
+        if self.use_wandb and rows and self.accelerator.is_main_process:
+            import wandb
+
+            columns = list(rows[0])
+            table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+            self.accelerator.get_tracker("wandb").log({name: table}, step=step)
+        self.run.append_line(METRICS_LOG, json.dumps({"step": step, name: rows}))
