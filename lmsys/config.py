@@ -192,6 +192,7 @@ class TrainerConfig:
     grad_accum: int = 1  # micro-batches per update: batch_size * grad_accum pairs per update
     packing: bool = True  # padding-free rows, position_ids restart per pair
     max_tokens: int = 4096  # token budget of a packed micro-batch
+    row_tokens: Optional[int] = None  # packed row width; None: model.max_length (raise it with flash attention)
     eval_max_tokens: int = 8192
     swap_augmentation: SwapMode = SwapMode.none
     max_grad_norm: float = 1.0

@@ -26,16 +26,13 @@ class Example:
 class Batch:
     input_ids: torch.Tensor  # (R, T)
     attention_mask: torch.Tensor | None  # (R, T) padded; None packed
-    position_ids: torch.Tensor | None  # (R, T) packed: restart at 0 per pair; None padded
+    position_ids: torch.Tensor | None  # (R, T) packed: restart at 0 per pair (and for a row's pad tail); None padded
     pool_rows: torch.Tensor  # (N,)
     pool_cols: torch.Tensor  # (N,)
     targets: torch.Tensor | None  # (N, 3)
     pair_index: list[int]  # (N,)
     swapped: list[bool]  # (N,)
-
-    @property
-    def n_real_tokens(self) -> int:
-        return int(self.input_ids.numel() if self.attention_mask is None else self.attention_mask.sum())
+    n_real_tokens: int
 
     def model_inputs(self, device: torch.device) -> dict[str, torch.Tensor | None]:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -48,24 +45,57 @@ class Batch:
         }
 
 
-def collate(examples: list[Example], packed: bool, pad_id: int, padding_side: PaddingSide) -> Batch:
-    return collate_packed(examples) if packed else collate_padded(examples, pad_id, padding_side)
+def collate(examples: list[Example], packed: bool, pad_id: int, padding_side: PaddingSide, row_tokens: int) -> Batch:
+    return collate_packed(examples, row_tokens, pad_id) if packed else collate_padded(examples, pad_id, padding_side)
 
 
-def collate_packed(examples: list[Example]) -> Batch:
-    """All examples in one row (1, sum of lengths); positions restart at 0 per pair, no attention mask."""
-    ids = np.concatenate([np.asarray(ex.ids, dtype=np.int64) for ex in examples])
-    positions = np.concatenate([np.arange(len(ex.ids), dtype=np.int64) for ex in examples])
-    ends = np.cumsum([len(ex.ids) for ex in examples]) - 1
+def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
+    """First-fit decreasing: example indices per row, each row holding at most `row_tokens` tokens.
+
+    Rows as short as a single sequence keep attention cost where the padded path has it (sdpa and eager compute
+    the whole row's square), while the padding of a row is only its tail.
+    """
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        slot = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
+        if slot is None:
+            rows.append([i])
+            free.append(max(row_tokens, lengths[i]) - lengths[i])
+        else:
+            rows[slot].append(i)
+            free[slot] -= lengths[i]
+    return rows
+
+
+def collate_packed(examples: list[Example], row_tokens: int, pad_id: int) -> Batch:
+    """Examples packed into rows of at most `row_tokens` tokens, positions restarting at 0 for each pair, no
+    attention mask; a row's pad tail is a segment of its own (positions restart there too), so no pair sees it."""
+    rows = pack_rows([len(ex.ids) for ex in examples], row_tokens)
+    width = max(sum(len(examples[i].ids) for i in row) for row in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    positions = np.zeros((len(rows), width), dtype=np.int64)
+    placed: dict[int, tuple[int, int]] = {}  # example -> (row, column of its last token)
+    for r, row in enumerate(rows):
+        col = 0
+        for i in row:
+            n = len(examples[i].ids)
+            ids[r, col : col + n] = examples[i].ids
+            positions[r, col : col + n] = np.arange(n)
+            placed[i] = (r, col + n - 1)
+            col += n
+        positions[r, col:] = np.arange(width - col)
+    order = range(len(examples))
     return Batch(
-        input_ids=torch.from_numpy(ids)[None],
+        input_ids=torch.from_numpy(ids),
         attention_mask=None,
-        position_ids=torch.from_numpy(positions)[None],
-        pool_rows=torch.zeros(len(examples), dtype=torch.long),
-        pool_cols=torch.from_numpy(ends),
+        position_ids=torch.from_numpy(positions),
+        pool_rows=torch.tensor([placed[i][0] for i in order], dtype=torch.long),
+        pool_cols=torch.tensor([placed[i][1] for i in order], dtype=torch.long),
         targets=_targets(examples),
         pair_index=[ex.pair_index for ex in examples],
         swapped=[ex.swapped for ex in examples],
+        n_real_tokens=sum(len(ex.ids) for ex in examples),
     )
 
 
@@ -87,6 +117,7 @@ def collate_padded(examples: list[Example], pad_id: int, padding_side: PaddingSi
         targets=_targets(examples),
         pair_index=[ex.pair_index for ex in examples],
         swapped=[ex.swapped for ex in examples],
+        n_real_tokens=int(mask.sum()),
     )
 
 

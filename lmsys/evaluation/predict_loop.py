@@ -21,6 +21,7 @@ from lmsys.evaluation.metrics import tta_combine
 class InferenceBatching:
     packed: bool
     max_tokens: int  # packed: tokens per micro-batch
+    row_tokens: int  # packed: tokens per row of a micro-batch
     batch_size: int  # padded: pairs per micro-batch
     pad_id: int
     padding_side: PaddingSide
@@ -70,7 +71,7 @@ def predict_split(
     results = []
     bar = tqdm(total=len(mine), desc="predict", disable=not (show_progress and accelerator.is_main_process), leave=False)
     for group in _micro_batches(mine, batching):
-        batch = collate(group, batching.packed, batching.pad_id, batching.padding_side)
+        batch = collate(group, batching.packed, batching.pad_id, batching.padding_side, batching.row_tokens)
         logits = model(**batch.model_inputs(accelerator.device)).float().cpu().numpy()
         results += [(ex.pair_index, ex.swapped, row) for ex, row in zip(group, logits, strict=True)]
         bar.update(len(group))

@@ -24,6 +24,7 @@ BUCKET_UPDATES = 16  # updates per length-sorted bucket: long enough to group le
 class Batching:
     packed: bool
     max_tokens: int  # packed: tokens per micro-batch
+    row_tokens: int  # packed: tokens per row of a micro-batch
     batch_size: int  # padded: pairs per micro-batch
 
 
