@@ -1,0 +1,42 @@
+"""The schema of `python -m lmsys.data.prepare`: stored as `prepare_schema`, listed first in conf/prepare.yaml.
+
+Because the schema comes first in the defaults list, a misspelled or unknown override fails while composing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from lmsys.config import _require
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[str] = MISSING  # CSV or parquet files, in any accepted source format
+    output_dir: str = MISSING
+    sources: list[str] | None = None  # one source name per input; default: each file's stem
+    k_folds: int = 5
+    seed: int = 0  # fixes the A/B order of chosen/rejected rows and the fold split
+    strict: bool = True  # false (lenient): skip bad rows, listing each with its reason in rejects.csv
+    tokenizer_path: str | None = None  # local model dir for the length report; without it, words are counted
+    max_length: int = 1600  # the training max_length whose truncation share the report gives
+
+    def __post_init__(self) -> None:
+        _require(len(self.inputs) > 0, "inputs must name at least one file")
+        _require(self.k_folds >= 2, "k_folds must be at least 2")
+        _require(self.max_length > 0, "max_length must be positive")
+        _require(
+            self.sources is None or len(self.sources) == len(self.inputs),
+            f"sources needs one name per input: {len(self.inputs)} inputs, "
+            f"{0 if self.sources is None else len(self.sources)} sources",
+        )
+        _require(
+            self.sources is None or all(name.strip() for name in self.sources), "sources must not hold empty names"
+        )
+
+
+def register_prepare_config() -> None:
+    ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
