@@ -227,6 +227,22 @@ class WandbConfig:
 
 
 @dataclass
+class BenchSettings:
+    """Only read by `python -m lmsys.bench`."""
+
+    n_pairs: int = 64
+    warmup_updates: int = 1
+    predict_batch_size: int = 8  # the padded, unsorted prediction loop it is compared with
+    modes: list[str] = field(default_factory=lambda: ["padded", "packed"])
+    mode: Optional[str] = None  # set by the bench for its child processes
+    profile: bool = False  # print the top operators of one packed training update
+
+    def __post_init__(self) -> None:
+        _require(self.n_pairs >= 1 and self.warmup_updates >= 0, "bench.n_pairs >= 1 and bench.warmup_updates >= 0")
+        _require(all(m in ("padded", "packed") for m in self.modes), "bench.modes: padded and/or packed")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -235,6 +251,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    bench: BenchSettings = field(default_factory=BenchSettings)
     seed: int = 42
     use_wandb: bool = False
     overwrite: bool = False  # allow reusing a run dir that already holds a finished run

@@ -1,0 +1,169 @@
+"""Throughput benchmark: training updates and TTA prediction, padded vs packed, each mode in its own process
+(so that peak RSS is its own), after a warm-up.
+
+    python -m lmsys.bench --config-name conf_r_llama_smol data.train_path=FILE bench.n_pairs=64
+
+Prints a table and, last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from lmsys.config import SwapMode, TrainConfig, register_configs
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+RESULT_MARKER = "BENCH_RESULT "
+
+
+def load_config(config_name: str, overrides: list[str]) -> TrainConfig:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_object(compose(config_name=config_name, overrides=overrides))
+
+
+def measure(config: TrainConfig, mode: str) -> dict:
+    """Train over the pairs once (after warm-up updates) and predict them with TTA, in one batching mode."""
+    from lmsys.builders import build_encoder, build_model, build_spec, build_tokenizer
+    from lmsys.data.dataset import encode_split
+    from lmsys.data.io import read_pairs
+    from lmsys.training.optim import build_optimizer, parameter_groups
+
+    packed = mode == "packed"
+    pairs = read_pairs(config.data.train_path, require_labels=True)[: config.bench.n_pairs]
+    spec = build_spec(config.model, config.data, packing=packed)
+    tokenizer = build_tokenizer(config.model.path, config.model.trust_remote_code)
+    split = encode_split(pairs, build_encoder(spec, tokenizer))
+    accelerator = Accelerator()
+    model = build_model(spec, config.model, config.lora, accelerator.device)
+    opt = config.optimizer
+    optimizer = build_optimizer(parameter_groups(model, opt.lr, opt.head_lr, opt.lora_b_lr_multiplier, opt.weight_decay),
+                                opt.name, tuple(opt.betas), opt.eps)
+    train = _time_training(config, split, model, optimizer, accelerator, tokenizer.pad_token_id, packed)
+    predict = _time_prediction(config, split, model, accelerator, tokenizer.pad_token_id, packed)
+    return {**train, **predict, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "padding_share_padded_batches": _padding_share(split, config.trainer.batch_size)}
+
+
+def _time_training(config, split, model, optimizer, accelerator, pad_id, packed) -> dict:
+    from lmsys.builders import row_tokens
+    from lmsys.training.loop import LoopSettings, run_update
+    from lmsys.training.plan import Batching, epoch_plan
+
+    trainer = config.trainer
+    pairs_per_update = trainer.batch_size * trainer.grad_accum
+    batching = Batching(packed, trainer.max_tokens, row_tokens(config), trainer.batch_size)
+    settings = LoopSettings(0, pairs_per_update, SwapMode.none, batching, pad_id, config.data.padding_side,
+                            trainer.max_grad_norm, 0, None, 1, 0, 0.0, 1.0, config.seed)
+    warmup = epoch_plan(split, 1, config.seed, pairs_per_update, SwapMode.none, batching, 0, 1)
+    timed = epoch_plan(split, 0, config.seed, pairs_per_update, SwapMode.none, batching, 0, 1)
+
+    def step(update) -> None:
+        run_update(accelerator, model, update, settings)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], trainer.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    for update in warmup[: config.bench.warmup_updates]:
+        step(update)
+    if config.bench.profile and packed:
+        _profile(step, timed[0])
+    start = time.perf_counter()
+    for update in timed:
+        step(update)
+    seconds = time.perf_counter() - start
+    real_tokens = sum(len(ex.ids) for update in timed for batch in update.micro_batches for ex in batch)
+    return {"train_seconds": seconds, "train_updates": len(timed), "train_real_tokens": real_tokens,
+            "train_real_tokens_per_s": real_tokens / seconds}
+
+
+def _time_prediction(config, split, model, accelerator, pad_id, packed) -> dict:
+    """Packed: the framework's sorted token-budget path. Padded: an unsorted fixed-size batch loop."""
+    from lmsys.builders import row_tokens
+    from lmsys.data.batching import collate, fill_by_count
+    from lmsys.evaluation.predict_loop import InferenceBatching, predict_split
+
+    start = time.perf_counter()
+    if packed:
+        batching = InferenceBatching(True, config.trainer.eval_max_tokens, row_tokens(config),
+                                     config.bench.predict_batch_size, pad_id, config.data.padding_side)
+        predict_split(model, split, True, batching, accelerator, show_progress=False)
+    else:
+        examples = [ex for pair in range(len(split)) for ex in (split.forward[pair], split.swapped[pair])]
+        model.eval()
+        with torch.inference_mode():
+            for group in fill_by_count(len(examples), config.bench.predict_batch_size):
+                batch = collate([examples[i] for i in group], False, pad_id, config.data.padding_side, 0)
+                model(**batch.model_inputs(accelerator.device))
+    seconds = time.perf_counter() - start
+    return {"predict_seconds": seconds, "predict_pairs_per_s": len(split) / seconds}
+
+
+def _padding_share(split, batch_size: int) -> float:
+    lengths = [len(ex.ids) for ex in split.forward]
+    groups = [lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size)]
+    padded = sum(max(g) * len(g) for g in groups)
+    return 1.0 - sum(lengths) / padded
+
+
+def _profile(step, update) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(update)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
+
+
+def run_child(config_name: str, overrides: list[str], mode: str) -> dict:
+    command = [sys.executable, "-m", "lmsys.bench", "--config-name", config_name, *overrides, f"bench.mode={mode}"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"bench child for {mode} failed:\n{done.stderr[-3000:]}")
+    print("\n".join(line for line in done.stdout.splitlines() if not line.startswith(RESULT_MARKER)), flush=True)
+    return json.loads(lines[-1][len(RESULT_MARKER):])
+
+
+def report(results: dict[str, dict], config: TrainConfig) -> dict:
+    rows = [("train real tokens/s", "train_real_tokens_per_s"), ("train seconds", "train_seconds"),
+            ("predict pairs/s (TTA)", "predict_pairs_per_s"), ("predict seconds", "predict_seconds"),
+            ("peak RSS MB", "peak_rss_mb")]
+    modes = list(results)
+    print(f"\n{config.bench.n_pairs} pairs of {config.data.train_path}, max_length {config.model.max_length}, "
+          f"{config.trainer.batch_size * config.trainer.grad_accum} pairs/update, "
+          f"padding share of padded batches {next(iter(results.values()))['padding_share_padded_batches']:.0%}")
+    print(f"| {'metric':<24} | " + " | ".join(f"{m:>10}" for m in modes) + " | packed/padded |")
+    print(f"|{'-' * 26}|" + "|".join("-" * 12 for _ in modes) + "|---------------|")
+    for label, key in rows:
+        ratio = results["packed"][key] / results["padded"][key] if len(modes) == 2 else float("nan")
+        print(f"| {label:<24} | " + " | ".join(f"{results[m][key]:>10.1f}" for m in modes) + f" | {ratio:>13.2f} |")
+    return {f"{key}_{mode}": round(results[mode][key], 3) for mode in modes
+            for key in ("train_real_tokens_per_s", "predict_pairs_per_s", "peak_rss_mb")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-name", required=True)
+    args, overrides = parser.parse_known_args(argv)
+    config = load_config(args.config_name, overrides)
+    if config.bench.mode:
+        print(RESULT_MARKER + json.dumps(measure(config, config.bench.mode)), flush=True)
+        return
+    results = {mode: run_child(args.config_name, overrides, mode) for mode in config.bench.modes}
+    print(json.dumps(report(results, config)))
+
+
+if __name__ == "__main__":
+    main()
