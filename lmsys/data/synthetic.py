@@ -1,0 +1,582 @@
+"""The default dataset: SYNTHETIC arena battles in the Kaggle LMSYS ``train.csv`` format.
+
+This is not human preference data. Every row is a question from a small fixed table (arithmetic with small
+numbers, country capitals, colours of things, animal legs / sounds / babies) answered by two "models"; each
+answer is correct or wrong, and the label follows correctness of the last turn:
+
+* A wins when only A is correct, B wins when only B is correct, tie when both are right or both are wrong.
+* ~10% of the rows have 2-3 turns; the earlier turns are answered correctly by both sides.
+* ~3% of the rows have a ``null`` (JSON) response in the last turn, which counts as a wrong answer.
+
+Questions and answers come in several phrasings, with optional chit-chat before/after the answer drawn
+independently of correctness, and wrong answers are drawn from the same table as the right ones, so length is
+not a cue. The fact tables are shared by all splits (a model can learn the facts in training); the rows of
+different splits are distinct.
+
+    python -m lmsys.data.synthetic --out data/default --n-train 2000 --n-valid 400 --seed 0
+    python -m lmsys.data.synthetic --out data/default --check-learnability models/SmolLM2-135M-Instruct
+
+Columns: ``id, model_a, model_b, prompt, response_a, response_b, winner_model_a, winner_model_b, winner_tie``,
+where prompt/response_a/response_b are JSON lists of strings (one per turn, ``null`` allowed) and exactly one
+winner column is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+COLUMNS = [
+    "id",
+    "model_a",
+    "model_b",
+    "prompt",
+    "response_a",
+    "response_b",
+    "winner_model_a",
+    "winner_model_b",
+    "winner_tie",
+]
+LABELS = ("a", "b", "tie")
+LABEL_PROBS = (0.35, 0.35, 0.30)
+P_TIE_BOTH_CORRECT = 0.55
+P_MULTI_TURN = 0.10
+P_NULL_TURN = 0.03
+P_IDK = 0.15  # share of wrong answers that are evasive instead of a wrong value
+
+MODEL_NAMES = (
+    "gpt-4-0613",
+    "gpt-3.5-turbo-0613",
+    "claude-2.1",
+    "claude-instant-1",
+    "llama-2-13b-chat",
+    "llama-2-70b-chat",
+    "vicuna-13b",
+    "mistral-7b-instruct",
+    "mixtral-8x7b-instruct-v0.1",
+    "gemini-pro",
+    "zephyr-7b-beta",
+    "openchat-3.5",
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fact tables
+
+CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
+    "China": "Beijing", "Egypt": "Cairo", "Russia": "Moscow", "Canada": "Ottawa", "Australia": "Canberra",
+    "Brazil": "Brasilia", "India": "New Delhi", "Mexico": "Mexico City", "the United Kingdom": "London",
+    "Greece": "Athens", "Portugal": "Lisbon", "Ireland": "Dublin", "Norway": "Oslo", "Sweden": "Stockholm",
+    "Poland": "Warsaw", "Austria": "Vienna", "Argentina": "Buenos Aires", "Kenya": "Nairobi", "Peru": "Lima",
+    "Turkey": "Ankara", "South Korea": "Seoul", "Thailand": "Bangkok", "the Netherlands": "Amsterdam",
+    "Finland": "Helsinki", "Denmark": "Copenhagen", "Cuba": "Havana", "Chile": "Santiago",
+}  # fmt: skip
+
+COLORS = {
+    "the sky on a clear day": "blue", "fresh grass": "green", "fresh snow": "white", "a ripe banana": "yellow",
+    "coal": "black", "blood": "red", "a ripe tomato": "red", "a carrot": "orange", "milk": "white",
+    "milk chocolate": "brown", "a lemon": "yellow", "a pumpkin": "orange", "a flamingo": "pink",
+    "an eggplant": "purple", "a fire truck": "red", "a school bus": "yellow", "a crow": "black",
+    "an elephant": "gray", "a cucumber": "green", "a strawberry": "red", "a polar bear": "white",
+    "a frog": "green", "a plum": "purple", "a tree trunk": "brown",
+}  # fmt: skip
+COLOR_VALUES = sorted(set(COLORS.values()))
+
+LEGS = {
+    "spider": 8, "dog": 4, "cat": 4, "chicken": 2, "ant": 6, "horse": 4, "duck": 2, "beetle": 6, "crab": 10,
+    "cow": 4, "bee": 6, "ostrich": 2, "scorpion": 8, "lobster": 10, "goat": 4, "penguin": 2,
+}  # fmt: skip
+LEG_VALUES = (2, 4, 6, 8, 10)
+
+SOUNDS = {
+    "cow": ("moo",), "dog": ("woof", "bark"), "cat": ("meow",), "sheep": ("baa",), "duck": ("quack",),
+    "pig": ("oink",), "lion": ("roar",), "owl": ("hoot",), "horse": ("neigh",), "snake": ("hiss",),
+    "bee": ("buzz",), "frog": ("croak",), "rooster": ("cock-a-doodle-doo",), "mouse": ("squeak",),
+}  # fmt: skip
+SOUND_VALUES = sorted({s for v in SOUNDS.values() for s in v})
+
+BABIES = {
+    "cat": "kitten", "dog": "puppy", "cow": "calf", "sheep": "lamb", "horse": "foal", "goat": "kid",
+    "duck": "duckling", "frog": "tadpole", "bear": "cub", "kangaroo": "joey", "swan": "cygnet", "pig": "piglet",
+    "chicken": "chick", "deer": "fawn", "owl": "owlet", "goose": "gosling",
+}  # fmt: skip
+BABY_VALUES = sorted(set(BABIES.values()))
+
+NUMBER_WORDS = {2: "two", 4: "four", 6: "six", 8: "eight", 10: "ten"}
+OPS = {"+": ("plus", lambda a, b: a + b), "-": ("minus", lambda a, b: a - b), "*": ("times", lambda a, b: a * b)}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Phrasings. Question templates get the fact's subject; answer templates the (right or wrong) value.
+
+ARITH_Q = (
+    "What is {a} {op} {b}?",
+    "What is {a} {word} {b}?",
+    "Compute {a} {op} {b}.",
+    "Can you tell me what {a} {word} {b} is?",
+    "Quick math question: {a} {op} {b} = ?",
+    "Please calculate {a} {word} {b}.",
+)
+ARITH_A = (
+    "{a} {op} {b} = {v}.",
+    "The answer is {v}.",
+    "{a} {word} {b} equals {v}.",
+    "That would be {v}.",
+    "It's {v}.",
+    "The result is {v}.",
+)
+CAPITAL_Q = (
+    "What is the capital of {x}?",
+    "Which city is the capital of {x}?",
+    "Name the capital city of {x}.",
+    "Tell me the capital of {x}, please.",
+    "What's the capital of {x}?",
+)
+CAPITAL_A = (
+    "The capital of {x} is {v}.",
+    "{v}.",
+    "It's {v}.",
+    "{v} is the capital of {x}.",
+    "That would be {v}.",
+)
+COLOR_Q = (
+    "What color is {x}?",
+    "What is the usual color of {x}?",
+    "Which color is {x} typically?",
+    "Tell me the color of {x}.",
+)
+COLOR_A = ("{X} is {v}.", "It is {v}.", "Usually {v}.", "The color is {v}.", "{V}.")
+LEGS_Q = (
+    "How many legs does a {x} have?",
+    "How many legs has a {x} got?",
+    "Count the legs of a {x}.",
+    "A {x} has how many legs?",
+)
+LEGS_A = ("A {x} has {v} legs.", "{V} legs.", "It has {v} legs.", "The answer is {v}.")
+SOUND_Q = (
+    "What sound does a {x} make?",
+    "What noise does a {x} make?",
+    "Which sound do you hear from a {x}?",
+    "How does a {x} sound?",
+)
+SOUND_A = ('A {x} goes "{v}".', 'It says "{v}".', "{V}!", 'It makes a "{v}" sound.')
+BABY_Q = (
+    "What is a baby {x} called?",
+    "What do you call a young {x}?",
+    "What's the name for a baby {x}?",
+    "A baby {x} is called what?",
+)
+BABY_A = ("A baby {x} is called a {v}.", "It's called a {v}.", "{V}.", "The answer is: {v}.")
+
+PREFIXES = ("Sure! ", "Of course. ", "Good question! ", "Let me think. ", "Easy one: ", "Okay. ")
+SUFFIXES = (" Hope this helps!", " Let me know if you have more questions.", " :)", " Anything else?")
+IDK = (
+    "I'm not sure, sorry.",
+    "I don't know that one.",
+    "I cannot answer that.",
+    "Hmm, no idea.",
+    "Sorry, I can't help with that.",
+    "I would rather not guess.",
+)
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def _articles(s: str) -> str:
+    """'a ostrich' -> 'an ostrich' (the animal templates say 'a {x}')."""
+    return re.sub(r"\b([Aa]) (?=[aeiouAEIOU])", r"\1n ", s)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Questions: each category returns (prompt, correct_values, wrong_values, render(value) -> answer text)
+
+
+class _Question:
+    def __init__(self, category, prompt, correct, wrong, answer_templates, fields):
+        self.category = category
+        self.prompt = prompt
+        self.correct = list(correct)
+        self.wrong = list(wrong)
+        self._templates = answer_templates
+        self._fields = fields
+
+    def answer(self, rng: random.Random, value) -> str:
+        text = str(value)
+        if self.category == "legs" and rng.random() < 0.3:
+            text = NUMBER_WORDS[value]
+        tpl = rng.choice(self._templates)
+        return _articles(tpl.format(v=text, V=_cap(text), **self._fields))
+
+
+def _arith(rng: random.Random) -> _Question:
+    op = rng.choice("++--*")
+    if op == "+":
+        a, b = rng.randint(1, 12), rng.randint(1, 12)
+    elif op == "-":
+        a = rng.randint(2, 15)
+        b = rng.randint(1, a - 1)
+    else:
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+    word, fn = OPS[op]
+    v = fn(a, b)
+    wrong = sorted({v + d for d in (-3, -2, -1, 1, 2, 3, 10) if v + d >= 0} - {v})
+    f = {"a": a, "b": b, "op": op, "word": word}
+    return _Question("arith", rng.choice(ARITH_Q).format(**f), [v], wrong, ARITH_A, f)
+
+
+def _capital(rng: random.Random) -> _Question:
+    x = rng.choice(sorted(CAPITALS))
+    v = CAPITALS[x]
+    wrong = sorted(set(CAPITALS.values()) - {v})
+    f = {"x": x}
+    return _Question("capital", _cap(rng.choice(CAPITAL_Q).format(**f)), [v], wrong, CAPITAL_A, f)
+
+
+def _color(rng: random.Random) -> _Question:
+    x = rng.choice(sorted(COLORS))
+    v = COLORS[x]
+    f = {"x": x, "X": _cap(x)}
+    wrong = [c for c in COLOR_VALUES if c != v]
+    return _Question("color", rng.choice(COLOR_Q).format(**f), [v], wrong, COLOR_A, f)
+
+
+def _legs(rng: random.Random) -> _Question:
+    x = rng.choice(sorted(LEGS))
+    v = LEGS[x]
+    f = {"x": x}
+    wrong = [n for n in LEG_VALUES if n != v]
+    return _Question("legs", _articles(rng.choice(LEGS_Q).format(**f)), [v], wrong, LEGS_A, f)
+
+
+def _sound(rng: random.Random) -> _Question:
+    x = rng.choice(sorted(SOUNDS))
+    right = SOUNDS[x]
+    f = {"x": x}
+    wrong = [s for s in SOUND_VALUES if s not in right]
+    return _Question("sound", _articles(rng.choice(SOUND_Q).format(**f)), right, wrong, SOUND_A, f)
+
+
+def _baby(rng: random.Random) -> _Question:
+    x = rng.choice(sorted(BABIES))
+    v = BABIES[x]
+    f = {"x": x}
+    wrong = [b for b in BABY_VALUES if b != v]
+    return _Question("baby", _articles(rng.choice(BABY_Q).format(**f)), [v], wrong, BABY_A, f)
+
+
+CATEGORIES = (
+    (_arith, 0.35),
+    (_capital, 0.22),
+    (_color, 0.15),
+    (_legs, 0.10),
+    (_sound, 0.09),
+    (_baby, 0.09),
+)
+
+
+def _question(rng: random.Random) -> _Question:
+    makers, weights = zip(*CATEGORIES)
+    return rng.choices(makers, weights=weights)[0](rng)
+
+
+def _dress(rng: random.Random, text: str) -> str:
+    """Optional chit-chat around an answer, drawn independently of correctness."""
+    if rng.random() < 0.2:
+        text = rng.choice(PREFIXES) + text
+    if rng.random() < 0.15:
+        text = text + rng.choice(SUFFIXES)
+    return text
+
+
+def _response(rng: random.Random, q: _Question, correct: bool) -> str:
+    if correct:
+        return _dress(rng, q.answer(rng, rng.choice(q.correct)))
+    if rng.random() < P_IDK:
+        return rng.choice(IDK)
+    return _dress(rng, q.answer(rng, rng.choice(q.wrong)))
+
+
+def make_row(rng: random.Random) -> dict:
+    """One battle (without id/models): prompts, responses and the one-hot winner columns."""
+    label = rng.choices(LABELS, weights=LABEL_PROBS)[0]
+    with_null = rng.random() < P_NULL_TURN
+    if with_null and label == "tie":
+        both_correct = False  # a null answer is a wrong answer
+    else:
+        both_correct = rng.random() < P_TIE_BOTH_CORRECT
+    ok_a, ok_b = {"a": (True, False), "b": (False, True), "tie": (both_correct, both_correct)}[label]
+
+    n_turns = rng.choice((2, 2, 3)) if rng.random() < P_MULTI_TURN else 1
+    prompts, resp_a, resp_b = [], [], []
+    for _ in range(n_turns - 1):
+        q = _question(rng)
+        prompts.append(q.prompt)
+        resp_a.append(_response(rng, q, True))
+        resp_b.append(_response(rng, q, True))
+    q = _question(rng)
+    prompts.append(q.prompt)
+    last_a, last_b = _response(rng, q, ok_a), _response(rng, q, ok_b)
+    if with_null:
+        wrong_sides = [s for s, ok in (("a", ok_a), ("b", ok_b)) if not ok]
+        side = rng.choice(wrong_sides)
+        last_a, last_b = (None, last_b) if side == "a" else (last_a, None)
+    resp_a.append(last_a)
+    resp_b.append(last_b)
+    return {
+        "prompt": json.dumps(prompts),
+        "response_a": json.dumps(resp_a),
+        "response_b": json.dumps(resp_b),
+        "winner_model_a": int(label == "a"),
+        "winner_model_b": int(label == "b"),
+        "winner_tie": int(label == "tie"),
+    }
+
+
+def generate_splits(n_train: int = 2000, n_valid: int = 400, seed: int = 0) -> dict[str, list[dict]]:
+    """Rows for train and valid: deterministic in ``seed``; no (prompt, responses) triple occurs twice."""
+    rng = random.Random(seed)
+    seen: set[tuple[str, str, str]] = set()
+    ids = iter(rng.sample(range(10_000_000, 99_999_999), n_train + n_valid))
+    out: dict[str, list[dict]] = {}
+    for split, n in (("train", n_train), ("valid", n_valid)):
+        rows = []
+        while len(rows) < n:
+            row = make_row(rng)
+            key = (row["prompt"], row["response_a"], row["response_b"])
+            if key in seen:
+                continue
+            seen.add(key)
+            model_a, model_b = rng.sample(MODEL_NAMES, 2)
+            rows.append({"id": next(ids), "model_a": model_a, "model_b": model_b, **row})
+        out[split] = rows
+    return out
+
+
+def write_splits(out_dir: str | Path, n_train: int = 2000, n_valid: int = 400, seed: int = 0) -> dict[str, Path]:
+    import pandas as pd
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, rows in generate_splits(n_train, n_valid, seed).items():
+        path = out_dir / f"{split}.csv"
+        tmp = path.with_suffix(".csv.tmp")
+        pd.DataFrame(rows, columns=COLUMNS).to_csv(tmp, index=False)
+        tmp.replace(path)
+        paths[split] = path
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grading from the text alone (used by the tests to check label consistency)
+
+_ARITH_RE = re.compile(r"(\d+) (?:([+*-])|(plus|minus|times)) (\d+)")
+_WORD_OP = {"plus": "+", "minus": "-", "times": "*"}
+_NUM_RE = re.compile(r"\b(\d+|two|four|six|eight|ten)\b")
+_WORD_NUM = {w: n for n, w in NUMBER_WORDS.items()}
+
+
+def _word_re(words) -> list[tuple[re.Pattern, str]]:
+    return [(re.compile(rf"\b{re.escape(w)}\b", re.IGNORECASE), w) for w in words]
+
+
+_CAPITAL_RES = _word_re(CAPITALS)
+_LEGS_RES = _word_re(LEGS)
+_SOUND_RES = _word_re(SOUNDS)
+_BABY_RES = _word_re(BABIES)
+_VALUE_RES = {
+    cat: [(re.compile(rf"(?<![\w-]){re.escape(v)}(?![\w-])", re.IGNORECASE), v) for v in values]
+    for cat, values in (
+        ("capital", sorted(CAPITALS.values())),
+        ("color", COLOR_VALUES),
+        ("sound", SOUND_VALUES),
+        ("baby", BABY_VALUES),
+    )
+}
+
+
+def answer_key(prompt: str) -> tuple[str, set]:
+    """(category, right values) for a generated question, read from its text."""
+    m = _ARITH_RE.search(prompt)
+    if m:
+        a, b = int(m.group(1)), int(m.group(4))
+        op = m.group(2) or _WORD_OP[m.group(3)]
+        return "arith", {OPS[op][1](a, b)}
+    if "capital" in prompt:
+        for pat, x in _CAPITAL_RES:
+            if pat.search(prompt):
+                return "capital", {CAPITALS[x]}
+    if "color" in prompt:
+        for x in sorted(COLORS, key=len, reverse=True):
+            if x in prompt:
+                return "color", {COLORS[x]}
+    for cat, keys, res, table in (
+        ("legs", ("legs",), _LEGS_RES, LEGS),
+        ("sound", ("sound", "noise"), _SOUND_RES, SOUNDS),
+        ("baby", ("baby", "young"), _BABY_RES, BABIES),
+    ):
+        if any(k in prompt for k in keys):
+            for pat, x in res:
+                if pat.search(prompt):
+                    v = table[x]
+                    return cat, set(v) if isinstance(v, tuple) else {v}
+    raise ValueError(f"not a generated question: {prompt!r}")
+
+
+def grade(prompt: str, response: str | None) -> bool:
+    """Whether ``response`` answers ``prompt`` correctly; a null response is wrong."""
+    if response is None:
+        return False
+    category, right = answer_key(prompt)
+    if category in ("arith", "legs"):
+        nums = _NUM_RE.findall(response.lower())
+        if not nums:
+            return False
+        last = nums[-1]
+        return (_WORD_NUM[last] if last in _WORD_NUM else int(last)) in right
+    found = {v for pat, v in _VALUE_RES[category] if pat.search(response)}
+    return bool(found) and found <= right
+
+
+def label_of(row: dict) -> str:
+    return LABELS[[row["winner_model_a"], row["winner_model_b"], row["winner_tie"]].index(1)]
+
+
+def expected_label(prompt_json: str, response_a_json: str, response_b_json: str) -> str:
+    prompt = json.loads(prompt_json)[-1]
+    ok_a = grade(prompt, json.loads(response_a_json)[-1])
+    ok_b = grade(prompt, json.loads(response_b_json)[-1])
+    return "a" if ok_a and not ok_b else "b" if ok_b and not ok_a else "tie"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learnability check: frozen last-token features of a small LM + logistic regression
+
+
+def render_pair(prompt_json: str, response_a_json: str, response_b_json: str) -> str:
+    parts = []
+    for p, a, b in zip(json.loads(prompt_json), json.loads(response_a_json), json.loads(response_b_json)):
+        parts.append(f"Question: {p}\nAnswer A: {a if a is not None else ''}\nAnswer B: {b if b is not None else ''}")
+    return "\n".join(parts)
+
+
+def question_category(prompt_json: str) -> str:
+    return answer_key(json.loads(prompt_json)[-1])[0]
+
+
+def check_learnability(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    n_train: int = 1000,
+    n_valid: int = 300,
+    batch_size: int = 16,
+    layers: tuple[float, ...] = (0.5, 0.75, 1.0),
+    cs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1),
+) -> dict:
+    """Fit logistic regressions on frozen last-token hidden states; return valid log loss vs the prior's.
+
+    ``layers`` are fractions of the depth (1.0 = the final hidden state, what a head on the backbone sees).
+    """
+    import time
+
+    import numpy as np
+    import pandas as pd
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, log_loss
+    from sklearn.preprocessing import StandardScaler
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.set_num_threads(2)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.padding_side = "left"  # the last position is then the last real token for every row
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    n_layers = model.config.num_hidden_layers
+    layer_ids = sorted({max(1, round(f * n_layers)) for f in layers})
+
+    def features(df: pd.DataFrame) -> dict[int, np.ndarray]:
+        texts = [render_pair(p, a, b) for p, a, b in zip(df.prompt, df.response_a, df.response_b)]
+        order = np.argsort([len(t) for t in texts])  # batch similar lengths together: less padding
+        out = {k: np.zeros((len(texts), model.config.hidden_size), np.float32) for k in layer_ids}
+        for i in range(0, len(texts), batch_size):
+            idx = order[i : i + batch_size]
+            enc = tok([texts[j] for j in idx], return_tensors="pt", padding=True, truncation=True, max_length=256)
+            with torch.no_grad():
+                hs = model(**enc, output_hidden_states=True).hidden_states
+            for k in layer_ids:
+                out[k][idx] = hs[k][:, -1].float().numpy()
+        return out
+
+    def labels(df: pd.DataFrame) -> np.ndarray:
+        return df[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy().argmax(1)
+
+    train = pd.read_csv(Path(data_dir) / "train.csv").head(n_train)
+    valid = pd.read_csv(Path(data_dir) / "valid.csv").head(n_valid)
+    t0 = time.perf_counter()
+    f_train, f_valid = features(train), features(valid)
+    y_train, y_valid = labels(train), labels(valid)
+    prior = np.bincount(y_train, minlength=3) / len(y_train)
+    result: dict = {
+        "n_train": len(train),
+        "n_valid": len(valid),
+        "feature_seconds": round(time.perf_counter() - t0, 1),
+        "prior_log_loss": round(float(log_loss(y_valid, np.tile(prior, (len(y_valid), 1)), labels=[0, 1, 2])), 4),
+    }
+    best = None
+    for k in layer_ids:
+        scaler = StandardScaler().fit(f_train[k])
+        x_train, x_valid = scaler.transform(f_train[k]), scaler.transform(f_valid[k])
+        for c in cs:
+            clf = LogisticRegression(C=c, max_iter=5000).fit(x_train, y_train)
+            proba = clf.predict_proba(x_valid)
+            ll = float(log_loss(y_valid, proba, labels=[0, 1, 2]))
+            result[f"layer{k}/{n_layers} C={c}"] = {
+                "log_loss": round(ll, 4),
+                "accuracy": round(float(accuracy_score(y_valid, proba.argmax(1))), 3),
+            }
+            if k == n_layers and (best is None or ll < best[0]):
+                best = (ll, proba)
+    # Per question category, for the best classifier on the final hidden state.
+    cats = valid.prompt.map(question_category).to_numpy()
+    per_cat = {}
+    for cat in sorted(set(cats)):
+        m = cats == cat
+        per_cat[cat] = {
+            "n": int(m.sum()),
+            "log_loss": round(float(log_loss(y_valid[m], best[1][m], labels=[0, 1, 2])), 4),
+            "prior_log_loss": round(float(log_loss(y_valid[m], np.tile(prior, (m.sum(), 1)), labels=[0, 1, 2])), 4),
+        }
+    result["final_layer_best_by_category"] = per_cat
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write the synthetic arena dataset (train.csv, valid.csv).")
+    parser.add_argument("--out", default="data/default")
+    parser.add_argument("--n-train", type=int, default=2000)
+    parser.add_argument("--n-valid", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--check-learnability",
+        metavar="MODEL_DIR",
+        help="instead of writing, fit a logistic regression on MODEL_DIR's frozen features of --out's data",
+    )
+    args = parser.parse_args(argv)
+    if args.check_learnability:
+        print(json.dumps(check_learnability(args.check_learnability, args.out), indent=2))
+        return 0
+    paths = write_splits(args.out, args.n_train, args.n_valid, args.seed)
+    for split, path in paths.items():
+        print(f"[synthetic] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
