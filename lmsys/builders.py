@@ -87,14 +87,17 @@ def build_encoder(spec: ModelSpec, tokenizer) -> PairEncoder:
 def build_model(
     spec: ModelSpec, model: ModelConfig | None, lora: LoraSettings | None, device: torch.device, adapter_dir: str | Path | None = None
 ) -> PreferenceModel:
-    """Backbone (quantized) + LoRA + our head; from a checkpoint when `adapter_dir` is given (frozen, eval)."""
+    """Backbone (quantized) + LoRA + our head; from a checkpoint when `adapter_dir` is given (frozen, eval).
+
+    A merged checkpoint (spec.merged) is its own backbone: loaded from `adapter_dir`, without peft.
+    """
     dtype = resolve_dtype(spec.compute_dtype, device)
     backbone = load_backbone(
-        spec.base_model_path, spec.quantization, spec.double_quant, dtype, spec.attn_implementation.value, device,
-        spec.trust_remote_code,
+        adapter_dir if spec.merged else spec.base_model_path, spec.quantization, spec.double_quant, dtype,
+        spec.attn_implementation.value, device, spec.trust_remote_code,
     )
     if adapter_dir is not None:
-        peft_model = load_adapter(backbone, adapter_dir, trainable=False)
+        peft_model = backbone.requires_grad_(False) if spec.merged else load_adapter(backbone, adapter_dir, trainable=False)
         head = PreferenceHead(spec.hidden_size, spec.head, 0.0, HeadInit.torch_default, 1.0)
         head.load_state_dict(load_head_state(adapter_dir))
     else:

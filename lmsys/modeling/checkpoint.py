@@ -1,5 +1,6 @@
 """A checkpoint holds everything needed to predict without the training config: the LoRA adapter, our head,
-the tokenizer and `lmsys_checkpoint.json` (base model, quantization, head, input layout and truncation)."""
+the tokenizer and `lmsys_checkpoint.json` (base model, quantization, head, input layout and truncation).
+A merged checkpoint (`python -m lmsys.export`) holds the full backbone weights instead of the adapter."""
 
 from __future__ import annotations
 
@@ -10,15 +11,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmsys.config import (
-    Attention, ComputeDtype, Family, HeadInit, HeadType, InputFormat, PaddingSide, Quantization, Template,
-)
+from lmsys.config import Attention, ComputeDtype, Family, HeadType, InputFormat, PaddingSide, Quantization, Template
 
 FORMAT_VERSION = 1
 SPEC_FILE = "lmsys_checkpoint.json"
 HEAD_FILE = "head.safetensors"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-REQUIRED_FILES = (SPEC_FILE, HEAD_FILE, *ADAPTER_FILES, "tokenizer_config.json")
+MERGED_FILES = ("config.json", "model.safetensors")  # a sharded save has model.safetensors.index.json instead
+SHARD_INDEX = "model.safetensors.index.json"
+COMMON_FILES = (SPEC_FILE, HEAD_FILE, "tokenizer_config.json")
+REQUIRED_FILES = {False: (*COMMON_FILES, *ADAPTER_FILES), True: (*COMMON_FILES, *MERGED_FILES)}  # by `merged`
 
 
 class CheckpointError(ValueError):
@@ -47,6 +49,8 @@ class ModelSpec:
     head_fraction: float
     padding_side: PaddingSide
     trust_remote_code: bool = False
+    # The LoRA adapter is merged into the backbone saved in the checkpoint itself (base_model_path is provenance).
+    merged: bool = False
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -55,7 +59,10 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> ModelSpec:
-        payload = json.loads(text)
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{where}: {SPEC_FILE} is not valid JSON: {err}") from err
         version = payload.get("format_version")
         if version != FORMAT_VERSION:
             raise CheckpointError(f"{where}: checkpoint format version {version}, this lmsys reads {FORMAT_VERSION}")
@@ -83,10 +90,19 @@ def read_spec(directory: str | Path) -> ModelSpec:
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
-    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
-    if missing:
+    if not (directory / SPEC_FILE).is_file():
+        missing = [name for name in REQUIRED_FILES[False] if not (directory / name).is_file()]
         raise CheckpointError(f"{directory}: incomplete checkpoint, missing {missing}")
-    return ModelSpec.from_json((directory / SPEC_FILE).read_text(), str(directory))
+    spec = ModelSpec.from_json((directory / SPEC_FILE).read_text(), str(directory))
+    missing = [name for name in REQUIRED_FILES[spec.merged] if not _present(directory, name)]
+    if missing:
+        kind = "merged checkpoint" if spec.merged else "checkpoint"
+        raise CheckpointError(f"{directory}: incomplete {kind}, missing {missing}")
+    return spec
+
+
+def _present(directory: Path, name: str) -> bool:
+    return (directory / name).is_file() or (name == "model.safetensors" and (directory / SHARD_INDEX).is_file())
 
 
 def load_head_state(directory: str | Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,71 @@
+"""Merge a checkpoint's LoRA adapter into an unquantized copy of its base model, for inference without peft.
+
+    python -m lmsys.export checkpoint=RUN_DIR/checkpoint output_dir=DIR [dtype=bfloat16|float32] [overwrite=true]
+    python lmsys/code/predict.py checkpoint=DIR data.test_path=test.csv output=submission.csv
+
+The result is a checkpoint like any other (spec, head, tokenizer) whose backbone weights are the merged
+safetensors themselves; its spec says `merged: true` and `quantization: none`. Merging into a 4-bit base would
+round the LoRA update away, so the base is loaded in `dtype`; predictions then match the adapter on that same
+unquantized base (tests/test_export.py states the tolerance), not the 4-bit model the adapter was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from lmsys.builders import build_model, build_tokenizer
+from lmsys.config import ComputeDtype, Quantization
+from lmsys.modeling.checkpoint import CheckpointError, ModelSpec, read_spec, save_checkpoint
+from lmsys.modeling.model import PreferenceModel
+from lmsys.prediction_config import ExportConfig
+from lmsys.runs import RunDir
+
+log = logging.getLogger("lmsys")
+
+
+def build_export_config(argv: list[str]) -> ExportConfig:
+    """`key=value` arguments checked against the schema: an unknown key or a bad value fails here."""
+    merged = OmegaConf.merge(OmegaConf.structured(ExportConfig), OmegaConf.from_cli(argv))
+    return OmegaConf.to_object(merged)
+
+
+def merge_adapter(checkpoint: Path, spec: ModelSpec, dtype: ComputeDtype) -> tuple[PreferenceModel, ModelSpec]:
+    """The model on an unquantized base in `dtype` (on CPU) with the adapter folded into its weights, and its spec."""
+    unquantized = dataclasses.replace(spec, quantization=Quantization.none, compute_dtype=dtype)
+    model = build_model(unquantized, None, None, torch.device("cpu"), adapter_dir=checkpoint)
+    model.backbone = model.backbone.merge_and_unload()
+    return model, dataclasses.replace(unquantized, merged=True)
+
+
+def export_merged(checkpoint: Path, output_dir: Path, dtype: ComputeDtype, overwrite: bool) -> Path:
+    spec = read_spec(checkpoint)
+    if spec.merged:
+        raise CheckpointError(f"{checkpoint}: already a merged checkpoint")
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} exists; choose another output_dir or pass overwrite=true")
+    if output_dir.resolve() == checkpoint.resolve():
+        raise ValueError("output_dir must differ from the checkpoint it is made from")
+    model, spec = merge_adapter(checkpoint, spec, dtype)
+    tokenizer = build_tokenizer(checkpoint, spec.trust_remote_code)
+    RunDir(output_dir.parent, is_main=True).write(output_dir.name, lambda tmp: save_checkpoint(tmp, model, tokenizer, spec))
+    return output_dir
+
+
+def main(argv: list[str] | None = None) -> Path:
+    config = build_export_config(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    output_dir = export_merged(
+        Path(config.checkpoint), Path(config.output_dir), ComputeDtype(config.dtype.value), config.overwrite
+    )
+    log.info("merged %s into %s (%s)", config.checkpoint, output_dir, config.dtype.value)
+    return output_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Prediction, as steps: validate inputs -> checkpoint -> encode -> predict (with swap TTA) -> atomic outputs.
+
+`lmsys/code/predict.py` calls `run_prediction`; `lmsys.pseudo_label` reuses `predict_checkpoint` and the writers.
+Everything that can be wrong with the inputs (the test file, the checkpoint) is found before a model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from accelerate import Accelerator
+from omegaconf import DictConfig, OmegaConf
+
+from lmsys.builders import build_encoder, build_model, build_tokenizer
+from lmsys.config import Attention
+from lmsys.data.dataset import EncodedSplit, encode_split
+from lmsys.data.io import read_pairs
+from lmsys.data.schema import TARGET_COLUMNS, Pair, swap_abt
+from lmsys.evaluation.predict_loop import InferenceBatching, SplitPredictions, predict_split
+from lmsys.modeling.checkpoint import ModelSpec, read_spec
+from lmsys.modeling.families import resolve_attention
+from lmsys.prediction_config import InferenceSettings, PredictConfig
+from lmsys.runs import RunDir
+
+log = logging.getLogger("lmsys")
+LOGIT_COLUMNS = ("logit_a", "logit_b", "logit_tie")
+# The (B, A) pass mapped back to (A, B, tie) order: swapped_logit_a is A's logit although A was shown second.
+SWAPPED_LOGIT_COLUMNS = ("swapped_logit_a", "swapped_logit_b", "swapped_logit_tie")
+
+
+def run_prediction(cfg: DictConfig) -> Path:
+    config: PredictConfig = OmegaConf.to_object(cfg)  # runs the __post_init__ rules; fails on ??? left unset
+    accelerator = Accelerator()
+    setup_logging(accelerator.is_main_process)
+    pairs = read_pairs(config.data.test_path, require_labels=False)
+    spec = build_prediction_spec(config.checkpoint, config)
+    log.info("%d pairs from %s; checkpoint %s (%s, %s)", len(pairs), config.data.test_path, config.checkpoint,
+             spec.base_model_path, "merged" if spec.merged else f"adapter on {spec.quantization.value} base")
+
+    predictions = predict_checkpoint(config.checkpoint, spec, pairs, config, accelerator)
+    probs = predictions.combined(config.tta_mode.value)
+    write_table(submission_frame(pairs, probs), config.output, accelerator.is_main_process)
+    if config.logits_output:
+        write_table(logits_frame(pairs, predictions), config.logits_output, accelerator.is_main_process)
+    if config.pseudo_label_output:
+        write_table(pseudo_label_frame(pairs, probs), config.pseudo_label_output, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    log.info("wrote %s (%d rows)", config.output, len(pairs))
+    return Path(config.output)
+
+
+def build_prediction_spec(checkpoint: str, settings: InferenceSettings) -> ModelSpec:
+    """The checkpoint's spec (checked complete) with the inference overrides; the attention kernel is re-checked
+    because a checkpoint trained padded may hold one that would let packed pairs see each other."""
+    spec = read_spec(checkpoint)
+    attention = settings.attn_implementation or spec.attn_implementation
+    return dataclasses.replace(
+        spec,
+        compute_dtype=settings.compute_dtype or spec.compute_dtype,
+        attn_implementation=Attention(resolve_attention(spec.family, spec.model_type, attention, settings.packing)),
+    )
+
+
+def build_inference_batching(settings: InferenceSettings, pad_id: int, spec: ModelSpec) -> InferenceBatching:
+    # Rows one sequence wide by default: sdpa/eager attention costs the square of the row width.
+    return InferenceBatching(settings.packing, settings.max_tokens, settings.row_tokens or spec.max_length,
+                             settings.batch_size, pad_id, spec.padding_side)
+
+
+def predict_checkpoint(
+    checkpoint: str, spec: ModelSpec, pairs: list[Pair], settings: InferenceSettings, accelerator: Accelerator
+) -> SplitPredictions:
+    """Logits of every pair (both orientations with TTA) from one checkpoint, on every process.
+
+    Each orientation runs in its own pass. Then the (A, B) pass of a file with A and B exchanged row by row meets
+    exactly the micro-batches of this file's (B, A) pass, and TTA predictions are swap-symmetric to the bit even
+    where a kernel's rounding depends on the batch shape (bitsandbytes' CPU 4-bit GEMM rounds to bfloat16).
+    """
+    tokenizer = build_tokenizer(checkpoint, spec.trust_remote_code)
+    split = encode_split(pairs, build_encoder(spec, tokenizer))
+    model = build_model(spec, None, None, accelerator.device, adapter_dir=checkpoint)
+    batching = build_inference_batching(settings, tokenizer.pad_token_id, spec)
+    forward = predict_split(model, split, False, batching, accelerator, settings.show_progress)
+    if not settings.tta:
+        return forward
+    backward = predict_split(model, swapped_as_forward(split), False, batching, accelerator,
+                             settings.show_progress)
+    return SplitPredictions(forward.logits_ab, backward.logits_ab)
+
+
+def swapped_as_forward(split: EncodedSplit) -> EncodedSplit:
+    """The (B, A) orientation as the only one of a split: predict_split without TTA runs the forward orientation."""
+    forward = [dataclasses.replace(example, swapped=False) for example in split.swapped]
+    return EncodedSplit(split.pairs, forward, [], split.prompt_tokens)
+
+
+def normalised(probs: np.ndarray, pairs: list[Pair]) -> np.ndarray:
+    """(N, 3) float64 rows that sum to 1; refuses non-finite predictions rather than writing them."""
+    probs = np.asarray(probs, dtype=np.float64)
+    bad = ~np.isfinite(probs).all(axis=1)
+    if bad.any():
+        ids = [pair.id for pair, is_bad in zip(pairs, bad, strict=True) if is_bad]
+        raise FloatingPointError(f"non-finite predictions for {len(ids)} pair(s), e.g. ids {ids[:5]}")
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def submission_frame(pairs: list[Pair], probs: np.ndarray) -> pd.DataFrame:
+    """The Kaggle submission: one row per input pair, in input order."""
+    frame = pd.DataFrame(normalised(probs, pairs), columns=list(TARGET_COLUMNS))
+    frame.insert(0, "id", [pair.id for pair in pairs])
+    return frame
+
+
+def logits_frame(pairs: list[Pair], predictions: SplitPredictions) -> pd.DataFrame:
+    frame = pd.DataFrame(predictions.logits_ab, columns=list(LOGIT_COLUMNS))
+    if predictions.logits_ba is not None:
+        frame[list(SWAPPED_LOGIT_COLUMNS)] = swap_abt(predictions.logits_ba)
+    frame.insert(0, "id", [pair.id for pair in pairs])
+    return frame
+
+
+def pseudo_label_frame(pairs: list[Pair], probs: np.ndarray) -> pd.DataFrame:
+    """Soft-labelled training rows that `read_pairs(path, require_labels=True)` accepts: texts as lists of turns,
+    `label` as the three (A, B, tie) probabilities."""
+    return pd.DataFrame({
+        "id": [pair.id for pair in pairs],
+        "prompt": [list(pair.prompts) for pair in pairs],
+        "response_a": [list(pair.responses_a) for pair in pairs],
+        "response_b": [list(pair.responses_b) for pair in pairs],
+        "label": [list(row) for row in normalised(probs, pairs)],
+        "source": "pseudo",
+    })
+
+
+def write_table(frame: pd.DataFrame, path: str | Path, is_main: bool) -> None:
+    """Atomic write by the main process only; the suffix picks CSV or parquet."""
+    path = Path(path)
+
+    def produce(tmp: Path) -> None:
+        if path.suffix == ".parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_csv(tmp, index=False)
+
+    RunDir(path.parent, is_main).write(path.name, produce)
+
+
+def setup_logging(is_main: bool) -> None:
+    logger = logging.getLogger("lmsys")
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    logger.handlers.clear()
+    logger.propagate = False
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)

@@ -1,0 +1,87 @@
+"""Schemas of the inference commands: predict (`predict_schema`), pseudo-labelling and export.
+
+Like `TrainConfig`, each is a dataclass that every override is validated against, so a typo fails while composing,
+before any model is loaded. Nothing here repeats the model settings: those come from the checkpoint's spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from lmsys.config import Attention, ComputeDtype, TtaMode, _require
+
+TABLE_SUFFIXES = (".csv", ".parquet")
+
+
+class MergeDtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+@dataclass
+class PredictDataConfig:
+    test_path: str = MISSING  # Kaggle test.csv (no model/winner columns needed), train-schema CSV or parquet
+
+
+@dataclass
+class InferenceSettings:
+    """How to run a checkpoint over pairs; shared by predict and pseudo-labelling."""
+
+    data: PredictDataConfig = field(default_factory=PredictDataConfig)
+    tta: bool = True  # also predict every pair with A and B swapped, map back and combine
+    tta_mode: TtaMode = TtaMode.prob
+    packing: bool = True  # padding-free rows, length-sorted
+    max_tokens: int = 8192  # packed: tokens per micro-batch
+    row_tokens: int | None = None  # packed: tokens per row; None: the checkpoint's max_length (raise it with flash)
+    batch_size: int = 8  # padded: pairs per micro-batch
+    compute_dtype: ComputeDtype | None = None  # None: the checkpoint's
+    attn_implementation: Attention | None = None  # None: the checkpoint's (re-checked against packing)
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.max_tokens >= 32, "max_tokens must be at least 32")
+        _require(self.row_tokens is None or self.row_tokens >= 1, "row_tokens must be >= 1")
+        _require(self.batch_size >= 1, "batch_size must be >= 1")
+
+
+@dataclass
+class PredictConfig(InferenceSettings):
+    checkpoint: str = MISSING  # a run's checkpoint/ directory (adapter + head + spec), or an exported merged one
+    output: str = MISSING  # the Kaggle submission CSV: id, winner_model_a, winner_model_b, winner_tie
+    logits_output: str | None = None  # .csv or .parquet: raw logits of both orientations, per id
+    pseudo_label_output: str | None = None  # .parquet that read_pairs accepts as (soft-labelled) training data
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.output.endswith(".csv"), "output (the Kaggle submission) must end in .csv")
+        _require(self.logits_output is None or self.logits_output.endswith(TABLE_SUFFIXES),
+                 "logits_output must end in .csv or .parquet")
+        _require(self.pseudo_label_output is None or self.pseudo_label_output.endswith(".parquet"),
+                 "pseudo_label_output must end in .parquet")
+
+
+@dataclass
+class PseudoLabelConfig(InferenceSettings):
+    checkpoints: list[str] = MISSING  # their (TTA) probabilities are averaged
+    output: str = MISSING  # .parquet
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(len(self.checkpoints) > 0, "checkpoints must name at least one checkpoint")
+        _require(self.output.endswith(".parquet"), "output must end in .parquet")
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = MISSING  # an adapter checkpoint
+    output_dir: str = MISSING  # the merged checkpoint to create
+    dtype: MergeDtype = MergeDtype.bfloat16  # of the unquantized base the adapter is merged into, and of the result
+    overwrite: bool = False
+
+
+def register_predict_configs() -> None:
+    ConfigStore.instance().store(name="predict_schema", node=PredictConfig)

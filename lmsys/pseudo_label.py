@@ -1,0 +1,50 @@
+"""Pseudo-label unlabelled pairs with one or several checkpoints (a stage-1 ensemble) for stage-2 training.
+
+    python -m lmsys.pseudo_label checkpoints=[RUN1/checkpoint,RUN2/checkpoint] data.test_path=unlabelled.csv \
+        output=pseudo.parquet [tta=true] [tta_mode=prob]          (multi-GPU: accelerate launch -m lmsys.pseudo_label ...)
+
+Each checkpoint's (TTA-combined) probabilities are averaged; the parquet holds id, prompt, response_a,
+response_b (lists of turns), `label` (the three A/B/tie probabilities) and source=pseudo, and is training data as
+it stands: `data.train_path=pseudo.parquet` (see conf/conf_r_llama_smol_stage2.yaml). `lmsys/code/predict.py
+pseudo_label_output=FILE.parquet` writes the same file from a single checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import numpy as np
+from accelerate import Accelerator
+from omegaconf import OmegaConf
+
+from lmsys.data.io import read_pairs
+from lmsys.predict import build_prediction_spec, predict_checkpoint, pseudo_label_frame, setup_logging, write_table
+from lmsys.prediction_config import PseudoLabelConfig
+
+log = logging.getLogger("lmsys")
+
+
+def build_pseudo_label_config(argv: list[str]) -> PseudoLabelConfig:
+    """`key=value` arguments checked against the schema: an unknown key or a bad value fails here."""
+    merged = OmegaConf.merge(OmegaConf.structured(PseudoLabelConfig), OmegaConf.from_cli(argv))
+    return OmegaConf.to_object(merged)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = build_pseudo_label_config(sys.argv[1:] if argv is None else argv)
+    accelerator = Accelerator()
+    setup_logging(accelerator.is_main_process)
+    pairs = read_pairs(config.data.test_path, require_labels=False)
+    specs = [build_prediction_spec(checkpoint, config) for checkpoint in config.checkpoints]  # all checked first
+    probs = np.zeros((len(pairs), 3))  # (N, 3) running sum over checkpoints
+    for checkpoint, spec in zip(config.checkpoints, specs, strict=True):
+        log.info("pseudo-labelling %d pairs with %s", len(pairs), checkpoint)
+        probs += predict_checkpoint(checkpoint, spec, pairs, config, accelerator).combined(config.tta_mode.value)
+    write_table(pseudo_label_frame(pairs, probs / len(specs)), config.output, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    log.info("wrote %s (%d pairs, mean of %d checkpoint(s))", config.output, len(pairs), len(specs))
+
+
+if __name__ == "__main__":
+    main()
