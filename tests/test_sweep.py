@@ -1,0 +1,126 @@
+"""Seed sweeps (`-m seed=1,2` in one process, one dir per seed, sweep_summary.json), the summary command over run
+dirs, and reproducibility (the same config and seed twice give the same metrics)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from entry_runs import REPO, entry_env, finish, read_metrics, read_oof, start_entry, tiny_overrides
+from tiny import arena_frame
+
+from lmsys.sweep import SUMMARY_FILE, main, summarize
+
+SEEDS = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, tiny_models) -> SimpleNamespace:
+    """`-m seed=1,2` and, at the same time, a single run with seed=2 and otherwise the same config."""
+    root = tmp_path_factory.mktemp("sweep")
+    arena_frame(16, seed=7).to_csv(root / "train.csv", index=False)
+    arena_frame(7, seed=8, start_id=900).to_csv(root / "valid.csv", index=False)
+    overrides = tiny_overrides(tiny_models["llama"], root / "train.csv", root / "valid.csv", trainer__max_steps=2)
+    sweep_dir, single_dir = root / "sweep", root / "single"
+    multirun = start_entry(["-m", f"seed={','.join(map(str, SEEDS))}", *overrides, f"hydra.sweep.dir={sweep_dir}"],
+                           root / "sweep.log")
+    single = start_entry([*overrides, "seed=2", f"hydra.run.dir={single_dir}"], root / "single.log")
+    finish(multirun, root / "sweep.log")
+    finish(single, root / "single.log")
+    return SimpleNamespace(dir=sweep_dir, single=single_dir, log=(root / "sweep.log").read_text())
+
+
+def test_one_run_dir_per_seed(sweep):
+    assert sorted(p.name for p in sweep.dir.iterdir() if p.is_dir()) == [f"seed{s}" for s in SEEDS]
+    for seed in SEEDS:
+        run_dir = sweep.dir / f"seed{seed}"
+        assert read_metrics(run_dir)["updates"] == 2
+        assert re.search(rf"^seed: {seed}$", (run_dir / "config.yaml").read_text(), re.MULTILINE)
+
+
+def test_seeds_give_different_results(sweep):
+    losses = [read_metrics(sweep.dir / f"seed{s}")["best"]["log_loss"] for s in SEEDS]
+    assert abs(losses[0] - losses[1]) > 1e-6
+    probs = [read_oof(sweep.dir / f"seed{s}").drop(columns="id").to_numpy() for s in SEEDS]
+    assert np.abs(probs[0] - probs[1]).max() > 1e-6
+
+
+def test_sweep_writes_a_summary_with_mean_and_std(sweep):
+    summary = json.loads((sweep.dir / SUMMARY_FILE).read_text())
+    losses = [read_metrics(sweep.dir / f"seed{s}")["best"]["log_loss"] for s in SEEDS]
+    assert [run["seed"] for run in summary["runs"]] == list(SEEDS)
+    assert [run["best_log_loss"] for run in summary["runs"]] == losses
+    assert [run["run_dir"] for run in summary["runs"]] == [str((sweep.dir / f"seed{s}").resolve()) for s in SEEDS]
+    stats = summary["best_log_loss"]
+    assert stats["n"] == 2
+    assert stats["mean"] == pytest.approx(np.mean(losses), abs=1e-12)
+    assert stats["std"] == pytest.approx(np.std(losses, ddof=1), abs=1e-12)
+    assert f"mean {np.mean(losses):.6f}" in sweep.log  # the table is printed at the end of the sweep
+
+
+def test_summary_command_gives_the_same_summary(sweep, tmp_path):
+    out = tmp_path / "summary.json"
+    command = [sys.executable, "-m", "lmsys.sweep", *(str(sweep.dir / f"seed{s}") for s in SEEDS), "--output", str(out)]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, env=entry_env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text()) == json.loads((sweep.dir / SUMMARY_FILE).read_text())
+    assert "seed1" in done.stdout and "std" in done.stdout
+
+
+def test_same_config_and_seed_give_identical_metrics(sweep):
+    """The single run and the sweep's second job (run after another job in the same process) are the same run."""
+    got, want = read_metrics(sweep.single), read_metrics(sweep.dir / "seed2")
+    assert got["history"] == want["history"]
+    assert got["best"] == want["best"]
+    assert read_oof(sweep.single).equals(read_oof(sweep.dir / "seed2"))
+
+
+def git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], check=False, cwd=REPO, capture_output=True, text=True, timeout=30)
+
+
+def test_run_info_records_code_packages_and_command(sweep):
+    info = json.loads((sweep.single / "run_info.json").read_text())
+    commit = info["git"]["commit"]
+    assert re.fullmatch(r"[0-9a-f]{40}", commit)
+    assert git("merge-base", "--is-ancestor", commit, "HEAD").returncode == 0  # others may commit meanwhile
+    assert isinstance(info["git"]["dirty"], bool)
+    for package in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "hydra-core", "wandb"):
+        assert info["packages"][package] == version(package)
+    command = info["command"]
+    assert command[1].endswith("lmsys/code/train_r_llama.py")
+    assert "seed=2" in command and f"hydra.run.dir={sweep.single}" in command
+    assert "seed: 2" in (sweep.single / "config.yaml").read_text()
+
+
+def fake_run(root: Path, name: str, log_loss: float, seed: int) -> Path:
+    run_dir = root / name
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"best": {"step": 3, "log_loss": log_loss}}))
+    (run_dir / "config.yaml").write_text(f"seed: {seed}\n")
+    return run_dir
+
+
+def test_summary_statistics(tmp_path):
+    dirs = [fake_run(tmp_path, f"seed{s}", loss, s) for s, loss in ((1, 0.9), (2, 1.1), (3, 1.3))]
+    summary = summarize(dirs)
+    assert summary["best_log_loss"] == {"n": 3, "mean": pytest.approx(1.1), "std": pytest.approx(0.2)}
+    assert [run["seed"] for run in summary["runs"]] == [1, 2, 3]
+    assert summarize(dirs[:1])["best_log_loss"]["std"] is None  # one seed has no spread
+
+
+def test_summary_command_rejects_an_unfinished_run(tmp_path, capsys):
+    unfinished = tmp_path / "seed4"
+    unfinished.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(fake_run(tmp_path, "seed1", 1.0, 1)), str(unfinished)])
+    assert exit_info.value.code == 2
+    assert "seed4: no metrics.json" in capsys.readouterr().err
+

@@ -1,0 +1,128 @@
+"""Tracking: wandb (the real library, offline, no network) through accelerate's trackers, the local metrics.jsonl
+log that every run writes, and no secret from the environment in any file of a run."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from entry_runs import entry_env, finish, read_metrics, read_metrics_log, start_entry, tiny_overrides
+from tiny import arena_frame
+from wandb.proto.wandb_internal_pb2 import Record
+
+SECRETS = {"WANDB_API_KEY": "sk-secret-123456", "KAGGLE_KEY": "kg-secret-654321"}
+UPDATES = 2
+# The .wandb transaction log: a 7-byte file header, then LevelDB-log records in 32 KiB blocks, each with a 7-byte
+# header (crc32, length, type); a record split over blocks is FIRST, MIDDLE..., LAST.
+BLOCK, HEADER = 32 * 1024, 7
+FULL, LAST = 1, 4
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory, tiny_models) -> SimpleNamespace:
+    """The same run with wandb on (offline) and off, at the same time, both with secrets in the environment."""
+    root = tmp_path_factory.mktemp("tracking")
+    arena_frame(16, seed=9).to_csv(root / "train.csv", index=False)
+    arena_frame(7, seed=10, start_id=300).to_csv(root / "valid.csv", index=False)
+    wandb_dir = root / "wandb_home"
+    wandb_dir.mkdir()
+    env = entry_env(WANDB_DIR=str(wandb_dir), WANDB_MODE="offline", WANDB_SILENT="true", **SECRETS)
+    overrides = tiny_overrides(tiny_models["llama"], root / "train.csv", root / "valid.csv", trainer__max_steps=UPDATES)
+    on, off = root / "wandb_on", root / "wandb_off"
+    processes = [
+        (start_entry([*overrides, "use_wandb=true", "wandb.mode=offline", f"hydra.run.dir={on}"], root / "on.log", env),
+         root / "on.log"),
+        (start_entry([*overrides, f"hydra.run.dir={off}"], root / "off.log", env), root / "off.log"),
+    ]
+    for process, log in processes:
+        finish(process, log)
+    return SimpleNamespace(on=on, off=off, wandb_dir=wandb_dir)
+
+
+def wandb_records(path: Path) -> Iterator[Record]:
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    position, pending = HEADER, b""
+    while position + HEADER <= len(data):
+        room = BLOCK - position % BLOCK
+        _, length, kind = struct.unpack("<IHB", data[position : position + HEADER])
+        if room < HEADER or kind == 0:  # the zero-filled tail of a block
+            position += room
+            continue
+        pending += data[position + HEADER : position + HEADER + length]
+        position += HEADER + length
+        if kind in (FULL, LAST):
+            yield Record.FromString(pending)
+            pending = b""
+
+
+def wandb_history(path: Path) -> dict[int, dict]:
+    """step -> {metric: value} of the run's logged history."""
+    history: dict[int, dict] = {}
+    for record in wandb_records(path):
+        if record.WhichOneof("record_type") == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            history.setdefault(row["_step"], {}).update(row)
+    return history
+
+
+def wandb_config(path: Path) -> dict:
+    for record in wandb_records(path):
+        if record.WhichOneof("record_type") == "config":
+            return {item.key: json.loads(item.value_json) for item in record.config.update}
+    raise AssertionError(f"{path}: no config record")
+
+
+@pytest.fixture(scope="module")
+def wandb_file(tracked) -> Path:
+    found = [*tracked.on.rglob("offline-run-*/run-*.wandb"), *tracked.wandb_dir.rglob("offline-run-*/run-*.wandb")]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def logged(run_dir: Path, name: str) -> dict[int, float]:
+    return {entry["step"]: entry[name] for entry in read_metrics_log(run_dir) if name in entry}
+
+
+def test_wandb_offline_run_has_train_and_eval_metrics(tracked, wandb_file):
+    history = wandb_history(wandb_file)
+    assert sorted(history) == list(range(1, UPDATES + 1))
+    for name in ("train/loss", "train/lr", "train/grad_norm"):
+        assert {step: row[name] for step, row in history.items()} == pytest.approx(logged(tracked.on, name), abs=1e-7)
+    best = read_metrics(tracked.on)["best"]
+    assert history[UPDATES]["eval/log_loss"] == pytest.approx(best["log_loss"], abs=1e-12)
+    assert history[UPDATES]["eval/accuracy"] == pytest.approx(best["accuracy"], abs=1e-12)
+    assert history[UPDATES]["eval/subsets/_type"] == "table-file"  # the per-subset table
+
+
+def test_wandb_gets_the_run_config(tracked, wandb_file):
+    config = wandb_config(wandb_file)
+    assert config["seed"] == 0
+    assert config["trainer"]["max_steps"] == UPDATES
+    assert config["use_wandb"] is True
+
+
+@pytest.mark.parametrize("wandb", ["on", "off"])
+def test_metrics_log_is_written_whether_or_not_wandb_is_on(tracked, wandb):
+    run_dir = getattr(tracked, wandb)
+    assert sorted(logged(run_dir, "train/loss")) == list(range(1, UPDATES + 1))
+    assert sorted(logged(run_dir, "train/lr")) == list(range(1, UPDATES + 1))
+    assert logged(run_dir, "eval/log_loss") == {UPDATES: read_metrics(run_dir)["best"]["log_loss"]}
+    assert logged(run_dir, "eval/subsets")[UPDATES]  # the per-subset table, as rows
+    assert (run_dir / "wandb").exists() == (wandb == "on")
+
+
+def test_tracking_does_not_change_training(tracked):
+    assert logged(tracked.on, "train/loss") == logged(tracked.off, "train/loss")
+    assert read_metrics(tracked.on)["best"]["log_loss"] == read_metrics(tracked.off)["best"]["log_loss"]
+
+
+def test_no_secret_in_any_file_of_a_run(tracked, wandb_file):
+    files = [p for root in (tracked.on, tracked.off, tracked.wandb_dir) for p in root.rglob("*") if p.is_file()]
+    assert wandb_file in files and len(files) > 20
+    leaks = [(str(p), name) for p in files for name, secret in SECRETS.items() if secret.encode() in p.read_bytes()]
+    assert leaks == []
