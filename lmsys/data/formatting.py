@@ -84,8 +84,7 @@ class PairEncoder:
         parts, weights = self._parts(tokens.prompts, responses_a, responses_b)
         layout = self._layout(len(parts[0]))
         if self._length(layout, parts) > self.max_length:
-            parts = [self._select_turns(part) for part in parts]
-            layout = self._layout(len(parts[0]))
+            parts, layout = self._fit_turns(parts)
         budget = self.max_length - self._length(layout, [[[] for _ in part] for part in parts])
         if budget < 0:
             raise ValueError(f"max_length {self.max_length} cannot hold the {self.input_format.value} markers")
@@ -128,12 +127,15 @@ class PairEncoder:
         fixed = sum(len(self._tok(piece)) for piece in layout if isinstance(piece, str))
         return len(self._special_prefix) + fixed + sum(len(t) for part in parts for t in part)
 
-    def _select_turns(self, part: list[list[int]]) -> list[list[int]]:
-        """Keep the first k and last k turns of an over-long conversation."""
-        first, last = self.keep_first_turns, self.keep_last_turns
-        if len(part) <= first + last:
-            return part
-        return part[:first] + (part[len(part) - last :] if last else [])
+    def _fit_turns(self, parts: list[list[list[int]]]) -> tuple[list[list[list[int]]], list[str | Slot]]:
+        """Keep the first k and last k turns of an over-long conversation; when the markers of those turns alone
+        exceed max_length (PAPB repeats them per turn), fewer: first the last turns go, then all but the first."""
+        for first, last in ((self.keep_first_turns, self.keep_last_turns), (self.keep_first_turns, 0), (1, 0)):
+            selected = [_select_turns(part, first, last) for part in parts]
+            layout = self._layout(len(selected[0]))
+            if self._length(layout, [[[] for _ in part] for part in selected]) <= self.max_length:
+                break
+        return selected, layout
 
     def _truncate(self, parts: list[list[list[int]]], weights: list[float], budget: int) -> list[list[list[int]]]:
         part_budgets = water_fill([sum(len(t) for t in part) for part in parts], weights, budget)
@@ -147,6 +149,12 @@ class PairEncoder:
         if text not in self._marker_cache:
             self._marker_cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._marker_cache[text]
+
+
+def _select_turns(part: list[list[int]], first: int, last: int) -> list[list[int]]:
+    if len(part) <= first + last:
+        return part
+    return part[:first] + (part[len(part) - last :] if last else [])
 
 
 def _pad_turns(texts: list[list[int]], n_turns: int) -> list[list[int]]:
