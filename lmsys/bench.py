@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from lmsys.config import SwapMode, TrainConfig, register_configs
+from lmsys.entry import validated_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 RESULT_MARKER = "BENCH_RESULT "
@@ -30,7 +30,7 @@ RESULT_MARKER = "BENCH_RESULT "
 def load_config(config_name: str, overrides: list[str]) -> TrainConfig:
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return OmegaConf.to_object(compose(config_name=config_name, overrides=overrides))
+        return validated_config(compose(config_name=config_name, overrides=overrides))
 
 
 def measure(config: TrainConfig, mode: str) -> dict:
@@ -128,7 +128,7 @@ def _profile(step, update) -> None:
 
 def run_child(config_name: str, overrides: list[str], mode: str) -> dict:
     command = [sys.executable, "-m", "lmsys.bench", "--config-name", config_name, *overrides, f"bench.mode={mode}"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, check=False, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"bench child for {mode} failed:\n{done.stderr[-3000:]}")

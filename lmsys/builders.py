@@ -116,11 +116,15 @@ def build_accelerator(config: TrainConfig, run_dir: str | Path) -> Accelerator:
 
 
 def build_train_batching(config: TrainConfig) -> Batching:
-    return Batching(config.trainer.packing, config.trainer.max_tokens, config.trainer.batch_size)
+    return Batching(config.trainer.packing, config.trainer.max_tokens, row_tokens(config), config.trainer.batch_size)
+
+
+def row_tokens(config: TrainConfig) -> int:
+    return config.trainer.row_tokens or config.model.max_length
 
 
 def build_eval_batching(config: TrainConfig, pad_id: int) -> InferenceBatching:
     return InferenceBatching(
-        config.trainer.packing, config.trainer.eval_max_tokens, config.trainer.batch_size * 2, pad_id,
-        config.data.padding_side,
+        config.trainer.packing, config.trainer.eval_max_tokens, row_tokens(config), config.trainer.batch_size * 2,
+        pad_id, config.data.padding_side,
     )

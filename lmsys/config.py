@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -134,12 +133,12 @@ class LoraSettings:
 @dataclass
 class DataConfig:
     train_path: str = MISSING
-    valid_path: Optional[str] = None  # without it: the `fold` column, else a prompt-grouped stratified split
-    valid_fold: Optional[int] = None
+    valid_path: str | None = None  # without it: the `fold` column, else a prompt-grouped stratified split
+    valid_fold: int | None = None
     valid_fraction: float = 0.1
     split_seed: int = 0
-    max_train_pairs: Optional[int] = None
-    max_valid_pairs: Optional[int] = None
+    max_train_pairs: int | None = None
+    max_valid_pairs: int | None = None
     format: InputFormat = InputFormat.pab
     prompt_share: float = 0.2  # of the text budget; the responses share the rest equally
     keep_first_turns: int = 1  # over-long conversations keep the first k and last k turns
@@ -187,17 +186,17 @@ class LossConfig:
 @dataclass
 class TrainerConfig:
     epochs: float = 1.0
-    max_steps: Optional[int] = None  # caps the optimizer updates; 0 only evaluates the initial model
+    max_steps: int | None = None  # caps the optimizer updates; 0 only evaluates the initial model
     batch_size: int = 4  # pairs per micro-batch (padded path)
     grad_accum: int = 1  # micro-batches per update: batch_size * grad_accum pairs per update
     packing: bool = True  # padding-free rows, position_ids restart per pair
     max_tokens: int = 4096  # token budget of a packed micro-batch
-    row_tokens: Optional[int] = None  # packed row width; None: model.max_length (raise it with flash attention)
+    row_tokens: int | None = None  # packed row width; None: model.max_length (raise it with flash attention)
     eval_max_tokens: int = 8192
     swap_augmentation: SwapMode = SwapMode.none
     max_grad_norm: float = 1.0
     eval_frequency: int = 0  # updates between evaluations; 0 evaluates only at the end
-    patience: Optional[int] = None  # evaluations without improvement before stopping
+    patience: int | None = None  # evaluations without improvement before stopping
     eval_tta: bool = False
     tta_mode: TtaMode = TtaMode.prob
     log_frequency: int = 10
@@ -217,9 +216,9 @@ class TrainerConfig:
 @dataclass
 class WandbConfig:
     project: str = "lmsys"
-    entity: Optional[str] = None
+    entity: str | None = None
     mode: str = "online"  # online, offline or disabled
-    name: Optional[str] = None
+    name: str | None = None
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -234,7 +233,7 @@ class BenchSettings:
     warmup_updates: int = 1
     predict_batch_size: int = 8  # the padded, unsorted prediction loop it is compared with
     modes: list[str] = field(default_factory=lambda: ["padded", "packed"])
-    mode: Optional[str] = None  # set by the bench for its child processes
+    mode: str | None = None  # set by the bench for its child processes
     profile: bool = False  # print the top operators of one packed training update
 
     def __post_init__(self) -> None:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import sys
 
-from lmsys.config import Family
+from omegaconf import DictConfig, OmegaConf
+
+from lmsys.config import Family, TrainConfig
 
 
 class EntryPointError(SystemExit):
-    """Raised (exiting with status 2) when a config is run with the wrong entry point."""
+    """Raised (exiting with status 2, the message on stderr) when a config is run with the wrong entry point."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.code = 2
+        print(f"error: {message}", file=sys.stderr)
+        super().__init__(2)
 
 
 def check_entry_family(cfg: DictConfig, family: Family, script: str) -> None:
@@ -23,3 +25,10 @@ def check_entry_family(cfg: DictConfig, family: Family, script: str) -> None:
             f"{script} trains the '{family.value}' family, but model.family is '{Family(configured).value}' "
             f"(model.path={cfg.model.path}); use train_r_{Family(configured).value}.py"
         )
+
+
+def validated_config(cfg: DictConfig) -> TrainConfig:
+    """The schema-checked config object. Merging into the schema again also rejects keys added with `+key=`,
+    which Hydra lets into the composed config and `OmegaConf.to_object` would silently drop."""
+    checked = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(cfg, resolve=True))
+    return OmegaConf.to_object(checked)

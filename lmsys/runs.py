@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 FINISHED_MARKER = "metrics.json"
+STATE_DIR = "state"
 SECRET_VARIABLES = ("WANDB_API_KEY", "KAGGLE_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
@@ -22,14 +23,24 @@ class RunDir:
         self.path = Path(path)
         self.is_main = is_main
 
-    def claim(self, overwrite: bool) -> None:
-        """Refuse to reuse a directory that already holds a finished run, unless told to."""
-        if (self.path / FINISHED_MARKER).exists() and not overwrite:
+    def claim(self, overwrite: bool, resume: bool) -> None:
+        """Refuse to reuse a directory that holds another run (finished, or unfinished with a training state),
+        unless resuming it or told to overwrite it; on overwrite its old files go first."""
+        finished = (self.path / FINISHED_MARKER).exists()
+        unfinished = any((self.path / name).exists() for name in (STATE_DIR, f".{STATE_DIR}.old"))
+        if finished and not overwrite:
             raise RunDirError(
                 f"{self.path} already holds a finished run; choose another hydra.run.dir or seed, or pass "
                 f"overwrite=true"
             )
+        if unfinished and not (resume or overwrite):
+            raise RunDirError(
+                f"{self.path} holds an unfinished run's training state; pass resume=true to continue it or "
+                f"overwrite=true to start again"
+            )
         if self.is_main:
+            if overwrite and self.path.exists():
+                shutil.rmtree(self.path)
             self.path.mkdir(parents=True, exist_ok=True)
 
     def write(self, name: str, produce: Callable[[Path], None]) -> Path | None:
@@ -41,14 +52,12 @@ class RunDir:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)) / target.name
         produce(tmp)
         old = target.with_name(f".{target.name}.old")
+        _remove(old)  # left by a kill after the last swap; `target` is complete, so it is the one to keep
         if target.exists():
             os.replace(target, old) if target.is_file() else target.rename(old)
         os.replace(tmp, target)
         shutil.rmtree(tmp.parent, ignore_errors=True)
-        if old.is_dir():
-            shutil.rmtree(old)
-        elif old.exists():
-            old.unlink()
+        _remove(old)
         return target
 
     def write_text(self, name: str, text: str) -> Path | None:
@@ -62,6 +71,13 @@ class RunDir:
 
     def write_json(self, name: str, payload: dict) -> Path | None:
         return self.write_text(name, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def redact_secrets(text: str) -> str:

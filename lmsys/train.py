@@ -15,12 +15,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lmsys.builders import (
-    build_accelerator, build_encoder, build_eval_batching, build_model, build_spec, build_splits, build_tokenizer,
+    build_accelerator,
+    build_encoder,
+    build_eval_batching,
+    build_model,
+    build_spec,
+    build_splits,
+    build_tokenizer,
     build_train_batching,
 )
 from lmsys.config import TrainConfig
 from lmsys.data.dataset import EncodedSplit, encode_split
 from lmsys.data.schema import TARGET_COLUMNS
+from lmsys.entry import validated_config
 from lmsys.evaluation.metrics import evaluation_metrics, save_reliability_diagram
 from lmsys.evaluation.predict_loop import predict_split
 from lmsys.modeling.checkpoint import save_checkpoint
@@ -28,22 +35,23 @@ from lmsys.provenance import run_info
 from lmsys.runs import RunDir
 from lmsys.tracking import Tracker
 from lmsys.training.loop import LoopSettings, LoopState, total_updates, train_loop
+from lmsys.training.optim import build_optimizer, build_scheduler, parameter_groups
 from lmsys.training.signals import GracefulStop
 from lmsys.training.state import find_state, load_training_state, save_training_state
-from lmsys.training.optim import build_optimizer, build_scheduler, parameter_groups
 
 log = logging.getLogger("lmsys")
 
 
 def run_training(cfg: DictConfig) -> dict:
-    config: TrainConfig = OmegaConf.to_object(cfg)  # runs every __post_init__ rule; fails on ??? left unset
+    config = validated_config(cfg)  # runs every __post_init__ rule; fails on ??? left unset and on unknown keys
     run_path = Path(HydraConfig.get().runtime.output_dir)
     train_pairs, valid_pairs = build_splits(config.data)
     spec = build_spec(config.model, config.data, config.trainer.packing)
 
     accelerator = build_accelerator(config, run_path)
     run = RunDir(run_path, accelerator.is_main_process)
-    run.claim(config.overwrite)
+    run.claim(config.overwrite, config.resume)
+    accelerator.wait_for_everyone()
     setup_logging(run, accelerator.is_main_process)
     run.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     run.write_json("run_info.json", run_info(accelerator.num_processes, accelerator.distributed_type.value))

@@ -5,11 +5,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `import lmsys` without `pip install -e .`
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from omegaconf import DictConfig
 
-from lmsys.config import Family, register_configs  # noqa: E402
-from lmsys.entry import check_entry_family  # noqa: E402
+from lmsys.config import Family, register_configs
+from lmsys.entry import check_entry_family
 
 register_configs()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModel, BitsAndBytesConfig, PreTrainedModel
@@ -57,7 +58,7 @@ def load_backbone(
     trust_remote_code: bool,
 ) -> PreTrainedModel:
     """The transformer without its LM head (AutoModel), weights from safetensors only."""
-    return AutoModel.from_pretrained(
+    model = AutoModel.from_pretrained(
         str(path),
         quantization_config=quantization_config(quantization, double_quant, dtype),
         dtype=dtype,
@@ -66,6 +67,17 @@ def load_backbone(
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
     )
+    keep_cpu_4bit_layout(model)
+    return model
+
+
+def keep_cpu_4bit_layout(model: PreTrainedModel) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights into its bf16 CPU inference layout at the first eval-mode
+    forward: the repacking round trip is lossy, so evaluations would move the frozen base (and resumed runs would
+    drift from uninterrupted ones); evaluation then computes exactly like training."""
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def add_lora(

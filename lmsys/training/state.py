@@ -11,10 +11,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmsys.runs import RunDir
+from lmsys.runs import STATE_DIR, RunDir
 from lmsys.training.loop import LoopState
 
-STATE_DIR = "state"
 WEIGHTS_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 LOOP_FILE = "loop.json"
