@@ -8,9 +8,14 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
-    Gemma2Config, Gemma2ForCausalLM, Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
 
@@ -18,9 +23,10 @@ SPECIAL_TOKENS = [
     "<pad>", "<bos>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>",
     "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
 ]
-WORDS = ("what is the capital of france paris rome berlin answer question response better tie which conversation "
-         "prompt user assistant model two three four five plus minus equals yes no maybe hello world "
-         "# ## --- [...] A B : ? ! . , 0 1 2 3 4 5 6 7 8 9 é ü 中 文").split()
+_VOCABULARY = ("what is the capital of france paris rome berlin answer question response better tie which conversation "
+               "prompt user assistant model two three four five plus minus equals yes no maybe hello world "
+               "# ## --- [...] A B : ? ! . , 0 1 2 3 4 5 6 7 8 9 é ü 中 文")
+WORDS = _VOCABULARY.split()
 
 
 def corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
@@ -36,9 +42,24 @@ def build_tokenizer(add_bos: bool) -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus() + [" ".join(WORDS)], trainer)
-    if add_bos:
-        from tokenizers import processors
+    return _wrap(tok, add_bos)
 
+
+def build_char_tokenizer(add_bos: bool) -> PreTrainedTokenizerFast:
+    """One token per byte (a byte-level BPE without merges): token counts are character counts for ASCII text,
+    so truncation results can be written down by hand."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return _wrap(tok, add_bos)
+
+
+def _wrap(tok: Tokenizer, add_bos: bool) -> PreTrainedTokenizerFast:
+    if add_bos:
         bos = tok.token_to_id("<bos>")
         tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
@@ -63,7 +84,7 @@ def _gemma3(vocab: int):
     return Gemma3ForCausalLM(Gemma3TextConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, sliding_window=64, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2))
+        bos_token_id=1, eos_token_id=2, layer_types=["sliding_attention", "full_attention"]))
 
 
 BUILDERS = {"llama": (_llama, False), "gemma2": (_gemma2, True), "gemma3": (_gemma3, True)}
@@ -99,3 +120,27 @@ def arena_frame(n: int, seed: int = 0, labelled: bool = True, start_id: int = 0)
                        winner_tie=int(label == 2))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def model_settings(model_dir: Path, family: str, quantization: str = "none", max_length: int = 128, **model_kwargs):
+    """ModelConfig, DataConfig and ModelSpec for a tiny model directory (lazy imports keep this module light)."""
+    from lmsys.builders import build_spec
+    from lmsys.config import DataConfig, Family, ModelConfig, Quantization
+
+    model = ModelConfig(path=str(model_dir), family=Family(family), quantization=Quantization(quantization),
+                        max_length=max_length, **model_kwargs)
+    data = DataConfig(train_path="unused.csv")
+    return model, data, build_spec(model, data, packing=True)
+
+
+def build_preference_model(model_dir: Path, family: str, quantization: str = "none", lora_dropout: float = 0.0,
+                           seed: int = 0, **model_kwargs):
+    """(model, spec, tokenizer) through lmsys.builders, as the trainer builds them, on the CPU."""
+    from lmsys.builders import build_model
+    from lmsys.builders import build_tokenizer as build_lmsys_tokenizer
+    from lmsys.config import LoraSettings
+
+    model_cfg, _, spec = model_settings(model_dir, family, quantization, **model_kwargs)
+    torch.manual_seed(seed)
+    model = build_model(spec, model_cfg, LoraSettings(dropout=lora_dropout), torch.device("cpu"))
+    return model, spec, build_lmsys_tokenizer(model_dir, False)

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random models built once per session, the Hydra ConfigStore, no network."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+for _path in (str(TESTS_DIR), str(REPO_ROOT)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+# Nothing in the suite may reach the network: every model and tokenizer is built in-process.
+# One intra-op thread (subprocesses inherit it): on a shared 2-core machine two spinning threads per process are
+# up to 20x slower for these tiny models; set OMP_NUM_THREADS to change it.
+for _variable, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
+                          ("WANDB_MODE", "disabled"), ("TOKENIZERS_PARALLELISM", "false"), ("OMP_NUM_THREADS", "1")):
+    os.environ.setdefault(_variable, _value)
+
+import torch
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+from lmsys.config import register_configs
+
+register_configs()
+
+import tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """kind -> directory of a tiny random model (config.json, model.safetensors, tokenizer) for every family."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {kind: tiny.save_tiny_model(kind, root / kind) for kind in tiny.BUILDERS}
+
+
+@pytest.fixture(scope="session")
+def arena_files(tmp_path_factory) -> dict[str, Path]:
+    """Kaggle-schema train and valid CSV files with disjoint ids."""
+    root = tmp_path_factory.mktemp("arena")
+    train, valid = root / "train.csv", root / "valid.csv"
+    tiny.arena_frame(12, seed=0).to_csv(train, index=False)
+    tiny.arena_frame(6, seed=1, start_id=1000).to_csv(valid, index=False)
+    return {"train": train, "valid": valid}

@@ -1,0 +1,188 @@
+"""Golden strings: the exact text the model reads for PAB and PAPB pairs, with the gemma and chatml templates.
+
+The expected strings are written out by hand from lmsys/data/formatting.py (the INTRO line, the section headers,
+the turn separators, the template markers), not copied from the encoder's output.
+"""
+
+import pytest
+import tiny
+
+from lmsys.config import InputFormat, Template
+from lmsys.data.formatting import PairEncoder
+from lmsys.data.io import pairs_from_frame
+from lmsys.data.schema import Pair, swap_pair
+from lmsys.data.templates import CHAT_MARKERS
+
+INTRO = "Which response better answers the conversation: A, B, or is it a tie?\n\n"
+
+
+@pytest.fixture(scope="module")
+def bpe_bos():
+    return tiny.build_tokenizer(add_bos=True)  # like Gemma's tokenizer: <bos> first
+
+
+@pytest.fixture(scope="module")
+def bpe_plain():
+    return tiny.build_tokenizer(add_bos=False)  # like SmolLM2's ChatML tokenizer: no bos
+
+
+@pytest.fixture(scope="module")
+def chars_bos():
+    return tiny.build_char_tokenizer(add_bos=True)  # one token per character: budgets can be counted by hand
+
+
+def encoder(tokenizer, template: Template, fmt: InputFormat, max_length: int = 512, head_fraction: float = 0.5,
+            keep_first: int = 1, keep_last: int = 1) -> PairEncoder:
+    return PairEncoder(tokenizer, CHAT_MARKERS[template], fmt, max_length, 0.2, keep_first, keep_last, head_fraction)
+
+
+def encode_text(enc: PairEncoder, pair: Pair, swapped: bool = False) -> str:
+    ids = enc.encode(enc.tokenize([pair])[0], swapped=swapped)
+    assert len(ids) <= enc.max_length
+    return enc.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+SINGLE = Pair("1", ("What is the capital of France?",), ("Paris.",), ("It is Rome, I think.",), (1.0, 0.0, 0.0))
+MULTI = Pair("2", ("hello", "and 2 plus 2?"), ("hi there", "4"), ("hey", ""), (0.0, 1.0, 0.0))
+
+
+def test_pab_gemma_golden(bpe_bos):
+    expected = (
+        "<bos><start_of_turn>user\n"
+        "Which response better answers the conversation: A, B, or is it a tie?\n\n"
+        "# Prompt\nWhat is the capital of France?"
+        "\n\n# Response A\nParis."
+        "\n\n# Response B\nIt is Rome, I think."
+        "<end_of_turn>\n<start_of_turn>model\n"
+    )
+    assert encode_text(encoder(bpe_bos, Template.gemma, InputFormat.pab), SINGLE) == expected
+
+
+def test_pab_gemma_swapped_golden(bpe_bos):
+    expected = (
+        "<bos><start_of_turn>user\n"
+        "Which response better answers the conversation: A, B, or is it a tie?\n\n"
+        "# Prompt\nWhat is the capital of France?"
+        "\n\n# Response A\nIt is Rome, I think."
+        "\n\n# Response B\nParis."
+        "<end_of_turn>\n<start_of_turn>model\n"
+    )
+    enc = encoder(bpe_bos, Template.gemma, InputFormat.pab)
+    assert encode_text(enc, SINGLE, swapped=True) == expected
+    assert encode_text(enc, swap_pair(SINGLE)) == expected
+
+
+def test_pab_chatml_multi_turn_golden(bpe_plain):
+    # Turns of one part are joined by "\n---\n"; the empty (null) last turn of B leaves the separator alone.
+    expected = (
+        "<|im_start|>user\n"
+        "Which response better answers the conversation: A, B, or is it a tie?\n\n"
+        "# Prompt\nhello\n---\nand 2 plus 2?"
+        "\n\n# Response A\nhi there\n---\n4"
+        "\n\n# Response B\nhey\n---\n"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert encode_text(encoder(bpe_plain, Template.chatml, InputFormat.pab), MULTI) == expected
+
+
+def test_papb_chatml_golden(bpe_plain):
+    expected = (
+        "<|im_start|>user\n"
+        "Which response better answers the conversation: A, B, or is it a tie?\n\n"
+        "# Conversation with A\n"
+        "## User\nhello\n## Assistant\nhi there\n"
+        "## User\nand 2 plus 2?\n## Assistant\n4"
+        "\n\n# Conversation with B\n"
+        "## User\nhello\n## Assistant\nhey\n"
+        "## User\nand 2 plus 2?\n## Assistant\n"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert encode_text(encoder(bpe_plain, Template.chatml, InputFormat.papb), MULTI) == expected
+
+
+def test_papb_gemma_golden(bpe_bos):
+    expected = (
+        "<bos><start_of_turn>user\n"
+        "Which response better answers the conversation: A, B, or is it a tie?\n\n"
+        "# Conversation with A\n## User\nWhat is the capital of France?\n## Assistant\nParis."
+        "\n\n# Conversation with B\n## User\nWhat is the capital of France?\n## Assistant\nIt is Rome, I think."
+        "<end_of_turn>\n<start_of_turn>model\n"
+    )
+    assert encode_text(encoder(bpe_bos, Template.gemma, InputFormat.papb), SINGLE) == expected
+
+
+# Truncation, counted by hand with one token per character.
+# Fixed tokens of the PAB gemma layout: <bos> 1, "<start_of_turn>user\n" 6, INTRO 71, "# Prompt\n" 9,
+# "\n\n# Response A\n" 15, "\n\n# Response B\n" 15, "<end_of_turn>\n<start_of_turn>model\n" 9: 126 in all.
+LONG_A = "Paris is the capital and the largest city of France; it sits on the Seine river in the north of the country."
+FIXED_PAB_GEMMA = 126
+
+
+def test_fixed_token_count_of_the_pab_gemma_layout(chars_bos):
+    assert len(INTRO) == 71
+    enc = encoder(chars_bos, Template.gemma, InputFormat.pab)
+    assert len(enc.encode(enc.tokenize([Pair("0", ("",), ("",), ("",))])[0])) == FIXED_PAB_GEMMA
+
+
+def test_pab_gemma_truncated_golden(chars_bos):
+    # Budget 60 for demands P=30, A=108, B=5 with weights 0.2/0.4/0.4: B (5 <= 24) is kept whole; the remaining 55
+    # go 1:2 to P and A: 18.33 and 36.67 -> floors 18 + 36, the leftover token to the earliest part: P 19, A 36.
+    # Each keeps head and tail around " [...] " (7 tokens): P keeps 12 = 6 + 6; A keeps 29 = round(14.5) = 14 + 15.
+    pair = Pair("3", ("What is the capital of France?",), (LONG_A,), ("Rome.",))
+    enc = encoder(chars_bos, Template.gemma, InputFormat.pab, max_length=FIXED_PAB_GEMMA + 60)
+    expected = (
+        "<bos><start_of_turn>user\n"
+        "Which response better answers the conversation: A, B, or is it a tie?\n\n"
+        "# Prompt\nWhat i [...] rance?"
+        "\n\n# Response A\nParis is the c [...] of the country."
+        "\n\n# Response B\nRome."
+        "<end_of_turn>\n<start_of_turn>model\n"
+    )
+    ids = enc.encode(enc.tokenize([pair])[0])
+    assert len(ids) == FIXED_PAB_GEMMA + 60
+    assert chars_bos.decode(ids, skip_special_tokens=False) == expected
+
+
+def test_pab_truncated_keeps_first_and_last_turns(chars_bos):
+    # Four turns that do not fit: only turns 1 and 4 are laid out (keep_first_turns=1, keep_last_turns=1).
+    pair = Pair("4", ("p1", "p2", "p3", "p4"), ("a1" * 20, "a2" * 20, "a3" * 20, "a4" * 20), ("b1", "b2", "b3", "b4"))
+    enc = encoder(chars_bos, Template.gemma, InputFormat.pab, max_length=FIXED_PAB_GEMMA + 60)
+    text = chars_bos.decode(enc.encode(enc.tokenize([pair])[0]), skip_special_tokens=False)
+    # Budget 60 minus 3 "\n---\n" separators (15) = 45 for P=4, A=80, B=4: P and B whole, A gets 37, shared by its
+    # two turns as 19 + 18 (the leftover token to the first). Around the 7-token ellipsis, 19 keeps 12 = 6 + 6 and
+    # 18 keeps 11 = round(5.5) = 6 from the head + 5 from the tail.
+    expected = (
+        "<bos><start_of_turn>user\n"
+        "Which response better answers the conversation: A, B, or is it a tie?\n\n"
+        "# Prompt\np1\n---\np4"
+        "\n\n# Response A\na1a1a1 [...] a1a1a1\n---\na4a4a4 [...] 4a4a4"
+        "\n\n# Response B\nb1\n---\nb4"
+        "<end_of_turn>\n<start_of_turn>model\n"
+    )
+    assert text == expected
+    assert "p2" not in text and "p3" not in text and "a2" not in text and "b3" not in text
+
+
+def test_null_turn_is_empty_text_never_none(tmp_path, bpe_plain):
+    frame = tiny.arena_frame(1)
+    frame.loc[0, "prompt"] = '["first", null]'
+    frame.loc[0, "response_a"] = '[null, "second"]'
+    frame.loc[0, "response_b"] = '["x", "y"]'
+    (pair,) = pairs_from_frame(frame, "mem.csv", require_labels=True)
+    assert pair.prompts == ("first", "") and pair.responses_a == ("", "second")
+    text = encode_text(encoder(bpe_plain, Template.chatml, InputFormat.pab), pair)
+    assert "None" not in text and "null" not in text
+    assert "# Prompt\nfirst\n---\n\n\n# Response A\n\n---\nsecond" in text
+
+
+def test_every_encoding_ends_with_the_assistant_marker(bpe_bos):
+    # The head pools the last token: it must be the template's last token whatever the truncation.
+    enc = encoder(bpe_bos, Template.gemma, InputFormat.papb, max_length=160)
+    marker = bpe_bos("<end_of_turn>\n<start_of_turn>model\n", add_special_tokens=False)["input_ids"]
+    pairs = pairs_from_frame(tiny.arena_frame(20, seed=3), "mem.csv", require_labels=True)
+    for tokens in enc.tokenize(pairs):
+        for swapped in (False, True):
+            ids = enc.encode(tokens, swapped=swapped)
+            assert len(ids) <= 160
+            assert ids[: 1] == [bpe_bos.bos_token_id]
+            assert ids[-len(marker):] == marker

@@ -1,0 +1,238 @@
+"""Reading battles: the Kaggle CSV schema, parquet `label`, the WSDM schema, and clear errors for bad input."""
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import tiny
+
+from lmsys.data.io import DataError, read_pairs
+from lmsys.data.schema import Pair, swap_abt, swap_pair
+
+
+def write_csv(tmp_path, frame: pd.DataFrame, name: str = "train.csv"):
+    path = tmp_path / name
+    frame.to_csv(path, index=False)
+    return path
+
+
+def assert_names(err: pytest.ExceptionInfo, path, row_id=None, column=None) -> str:
+    message = str(err.value)
+    assert str(path) in message, message
+    if row_id is not None:
+        assert re.search(rf"\bid={re.escape(str(row_id))}\b", message), message
+    if column is not None:
+        assert column in message, message
+    return message
+
+
+def test_kaggle_csv_round_trip(tmp_path):
+    frame = tiny.arena_frame(10, seed=4)
+    pairs = read_pairs(write_csv(tmp_path, frame), require_labels=True)
+    assert [p.id for p in pairs] == [str(i) for i in range(10)]
+    for pair, (_, row) in zip(pairs, frame.iterrows(), strict=True):
+        assert pair.prompts == tuple(json.loads(row["prompt"]))
+        assert pair.responses_a == tuple(json.loads(row["response_a"]))
+        assert pair.responses_b == tuple("" if t is None else t for t in json.loads(row["response_b"]))
+        assert pair.target == (float(row["winner_model_a"]), float(row["winner_model_b"]), float(row["winner_tie"]))
+        assert pair.meta["model_a"] == "m1"
+    assert pairs[0].n_turns == 2  # arena_frame: every fifth row has two turns
+    assert any("中" in turn for pair in pairs for turn in pair.prompts + pair.responses_a + pair.responses_b)
+
+
+def test_null_turns_are_empty_strings(tmp_path):
+    frame = tiny.arena_frame(8)
+    pairs = read_pairs(write_csv(tmp_path, frame), require_labels=True)
+    assert pairs[3].responses_b[-1] == ""  # arena_frame writes a null turn in row 3
+    for pair in pairs:
+        for turn in pair.prompts + pair.responses_a + pair.responses_b:
+            assert isinstance(turn, str) and turn != "None"
+
+
+def test_test_file_without_labels(tmp_path):
+    path = write_csv(tmp_path, tiny.arena_frame(4, labelled=False), "test.csv")
+    pairs = read_pairs(path, require_labels=False)
+    assert [p.target for p in pairs] == [None] * 4 and pairs[0].label is None
+    with pytest.raises(DataError) as err:
+        read_pairs(path, require_labels=True)
+    assert_names(err, path, column="winner_model_a")
+
+
+def test_ids_stay_strings(tmp_path):
+    frame = tiny.arena_frame(2)
+    frame["id"] = ["007", "12345678901234567890"]
+    pairs = read_pairs(write_csv(tmp_path, frame), require_labels=True)
+    assert [p.id for p in pairs] == ["007", "12345678901234567890"]
+
+
+@pytest.mark.parametrize("cell", ['["unclosed', '{"a": 1', "not json", ""])
+def test_malformed_json_names_file_row_and_column(tmp_path, cell):
+    frame = tiny.arena_frame(5, start_id=100)
+    frame.loc[2, "response_a"] = cell
+    path = write_csv(tmp_path, frame)
+    with pytest.raises(DataError) as err:
+        read_pairs(path, require_labels=True)
+    message = assert_names(err, path, row_id=102, column="response_a")
+    assert "JSON" in message
+
+
+@pytest.mark.parametrize("cell", ['{"turn": "x"}', '"just a string"', "[1, 2]", "[]", "null"])
+def test_json_that_is_not_a_list_of_strings(tmp_path, cell):
+    frame = tiny.arena_frame(3, start_id=7)
+    frame.loc[1, "prompt"] = cell
+    path = write_csv(tmp_path, frame)
+    with pytest.raises(DataError) as err:
+        read_pairs(path, require_labels=True)
+    assert_names(err, path, row_id=8, column="prompt")
+
+
+@pytest.mark.parametrize("labels", [
+    (1, 1, 0), (0, 0, 0), (2, 0, 0), (0.5, 0.5, 0), (1, -1, 1), ("", 1, 0), ("x", 0, 1),
+])
+def test_labels_that_are_not_exactly_one_hot(tmp_path, labels):
+    frame = tiny.arena_frame(4, start_id=50)
+    frame[["winner_model_a", "winner_model_b", "winner_tie"]] = frame[
+        ["winner_model_a", "winner_model_b", "winner_tie"]].astype(object)
+    frame.loc[3, ["winner_model_a", "winner_model_b", "winner_tie"]] = list(labels)
+    path = write_csv(tmp_path, frame)
+    with pytest.raises(DataError) as err:
+        read_pairs(path, require_labels=True)
+    assert_names(err, path, row_id=53, column="winner_model_")
+
+
+@pytest.mark.parametrize("column", ["id", "prompt", "response_a", "response_b"])
+def test_missing_column(tmp_path, column):
+    path = write_csv(tmp_path, tiny.arena_frame(3).drop(columns=[column]))
+    with pytest.raises(DataError) as err:
+        read_pairs(path, require_labels=True)
+    assert_names(err, path, column=column)
+
+
+def test_partial_label_columns(tmp_path):
+    path = write_csv(tmp_path, tiny.arena_frame(3).drop(columns=["winner_tie"]))
+    with pytest.raises(DataError) as err:
+        read_pairs(path, require_labels=False)
+    assert_names(err, path, column="winner_tie")
+
+
+def test_duplicate_ids(tmp_path):
+    frame = tiny.arena_frame(6, start_id=20)
+    frame.loc[4, "id"] = 21
+    path = write_csv(tmp_path, frame)
+    with pytest.raises(DataError) as err:
+        read_pairs(path, require_labels=True)
+    message = assert_names(err, path, row_id=21, column="id")
+    assert "duplicate" in message
+
+
+@pytest.mark.parametrize("content", ["", "id,prompt,response_a,response_b,winner_model_a,winner_model_b,winner_tie\n"])
+def test_empty_file(tmp_path, content):
+    path = tmp_path / "train.csv"
+    path.write_text(content)
+    with pytest.raises(DataError) as err:
+        read_pairs(path, require_labels=True)
+    assert "empty" in assert_names(err, path) or "no rows" in str(err.value)
+
+
+def test_missing_file_and_unknown_suffix(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        read_pairs(tmp_path / "absent.csv", require_labels=True)
+    path = tmp_path / "train.json"
+    path.write_text("{}")
+    with pytest.raises(DataError, match=r"\.json"):
+        read_pairs(path, require_labels=True)
+
+
+def parquet_frame(labels) -> pd.DataFrame:
+    return pd.DataFrame({
+        "id": list(range(len(labels))),
+        "prompt": [["hello", None], ["a question"], ['["x"]'], ["q"]][: len(labels)],
+        "response_a": [["hi", "again"], ["answer a"], ["y"], ["a"]][: len(labels)],
+        "response_b": [["hey", None], ["answer b"], ["z"], ["b"]][: len(labels)],
+        "label": labels,
+    })
+
+
+def test_parquet_class_index_label(tmp_path):
+    path = tmp_path / "train.parquet"
+    parquet_frame([0, 1, 2]).to_parquet(path)
+    pairs = read_pairs(path, require_labels=True)
+    assert [p.target for p in pairs] == [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)]
+    assert pairs[0].prompts == ("hello", "") and pairs[0].responses_b == ("hey", "")
+    assert pairs[2].prompts == ('["x"]',)  # a list cell is never parsed again as JSON
+    assert [p.id for p in pairs] == ["0", "1", "2"]
+
+
+def test_parquet_probability_label(tmp_path):
+    path = tmp_path / "train.parquet"
+    parquet_frame([[0.7, 0.2, 0.1], [0.0, 0.0, 1.0], [1 / 3, 1 / 3, 1 / 3]]).to_parquet(path)
+    pairs = read_pairs(path, require_labels=True)
+    np.testing.assert_allclose([p.target for p in pairs], [[0.7, 0.2, 0.1], [0, 0, 1], [1 / 3, 1 / 3, 1 / 3]])
+    assert [p.label for p in pairs] == [0, 2, 0]
+
+
+def test_parquet_json_string_texts_and_label(tmp_path):
+    frame = parquet_frame([0, 1])
+    for column in ("prompt", "response_a", "response_b"):
+        frame[column] = [json.dumps(turns) for turns in frame[column]]
+    frame["label"] = ["[0.5, 0.25, 0.25]", "[0, 1, 0]"]
+    path = tmp_path / "train.parquet"
+    frame.to_parquet(path)
+    pairs = read_pairs(path, require_labels=True)
+    assert pairs[0].prompts == ("hello", "")
+    assert pairs[0].target == (0.5, 0.25, 0.25) and pairs[1].target == (0.0, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("label", [3, -1, 1.5, [0.5, 0.6, 0.1], [0.5, 0.5], [-0.2, 0.6, 0.6], "b"])
+def test_parquet_bad_label(tmp_path, label):
+    frame = parquet_frame([0, 1])
+    first = [1.0, 0.0, 0.0] if isinstance(label, list) else "0" if isinstance(label, str) else 0
+    frame["label"] = pd.Series([first, label], dtype=object)  # one parquet type per column
+    path = tmp_path / "train.parquet"
+    frame.to_parquet(path)
+    with pytest.raises(DataError) as err:
+        read_pairs(path, require_labels=True)
+    assert_names(err, path, row_id=1, column="label")
+
+
+def wsdm_frame() -> pd.DataFrame:
+    return pd.DataFrame({
+        "id": ["w1", "w2", "w3"],
+        "prompt": ["What is 2+2?", "[not json] plain text", "Bonjour"],
+        "response_a": ["4", "a", "Salut"],
+        "response_b": ["5", "b", "Bonjour !"],
+        "winner": ["model_a", "model_b", "model_a"],
+        "model_a": ["m1", "m2", "m3"],
+        "model_b": ["m4", "m5", "m6"],
+        "language": ["English", "English", "French"],
+    })
+
+
+def test_wsdm_schema(tmp_path):
+    path = tmp_path / "wsdm.parquet"
+    wsdm_frame().to_parquet(path)
+    pairs = read_pairs(path, require_labels=True)
+    assert [p.target for p in pairs] == [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0)]
+    assert pairs[1].prompts == ("[not json] plain text",)  # plain text, one turn
+    assert pairs[2].responses_b == ("Bonjour !",) and pairs[2].meta["language"] == "French"
+
+
+def test_wsdm_bad_winner(tmp_path):
+    frame = wsdm_frame()
+    frame.loc[2, "winner"] = "tie"
+    path = tmp_path / "wsdm.parquet"
+    frame.to_parquet(path)
+    with pytest.raises(DataError) as err:
+        read_pairs(path, require_labels=True)
+    assert_names(err, path, row_id="w3", column="winner")
+
+
+def test_swap_maps_the_target_and_exchanges_the_responses():
+    pair = Pair("1", ("p",), ("a",), ("b",), (0.7, 0.2, 0.1), {"language": "x"})
+    swapped = swap_pair(pair)
+    assert swapped.responses_a == ("b",) and swapped.responses_b == ("a",) and swapped.prompts == ("p",)
+    assert swapped.target == (0.2, 0.7, 0.1) and swapped.meta == {"language": "x"}
+    assert swap_pair(swapped) == pair
+    np.testing.assert_array_equal(swap_abt(np.array([[1, 2, 3], [4, 5, 6]])), [[2, 1, 3], [5, 4, 6]])

@@ -1,0 +1,92 @@
+"""The validation split without a validation file: prompt-grouped and stratified, or by the `fold` column."""
+
+import random
+from collections import Counter
+
+import pandas as pd
+import pytest
+import tiny
+
+from lmsys.builders import build_splits
+from lmsys.config import DataConfig
+from lmsys.data.io import DataError
+from lmsys.data.schema import Pair
+from lmsys.data.split import prompt_group, split_train_valid
+
+
+def pairs_with_shared_prompts(n: int, n_prompts: int, seed: int = 0) -> list[Pair]:
+    rng = random.Random(seed)
+    prompts = [(f"prompt {k}",) if k % 4 else (f"prompt {k}", f"follow-up {k}") for k in range(n_prompts)]
+    pairs = []
+    for i in range(n):
+        label = rng.randrange(3)
+        target = tuple(float(label == c) for c in range(3))
+        pairs.append(Pair(str(i), rng.choice(prompts), (f"a{i}",), (f"b{i}",), target))
+    return pairs
+
+
+@pytest.mark.parametrize("fraction,seed", [(0.1, 0), (0.2, 1), (0.5, 2), (0.25, 3)])
+def test_no_prompt_on_both_sides(fraction, seed):
+    pairs = pairs_with_shared_prompts(400, 60, seed)
+    train, valid = split_train_valid(pairs, None, fraction, seed)
+    assert sorted(p.id for p in train + valid) == sorted(p.id for p in pairs)  # every pair once
+    assert not {p.prompts for p in train} & {p.prompts for p in valid}
+    assert not {prompt_group(p) for p in train} & {prompt_group(p) for p in valid}
+    assert abs(len(valid) / len(pairs) - fraction) < 0.1
+    # stratified: the label mix of the validation side follows the whole set
+    whole, side = Counter(p.label for p in pairs), Counter(p.label for p in valid)
+    for label in range(3):
+        assert abs(side[label] / len(valid) - whole[label] / len(pairs)) < 0.12
+
+
+def test_split_is_deterministic_for_a_seed():
+    pairs = pairs_with_shared_prompts(200, 50)
+    first = [p.id for p in split_train_valid(pairs, None, 0.2, 7)[1]]
+    assert first == [p.id for p in split_train_valid(pairs, None, 0.2, 7)[1]]
+    assert first != [p.id for p in split_train_valid(pairs, None, 0.2, 8)[1]]
+
+
+def test_prompt_group_separates_turn_boundaries():
+    a = Pair("1", ("ab", "c"), ("x",), ("y",))
+    b = Pair("2", ("a", "bc"), ("x",), ("y",))
+    c = Pair("3", ("abc",), ("x",), ("y",))
+    assert len({prompt_group(a), prompt_group(b), prompt_group(c)}) == 3
+    assert prompt_group(a) == prompt_group(Pair("4", ("ab", "c"), ("other",), ("answers",)))
+
+
+def test_fold_column(tmp_path):
+    frame = tiny.arena_frame(12)
+    frame["fold"] = [i % 3 for i in range(12)]
+    path = tmp_path / "train.parquet"
+    frame.to_parquet(path)
+    train, valid = build_splits(DataConfig(train_path=str(path), valid_fold=1))
+    assert [p.id for p in valid] == ["1", "4", "7", "10"]
+    assert len(train) == 8 and all(int(p.meta["fold"]) != 1 for p in train)
+    with pytest.raises(DataError, match="valid_fold=5"):
+        build_splits(DataConfig(train_path=str(path), valid_fold=5))
+
+
+def test_fold_column_missing(tmp_path):
+    path = tmp_path / "train.csv"
+    tiny.arena_frame(6).to_csv(path, index=False)
+    with pytest.raises(DataError, match="fold"):
+        build_splits(DataConfig(train_path=str(path), valid_fold=0))
+
+
+def test_build_splits_without_a_validation_file(tmp_path):
+    frame = tiny.arena_frame(60, seed=5)
+    frame.loc[:9, "prompt"] = frame.loc[0, "prompt"]  # ten pairs share one prompt
+    path = tmp_path / "train.csv"
+    frame.to_csv(path, index=False)
+    train, valid = build_splits(DataConfig(train_path=str(path), valid_fraction=0.2, max_train_pairs=30))
+    assert len(train) == 30
+    assert not {p.prompts for p in train} & {p.prompts for p in valid}
+    ids = {p.id for p in valid}
+    assert len({str(i) for i in range(10)} & ids) in (0, 10)  # the shared prompt is on one side only
+
+
+def test_build_splits_with_a_validation_file(arena_files):
+    train, valid = build_splits(DataConfig(train_path=str(arena_files["train"]), valid_path=str(arena_files["valid"]),
+                                           max_valid_pairs=4))
+    assert len(train) == len(pd.read_csv(arena_files["train"])) and len(valid) == 4
+    assert valid[0].id == "1000"

@@ -1,0 +1,254 @@
+"""The preference model on tiny random Llama, Gemma-2 and Gemma-3: pooling, packed vs padded logits, real NF4
+quantization, the head, and a checkpoint round trip through lmsys.builders.build_model(..., adapter_dir=...)."""
+
+import json
+
+import bitsandbytes as bnb
+import numpy as np
+import pytest
+import tiny
+import torch
+from torch import nn
+
+from lmsys.builders import build_encoder, build_model
+from lmsys.config import Attention, Family, HeadInit, HeadType, PaddingSide
+from lmsys.data.batching import Example, collate, collate_packed, collate_padded
+from lmsys.data.dataset import encode_split
+from lmsys.data.io import pairs_from_frame
+from lmsys.modeling.backbone import read_model_type
+from lmsys.modeling.checkpoint import ADAPTER_FILES, HEAD_FILE, CheckpointError, ModelSpec, read_spec, save_checkpoint
+from lmsys.modeling.families import FamilyError, check_family, resolve_attention
+from lmsys.modeling.heads import PreferenceHead
+from lmsys.modeling.model import PreferenceModel, last_token_index
+
+CPU = torch.device("cpu")
+CASES = [
+    ("llama", "llama", "none", "eval"),
+    ("gemma2", "gemma", "none", "eval"),
+    ("gemma3", "gemma", "none", "eval"),
+    ("llama", "llama", "nf4", "train"),  # dropout 0: the same function in both modes
+    # bitsandbytes would run an eval-mode Linear4bit on a CPU with AVX512-BF16 through a bf16 kernel: load_backbone
+    # must keep the fp32 path (and the weight layout that training-mode forwards differentiate through)
+    ("llama", "llama", "nf4", "eval"),
+]
+
+
+# --- pooling -------------------------------------------------------------------------------------------------------
+
+
+def test_last_token_index_left_and_right_padding():
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    assert last_token_index(right).tolist() == [2, 4, 0]
+    assert last_token_index(left).tolist() == [4, 4, 4]
+
+
+class EchoBackbone(nn.Module):
+    """Hidden state = one-hot of the token id and of the position id: pooling shows which token it read."""
+
+    def __init__(self, vocab: int = 16, width: int = 32) -> None:
+        super().__init__()
+        self.vocab, self.width = vocab, width
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        one_hot = nn.functional.one_hot
+        hidden = torch.cat([one_hot(input_ids, self.vocab), one_hot(position_ids, self.width)], -1)
+
+        class Out:
+            last_hidden_state = hidden.float()
+
+        return Out()
+
+
+class ReadHead(nn.Module):
+    def forward(self, pooled):
+        return pooled
+
+
+def examples(lengths, last_ids):
+    out = []
+    for i, (length, last) in enumerate(zip(lengths, last_ids, strict=True)):
+        ids = np.full(length, 3, dtype=np.int32)
+        ids[-1] = last
+        out.append(Example(i, ids, False, (1.0, 0.0, 0.0)))
+    return out
+
+
+@pytest.mark.parametrize("side", [PaddingSide.left, PaddingSide.right])
+def test_padded_pooling_reads_the_last_real_token(side):
+    pad = eos = 2  # the pad token is the eos token, as build_tokenizer makes it when a model has no pad
+    exs = examples([3, 7, 1, 5], [eos, 9, 11, eos])
+    batch = collate_padded(exs, pad, side)
+    pooled = PreferenceModel(EchoBackbone(), ReadHead())(**batch.model_inputs(CPU))
+    assert pooled[:, :16].argmax(-1).tolist() == [eos, 9, 11, eos]
+    if side == PaddingSide.right:
+        assert pooled[:, 16:].argmax(-1).tolist() == [2, 6, 0, 4]
+    else:
+        assert batch.pool_cols.tolist() == [6, 6, 6, 6]
+
+
+@pytest.mark.parametrize("row_tokens", [1, 8, 9, 64])
+def test_packed_pooling_reads_the_end_of_each_segment(row_tokens):
+    exs = examples([3, 7, 1, 5], [4, 9, 11, 2])
+    batch = collate_packed(exs, row_tokens, 0)
+    assert batch.attention_mask is None and batch.n_real_tokens == 16
+    # first-fit decreasing: rows hold at most row_tokens tokens (a longer pair gets a row of its own)
+    assert batch.input_ids.shape == {1: (4, 7), 8: (2, 8), 9: (2, 8), 64: (1, 16)}[row_tokens]
+    pooled = PreferenceModel(EchoBackbone(), ReadHead())(**batch.model_inputs(CPU))
+    assert pooled[:, :16].argmax(-1).tolist() == [4, 9, 11, 2]
+    assert pooled[:, 16:].argmax(-1).tolist() == [2, 6, 0, 4]  # the last position of each pair
+    # every pair's tokens sit in one row with positions 0..n-1
+    for ex, row, col in zip(exs, batch.pool_rows.tolist(), batch.pool_cols.tolist(), strict=True):
+        n = len(ex.ids)
+        assert batch.input_ids[row, col - n + 1 : col + 1].tolist() == ex.ids.tolist()
+        assert batch.position_ids[row, col - n + 1 : col + 1].tolist() == list(range(n))
+
+
+# --- the real models -----------------------------------------------------------------------------------------------
+
+
+def perturb(model: PreferenceModel, seed: int) -> None:
+    """Nonzero LoRA-B (peft starts it at zero) and a head with O(1) logits, so that every part matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.05)
+            elif name.startswith("head.") and param.ndim == 2:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+
+
+@pytest.fixture(scope="module")
+def arena_pairs():
+    return pairs_from_frame(tiny.arena_frame(5, seed=11), "mem.csv", require_labels=True)
+
+
+def build(tiny_models, kind, family, quantization, **kwargs):
+    model, spec, tokenizer = tiny.build_preference_model(tiny_models[kind], family, quantization, **kwargs)
+    perturb(model, seed=1)
+    return model.eval(), spec, tokenizer
+
+
+def logits_of(model, batch):
+    with torch.no_grad():
+        return model(**batch.model_inputs(CPU))
+
+
+@pytest.mark.parametrize("kind,family,quantization,mode", CASES)
+def test_packed_and_padded_logits_are_equal(tiny_models, arena_pairs, kind, family, quantization, mode):
+    model, spec, tokenizer = build(tiny_models, kind, family, quantization)
+    model.train(mode == "train")
+    split = encode_split(arena_pairs, build_encoder(spec, tokenizer))
+    exs = split.forward + split.swapped
+    assert max(len(ex.ids) for ex in exs) > 64  # longer than the Gemma sliding window
+    pad = tokenizer.pad_token_id
+    reference = torch.cat([logits_of(model, collate_padded([ex], pad, PaddingSide.right)) for ex in exs])
+    assert reference.std(0).min() > 0.05  # the pairs get different logits: the comparison means something
+    for row_tokens in (spec.max_length, 300, 10_000):  # one pair a row; several pairs and a pad tail; one row
+        packed = collate(exs, True, pad, PaddingSide.left, row_tokens)
+        torch.testing.assert_close(logits_of(model, packed), reference, atol=1e-4, rtol=0)
+    for side in (PaddingSide.left, PaddingSide.right):
+        padded = logits_of(model, collate(exs, False, pad, side, spec.max_length))
+        torch.testing.assert_close(padded, reference, atol=1e-4, rtol=0)
+    # Control: positions that do not restart per pair let the pairs see each other, and the test notices.
+    leaky = collate_packed(exs, 10_000, pad)
+    leaky.position_ids = torch.arange(leaky.input_ids.shape[1])[None]
+    assert (logits_of(model, leaky) - reference).abs().max() > 1e-3
+
+
+def test_an_evaluation_pass_does_not_change_training_gradients(tiny_models, arena_pairs):
+    from lmsys.modeling.losses import soft_cross_entropy
+
+    def gradients(evaluate_first: bool) -> dict[str, torch.Tensor]:
+        model, spec, tokenizer = build(tiny_models, "llama", "llama", "nf4")
+        split = encode_split(arena_pairs[:3], build_encoder(spec, tokenizer))
+        batch = collate(split.forward, True, tokenizer.pad_token_id, PaddingSide.left, spec.max_length)
+        if evaluate_first:  # what train_loop does every eval_frequency updates
+            with torch.inference_mode():
+                model(**batch.model_inputs(CPU))
+        model.train()
+        soft_cross_entropy(model(**batch.model_inputs(CPU)), batch.targets).backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+    fresh, after_eval = gradients(False), gradients(True)
+    assert fresh.keys() == after_eval.keys()
+    for name in fresh:
+        torch.testing.assert_close(after_eval[name], fresh[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_nf4_quantization_is_real(tiny_models):
+    model, spec, _ = build(tiny_models, "llama", "llama", "nf4")
+    linears = {name: module for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+    assert len(linears) == 2 * 7  # q, k, v, o, gate, up, down in each of the two layers
+    for name, module in linears.items():
+        assert isinstance(module.weight, bnb.nn.Params4bit), name
+        assert module.weight.dtype == torch.uint8 and module.weight.quant_state.quant_type == "nf4", name
+        assert module.weight.numel() * 2 == module.in_features * module.out_features  # two 4-bit values a byte
+        assert not module.weight.requires_grad
+    head_layers = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
+    assert head_layers and all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in head_layers)
+    assert all(p.dtype == torch.float32 for p in model.head.parameters())
+    assert spec.attn_implementation == Attention.sdpa
+
+
+def test_head_layout_and_init():
+    mlp = PreferenceHead(64, HeadType.mlp, 0.1, HeadInit.normal, 0.02)
+    kinds = [type(m) for m in mlp.layers]
+    assert kinds == [nn.Dropout, nn.Linear, nn.Dropout, nn.GELU, nn.Linear]
+    assert (mlp.layers[1].in_features, mlp.layers[1].out_features, mlp.layers[4].out_features) == (64, 32, 3)
+    assert all((m.bias == 0).all() for m in mlp.layers if isinstance(m, nn.Linear))
+    assert 0.01 < mlp.layers[1].weight.std() < 0.03
+    zeros = PreferenceHead(64, HeadType.linear, 0.0, HeadInit.zeros, 0.02)
+    logits = zeros(torch.randn(5, 64, dtype=torch.bfloat16))
+    assert logits.dtype == torch.float32 and (logits == 0).all()  # uniform prediction: loss ln 3 at the start
+
+
+def test_family_table(tmp_path):
+    assert check_family(Family.gemma, "gemma3_text", "x").template.value == "gemma"
+    with pytest.raises(FamilyError, match="model_type 'gemma2' is not in family 'llama'"):
+        check_family(Family.llama, "gemma2", "model.path=x")
+    assert resolve_attention(Family.gemma, "gemma2", Attention.auto, packing=True) == "eager"
+    with pytest.raises(FamilyError):
+        resolve_attention(Family.gemma, "gemma2", Attention.sdpa, packing=True)
+    assert resolve_attention(Family.gemma, "gemma2", Attention.sdpa, packing=False) == "sdpa"
+    # a multimodal Gemma-3 config.json nests the text model's type
+    multimodal = {"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}}
+    (tmp_path / "config.json").write_text(json.dumps(multimodal))
+    assert read_model_type(tmp_path) == "gemma3_text"
+
+
+@pytest.mark.parametrize("kind,family,quantization", [("llama", "llama", "nf4"), ("gemma3", "gemma", "none")])
+def test_checkpoint_round_trip(tiny_models, arena_pairs, tmp_path, kind, family, quantization):
+    model, spec, tokenizer = build(tiny_models, kind, family, quantization, head=HeadType.mlp)
+    split = encode_split(arena_pairs, build_encoder(spec, tokenizer))
+    batch = collate(split.forward + split.swapped, True, tokenizer.pad_token_id, PaddingSide.left, 300)
+    before = logits_of(model, batch)
+    directory = tmp_path / "checkpoint"
+    save_checkpoint(directory, model, tokenizer, spec)
+
+    assert read_spec(directory) == spec
+    assert ModelSpec.from_json(spec.to_json(), "x") == spec
+    saved = json.loads((directory / "adapter_config.json").read_text())
+    assert saved["r"] == 16 and set(saved["target_modules"]) >= {"q_proj", "down_proj"}
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(directory / ADAPTER_FILES[1]))
+    assert adapter and all("lora_" in key for key in adapter)  # the frozen base is never saved
+
+    reloaded = build_model(read_spec(directory), None, None, CPU, adapter_dir=directory).eval()
+    assert not any(p.requires_grad for n, p in reloaded.named_parameters() if "lora_" in n)
+    after = logits_of(reloaded, batch)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    assert before.std(0).min() > 0.05
+
+
+def test_an_incomplete_checkpoint_is_refused(tiny_models, tmp_path):
+    model, spec, tokenizer = build(tiny_models, "gemma3", "gemma", "none")
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer, spec)
+    (tmp_path / "ckpt" / HEAD_FILE).unlink()
+    with pytest.raises(CheckpointError, match=HEAD_FILE):
+        read_spec(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        read_spec(tmp_path / "absent")

@@ -1,0 +1,117 @@
+"""Every experiment config composes against the schema; typos, wrong types and broken rules fail at compose time."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import OmegaConfBaseException
+
+from lmsys.config import ConfigError, Family, Quantization, TrainConfig
+from lmsys.entry import validated_config
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(path.stem for path in CONF_DIR.glob("conf_r_*.yaml"))
+
+
+def compose_config(name: str, overrides: tuple[str, ...] = (), conf_dir: Path = CONF_DIR, hydra: bool = False):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides), return_hydra_config=hydra)
+
+
+def test_the_experiments_are_there():
+    assert {"conf_r_llama_smol", "conf_r_gemma_270m", "conf_r_gemma_m110", "conf_r_gemma_m205",
+            "conf_r_llama_m205"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes(name):
+    cfg = compose_config(name)
+    config = validated_config(cfg)  # what run_training does first: every __post_init__ rule, ??? left unset
+    assert isinstance(config, TrainConfig)
+    # the file name says which entry point trains it: conf_r_<family>_...
+    assert config.model.family == Family(name.split("_")[2])
+    assert config.model.path and config.data.train_path
+    assert config.data.valid_path or config.data.valid_fold is not None or 0 < config.data.valid_fraction < 1
+
+
+def test_the_defaults_of_the_embedded_configs():
+    config = validated_config(compose_config("conf_r_llama_smol"))
+    assert config.model.quantization == Quantization.nf4
+    assert config.model.path == "models/SmolLM2-135M-Instruct" and config.model.template.value == "chatml"
+    gemma = validated_config(compose_config("conf_r_gemma_270m"))
+    assert gemma.model.family == Family.gemma and gemma.model.template.value == "auto"
+    m110 = validated_config(compose_config("conf_r_gemma_m110"))
+    assert m110.seed == 91 and m110.optimizer.lora_b_lr_multiplier == 10.0 and m110.data.valid_fold == 0
+
+
+def test_run_dir_is_deterministic():
+    cfg = compose_config("conf_r_llama_smol", ("seed=3",), hydra=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert cfg.hydra.run.dir == "outputs/conf_r_llama_smol/seed3"
+        assert cfg.hydra.sweep.dir == "outputs/conf_r_llama_smol" and cfg.hydra.sweep.subdir == "seed3"
+        assert cfg.hydra.job.chdir is False
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+@pytest.mark.parametrize("override", [
+    "trainer.max_stepz=3",  # a typo in a key
+    "model.qantization=none",
+    "+trainer.max_stepz=3",  # appending a key the schema does not have is a typo too
+    "lora.rank=8",
+    "learning_rate=1e-4",
+])
+def test_a_typo_override_fails(override):
+    with pytest.raises((ConfigCompositionException, OmegaConfBaseException)):
+        validated_config(compose_config("conf_r_llama_smol", (override,)))
+
+
+@pytest.mark.parametrize("override", [
+    "trainer.max_steps=abc",  # wrong type
+    "model.quantization=nf5",  # not an enum value
+    "model.family=gpt",
+    "trainer.packing=maybe",
+    "data.format=pabp",
+    "model=smollm2",  # a group option that does not exist
+])
+def test_a_wrong_value_fails(override):
+    with pytest.raises((ConfigCompositionException, OmegaConfBaseException)):
+        compose_config("conf_r_llama_smol", (override,))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.max_length=16", "max_length must be at least 32"),
+    ("trainer.max_steps=-1", "max_steps"),
+    ("data.prompt_share=1.0", "prompt_share"),
+    ("trainer.max_tokens=256", "max_tokens must be at least model.max_length"),
+    ("optimizer.min_lr_ratio=1.5", "min_lr_ratio"),
+])
+def test_a_broken_rule_fails_at_start_up(override, message):
+    cfg = compose_config("conf_r_llama_smol", (override,))
+    with pytest.raises(ConfigError, match=message):
+        validated_config(cfg)
+
+
+def test_a_typo_in_a_group_file_fails(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "trainer" / "cpu.yaml").write_text((conf / "trainer" / "cpu.yaml").read_text() + "eval_frequncy: 5\n")
+    with pytest.raises(ConfigCompositionException):
+        compose_config("conf_r_llama_smol", conf_dir=conf)
+
+
+def test_a_missing_value_fails_at_start_up(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    model_file = conf / "model" / "smollm2_135m.yaml"
+    lines = model_file.read_text().splitlines()
+    model_file.write_text("\n".join(line for line in lines if not line.startswith("path")))
+    cfg = compose_config("conf_r_llama_smol", conf_dir=conf)
+    with pytest.raises(OmegaConfBaseException, match="model.path"):
+        validated_config(cfg)

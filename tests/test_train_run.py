@@ -1,0 +1,318 @@
+"""Training end to end: in-process updates on an NF4 model (only LoRA and head change; every pair weighs the same
+whatever the micro-batch layout), and the real entry points in subprocesses for every family (a complete run dir,
+the base model untouched, max_steps=0, overwrite protection, the family check)."""
+
+import hashlib
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import bitsandbytes as bnb
+import numpy as np
+import pandas as pd
+import pytest
+import tiny
+import torch
+from accelerate import Accelerator
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from lmsys.builders import build_encoder, build_model, build_tokenizer
+from lmsys.config import (
+    DataConfig,
+    Family,
+    LoraSettings,
+    ModelConfig,
+    PaddingSide,
+    Quantization,
+    TrainConfig,
+    TrainerConfig,
+)
+from lmsys.data.batching import collate
+from lmsys.data.dataset import encode_split
+from lmsys.data.io import read_pairs
+from lmsys.modeling.checkpoint import read_spec
+from lmsys.train import loop_settings
+from lmsys.training.loop import iterate_updates, run_update
+from lmsys.training.optim import build_optimizer, parameter_groups
+from lmsys.training.plan import epoch_plan
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+TIMEOUT_S = 400
+# adapter + head + tokenizer + what is needed to rebuild the model without the training config
+CHECKPOINT_FILES = ("lmsys_checkpoint.json", "head.safetensors", "adapter_config.json", "adapter_model.safetensors",
+                    "tokenizer_config.json")
+
+
+# --- in process ----------------------------------------------------------------------------------------------------
+
+
+def train_config(model_dir: Path, family: str, quantization: str, train: Path, **trainer) -> TrainConfig:
+    return TrainConfig(
+        model=ModelConfig(path=str(model_dir), family=Family(family), quantization=Quantization(quantization),
+                          max_length=128),
+        data=DataConfig(train_path=str(train)),
+        lora=LoraSettings(dropout=0.0),
+        trainer=TrainerConfig(**{"max_steps": 2, "batch_size": 3, "grad_accum": 1, "max_tokens": 512, **trainer}),
+    )
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, the 4-bit weights as their raw packed bytes plus their quantization state."""
+    state = {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        state[name] = tensor.detach().clone()
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            for key, value in module.weight.quant_state.as_dict(packed=True).items():
+                state[f"{name}.weight.{key}"] = value.detach().clone()
+    return state
+
+
+def test_two_updates_change_only_lora_and_head(tiny_models, arena_files):
+    config = train_config(tiny_models["llama"], "llama", "nf4", arena_files["train"])
+    model, spec, tokenizer = tiny.build_preference_model(tiny_models["llama"], "llama", "nf4")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    split = encode_split(read_pairs(arena_files["train"], require_labels=True), build_encoder(spec, tokenizer))
+    settings = loop_settings(config, len(split), 1, tokenizer.pad_token_id)
+    assert settings.total_updates == 2
+    optimizer = build_optimizer(parameter_groups(model, 1e-3, 1e-3, 1.0, 0.01), config.optimizer.name, (0.9, 0.999),
+                                1e-8)
+    accelerator = Accelerator(cpu=True)
+    before = snapshot(model)
+    model.train()
+    losses = []
+    for update in iterate_updates(split, settings, 0, 1):
+        losses.append(run_update(accelerator, model, update, settings))
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    after = snapshot(model)
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert changed <= trainable, sorted(changed - trainable)[:5]
+    assert all(".lora_" in name or name.startswith("head.") for name in trainable)
+    lora_b = {name for name in trainable if ".lora_B." in name}
+    head = {name for name in trainable if name.startswith("head.")}
+    assert lora_b and lora_b <= changed and head <= changed
+    assert all(torch.count_nonzero(before[name]) == 0 for name in lora_b)  # peft starts LoRA-B at zero
+    # LoRA-A gets a gradient from the second update on (B is zero in the first)
+    assert {name for name in trainable if ".lora_A." in name} <= changed
+    base_4bit = [name for name in before if name.endswith(".base_layer.weight")]
+    assert base_4bit and before[base_4bit[0]].dtype == torch.uint8 and not changed & set(base_4bit)
+
+
+def test_every_pair_weighs_the_same_whatever_the_micro_batches(tiny_models, arena_files):
+    """Gradient of one update = gradient of the mean loss over its pairs, for packed and padded micro-batches."""
+    pairs = read_pairs(arena_files["train"], require_labels=True)[:6]
+    config = train_config(tiny_models["llama"], "llama", "none", arena_files["train"], batch_size=6)
+    grads = {}
+    for layout, batching in {
+        "one packed row": {"packed": True, "max_tokens": 4096, "row_tokens": 4096},
+        "one micro-batch, a pair a row": {"packed": True, "max_tokens": 4096},
+        "packed, one pair each": {"packed": True, "max_tokens": 128},
+        "padded, 4 + 2": {"packed": False, "batch_size": 4},
+        "padded, 1 each": {"packed": False, "batch_size": 1},
+    }.items():
+        model, spec, tokenizer = tiny.build_preference_model(tiny_models["llama"], "llama", "none")
+        split = encode_split(pairs, build_encoder(spec, tokenizer))
+        settings = loop_settings(config, len(split), 1, tokenizer.pad_token_id)
+        settings = replace(settings, batching=replace(settings.batching, **batching))
+        update = epoch_plan(split, 0, 0, settings.pairs_per_update, settings.swap, settings.batching, 0, 1)[0]
+        assert update.n_examples == 6
+        model.train()
+        loss = run_update(Accelerator(cpu=True), model, update, settings)
+        grads[layout] = (loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                         len(update.micro_batches))
+    assert grads["packed, one pair each"][2] == 6 and grads["padded, 4 + 2"][2] == 2
+    reference_loss, reference, _ = grads["one packed row"]
+    # the reference itself: the plain mean loss over the six pairs in one forward pass
+    model, spec, tokenizer = tiny.build_preference_model(tiny_models["llama"], "llama", "none")
+    split = encode_split(pairs, build_encoder(spec, tokenizer))
+    batch = collate(split.forward, False, tokenizer.pad_token_id, PaddingSide.right, 128)
+    model.train()
+    mean_loss = torch.nn.functional.cross_entropy(model(**batch.model_inputs(CPU)), batch.targets)
+    mean_loss.backward()
+    assert reference_loss == pytest.approx(mean_loss.item(), abs=1e-5)
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(reference[name], param.grad, atol=1e-6, rtol=1e-4)
+    for layout, (loss, gradients, _) in grads.items():
+        assert loss == pytest.approx(reference_loss, abs=1e-5), layout
+        for name, grad in gradients.items():
+            torch.testing.assert_close(grad, reference[name], atol=1e-6, rtol=1e-4, msg=f"{layout}: {name}")
+
+
+# --- the entry points ----------------------------------------------------------------------------------------------
+
+
+def entry(family: str) -> str:
+    return str(REPO / "lmsys" / "code" / f"train_r_{family}.py")
+
+
+def run_entry(family: str, config_name: str, model_dir: Path, files: dict, run_dir: Path, *extra: str,
+              timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, entry(family), "--config-name", config_name, f"model.path={model_dir}",
+        f"data.train_path={files['train']}", f"data.valid_path={files['valid']}", f"hydra.run.dir={run_dir}",
+        "trainer.max_steps=2", "model.max_length=128", "trainer.max_tokens=512", "trainer.batch_size=2",
+        "trainer.grad_accum=1", *extra,
+    ]
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def digest(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def check_run_dir(run_dir: Path, model_dir: Path, valid: Path, updates: int) -> dict:
+    for name in ("config.yaml", "train.log", "metrics.json", "oof.csv", "checkpoint"):
+        assert (run_dir / name).exists(), name
+    for name in CHECKPOINT_FILES:
+        assert (run_dir / "checkpoint" / name).is_file(), name
+    assert not list(run_dir.glob(".*.old")) and not list(run_dir.glob(".checkpoint.*"))  # no half-written leftovers
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["updates"] == updates and metrics["best"]["step"] == updates
+    assert [h["step"] for h in metrics["history"]] == [updates]
+    assert math.isfinite(metrics["best"]["log_loss"]) and metrics["n_valid_pairs"] == 6
+    config = OmegaConf.load(run_dir / "config.yaml")  # resolved
+    assert config.model.path == str(model_dir) and config.trainer.max_steps == updates
+    assert "eval at update" in (run_dir / "train.log").read_text()
+
+    oof = pd.read_csv(run_dir / "oof.csv", dtype={"id": str})
+    assert list(oof.columns) == ["id", "winner_model_a", "winner_model_b", "winner_tie", "label"]
+    valid_pairs = read_pairs(valid, require_labels=True)
+    assert oof["id"].tolist() == [p.id for p in valid_pairs]
+    assert oof["label"].tolist() == [p.label for p in valid_pairs]
+    probs = oof[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
+
+    spec = read_spec(run_dir / "checkpoint")
+    assert Path(spec.base_model_path) == model_dir.resolve() and spec.max_length == 128
+    adapter = load_file(str(run_dir / "checkpoint" / "adapter_model.safetensors"))
+    assert adapter and all(".lora_" in key for key in adapter)  # nothing of the frozen base is saved
+    return {"metrics": metrics, "oof": oof, "adapter": adapter,
+            "head": load_file(str(run_dir / "checkpoint" / "head.safetensors"))}
+
+
+def reload_and_predict(checkpoint: Path, valid: Path) -> np.ndarray:
+    """Probabilities for the validation pairs from a reloaded checkpoint, without the training config."""
+    spec = read_spec(checkpoint)
+    tokenizer = build_tokenizer(checkpoint, False)
+    split = encode_split(read_pairs(valid, require_labels=True), build_encoder(spec, tokenizer))
+    model = build_model(spec, None, None, CPU, adapter_dir=checkpoint).eval()
+    batch = collate(split.forward, False, tokenizer.pad_token_id, spec.padding_side, spec.max_length)
+    with torch.no_grad():
+        return torch.softmax(model(**batch.model_inputs(CPU)), -1).numpy()
+
+
+@pytest.fixture(scope="module")
+def llama_run(tiny_models, arena_files, tmp_path_factory):
+    model_dir = tiny_models["llama"]
+    base = digest(model_dir)
+    run_dir = tmp_path_factory.mktemp("runs") / "llama"
+    result = run_entry("llama", "conf_r_llama_smol", model_dir, arena_files, run_dir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert digest(model_dir) == base  # the base model directory is untouched
+    return run_dir
+
+
+def test_llama_run_dir_is_complete(llama_run, tiny_models, arena_files):
+    run = check_run_dir(llama_run, tiny_models["llama"], arena_files["valid"], updates=2)
+    assert any(torch.count_nonzero(t) for key, t in run["adapter"].items() if ".lora_B." in key)
+    spec = read_spec(llama_run / "checkpoint")
+    assert spec.template.value == "chatml" and spec.quantization.value == "nf4"
+    # the checkpoint alone reproduces the run's validation predictions
+    probs = reload_and_predict(llama_run / "checkpoint", arena_files["valid"])
+    np.testing.assert_allclose(probs, run["oof"][["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy(),
+                               atol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def rerun(llama_run, tiny_models, arena_files, tmp_path_factory):
+    """A copy of the finished llama run; a second run into it without overwrite=true, then one with it and
+    trainer.max_steps=0 (the same seed: the same initial weights)."""
+    run_dir = tmp_path_factory.mktemp("rerun") / "again"
+    shutil.copytree(llama_run, run_dir)
+    finished = tree_digest(run_dir)
+    refused = run_entry("llama", "conf_r_llama_smol", tiny_models["llama"], arena_files, run_dir, timeout=120)
+    untouched = tree_digest(run_dir) == finished
+    result = run_entry("llama", "conf_r_llama_smol", tiny_models["llama"], arena_files, run_dir, "overwrite=true",
+                       "trainer.max_steps=0")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return {"dir": run_dir, "refused": refused, "untouched": untouched}
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_refuses_to_overwrite_a_finished_run(rerun):
+    refused = rerun["refused"]
+    assert refused.returncode != 0
+    assert "overwrite=true" in refused.stderr and str(rerun["dir"]) in refused.stderr
+    assert "Loading weights" not in refused.stderr  # refused before any model is loaded
+    assert rerun["untouched"]
+
+
+def test_max_steps_0_only_evaluates_the_initial_model(rerun, llama_run, tiny_models, arena_files):
+    initial = check_run_dir(rerun["dir"], tiny_models["llama"], arena_files["valid"], updates=0)
+    log = (rerun["dir"] / "train.log").read_text()
+    assert "eval at update 0" in log.split("run dir ")[-1]
+    assert "update 1 loss" not in log.split("run dir ")[-1]
+    trained = check_run_dir(llama_run, tiny_models["llama"], arena_files["valid"], updates=2)
+    assert initial["adapter"].keys() == trained["adapter"].keys()
+    for key, value in initial["adapter"].items():
+        if ".lora_B." in key:
+            assert torch.count_nonzero(value) == 0, key  # untrained
+            assert torch.count_nonzero(trained["adapter"][key]) > 0, key
+        else:
+            assert not torch.equal(value, trained["adapter"][key]), key  # LoRA-A moved in the second update
+    assert initial["head"].keys() == trained["head"].keys()
+    assert all(not torch.equal(initial["head"][k], trained["head"][k]) for k in initial["head"])
+
+
+def test_overwrite_starts_a_fresh_train_log(rerun):
+    assert "update 1 loss" not in (rerun["dir"] / "train.log").read_text()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_gemma_runs(kind, tiny_models, arena_files, tmp_path):
+    model_dir = tiny_models[kind]
+    base = digest(model_dir)
+    run_dir = tmp_path / kind
+    result = run_entry("gemma", "conf_r_gemma_270m", model_dir, arena_files, run_dir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert digest(model_dir) == base
+    run = check_run_dir(run_dir, model_dir, arena_files["valid"], updates=2)
+    assert any(torch.count_nonzero(t) for key, t in run["adapter"].items() if ".lora_B." in key)
+    spec = read_spec(run_dir / "checkpoint")
+    assert spec.family.value == "gemma" and spec.template.value == "gemma" and spec.model_type == kind.replace(
+        "gemma3", "gemma3_text")
+    assert spec.attn_implementation.value == ("eager" if kind == "gemma2" else "sdpa")
+
+
+def test_a_gemma_config_on_the_llama_entry_point_fails_fast(tiny_models, arena_files, tmp_path):
+    start = time.monotonic()
+    result = run_entry("llama", "conf_r_gemma_270m", tiny_models["gemma3"], arena_files, tmp_path / "run", timeout=60)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2
+    assert elapsed < 10, elapsed
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # nothing written
+
+
+def test_the_family_check_says_why(tiny_models, arena_files, tmp_path):
+    result = run_entry("gemma", "conf_r_llama_smol", tiny_models["llama"], arena_files, tmp_path / "run", timeout=60)
+    assert result.returncode == 2
+    assert "train_r_llama.py" in result.stderr and "gemma" in result.stderr

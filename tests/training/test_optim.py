@@ -1,0 +1,112 @@
+"""Optimizer parameter groups (head lr, LoRA-B multiplier, no decay on 1-D tensors) and the warmup + cosine schedule."""
+
+import itertools
+import math
+
+import pytest
+import tiny
+import torch
+
+from lmsys.config import HeadType, OptimizerName
+from lmsys.training.optim import build_optimizer, build_scheduler, parameter_groups, warmup_cosine
+
+LR, HEAD_LR, MULTIPLIER, DECAY = 2e-4, 1e-3, 8.0, 0.01
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    return tiny.build_preference_model(tiny_models["llama"], "llama", head=HeadType.mlp)[0]
+
+
+@pytest.fixture(scope="module")
+def groups(model):
+    return parameter_groups(model, LR, HEAD_LR, MULTIPLIER, DECAY)
+
+
+def test_every_trainable_parameter_is_in_exactly_one_group(model, groups):
+    grouped = [id(p) for group in groups for p in group["params"]]
+    assert len(grouped) == len(set(grouped))
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert set(grouped) == trainable
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    assert any("embed_tokens" in name for name in frozen) and any("q_proj.base_layer" in name for name in frozen)
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in name or name.startswith("head.") for name in names)
+
+
+def test_group_learning_rates_and_decay(model, groups):
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    seen = set()
+    for group in groups:
+        names = [by_id[id(p)] for p in group["params"]]
+        seen.add(group["name"])
+        for name, param in zip(names, group["params"], strict=True):
+            if name.startswith("head."):
+                assert group["lr"] == HEAD_LR, name
+            elif ".lora_B." in name:
+                assert group["lr"] == pytest.approx(LR * MULTIPLIER), name
+            else:
+                assert ".lora_A." in name and group["lr"] == LR, name
+            assert group["weight_decay"] == (DECAY if param.ndim >= 2 else 0.0), name
+    # the mlp head has biases: 1-D, never decayed
+    assert {"head", "head_no_decay", "lora_b", "backbone"} <= seen
+
+
+def test_optimizer_keeps_the_groups(groups):
+    for name in (OptimizerName.adamw, OptimizerName.adamw_8bit):
+        optimizer = build_optimizer(groups, name, (0.9, 0.95), 1e-6)
+        assert [g["lr"] for g in optimizer.param_groups] == [g["lr"] for g in groups]
+        assert [g["weight_decay"] for g in optimizer.param_groups] == [g["weight_decay"] for g in groups]
+        assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+def lrs(total: int, warmup_ratio: float, floor: float, peak: float = 1.0) -> list[float]:
+    """The lr each update uses: the scheduler's value before update k is stepped."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    scheduler = build_scheduler(optimizer, total, warmup_ratio, floor)
+    values = []
+    for _ in range(total + 1):
+        values.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return values
+
+
+def test_schedule_values():
+    # 10 updates, warmup ceil(0.2 * 10) = 2: 1/2, 2/2, then 0.1 + 0.9 * (1 + cos(pi * (s - 2) / 8)) / 2.
+    expected = [0.5, 1.0, 1.0, 0.965746, 0.868198, 0.722207, 0.55, 0.377793, 0.231802, 0.134254, 0.1]
+    assert lrs(10, 0.2, 0.1) == pytest.approx(expected, abs=1e-6)
+
+
+def test_schedule_without_warmup_and_to_zero():
+    assert lrs(4, 0.0, 0.0) == pytest.approx([1.0, 0.853553, 0.5, 0.146447, 0.0], abs=1e-6)
+
+
+def test_schedule_properties():
+    for total, warmup_ratio, floor in [(2, 0.05, 0.1), (3, 0.5, 0.0), (37, 0.1, 0.2), (1000, 0.02, 0.1)]:
+        values = lrs(total, warmup_ratio, floor, peak=3e-4)
+        warmup = math.ceil(warmup_ratio * total)
+        assert max(values) == pytest.approx(3e-4)
+        assert all(v >= floor * 3e-4 - 1e-12 for v in values[warmup:])  # the warmup may start below the floor
+        assert values[-1] == pytest.approx(floor * 3e-4)  # the floor is reached at total_steps
+        assert values[:warmup] == sorted(values[:warmup])
+        after = values[warmup:]
+        assert all(a >= b - 1e-15 for a, b in itertools.pairwise(after))  # monotone decay after the warmup
+
+
+def test_schedule_scales_every_group():
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 10.0}])
+    scheduler = build_scheduler(optimizer, 10, 0.2, 0.1)
+    for _ in range(6):
+        optimizer.step()
+        scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.55, 5.5])
+
+
+def test_warmup_cosine_function():
+    assert warmup_cosine(0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10, 0.1) == pytest.approx(0.55)
+    assert warmup_cosine(100, 100, 10, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(150, 100, 10, 0.1) == pytest.approx(0.1)  # past the end: stays on the floor
