@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from bitsandbytes.nn.modules import has_avx512bf16
 from entry_runs import finish, read_metrics, read_metrics_log, read_oof, start_entry, tiny_overrides
 from tiny import arena_frame
 
@@ -25,13 +24,6 @@ from lmsys.runs import RunDir
 from lmsys.training.state import LOOP_FILE, STATE_DIR, find_state
 
 UPDATES = 6  # 48 pairs, 8 per update: one epoch
-# bitsandbytes repacks a Linear4bit weight for its CPU kernel at the first eval-mode forward on CPUs with AVX512-BF16,
-# and the repacking (and its inverse at state_dict()) changes the dequantized weights.
-CPU_REPACKS_4BIT = has_avx512bf16()
-REPACK_BUG = ("core bug (lmsys/modeling/backbone.py load_backbone): bitsandbytes repacks 4-bit weights for CPU "
-              "inference at the first evaluation and the base weights change, so training after an evaluation differs "
-              "from training resumed without one; fix: set support_avx512bf16_for_cpu = False on every "
-              "bnb.nn.Linear4bit after loading")
 OLD_STATE = f".{STATE_DIR}.old"
 
 
@@ -144,13 +136,11 @@ def test_resume_after_sigterm_finishes_the_run(resumed):
     assert logged_train_steps(resumed.stopped) == list(range(1, UPDATES + 1))  # stopped at a boundary: none repeated
 
 
-@pytest.mark.xfail(CPU_REPACKS_4BIT, strict=True, reason=REPACK_BUG)
 def test_resume_after_sigterm_matches_uninterrupted_run(resumed):
     """The stop comes after the evaluation at update 3 (the signal is sent once update 2 is saved)."""
     assert_same_results(resumed.stopped, resumed.baseline)
 
 
-@pytest.mark.xfail(CPU_REPACKS_4BIT, strict=True, reason=REPACK_BUG)
 def test_evaluation_leaves_the_4bit_base_weights_unchanged(tiny_models):
     """Training after an evaluation must compute what it computes without one (else no resume is exact)."""
     backbone = load_backbone(tiny_models["llama"], Quantization.nf4, True, torch.float32, "sdpa", torch.device("cpu"),
@@ -203,8 +193,6 @@ def test_crash_between_renames_keeps_the_previous_state(tmp_path, monkeypatch):
     assert loop_step(find_state(tmp_path)) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="lmsys/runs.py RunDir.write renames the target onto a leftover .state.old "
-                   "dir, which fails (ENOTEMPTY) after a kill between the second rename and the rmtree")
 def test_save_after_a_kill_before_the_old_state_was_removed(tmp_path):
     run = RunDir(tmp_path, is_main=True)
     save_state(run, 1)

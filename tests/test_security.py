@@ -84,12 +84,12 @@ def test_backbone_is_loaded_from_safetensors_only(monkeypatch):
 
     def from_pretrained(path, **kwargs):
         captured.update(kwargs, path=path)
-        return "model"
+        return torch.nn.Linear(2, 2)
 
     monkeypatch.setattr(backbone.AutoModel, "from_pretrained", from_pretrained)
     loaded = backbone.load_backbone("some/dir", Quantization.none, False, torch.float32, "sdpa", torch.device("cpu"),
                                     ModelConfig().trust_remote_code)
-    assert loaded == "model"
+    assert isinstance(loaded, torch.nn.Linear)
     assert captured["use_safetensors"] is True
     assert captured["trust_remote_code"] is False
 

@@ -54,7 +54,8 @@ def pairs_from_frame(frame: pd.DataFrame, name: str, require_labels: bool) -> li
     _check_columns(frame, name, require_labels)
     ids = frame["id"].astype(str).tolist()
     _check_unique_ids(ids, name)
-    is_wsdm = "winner" in frame.columns
+    # WSDM Cup files (train with `winner`, test without) hold one plain-text turn per cell, not JSON lists.
+    is_wsdm = "winner" in frame.columns or "language" in frame.columns
     has_labels = _has_label_columns(frame)
     pairs = []
     for row_id, row in zip(ids, frame.to_dict("records"), strict=True):
@@ -99,7 +100,7 @@ def _is_missing(value: object) -> bool:
 def _parse_turns(cell: object, name: str, row_id: str, column: str, plain_text: bool) -> tuple[str, ...]:
     """A cell is a JSON list of turns (Kaggle), a list/array (parquet) or, in the WSDM schema, one plain string."""
     where = f"{name}: row id={row_id} column '{column}'"
-    if plain_text and isinstance(cell, str):
+    if plain_text and isinstance(cell, str) and not _is_json_turn_list(cell):
         return (cell,)
     if isinstance(cell, (list, tuple, np.ndarray)):
         turns = list(cell)
@@ -118,6 +119,16 @@ def _parse_turns(cell: object, name: str, row_id: str, column: str, plain_text: 
         if not (turn is None or isinstance(turn, str)):
             raise DataError(f"{where}: turns must be strings or null, got {turn!r}")
     return tuple("" if turn is None else turn for turn in turns)
+
+
+def _is_json_turn_list(cell: str) -> bool:
+    if not cell.startswith("["):
+        return False
+    try:
+        turns = json.loads(cell)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(turns, list) and all(t is None or isinstance(t, str) for t in turns)
 
 
 def _parse_target(row: dict, name: str, row_id: str) -> tuple[float, float, float]:

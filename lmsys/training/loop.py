@@ -96,11 +96,11 @@ def train_loop(
     for update in updates:
         loss = run_update(accelerator, model, update, settings)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]  # the lr this update used
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        lr = scheduler.get_last_lr()[0]
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         _log_step(log_metrics, state.step, loss, lr, float(grad_norm), settings.log_frequency)
