@@ -48,8 +48,8 @@ fi
 
 if [[ "$KAGGLE" == 1 ]]; then
     step "Kaggle LMSYS competition data -> data/kaggle/"
-    if [[ -f data/kaggle/train.csv ]]; then
-        echo "data/kaggle/train.csv exists, skipping"
+    if [[ -f data/prepared/lmsys/train.parquet ]]; then
+        echo "data/prepared/lmsys/train.parquet exists, skipping"
     elif [[ -f "${HOME}/.kaggle/kaggle.json" || ( -n "${KAGGLE_USERNAME:-}" && -n "${KAGGLE_KEY:-}" ) ]]; then
         "$PYTHON" -m pip install kaggle
         mkdir -p data/kaggle
@@ -58,6 +58,9 @@ if [[ "$KAGGLE" == 1 ]]; then
             && "$PYTHON" -c "import zipfile, sys; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" \
                 data/kaggle/lmsys-chatbot-arena.zip data/kaggle; then
             ls -l data/kaggle
+            step "Prepare the Kaggle data -> data/prepared/lmsys/ (train.parquet with folds, unlabeled.parquet)"
+            "$PYTHON" -m lmsys.data.prepare "inputs=[data/kaggle/train.csv,data/kaggle/test.csv]" \
+                "sources=[lmsys_train,lmsys_test]" output_dir=data/prepared/lmsys
         else
             echo "setup.sh: the Kaggle download failed (were the competition rules accepted at" >&2
             echo "  https://www.kaggle.com/competitions/lmsys-chatbot-arena/rules ?)" >&2
