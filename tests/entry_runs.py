@@ -20,7 +20,7 @@ TIMEOUT_S = 400
 def tiny_overrides(model: Path, train: Path, valid: Path, **extra: object) -> list[str]:
     """Hydra overrides for a run of a tiny model on tiny data; `extra` adds or replaces (dots as `__`)."""
     values = {"model.path": model, "data.train_path": train, "data.valid_path": valid, "model.max_length": 128,
-              "trainer.max_tokens": 512, **{k.replace("__", "."): v for k, v in extra.items()}}
+              "trainer.max_tokens": 512, "trainer.batch_size": 4, **{k.replace("__", "."): v for k, v in extra.items()}}
     return [f"{key}={value}" for key, value in values.items()]
 
 

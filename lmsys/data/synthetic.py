@@ -46,7 +46,7 @@ LABEL_PROBS = (0.35, 0.35, 0.30)
 P_TIE_BOTH_CORRECT = 0.55
 P_MULTI_TURN = 0.10
 P_NULL_TURN = 0.03
-P_IDK = 0.15  # share of wrong answers that are evasive instead of a wrong value
+P_IDK = 0.5  # share of wrong answers that are evasive instead of a wrong value: a signal a 135M model picks up within minutes
 
 MODEL_NAMES = (
     "gpt-4-0613",
