@@ -1,5 +1,7 @@
 """Throughput benchmark: training updates and TTA prediction, padded vs packed, each mode in its own process
-(so that peak RSS is its own), after a warm-up.
+(so that peak RSS is its own), after a warm-up. The modes (`bench.modes`): `padded`, a typical padded loop (random
+order, a fixed number of pairs per micro-batch; prediction unsorted); `padded_grouped`, the framework with packing
+off (length-grouped order, sorted prediction); `packed`, the framework's default.
 
     python -m lmsys.bench --config-name conf_r_llama_smol data.train_path=FILE bench.n_pairs=64
 
@@ -50,20 +52,21 @@ def measure(config: TrainConfig, mode: str) -> dict:
     opt = config.optimizer
     optimizer = build_optimizer(parameter_groups(model, opt.lr, opt.head_lr, opt.lora_b_lr_multiplier, opt.weight_decay),
                                 opt.name, tuple(opt.betas), opt.eps)
-    train = _time_training(config, split, model, optimizer, accelerator, tokenizer.pad_token_id, packed)
-    predict = _time_prediction(config, split, model, accelerator, tokenizer.pad_token_id, packed)
-    return {**train, **predict, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "padding_share_padded_batches": _padding_share(split, config.trainer.batch_size)}
+    train = _time_training(config, split, model, optimizer, accelerator, tokenizer.pad_token_id, mode)
+    predict = _time_prediction(config, split, model, accelerator, tokenizer.pad_token_id, mode)
+    return {**train, **predict, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _time_training(config, split, model, optimizer, accelerator, pad_id, packed) -> dict:
+def _time_training(config, split, model, optimizer, accelerator, pad_id, mode: str) -> dict:
     from lmsys.builders import row_tokens
+    from lmsys.data.batching import collate
     from lmsys.training.loop import LoopSettings, run_update
     from lmsys.training.plan import Batching, epoch_plan
 
     trainer = config.trainer
     pairs_per_update = trainer.batch_size * trainer.grad_accum
-    batching = Batching(packed, trainer.max_tokens, row_tokens(config), trainer.batch_size)
+    batching = Batching(mode == "packed", trainer.max_tokens, row_tokens(config), trainer.batch_size,
+                        group_by_length=mode != "padded")
     settings = LoopSettings(0, pairs_per_update, SwapMode.none, batching, pad_id, config.data.padding_side,
                             trainer.max_grad_norm, 0, None, 1, 0, 0.0, 1.0, config.seed)
     warmup = epoch_plan(split, 1, config.seed, pairs_per_update, SwapMode.none, batching, 0, 1)
@@ -78,44 +81,41 @@ def _time_training(config, split, model, optimizer, accelerator, pad_id, packed)
     model.train()
     for update in warmup[: config.bench.warmup_updates]:
         step(update)
-    if config.bench.profile and packed:
+    if config.bench.profile and mode == "packed":
         _profile(step, timed[0])
     start = time.perf_counter()
     for update in timed:
         step(update)
     seconds = time.perf_counter() - start
-    real_tokens = sum(len(ex.ids) for update in timed for batch in update.micro_batches for ex in batch)
+    batches = [collate(mb, batching.packed, pad_id, config.data.padding_side, batching.row_tokens)
+               for update in timed for mb in update.micro_batches]
+    real_tokens = sum(b.n_real_tokens for b in batches)
     return {"train_seconds": seconds, "train_updates": len(timed), "train_real_tokens": real_tokens,
-            "train_real_tokens_per_s": real_tokens / seconds}
+            "train_real_tokens_per_s": real_tokens / seconds,
+            "train_padding_share": 1.0 - real_tokens / sum(b.input_ids.numel() for b in batches)}
 
 
-def _time_prediction(config, split, model, accelerator, pad_id, packed) -> dict:
-    """Packed: the framework's sorted token-budget path. Padded: an unsorted fixed-size batch loop."""
+def _time_prediction(config, split, model, accelerator, pad_id, mode: str) -> dict:
+    """packed / padded_grouped: the framework's sorted token-budget path with and without packing.
+    padded: an unsorted loop of `bench.predict_batch_size` sequences per batch (each pair next to its swap)."""
     from lmsys.builders import row_tokens
     from lmsys.data.batching import collate, fill_by_count
     from lmsys.evaluation.predict_loop import InferenceBatching, predict_split
 
     start = time.perf_counter()
-    if packed:
-        batching = InferenceBatching(True, config.trainer.eval_max_tokens, row_tokens(config),
-                                     config.bench.predict_batch_size, pad_id, config.data.padding_side)
-        predict_split(model, split, True, batching, accelerator, show_progress=False)
-    else:
+    if mode == "padded":
         examples = [ex for pair in range(len(split)) for ex in (split.forward[pair], split.swapped[pair])]
         model.eval()
         with torch.inference_mode():
             for group in fill_by_count(len(examples), config.bench.predict_batch_size):
                 batch = collate([examples[i] for i in group], False, pad_id, config.data.padding_side, 0)
                 model(**batch.model_inputs(accelerator.device))
+    else:
+        batching = InferenceBatching(mode == "packed", config.trainer.eval_max_tokens, row_tokens(config),
+                                     config.bench.predict_batch_size, pad_id, config.data.padding_side)
+        predict_split(model, split, True, batching, accelerator, show_progress=False)
     seconds = time.perf_counter() - start
     return {"predict_seconds": seconds, "predict_pairs_per_s": len(split) / seconds}
-
-
-def _padding_share(split, batch_size: int) -> float:
-    lengths = [len(ex.ids) for ex in split.forward]
-    groups = [lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size)]
-    padded = sum(max(g) * len(g) for g in groups)
-    return 1.0 - sum(lengths) / padded
 
 
 def _profile(step, update) -> None:
@@ -137,18 +137,20 @@ def run_child(config_name: str, overrides: list[str], mode: str) -> dict:
 
 
 def report(results: dict[str, dict], config: TrainConfig) -> dict:
-    rows = [("train real tokens/s", "train_real_tokens_per_s"), ("train seconds", "train_seconds"),
-            ("predict pairs/s (TTA)", "predict_pairs_per_s"), ("predict seconds", "predict_seconds"),
-            ("peak RSS MB", "peak_rss_mb")]
+    rows = [("train real tokens/s", "train_real_tokens_per_s", 1), ("train seconds", "train_seconds", 1),
+            ("train padding share", "train_padding_share", 100), ("predict pairs/s (TTA)", "predict_pairs_per_s", 1),
+            ("predict seconds", "predict_seconds", 1), ("peak RSS MB", "peak_rss_mb", 1)]
     modes = list(results)
+    compare = "packed" in results and "padded" in results
     print(f"\n{config.bench.n_pairs} pairs of {config.data.train_path}, max_length {config.model.max_length}, "
-          f"{config.trainer.batch_size * config.trainer.grad_accum} pairs/update, "
-          f"padding share of padded batches {next(iter(results.values()))['padding_share_padded_batches']:.0%}")
-    print(f"| {'metric':<24} | " + " | ".join(f"{m:>10}" for m in modes) + " | packed/padded |")
-    print(f"|{'-' * 26}|" + "|".join("-" * 12 for _ in modes) + "|---------------|")
-    for label, key in rows:
-        ratio = results["packed"][key] / results["padded"][key] if len(modes) == 2 else float("nan")
-        print(f"| {label:<24} | " + " | ".join(f"{results[m][key]:>10.1f}" for m in modes) + f" | {ratio:>13.2f} |")
+          f"{config.trainer.batch_size * config.trainer.grad_accum} pairs/update (padded: {config.trainer.batch_size} "
+          f"per micro-batch; packed: {config.trainer.max_tokens} tokens per micro-batch), "
+          f"{config.model.compute_dtype.value} compute, {torch.get_num_threads()} threads")
+    print(f"| {'metric':<24} | " + " | ".join(f"{m:>14}" for m in modes) + " | packed/padded |")
+    print(f"|{'-' * 26}|" + "|".join("-" * 16 for _ in modes) + "|---------------|")
+    for label, key, scale in rows:
+        ratio = results["packed"][key] / results["padded"][key] if compare and results["padded"][key] else float("nan")
+        print(f"| {label:<24} | " + " | ".join(f"{results[m][key] * scale:>14.1f}" for m in modes) + f" | {ratio:>13.2f} |")
     return {f"{key}_{mode}": round(results[mode][key], 3) for mode in modes
             for key in ("train_real_tokens_per_s", "predict_pairs_per_s", "peak_rss_mb")}
 

@@ -116,7 +116,8 @@ def build_accelerator(config: TrainConfig, run_dir: str | Path) -> Accelerator:
 
 
 def build_train_batching(config: TrainConfig) -> Batching:
-    return Batching(config.trainer.packing, config.trainer.max_tokens, row_tokens(config), config.trainer.batch_size)
+    trainer = config.trainer
+    return Batching(trainer.packing, trainer.max_tokens, row_tokens(config), trainer.batch_size, trainer.group_by_length)
 
 
 def row_tokens(config: TrainConfig) -> int:

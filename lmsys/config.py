@@ -193,6 +193,7 @@ class TrainerConfig:
     max_tokens: int = 4096  # token budget of a packed micro-batch
     row_tokens: int | None = None  # packed row width; None: model.max_length (raise it with flash attention)
     eval_max_tokens: int = 8192
+    group_by_length: bool = True  # shuffle in length-sorted buckets (less padding, fuller token budgets)
     swap_augmentation: SwapMode = SwapMode.none
     max_grad_norm: float = 1.0
     eval_frequency: int = 0  # updates between evaluations; 0 evaluates only at the end
@@ -225,6 +226,9 @@ class WandbConfig:
         _require(self.mode in ("online", "offline", "disabled"), "wandb.mode must be online, offline or disabled")
 
 
+BENCH_MODES = ("padded", "padded_grouped", "packed")
+
+
 @dataclass
 class BenchSettings:
     """Only read by `python -m lmsys.bench`."""
@@ -232,13 +236,15 @@ class BenchSettings:
     n_pairs: int = 64
     warmup_updates: int = 1
     predict_batch_size: int = 8  # the padded, unsorted prediction loop it is compared with
-    modes: list[str] = field(default_factory=lambda: ["padded", "packed"])
+    # padded: a typical padded loop (random order, batch_size pairs per micro-batch); padded_grouped: the same with
+    # length-grouped order; packed: the framework's default (packing, token budgets, length-grouped order)
+    modes: list[str] = field(default_factory=lambda: ["padded", "padded_grouped", "packed"])
     mode: str | None = None  # set by the bench for its child processes
     profile: bool = False  # print the top operators of one packed training update
 
     def __post_init__(self) -> None:
         _require(self.n_pairs >= 1 and self.warmup_updates >= 0, "bench.n_pairs >= 1 and bench.warmup_updates >= 0")
-        _require(all(m in ("padded", "packed") for m in self.modes), "bench.modes: padded and/or packed")
+        _require(all(m in BENCH_MODES for m in self.modes), f"bench.modes: some of {', '.join(BENCH_MODES)}")
 
 
 @dataclass

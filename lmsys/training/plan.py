@@ -1,7 +1,7 @@
 """Which examples each process runs in each micro-batch of each optimizer update.
 
 Every process computes the same global plan from the seed, so all ranks agree without communication: pairs are
-shuffled in length-grouped buckets, swapped as the augmentation mode says, split into updates, and each update's
+shuffled (in length-grouped buckets by default), swapped as the augmentation mode says, split into updates, and each update's
 examples are dealt to the ranks (every rank gets at least one) and cut into micro-batches by token budget
 (packed) or by count (padded).
 """
@@ -26,6 +26,7 @@ class Batching:
     max_tokens: int  # packed: tokens per micro-batch
     row_tokens: int  # packed: tokens per row of a micro-batch
     batch_size: int  # padded: pairs per micro-batch
+    group_by_length: bool = True  # False: a plain random order
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def epoch_plan(
 ) -> list[Update]:
     rng = np.random.default_rng([seed, epoch])
     lengths = np.array([len(ex.ids) for ex in split.forward])
-    order = _length_grouped_order(lengths, pairs_per_update, rng)
+    order = _length_grouped_order(lengths, pairs_per_update, rng) if batching.group_by_length else rng.permutation(len(split))
     flips = rng.random(len(split)) < 0.5  # drawn every epoch so that the stream of randomness is mode-independent
     updates = []
     for start in range(0, len(order), pairs_per_update):
