@@ -50,22 +50,57 @@ def collate(examples: list[Example], packed: bool, pad_id: int, padding_side: Pa
 
 
 def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
-    """First-fit decreasing: example indices per row, each row holding at most `row_tokens` tokens.
+    """Example indices per row, each row at most `row_tokens` tokens (or one longer example), packed first-fit
+    decreasing into the row capacity that computes the fewest tokens (rows x widest row): a batch whose examples
+    are all longer than half a row gets rows as narrow as its longest example instead of half-empty wide ones.
 
-    Rows as short as a single sequence keep attention cost where the padded path has it (sdpa and eager compute
-    the whole row's square), while the padding of a row is only its tail.
+    Rows no wider than `row_tokens` keep attention cost (sdpa and eager compute each row's full square) near the
+    padded path's, while the padding of a row is only its tail.
     """
+    if not lengths:
+        return []
+    longest = max(lengths)
+    capacity = max(row_tokens, longest)
+    best_cost, best_rows = None, []
+    for width in sorted({longest + (capacity - longest) * k // 4 for k in range(5)}):  # narrowest first: ties keep it
+        rows = _first_fit_decreasing(lengths, width)
+        cost = len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+        if best_cost is None or cost < best_cost:
+            best_cost, best_rows = cost, rows
+    return best_rows
+
+
+def _first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     rows: list[list[int]] = []
     free: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         slot = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
         if slot is None:
             rows.append([i])
-            free.append(max(row_tokens, lengths[i]) - lengths[i])
+            free.append(capacity - lengths[i])
         else:
             rows[slot].append(i)
             free[slot] -= lengths[i]
     return rows
+
+
+def fill_packed(lengths: list[int], max_tokens: int, row_tokens: int) -> list[list[int]]:
+    """Micro-batches of whole packed rows: all examples packed into rows first (so long and short examples share
+    rows across the whole set), then consecutive rows grouped while rows x widest row stays within `max_tokens`."""
+    rows = pack_rows(lengths, row_tokens)
+    groups: list[list[int]] = []
+    current: list[list[int]] = []
+    widest = 0
+    for row in rows:
+        width = sum(lengths[i] for i in row)
+        if current and (len(current) + 1) * max(widest, width) > max_tokens:
+            groups.append([i for r in current for i in r])
+            current, widest = [], 0
+        current.append(row)
+        widest = max(widest, width)
+    if current:
+        groups.append([i for r in current for i in r])
+    return groups
 
 
 def collate_packed(examples: list[Example], row_tokens: int, pad_id: int) -> Batch:
@@ -125,22 +160,6 @@ def _targets(examples: list[Example]) -> torch.Tensor | None:
     if any(ex.target is None for ex in examples):
         return None
     return torch.tensor([ex.target for ex in examples], dtype=torch.float32)
-
-
-def fill_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Consecutive groups (in the given order) whose lengths sum to at most `max_tokens`."""
-    groups: list[list[int]] = []
-    current: list[int] = []
-    used = 0
-    for i, length in enumerate(lengths):
-        if current and used + length > max_tokens:
-            groups.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += length
-    if current:
-        groups.append(current)
-    return groups
 
 
 def fill_by_count(n: int, size: int) -> list[list[int]]:

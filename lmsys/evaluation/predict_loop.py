@@ -11,7 +11,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from lmsys.config import PaddingSide
-from lmsys.data.batching import Example, collate, fill_by_count, fill_by_tokens
+from lmsys.data.batching import Example, collate, fill_by_count, fill_packed
 from lmsys.data.dataset import EncodedSplit
 from lmsys.data.schema import swap_abt
 from lmsys.evaluation.metrics import tta_combine
@@ -83,7 +83,7 @@ def predict_split(
 
 def _micro_batches(examples: list[Example], batching: InferenceBatching) -> list[list[Example]]:
     if batching.packed:
-        groups = fill_by_tokens([len(ex.ids) for ex in examples], batching.max_tokens)
+        groups = fill_packed([len(ex.ids) for ex in examples], batching.max_tokens, batching.row_tokens)
     else:
         groups = fill_by_count(len(examples), batching.batch_size)
     return [[examples[i] for i in group] for group in groups]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lmsys.config import SwapMode
-from lmsys.data.batching import Example, fill_by_count, fill_by_tokens
+from lmsys.data.batching import Example, fill_by_count, fill_packed
 from lmsys.data.dataset import EncodedSplit
 
 BUCKET_UPDATES = 16  # updates per length-sorted bucket: long enough to group lengths, short enough to stay random
@@ -93,7 +93,7 @@ def _orient(split: EncodedSplit, index: int, swap: SwapMode, flips: np.ndarray) 
 
 def _micro_batches(examples: list[Example], batching: Batching, swap: SwapMode) -> list[list[Example]]:
     if batching.packed:
-        groups = fill_by_tokens([len(ex.ids) for ex in examples], batching.max_tokens)
+        groups = fill_packed([len(ex.ids) for ex in examples], batching.max_tokens, batching.row_tokens)
     else:
         per_batch = batching.batch_size * (2 if swap == SwapMode.full else 1)
         groups = fill_by_count(len(examples), per_batch)

@@ -94,8 +94,9 @@ def test_packed_pooling_reads_the_end_of_each_segment(row_tokens):
     exs = examples([3, 7, 1, 5], [4, 9, 11, 2])
     batch = collate_packed(exs, row_tokens, 0)
     assert batch.attention_mask is None and batch.n_real_tokens == 16
-    # first-fit decreasing: rows hold at most row_tokens tokens (a longer pair gets a row of its own)
-    assert batch.input_ids.shape == {1: (4, 7), 8: (2, 8), 9: (2, 8), 64: (1, 16)}[row_tokens]
+    # first-fit decreasing: rows hold at most max(row_tokens, longest pair) tokens, in the capacity that computes
+    # the fewest tokens (row_tokens 1: rows 7 wide, so 5 + 1 share one)
+    assert batch.input_ids.shape == {1: (3, 7), 8: (2, 8), 9: (2, 8), 64: (1, 16)}[row_tokens]
     pooled = PreferenceModel(EchoBackbone(), ReadHead())(**batch.model_inputs(CPU))
     assert pooled[:, :16].argmax(-1).tolist() == [4, 9, 11, 2]
     assert pooled[:, 16:].argmax(-1).tolist() == [2, 6, 0, 4]  # the last position of each pair

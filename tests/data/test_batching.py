@@ -1,0 +1,56 @@
+"""Packing arithmetic: rows never exceed their budget, every example lands exactly once, and the chosen layout
+computes fewer tokens than the obvious alternatives."""
+
+import numpy as np
+import pytest
+
+from lmsys.config import PaddingSide
+from lmsys.data.batching import Example, collate, fill_by_count, fill_packed, pack_rows
+
+
+def computed(lengths: list[int], rows: list[list[int]]) -> int:
+    return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+
+
+def test_short_examples_share_rows_first_fit_decreasing():
+    lengths = [300, 200, 100, 250, 150]
+    assert pack_rows(lengths, 512) == [[0, 1], [3, 4, 2]]  # 500 and 500 tokens: no padding at all
+
+
+def test_long_examples_get_rows_as_narrow_as_the_longest():
+    lengths = [300, 310, 290, 305]  # none pairs up within 512: one a row, 310 wide instead of 512
+    rows = pack_rows(lengths, 512)
+    assert sorted(map(sorted, rows)) == [[0], [1], [2], [3]]
+    assert computed(lengths, rows) == 4 * 310
+
+
+def test_an_example_longer_than_a_row_gets_a_row_of_its_own():
+    rows = pack_rows([700, 100, 50], 512)
+    assert rows[0] == [0] and sorted(i for row in rows for i in row) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rows_respect_the_budget_and_hold_every_example_once(seed):
+    lengths = list(np.random.default_rng(seed).integers(20, 512, size=40))
+    rows = pack_rows(lengths, 512)
+    assert sorted(i for row in rows for i in row) == list(range(40))
+    assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
+    naive = computed(lengths, [[i] for i in range(40)])
+    assert computed(lengths, rows) < 0.75 * naive
+
+
+def test_fill_packed_keeps_whole_rows_within_the_token_budget():
+    lengths = [500, 12, 400, 100, 300, 200, 250, 250, 90, 10]
+    groups = fill_packed(lengths, max_tokens=1024, row_tokens=512)
+    assert sorted(i for group in groups for i in group) == list(range(10))
+    examples = [Example(i, np.arange(n, dtype=np.int32), False, None) for i, n in enumerate(lengths)]
+    for group in groups:
+        batch = collate([examples[i] for i in group], True, 0, PaddingSide.left, 512)
+        assert batch.input_ids.numel() <= 1024
+    total = sum(collate([examples[i] for i in g], True, 0, PaddingSide.left, 512).input_ids.numel() for g in groups)
+    # rows 500 wide (not 512) pack these exactly: 500 | 400+100 | 300+200 | 250+250 | 90+12+10, no padding at all
+    assert total == sum(lengths) and len(groups) == 3
+
+
+def test_fill_by_count():
+    assert fill_by_count(5, 2) == [[0, 1], [2, 3], [4]]
