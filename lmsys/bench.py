@@ -1,6 +1,6 @@
 """Throughput benchmark: training updates and TTA prediction, padded vs packed, each mode in its own process
 (so that peak RSS is its own), after a warm-up. The modes (`bench.modes`): `padded`, a typical padded loop (random
-order, a fixed number of pairs per micro-batch; prediction unsorted); `padded_grouped`, the framework with packing
+order, a fixed number of pairs per micro-batch; prediction of the file in its order, then of the swapped file); `padded_grouped`, the framework with packing
 off (length-grouped order, sorted prediction); `packed`, the framework's default.
 
     python -m lmsys.bench --config-name conf_r_llama_smol data.train_path=FILE bench.n_pairs=64
@@ -97,14 +97,15 @@ def _time_training(config, split, model, optimizer, accelerator, pad_id, mode: s
 
 def _time_prediction(config, split, model, accelerator, pad_id, mode: str) -> dict:
     """packed / padded_grouped: the framework's sorted token-budget path with and without packing.
-    padded: an unsorted loop of `bench.predict_batch_size` sequences per batch (each pair next to its swap)."""
+    padded: the usual TTA loop, the file in its order in batches of `bench.predict_batch_size` pairs, then the
+    swapped file the same way."""
     from lmsys.builders import row_tokens
     from lmsys.data.batching import collate, fill_by_count
     from lmsys.evaluation.predict_loop import InferenceBatching, predict_split
 
     start = time.perf_counter()
     if mode == "padded":
-        examples = [ex for pair in range(len(split)) for ex in (split.forward[pair], split.swapped[pair])]
+        examples = split.forward + split.swapped
         model.eval()
         with torch.inference_mode():
             for group in fill_by_count(len(examples), config.bench.predict_batch_size):

@@ -21,6 +21,7 @@ from lmsys.data.dataset import EncodedSplit, encode_split
 from lmsys.data.io import read_pairs
 from lmsys.data.schema import TARGET_COLUMNS, Pair, swap_abt
 from lmsys.evaluation.predict_loop import InferenceBatching, SplitPredictions, predict_split
+from lmsys.modeling.backbone import fold_into_dense
 from lmsys.modeling.checkpoint import ModelSpec, read_spec
 from lmsys.modeling.families import resolve_attention
 from lmsys.prediction_config import InferenceSettings, PredictConfig
@@ -83,6 +84,8 @@ def predict_checkpoint(
     tokenizer = build_tokenizer(checkpoint, spec.trust_remote_code)
     split = encode_split(pairs, build_encoder(spec, tokenizer))
     model = build_model(spec, None, None, accelerator.device, adapter_dir=checkpoint)
+    if settings.dense_weights:
+        log.info("folded the adapter into %d dense projections", fold_into_dense(model))
     batching = build_inference_batching(settings, tokenizer.pad_token_id, spec)
     forward = predict_split(model, split, False, batching, accelerator, settings.show_progress)
     if not settings.tta:

@@ -40,6 +40,9 @@ class InferenceSettings:
     batch_size: int = 8  # padded: pairs per micro-batch
     compute_dtype: ComputeDtype | None = None  # None: the checkpoint's
     attn_implementation: Attention | None = None  # None: the checkpoint's (re-checked against packing)
+    # fold the adapter into dequantized full-precision weights before predicting: the same predictions, one matmul
+    # per projection instead of dequantize + matmul + two LoRA matmuls; costs 2 (bf16) or 4 (fp32) bytes/parameter
+    dense_weights: bool = False
     show_progress: bool = True
 
     def __post_init__(self) -> None:

@@ -118,6 +118,18 @@ def test_tta_modes_symmetric_in_process(checkpoint, test_files, tta_mode):
     assert np.abs(probs["test"] - probs["swapped"][:, [1, 0, 2]]).max() <= SYMMETRY_TOLERANCE
 
 
+def test_dense_weights_give_the_same_predictions(checkpoint, test_files):
+    pairs = read_pairs(test_files["test"], False)
+    logits = {}
+    for dense in (False, True):
+        cfg = PredictConfig(checkpoint=str(checkpoint), output="unused.csv", show_progress=False, dense_weights=dense)
+        spec = dataclasses.replace(build_prediction_spec(cfg.checkpoint, cfg), quantization=Quantization.nf4)
+        preds = predict_checkpoint(cfg.checkpoint, spec, pairs, cfg, Accelerator())
+        logits[dense] = np.concatenate([preds.logits_ab, preds.logits_ba], axis=1)
+    assert np.abs(logits[True]).max() > 0.5  # the random head gives O(1) logits: the comparison means something
+    np.testing.assert_allclose(logits[True], logits[False], atol=1e-4, rtol=0)
+
+
 # Unquantized, a pair's logits are the same alone, packed with others or padded, up to float32 noise: packing keeps
 # pairs apart. bitsandbytes' CPU 4-bit GEMM casts to bfloat16, so there the batch shape moves logits by bf16
 # rounding (observed up to 6e-3 on logits of magnitude ~10); a leak between packed pairs would move them by O(1).

@@ -98,3 +98,35 @@ def add_lora(
 def load_adapter(backbone: PreTrainedModel, adapter_dir: str | Path, trainable: bool) -> PeftModel:
     backbone.config.use_cache = False
     return PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=trainable)
+
+
+def fold_into_dense(model: torch.nn.Module) -> int:
+    """For prediction: replace each LoRA-wrapped 4-bit projection by a dense linear layer whose weight is the
+    dequantized base plus the LoRA update, in the base's compute dtype. The same function as before (the 4-bit
+    path dequantizes to that dtype on every call), computed as one matmul instead of a dequantization, a matmul
+    and two LoRA matmuls per call, for full-precision weight memory (bf16: 2 bytes per parameter). The model can no
+    longer train or save an adapter. DoRA layers are left as they are. Returns the number of layers folded."""
+    from peft.tuners.lora import LoraLayer
+
+    folded = 0
+    for name, module in list(model.named_modules()):
+        if not (isinstance(module, LoraLayer) and isinstance(module.base_layer, bnb.nn.Linear4bit)):
+            continue
+        if any(module.use_dora.get(adapter, False) for adapter in module.active_adapters):
+            continue
+        base = module.base_layer
+        dtype = base.compute_dtype or torch.float32
+        weight = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(torch.float32)
+        for adapter in module.active_adapters:
+            weight += module.get_delta_weight(adapter).to(torch.float32)
+        dense = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                                device=weight.device, dtype=dtype)
+        with torch.no_grad():
+            dense.weight.copy_(weight)
+            if base.bias is not None:
+                dense.bias.copy_(base.bias)
+        dense.requires_grad_(False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, dense)
+        folded += 1
+    return folded

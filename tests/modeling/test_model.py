@@ -15,7 +15,7 @@ from lmsys.config import Attention, Family, HeadInit, HeadType, PaddingSide
 from lmsys.data.batching import Example, collate, collate_packed, collate_padded
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import pairs_from_frame
-from lmsys.modeling.backbone import read_model_type
+from lmsys.modeling.backbone import fold_into_dense, read_model_type
 from lmsys.modeling.checkpoint import ADAPTER_FILES, HEAD_FILE, CheckpointError, ModelSpec, read_spec, save_checkpoint
 from lmsys.modeling.families import FamilyError, check_family, resolve_attention
 from lmsys.modeling.heads import PreferenceHead
@@ -192,6 +192,26 @@ def test_nf4_quantization_is_real(tiny_models):
     assert head_layers and all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in head_layers)
     assert all(p.dtype == torch.float32 for p in model.head.parameters())
     assert spec.attn_implementation == Attention.sdpa
+
+
+@pytest.mark.parametrize("kind,family", [("llama", "llama"), ("gemma3", "gemma")])
+def test_folding_lora_into_dense_weights_keeps_the_logits(tiny_models, arena_pairs, kind, family):
+    model, spec, tokenizer = build(tiny_models, kind, family, "nf4")
+    split = encode_split(arena_pairs, build_encoder(spec, tokenizer))
+    batch = collate(split.forward + split.swapped, True, tokenizer.pad_token_id, PaddingSide.left, spec.max_length)
+    before = logits_of(model, batch)
+    assert fold_into_dense(model) == 2 * 7
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert not any(".lora_" in name for name, _ in model.named_parameters())
+    after = logits_of(model, batch)
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=0)
+    # Control: the LoRA update is part of the folded weights (without it the logits move).
+    plain, _, _ = build(tiny_models, kind, family, "nf4")
+    with torch.no_grad():
+        for name, param in plain.named_parameters():
+            if ".lora_B." in name:
+                param.zero_()
+    assert (logits_of(plain, batch) - after).abs().max() > 1e-3
 
 
 def test_head_layout_and_init():
