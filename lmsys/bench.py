@@ -96,12 +96,15 @@ def _time_training(config, split, model, optimizer, accelerator, pad_id, mode: s
 
 
 def _time_prediction(config, split, model, accelerator, pad_id, mode: str) -> dict:
-    """packed / padded_grouped: the framework's sorted token-budget path with and without packing.
+    """packed / padded_grouped: the predict command's path (sorted, token budgets, adapter folded into dense
+    weights on CPU) with and without packing.
     padded: the usual TTA loop, the file in its order in batches of `bench.predict_batch_size` pairs, then the
     swapped file the same way."""
     from lmsys.builders import row_tokens
     from lmsys.data.batching import collate, fill_by_count
     from lmsys.evaluation.predict_loop import InferenceBatching, predict_split
+    from lmsys.modeling.backbone import fold_into_dense
+    from lmsys.predict import use_dense_weights
 
     start = time.perf_counter()
     if mode == "padded":
@@ -112,6 +115,8 @@ def _time_prediction(config, split, model, accelerator, pad_id, mode: str) -> di
                 batch = collate([examples[i] for i in group], False, pad_id, config.data.padding_side, 0)
                 model(**batch.model_inputs(accelerator.device))
     else:
+        if use_dense_weights(None, accelerator.device):  # what the predict command does by default
+            fold_into_dense(model)
         batching = InferenceBatching(mode == "packed", config.trainer.eval_max_tokens, row_tokens(config),
                                      config.bench.predict_batch_size, pad_id, config.data.padding_side)
         predict_split(model, split, True, batching, accelerator, show_progress=False)

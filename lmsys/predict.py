@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 
@@ -84,7 +85,7 @@ def predict_checkpoint(
     tokenizer = build_tokenizer(checkpoint, spec.trust_remote_code)
     split = encode_split(pairs, build_encoder(spec, tokenizer))
     model = build_model(spec, None, None, accelerator.device, adapter_dir=checkpoint)
-    if settings.dense_weights:
+    if use_dense_weights(settings.dense_weights, accelerator.device):
         log.info("folded the adapter into %d dense projections", fold_into_dense(model))
     batching = build_inference_batching(settings, tokenizer.pad_token_id, spec)
     forward = predict_split(model, split, False, batching, accelerator, settings.show_progress)
@@ -93,6 +94,10 @@ def predict_checkpoint(
     backward = predict_split(model, swapped_as_forward(split), False, batching, accelerator,
                              settings.show_progress)
     return SplitPredictions(forward.logits_ab, backward.logits_ab)
+
+
+def use_dense_weights(requested: bool | None, device: torch.device) -> bool:
+    return device.type == "cpu" if requested is None else requested
 
 
 def swapped_as_forward(split: EncodedSplit) -> EncodedSplit:
