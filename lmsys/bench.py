@@ -58,7 +58,7 @@ def measure(config: TrainConfig, mode: str) -> dict:
 
 
 def _time_training(config, split, model, optimizer, accelerator, pad_id, mode: str) -> dict:
-    from lmsys.builders import row_tokens
+    from lmsys.builders import build_attention_width, row_tokens
     from lmsys.data.batching import collate
     from lmsys.training.loop import LoopSettings, run_update
     from lmsys.training.plan import Batching, epoch_plan
@@ -66,7 +66,7 @@ def _time_training(config, split, model, optimizer, accelerator, pad_id, mode: s
     trainer = config.trainer
     pairs_per_update = trainer.batch_size * trainer.grad_accum
     batching = Batching(mode == "packed", trainer.max_tokens, row_tokens(config), trainer.batch_size,
-                        group_by_length=mode != "padded")
+                        group_by_length=mode != "padded", attention_width=build_attention_width(config))
     settings = LoopSettings(0, pairs_per_update, SwapMode.none, batching, pad_id, config.data.padding_side,
                             trainer.max_grad_norm, 0, None, 1, 0, 0.0, 1.0, config.seed)
     warmup = epoch_plan(split, 1, config.seed, pairs_per_update, SwapMode.none, batching, 0, 1)
@@ -87,7 +87,8 @@ def _time_training(config, split, model, optimizer, accelerator, pad_id, mode: s
     for update in timed:
         step(update)
     seconds = time.perf_counter() - start
-    batches = [collate(mb, batching.packed, pad_id, config.data.padding_side, batching.row_tokens)
+    batches = [collate(mb, batching.packed, pad_id, config.data.padding_side, batching.row_tokens,
+                       batching.attention_width)
                for update in timed for mb in update.micro_batches]
     real_tokens = sum(b.n_real_tokens for b in batches)
     return {"train_seconds": seconds, "train_updates": len(timed), "train_real_tokens": real_tokens,
@@ -100,7 +101,7 @@ def _time_prediction(config, split, model, accelerator, pad_id, mode: str) -> di
     weights on CPU) with and without packing.
     padded: the usual TTA loop, the file in its order in batches of `bench.predict_batch_size` pairs, then the
     swapped file the same way."""
-    from lmsys.builders import row_tokens
+    from lmsys.builders import build_attention_width, row_tokens
     from lmsys.data.batching import collate, fill_by_count
     from lmsys.evaluation.predict_loop import InferenceBatching, predict_split
     from lmsys.modeling.backbone import fold_into_dense
@@ -118,7 +119,8 @@ def _time_prediction(config, split, model, accelerator, pad_id, mode: str) -> di
         if use_dense_weights(None, accelerator.device):  # what the predict command does by default
             fold_into_dense(model)
         batching = InferenceBatching(mode == "packed", config.trainer.eval_max_tokens, row_tokens(config),
-                                     config.bench.predict_batch_size, pad_id, config.data.padding_side)
+                                     config.bench.predict_batch_size, pad_id, config.data.padding_side,
+                                     build_attention_width(config))
         predict_split(model, split, True, batching, accelerator, show_progress=False)
     seconds = time.perf_counter() - start
     return {"predict_seconds": seconds, "predict_pairs_per_s": len(split) / seconds}

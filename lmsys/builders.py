@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoTokenizer
 
-from lmsys.config import DataConfig, HeadInit, LoraSettings, ModelConfig, TrainConfig
+from lmsys.config import Attention, DataConfig, HeadInit, LoraSettings, ModelConfig, TrainConfig
 from lmsys.data.formatting import PairEncoder
 from lmsys.data.io import read_pairs
 from lmsys.data.schema import Pair
@@ -19,7 +19,7 @@ from lmsys.data.templates import CHAT_MARKERS
 from lmsys.evaluation.predict_loop import InferenceBatching
 from lmsys.modeling.backbone import add_lora, load_adapter, load_backbone, read_model_type, resolve_dtype
 from lmsys.modeling.checkpoint import ModelSpec, load_head_state
-from lmsys.modeling.families import check_family, resolve_attention, resolve_template
+from lmsys.modeling.families import attention_width, check_family, resolve_attention, resolve_template
 from lmsys.modeling.heads import PreferenceHead
 from lmsys.modeling.model import PreferenceModel
 from lmsys.training.plan import Batching
@@ -117,7 +117,15 @@ def build_accelerator(config: TrainConfig, run_dir: str | Path) -> Accelerator:
 
 def build_train_batching(config: TrainConfig) -> Batching:
     trainer = config.trainer
-    return Batching(trainer.packing, trainer.max_tokens, row_tokens(config), trainer.batch_size, trainer.group_by_length)
+    return Batching(trainer.packing, trainer.max_tokens, row_tokens(config), trainer.batch_size, trainer.group_by_length,
+                    build_attention_width(config))
+
+
+def build_attention_width(config: TrainConfig) -> float | None:
+    model = config.model
+    attention = resolve_attention(model.family, read_model_type(model.path), model.attn_implementation,
+                                  config.trainer.packing)
+    return attention_width(model.path, Attention(attention))
 
 
 def row_tokens(config: TrainConfig) -> int:
@@ -127,5 +135,5 @@ def row_tokens(config: TrainConfig) -> int:
 def build_eval_batching(config: TrainConfig, pad_id: int) -> InferenceBatching:
     return InferenceBatching(
         config.trainer.packing, config.trainer.eval_max_tokens, row_tokens(config), config.trainer.batch_size * 2,
-        pad_id, config.data.padding_side,
+        pad_id, config.data.padding_side, build_attention_width(config),
     )

@@ -24,7 +24,7 @@ from lmsys.data.schema import TARGET_COLUMNS, Pair, swap_abt
 from lmsys.evaluation.predict_loop import InferenceBatching, SplitPredictions, predict_split
 from lmsys.modeling.backbone import fold_into_dense
 from lmsys.modeling.checkpoint import ModelSpec, read_spec
-from lmsys.modeling.families import resolve_attention
+from lmsys.modeling.families import attention_width, resolve_attention
 from lmsys.prediction_config import InferenceSettings, PredictConfig
 from lmsys.runs import RunDir
 
@@ -67,10 +67,14 @@ def build_prediction_spec(checkpoint: str, settings: InferenceSettings) -> Model
     )
 
 
-def build_inference_batching(settings: InferenceSettings, pad_id: int, spec: ModelSpec) -> InferenceBatching:
-    # Rows one sequence wide by default: sdpa/eager attention costs the square of the row width.
+def build_inference_batching(
+    settings: InferenceSettings, pad_id: int, spec: ModelSpec, checkpoint: str
+) -> InferenceBatching:
+    # Rows at most one sequence wide by default: sdpa/eager attention costs the square of the row width.
+    model_dir = checkpoint if spec.merged else spec.base_model_path
     return InferenceBatching(settings.packing, settings.max_tokens, settings.row_tokens or spec.max_length,
-                             settings.batch_size, pad_id, spec.padding_side)
+                             settings.batch_size, pad_id, spec.padding_side,
+                             attention_width(model_dir, spec.attn_implementation))
 
 
 def predict_checkpoint(
@@ -87,7 +91,7 @@ def predict_checkpoint(
     model = build_model(spec, None, None, accelerator.device, adapter_dir=checkpoint)
     if use_dense_weights(settings.dense_weights, accelerator.device):
         log.info("folded the adapter into %d dense projections", fold_into_dense(model))
-    batching = build_inference_batching(settings, tokenizer.pad_token_id, spec)
+    batching = build_inference_batching(settings, tokenizer.pad_token_id, spec, checkpoint)
     forward = predict_split(model, split, False, batching, accelerator, settings.show_progress)
     if not settings.tta:
         return forward

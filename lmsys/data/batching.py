@@ -45,17 +45,23 @@ class Batch:
         }
 
 
-def collate(examples: list[Example], packed: bool, pad_id: int, padding_side: PaddingSide, row_tokens: int) -> Batch:
-    return collate_packed(examples, row_tokens, pad_id) if packed else collate_padded(examples, pad_id, padding_side)
+def collate(
+    examples: list[Example], packed: bool, pad_id: int, padding_side: PaddingSide, row_tokens: int,
+    attention_width: float | None = None,
+) -> Batch:
+    if packed:
+        return collate_packed(examples, row_tokens, pad_id, attention_width)
+    return collate_padded(examples, pad_id, padding_side)
 
 
-def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
+def pack_rows(lengths: list[int], row_tokens: int, attention_width: float | None = None) -> list[list[int]]:
     """Example indices per row, each row at most `row_tokens` tokens (or one longer example), packed first-fit
-    decreasing into the row capacity that computes the fewest tokens (rows x widest row): a batch whose examples
-    are all longer than half a row gets rows as narrow as its longest example instead of half-empty wide ones.
+    decreasing into the row capacity with the lowest cost, rows x width x (1 + width / attention_width).
 
-    Rows no wider than `row_tokens` keep attention cost (sdpa and eager compute each row's full square) near the
-    padded path's, while the padding of a row is only its tail.
+    sdpa and eager attention compute each row's full square, so a row of width T costs T / attention_width more
+    per token than its projections (see `attention_width` in lmsys.modeling.families); None (flash attention
+    varlen) counts tokens only. Examples all longer than half a row get rows as narrow as the longest of them;
+    examples of similar length keep a row each where sharing rows would cost more attention than it saves padding.
     """
     if not lengths:
         return []
@@ -64,7 +70,8 @@ def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
     best_cost, best_rows = None, []
     for width in sorted({longest + (capacity - longest) * k // 4 for k in range(5)}):  # narrowest first: ties keep it
         rows = _first_fit_decreasing(lengths, width)
-        cost = len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+        widest = max(sum(lengths[i] for i in row) for row in rows)
+        cost = len(rows) * widest * (1.0 + widest / attention_width if attention_width else 1.0)
         if best_cost is None or cost < best_cost:
             best_cost, best_rows = cost, rows
     return best_rows
@@ -84,10 +91,12 @@ def _first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def fill_packed(lengths: list[int], max_tokens: int, row_tokens: int) -> list[list[int]]:
-    """Micro-batches of whole packed rows: all examples packed into rows first (so long and short examples share
-    rows across the whole set), then consecutive rows grouped while rows x widest row stays within `max_tokens`."""
-    rows = pack_rows(lengths, row_tokens)
+def fill_packed(
+    lengths: list[int], max_tokens: int, row_tokens: int, attention_width: float | None = None
+) -> list[list[int]]:
+    """Micro-batches of whole packed rows: all examples packed into rows first (so that long and short examples of
+    a training update share rows), then consecutive rows grouped while rows x widest row stays within `max_tokens`."""
+    rows = pack_rows(lengths, row_tokens, attention_width)
     groups: list[list[int]] = []
     current: list[list[int]] = []
     widest = 0
@@ -103,10 +112,10 @@ def fill_packed(lengths: list[int], max_tokens: int, row_tokens: int) -> list[li
     return groups
 
 
-def collate_packed(examples: list[Example], row_tokens: int, pad_id: int) -> Batch:
+def collate_packed(examples: list[Example], row_tokens: int, pad_id: int, attention_width: float | None = None) -> Batch:
     """Examples packed into rows of at most `row_tokens` tokens, positions restarting at 0 for each pair, no
     attention mask; a row's pad tail is a segment of its own (positions restart there too), so no pair sees it."""
-    rows = pack_rows([len(ex.ids) for ex in examples], row_tokens)
+    rows = pack_rows([len(ex.ids) for ex in examples], row_tokens, attention_width)
     width = max(sum(len(examples[i].ids) for i in row) for row in rows)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     positions = np.zeros((len(rows), width), dtype=np.int64)
@@ -160,6 +169,23 @@ def _targets(examples: list[Example]) -> torch.Tensor | None:
     if any(ex.target is None for ex in examples):
         return None
     return torch.tensor([ex.target for ex in examples], dtype=torch.float32)
+
+
+def fill_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive groups (in the given order) whose lengths sum to at most `max_tokens`: for length-sorted
+    prediction, where neighbours are of similar length and each group gets its own row width."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i, length in enumerate(lengths):
+        if current and used + length > max_tokens:
+            groups.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += length
+    if current:
+        groups.append(current)
+    return groups
 
 
 def fill_by_count(n: int, size: int) -> list[list[int]]:

@@ -11,7 +11,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from lmsys.config import PaddingSide
-from lmsys.data.batching import Example, collate, fill_by_count, fill_packed
+from lmsys.data.batching import Example, collate, fill_by_count, fill_by_tokens
 from lmsys.data.dataset import EncodedSplit
 from lmsys.data.schema import swap_abt
 from lmsys.evaluation.metrics import tta_combine
@@ -25,6 +25,7 @@ class InferenceBatching:
     batch_size: int  # padded: pairs per micro-batch
     pad_id: int
     padding_side: PaddingSide
+    attention_width: float | None = None  # packed: see lmsys.modeling.families.attention_width
 
 
 @dataclass
@@ -71,7 +72,8 @@ def predict_split(
     results = []
     bar = tqdm(total=len(mine), desc="predict", disable=not (show_progress and accelerator.is_main_process), leave=False)
     for group in _micro_batches(mine, batching):
-        batch = collate(group, batching.packed, batching.pad_id, batching.padding_side, batching.row_tokens)
+        batch = collate(group, batching.packed, batching.pad_id, batching.padding_side, batching.row_tokens,
+                        batching.attention_width)
         logits = model(**batch.model_inputs(accelerator.device)).float().cpu().numpy()
         results += [(ex.pair_index, ex.swapped, row) for ex, row in zip(group, logits, strict=True)]
         bar.update(len(group))
@@ -83,7 +85,7 @@ def predict_split(
 
 def _micro_batches(examples: list[Example], batching: InferenceBatching) -> list[list[Example]]:
     if batching.packed:
-        groups = fill_packed([len(ex.ids) for ex in examples], batching.max_tokens, batching.row_tokens)
+        groups = fill_by_tokens([len(ex.ids) for ex in examples], batching.max_tokens)
     else:
         groups = fill_by_count(len(examples), batching.batch_size)
     return [[examples[i] for i in group] for group in groups]

@@ -132,8 +132,9 @@ def run_update(accelerator, model: torch.nn.Module, update: Update, settings: Lo
     total = torch.zeros((), device=accelerator.device)
     for k, examples in enumerate(update.micro_batches):
         last = k == len(update.micro_batches) - 1
-        batch = collate(examples, settings.batching.packed, settings.pad_id, settings.padding_side,
-                        settings.batching.row_tokens)
+        batching = settings.batching
+        batch = collate(examples, batching.packed, settings.pad_id, settings.padding_side, batching.row_tokens,
+                        batching.attention_width)
         with nullcontext() if last else accelerator.no_sync(model):
             logits = model(**batch.model_inputs(accelerator.device))
             loss_sum = soft_cross_entropy(

@@ -27,6 +27,7 @@ class Batching:
     row_tokens: int  # packed: tokens per row of a micro-batch
     batch_size: int  # padded: pairs per micro-batch
     group_by_length: bool = True  # False: a plain random order
+    attention_width: float | None = None  # packed: see lmsys.modeling.families.attention_width
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def _orient(split: EncodedSplit, index: int, swap: SwapMode, flips: np.ndarray) 
 
 def _micro_batches(examples: list[Example], batching: Batching, swap: SwapMode) -> list[list[Example]]:
     if batching.packed:
-        groups = fill_packed([len(ex.ids) for ex in examples], batching.max_tokens, batching.row_tokens)
+        groups = fill_packed([len(ex.ids) for ex in examples], batching.max_tokens, batching.row_tokens,
+                             batching.attention_width)
     else:
         per_batch = batching.batch_size * (2 if swap == SwapMode.full else 1)
         groups = fill_by_count(len(examples), per_batch)

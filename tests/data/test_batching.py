@@ -54,3 +54,27 @@ def test_fill_packed_keeps_whole_rows_within_the_token_budget():
 
 def test_fill_by_count():
     assert fill_by_count(5, 2) == [[0, 1], [2, 3], [4]]
+
+
+def test_attention_cost_keeps_similar_lengths_in_rows_of_their_own():
+    lengths = [250, 248, 245, 240]
+    # tokens only (flash varlen): two rows of ~495 compute fewer tokens than four rows 250 wide
+    assert len(pack_rows(lengths, 512)) == 2
+    # sdpa at SmolLM2's attention width (3072): 2 x 498 x (1 + 498/3072) > 4 x 250 x (1 + 250/3072)
+    assert len(pack_rows(lengths, 512, attention_width=3072.0)) == 4
+    # mixed lengths still share rows: 400 + 100 in one row beats 400 and 100 in rows 400 wide
+    assert pack_rows([400, 100], 512, attention_width=3072.0) == [[0, 1]]
+
+
+def test_attention_width_of_a_model_config(tmp_path):
+    import json
+
+    from lmsys.config import Attention
+    from lmsys.modeling.families import attention_width
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "head_dim": 64}))  # SmolLM2-135M
+    projections = 576 * 64 * (2 * 9 + 2 * 3) + 3 * 576 * 1536
+    assert attention_width(tmp_path, Attention.sdpa) == pytest.approx(2 * projections / (4 * 9 * 64)) == 3072.0
+    assert attention_width(tmp_path, Attention.flash_attention_2) is None
