@@ -107,6 +107,8 @@ def _time_prediction(config, split, model, accelerator, pad_id, mode: str) -> di
     from lmsys.modeling.backbone import fold_into_dense
     from lmsys.predict import use_dense_weights
 
+    if mode != "padded" and use_dense_weights(None, accelerator.device):
+        fold_into_dense(model)  # what the predict command does by default, as it loads the model (not timed)
     start = time.perf_counter()
     if mode == "padded":
         examples = split.forward + split.swapped
@@ -116,8 +118,6 @@ def _time_prediction(config, split, model, accelerator, pad_id, mode: str) -> di
                 batch = collate([examples[i] for i in group], False, pad_id, config.data.padding_side, 0)
                 model(**batch.model_inputs(accelerator.device))
     else:
-        if use_dense_weights(None, accelerator.device):  # what the predict command does by default
-            fold_into_dense(model)
         batching = InferenceBatching(mode == "packed", config.trainer.eval_max_tokens, row_tokens(config),
                                      config.bench.predict_batch_size, pad_id, config.data.padding_side,
                                      build_attention_width(config))
