@@ -158,7 +158,9 @@ def report(results: dict[str, dict], config: TrainConfig) -> dict:
     print(f"|{'-' * 26}|" + "|".join("-" * 16 for _ in modes) + "|---------------|")
     for label, key, scale in rows:
         ratio = results["packed"][key] / results["padded"][key] if compare and results["padded"][key] else float("nan")
-        print(f"| {label:<24} | " + " | ".join(f"{results[m][key] * scale:>14.1f}" for m in modes) + f" | {ratio:>13.2f} |")
+        cells = [results[m][key] * scale for m in modes]
+        digits = 2 if max(cells) < 10 else 1
+        print(f"| {label:<24} | " + " | ".join(f"{c:>14.{digits}f}" for c in cells) + f" | {ratio:>13.2f} |")
     return {f"{key}_{mode}": round(results[mode][key], 3) for mode in modes
             for key in ("train_real_tokens_per_s", "predict_pairs_per_s", "peak_rss_mb")}
 
