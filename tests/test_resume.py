@@ -51,15 +51,22 @@ def saved_step(run_dir: Path) -> int | None:
         return None
 
 
-def interrupt_after(run: SimpleNamespace, min_step: int, sig: signal.Signals, timeout: float = 300) -> None:
-    """Send `sig` once the run has saved the state of update `min_step`, and wait for the process to end."""
+def interrupt_after(runs: list[tuple[SimpleNamespace, signal.Signals]], min_step: int, timeout: float = 300) -> None:
+    """Send each run its signal as soon as it has saved the state of update `min_step` (watching all of them at
+    once, so a fast run is not left going while another is waited for), then wait for them to end."""
     deadline = time.monotonic() + timeout
-    while (saved_step(run.run_dir) or 0) < min_step:
-        assert run.process.poll() is None, f"the run ended before it could be interrupted:\n{run.log.read_text()}"
+    pending = list(runs)
+    while pending:
+        for run, sig in list(pending):
+            if (saved_step(run.run_dir) or 0) >= min_step:
+                os.kill(run.process.pid, sig)
+                pending.remove((run, sig))
+            else:
+                assert run.process.poll() is None, f"the run ended before it could be interrupted:\n{run.log.read_text()}"
         assert time.monotonic() < deadline, f"no state at update {min_step} after {timeout} s"
-        time.sleep(0.02)
-    os.kill(run.process.pid, sig)
-    run.process.wait(timeout=timeout)
+        time.sleep(0.01)
+    for run, _ in runs:
+        run.process.wait(timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +75,7 @@ def resumed(tmp_path_factory, overrides) -> SimpleNamespace:
     resumed with resume=true; the killed one after simulating a crash between the renames of a state save."""
     root = tmp_path_factory.mktemp("resume_runs")
     baseline, killed, stopped = (launch(root, name, overrides) for name in ("baseline", "killed", "stopped"))
-    interrupt_after(killed, 2, signal.SIGKILL)
-    interrupt_after(stopped, 2, signal.SIGTERM)
+    interrupt_after([(killed, signal.SIGKILL), (stopped, signal.SIGTERM)], 2)
     after_kill = SimpleNamespace(returncode=killed.process.returncode, finished=(killed.run_dir / "metrics.json").exists(),
                                  step=loop_step(find_state(killed.run_dir)))
     after_stop = SimpleNamespace(returncode=stopped.process.returncode, log=stopped.log.read_text(),
