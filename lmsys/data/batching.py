@@ -55,7 +55,7 @@ def collate(
 
 
 def pack_rows(lengths: list[int], row_tokens: int, attention_width: float | None = None) -> list[list[int]]:
-    """Example indices per row, each row at most `row_tokens` tokens (or one longer example), packed first-fit
+    """Example indices per row, each row at most max(`row_tokens`, longest example) tokens, packed first-fit
     decreasing into the row capacity with the lowest cost, rows x width x (1 + width / attention_width).
 
     sdpa and eager attention compute each row's full square, so a row of width T costs T / attention_width more
