@@ -16,6 +16,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -58,15 +59,14 @@ def measure(config: TrainConfig, mode: str) -> dict:
 
 
 def _time_training(config, split, model, optimizer, accelerator, pad_id, mode: str) -> dict:
-    from lmsys.builders import build_attention_width, row_tokens
+    from lmsys.builders import build_train_batching
     from lmsys.data.batching import collate
     from lmsys.training.loop import LoopSettings, run_update
-    from lmsys.training.plan import Batching, epoch_plan
+    from lmsys.training.plan import epoch_plan
 
     trainer = config.trainer
     pairs_per_update = trainer.batch_size * trainer.grad_accum
-    batching = Batching(mode == "packed", trainer.max_tokens, row_tokens(config), trainer.batch_size,
-                        group_by_length=mode != "padded", attention_width=build_attention_width(config))
+    batching = replace(build_train_batching(config), packed=mode == "packed", group_by_length=mode != "padded")
     settings = LoopSettings(0, pairs_per_update, SwapMode.none, batching, pad_id, config.data.padding_side,
                             trainer.max_grad_norm, 0, None, 1, 0, 0.0, 1.0, config.seed)
     warmup = epoch_plan(split, 1, config.seed, pairs_per_update, SwapMode.none, batching, 0, 1)
@@ -101,9 +101,9 @@ def _time_prediction(config, split, model, accelerator, pad_id, mode: str) -> di
     weights on CPU) with and without packing.
     padded: the usual TTA loop, the file in its order in batches of `bench.predict_batch_size` pairs, then the
     swapped file the same way."""
-    from lmsys.builders import build_attention_width, row_tokens
+    from lmsys.builders import build_eval_batching
     from lmsys.data.batching import collate, fill_by_count
-    from lmsys.evaluation.predict_loop import InferenceBatching, predict_split
+    from lmsys.evaluation.predict_loop import predict_split
     from lmsys.modeling.backbone import fold_into_dense
     from lmsys.predict import use_dense_weights
 
@@ -118,9 +118,8 @@ def _time_prediction(config, split, model, accelerator, pad_id, mode: str) -> di
                 batch = collate([examples[i] for i in group], False, pad_id, config.data.padding_side, 0)
                 model(**batch.model_inputs(accelerator.device))
     else:
-        batching = InferenceBatching(mode == "packed", config.trainer.eval_max_tokens, row_tokens(config),
-                                     config.bench.predict_batch_size, pad_id, config.data.padding_side,
-                                     build_attention_width(config))
+        batching = replace(build_eval_batching(config, pad_id), packed=mode == "packed",
+                           batch_size=config.bench.predict_batch_size)
         predict_split(model, split, True, batching, accelerator, show_progress=False)
     seconds = time.perf_counter() - start
     return {"predict_seconds": seconds, "predict_pairs_per_s": len(split) / seconds}
