@@ -43,7 +43,7 @@ step "Synthetic default dataset -> data/default/"
 if [[ -f data/default/train.csv && -f data/default/valid.csv ]]; then
     echo "data/default/train.csv and valid.csv exist, skipping"
 else
-    "$PYTHON" -m lmsys.data.synthetic --out data/default --n-train 2000 --n-valid 400 --seed 0
+    "$PYTHON" -m lmsys.synthetic out=data/default n_train=2000 n_valid=400 seed=0
 fi
 
 if [[ "$KAGGLE" == 1 ]]; then
@@ -59,7 +59,7 @@ if [[ "$KAGGLE" == 1 ]]; then
                 data/kaggle/lmsys-chatbot-arena.zip data/kaggle; then
             ls -l data/kaggle
             step "Prepare the Kaggle data -> data/prepared/lmsys/ (train.parquet with folds, unlabeled.parquet)"
-            "$PYTHON" -m lmsys.data.prepare "inputs=[data/kaggle/train.csv,data/kaggle/test.csv]" \
+            "$PYTHON" -m lmsys.prepare "inputs=[data/kaggle/train.csv,data/kaggle/test.csv]" \
                 "sources=[lmsys_train,lmsys_test]" output_dir=data/prepared/lmsys
         else
             echo "setup.sh: the Kaggle download failed (were the competition rules accepted at" >&2

@@ -1,7 +1,8 @@
 """Throughput benchmark: training updates and TTA prediction, padded vs packed, each mode in its own process
-(so that peak RSS is its own), after a warm-up. The modes (`bench.modes`): `padded`, a typical padded loop (random
-order, a fixed number of pairs per micro-batch; prediction of the file in its order, then of the swapped file); `padded_grouped`, the framework with packing
-off (length-grouped order, sorted prediction); `packed`, the framework's default.
+(so that peak RSS is its own), after a warm-up. The modes (`bench.modes`): `padded`, a typical padded loop
+(random order, a fixed number of pairs per micro-batch; prediction of the file in its order, then of the swapped
+file); `padded_grouped`, the framework with packing off (length-grouped order, sorted prediction); `packed`, the
+framework's default.
 
     python -m lmsys.bench --config-name conf_r_llama_smol data.train_path=FILE bench.n_pairs=64
 
@@ -23,8 +24,7 @@ import torch
 from accelerate import Accelerator
 from hydra import compose, initialize_config_dir
 
-from lmsys.config import SwapMode, TrainConfig, register_configs
-from lmsys.entry import validated_config
+from lmsys.config import SwapMode, TrainConfig, register_configs, validated_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 RESULT_MARKER = "BENCH_RESULT "
@@ -38,88 +38,74 @@ def load_config(config_name: str, overrides: list[str]) -> TrainConfig:
 
 def measure(config: TrainConfig, mode: str) -> dict:
     """Train over the pairs once (after warm-up updates) and predict them with TTA, in one batching mode."""
-    from lmsys.builders import build_encoder, build_model, build_spec, build_tokenizer
+    from lmsys import builders
     from lmsys.data.dataset import encode_split
     from lmsys.data.io import read_pairs
-    from lmsys.training.optim import build_optimizer, parameter_groups
 
     packed = mode == "packed"
+    # Every mode trains the same examples: one orientation per pair, whatever the config's swap augmentation.
+    trainer = replace(config.trainer, packing=packed, group_by_length=mode != "padded", swap_augmentation=SwapMode.none)
+    config = replace(config, trainer=trainer)
     pairs = read_pairs(config.data.train_path, require_labels=True)[: config.bench.n_pairs]
-    spec = build_spec(config.model, config.data, packing=packed)
-    tokenizer = build_tokenizer(config.model.path, config.model.trust_remote_code)
-    split = encode_split(pairs, build_encoder(spec, tokenizer))
+    spec = builders.build_spec(config.model, config.data, packing=packed)
+    tokenizer = builders.build_tokenizer(config.model.path, config.model.trust_remote_code)
+    split = encode_split(pairs, builders.build_encoder(spec, tokenizer))
     accelerator = Accelerator()
-    model = build_model(spec, config.model, config.lora, accelerator.device)
-    opt = config.optimizer
-    optimizer = build_optimizer(parameter_groups(model, opt.lr, opt.head_lr, opt.lora_b_lr_multiplier, opt.weight_decay),
-                                opt.name, tuple(opt.betas), opt.eps)
-    train = _time_training(config, split, model, optimizer, accelerator, tokenizer.pad_token_id, mode)
-    predict = _time_prediction(config, split, model, accelerator, tokenizer.pad_token_id, mode)
+    model = builders.build_model(spec, config.model, config.lora, accelerator.device)
+    train = _time_training(config, spec, split, model, accelerator, tokenizer.pad_token_id)
+    predict = _time_prediction(config, spec, split, model, accelerator, tokenizer.pad_token_id, mode)
     return {**train, **predict, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _time_training(config, split, model, optimizer, accelerator, pad_id, mode: str) -> dict:
-    from lmsys.builders import build_train_batching
+def _time_training(config, spec, split, model, accelerator, pad_id) -> dict:
+    """Updates of the run's own plan (the same pairs per update in every mode) through the recipe's `update`."""
+    from lmsys import builders
     from lmsys.data.batching import collate
-    from lmsys.training.loop import LoopSettings, run_update
     from lmsys.training.plan import epoch_plan
+    from lmsys.training.recipe import TrainingRecipe
 
-    trainer = config.trainer
-    pairs_per_update = trainer.batch_size * trainer.grad_accum
-    batching = replace(build_train_batching(config), packed=mode == "packed", group_by_length=mode != "padded")
-    settings = LoopSettings(0, pairs_per_update, SwapMode.none, batching, pad_id, config.data.padding_side,
-                            trainer.max_grad_norm, 0, None, 1, 0, 0.0, 1.0, config.seed)
-    warmup = epoch_plan(split, 1, config.seed, pairs_per_update, SwapMode.none, batching, 0, 1)
-    timed = epoch_plan(split, 0, config.seed, pairs_per_update, SwapMode.none, batching, 0, 1)
-
-    def step(update) -> None:
-        run_update(accelerator, model, update, settings)
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], trainer.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    settings = builders.build_loop_settings(config, spec, len(split), 1, pad_id)
+    optimizer = builders.build_optimizer(config.optimizer, model)
+    scheduler = builders.build_scheduler(config.optimizer, optimizer, settings.total_updates)
+    recipe = TrainingRecipe(accelerator, model, optimizer, scheduler, settings, split)
+    warmup, timed = epoch_plan(split, 1, settings, 0, 1), epoch_plan(split, 0, settings, 0, 1)
     model.train()
     for update in warmup[: config.bench.warmup_updates]:
-        step(update)
-    if config.bench.profile and mode == "packed":
-        _profile(step, timed[0])
+        recipe.update(update)
+    if config.bench.profile and settings.batching.packed:
+        _profile(recipe.update, timed[0])
     start = time.perf_counter()
     for update in timed:
-        step(update)
+        recipe.update(update)
     seconds = time.perf_counter() - start
-    batches = [collate(mb, batching.packed, pad_id, config.data.padding_side, batching.row_tokens,
-                       batching.attention_width)
-               for update in timed for mb in update.micro_batches]
+    batches = [collate(mb, settings.batching) for update in timed for mb in update.micro_batches]
     real_tokens = sum(b.n_real_tokens for b in batches)
     return {"train_seconds": seconds, "train_updates": len(timed), "train_real_tokens": real_tokens,
             "train_real_tokens_per_s": real_tokens / seconds,
             "train_padding_share": 1.0 - real_tokens / sum(b.input_ids.numel() for b in batches)}
 
 
-def _time_prediction(config, split, model, accelerator, pad_id, mode: str) -> dict:
+def _time_prediction(config, spec, split, model, accelerator, pad_id, mode: str) -> dict:
     """packed / padded_grouped: the predict command's path (sorted, token budgets, adapter folded into dense
     weights on CPU) with and without packing.
     padded: the usual TTA loop, the file in its order in batches of `bench.predict_batch_size` pairs, then the
     swapped file the same way."""
-    from lmsys.builders import build_eval_batching
-    from lmsys.data.batching import collate, fill_by_count
+    from lmsys import builders
+    from lmsys.data.batching import collate, micro_batches
     from lmsys.evaluation.predict_loop import predict_split
     from lmsys.modeling.backbone import fold_into_dense
     from lmsys.predict import use_dense_weights
 
+    batching = replace(builders.build_eval_batching(config, spec, pad_id), batch_size=config.bench.predict_batch_size)
     if mode != "padded" and use_dense_weights(None, accelerator.device):
         fold_into_dense(model)  # what the predict command does by default, as it loads the model (not timed)
     start = time.perf_counter()
     if mode == "padded":
-        examples = split.forward + split.swapped
         model.eval()
         with torch.inference_mode():
-            for group in fill_by_count(len(examples), config.bench.predict_batch_size):
-                batch = collate([examples[i] for i in group], False, pad_id, config.data.padding_side, 0)
-                model(**batch.model_inputs(accelerator.device))
+            for group in micro_batches(split.forward + split.swapped, batching):
+                model(**collate(group, batching).model_inputs(accelerator.device))
     else:
-        batching = replace(build_eval_batching(config, pad_id), packed=mode == "packed",
-                           batch_size=config.bench.predict_batch_size)
         predict_split(model, split, True, batching, accelerator, show_progress=False)
     seconds = time.perf_counter() - start
     return {"predict_seconds": seconds, "predict_pairs_per_s": len(split) / seconds}

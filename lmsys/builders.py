@@ -1,30 +1,41 @@
-"""The only place that reads the configuration: each `build_*` turns a config section into a component."""
+"""Each `build_*` turns a config section into a component; the commands and the recipe pass sections, not fields,
+and everything downstream takes plain typed values. The only reader of the configuration besides the schema."""
 
 from __future__ import annotations
 
-import json
-import logging
+import dataclasses
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from transformers import AutoTokenizer
 
-from lmsys.config import Attention, DataConfig, HeadInit, LoraSettings, ModelConfig, TrainConfig
+from lmsys.config import (
+    DataConfig,
+    HeadInit,
+    LoraConfig,
+    ModelConfig,
+    OptimizerConfig,
+    SwapMode,
+    TrainConfig,
+)
+from lmsys.data.batching import Batching
+from lmsys.data.dataset import EncodedSplit
 from lmsys.data.formatting import PairEncoder
 from lmsys.data.io import read_pairs
 from lmsys.data.schema import Pair
 from lmsys.data.split import split_train_valid
 from lmsys.data.templates import CHAT_MARKERS
-from lmsys.evaluation.predict_loop import InferenceBatching
-from lmsys.modeling.backbone import add_lora, load_adapter, load_backbone, read_model_type, resolve_dtype
-from lmsys.modeling.checkpoint import ModelSpec, load_head_state
-from lmsys.modeling.families import attention_width, check_family, resolve_attention, resolve_template
+from lmsys.evaluation.validation import ValidationSet
+from lmsys.modeling.backbone import add_lora, load_adapter, load_backbone, resolve_dtype
+from lmsys.modeling.checkpoint import ModelSpec, load_head_state, read_spec
+from lmsys.modeling.families import check_family, resolve_attention, resolve_template
 from lmsys.modeling.heads import PreferenceHead
 from lmsys.modeling.model import PreferenceModel
-from lmsys.training.plan import Batching
-
-log = logging.getLogger("lmsys")
+from lmsys.modeling.model_facts import read_model_facts
+from lmsys.prediction_config import InferenceSettings
+from lmsys.training.optim import create_optimizer, parameter_groups, warmup_cosine_scheduler
+from lmsys.training.settings import LoopSettings, total_updates
 
 
 def build_splits(data: DataConfig) -> tuple[list[Pair], list[Pair]]:
@@ -39,35 +50,39 @@ def build_splits(data: DataConfig) -> tuple[list[Pair], list[Pair]]:
 
 def build_spec(model: ModelConfig, data: DataConfig, packing: bool) -> ModelSpec:
     """Check the model directory against the family (config.json only) and fix every choice left on auto."""
-    model_type = read_model_type(model.path)
-    check_family(model.family, model_type, f"model.path={model.path}")
+    facts = read_model_facts(model.path)
+    check_family(model.family, facts.model_type, f"model.path={model.path}")
     return ModelSpec(
         base_model_path=str(Path(model.path).resolve()),
-        model_type=model_type,
+        facts=facts,
         family=model.family,
         template=resolve_template(model.family, model.template),
         max_length=model.max_length,
         quantization=model.quantization,
         double_quant=model.double_quant,
         compute_dtype=model.compute_dtype,
-        attn_implementation=type(model.attn_implementation)(
-            resolve_attention(model.family, model_type, model.attn_implementation, packing)
-        ),
+        attn_implementation=resolve_attention(model.family, facts.model_type, model.attn_implementation, packing),
         head=model.head,
-        hidden_size=_hidden_size(model.path),
         input_format=data.format,
         prompt_share=data.prompt_share,
         keep_first_turns=data.keep_first_turns,
         keep_last_turns=data.keep_last_turns,
-        head_fraction=data.head_fraction,
+        text_head_share=data.text_head_share,
         padding_side=data.padding_side,
         trust_remote_code=model.trust_remote_code,
     )
 
 
-def _hidden_size(path: str) -> int:
-    config = json.loads((Path(path) / "config.json").read_text())
-    return config.get("text_config", config)["hidden_size"]
+def build_prediction_spec(checkpoint: str, settings: InferenceSettings) -> ModelSpec:
+    """The checkpoint's spec (checked complete) with the inference overrides; the attention kernel is re-checked
+    because a checkpoint trained padded may hold one that would let packed pairs see each other."""
+    spec = read_spec(checkpoint)
+    attention = settings.attn_implementation or spec.attn_implementation
+    return dataclasses.replace(
+        spec,
+        compute_dtype=settings.compute_dtype or spec.compute_dtype,
+        attn_implementation=resolve_attention(spec.family, spec.model_type, attention, settings.packing),
+    )
 
 
 def build_tokenizer(path: str | Path, trust_remote_code: bool):
@@ -80,12 +95,13 @@ def build_tokenizer(path: str | Path, trust_remote_code: bool):
 def build_encoder(spec: ModelSpec, tokenizer) -> PairEncoder:
     return PairEncoder(
         tokenizer, CHAT_MARKERS[spec.template], spec.input_format, spec.max_length, spec.prompt_share,
-        spec.keep_first_turns, spec.keep_last_turns, spec.head_fraction,
+        spec.keep_first_turns, spec.keep_last_turns, spec.text_head_share,
     )
 
 
 def build_model(
-    spec: ModelSpec, model: ModelConfig | None, lora: LoraSettings | None, device: torch.device, adapter_dir: str | Path | None = None
+    spec: ModelSpec, model: ModelConfig | None, lora: LoraConfig | None, device: torch.device,
+    adapter_dir: str | Path | None = None,
 ) -> PreferenceModel:
     """Backbone (quantized) + LoRA + our head; from a checkpoint when `adapter_dir` is given (frozen, eval).
 
@@ -115,25 +131,61 @@ def build_accelerator(config: TrainConfig, run_dir: str | Path) -> Accelerator:
     return Accelerator(log_with="wandb" if config.use_wandb else None, project_dir=str(run_dir))
 
 
-def build_train_batching(config: TrainConfig) -> Batching:
+def build_optimizer(optimizer: OptimizerConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, optimizer.lr, optimizer.head_lr, optimizer.lora_b_lr_multiplier,
+                              optimizer.weight_decay)
+    return create_optimizer(groups, optimizer.name, tuple(optimizer.betas), optimizer.eps)
+
+
+def build_scheduler(optimizer: OptimizerConfig, torch_optimizer: torch.optim.Optimizer, total: int):
+    return warmup_cosine_scheduler(torch_optimizer, total, optimizer.warmup_ratio, optimizer.min_lr_ratio)
+
+
+def build_loop_settings(config: TrainConfig, spec: ModelSpec, n_train: int, world_size: int, pad_id: int) -> LoopSettings:
     trainer = config.trainer
-    return Batching(trainer.packing, trainer.max_tokens, row_tokens(config), trainer.batch_size, trainer.group_by_length,
-                    build_attention_width(config))
-
-
-def build_attention_width(config: TrainConfig) -> float | None:
-    model = config.model
-    attention = resolve_attention(model.family, read_model_type(model.path), model.attn_implementation,
-                                  config.trainer.packing)
-    return attention_width(model.path, Attention(attention))
-
-
-def row_tokens(config: TrainConfig) -> int:
-    return config.trainer.row_tokens or config.model.max_length
-
-
-def build_eval_batching(config: TrainConfig, pad_id: int) -> InferenceBatching:
-    return InferenceBatching(
-        config.trainer.packing, config.trainer.eval_max_tokens, row_tokens(config), config.trainer.batch_size * 2,
-        pad_id, config.data.padding_side, build_attention_width(config),
+    pairs_per_update = trainer.batch_size * trainer.grad_accum * world_size
+    return LoopSettings(
+        total_updates=total_updates(n_train, pairs_per_update, trainer.epochs, trainer.max_steps),
+        pairs_per_update=pairs_per_update,
+        swap=trainer.swap_augmentation,
+        group_by_length=trainer.group_by_length,
+        batching=build_train_batching(config, spec, pad_id),
+        max_grad_norm=trainer.max_grad_norm,
+        eval_frequency=trainer.eval_frequency,
+        patience=trainer.patience,
+        log_frequency=trainer.log_frequency,
+        state_frequency=trainer.state_frequency,
+        label_smoothing=config.loss.label_smoothing,
+        distill_temperature=config.loss.distill_temperature,
+        seed=config.seed,
     )
+
+
+def build_train_batching(config: TrainConfig, spec: ModelSpec, pad_id: int) -> Batching:
+    """Padded micro-batches hold batch_size pairs, so as many examples as each pair contributes (two with full
+    swap); packed ones trainer.max_tokens."""
+    trainer = config.trainer
+    examples_per_pair = 2 if trainer.swap_augmentation == SwapMode.full else 1
+    return Batching(trainer.packing, trainer.max_tokens, _row_tokens(config), trainer.batch_size * examples_per_pair,
+                    pad_id, config.data.padding_side, spec.attention_width)
+
+
+def build_eval_batching(config: TrainConfig, spec: ModelSpec, pad_id: int) -> Batching:
+    trainer = config.trainer
+    return Batching(trainer.packing, trainer.eval_max_tokens, _row_tokens(config), trainer.batch_size * 2, pad_id,
+                    config.data.padding_side, spec.attention_width)
+
+
+def build_validation(config: TrainConfig, spec: ModelSpec, split: EncodedSplit, pad_id: int) -> ValidationSet:
+    return ValidationSet(split, build_eval_batching(config, spec, pad_id), config.trainer.eval_tta,
+                         config.trainer.tta_mode)
+
+
+def build_inference_batching(settings: InferenceSettings, spec: ModelSpec, pad_id: int) -> Batching:
+    # Rows at most one sequence wide by default: sdpa/eager attention costs the square of the row width.
+    return Batching(settings.packing, settings.max_tokens, settings.row_tokens or spec.max_length,
+                    settings.batch_size, pad_id, spec.padding_side, spec.attention_width)
+
+
+def _row_tokens(config: TrainConfig) -> int:
+    return config.trainer.row_tokens or config.model.max_length

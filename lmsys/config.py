@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 class Family(str, Enum):
@@ -109,13 +109,13 @@ class ModelConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.max_length >= 32, "model.max_length must be at least 32")
-        _require(0.0 <= self.head_dropout < 1.0, "model.head_dropout must be in [0, 1)")
-        _require(self.head_init_std > 0, "model.head_init_std must be positive")
+        require(self.max_length >= 32, "model.max_length must be at least 32")
+        require(0.0 <= self.head_dropout < 1.0, "model.head_dropout must be in [0, 1)")
+        require(self.head_init_std > 0, "model.head_init_std must be positive")
 
 
 @dataclass
-class LoraSettings:
+class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
@@ -125,9 +125,9 @@ class LoraSettings:
     use_dora: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.r > 0 and self.alpha > 0, "lora.r and lora.alpha must be positive")
-        _require(0.0 <= self.dropout < 1.0, "lora.dropout must be in [0, 1)")
-        _require(len(self.target_modules) > 0, "lora.target_modules must not be empty")
+        require(self.r > 0 and self.alpha > 0, "lora.r and lora.alpha must be positive")
+        require(0.0 <= self.dropout < 1.0, "lora.dropout must be in [0, 1)")
+        require(len(self.target_modules) > 0, "lora.target_modules must not be empty")
 
 
 @dataclass
@@ -143,14 +143,14 @@ class DataConfig:
     prompt_share: float = 0.2  # of the text budget; the responses share the rest equally
     keep_first_turns: int = 1  # over-long conversations keep the first k and last k turns
     keep_last_turns: int = 1
-    head_fraction: float = 0.5  # an over-long text keeps this share of its budget from its start, the rest from its end
+    text_head_share: float = 0.5  # an over-long text keeps this share of its budget from its start, the rest from its end
     padding_side: PaddingSide = PaddingSide.left
 
     def __post_init__(self) -> None:
-        _require(0.0 < self.valid_fraction < 1.0, "data.valid_fraction must be in (0, 1)")
-        _require(0.0 < self.prompt_share < 1.0, "data.prompt_share must be in (0, 1)")
-        _require(0.0 <= self.head_fraction <= 1.0, "data.head_fraction must be in [0, 1]")
-        _require(self.keep_first_turns >= 1 and self.keep_last_turns >= 0, "data.keep_first_turns >= 1, keep_last_turns >= 0")
+        require(0.0 < self.valid_fraction < 1.0, "data.valid_fraction must be in (0, 1)")
+        require(0.0 < self.prompt_share < 1.0, "data.prompt_share must be in (0, 1)")
+        require(0.0 <= self.text_head_share <= 1.0, "data.text_head_share must be in [0, 1]")
+        require(self.keep_first_turns >= 1 and self.keep_last_turns >= 0, "data.keep_first_turns >= 1, keep_last_turns >= 0")
 
 
 @dataclass
@@ -166,11 +166,11 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.1  # cosine decays to this share of the peak
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0 and self.head_lr > 0, "optimizer.lr and optimizer.head_lr must be positive")
-        _require(self.lora_b_lr_multiplier > 0, "optimizer.lora_b_lr_multiplier must be positive")
-        _require(0.0 <= self.warmup_ratio < 1.0, "optimizer.warmup_ratio must be in [0, 1)")
-        _require(0.0 <= self.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio must be in [0, 1]")
-        _require(len(self.betas) == 2, "optimizer.betas needs two values")
+        require(self.lr > 0 and self.head_lr > 0, "optimizer.lr and optimizer.head_lr must be positive")
+        require(self.lora_b_lr_multiplier > 0, "optimizer.lora_b_lr_multiplier must be positive")
+        require(0.0 <= self.warmup_ratio < 1.0, "optimizer.warmup_ratio must be in [0, 1)")
+        require(0.0 <= self.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio must be in [0, 1]")
+        require(len(self.betas) == 2, "optimizer.betas needs two values")
 
 
 @dataclass
@@ -179,8 +179,8 @@ class LossConfig:
     distill_temperature: float = 1.0  # soft targets from a teacher are sharpened/softened by 1/T before the loss
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)")
-        _require(self.distill_temperature > 0, "loss.distill_temperature must be positive")
+        require(0.0 <= self.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)")
+        require(self.distill_temperature > 0, "loss.distill_temperature must be positive")
 
 
 @dataclass
@@ -204,14 +204,14 @@ class TrainerConfig:
     state_frequency: int = 50  # updates between saves of the full training state (for resume=true); 0: never
 
     def __post_init__(self) -> None:
-        _require(self.epochs > 0, "trainer.epochs must be positive")
-        _require(self.max_steps is None or self.max_steps >= 0, "trainer.max_steps must be >= 0")
-        _require(self.batch_size >= 1 and self.grad_accum >= 1, "trainer.batch_size and grad_accum must be >= 1")
-        _require(self.max_grad_norm > 0, "trainer.max_grad_norm must be positive")
-        _require(self.eval_frequency >= 0, "trainer.eval_frequency must be >= 0")
-        _require(self.state_frequency >= 0, "trainer.state_frequency must be >= 0")
-        _require(self.eval_max_tokens > 0 and self.max_tokens > 0, "trainer.max_tokens and eval_max_tokens must be > 0")
-        _require(self.patience is None or self.patience >= 1, "trainer.patience must be >= 1")
+        require(self.epochs > 0, "trainer.epochs must be positive")
+        require(self.max_steps is None or self.max_steps >= 0, "trainer.max_steps must be >= 0")
+        require(self.batch_size >= 1 and self.grad_accum >= 1, "trainer.batch_size and grad_accum must be >= 1")
+        require(self.max_grad_norm > 0, "trainer.max_grad_norm must be positive")
+        require(self.eval_frequency >= 0, "trainer.eval_frequency must be >= 0")
+        require(self.state_frequency >= 0, "trainer.state_frequency must be >= 0")
+        require(self.eval_max_tokens > 0 and self.max_tokens > 0, "trainer.max_tokens and eval_max_tokens must be > 0")
+        require(self.patience is None or self.patience >= 1, "trainer.patience must be >= 1")
 
 
 @dataclass
@@ -223,14 +223,14 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _require(self.mode in ("online", "offline", "disabled"), "wandb.mode must be online, offline or disabled")
+        require(self.mode in ("online", "offline", "disabled"), "wandb.mode must be online, offline or disabled")
 
 
 BENCH_MODES = ("padded", "padded_grouped", "packed")
 
 
 @dataclass
-class BenchSettings:
+class BenchConfig:
     """Only read by `python -m lmsys.bench`."""
 
     n_pairs: int = 64
@@ -243,49 +243,56 @@ class BenchSettings:
     profile: bool = False  # print the top operators of one packed training update
 
     def __post_init__(self) -> None:
-        _require(self.n_pairs >= 1 and self.warmup_updates >= 0, "bench.n_pairs >= 1 and bench.warmup_updates >= 0")
-        _require(all(m in BENCH_MODES for m in self.modes), f"bench.modes: some of {', '.join(BENCH_MODES)}")
+        require(self.n_pairs >= 1 and self.warmup_updates >= 0, "bench.n_pairs >= 1 and bench.warmup_updates >= 0")
+        require(all(m in BENCH_MODES for m in self.modes), f"bench.modes: some of {', '.join(BENCH_MODES)}")
 
 
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    bench: BenchSettings = field(default_factory=BenchSettings)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     seed: int = 42
     use_wandb: bool = False
     overwrite: bool = False  # allow reusing a run dir that already holds a finished run
     resume: bool = False  # continue from the run dir's latest training state (a fresh start if there is none)
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.model.max_length >= 64 or self.data.format == InputFormat.pab,
             "model.max_length must be at least 64 for the papb format",
         )
-        _require(
+        require(
             not self.trainer.packing or self.trainer.max_tokens >= self.model.max_length,
             "trainer.max_tokens must be at least model.max_length so that every pair fits a packed row",
         )
-        _require(
+        require(
             not self.trainer.packing or self.trainer.eval_max_tokens >= self.model.max_length,
             "trainer.eval_max_tokens must be at least model.max_length",
         )
-        _require(not (self.resume and self.overwrite), "resume=true and overwrite=true contradict each other")
+        require(not (self.resume and self.overwrite), "resume=true and overwrite=true contradict each other")
 
 
 class ConfigError(ValueError):
     """A configuration value that breaks a rule the schema's types cannot express."""
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def validated_config(cfg: DictConfig) -> TrainConfig:
+    """The schema-checked config object. Merging into the schema again also rejects keys added with `+key=`,
+    which Hydra lets into the composed config and `OmegaConf.to_object` would silently drop."""
+    checked = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(cfg, resolve=True))
+    return OmegaConf.to_object(checked)

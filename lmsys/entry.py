@@ -1,12 +1,20 @@
-"""What every entry point does before the heavy imports: make `import lmsys` work, check the family."""
+"""The training entry points' one body: `lmsys/code/train_r_<family>.py` and `python -m lmsys.train` call
+`train_entry`, which checks the config's family in the first second, before the heavy imports."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+import hydra
+from omegaconf import DictConfig
 
-from lmsys.config import Family, TrainConfig
+from lmsys.config import Family, register_configs
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+ENTRY_POINTS = {family: f"lmsys/code/train_r_{family.value}.py" for family in Family}
+DEFAULT_CONFIGS = {Family.llama: "conf_r_llama_smol", Family.gemma: "conf_r_gemma_270m",
+                   Family.qwen: "conf_r_qwen25_14b", Family.mistral: "conf_r_mistral_7b"}
 
 
 class EntryPointError(SystemExit):
@@ -19,16 +27,25 @@ class EntryPointError(SystemExit):
 
 def check_entry_family(cfg: DictConfig, family: Family, script: str) -> None:
     """Fail in the first second when a config of another family is given to this entry point."""
-    configured = cfg.model.family
+    configured = Family(cfg.model.family)
     if configured != family:
         raise EntryPointError(
-            f"{script} trains the '{family.value}' family, but model.family is '{Family(configured).value}' "
-            f"(model.path={cfg.model.path}); use train_r_{Family(configured).value}.py"
+            f"{script} trains the '{family.value}' family, but model.family is '{configured.value}' "
+            f"(model.path={cfg.model.path}); use {ENTRY_POINTS[configured]} or python -m lmsys.train"
         )
 
 
-def validated_config(cfg: DictConfig) -> TrainConfig:
-    """The schema-checked config object. Merging into the schema again also rejects keys added with `+key=`,
-    which Hydra lets into the composed config and `OmegaConf.to_object` would silently drop."""
-    checked = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(cfg, resolve=True))
-    return OmegaConf.to_object(checked)
+def train_entry(family: Family | None, script: str) -> None:
+    """Hydra's main over conf/ for one family (None: any), returning the best validation log loss to Hydra
+    (for sweeps' optimisers)."""
+    register_configs()
+    default = DEFAULT_CONFIGS[family] if family is not None else DEFAULT_CONFIGS[Family.llama]
+
+    def task(cfg: DictConfig) -> float:
+        if family is not None:
+            check_entry_family(cfg, family, script)
+        from lmsys.train import run_training
+
+        return run_training(cfg)["best"]["log_loss"]
+
+    hydra.main(config_path=CONF_DIR, config_name=default, version_base="1.3")(task)()

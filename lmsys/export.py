@@ -1,7 +1,7 @@
 """Merge a checkpoint's LoRA adapter into an unquantized copy of its base model, for inference without peft.
 
     python -m lmsys.export checkpoint=RUN_DIR/checkpoint output_dir=DIR [dtype=bfloat16|float32] [overwrite=true]
-    python lmsys/code/predict.py checkpoint=DIR data.test_path=test.csv output=submission.csv
+    python -m lmsys.predict checkpoint=DIR data.test_path=test.csv output=submission.csv
 
 The result is a checkpoint like any other (spec, head, tokenizer) whose backbone weights are the merged
 safetensors themselves; its spec says `merged: true` and `quantization: none`. Merging into a 4-bit base would
@@ -13,26 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from lmsys.builders import build_model, build_tokenizer
+from lmsys.cli import run_command
 from lmsys.config import ComputeDtype, Quantization
+from lmsys.logs import setup_logging
 from lmsys.modeling.checkpoint import CheckpointError, ModelSpec, read_spec, save_checkpoint
 from lmsys.modeling.model import PreferenceModel
 from lmsys.prediction_config import ExportConfig
-from lmsys.runs import RunDir
+from lmsys.runs import write_file
 
 log = logging.getLogger("lmsys")
-
-
-def build_export_config(argv: list[str]) -> ExportConfig:
-    """`key=value` arguments checked against the schema: an unknown key or a bad value fails here."""
-    merged = OmegaConf.merge(OmegaConf.structured(ExportConfig), OmegaConf.from_cli(argv))
-    return OmegaConf.to_object(merged)
 
 
 def merge_adapter(checkpoint: Path, spec: ModelSpec, dtype: ComputeDtype) -> tuple[PreferenceModel, ModelSpec]:
@@ -53,13 +47,16 @@ def export_merged(checkpoint: Path, output_dir: Path, dtype: ComputeDtype, overw
         raise ValueError("output_dir must differ from the checkpoint it is made from")
     model, spec = merge_adapter(checkpoint, spec, dtype)
     tokenizer = build_tokenizer(checkpoint, spec.trust_remote_code)
-    RunDir(output_dir.parent, is_main=True).write(output_dir.name, lambda tmp: save_checkpoint(tmp, model, tokenizer, spec))
+    write_file(output_dir, lambda tmp: save_checkpoint(tmp, model, tokenizer, spec))
     return output_dir
 
 
 def main(argv: list[str] | None = None) -> Path:
-    config = build_export_config(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    return run_command(ExportConfig, __doc__, run_export, argv)
+
+
+def run_export(config: ExportConfig) -> Path:
+    setup_logging()
     output_dir = export_merged(
         Path(config.checkpoint), Path(config.output_dir), ComputeDtype(config.dtype.value), config.overwrite
     )

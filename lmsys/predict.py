@@ -1,12 +1,16 @@
-"""Prediction, as steps: validate inputs -> checkpoint -> encode -> predict (with swap TTA) -> atomic outputs.
+"""Predict with a checkpoint: a Kaggle submission, with swap TTA by default.
 
-`lmsys/code/predict.py` calls `run_prediction`; `lmsys.pseudo_label` reuses `predict_checkpoint` and the writers.
-Everything that can be wrong with the inputs (the test file, the checkpoint) is found before a model is loaded.
+    python -m lmsys.predict checkpoint=RUN_DIR/checkpoint data.test_path=test.csv output=submission.csv \
+        [tta=false] [logits_output=logits.csv] [pseudo_label_output=pseudo.parquet] [dense_weights=true|false]
+    accelerate launch -m lmsys.predict ...        (several processes: each predicts a share of the pairs)
+
+As steps: validate inputs -> checkpoint -> encode -> predict (with swap TTA) -> atomic outputs. Everything that
+can be wrong with the inputs (the test file, the checkpoint) is found before a model is loaded.
+`lmsys.pseudo_label` reuses `predict_checkpoint` and the writers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -14,19 +18,18 @@ import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
-from omegaconf import DictConfig, OmegaConf
 
-from lmsys.builders import build_encoder, build_model, build_tokenizer
-from lmsys.config import Attention
-from lmsys.data.dataset import EncodedSplit, encode_split
+from lmsys.builders import build_encoder, build_inference_batching, build_model, build_prediction_spec, build_tokenizer
+from lmsys.cli import run_command
+from lmsys.data.dataset import encode_split
 from lmsys.data.io import read_pairs
 from lmsys.data.schema import TARGET_COLUMNS, Pair, swap_abt
-from lmsys.evaluation.predict_loop import InferenceBatching, SplitPredictions, predict_split
+from lmsys.evaluation.predict_loop import SplitPredictions, predict_split
+from lmsys.logs import setup_logging
 from lmsys.modeling.backbone import fold_into_dense
-from lmsys.modeling.checkpoint import ModelSpec, read_spec
-from lmsys.modeling.families import attention_width, resolve_attention
+from lmsys.modeling.checkpoint import ModelSpec
 from lmsys.prediction_config import InferenceSettings, PredictConfig
-from lmsys.runs import RunDir
+from lmsys.runs import write_file
 
 log = logging.getLogger("lmsys")
 LOGIT_COLUMNS = ("logit_a", "logit_b", "logit_tie")
@@ -34,8 +37,11 @@ LOGIT_COLUMNS = ("logit_a", "logit_b", "logit_tie")
 SWAPPED_LOGIT_COLUMNS = ("swapped_logit_a", "swapped_logit_b", "swapped_logit_tie")
 
 
-def run_prediction(cfg: DictConfig) -> Path:
-    config: PredictConfig = OmegaConf.to_object(cfg)  # runs the __post_init__ rules; fails on ??? left unset
+def main(argv: list[str] | None = None) -> None:
+    run_command(PredictConfig, __doc__, run_prediction, argv)
+
+
+def run_prediction(config: PredictConfig) -> Path:
     accelerator = Accelerator()
     setup_logging(accelerator.is_main_process)
     pairs = read_pairs(config.data.test_path, require_labels=False)
@@ -55,59 +61,21 @@ def run_prediction(cfg: DictConfig) -> Path:
     return Path(config.output)
 
 
-def build_prediction_spec(checkpoint: str, settings: InferenceSettings) -> ModelSpec:
-    """The checkpoint's spec (checked complete) with the inference overrides; the attention kernel is re-checked
-    because a checkpoint trained padded may hold one that would let packed pairs see each other."""
-    spec = read_spec(checkpoint)
-    attention = settings.attn_implementation or spec.attn_implementation
-    return dataclasses.replace(
-        spec,
-        compute_dtype=settings.compute_dtype or spec.compute_dtype,
-        attn_implementation=Attention(resolve_attention(spec.family, spec.model_type, attention, settings.packing)),
-    )
-
-
-def build_inference_batching(
-    settings: InferenceSettings, pad_id: int, spec: ModelSpec, checkpoint: str
-) -> InferenceBatching:
-    # Rows at most one sequence wide by default: sdpa/eager attention costs the square of the row width.
-    model_dir = checkpoint if spec.merged else spec.base_model_path
-    return InferenceBatching(settings.packing, settings.max_tokens, settings.row_tokens or spec.max_length,
-                             settings.batch_size, pad_id, spec.padding_side,
-                             attention_width(model_dir, spec.attn_implementation))
-
-
 def predict_checkpoint(
     checkpoint: str, spec: ModelSpec, pairs: list[Pair], settings: InferenceSettings, accelerator: Accelerator
 ) -> SplitPredictions:
-    """Logits of every pair (both orientations with TTA) from one checkpoint, on every process.
-
-    Each orientation runs in its own pass. Then the (A, B) pass of a file with A and B exchanged row by row meets
-    exactly the micro-batches of this file's (B, A) pass, and TTA predictions are swap-symmetric to the bit even
-    where a kernel's rounding depends on the batch shape (bitsandbytes' CPU 4-bit GEMM rounds to bfloat16).
-    """
+    """Logits of every pair (both orientations with TTA) from one checkpoint, on every process."""
     tokenizer = build_tokenizer(checkpoint, spec.trust_remote_code)
     split = encode_split(pairs, build_encoder(spec, tokenizer))
     model = build_model(spec, None, None, accelerator.device, adapter_dir=checkpoint)
     if use_dense_weights(settings.dense_weights, accelerator.device):
         log.info("folded the adapter into %d dense projections", fold_into_dense(model))
-    batching = build_inference_batching(settings, tokenizer.pad_token_id, spec, checkpoint)
-    forward = predict_split(model, split, False, batching, accelerator, settings.show_progress)
-    if not settings.tta:
-        return forward
-    backward = predict_split(model, swapped_as_forward(split), False, batching, accelerator,
-                             settings.show_progress)
-    return SplitPredictions(forward.logits_ab, backward.logits_ab)
+    batching = build_inference_batching(settings, spec, tokenizer.pad_token_id)
+    return predict_split(model, split, settings.tta, batching, accelerator, settings.show_progress)
 
 
 def use_dense_weights(requested: bool | None, device: torch.device) -> bool:
     return device.type == "cpu" if requested is None else requested
-
-
-def swapped_as_forward(split: EncodedSplit) -> EncodedSplit:
-    """The (B, A) orientation as the only one of a split: predict_split without TTA runs the forward orientation."""
-    forward = [dataclasses.replace(example, swapped=False) for example in split.swapped]
-    return EncodedSplit(split.pairs, forward, [], split.prompt_tokens)
 
 
 def normalised(probs: np.ndarray, pairs: list[Pair]) -> np.ndarray:
@@ -151,21 +119,11 @@ def pseudo_label_frame(pairs: list[Pair], probs: np.ndarray) -> pd.DataFrame:
 def write_table(frame: pd.DataFrame, path: str | Path, is_main: bool) -> None:
     """Atomic write by the main process only; the suffix picks CSV or parquet."""
     path = Path(path)
-
-    def produce(tmp: Path) -> None:
-        if path.suffix == ".parquet":
-            frame.to_parquet(tmp, index=False)
-        else:
-            frame.to_csv(tmp, index=False)
-
-    RunDir(path.parent, is_main).write(path.name, produce)
+    if path.suffix == ".parquet":
+        write_file(path, lambda tmp: frame.to_parquet(tmp, index=False), is_main)
+    else:
+        write_file(path, lambda tmp: frame.to_csv(tmp, index=False), is_main)
 
 
-def setup_logging(is_main: bool) -> None:
-    logger = logging.getLogger("lmsys")
-    logger.setLevel(logging.INFO if is_main else logging.WARNING)
-    logger.handlers.clear()
-    logger.propagate = False
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    logger.addHandler(handler)
+if __name__ == "__main__":
+    main()

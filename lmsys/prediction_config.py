@@ -1,7 +1,7 @@
 """Schemas of the inference commands: predict (`predict_schema`), pseudo-labelling and export.
 
-Like `TrainConfig`, each is a dataclass that every override is validated against, so a typo fails while composing,
-before any model is loaded. Nothing here repeats the model settings: those come from the checkpoint's spec.
+Like `TrainConfig`, each is a dataclass that every `key=value` argument is validated against (lmsys/cli.py), so a
+typo fails at once, before any model is loaded. Nothing here repeats the model settings: those come from the checkpoint's spec.
 """
 
 from __future__ import annotations
@@ -9,10 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from lmsys.config import Attention, ComputeDtype, TtaMode, _require
+from lmsys.config import Attention, ComputeDtype, TtaMode, require
 
 TABLE_SUFFIXES = (".csv", ".parquet")
 
@@ -47,9 +46,9 @@ class InferenceSettings:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.max_tokens >= 32, "max_tokens must be at least 32")
-        _require(self.row_tokens is None or self.row_tokens >= 1, "row_tokens must be >= 1")
-        _require(self.batch_size >= 1, "batch_size must be >= 1")
+        require(self.max_tokens >= 32, "max_tokens must be at least 32")
+        require(self.row_tokens is None or self.row_tokens >= 1, "row_tokens must be >= 1")
+        require(self.batch_size >= 1, "batch_size must be >= 1")
 
 
 @dataclass
@@ -61,10 +60,10 @@ class PredictConfig(InferenceSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.output.endswith(".csv"), "output (the Kaggle submission) must end in .csv")
-        _require(self.logits_output is None or self.logits_output.endswith(TABLE_SUFFIXES),
+        require(self.output.endswith(".csv"), "output (the Kaggle submission) must end in .csv")
+        require(self.logits_output is None or self.logits_output.endswith(TABLE_SUFFIXES),
                  "logits_output must end in .csv or .parquet")
-        _require(self.pseudo_label_output is None or self.pseudo_label_output.endswith(".parquet"),
+        require(self.pseudo_label_output is None or self.pseudo_label_output.endswith(".parquet"),
                  "pseudo_label_output must end in .parquet")
 
 
@@ -75,8 +74,8 @@ class PseudoLabelConfig(InferenceSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(len(self.checkpoints) > 0, "checkpoints must name at least one checkpoint")
-        _require(self.output.endswith(".parquet"), "output must end in .parquet")
+        require(len(self.checkpoints) > 0, "checkpoints must name at least one checkpoint")
+        require(self.output.endswith(".parquet"), "output must end in .parquet")
 
 
 @dataclass
@@ -85,7 +84,3 @@ class ExportConfig:
     output_dir: str = MISSING  # the merged checkpoint to create
     dtype: MergeDtype = MergeDtype.bfloat16  # of the unquantized base the adapter is merged into, and of the result
     overwrite: bool = False
-
-
-def register_predict_configs() -> None:
-    ConfigStore.instance().store(name="predict_schema", node=PredictConfig)

@@ -5,34 +5,32 @@
 
 Each checkpoint's (TTA-combined) probabilities are averaged; the parquet holds id, prompt, response_a,
 response_b (lists of turns), `label` (the three A/B/tie probabilities) and source=pseudo, and is training data as
-it stands: `data.train_path=pseudo.parquet` (see conf/conf_r_llama_smol_stage2.yaml). `lmsys/code/predict.py
+it stands: `data.train_path=pseudo.parquet` (see conf/conf_r_llama_smol_stage2.yaml). `python -m lmsys.predict
 pseudo_label_output=FILE.parquet` writes the same file from a single checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 
 import numpy as np
 from accelerate import Accelerator
-from omegaconf import OmegaConf
 
+from lmsys.builders import build_prediction_spec
+from lmsys.cli import run_command
 from lmsys.data.io import read_pairs
-from lmsys.predict import build_prediction_spec, predict_checkpoint, pseudo_label_frame, setup_logging, write_table
+from lmsys.logs import setup_logging
+from lmsys.predict import predict_checkpoint, pseudo_label_frame, write_table
 from lmsys.prediction_config import PseudoLabelConfig
 
 log = logging.getLogger("lmsys")
 
 
-def build_pseudo_label_config(argv: list[str]) -> PseudoLabelConfig:
-    """`key=value` arguments checked against the schema: an unknown key or a bad value fails here."""
-    merged = OmegaConf.merge(OmegaConf.structured(PseudoLabelConfig), OmegaConf.from_cli(argv))
-    return OmegaConf.to_object(merged)
-
-
 def main(argv: list[str] | None = None) -> None:
-    config = build_pseudo_label_config(sys.argv[1:] if argv is None else argv)
+    run_command(PseudoLabelConfig, __doc__, run_pseudo_labels, argv)
+
+
+def run_pseudo_labels(config: PseudoLabelConfig) -> None:
     accelerator = Accelerator()
     setup_logging(accelerator.is_main_process)
     pairs = read_pairs(config.data.test_path, require_labels=False)

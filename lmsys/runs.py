@@ -44,21 +44,8 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
 
     def write(self, name: str, produce: Callable[[Path], None]) -> Path | None:
-        """Atomically create file or directory `name`: `produce` writes to a temporary path that is then renamed."""
-        if not self.is_main:
-            return None
-        target = self.path / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)) / target.name
-        produce(tmp)
-        old = target.with_name(f".{target.name}.old")
-        _remove(old)  # left by a kill after the last swap; `target` is complete, so it is the one to keep
-        if target.exists():
-            os.replace(target, old) if target.is_file() else target.rename(old)
-        os.replace(tmp, target)
-        shutil.rmtree(tmp.parent, ignore_errors=True)
-        _remove(old)
-        return target
+        """Atomically create file or directory `name` of the run dir (see `write_file`)."""
+        return write_file(self.path / name, produce, self.is_main)
 
     def write_text(self, name: str, text: str) -> Path | None:
         return self.write(name, lambda p: p.write_text(redact_secrets(text)))
@@ -70,7 +57,34 @@ class RunDir:
                 handle.write(redact_secrets(line) + "\n")
 
     def write_json(self, name: str, payload: dict) -> Path | None:
-        return self.write_text(name, json.dumps(payload, indent=2, default=str) + "\n")
+        return write_json(self.path / name, payload, self.is_main)
+
+
+def write_json(target: Path, payload: dict, is_main: bool = True) -> Path | None:
+    """Atomically write `payload` as indented JSON, secrets redacted."""
+    text = redact_secrets(json.dumps(payload, indent=2, default=str) + "\n")
+    return write_file(target, lambda p: p.write_text(text), is_main)
+
+
+def write_file(target: Path, produce: Callable[[Path], None], is_main: bool = True) -> Path | None:
+    """Atomically create file or directory `target`, on the main process only: `produce` writes to a temporary
+    path beside it, which is then renamed into place (a kill never leaves a half-written `target`)."""
+    if not is_main:
+        return None
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)) / target.name
+    try:
+        produce(tmp)
+        old = target.with_name(f".{target.name}.old")
+        _remove(old)  # left by a kill after the last swap; `target` is complete, so it is the one to keep
+        if target.exists():
+            os.replace(target, old) if target.is_file() else target.rename(old)
+        os.replace(tmp, target)
+        _remove(old)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+    return target
 
 
 def _remove(path: Path) -> None:

@@ -18,7 +18,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lmsys.runs import RunDir
+from lmsys.runs import write_json
 
 SUMMARY_FILE = "sweep_summary.json"
 
@@ -92,7 +92,7 @@ class SweepSummaryCallback(Callback):
             return
         summary = summarize(self.run_dirs)
         main = is_main_process()
-        RunDir(Path(config.hydra.sweep.dir).resolve(), main).write_json(SUMMARY_FILE, summary)
+        write_json(Path(config.hydra.sweep.dir).resolve() / SUMMARY_FILE, summary, main)
         if main:
             print(format_table(summary), flush=True)
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     except SweepError as err:
         parser.error(str(err))
     if args.output is not None:
-        RunDir(args.output.resolve().parent, True).write_json(args.output.name, summary)
+        write_json(args.output.resolve(), summary)
     print(format_table(summary))
 
 

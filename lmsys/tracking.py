@@ -4,7 +4,9 @@ trackers) when it is on."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+from lmsys.config import WandbConfig
 from lmsys.runs import RunDir
 
 METRICS_LOG = "metrics.jsonl"
@@ -30,3 +32,12 @@ class Tracker:
             table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
             self.accelerator.get_tracker("wandb").log({name: table}, step=step)
         self.run.append_line(METRICS_LOG, json.dumps({"step": step, name: rows}))
+
+
+def start_wandb(accelerator, wandb: WandbConfig, config: dict, run_path: Path) -> None:
+    """wandb through accelerate's trackers, with the resolved config; the run named after the run dir."""
+    accelerator.init_trackers(
+        wandb.project, config=config,
+        init_kwargs={"wandb": {"mode": wandb.mode, "entity": wandb.entity, "name": wandb.name or run_path.name,
+                               "tags": wandb.tags, "dir": str(run_path)}},
+    )

@@ -10,8 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
-from lmsys.config import ConfigError, Family, Quantization, TrainConfig
-from lmsys.entry import validated_config
+from lmsys.config import ConfigError, Family, Quantization, TrainConfig, validated_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(path.stem for path in CONF_DIR.glob("conf_r_*.yaml"))

@@ -100,7 +100,7 @@ def single_process_probs(run_dir: Path, valid_csv: Path) -> tuple[np.ndarray, np
     tokenizer = build_tokenizer(checkpoint, spec.trust_remote_code)
     split = encode_split(read_pairs(valid_csv, require_labels=True), build_encoder(spec, tokenizer))
     model = build_model(spec, None, None, SINGLE_PROCESS.device, adapter_dir=checkpoint)
-    predictions = predict_split(model, split, False, build_eval_batching(config, tokenizer.pad_token_id),
+    predictions = predict_split(model, split, False, build_eval_batching(config, spec, tokenizer.pad_token_id),
                                 SINGLE_PROCESS, show_progress=False)
     targets = np.array([pair.target for pair in split.pairs])
     return predictions.probs_ab, targets, [pair.id for pair in split.pairs]

@@ -26,13 +26,19 @@ from peft import PeftModel
 from test_predict import make_checkpoint
 from tiny import arena_frame
 
-from lmsys.builders import build_model
+from lmsys.builders import build_model, build_prediction_spec
+from lmsys.cli import parse_config
 from lmsys.config import ComputeDtype, Quantization
 from lmsys.data.io import read_pairs
-from lmsys.export import main as export_main
+from lmsys.export import run_export
 from lmsys.modeling.checkpoint import ADAPTER_FILES, SPEC_FILE, CheckpointError, read_spec
-from lmsys.predict import build_prediction_spec, predict_checkpoint
-from lmsys.prediction_config import PredictConfig
+from lmsys.predict import predict_checkpoint
+from lmsys.prediction_config import ExportConfig, PredictConfig
+
+
+def export_main(argv: list[str]):
+    """`python -m lmsys.export` with its errors raised rather than printed."""
+    return run_export(parse_config(ExportConfig, argv))
 
 ROOT = Path(__file__).resolve().parents[1]
 MERGE_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.5}  # max |logit difference| vs the adapter on a float32 base

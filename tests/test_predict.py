@@ -14,17 +14,16 @@ import pandas as pd
 import pytest
 import torch
 from accelerate import Accelerator
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 from tiny import arena_frame
 
-from lmsys.builders import build_model, build_spec, build_tokenizer
-from lmsys.config import DataConfig, Family, LoraSettings, ModelConfig, Quantization
+from lmsys.builders import build_model, build_prediction_spec, build_spec, build_tokenizer
+from lmsys.cli import parse_config
+from lmsys.config import DataConfig, Family, LoraConfig, ModelConfig, Quantization
 from lmsys.data.io import DataError, read_pairs
 from lmsys.data.schema import TARGET_COLUMNS
 from lmsys.modeling.checkpoint import SPEC_FILE, CheckpointError, save_checkpoint
-from lmsys.predict import build_prediction_spec, predict_checkpoint, run_prediction
-from lmsys.prediction_config import PredictConfig, register_predict_configs
+from lmsys.predict import predict_checkpoint, run_prediction
+from lmsys.prediction_config import PredictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SYMMETRY_TOLERANCE = 1e-5  # the issue's bound on |P_A(file) - P_B(swapped file)|; we get exactly 0
@@ -35,7 +34,7 @@ def make_checkpoint(directory: Path, base: Path, seed: int = 0) -> Path:
     model_cfg = ModelConfig(path=str(base), family=Family.llama, max_length=128, head_init_std=0.5)
     spec = build_spec(model_cfg, DataConfig(train_path="unused"), packing=True)
     torch.manual_seed(seed)
-    model = build_model(spec, model_cfg, LoraSettings(r=8, alpha=16, dropout=0.0), torch.device("cpu"))
+    model = build_model(spec, model_cfg, LoraConfig(r=8, alpha=16, dropout=0.0), torch.device("cpu"))
     with torch.no_grad():
         for name, param in model.backbone.named_parameters():
             if "lora_B" in name:
@@ -50,11 +49,9 @@ def swapped_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def predict_cfg(**values: object) -> DictConfig:
-    """The composed CLI config (conf/predict.yaml) for `key=value` overrides."""
-    register_predict_configs()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("predict", overrides=[f"{key}={value}" for key, value in values.items()])
+def predict_cfg(**values: object) -> PredictConfig:
+    """The checked command-line config for `key=value` arguments, as `python -m lmsys.predict` parses them."""
+    return parse_config(PredictConfig, [f"{key}={value}" for key, value in values.items()])
 
 
 @pytest.fixture(scope="module")

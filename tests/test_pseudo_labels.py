@@ -17,13 +17,21 @@ from omegaconf.errors import ConfigKeyError
 from test_predict import make_checkpoint, predict_cfg
 from tiny import arena_frame
 
+from lmsys.builders import build_prediction_spec
+from lmsys.cli import parse_config
 from lmsys.config import ConfigError
 from lmsys.data.io import read_pairs
 from lmsys.data.schema import TARGET_COLUMNS
 from lmsys.modeling.checkpoint import CheckpointError
-from lmsys.predict import build_prediction_spec, predict_checkpoint, run_prediction
+from lmsys.predict import predict_checkpoint, run_prediction
 from lmsys.prediction_config import PseudoLabelConfig
-from lmsys.pseudo_label import main as pseudo_label_main
+from lmsys.pseudo_label import run_pseudo_labels
+
+
+def pseudo_label_main(argv: list[str]):
+    """`python -m lmsys.pseudo_label` with its errors raised rather than printed."""
+    return run_pseudo_labels(parse_config(PseudoLabelConfig, argv))
+
 
 ROOT = Path(__file__).resolve().parents[1]
 

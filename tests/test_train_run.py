@@ -22,11 +22,11 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from lmsys.builders import build_encoder, build_model, build_tokenizer
+from lmsys.builders import build_encoder, build_loop_settings, build_model, build_tokenizer
 from lmsys.config import (
     DataConfig,
     Family,
-    LoraSettings,
+    LoraConfig,
     ModelConfig,
     OptimizerName,
     PaddingSide,
@@ -38,10 +38,9 @@ from lmsys.data.batching import collate
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import read_pairs
 from lmsys.modeling.checkpoint import read_spec
-from lmsys.train import loop_settings
-from lmsys.training.loop import iterate_updates, run_update
-from lmsys.training.optim import build_optimizer, build_scheduler, parameter_groups
-from lmsys.training.plan import epoch_plan
+from lmsys.training.optim import create_optimizer, parameter_groups, warmup_cosine_scheduler
+from lmsys.training.plan import epoch_plan, iterate_updates
+from lmsys.training.recipe import TrainingRecipe
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -59,7 +58,7 @@ def train_config(model_dir: Path, family: str, quantization: str, train: Path, *
         model=ModelConfig(path=str(model_dir), family=Family(family), quantization=Quantization(quantization),
                           max_length=128),
         data=DataConfig(train_path=str(train)),
-        lora=LoraSettings(dropout=0.0),
+        lora=LoraConfig(dropout=0.0),
         trainer=TrainerConfig(**{"max_steps": 2, "batch_size": 3, "grad_accum": 1, "max_tokens": 512, **trainer}),
     )
 
@@ -81,19 +80,15 @@ def test_two_updates_change_only_lora_and_head(tiny_models, arena_files):
     model, spec, tokenizer = tiny.build_preference_model(tiny_models["llama"], "llama", "nf4")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     split = encode_split(read_pairs(arena_files["train"], require_labels=True), build_encoder(spec, tokenizer))
-    settings = loop_settings(config, len(split), 1, tokenizer.pad_token_id)
+    settings = build_loop_settings(config, spec, len(split), 1, tokenizer.pad_token_id)
     assert settings.total_updates == 2
-    optimizer = build_optimizer(parameter_groups(model, 1e-3, 1e-3, 1.0, 0.01), config.optimizer.name, (0.9, 0.999),
-                                1e-8)
-    accelerator = Accelerator(cpu=True)
+    optimizer = create_optimizer(parameter_groups(model, 1e-3, 1e-3, 1.0, 0.01), config.optimizer.name, (0.9, 0.999),
+                                 1e-8)
+    scheduler = warmup_cosine_scheduler(optimizer, settings.total_updates, 0.0, 1.0)
+    recipe = TrainingRecipe(Accelerator(cpu=True), model, optimizer, scheduler, settings, split)
     before = snapshot(model)
     model.train()
-    losses = []
-    for update in iterate_updates(split, settings, 0, 1):
-        losses.append(run_update(accelerator, model, update, settings))
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    losses = [recipe.update(update).loss for update in iterate_updates(split, settings, 0, 1)]
     after = snapshot(model)
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
 
@@ -126,12 +121,12 @@ def test_every_pair_weighs_the_same_whatever_the_micro_batches(tiny_models, aren
     }.items():
         model, spec, tokenizer = tiny.build_preference_model(tiny_models["llama"], "llama", "none")
         split = encode_split(pairs, build_encoder(spec, tokenizer))
-        settings = loop_settings(config, len(split), 1, tokenizer.pad_token_id)
-        settings = replace(settings, batching=replace(settings.batching, **batching))
-        update = epoch_plan(split, 0, 0, settings.pairs_per_update, settings.swap, settings.batching, 0, 1)[0]
+        settings = build_loop_settings(config, spec, len(split), 1, tokenizer.pad_token_id)
+        settings = replace(settings, seed=0, batching=replace(settings.batching, **batching))
+        update = epoch_plan(split, 0, settings, 0, 1)[0]
         assert update.n_examples == 6
         model.train()
-        loss = run_update(Accelerator(cpu=True), model, update, settings)
+        loss = TrainingRecipe(Accelerator(cpu=True), model, None, None, settings, split).accumulate_gradients(update)
         grads[layout] = (loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
                          len(update.micro_batches))
     assert grads["packed, one pair each"][2] == 6 and grads["padded, 4 + 2"][2] == 2
@@ -139,7 +134,7 @@ def test_every_pair_weighs_the_same_whatever_the_micro_batches(tiny_models, aren
     # the reference itself: the plain mean loss over the six pairs in one forward pass
     model, spec, tokenizer = tiny.build_preference_model(tiny_models["llama"], "llama", "none")
     split = encode_split(pairs, build_encoder(spec, tokenizer))
-    batch = collate(split.forward, False, tokenizer.pad_token_id, PaddingSide.right, 128)
+    batch = collate(split.forward, replace(settings.batching, packed=False, padding_side=PaddingSide.right))
     model.train()
     mean_loss = torch.nn.functional.cross_entropy(model(**batch.model_inputs(CPU)), batch.targets)
     mean_loss.backward()
@@ -165,19 +160,16 @@ def test_packed_and_padded_training_follow_the_same_loss_curve(tiny_models, tmp_
                               packing=packed, max_tokens=160)
         model, spec, tokenizer = tiny.build_preference_model(tiny_models["llama"], "llama", "nf4")
         split = encode_split(pairs, build_encoder(spec, tokenizer))
-        settings = loop_settings(config, len(split), 1, tokenizer.pad_token_id)
-        optimizer = build_optimizer(parameter_groups(model, 1e-3, 1e-2, 1.0, 0.0), OptimizerName.adamw,
-                                    (0.9, 0.999), 1e-8)
-        scheduler = build_scheduler(optimizer, settings.total_updates, 0.1, 0.1)
-        accelerator, losses, layouts = Accelerator(cpu=True), [], []
+        settings = build_loop_settings(config, spec, len(split), 1, tokenizer.pad_token_id)
+        optimizer = create_optimizer(parameter_groups(model, 1e-3, 1e-2, 1.0, 0.0), OptimizerName.adamw,
+                                     (0.9, 0.999), 1e-8)
+        scheduler = warmup_cosine_scheduler(optimizer, settings.total_updates, 0.1, 0.1)
+        recipe = TrainingRecipe(Accelerator(cpu=True), model, optimizer, scheduler, settings, split)
+        losses, layouts = [], []
         model.train()
         for update in iterate_updates(split, settings, 0, 1):
-            losses.append(run_update(accelerator, model, update, settings))
+            losses.append(recipe.update(update).loss)
             layouts.append(len(update.micro_batches))
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
         curves[packed] = (np.array(losses), layouts)
     (padded, padded_layout), (packed, packed_layout) = curves[False], curves[True]
     assert len(padded) == len(packed) == 20

@@ -138,9 +138,32 @@ def build_preference_model(model_dir: Path, family: str, quantization: str = "no
     """(model, spec, tokenizer) through lmsys.builders, as the trainer builds them, on the CPU."""
     from lmsys.builders import build_model
     from lmsys.builders import build_tokenizer as build_lmsys_tokenizer
-    from lmsys.config import LoraSettings
+    from lmsys.config import LoraConfig
 
     model_cfg, _, spec = model_settings(model_dir, family, quantization, **model_kwargs)
     torch.manual_seed(seed)
-    model = build_model(spec, model_cfg, LoraSettings(dropout=lora_dropout), torch.device("cpu"))
+    model = build_model(spec, model_cfg, LoraConfig(dropout=lora_dropout), torch.device("cpu"))
     return model, spec, build_lmsys_tokenizer(model_dir, False)
+
+
+def batching(packed: bool, pad_id: int, padding_side, row_tokens: int, max_tokens: int = 1 << 20,
+             batch_size: int = 1 << 20, attention_width: float | None = None):
+    """A `Batching` for collating in tests: by default one micro-batch of everything."""
+    from lmsys.data.batching import Batching
+
+    return Batching(packed, max_tokens, row_tokens, batch_size, pad_id, padding_side, attention_width)
+
+
+def spec_stub():
+    """A ModelSpec of a SmolLM2-shaped Llama, for tests of what is derived from a spec (nothing is loaded)."""
+    from lmsys.config import Attention, ComputeDtype, Family, HeadType, InputFormat, PaddingSide, Quantization, Template
+    from lmsys.modeling.checkpoint import ModelSpec
+    from lmsys.modeling.model_facts import ModelFacts
+
+    return ModelSpec(
+        base_model_path="unused", facts=ModelFacts("llama", 576, 9, 64, 3, 1536), family=Family.llama,
+        template=Template.llama3, max_length=128, quantization=Quantization.nf4, double_quant=False,
+        compute_dtype=ComputeDtype.float32, attn_implementation=Attention.sdpa, head=HeadType.linear,
+        input_format=InputFormat.pab, prompt_share=0.2, keep_first_turns=1, keep_last_turns=1, text_head_share=0.5,
+        padding_side=PaddingSide.left,
+    )

@@ -1,5 +1,6 @@
-"""Micro-batches from encoded pairs: padded or packed (padding-free) collation, token-budget grouping, and the
-per-update plan for training (length-grouped shuffle, swap augmentation, sharding over processes)."""
+"""Micro-batches from encoded pairs, for training and prediction alike: one `Batching` description, grouping of
+examples into micro-batches (`micro_batches`, `prediction_batches`) and their collation (`collate`), padded or
+packed (padding-free: pairs share rows, positions restart per pair)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import numpy as np
 import torch
 
 from lmsys.config import PaddingSide
-from lmsys.modeling.model import last_token_index
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,21 @@ class Example:
     ids: np.ndarray  # (T,) int32
     swapped: bool
     target: tuple[float, float, float] | None
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How examples become micro-batches. `max_tokens` has one meaning everywhere: the size of a packed
+    micro-batch's input tensor, rows x widest row (real tokens plus the padding of narrower rows), which is what
+    bounds activation memory."""
+
+    packed: bool
+    max_tokens: int  # packed: rows x widest row of a micro-batch
+    row_tokens: int  # packed: the widest a row may be (a longer example gets a row of its own)
+    batch_size: int  # padded: examples per micro-batch
+    pad_id: int
+    padding_side: PaddingSide
+    attention_width: float | None = None  # packed: from ModelSpec.attention_width; None counts tokens only
 
 
 @dataclass
@@ -45,13 +60,31 @@ class Batch:
         }
 
 
-def collate(
-    examples: list[Example], packed: bool, pad_id: int, padding_side: PaddingSide, row_tokens: int,
-    attention_width: float | None = None,
-) -> Batch:
-    if packed:
-        return collate_packed(examples, row_tokens, pad_id, attention_width)
-    return collate_padded(examples, pad_id, padding_side)
+def collate(examples: list[Example], batching: Batching) -> Batch:
+    if batching.packed:
+        return collate_packed(examples, batching.row_tokens, batching.pad_id, batching.attention_width)
+    return collate_padded(examples, batching.pad_id, batching.padding_side)
+
+
+def micro_batches(examples: list[Example], batching: Batching) -> list[list[Example]]:
+    """The examples of one training update (or one prediction window) cut into micro-batches: packed rows grouped
+    within `max_tokens`, or `batch_size` examples each."""
+    if batching.packed:
+        groups = fill_packed([len(ex.ids) for ex in examples], batching.max_tokens, batching.row_tokens,
+                             batching.attention_width)
+    else:
+        groups = fill_by_count(len(examples), batching.batch_size)
+    return [[examples[i] for i in group] for group in groups]
+
+
+def prediction_batches(examples: list[Example], batching: Batching) -> list[list[Example]]:
+    """Micro-batches of length-sorted examples: consecutive windows of at most `max_tokens` real tokens, each
+    cut by `micro_batches`, so that neighbours of similar length share rows and every micro-batch keeps the
+    budget. Deterministic in the lengths alone: the same lengths give the same micro-batches."""
+    if not batching.packed:
+        return micro_batches(examples, batching)
+    windows = fill_by_tokens([len(ex.ids) for ex in examples], batching.max_tokens)
+    return [batch for window in windows for batch in micro_batches([examples[i] for i in window], batching)]
 
 
 def pack_rows(lengths: list[int], row_tokens: int, attention_width: float | None = None) -> list[list[int]]:
@@ -172,8 +205,8 @@ def _targets(examples: list[Example]) -> torch.Tensor | None:
 
 
 def fill_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Consecutive groups (in the given order) whose lengths sum to at most `max_tokens`: for length-sorted
-    prediction, where neighbours are of similar length and each group gets its own row width."""
+    """Consecutive groups (in the given order) whose lengths sum to at most `max_tokens` (a longer example alone):
+    the windows of `prediction_batches`."""
     groups: list[list[int]] = []
     current: list[int] = []
     used = 0
@@ -190,3 +223,13 @@ def fill_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
 
 def fill_by_count(n: int, size: int) -> list[list[int]]:
     return [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Column of the last real token of each row (R, T) -> (R,), for left or right padding.
+
+    Read from the mask, never from token ids, so it stays right when the pad token is the eos token.
+    """
+    n_cols = attention_mask.shape[1]
+    flipped_first_one = attention_mask.flip(1).long().argmax(1)
+    return n_cols - 1 - flipped_first_one

@@ -48,7 +48,7 @@ class PairEncoder:
         prompt_share: float,
         keep_first_turns: int,
         keep_last_turns: int,
-        head_fraction: float,
+        text_head_share: float,
     ) -> None:
         self.tokenizer = tokenizer
         self.input_format = input_format
@@ -56,7 +56,7 @@ class PairEncoder:
         self.prompt_share = prompt_share
         self.keep_first_turns = keep_first_turns
         self.keep_last_turns = keep_last_turns
-        self.head_fraction = head_fraction
+        self.text_head_share = text_head_share
         self._special_prefix = tokenizer("", add_special_tokens=True)["input_ids"]  # [bos] where the model wants one
         self._marker_cache: dict[str, list[int]] = {}
         self._user_prefix = markers.user_prefix
@@ -142,7 +142,7 @@ class PairEncoder:
         truncated = []
         for part, part_budget in zip(parts, part_budgets, strict=True):
             turn_budgets = water_fill([len(t) for t in part], [1.0] * len(part), part_budget)
-            truncated.append([head_tail(t, b, self.head_fraction, self._ellipsis) for t, b in zip(part, turn_budgets)])
+            truncated.append([head_tail(t, b, self.text_head_share, self._ellipsis) for t, b in zip(part, turn_budgets)])
         return truncated
 
     def _tok(self, text: str) -> list[int]:

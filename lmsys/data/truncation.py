@@ -35,13 +35,13 @@ def water_fill(demands: list[int], weights: list[float], budget: int) -> list[in
     return alloc
 
 
-def head_tail(tokens: list[int], budget: int, head_fraction: float, ellipsis: list[int]) -> list[int]:
+def head_tail(tokens: list[int], budget: int, text_head_share: float, ellipsis: list[int]) -> list[int]:
     """Keep `budget` tokens of `tokens`: its start and end joined by `ellipsis` when something is cut."""
     if len(tokens) <= budget:
         return tokens
     if budget <= len(ellipsis):
         return tokens[:budget]
     keep = budget - len(ellipsis)
-    n_head = int(round(keep * head_fraction))
+    n_head = int(round(keep * text_head_share))
     n_tail = keep - n_head
     return tokens[:n_head] + ellipsis + (tokens[len(tokens) - n_tail :] if n_tail else [])

@@ -10,22 +10,10 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from lmsys.config import PaddingSide
-from lmsys.data.batching import Example, collate, fill_by_count, fill_by_tokens
+from lmsys.data.batching import Batching, Example, collate, prediction_batches
 from lmsys.data.dataset import EncodedSplit
 from lmsys.data.schema import swap_abt
 from lmsys.evaluation.metrics import tta_combine
-
-
-@dataclass(frozen=True)
-class InferenceBatching:
-    packed: bool
-    max_tokens: int  # packed: tokens per micro-batch
-    row_tokens: int  # packed: tokens per row of a micro-batch
-    batch_size: int  # padded: pairs per micro-batch
-    pad_id: int
-    padding_side: PaddingSide
-    attention_width: float | None = None  # packed: see lmsys.modeling.families.attention_width
 
 
 @dataclass
@@ -54,50 +42,54 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(-1, keepdims=True)
 
 
-@torch.inference_mode()
 def predict_split(
     model: torch.nn.Module,
     split: EncodedSplit,
     tta: bool,
-    batching: InferenceBatching,
+    batching: Batching,
     accelerator,
     show_progress: bool = True,
 ) -> SplitPredictions:
-    """Logits for every pair (both orientations with `tta`), identical whatever the number of processes."""
-    examples = split.forward + (split.swapped if tta else [])
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))  # longest first: OOM shows at once
-    mine = [examples[i] for i in order[accelerator.process_index :: accelerator.num_processes]]
+    """Logits for every pair (both orientations with `tta`), identical whatever the number of processes.
+
+    Each orientation runs in its own pass. Then the (A, B) pass of a file with A and B exchanged row by row meets
+    exactly the micro-batches of this file's (B, A) pass, and TTA predictions are swap-symmetric to the bit even
+    where a kernel's rounding depends on the batch shape (bitsandbytes' CPU 4-bit GEMM rounds to bfloat16).
+    """
     was_training = model.training
     model.eval()
+    forward = predict_examples(model, split.forward, batching, accelerator, show_progress)
+    swapped = predict_examples(model, split.swapped, batching, accelerator, show_progress) if tta else None
+    model.train(was_training)
+    return SplitPredictions(forward, swapped)
+
+
+@torch.inference_mode()
+def predict_examples(
+    model: torch.nn.Module, examples: list[Example], batching: Batching, accelerator, show_progress: bool
+) -> np.ndarray:
+    """(N, C) logits of one example per pair, in pair order, whatever the number of processes: each process runs
+    every num_processes-th example of the length-sorted list, and the results are gathered."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))  # longest first: OOM shows at once
+    mine = [examples[i] for i in order[accelerator.process_index :: accelerator.num_processes]]
     results = []
     bar = tqdm(total=len(mine), desc="predict", disable=not (show_progress and accelerator.is_main_process), leave=False)
-    for group in _micro_batches(mine, batching):
-        batch = collate(group, batching.packed, batching.pad_id, batching.padding_side, batching.row_tokens,
-                        batching.attention_width)
-        logits = model(**batch.model_inputs(accelerator.device)).float().cpu().numpy()
-        results += [(ex.pair_index, ex.swapped, row) for ex, row in zip(group, logits, strict=True)]
+    for group in prediction_batches(mine, batching):
+        logits = model(**collate(group, batching).model_inputs(accelerator.device)).float().cpu().numpy()
+        results += [(ex.pair_index, row) for ex, row in zip(group, logits, strict=True)]
         bar.update(len(group))
     bar.close()
-    model.train(was_training)
     gathered = gather_object(results) if accelerator.num_processes > 1 else results
-    return _assemble(gathered, len(split), tta)
+    return _assemble(gathered, len(examples))
 
 
-def _micro_batches(examples: list[Example], batching: InferenceBatching) -> list[list[Example]]:
-    if batching.packed:
-        groups = fill_by_tokens([len(ex.ids) for ex in examples], batching.max_tokens)
-    else:
-        groups = fill_by_count(len(examples), batching.batch_size)
-    return [[examples[i] for i in group] for group in groups]
-
-
-def _assemble(results: list[tuple[int, bool, np.ndarray]], n_pairs: int, tta: bool) -> SplitPredictions:
-    logits = {False: np.full((n_pairs, 3), np.nan), True: np.full((n_pairs, 3), np.nan)}
-    seen = {False: np.zeros(n_pairs, dtype=int), True: np.zeros(n_pairs, dtype=int)}
-    for pair_index, swapped, row in results:
-        logits[swapped][pair_index] = row
-        seen[swapped][pair_index] += 1
-    for swapped in (False, True) if tta else (False,):
-        if not (seen[swapped] == 1).all():
-            raise RuntimeError(f"prediction gather lost or duplicated pairs (swapped={swapped})")
-    return SplitPredictions(logits[False], logits[True] if tta else None)
+def _assemble(results: list[tuple[int, np.ndarray]], n_pairs: int) -> np.ndarray:
+    width = len(results[0][1]) if results else 0
+    logits = np.full((n_pairs, width), np.nan)
+    seen = np.zeros(n_pairs, dtype=int)
+    for pair_index, row in results:
+        logits[pair_index] = row
+        seen[pair_index] += 1
+    if not (seen == 1).all():
+        raise RuntimeError(f"prediction gather lost or duplicated pairs: {int((seen != 1).sum())} of {n_pairs}")
+    return logits

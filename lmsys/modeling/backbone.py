@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -13,19 +12,6 @@ from transformers import AutoModel, BitsAndBytesConfig, PreTrainedModel
 from lmsys.config import ComputeDtype, Quantization
 
 DTYPES = {ComputeDtype.float32: torch.float32, ComputeDtype.bfloat16: torch.bfloat16, ComputeDtype.float16: torch.float16}
-
-
-class ModelLoadError(ValueError):
-    """A model directory that is missing or cannot be used."""
-
-
-def read_model_type(path: str | Path) -> str:
-    """The architecture of a local model directory, read from its config.json without loading weights."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise ModelLoadError(f"{path}: not a model directory (no config.json); run ./setup.sh or set model.path")
-    config = json.loads(config_file.read_text())
-    return config.get("text_config", {}).get("model_type") if config.get("model_type") == "gemma3" else config["model_type"]
 
 
 def resolve_dtype(requested: ComputeDtype, device: torch.device) -> torch.dtype:

@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmsys.config import Attention, ComputeDtype, Family, HeadType, InputFormat, PaddingSide, Quantization, Template
+from lmsys.modeling.model_facts import ModelFacts
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the base model's facts (ModelFacts) replace model_type and hidden_size
 SPEC_FILE = "lmsys_checkpoint.json"
 HEAD_FILE = "head.safetensors"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -32,7 +33,7 @@ class ModelSpec:
     """How to rebuild the model and its inputs; the only configuration a checkpoint carries."""
 
     base_model_path: str
-    model_type: str
+    facts: ModelFacts  # of the base model's config.json, read once when the run started
     family: Family
     template: Template
     max_length: int
@@ -41,17 +42,38 @@ class ModelSpec:
     compute_dtype: ComputeDtype
     attn_implementation: Attention
     head: HeadType
-    hidden_size: int
     input_format: InputFormat
     prompt_share: float
     keep_first_turns: int
     keep_last_turns: int
-    head_fraction: float
+    text_head_share: float
     padding_side: PaddingSide
     trust_remote_code: bool = False
     # The LoRA adapter is merged into the backbone saved in the checkpoint itself (base_model_path is provenance).
     merged: bool = False
     format_version: int = FORMAT_VERSION
+
+    @property
+    def model_type(self) -> str:
+        return self.facts.model_type
+
+    @property
+    def hidden_size(self) -> int:
+        return self.facts.hidden_size
+
+    @property
+    def attention_width(self) -> float | None:
+        """The packed-row width at which a row's attention costs as much as its projections, per token.
+
+        sdpa and eager compute the full square of a packed row (4 * T * heads * head_dim flops a token and layer,
+        against 2 * the layer's projection parameters), so packing short pairs into wide rows can cost more than
+        the padding it saves. None for kernels that skip the masked blocks (flash attention varlen, flex
+        attention): there a row's width costs nothing.
+        """
+        if self.attn_implementation in (Attention.flash_attention_2, Attention.flex_attention):
+            return None
+        facts = self.facts
+        return 2 * facts.projection_params_per_layer / (4 * facts.num_attention_heads * facts.head_dim)
 
     def to_json(self) -> str:
         payload = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(self).items()}
@@ -70,8 +92,9 @@ class ModelSpec:
                  "attn_implementation": Attention, "head": HeadType, "input_format": InputFormat,
                  "padding_side": PaddingSide}
         try:
-            return cls(**{k: enums[k](v) if k in enums else v for k, v in payload.items()})
-        except (TypeError, ValueError) as err:
+            fields = {k: enums[k](v) if k in enums else v for k, v in payload.items()}
+            return cls(**{**fields, "facts": ModelFacts(**fields["facts"])})
+        except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{where}: unreadable checkpoint spec: {err}") from err
 
 

@@ -8,16 +8,6 @@ from torch import nn
 from lmsys.modeling.heads import PreferenceHead
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Column of the last real token of each row (R, T) -> (R,), for left or right padding.
-
-    Read from the mask, never from token ids, so it stays right when the pad token is the eos token.
-    """
-    n_cols = attention_mask.shape[1]
-    flipped_first_one = attention_mask.flip(1).long().argmax(1)
-    return n_cols - 1 - flipped_first_one
-
-
 class PreferenceModel(nn.Module):
     def __init__(self, backbone: nn.Module, head: PreferenceHead) -> None:
         super().__init__()

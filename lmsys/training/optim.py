@@ -29,7 +29,7 @@ def parameter_groups(
     ]
 
 
-def build_optimizer(groups: list[dict], name: OptimizerName, betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
+def create_optimizer(groups: list[dict], name: OptimizerName, betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
     if name == OptimizerName.adamw_8bit:
         import bitsandbytes as bnb
 
@@ -45,6 +45,8 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float, min_lr_ratio: float) -> LambdaLR:
+def warmup_cosine_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float, min_lr_ratio: float
+) -> LambdaLR:
     warmup_steps = int(math.ceil(warmup_ratio * total_steps))
     return LambdaLR(optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, min_lr_ratio))

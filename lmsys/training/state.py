@@ -4,15 +4,18 @@ base), optimizer, scheduler, RNG states and the loop's counters; written atomica
 from __future__ import annotations
 
 import json
+import logging
+import math
 import random
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from lmsys.runs import STATE_DIR, RunDir
-from lmsys.training.loop import LoopState
+
+log = logging.getLogger("lmsys")
 
 WEIGHTS_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -21,6 +24,20 @@ LOOP_FILE = "loop.json"
 
 class ResumeError(RuntimeError):
     """No usable training state to resume from."""
+
+
+@dataclass
+class LoopState:
+    """The counters of a run: what a resumed run continues from."""
+
+    step: int = 0
+    best_score: float = math.inf
+    best_step: int = -1
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    interrupted: bool = False
+    best_metrics: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -50,6 +67,17 @@ def find_state(run_path: Path) -> Path | None:
         if (candidate / LOOP_FILE).is_file() and (candidate / WEIGHTS_FILE).is_file():
             return candidate
     return None
+
+
+def restore_state(run_path: Path, model: torch.nn.Module, optimizer, scheduler) -> LoopState | None:
+    """The run dir's latest state loaded into the model, optimizer and scheduler; None when it holds none."""
+    directory = find_state(run_path)
+    if directory is None:
+        log.warning("resume=true but %s holds no training state: starting from the beginning", run_path)
+        return None
+    state = load_training_state(directory, model, optimizer, scheduler)
+    log.info("resumed from %s at update %d (best log loss %.4f)", directory, state.step, state.best_score)
+    return state
 
 
 def load_training_state(directory: Path, model: torch.nn.Module, optimizer, scheduler) -> LoopState:

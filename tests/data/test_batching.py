@@ -3,6 +3,7 @@ computes fewer tokens than the obvious alternatives."""
 
 import numpy as np
 import pytest
+import tiny
 
 from lmsys.config import PaddingSide
 from lmsys.data.batching import Example, collate, fill_by_count, fill_packed, pack_rows
@@ -45,9 +46,9 @@ def test_fill_packed_keeps_whole_rows_within_the_token_budget():
     assert sorted(i for group in groups for i in group) == list(range(10))
     examples = [Example(i, np.arange(n, dtype=np.int32), False, None) for i, n in enumerate(lengths)]
     for group in groups:
-        batch = collate([examples[i] for i in group], True, 0, PaddingSide.left, 512)
+        batch = collate([examples[i] for i in group], tiny.batching(True, 0, PaddingSide.left, 512))
         assert batch.input_ids.numel() <= 1024
-    total = sum(collate([examples[i] for i in g], True, 0, PaddingSide.left, 512).input_ids.numel() for g in groups)
+    total = sum(collate([examples[i] for i in g], tiny.batching(True, 0, PaddingSide.left, 512)).input_ids.numel() for g in groups)
     # rows 500 wide (not 512) pack these exactly: 500 | 400+100 | 300+200 | 250+250 | 90+12+10, no padding at all
     assert total == sum(lengths) and len(groups) == 3
 
@@ -68,13 +69,15 @@ def test_attention_cost_keeps_similar_lengths_in_rows_of_their_own():
 
 def test_attention_width_of_a_model_config(tmp_path):
     import json
+    from dataclasses import replace
 
     from lmsys.config import Attention
-    from lmsys.modeling.families import attention_width
+    from lmsys.modeling.model_facts import read_model_facts
 
     (tmp_path / "config.json").write_text(json.dumps({
-        "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
-        "head_dim": 64}))  # SmolLM2-135M
+        "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "head_dim": 64}))  # SmolLM2-135M
     projections = 576 * 64 * (2 * 9 + 2 * 3) + 3 * 576 * 1536
-    assert attention_width(tmp_path, Attention.sdpa) == pytest.approx(2 * projections / (4 * 9 * 64)) == 3072.0
-    assert attention_width(tmp_path, Attention.flash_attention_2) is None
+    spec = replace(tiny.spec_stub(), facts=read_model_facts(tmp_path), attn_implementation=Attention.sdpa)
+    assert spec.attention_width == pytest.approx(2 * projections / (4 * 9 * 64)) == 3072.0
+    assert replace(spec, attn_implementation=Attention.flash_attention_2).attention_width is None

@@ -31,9 +31,9 @@ def chars_bos():
     return tiny.build_char_tokenizer(add_bos=True)  # one token per character: budgets can be counted by hand
 
 
-def encoder(tokenizer, template: Template, fmt: InputFormat, max_length: int = 512, head_fraction: float = 0.5,
+def encoder(tokenizer, template: Template, fmt: InputFormat, max_length: int = 512, text_head_share: float = 0.5,
             keep_first: int = 1, keep_last: int = 1) -> PairEncoder:
-    return PairEncoder(tokenizer, CHAT_MARKERS[template], fmt, max_length, 0.2, keep_first, keep_last, head_fraction)
+    return PairEncoder(tokenizer, CHAT_MARKERS[template], fmt, max_length, 0.2, keep_first, keep_last, text_head_share)
 
 
 def encode_text(enc: PairEncoder, pair: Pair, swapped: bool = False) -> str:

@@ -12,14 +12,15 @@ from torch import nn
 
 from lmsys.builders import build_encoder, build_model
 from lmsys.config import Attention, Family, HeadInit, HeadType, PaddingSide
-from lmsys.data.batching import Example, collate, collate_packed, collate_padded
+from lmsys.data.batching import Example, collate, collate_packed, collate_padded, last_token_index
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import pairs_from_frame
-from lmsys.modeling.backbone import fold_into_dense, read_model_type
+from lmsys.modeling.backbone import fold_into_dense
 from lmsys.modeling.checkpoint import ADAPTER_FILES, HEAD_FILE, CheckpointError, ModelSpec, read_spec, save_checkpoint
 from lmsys.modeling.families import FamilyError, check_family, resolve_attention
 from lmsys.modeling.heads import PreferenceHead
-from lmsys.modeling.model import PreferenceModel, last_token_index
+from lmsys.modeling.model import PreferenceModel
+from lmsys.modeling.model_facts import read_model_facts
 
 CPU = torch.device("cpu")
 CASES = [
@@ -148,10 +149,10 @@ def test_packed_and_padded_logits_are_equal(tiny_models, arena_pairs, kind, fami
     reference = torch.cat([logits_of(model, collate_padded([ex], pad, PaddingSide.right)) for ex in exs])
     assert reference.std(0).min() > 0.05  # the pairs get different logits: the comparison means something
     for row_tokens in (spec.max_length, 300, 10_000):  # one pair a row; several pairs and a pad tail; one row
-        packed = collate(exs, True, pad, PaddingSide.left, row_tokens)
+        packed = collate(exs, tiny.batching(True, pad, PaddingSide.left, row_tokens))
         torch.testing.assert_close(logits_of(model, packed), reference, atol=1e-4, rtol=0)
     for side in (PaddingSide.left, PaddingSide.right):
-        padded = logits_of(model, collate(exs, False, pad, side, spec.max_length))
+        padded = logits_of(model, collate(exs, tiny.batching(False, pad, side, spec.max_length)))
         torch.testing.assert_close(padded, reference, atol=1e-4, rtol=0)
     # Control: positions that do not restart per pair let the pairs see each other, and the test notices.
     leaky = collate_packed(exs, 10_000, pad)
@@ -165,7 +166,7 @@ def test_an_evaluation_pass_does_not_change_training_gradients(tiny_models, aren
     def gradients(evaluate_first: bool) -> dict[str, torch.Tensor]:
         model, spec, tokenizer = build(tiny_models, "llama", "llama", "nf4")
         split = encode_split(arena_pairs[:3], build_encoder(spec, tokenizer))
-        batch = collate(split.forward, True, tokenizer.pad_token_id, PaddingSide.left, spec.max_length)
+        batch = collate(split.forward, tiny.batching(True, tokenizer.pad_token_id, PaddingSide.left, spec.max_length))
         if evaluate_first:  # what train_loop does every eval_frequency updates
             with torch.inference_mode():
                 model(**batch.model_inputs(CPU))
@@ -198,7 +199,7 @@ def test_nf4_quantization_is_real(tiny_models):
 def test_folding_lora_into_dense_weights_keeps_the_logits(tiny_models, arena_pairs, kind, family):
     model, spec, tokenizer = build(tiny_models, kind, family, "nf4")
     split = encode_split(arena_pairs, build_encoder(spec, tokenizer))
-    batch = collate(split.forward + split.swapped, True, tokenizer.pad_token_id, PaddingSide.left, spec.max_length)
+    batch = collate(split.forward + split.swapped, tiny.batching(True, tokenizer.pad_token_id, PaddingSide.left, spec.max_length))
     before = logits_of(model, batch)
     assert fold_into_dense(model) == 2 * 7
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
@@ -235,16 +236,17 @@ def test_family_table(tmp_path):
         resolve_attention(Family.gemma, "gemma2", Attention.sdpa, packing=True)
     assert resolve_attention(Family.gemma, "gemma2", Attention.sdpa, packing=False) == "sdpa"
     # a multimodal Gemma-3 config.json nests the text model's type
-    multimodal = {"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}}
+    multimodal = {"model_type": "gemma3", "text_config": {"model_type": "gemma3_text", "hidden_size": 8,
+                                                          "num_attention_heads": 2, "intermediate_size": 16}}
     (tmp_path / "config.json").write_text(json.dumps(multimodal))
-    assert read_model_type(tmp_path) == "gemma3_text"
+    assert read_model_facts(tmp_path).model_type == "gemma3_text"
 
 
 @pytest.mark.parametrize("kind,family,quantization", [("llama", "llama", "nf4"), ("gemma3", "gemma", "none")])
 def test_checkpoint_round_trip(tiny_models, arena_pairs, tmp_path, kind, family, quantization):
     model, spec, tokenizer = build(tiny_models, kind, family, quantization, head=HeadType.mlp)
     split = encode_split(arena_pairs, build_encoder(spec, tokenizer))
-    batch = collate(split.forward + split.swapped, True, tokenizer.pad_token_id, PaddingSide.left, 300)
+    batch = collate(split.forward + split.swapped, tiny.batching(True, tokenizer.pad_token_id, PaddingSide.left, 300))
     before = logits_of(model, batch)
     directory = tmp_path / "checkpoint"
     save_checkpoint(directory, model, tokenizer, spec)

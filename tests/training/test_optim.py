@@ -8,7 +8,7 @@ import tiny
 import torch
 
 from lmsys.config import HeadType, OptimizerName
-from lmsys.training.optim import build_optimizer, build_scheduler, parameter_groups, warmup_cosine
+from lmsys.training.optim import create_optimizer, parameter_groups, warmup_cosine, warmup_cosine_scheduler
 
 LR, HEAD_LR, MULTIPLIER, DECAY = 2e-4, 1e-3, 8.0, 0.01
 
@@ -54,7 +54,7 @@ def test_group_learning_rates_and_decay(model, groups):
 
 def test_optimizer_keeps_the_groups(groups):
     for name in (OptimizerName.adamw, OptimizerName.adamw_8bit):
-        optimizer = build_optimizer(groups, name, (0.9, 0.95), 1e-6)
+        optimizer = create_optimizer(groups, name, (0.9, 0.95), 1e-6)
         assert [g["lr"] for g in optimizer.param_groups] == [g["lr"] for g in groups]
         assert [g["weight_decay"] for g in optimizer.param_groups] == [g["weight_decay"] for g in groups]
         assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)
@@ -63,7 +63,7 @@ def test_optimizer_keeps_the_groups(groups):
 def lrs(total: int, warmup_ratio: float, floor: float, peak: float = 1.0) -> list[float]:
     """The lr each update uses: the scheduler's value before update k is stepped."""
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
-    scheduler = build_scheduler(optimizer, total, warmup_ratio, floor)
+    scheduler = warmup_cosine_scheduler(optimizer, total, warmup_ratio, floor)
     values = []
     for _ in range(total + 1):
         values.append(optimizer.param_groups[0]["lr"])
@@ -97,7 +97,7 @@ def test_schedule_properties():
 def test_schedule_scales_every_group():
     a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 10.0}])
-    scheduler = build_scheduler(optimizer, 10, 0.2, 0.1)
+    scheduler = warmup_cosine_scheduler(optimizer, 10, 0.2, 0.1)
     for _ in range(6):
         optimizer.step()
         scheduler.step()

@@ -9,18 +9,26 @@ import numpy as np
 import pytest
 from tiny import arena_frame, build_tokenizer
 
-from lmsys.config import InputFormat, SwapMode, Template
-from lmsys.data.batching import Example
+from lmsys.config import InputFormat, PaddingSide, SwapMode, Template
+from lmsys.data.batching import Batching, Example
 from lmsys.data.dataset import EncodedSplit, encode_split
 from lmsys.data.formatting import PairEncoder
 from lmsys.data.io import pairs_from_frame
 from lmsys.data.schema import Pair, swap_abt, swap_pair
 from lmsys.data.templates import CHAT_MARKERS
 from lmsys.evaluation.predict_loop import SplitPredictions
-from lmsys.training.plan import Batching, epoch_plan
+from lmsys.training.plan import epoch_plan
+from lmsys.training.settings import LoopSettings
 
-PACKED = Batching(packed=True, max_tokens=64, row_tokens=32, batch_size=4)
-PADDED = Batching(packed=False, max_tokens=0, row_tokens=0, batch_size=3)
+PACKED = Batching(packed=True, max_tokens=64, row_tokens=32, batch_size=4, pad_id=0, padding_side=PaddingSide.left)
+PADDED = Batching(packed=False, max_tokens=0, row_tokens=0, batch_size=3, pad_id=0, padding_side=PaddingSide.left)
+
+
+def plan_settings(swap: SwapMode, batching: Batching) -> LoopSettings:
+    """8 pairs per update, seed 3, length-grouped order."""
+    return LoopSettings(total_updates=0, pairs_per_update=8, swap=swap, group_by_length=True, batching=batching,
+                        max_grad_norm=1.0, eval_frequency=0, patience=None, log_frequency=10, state_frequency=0,
+                        label_smoothing=0.0, distill_temperature=1.0, seed=3)
 
 
 def test_swap_abt_exchanges_a_and_b_keeps_tie_and_is_an_involution():
@@ -87,7 +95,7 @@ def toy_split(n_pairs: int, seed: int = 0) -> EncodedSplit:
 
 def plan_examples(split: EncodedSplit, swap: SwapMode, batching: Batching, world_size: int, epoch: int = 0):
     """Per update: every rank's examples, and the update's example count."""
-    plans = [epoch_plan(split, epoch, 3, 8, swap, batching, rank, world_size) for rank in range(world_size)]
+    plans = [epoch_plan(split, epoch, plan_settings(swap, batching), rank, world_size) for rank in range(world_size)]
     for updates in zip(*plans, strict=True):
         yield [[ex for micro in update.micro_batches for ex in micro] for update in updates], updates[0].n_examples
 

@@ -1,16 +1,13 @@
-"""The schema of `python -m lmsys.data.prepare`: stored as `prepare_schema`, listed first in conf/prepare.yaml.
-
-Because the schema comes first in the defaults list, a misspelled or unknown override fails while composing.
-"""
+"""The schema of `python -m lmsys.prepare`: every `key=value` argument is checked against it (lmsys/cli.py), so a
+misspelled or unknown option fails at once."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from lmsys.config import _require
+from lmsys.config import require
 
 
 @dataclass
@@ -25,18 +22,14 @@ class PrepareConfig:
     max_length: int = 1600  # the training max_length whose truncation share the report gives
 
     def __post_init__(self) -> None:
-        _require(len(self.inputs) > 0, "inputs must name at least one file")
-        _require(self.k_folds >= 2, "k_folds must be at least 2")
-        _require(self.max_length > 0, "max_length must be positive")
-        _require(
+        require(len(self.inputs) > 0, "inputs must name at least one file")
+        require(self.k_folds >= 2, "k_folds must be at least 2")
+        require(self.max_length > 0, "max_length must be positive")
+        require(
             self.sources is None or len(self.sources) == len(self.inputs),
             f"sources needs one name per input: {len(self.inputs)} inputs, "
             f"{0 if self.sources is None else len(self.sources)} sources",
         )
-        _require(
+        require(
             self.sources is None or all(name.strip() for name in self.sources), "sources must not hold empty names"
         )
-
-
-def register_prepare_config() -> None:
-    ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)

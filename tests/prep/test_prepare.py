@@ -15,9 +15,9 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from lmsys.data.io import DataError, read_pairs
-from lmsys.data.prepare import prepare
-from lmsys.data.prepare_config import PrepareConfig
 from lmsys.data.split import prompt_group
+from lmsys.prep.config import PrepareConfig
+from lmsys.prep.prepare import prepare
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ONE_HOT = {"a": (1, 0, 0), "b": (0, 1, 0), "tie": (0, 0, 1)}
@@ -262,7 +262,7 @@ def test_report_counts_tokens_with_a_tokenizer(tmp_path):
 
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-m", "lmsys.data.prepare", *args], check=False, cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "lmsys.prepare", *args], check=False, cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -5,9 +5,9 @@ import re
 
 import pandas as pd
 import pytest
+from synthetic_grading import expected_label, grade, label_of
 
-from lmsys.data import synthetic
-from lmsys.data.synthetic import COLUMNS, expected_label, grade, label_of, write_splits
+from lmsys.prep.synthetic import COLUMNS, write_splits
 
 N_TRAIN, N_VALID = 2000, 400
 
@@ -143,5 +143,7 @@ def test_pairs_are_short_and_length_is_no_cue(splits):
 
 
 def test_cli_writes_files(tmp_path):
-    assert synthetic.main(["--out", str(tmp_path), "--n-train", "30", "--n-valid", "10", "--seed", "3"]) == 0
+    from lmsys.synthetic import main
+
+    main([f"out={tmp_path}", "n_train=30", "n_valid=10", "seed=3"])
     assert len(pd.read_csv(tmp_path / "train.csv")) == 30 and len(pd.read_csv(tmp_path / "valid.csv")) == 10

@@ -1,0 +1,113 @@
+"""The one command-line style of lmsys: `python -m lmsys.<command> key=value ...`, every key checked against the
+command's dataclass schema (a typo fails at once, naming the key), `--help` printing the usage and every option,
+and expected errors (bad data, config, checkpoint, run dir) printed as one `error:` line with exit status 2.
+A traceback only with LMSYS_DEBUG=1 (or HYDRA_FULL_ERROR=1, as for the Hydra commands).
+
+Training (`python -m lmsys.train`, `lmsys/code/train_r_*.py`) and the bench compose experiment files with Hydra
+(`--config-name NAME key=value ...`), validated by the same kind of schema (lmsys/config.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix: their message says what and where, a traceback adds nothing."""
+    from lmsys.config import ConfigError
+    from lmsys.data.io import DataError
+    from lmsys.modeling.checkpoint import CheckpointError
+    from lmsys.modeling.families import FamilyError
+    from lmsys.modeling.model_facts import ModelLoadError
+    from lmsys.runs import RunDirError
+    from lmsys.training.state import ResumeError
+
+    return (ConfigError, DataError, CheckpointError, FamilyError, ModelLoadError, RunDirError, ResumeError,
+            OmegaConfBaseException, FileNotFoundError, FileExistsError)
+
+
+def debugging() -> bool:
+    return os.environ.get("LMSYS_DEBUG", "") not in ("", "0") or os.environ.get("HYDRA_FULL_ERROR", "") == "1"
+
+
+@contextmanager
+def command_errors() -> Iterator[None]:
+    """Turn an expected error into `error: <message>` on stderr and exit status 2."""
+    try:
+        yield
+    except expected_errors() as err:
+        if debugging():
+            raise
+        message = str(err).strip().splitlines()
+        print(f"error: {message[0] if message else type(err).__name__}", file=sys.stderr)
+        for line in message[1:3]:
+            print(f"       {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def parse_config(schema: type[T], argv: list[str]) -> T:
+    """`key=value` arguments merged into `schema` and validated (its __post_init__ rules run); raises on an
+    unknown key (ConfigKeyError), a bad value (ValidationError) or a broken rule (ConfigError)."""
+    from lmsys.config import ConfigError
+
+    bad = [arg for arg in argv if "=" not in arg]
+    if bad:
+        raise ConfigError(f"arguments are key=value, got {bad[0]!r} (see --help)")
+    merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_cli(argv))
+    return OmegaConf.to_object(merged)
+
+
+def parse_command(schema: type[T], argv: list[str], usage: str) -> T:
+    """`parse_config` for a command line: `--help` prints `usage` and the options (exit 0); errors as one line."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(usage.strip() + "\n\noptions (key=value; lists as [a,b]):\n" + options_text(schema))
+        raise SystemExit(0)
+    with command_errors():
+        return parse_config(schema, argv)
+
+
+def options_text(schema: type, prefix: str = "") -> str:
+    """One line per leaf option: name, type and default (??? for required)."""
+    lines = []
+    hints = typing.get_type_hints(schema)
+    for field in dataclasses.fields(schema):
+        kind = hints[field.name]
+        if dataclasses.is_dataclass(kind):
+            lines.append(options_text(kind, f"{prefix}{field.name}."))
+            continue
+        lines.append(f"  {prefix}{field.name}: {_type_name(kind)} = {_default(field)}")
+    return "\n".join(lines)
+
+
+def _type_name(kind: object) -> str:
+    if isinstance(kind, type) and issubclass(kind, __import__("enum").Enum):
+        return "|".join(member.value for member in kind)
+    return str(kind).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _default(field: dataclasses.Field) -> str:
+    if field.default is not dataclasses.MISSING:
+        value = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+    else:
+        return "???"
+    return getattr(value, "value", value) if value != "???" else "??? (required)"
+
+
+def run_command(schema: type[T], usage: str, run: Callable[[T], object], argv: list[str] | None = None) -> object:
+    """Parse, then run with expected errors as one line: the body of every `key=value` command's `main`."""
+    config = parse_command(schema, sys.argv[1:] if argv is None else argv, usage)
+    with command_errors():
+        return run(config)

@@ -1,0 +1,58 @@
+"""Evaluation of a model on the validation split during training: predictions, metrics, the oof table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from lmsys.config import TtaMode
+from lmsys.data.batching import Batching
+from lmsys.data.dataset import EncodedSplit
+from lmsys.data.schema import TARGET_COLUMNS
+from lmsys.evaluation.metrics import evaluation_metrics
+from lmsys.evaluation.predict_loop import predict_split
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    split: EncodedSplit
+    batching: Batching
+    tta: bool
+    tta_mode: TtaMode
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict  # log_loss, accuracy, prior_log_loss, ... (see evaluation_metrics)
+    probs: np.ndarray  # (N, 3) the submitted prediction (TTA-combined with tta), in pair order
+
+
+def evaluate(model, validation: ValidationSet, accelerator) -> Evaluation:
+    split = validation.split
+    predictions = predict_split(model, split, validation.tta, validation.batching, accelerator)
+    mode = validation.tta_mode.value
+    metrics = evaluation_metrics(predictions.probs_ab, targets_of(split), subset_frame(split),
+                                 predictions.probs_ba_back, mode)
+    return Evaluation(metrics, predictions.combined(mode))
+
+
+def targets_of(split: EncodedSplit) -> np.ndarray:
+    return np.array([pair.target for pair in split.pairs], dtype=float)
+
+
+def subset_frame(split: EncodedSplit) -> pd.DataFrame:
+    return pd.DataFrame({
+        "n_turns": [pair.n_turns for pair in split.pairs],
+        "language": [pair.meta.get("language") for pair in split.pairs],
+        "source": [pair.meta.get("source") for pair in split.pairs],
+        "prompt_tokens": split.prompt_tokens,
+    })
+
+
+def oof_frame(split: EncodedSplit, probs: np.ndarray) -> pd.DataFrame:
+    frame = pd.DataFrame(probs, columns=list(TARGET_COLUMNS))
+    frame.insert(0, "id", [pair.id for pair in split.pairs])
+    frame["label"] = [pair.label for pair in split.pairs]
+    return frame

@@ -1,0 +1,57 @@
+"""The one reader of a model directory's config.json: the facts every other module needs, without loading weights.
+
+Multimodal checkpoints (Gemma-3 4B+) nest the language model's settings under `text_config`; then every fact
+comes from there, the model type included (falling back to the outer one when the inner lacks it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+class ModelLoadError(ValueError):
+    """A model directory that is missing or cannot be used."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    model_type: str
+    hidden_size: int
+    num_attention_heads: int
+    head_dim: int
+    num_key_value_heads: int
+    intermediate_size: int
+
+    @property
+    def projection_params_per_layer(self) -> int:
+        """q, k, v, o and the three MLP projections of one decoder layer."""
+        attention = self.hidden_size * self.head_dim * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        return attention + 3 * self.hidden_size * self.intermediate_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_model_facts(path: str | Path) -> ModelFacts:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path}: not a model directory (no config.json); run ./setup.sh or set model.path")
+    try:
+        outer = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{config_file}: not valid JSON ({err.msg} at char {err.pos})") from err
+    config = outer.get("text_config", outer)
+    try:
+        heads = config["num_attention_heads"]
+        return ModelFacts(
+            model_type=config.get("model_type", outer.get("model_type")),
+            hidden_size=config["hidden_size"],
+            num_attention_heads=heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            num_key_value_heads=config.get("num_key_value_heads") or heads,
+            intermediate_size=config["intermediate_size"],
+        )
+    except KeyError as err:
+        raise ModelLoadError(f"{config_file}: no {err.args[0]!r}; is this a decoder model directory?") from err

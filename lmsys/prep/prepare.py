@@ -1,0 +1,230 @@
+"""`python -m lmsys.prepare inputs=[FILE,...] output_dir=DIR`: one training parquet from many sources.
+
+Options (`key=value`; schema `PrepareConfig` in lmsys/prep/config.py): `sources=[NAME,...]` (one per
+input; default: each file's stem), `k_folds=5`, `seed=0`, `strict=true` (false = lenient: bad rows are skipped and
+listed in rejects.csv), `tokenizer_path=DIR` (lengths in the family's tokens), `max_length=1600`.
+Input formats: see lmsys/prep/sources.py.
+
+Written to output_dir (files of an earlier run there are replaced):
+- train.parquet: every labelled row that survives de-duplication; `id, prompt, response_a, response_b` (lists of
+  turns), `label` (0/1/2, or three probabilities on every row when any row has soft labels), `source`, `fold`
+  (0..k_folds-1: stratified by source and label, grouped by prompt so no prompt is in two folds), and `language`,
+  `model_a`, `model_b`, `original_source` when an input has them. Train with
+  `data.train_path=DIR/train.parquet data.valid_fold=K`.
+- unlabeled.parquet (when an input has no labels, e.g. Kaggle test.csv): the same columns without label and fold,
+  for prediction and the pseudo-label step.
+- duplicates.csv: every exact duplicate removed (same prompt and responses, either A/B order; the first kept).
+- rejects.csv (lenient mode): each skipped row's file, row id, column and reason.
+- report.md and lengths_<column>.png: see lmsys/prep/report.py.
+Ids are unique across the output files: an id used by two sources gets the prefix `<source>:` in both.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from lmsys.data.io import DataError
+from lmsys.data.schema import Pair, swap_pair
+from lmsys.data.split import prompt_group
+from lmsys.prep.config import PrepareConfig
+from lmsys.prep.report import LengthCounter, markdown_table, tokenizer_counter, word_counter, write_report
+from lmsys.prep.sources import SourceFormat, SourceRows, read_source
+
+OUTPUT_FILES = ("train.parquet", "unlabeled.parquet", "duplicates.csv", "rejects.csv", "report.md")
+OPTIONAL_META = ("language", "model_a", "model_b", "original_source")
+
+
+class Entry(NamedTuple):
+    """A kept pair, the input it came from (position in `inputs`, file), and whether its id got a source prefix."""
+
+    input: int
+    file: str
+    pair: Pair
+    id_prefixed: bool = False
+
+
+def prepare(config: PrepareConfig) -> pd.DataFrame:
+    """Run the whole step; returns the per-input row accounting (read = rejected + duplicates + kept)."""
+    names = config.sources or [Path(path).stem for path in config.inputs]
+    inputs = [read_source(path, name, config.seed, config.strict) for path, name in zip(config.inputs, names)]
+    kept, duplicates = remove_duplicates(inputs)
+    kept = make_ids_unique(kept)
+    output_dir = Path(config.output_dir)
+    _clear_previous_outputs(output_dir)
+    if not config.strict:
+        rejects = [vars(reject) for rows in inputs for reject in rows.rejects]
+        pd.DataFrame(rejects, columns=["file", "row_id", "column", "reason"]).to_csv(output_dir / "rejects.csv", index=False)
+    if not kept:
+        raise DataError(f"no valid rows in {list(config.inputs)}" + ("" if config.strict else "; see rejects.csv"))
+    duplicates.to_csv(output_dir / "duplicates.csv", index=False)
+    frame = _write_parquets(kept, config.k_folds, config.seed, output_dir)
+    accounting = input_accounting(inputs, duplicates, kept)
+    counter = tokenizer_counter(config.tokenizer_path) if config.tokenizer_path else word_counter()
+    notes = _notes(config, inputs, kept, counter)
+    write_report(output_dir, frame, accounting, duplicates, notes, counter, config.max_length)
+    return accounting
+
+
+def remove_duplicates(inputs: list[SourceRows]) -> tuple[list[Entry], pd.DataFrame]:
+    """Keep the first of the pairs with the same prompt and the same two responses in either order.
+
+    Labelled and unlabeled rows are compared separately, so that an unlabeled copy never displaces a labelled one.
+    """
+    first: dict[tuple, Entry] = {}
+    kept, removed = [], []
+    for position, rows in enumerate(inputs):
+        for pair in rows.pairs:
+            entry = Entry(position, rows.path, pair)
+            key = (pair.target is None, pair.prompts, *sorted((pair.responses_a, pair.responses_b)))
+            if key in first:
+                removed.append(_duplicate_record(entry, first[key]))
+            else:
+                first[key] = entry
+                kept.append(entry)
+    columns = ["input", "file", "source", "id", "kept_file", "kept_id", "same_label"]
+    return kept, pd.DataFrame(removed, columns=columns)
+
+
+def _duplicate_record(removed: Entry, kept: Entry) -> dict:
+    """Ids as in the input files, `input` = position in `inputs`; `same_label` compares the targets with the removed
+    pair put in the kept pair's A/B order."""
+    same_label = None
+    if removed.pair.target is not None:
+        aligned = removed.pair if removed.pair.responses_a == kept.pair.responses_a else swap_pair(removed.pair)
+        same_label = bool(np.allclose(aligned.target, kept.pair.target))
+    return {"input": removed.input, "file": removed.file, "source": removed.pair.meta["source"], "id": removed.pair.id,
+            "kept_file": kept.file, "kept_id": kept.pair.id, "same_label": same_label}
+
+
+def make_ids_unique(kept: list[Entry]) -> list[Entry]:
+    """Prefix `<source>:` to every id that two sources share; ids repeated within one source name are an error."""
+    sources_of = defaultdict(set)
+    for entry in kept:
+        sources_of[entry.pair.id].add(entry.pair.meta["source"])
+    renamed = [
+        entry._replace(pair=replace(entry.pair, id=f"{entry.pair.meta['source']}:{entry.pair.id}"), id_prefixed=True)
+        if len(sources_of[entry.pair.id]) > 1 else entry
+        for entry in kept
+    ]
+    counts = Counter(entry.pair.id for entry in renamed)
+    repeated = next((row_id for row_id, n in counts.items() if n > 1), None)
+    if repeated is not None:
+        files = sorted({entry.file for entry in renamed if entry.pair.id == repeated})
+        raise DataError(f"{', '.join(files)}: row id={repeated} column 'id': the same id in inputs with the same "
+                        f"source name; give them distinct names with sources=[...]")
+    return renamed
+
+
+def assign_folds(pairs: list[Pair], k_folds: int, seed: int) -> np.ndarray:
+    """Fold of each pair: stratified by source and label (small strata pooled), grouped by prompt."""
+    groups = [prompt_group(pair) for pair in pairs]
+    if len(set(groups)) < k_folds:
+        raise DataError(f"k_folds={k_folds} but the labelled rows hold only {len(set(groups))} distinct prompts")
+    strata = [f"{pair.meta['source']}|{pair.label}" for pair in pairs]
+    # A stratum smaller than k cannot reach every fold; pooling the small ones keeps sklearn's split possible.
+    sizes = Counter(strata)
+    strata = [stratum if sizes[stratum] >= k_folds else "pooled small strata" for stratum in strata]
+    folds = np.empty(len(pairs), dtype=int)
+    splitter = StratifiedGroupKFold(n_splits=k_folds, shuffle=True, random_state=seed)
+    for fold, (_, fold_rows) in enumerate(splitter.split(np.zeros(len(pairs)), strata, groups)):
+        folds[fold_rows] = fold
+    return folds
+
+
+def pairs_frame(pairs: list[Pair]) -> pd.DataFrame:
+    """The trainer's parquet schema (see the module docstring); `label` only when the pairs are labelled."""
+    frame = pd.DataFrame({
+        "id": [pair.id for pair in pairs],
+        "prompt": [list(pair.prompts) for pair in pairs],
+        "response_a": [list(pair.responses_a) for pair in pairs],
+        "response_b": [list(pair.responses_b) for pair in pairs],
+    })
+    if pairs and pairs[0].target is not None:
+        frame["label"] = _label_column(pairs)
+    frame["source"] = [pair.meta["source"] for pair in pairs]
+    for key in OPTIONAL_META:
+        values = [pair.meta.get(key) for pair in pairs]
+        if any(value is not None for value in values):
+            frame[key] = values
+    return frame
+
+
+def _label_column(pairs: list[Pair]) -> list:
+    """Class indices when every target is one-hot; else every row's three probabilities (one type per column)."""
+    if all(set(pair.target) <= {0.0, 1.0} for pair in pairs):
+        return [pair.label for pair in pairs]
+    return [list(pair.target) for pair in pairs]
+
+
+def _write_parquets(kept: list[Entry], k_folds: int, seed: int, output_dir: Path) -> pd.DataFrame:
+    """Write train.parquet (with folds) and unlabeled.parquet; return what the report needs, one row per pair."""
+    labelled = [entry.pair for entry in kept if entry.pair.target is not None]
+    unlabeled = [entry.pair for entry in kept if entry.pair.target is None]
+    folds = assign_folds(labelled, k_folds, seed) if labelled else np.empty(0, dtype=int)
+    if labelled:
+        pairs_frame(labelled).assign(fold=folds).to_parquet(output_dir / "train.parquet", index=False)
+    if unlabeled:
+        pairs_frame(unlabeled).to_parquet(output_dir / "unlabeled.parquet", index=False)
+    ordered = labelled + unlabeled
+    return pd.DataFrame({
+        "source": [pair.meta["source"] for pair in ordered],
+        "target": [pair.target for pair in ordered],
+        "n_turns": [pair.n_turns for pair in ordered],
+        "fold": pd.array([*folds, *[None] * len(unlabeled)], dtype="Int64"),
+        "prompt": [pair.prompts for pair in ordered],
+        "response_a": [pair.responses_a for pair in ordered],
+        "response_b": [pair.responses_b for pair in ordered],
+    })
+
+
+def input_accounting(inputs: list[SourceRows], duplicates: pd.DataFrame, kept: list[Entry]) -> pd.DataFrame:
+    """Per input: rows read = rejected + duplicates removed + kept."""
+    removed = Counter(duplicates["input"])
+    kept_per_input = Counter(entry.input for entry in kept)
+    prefixed = Counter(entry.input for entry in kept if entry.id_prefixed)
+    return pd.DataFrame([{
+        "file": rows.path, "format": rows.format.value, "source": rows.source, "rows read": rows.n_read,
+        "rejected": len(rows.rejects), "duplicates removed": removed[position],
+        "kept": kept_per_input[position], "ids prefixed": prefixed[position],
+    } for position, rows in enumerate(inputs)])
+
+
+def _notes(config: PrepareConfig, inputs: list[SourceRows], kept: list[Entry], counter: LengthCounter) -> list[str]:
+    """What the reader of the report must know to interpret it: how rows were changed or counted."""
+    notes = [f"Mode: {'strict (any bad row stops the run)' if config.strict else 'lenient: skipped rows are in rejects.csv'}."]
+    notes += [f"`{rows.path}` has no `id` column: its ids are `{rows.source}-<data row number from 0>`."
+              for rows in inputs if rows.generated_ids]
+    if any(rows.format in (SourceFormat.hh_dialogues, SourceFormat.prompt_chosen_rejected) for rows in inputs):
+        notes.append(f"Chosen/rejected rows are placed in a random A/B order (seed={config.seed}); the label follows "
+                     f"the chosen response.")
+    if any(entry.id_prefixed for entry in kept):
+        notes.append("Some ids were used by more than one source: those rows' ids carry the prefix `<source>:`.")
+    if any("original_source" in entry.pair.meta for entry in kept):
+        notes.append("An input's own `source` values, where they differ from its source name, are kept in "
+                     "`original_source`.")
+    notes.append(f"Lengths are counted in {counter.unit}" + (
+        "" if config.tokenizer_path else " (no tokenizer_path given; model tokens are usually more numerous)") + ".")
+    return notes
+
+
+def _clear_previous_outputs(output_dir: Path) -> None:
+    """A stale train or unlabeled file from an earlier run would be read as part of this run's output."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUT_FILES:
+        (output_dir / name).unlink(missing_ok=True)
+    for stale_plot in output_dir.glob("lengths_*.png"):
+        stale_plot.unlink()
+
+
+def run_prepare(config: PrepareConfig) -> pd.DataFrame:
+    accounting = prepare(config)
+    print(markdown_table(accounting))
+    print(f"written to {config.output_dir}; see report.md there")
+    return accounting

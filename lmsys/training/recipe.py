@@ -1,0 +1,255 @@
+"""The training recipe: one object holding the model, optimizer, scheduler, validation set and run outputs, with
+the steps of a run as its methods: setup (from the config), update, evaluate, save best, save state, train.
+
+`TrainingRecipe.setup` reads the config through the builders; everything after it takes plain values. The bench
+and the DDP test worker build a recipe from their own parts and call `update`, the one optimizer step there is.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from lmsys import builders
+from lmsys.config import TrainConfig
+from lmsys.data.batching import collate
+from lmsys.data.dataset import EncodedSplit, encode_split
+from lmsys.evaluation.metrics import save_reliability_diagram
+from lmsys.evaluation.validation import Evaluation, ValidationSet, evaluate, oof_frame, targets_of
+from lmsys.logs import setup_logging
+from lmsys.modeling.checkpoint import ModelSpec, save_checkpoint
+from lmsys.modeling.losses import soft_cross_entropy
+from lmsys.provenance import run_info
+from lmsys.runs import RunDir
+from lmsys.tracking import Tracker, start_wandb
+from lmsys.training.plan import Update, iterate_updates
+from lmsys.training.settings import LoopSettings
+from lmsys.training.signals import GracefulStop
+from lmsys.training.state import LoopState, restore_state, save_training_state
+
+log = logging.getLogger("lmsys")
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    loss: float  # mean over the update's examples on all processes
+    lr: float  # the lr this update used
+    grad_norm: float
+
+
+@dataclass
+class RunOutputs:
+    """Where a run's files go and what a checkpoint needs besides the model."""
+
+    run: RunDir
+    tracker: Tracker
+    spec: ModelSpec
+    tokenizer: object
+
+
+class TrainingRecipe:
+    def __init__(self, accelerator, model, optimizer, scheduler, settings: LoopSettings, train_split: EncodedSplit,
+                 validation: ValidationSet | None = None, outputs: RunOutputs | None = None,
+                 state: LoopState | None = None) -> None:
+        self.accelerator = accelerator
+        self.model = model  # as prepared by accelerate (DDP-wrapped with several processes)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.settings = settings
+        self.train_split = train_split
+        self.validation = validation
+        self.outputs = outputs
+        self.state = state or LoopState()
+
+    @classmethod
+    def setup(cls, config: TrainConfig, run_path: Path, resolved_yaml: str) -> TrainingRecipe:
+        """Data checked before the run dir is claimed, and the run dir claimed before any model loads."""
+        train_pairs, valid_pairs = builders.build_splits(config.data)
+        spec = builders.build_spec(config.model, config.data, config.trainer.packing)
+        accelerator = builders.build_accelerator(config, run_path)
+        run = open_run_dir(run_path, config, accelerator, resolved_yaml)
+        log.info("run dir %s; %d train pairs, %d valid pairs", run_path, len(train_pairs), len(valid_pairs))
+        set_seed(config.seed)
+        tokenizer = builders.build_tokenizer(config.model.path, config.model.trust_remote_code)
+        encoder = builders.build_encoder(spec, tokenizer)
+        train_split, valid_split = encode_split(train_pairs, encoder), encode_split(valid_pairs, encoder)
+        model = builders.build_model(spec, config.model, config.lora, accelerator.device)
+        optimizer = builders.build_optimizer(config.optimizer, model)
+        settings = builders.build_loop_settings(config, spec, len(train_split), accelerator.num_processes,
+                                                tokenizer.pad_token_id)
+        scheduler = builders.build_scheduler(config.optimizer, optimizer, settings.total_updates)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        state = restore_state(run_path, accelerator.unwrap_model(model), optimizer, scheduler) if config.resume else None
+        if config.use_wandb:
+            start_wandb(accelerator, config.wandb, OmegaConf.to_container(OmegaConf.structured(config)), run_path)
+        validation = builders.build_validation(config, spec, valid_split, tokenizer.pad_token_id)
+        outputs = RunOutputs(run, Tracker(accelerator, run, config.use_wandb), spec, tokenizer)
+        return cls(accelerator, model, optimizer, scheduler, settings, train_split, validation, outputs, state)
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def update(self, update: Update) -> UpdateStats:
+        """One optimizer update: forward/backward of every micro-batch, clip, step, schedule, zero-grad."""
+        loss = self.accumulate_gradients(update)
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return UpdateStats(loss, lr, float(grad_norm))
+
+    def accumulate_gradients(self, update: Update) -> float:
+        """Forward/backward every micro-batch of one update; gradients sync across processes on the last one only.
+
+        Each example's loss is weighted 1 / (examples in the update over all processes), times the number of
+        processes because DDP averages gradients: every pair counts equally whatever the micro-batch layout.
+        Returns the update's mean loss over all processes.
+        """
+        accelerator, settings = self.accelerator, self.settings
+        scale = accelerator.num_processes / update.n_examples
+        total = torch.zeros((), device=accelerator.device)
+        for k, examples in enumerate(update.micro_batches):
+            batch = collate(examples, settings.batching)
+            last = k == len(update.micro_batches) - 1
+            with nullcontext() if last else accelerator.no_sync(self.model):
+                logits = self.model(**batch.model_inputs(accelerator.device))
+                loss_sum = soft_cross_entropy(logits, batch.targets.to(accelerator.device), settings.label_smoothing,
+                                              settings.distill_temperature, reduction="sum")
+                accelerator.backward(loss_sum * scale)
+            total += loss_sum.detach()
+        return float(accelerator.reduce(total, reduction="sum")) / update.n_examples
+
+    def evaluate(self) -> Evaluation:
+        evaluation = evaluate(self.unwrapped, self.validation, self.accelerator)
+        metrics, step = evaluation.metrics, self.state.step
+        self.outputs.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step)
+        self.outputs.tracker.log_table("eval/subsets", metrics.get("subsets", []), step)
+        log.info("eval at update %d: log_loss %.4f accuracy %.4f (prior %.4f)", step, metrics["log_loss"],
+                 metrics["accuracy"], metrics["prior_log_loss"])
+        return evaluation
+
+    def save_best(self, evaluation: Evaluation) -> None:
+        """The best evaluation's oof.csv, reliability diagram and checkpoint, each written atomically."""
+        run, split = self.outputs.run, self.validation.split
+        run.write("oof.csv", lambda p: oof_frame(split, evaluation.probs).to_csv(p, index=False))
+        run.write("reliability.png", lambda p: save_reliability_diagram(evaluation.probs, targets_of(split), p))
+        run.write("checkpoint", lambda p: save_checkpoint(p, self.unwrapped, self.outputs.tokenizer, self.outputs.spec))
+
+    def save_state(self) -> None:
+        save_training_state(self.outputs.run, self.unwrapped, self.optimizer, self.scheduler, self.state)
+
+    def train(self) -> LoopState:
+        """Updates until the plan ends, patience runs out or a signal arrives; evaluations keep the best."""
+        settings, state = self.settings, self.state
+        if settings.total_updates == 0:
+            self._evaluate_and_track()
+            return state
+        bar = tqdm(total=settings.total_updates, initial=state.step, desc="train",
+                   disable=not self.accelerator.is_local_main_process)
+        self.model.train()
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        with GracefulStop() as stop:
+            for update in iterate_updates(self.train_split, settings, rank, world, state.step):
+                stats = self.update(update)
+                state.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}")
+                self._log_update(stats)
+                if self._after_update(stop):
+                    break
+        bar.close()
+        return state
+
+    def _after_update(self, stop: GracefulStop) -> bool:
+        """Evaluate when due, save the state when due; True when the run must end here."""
+        settings, state = self.settings, self.state
+        if _eval_due(state.step, settings):
+            state.stopped_early = self._evaluate_and_track()
+            self.model.train()
+            if state.stopped_early:
+                log.info("early stopping at update %d: no improvement in %d evaluations", state.step, settings.patience)
+                return True
+        if settings.state_frequency and state.step % settings.state_frequency == 0:
+            self.save_state()
+        if stop.requested(self.accelerator):
+            self.save_state()
+            state.interrupted = True
+            log.warning("stop requested: training state saved at update %d; continue with resume=true", state.step)
+            return True
+        return False
+
+    def _evaluate_and_track(self) -> bool:
+        """Evaluate, keep the best, and say whether patience has run out."""
+        state, evaluation = self.state, self.evaluate()
+        metrics = evaluation.metrics
+        state.history.append({"step": state.step, **{k: v for k, v in metrics.items() if k != "subsets"}})
+        if metrics["log_loss"] < state.best_score:
+            state.best_score, state.best_step, state.best_metrics = metrics["log_loss"], state.step, metrics
+            state.evals_without_improvement = 0
+            self.save_best(evaluation)
+        else:
+            state.evals_without_improvement += 1
+        return self.settings.patience is not None and state.evals_without_improvement >= self.settings.patience
+
+    def _log_update(self, stats: UpdateStats) -> None:
+        step = self.state.step
+        self.outputs.tracker.log({"train/loss": stats.loss, "train/lr": stats.lr, "train/grad_norm": stats.grad_norm},
+                                 step)
+        if step % self.settings.log_frequency == 0 or step == 1:
+            log.info("update %d loss %.4f lr %.3e grad_norm %.3f", step, stats.loss, stats.lr, stats.grad_norm)
+
+    def finish(self) -> dict:
+        """metrics.json (the mark of a finished run) and the closing line; the process freed for a sweep's next job."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        state = self.state
+        summary = {
+            "best": {"step": state.best_step, **state.best_metrics},
+            "history": state.history,
+            "n_train_pairs": len(self.train_split),
+            "n_valid_pairs": len(self.validation.split),
+            "updates": state.step,
+            "stopped_early": state.stopped_early,
+        }
+        if not state.interrupted:
+            self.outputs.run.write_json("metrics.json", summary)
+            log.info("best validation log loss %.4f at update %d; class-prior log loss %.4f",
+                     state.best_metrics["log_loss"], state.best_step, state.best_metrics["prior_log_loss"])
+        release(self.accelerator)
+        return summary
+
+
+def _eval_due(step: int, settings: LoopSettings) -> bool:
+    periodic = settings.eval_frequency > 0 and step % settings.eval_frequency == 0
+    return periodic or step == settings.total_updates
+
+
+def open_run_dir(run_path: Path, config: TrainConfig, accelerator, resolved_yaml: str) -> RunDir:
+    """Claim the run dir (refusing another run's), start the log and record the config and provenance."""
+    run = RunDir(run_path, accelerator.is_main_process)
+    run.claim(config.overwrite, config.resume)
+    accelerator.wait_for_everyone()
+    setup_logging(accelerator.is_main_process, run.path / "train.log")
+    run.write_text("config.yaml", resolved_yaml)
+    run.write_json("run_info.json", run_info(accelerator.num_processes, accelerator.distributed_type.value))
+    return run
+
+
+def release(accelerator) -> None:
+    """Free the process for the next job of a sweep: accelerator state, trackers, cached memory."""
+    del accelerator
+    AcceleratorState._reset_state()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
