@@ -37,7 +37,7 @@ if [[ -f pyproject.toml ]]; then
 fi
 
 step "Default models -> models/ (skipped when already converted)"
-"$PYTHON" -m lmsys.assets --models-dir models
+"$PYTHON" -m lmsys.assets models_dir=models
 
 step "Synthetic default dataset -> data/default/"
 if [[ -f data/default/train.csv && -f data/default/valid.csv ]]; then

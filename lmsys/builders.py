@@ -33,7 +33,7 @@ from lmsys.modeling.families import check_family, resolve_attention, resolve_tem
 from lmsys.modeling.heads import PreferenceHead
 from lmsys.modeling.model import PreferenceModel
 from lmsys.modeling.model_facts import read_model_facts
-from lmsys.prediction_config import InferenceSettings
+from lmsys.prediction_config import InferenceConfig
 from lmsys.training.optim import create_optimizer, parameter_groups, warmup_cosine_scheduler
 from lmsys.training.settings import LoopSettings, total_updates
 
@@ -73,7 +73,7 @@ def build_spec(model: ModelConfig, data: DataConfig, packing: bool) -> ModelSpec
     )
 
 
-def build_prediction_spec(checkpoint: str, settings: InferenceSettings) -> ModelSpec:
+def build_prediction_spec(checkpoint: str, settings: InferenceConfig) -> ModelSpec:
     """The checkpoint's spec (checked complete) with the inference overrides; the attention kernel is re-checked
     because a checkpoint trained padded may hold one that would let packed pairs see each other."""
     spec = read_spec(checkpoint)
@@ -181,7 +181,7 @@ def build_validation(config: TrainConfig, spec: ModelSpec, split: EncodedSplit, 
                          config.trainer.tta_mode)
 
 
-def build_inference_batching(settings: InferenceSettings, spec: ModelSpec, pad_id: int) -> Batching:
+def build_inference_batching(settings: InferenceConfig, spec: ModelSpec, pad_id: int) -> Batching:
     # Rows at most one sequence wide by default: sdpa/eager attention costs the square of the row width.
     return Batching(settings.packing, settings.max_tokens, settings.row_tokens or spec.max_length,
                     settings.batch_size, pad_id, spec.padding_side, spec.attention_width)

@@ -14,79 +14,18 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 
-class Family(str, Enum):
-    llama = "llama"
-    gemma = "gemma"
-    qwen = "qwen"
-    mistral = "mistral"
+def _choices(name: str, values: str) -> type[Enum]:
+    """A str Enum whose members are named as their values: OmegaConf checks a value against them and names them
+    in its error (it rejects `Literal`)."""
+    return Enum(name, [(value, value) for value in values.split()], type=str, module=__name__, qualname=name)
 
 
-class Template(str, Enum):
-    auto = "auto"
-    llama3 = "llama3"
-    gemma = "gemma"
-    chatml = "chatml"
-    mistral = "mistral"
-    plain = "plain"
-
-
-class InputFormat(str, Enum):
-    pab = "pab"
-    papb = "papb"
-
-
-class Quantization(str, Enum):
-    nf4 = "nf4"
-    fp4 = "fp4"
-    int8 = "int8"
-    none = "none"
-
-
-class ComputeDtype(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class Attention(str, Enum):
-    auto = "auto"
-    eager = "eager"
-    sdpa = "sdpa"
-    flash_attention_2 = "flash_attention_2"
-    flex_attention = "flex_attention"
-
-
-class HeadType(str, Enum):
-    linear = "linear"
-    mlp = "mlp"
-
-
-class HeadInit(str, Enum):
-    normal = "normal"
-    zeros = "zeros"
-    torch_default = "torch_default"
-
-
-class SwapMode(str, Enum):
-    none = "none"
-    random = "random"
-    full = "full"
-
-
-class PaddingSide(str, Enum):
-    left = "left"
-    right = "right"
-
-
-class OptimizerName(str, Enum):
-    adamw = "adamw"
-    adamw_8bit = "adamw_8bit"
-
-
-class TtaMode(str, Enum):
-    prob = "prob"
-    logit = "logit"
+Family = _choices("Family", "llama gemma qwen mistral")
+Template = _choices("Template", "auto llama3 gemma chatml mistral plain")
+Quantization = _choices("Quantization", "nf4 fp4 int8 none")
+ComputeDtype = _choices("ComputeDtype", "auto float32 bfloat16 float16")
+Attention = _choices("Attention", "auto eager sdpa flash_attention_2 flex_attention")
+HeadType, HeadInit = _choices("HeadType", "linear mlp"), _choices("HeadInit", "normal zeros torch_default")
 
 
 @dataclass
@@ -130,6 +69,9 @@ class LoraConfig:
         require(len(self.target_modules) > 0, "lora.target_modules must not be empty")
 
 
+InputFormat, PaddingSide = _choices("InputFormat", "pab papb"), _choices("PaddingSide", "left right")
+
+
 @dataclass
 class DataConfig:
     train_path: str = MISSING
@@ -151,6 +93,9 @@ class DataConfig:
         require(0.0 < self.prompt_share < 1.0, "data.prompt_share must be in (0, 1)")
         require(0.0 <= self.text_head_share <= 1.0, "data.text_head_share must be in [0, 1]")
         require(self.keep_first_turns >= 1 and self.keep_last_turns >= 0, "data.keep_first_turns >= 1, keep_last_turns >= 0")
+
+
+OptimizerName = _choices("OptimizerName", "adamw adamw_8bit")
 
 
 @dataclass
@@ -181,6 +126,9 @@ class LossConfig:
     def __post_init__(self) -> None:
         require(0.0 <= self.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)")
         require(self.distill_temperature > 0, "loss.distill_temperature must be positive")
+
+
+SwapMode, TtaMode = _choices("SwapMode", "none random full"), _choices("TtaMode", "prob logit")
 
 
 @dataclass

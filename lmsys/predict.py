@@ -28,7 +28,7 @@ from lmsys.evaluation.predict_loop import SplitPredictions, predict_split
 from lmsys.logs import setup_logging
 from lmsys.modeling.backbone import fold_into_dense
 from lmsys.modeling.checkpoint import ModelSpec
-from lmsys.prediction_config import InferenceSettings, PredictConfig
+from lmsys.prediction_config import InferenceConfig, PredictConfig
 from lmsys.runs import write_file
 
 log = logging.getLogger("lmsys")
@@ -41,11 +41,16 @@ def main(argv: list[str] | None = None) -> None:
     run_command(PredictConfig, __doc__, run_prediction, argv)
 
 
-def run_prediction(config: PredictConfig) -> Path:
+def prediction_inputs(checkpoints: list[str], settings: InferenceConfig) -> tuple[Accelerator, list[Pair], list[ModelSpec]]:
+    """The accelerator, the pairs to predict and each checkpoint's spec: every input checked before a model loads."""
     accelerator = Accelerator()
     setup_logging(accelerator.is_main_process)
-    pairs = read_pairs(config.data.test_path, require_labels=False)
-    spec = build_prediction_spec(config.checkpoint, config)
+    pairs = read_pairs(settings.data.test_path, require_labels=False)
+    return accelerator, pairs, [build_prediction_spec(checkpoint, settings) for checkpoint in checkpoints]
+
+
+def run_prediction(config: PredictConfig) -> Path:
+    accelerator, pairs, (spec,) = prediction_inputs([config.checkpoint], config)
     log.info("%d pairs from %s; checkpoint %s (%s, %s)", len(pairs), config.data.test_path, config.checkpoint,
              spec.base_model_path, "merged" if spec.merged else f"adapter on {spec.quantization.value} base")
 
@@ -62,7 +67,7 @@ def run_prediction(config: PredictConfig) -> Path:
 
 
 def predict_checkpoint(
-    checkpoint: str, spec: ModelSpec, pairs: list[Pair], settings: InferenceSettings, accelerator: Accelerator
+    checkpoint: str, spec: ModelSpec, pairs: list[Pair], settings: InferenceConfig, accelerator: Accelerator
 ) -> SplitPredictions:
     """Logits of every pair (both orientations with TTA) from one checkpoint, on every process."""
     tokenizer = build_tokenizer(checkpoint, spec.trust_remote_code)

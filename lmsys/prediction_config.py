@@ -27,7 +27,7 @@ class PredictDataConfig:
 
 
 @dataclass
-class InferenceSettings:
+class InferenceConfig:
     """How to run a checkpoint over pairs; shared by predict and pseudo-labelling."""
 
     data: PredictDataConfig = field(default_factory=PredictDataConfig)
@@ -52,7 +52,7 @@ class InferenceSettings:
 
 
 @dataclass
-class PredictConfig(InferenceSettings):
+class PredictConfig(InferenceConfig):
     checkpoint: str = MISSING  # a run's checkpoint/ directory (adapter + head + spec), or an exported merged one
     output: str = MISSING  # the Kaggle submission CSV: id, winner_model_a, winner_model_b, winner_tie
     logits_output: str | None = None  # .csv or .parquet: raw logits of both orientations, per id
@@ -68,7 +68,7 @@ class PredictConfig(InferenceSettings):
 
 
 @dataclass
-class PseudoLabelConfig(InferenceSettings):
+class PseudoLabelConfig(InferenceConfig):
     checkpoints: list[str] = MISSING  # their (TTA) probabilities are averaged
     output: str = MISSING  # .parquet
 

@@ -14,13 +14,9 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from accelerate import Accelerator
 
-from lmsys.builders import build_prediction_spec
 from lmsys.cli import run_command
-from lmsys.data.io import read_pairs
-from lmsys.logs import setup_logging
-from lmsys.predict import predict_checkpoint, pseudo_label_frame, write_table
+from lmsys.predict import prediction_inputs, predict_checkpoint, pseudo_label_frame, write_table
 from lmsys.prediction_config import PseudoLabelConfig
 
 log = logging.getLogger("lmsys")
@@ -31,10 +27,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_pseudo_labels(config: PseudoLabelConfig) -> None:
-    accelerator = Accelerator()
-    setup_logging(accelerator.is_main_process)
-    pairs = read_pairs(config.data.test_path, require_labels=False)
-    specs = [build_prediction_spec(checkpoint, config) for checkpoint in config.checkpoints]  # all checked first
+    accelerator, pairs, specs = prediction_inputs(config.checkpoints, config)  # every checkpoint checked first
     probs = np.zeros((len(pairs), 3))  # (N, 3) running sum over checkpoints
     for checkpoint, spec in zip(config.checkpoints, specs, strict=True):
         log.info("pseudo-labelling %d pairs with %s", len(pairs), checkpoint)

@@ -237,7 +237,7 @@ def reload_and_predict(checkpoint: Path, valid: Path) -> np.ndarray:
     tokenizer = build_tokenizer(checkpoint, False)
     split = encode_split(read_pairs(valid, require_labels=True), build_encoder(spec, tokenizer))
     model = build_model(spec, None, None, CPU, adapter_dir=checkpoint).eval()
-    batch = collate(split.forward, False, tokenizer.pad_token_id, spec.padding_side, spec.max_length)
+    batch = collate(split.forward, tiny.batching(False, tokenizer.pad_token_id, spec.padding_side, spec.max_length))
     with torch.no_grad():
         return torch.softmax(model(**batch.model_inputs(CPU)), -1).numpy()
 

@@ -234,36 +234,30 @@ def _capital(rng: random.Random) -> _Question:
     return _Question("capital", _cap(rng.choice(CAPITAL_Q).format(**f)), [v], wrong, CAPITAL_A, f)
 
 
+def _fact(rng: random.Random, category: str, table: dict, values, questions, answers, articles: bool) -> _Question:
+    """A question about one entry of a fact table; a tuple entry holds several right answers."""
+    x = rng.choice(sorted(table))
+    right = table[x] if isinstance(table[x], tuple) else [table[x]]
+    fields = {"x": x, "X": _cap(x)}
+    wrong = [w for w in values if w not in right]
+    prompt = rng.choice(questions).format(**fields)
+    return _Question(category, _articles(prompt) if articles else prompt, right, wrong, answers, fields)
+
+
 def _color(rng: random.Random) -> _Question:
-    x = rng.choice(sorted(COLORS))
-    v = COLORS[x]
-    f = {"x": x, "X": _cap(x)}
-    wrong = [c for c in COLOR_VALUES if c != v]
-    return _Question("color", rng.choice(COLOR_Q).format(**f), [v], wrong, COLOR_A, f)
+    return _fact(rng, "color", COLORS, COLOR_VALUES, COLOR_Q, COLOR_A, articles=False)
 
 
 def _legs(rng: random.Random) -> _Question:
-    x = rng.choice(sorted(LEGS))
-    v = LEGS[x]
-    f = {"x": x}
-    wrong = [n for n in LEG_VALUES if n != v]
-    return _Question("legs", _articles(rng.choice(LEGS_Q).format(**f)), [v], wrong, LEGS_A, f)
+    return _fact(rng, "legs", LEGS, LEG_VALUES, LEGS_Q, LEGS_A, articles=True)
 
 
 def _sound(rng: random.Random) -> _Question:
-    x = rng.choice(sorted(SOUNDS))
-    right = SOUNDS[x]
-    f = {"x": x}
-    wrong = [s for s in SOUND_VALUES if s not in right]
-    return _Question("sound", _articles(rng.choice(SOUND_Q).format(**f)), right, wrong, SOUND_A, f)
+    return _fact(rng, "sound", SOUNDS, SOUND_VALUES, SOUND_Q, SOUND_A, articles=True)
 
 
 def _baby(rng: random.Random) -> _Question:
-    x = rng.choice(sorted(BABIES))
-    v = BABIES[x]
-    f = {"x": x}
-    wrong = [b for b in BABY_VALUES if b != v]
-    return _Question("baby", _articles(rng.choice(BABY_Q).format(**f)), [v], wrong, BABY_A, f)
+    return _fact(rng, "baby", BABIES, BABY_VALUES, BABY_Q, BABY_A, articles=True)
 
 
 CATEGORIES = (

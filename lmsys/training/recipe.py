@@ -10,10 +10,11 @@ from __future__ import annotations
 import gc
 import logging
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
@@ -56,19 +57,17 @@ class RunOutputs:
     tokenizer: object
 
 
+@dataclass
 class TrainingRecipe:
-    def __init__(self, accelerator, model, optimizer, scheduler, settings: LoopSettings, train_split: EncodedSplit,
-                 validation: ValidationSet | None = None, outputs: RunOutputs | None = None,
-                 state: LoopState | None = None) -> None:
-        self.accelerator = accelerator
-        self.model = model  # as prepared by accelerate (DDP-wrapped with several processes)
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.settings = settings
-        self.train_split = train_split
-        self.validation = validation
-        self.outputs = outputs
-        self.state = state or LoopState()
+    accelerator: Accelerator
+    model: torch.nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    settings: LoopSettings
+    train_split: EncodedSplit
+    validation: ValidationSet | None = None  # only `update` works without it and `outputs`
+    outputs: RunOutputs | None = None
+    state: LoopState = field(default_factory=LoopState)
 
     @classmethod
     def setup(cls, config: TrainConfig, run_path: Path, resolved_yaml: str) -> TrainingRecipe:
@@ -93,7 +92,8 @@ class TrainingRecipe:
             start_wandb(accelerator, config.wandb, OmegaConf.to_container(OmegaConf.structured(config)), run_path)
         validation = builders.build_validation(config, spec, valid_split, tokenizer.pad_token_id)
         outputs = RunOutputs(run, Tracker(accelerator, run, config.use_wandb), spec, tokenizer)
-        return cls(accelerator, model, optimizer, scheduler, settings, train_split, validation, outputs, state)
+        return cls(accelerator, model, optimizer, scheduler, settings, train_split, validation, outputs,
+                   state or LoopState())
 
     @property
     def unwrapped(self) -> torch.nn.Module:
