@@ -14,6 +14,7 @@ from lmsys.config import (
     DataConfig,
     HeadInit,
     LoraConfig,
+    LossConfig,
     ModelConfig,
     OptimizerConfig,
     SwapMode,
@@ -31,6 +32,7 @@ from lmsys.modeling.backbone import add_lora, load_adapter, load_backbone, resol
 from lmsys.modeling.checkpoint import ModelSpec, load_head_state, read_spec
 from lmsys.modeling.families import check_family, resolve_attention, resolve_template
 from lmsys.modeling.heads import PreferenceHead
+from lmsys.modeling.losses import LossWeights
 from lmsys.modeling.model import PreferenceModel
 from lmsys.modeling.model_facts import read_model_facts
 from lmsys.prediction_config import InferenceConfig
@@ -155,10 +157,14 @@ def build_loop_settings(config: TrainConfig, spec: ModelSpec, n_train: int, worl
         patience=trainer.patience,
         log_frequency=trainer.log_frequency,
         state_frequency=trainer.state_frequency,
-        label_smoothing=config.loss.label_smoothing,
-        distill_temperature=config.loss.distill_temperature,
+        loss=build_loss_weights(config.loss),
         seed=config.seed,
     )
+
+
+def build_loss_weights(loss: LossConfig) -> LossWeights:
+    return LossWeights(loss.ce_weight, loss.kl_weight, loss.cosine_weight, loss.kl_temperature, loss.label_smoothing,
+                       loss.distill_temperature)
 
 
 def build_train_batching(config: TrainConfig, spec: ModelSpec, pad_id: int) -> Batching:

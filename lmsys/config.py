@@ -122,10 +122,19 @@ class OptimizerConfig:
 class LossConfig:
     label_smoothing: float = 0.0
     distill_temperature: float = 1.0  # soft targets from a teacher are sharpened/softened by 1/T before the loss
+    # (ce_weight * CE(labels) + kl_weight * T^2 KL(teacher || student, T = kl_temperature) + cosine_weight *
+    # (1 - cos(p_student, p_teacher))) / (sum of the weights); KL and cosine need a `teacher_logits` column
+    ce_weight: float = 1.0
+    kl_weight: float = 0.0
+    cosine_weight: float = 0.0
+    kl_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         require(0.0 <= self.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)")
         require(self.distill_temperature > 0, "loss.distill_temperature must be positive")
+        require(self.kl_temperature > 0, "loss.kl_temperature must be positive")
+        weights = (self.ce_weight, self.kl_weight, self.cosine_weight)
+        require(min(weights) >= 0 and sum(weights) > 0, "loss weights must be >= 0 with a positive sum")
 
 
 SwapMode, TtaMode = _choices("SwapMode", "none random full"), _choices("TtaMode", "prob logit")

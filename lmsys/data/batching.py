@@ -19,7 +19,8 @@ class Example:
     pair_index: int
     ids: np.ndarray  # (T,) int32
     swapped: bool
-    target: tuple[float, float, float] | None
+    target: tuple[float, ...] | None  # (C,) in this orientation's class order
+    teacher_logits: tuple[float, ...] | None = None  # (C,) in this orientation's class order
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,11 @@ class Batch:
     position_ids: torch.Tensor | None  # (R, T) packed: restart at 0 per pair (and for a row's pad tail); None padded
     pool_rows: torch.Tensor  # (N,)
     pool_cols: torch.Tensor  # (N,)
-    targets: torch.Tensor | None  # (N, 3)
+    targets: torch.Tensor | None  # (N, C)
     pair_index: list[int]  # (N,)
     swapped: list[bool]  # (N,)
     n_real_tokens: int
+    teacher_logits: torch.Tensor | None = None  # (N, C)
 
     def model_inputs(self, device: torch.device) -> dict[str, torch.Tensor | None]:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -173,6 +175,7 @@ def collate_packed(examples: list[Example], row_tokens: int, pad_id: int, attent
         pair_index=[ex.pair_index for ex in examples],
         swapped=[ex.swapped for ex in examples],
         n_real_tokens=sum(len(ex.ids) for ex in examples),
+        teacher_logits=_teacher_logits(examples),
     )
 
 
@@ -195,6 +198,7 @@ def collate_padded(examples: list[Example], pad_id: int, padding_side: PaddingSi
         pair_index=[ex.pair_index for ex in examples],
         swapped=[ex.swapped for ex in examples],
         n_real_tokens=int(mask.sum()),
+        teacher_logits=_teacher_logits(examples),
     )
 
 
@@ -202,6 +206,12 @@ def _targets(examples: list[Example]) -> torch.Tensor | None:
     if any(ex.target is None for ex in examples):
         return None
     return torch.tensor([ex.target for ex in examples], dtype=torch.float32)
+
+
+def _teacher_logits(examples: list[Example]) -> torch.Tensor | None:
+    if any(ex.teacher_logits is None for ex in examples):
+        return None
+    return torch.tensor([ex.teacher_logits for ex in examples], dtype=torch.float32)
 
 
 def fill_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:

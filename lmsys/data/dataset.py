@@ -40,4 +40,4 @@ def encode_split(pairs: list[Pair], encoder: PairEncoder) -> EncodedSplit:
 
 
 def _example(index: int, ids: list[int], swapped: bool, oriented: Pair) -> Example:
-    return Example(index, np.asarray(ids, dtype=np.int32), swapped, oriented.target)
+    return Example(index, np.asarray(ids, dtype=np.int32), swapped, oriented.target, oriented.teacher_logits)

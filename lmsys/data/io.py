@@ -16,8 +16,9 @@ from lmsys.data.schema import TARGET_COLUMNS, Pair
 
 TEXT_COLUMNS = ("prompt", "response_a", "response_b")
 WSDM_WINNERS = {"model_a": (1.0, 0.0, 0.0), "model_b": (0.0, 1.0, 0.0)}
-META_COLUMNS = ("source", "language", "model_a", "model_b", "fold")
+META_COLUMNS = ("source", "language", "model_a", "model_b", "fold", "original_source")
 PROB_TOLERANCE = 1e-4
+TEACHER_COLUMN = "teacher_logits"  # a teacher's logits of the (A, B) orientation, beside the labels
 
 
 class DataError(ValueError):
@@ -57,13 +58,29 @@ def pairs_from_frame(frame: pd.DataFrame, name: str, require_labels: bool) -> li
     # WSDM Cup files (train with `winner`, test without) hold one plain-text turn per cell, not JSON lists.
     is_wsdm = "winner" in frame.columns or "language" in frame.columns
     has_labels = _has_label_columns(frame)
+    has_teacher = TEACHER_COLUMN in frame.columns
     pairs = []
     for row_id, row in zip(ids, frame.to_dict("records"), strict=True):
         texts = [_parse_turns(row[col], name, row_id, col, plain_text=is_wsdm) for col in TEXT_COLUMNS]
         target = _parse_target(row, name, row_id) if has_labels else None
         meta = {key: row[key] for key in META_COLUMNS if key in row and not _is_missing(row[key])}
-        pairs.append(Pair(row_id, *texts, target=target, meta=meta))
+        teacher = _parse_teacher_logits(row[TEACHER_COLUMN], name, row_id) if has_teacher else None
+        pairs.append(Pair(row_id, *texts, target=target, meta=meta, teacher_logits=teacher))
     return pairs
+
+
+def _parse_teacher_logits(cell: object, name: str, row_id: str) -> tuple[float, ...]:
+    """A teacher's logits for the (A, B) orientation: 3 (or, for a two-class run, 2) finite floats."""
+    where = f"{name}: row id={row_id} column '{TEACHER_COLUMN}'"
+    if isinstance(cell, str):
+        try:
+            cell = json.loads(cell)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: expected a list of 2 or 3 logits, got {cell[:80]!r}") from err
+    values = np.asarray(cell, dtype=float) if isinstance(cell, (list, tuple, np.ndarray)) else np.array([])
+    if values.shape not in ((2,), (3,)) or not np.isfinite(values).all():
+        raise DataError(f"{where}: expected a list of 2 or 3 finite logits, got {cell!r}")
+    return tuple(float(v) for v in values)
 
 
 def _has_label_columns(frame: pd.DataFrame) -> bool:
@@ -176,3 +193,31 @@ def _parse_label_cell(cell: object, name: str, row_id: str) -> tuple[float, floa
         target[int(cell)] = 1.0
         return tuple(target)
     raise DataError(f"{where}: expected 0/1/2 or three probabilities, got {cell!r}")
+
+
+def pairs_to_frame(pairs: list[Pair]) -> pd.DataFrame:
+    """The trainer's parquet schema, which `read_pairs` reads back: `id, prompt, response_a, response_b` (lists of
+    turns), `label` when labelled (class indices when every target is one-hot, else each row's probabilities), the
+    meta columns any pair has, and `teacher_logits` when the pairs carry them."""
+    frame = pd.DataFrame({
+        "id": [pair.id for pair in pairs],
+        "prompt": [list(pair.prompts) for pair in pairs],
+        "response_a": [list(pair.responses_a) for pair in pairs],
+        "response_b": [list(pair.responses_b) for pair in pairs],
+    })
+    if pairs and pairs[0].target is not None:
+        frame["label"] = _label_column(pairs)
+    for key in META_COLUMNS:
+        values = [pair.meta.get(key) for pair in pairs]
+        if any(value is not None for value in values):
+            frame[key] = values
+    if pairs and pairs[0].teacher_logits is not None:
+        frame[TEACHER_COLUMN] = [list(pair.teacher_logits) for pair in pairs]
+    return frame
+
+
+def _label_column(pairs: list[Pair]) -> list:
+    """Class indices when every target is one-hot; else every row's probabilities (one type per column)."""
+    if all(set(pair.target) <= {0.0, 1.0} for pair in pairs):
+        return [pair.label for pair in pairs]
+    return [list(pair.target) for pair in pairs]

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from lmsys.data.io import DataError
+from lmsys.data.io import DataError, pairs_to_frame
 from lmsys.data.schema import Pair, swap_pair
 from lmsys.data.split import prompt_group
 from lmsys.prep.config import PrepareConfig
@@ -38,7 +38,6 @@ from lmsys.prep.report import LengthCounter, markdown_table, tokenizer_counter, 
 from lmsys.prep.sources import SourceFormat, SourceRows, read_source
 
 OUTPUT_FILES = ("train.parquet", "unlabeled.parquet", "duplicates.csv", "rejects.csv", "report.md")
-OPTIONAL_META = ("language", "model_a", "model_b", "original_source")
 
 
 class Entry(NamedTuple):
@@ -138,40 +137,15 @@ def assign_folds(pairs: list[Pair], k_folds: int, seed: int) -> np.ndarray:
     return folds
 
 
-def pairs_frame(pairs: list[Pair]) -> pd.DataFrame:
-    """The trainer's parquet schema (see the module docstring); `label` only when the pairs are labelled."""
-    frame = pd.DataFrame({
-        "id": [pair.id for pair in pairs],
-        "prompt": [list(pair.prompts) for pair in pairs],
-        "response_a": [list(pair.responses_a) for pair in pairs],
-        "response_b": [list(pair.responses_b) for pair in pairs],
-    })
-    if pairs and pairs[0].target is not None:
-        frame["label"] = _label_column(pairs)
-    frame["source"] = [pair.meta["source"] for pair in pairs]
-    for key in OPTIONAL_META:
-        values = [pair.meta.get(key) for pair in pairs]
-        if any(value is not None for value in values):
-            frame[key] = values
-    return frame
-
-
-def _label_column(pairs: list[Pair]) -> list:
-    """Class indices when every target is one-hot; else every row's three probabilities (one type per column)."""
-    if all(set(pair.target) <= {0.0, 1.0} for pair in pairs):
-        return [pair.label for pair in pairs]
-    return [list(pair.target) for pair in pairs]
-
-
 def _write_parquets(kept: list[Entry], k_folds: int, seed: int, output_dir: Path) -> pd.DataFrame:
     """Write train.parquet (with folds) and unlabeled.parquet; return what the report needs, one row per pair."""
     labelled = [entry.pair for entry in kept if entry.pair.target is not None]
     unlabeled = [entry.pair for entry in kept if entry.pair.target is None]
     folds = assign_folds(labelled, k_folds, seed) if labelled else np.empty(0, dtype=int)
     if labelled:
-        pairs_frame(labelled).assign(fold=folds).to_parquet(output_dir / "train.parquet", index=False)
+        pairs_to_frame(labelled).assign(fold=folds).to_parquet(output_dir / "train.parquet", index=False)
     if unlabeled:
-        pairs_frame(unlabeled).to_parquet(output_dir / "unlabeled.parquet", index=False)
+        pairs_to_frame(unlabeled).to_parquet(output_dir / "unlabeled.parquet", index=False)
     ordered = labelled + unlabeled
     return pd.DataFrame({
         "source": [pair.meta["source"] for pair in ordered],

@@ -28,7 +28,7 @@ from lmsys.evaluation.metrics import save_reliability_diagram
 from lmsys.evaluation.validation import Evaluation, ValidationSet, evaluate, oof_frame, targets_of
 from lmsys.logs import setup_logging
 from lmsys.modeling.checkpoint import ModelSpec, save_checkpoint
-from lmsys.modeling.losses import soft_cross_entropy
+from lmsys.modeling.losses import preference_loss
 from lmsys.provenance import run_info
 from lmsys.runs import RunDir
 from lmsys.tracking import Tracker, start_wandb
@@ -124,8 +124,8 @@ class TrainingRecipe:
             last = k == len(update.micro_batches) - 1
             with nullcontext() if last else accelerator.no_sync(self.model):
                 logits = self.model(**batch.model_inputs(accelerator.device))
-                loss_sum = soft_cross_entropy(logits, batch.targets.to(accelerator.device), settings.label_smoothing,
-                                              settings.distill_temperature, reduction="sum")
+                loss_sum = preference_loss(logits, batch.targets.to(accelerator.device),
+                                           _on(batch.teacher_logits, accelerator.device), settings.loss, reduction="sum")
                 accelerator.backward(loss_sum * scale)
             total += loss_sum.detach()
         return float(accelerator.reduce(total, reduction="sum")) / update.n_examples
@@ -228,6 +228,10 @@ class TrainingRecipe:
                      state.best_metrics["log_loss"], state.best_step, state.best_metrics["prior_log_loss"])
         release(self.accelerator)
         return summary
+
+
+def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)
 
 
 def _eval_due(step: int, settings: LoopSettings) -> bool:

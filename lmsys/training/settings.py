@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from lmsys.config import SwapMode
 from lmsys.data.batching import Batching
+from lmsys.modeling.losses import LossWeights
 
 
 @dataclass(frozen=True)
@@ -22,8 +23,7 @@ class LoopSettings:
     patience: int | None
     log_frequency: int
     state_frequency: int  # updates between saves of the full training state; 0: never
-    label_smoothing: float
-    distill_temperature: float
+    loss: LossWeights
     seed: int
 
 

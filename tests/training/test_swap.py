@@ -18,6 +18,7 @@ from lmsys.data.schema import Pair, swap_abt, swap_pair
 from lmsys.data.templates import CHAT_MARKERS
 from lmsys.evaluation.predict_loop import SplitPredictions
 from lmsys.training.plan import epoch_plan
+from lmsys.modeling.losses import LossWeights
 from lmsys.training.settings import LoopSettings
 
 PACKED = Batching(packed=True, max_tokens=64, row_tokens=32, batch_size=4, pad_id=0, padding_side=PaddingSide.left)
@@ -28,7 +29,7 @@ def plan_settings(swap: SwapMode, batching: Batching) -> LoopSettings:
     """8 pairs per update, seed 3, length-grouped order."""
     return LoopSettings(total_updates=0, pairs_per_update=8, swap=swap, group_by_length=True, batching=batching,
                         max_grad_norm=1.0, eval_frequency=0, patience=None, log_frequency=10, state_frequency=0,
-                        label_smoothing=0.0, distill_temperature=1.0, seed=3)
+                        loss=LossWeights(), seed=3)
 
 
 def test_swap_abt_exchanges_a_and_b_keeps_tie_and_is_an_involution():

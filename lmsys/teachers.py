@@ -1,0 +1,97 @@
+"""Attach teacher logits to training data, for distillation (`loss.kl_weight`, `loss.cosine_weight`):
+
+    python -m lmsys.teachers train=data/train.parquet logits=[teacher1_oof.csv,teacher2_oof.csv] \\
+        output=data/train_with_teachers.parquet
+
+Each logits file has `id, logit_a, logit_b[, logit_tie]` (as `python -m lmsys.predict logits_output=` and
+`python -m lmsys.oof join` write them), optionally with `swapped_logit_*` (the swapped pass mapped back to A, B
+order): a file's logits are the mean of its orientations, and several teachers are averaged in logit space. Every
+training id must have exactly one row in every file. The output is the training file as the trainer's parquet
+(labels, folds and sources kept) with a `teacher_logits` column; swapped training orientations swap them too.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import MISSING
+
+from lmsys.cli import run_command
+from lmsys.config import require
+from lmsys.data.io import DataError, pairs_to_frame, read_pairs, read_table
+from lmsys.logs import setup_logging
+from lmsys.runs import write_file
+
+log = logging.getLogger("lmsys")
+CLASSES = ("a", "b", "tie")
+
+
+@dataclass
+class TeachersConfig:
+    train: str = MISSING  # the training file (any format read_pairs reads)
+    logits: list[str] = MISSING  # one logits file per teacher
+    output: str = MISSING  # .parquet
+
+    def __post_init__(self) -> None:
+        require(len(self.logits) > 0, "logits must name at least one file")
+        require(self.output.endswith(".parquet"), "output must end in .parquet")
+        inputs = {Path(p).resolve() for p in (self.train, *self.logits)}
+        require(Path(self.output).resolve() not in inputs, "output must not be one of the input files")
+
+
+def teacher_logits(path: str, ids: list[str]) -> np.ndarray:
+    """(N, C) one teacher's logits in the order of `ids`, the mean of its orientations."""
+    frame = read_table(path)
+    frame["id"] = frame["id"].astype(str)
+    columns = [f"logit_{c}" for c in CLASSES if f"logit_{c}" in frame.columns]
+    if len(columns) < 2:
+        raise DataError(f"{path}: no logit columns (need logit_a, logit_b[, logit_tie]); found {list(frame.columns)}")
+    duplicated = frame["id"][frame["id"].duplicated()].tolist()
+    if duplicated:
+        raise DataError(f"{path}: row id={duplicated[0]} column 'id': duplicate id ({len(duplicated)} in all)")
+    _check_same_ids(path, set(frame["id"]), ids)
+    frame = frame.set_index("id").loc[ids]
+    logits = frame[columns].to_numpy(np.float64)
+    swapped = [f"swapped_{c}" for c in columns]
+    if all(c in frame.columns for c in swapped):
+        logits = (logits + frame[swapped].to_numpy(np.float64)) / 2
+    if not np.isfinite(logits).all():
+        bad = [i for i, row in zip(ids, logits, strict=True) if not np.isfinite(row).all()]
+        raise DataError(f"{path}: row id={bad[0]}: non-finite logits ({len(bad)} rows)")
+    return logits
+
+
+def _check_same_ids(path: str, found: set[str], ids: list[str]) -> None:
+    missing = [i for i in ids if i not in found]
+    extra = sorted(found - set(ids))
+    if missing or extra:
+        raise DataError(f"{path}: ids differ from the training file: {len(missing)} missing (e.g. {missing[:5]}), "
+                        f"{len(extra)} not in it (e.g. {extra[:5]})")
+
+
+def attach_teachers(config: TeachersConfig) -> Path:
+    setup_logging()
+    pairs = read_pairs(config.train, require_labels=True)
+    ids = [pair.id for pair in pairs]
+    per_teacher = [teacher_logits(path, ids) for path in config.logits]
+    widths = {logits.shape[1] for logits in per_teacher}
+    if len(widths) > 1:
+        raise DataError(f"teachers disagree on the number of classes: {sorted(widths)} ({config.logits})")
+    mean = np.mean(per_teacher, axis=0)  # (N, C) averaged in logit space
+    with_teachers = [replace(pair, teacher_logits=tuple(row)) for pair, row in zip(pairs, mean, strict=True)]
+    frame: pd.DataFrame = pairs_to_frame(with_teachers)
+    write_file(Path(config.output), lambda tmp: frame.to_parquet(tmp, index=False))
+    log.info("wrote %s: %d rows with the mean logits of %d teacher(s)", config.output, len(pairs), len(per_teacher))
+    return Path(config.output)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(TeachersConfig, __doc__, attach_teachers, argv)
+
+
+if __name__ == "__main__":
+    main()

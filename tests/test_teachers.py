@@ -1,0 +1,96 @@
+"""Teacher logits: attached to training rows by `python -m lmsys.teachers` (ids checked, teachers averaged in logit
+space, orientations averaged), read back beside the labels, and a KL-only student moving to the teacher."""
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import tiny
+import torch
+from accelerate import Accelerator
+
+from lmsys.builders import build_encoder, build_loop_settings
+from lmsys.cli import parse_config
+from lmsys.config import DataConfig, Family, LossConfig, ModelConfig, TrainConfig, TrainerConfig
+from lmsys.data.dataset import encode_split
+from lmsys.data.io import DataError, read_pairs
+from lmsys.evaluation.predict_loop import predict_split
+from lmsys.teachers import TeachersConfig, attach_teachers
+from lmsys.training.optim import create_optimizer, parameter_groups, warmup_cosine_scheduler
+from lmsys.training.plan import iterate_updates
+from lmsys.training.recipe import TrainingRecipe
+
+
+def logits_file(path, ids, logits, swapped=None):
+    frame = pd.DataFrame(logits, columns=["logit_a", "logit_b", "logit_tie"])
+    frame.insert(0, "id", ids)
+    if swapped is not None:
+        frame[["swapped_logit_a", "swapped_logit_b", "swapped_logit_tie"]] = swapped
+    frame.to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.fixture()
+def train_file(tmp_path):
+    path = tmp_path / "train.csv"
+    tiny.arena_frame(8, seed=2).to_csv(path, index=False)
+    return path
+
+
+def test_teachers_are_averaged_in_logit_space_and_read_back(train_file, tmp_path):
+    ids = [str(i) for i in range(8)]
+    rng = np.random.default_rng(0)
+    first, first_swapped, second = (rng.normal(size=(8, 3)) for _ in range(3))
+    files = [logits_file(tmp_path / "t1.csv", ids, first, first_swapped),
+             logits_file(tmp_path / "t2.csv", ids[::-1], second[::-1])]  # any row order
+    out = tmp_path / "with_teachers.parquet"
+    attach_teachers(parse_config(TeachersConfig, [f"train={train_file}", f"logits=[{files[0]},{files[1]}]",
+                                                  f"output={out}"]))
+    pairs = read_pairs(out, require_labels=True)
+    expected = ((first + first_swapped) / 2 + second) / 2
+    np.testing.assert_allclose([pair.teacher_logits for pair in pairs], expected, atol=1e-12)
+    assert [pair.target for pair in pairs] == [pair.target for pair in read_pairs(train_file, True)]
+
+
+def test_teacher_ids_must_match_the_training_ids(train_file, tmp_path):
+    ids = [str(i) for i in range(8)]
+    short = logits_file(tmp_path / "short.csv", ids[:7], np.zeros((7, 3)))
+    with pytest.raises(DataError, match=r"1 missing \(e.g. \['7'\]\)"):
+        attach_teachers(parse_config(TeachersConfig, [f"train={train_file}", f"logits=[{short}]",
+                                                      f"output={tmp_path / 'o.parquet'}"]))
+    extra = logits_file(tmp_path / "extra.csv", [*ids, "99"], np.zeros((9, 3)))
+    with pytest.raises(DataError, match=r"1 not in it \(e.g. \['99'\]\)"):
+        attach_teachers(parse_config(TeachersConfig, [f"train={train_file}", f"logits=[{extra}]",
+                                                      f"output={tmp_path / 'o.parquet'}"]))
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_a_student_trained_on_the_kl_term_moves_to_its_teacher(tiny_models, train_file, tmp_path):
+    """20 updates of KL-only distillation on the tiny NF4 model: the student's probabilities approach the teacher's
+    (which disagree with the labels, so the labels cannot be what it learns)."""
+    pairs = read_pairs(train_file, require_labels=True)
+    teacher = np.tile([2.0, -1.0, 0.0], (len(pairs), 1))  # A wins, confidently, whatever the label says
+    pairs = [replace(pair, teacher_logits=tuple(row)) for pair, row in zip(pairs, teacher, strict=True)]
+    model, spec, tokenizer = tiny.build_preference_model(tiny_models["llama"], "llama", "nf4")
+    split = encode_split(pairs, build_encoder(spec, tokenizer))
+    config = TrainConfig(model=ModelConfig(path=str(tiny_models["llama"]), family=Family.llama, max_length=128),
+                         data=DataConfig(train_path=str(train_file)),
+                         loss=LossConfig(ce_weight=0.0, kl_weight=1.0, kl_temperature=1.0),
+                         trainer=TrainerConfig(epochs=20, batch_size=8, max_tokens=512))
+    settings = build_loop_settings(config, spec, len(split), 1, tokenizer.pad_token_id)
+    optimizer = create_optimizer(parameter_groups(model, 3e-3, 3e-2, 1.0, 0.0), config.optimizer.name,
+                                 (0.9, 0.999), 1e-8)
+    recipe = TrainingRecipe(Accelerator(cpu=True), model, optimizer,
+                            warmup_cosine_scheduler(optimizer, settings.total_updates, 0.0, 1.0), settings, split)
+    target = torch.softmax(torch.tensor(teacher), -1).numpy()
+
+    def gap() -> float:
+        return float(np.abs(predict_split(model, split, False, settings.batching, recipe.accelerator,
+                                          show_progress=False).probs_ab - target).max())
+
+    before = gap()
+    model.train()
+    for update in iterate_updates(split, settings, 0, 1):
+        recipe.update(update)
+    assert before > 0.3 and gap() < 0.5 * before
