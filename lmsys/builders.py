@@ -24,6 +24,7 @@ from lmsys.data.batching import Batching
 from lmsys.data.dataset import EncodedSplit
 from lmsys.data.formatting import PairEncoder
 from lmsys.data.io import read_pairs
+from lmsys.data.labels import require_teachers, to_classes
 from lmsys.data.schema import Pair
 from lmsys.data.split import split_train_valid
 from lmsys.data.templates import CHAT_MARKERS
@@ -35,18 +36,22 @@ from lmsys.modeling.heads import PreferenceHead
 from lmsys.modeling.losses import LossWeights
 from lmsys.modeling.model import PreferenceModel
 from lmsys.modeling.model_facts import read_model_facts
+from lmsys.modeling.warm_start import load_warm_start
 from lmsys.prediction_config import InferenceConfig
 from lmsys.training.optim import create_optimizer, parameter_groups, warmup_cosine_scheduler
 from lmsys.training.settings import LoopSettings, total_updates
 
 
-def build_splits(data: DataConfig) -> tuple[list[Pair], list[Pair]]:
-    """Read and validate the training and validation pairs (before any model is loaded)."""
-    train = read_pairs(data.train_path, require_labels=True)
+def build_splits(config: TrainConfig) -> tuple[list[Pair], list[Pair]]:
+    """Read and validate the training and validation pairs (before any model is loaded), with the run's classes."""
+    data, num_classes = config.data, config.model.num_classes
+    train = to_classes(read_pairs(data.train_path, require_labels=True), num_classes, data.ties, data.train_path)
     if data.valid_path:
-        valid = read_pairs(data.valid_path, require_labels=True)
+        valid = to_classes(read_pairs(data.valid_path, require_labels=True), num_classes, data.ties, data.valid_path)
     else:
         train, valid = split_train_valid(train, data.valid_fold, data.valid_fraction, data.split_seed)
+    if build_loss_weights(config.loss).needs_teacher:
+        require_teachers(train, data.train_path)
     return train[: data.max_train_pairs], valid[: data.max_valid_pairs]
 
 
@@ -72,6 +77,7 @@ def build_spec(model: ModelConfig, data: DataConfig, packing: bool) -> ModelSpec
         text_head_share=data.text_head_share,
         padding_side=data.padding_side,
         trust_remote_code=model.trust_remote_code,
+        num_classes=model.num_classes,
     )
 
 
@@ -116,14 +122,17 @@ def build_model(
     )
     if adapter_dir is not None:
         peft_model = backbone.requires_grad_(False) if spec.merged else load_adapter(backbone, adapter_dir, trainable=False)
-        head = PreferenceHead(spec.hidden_size, spec.head, 0.0, HeadInit.torch_default, 1.0)
+        head = PreferenceHead(spec.hidden_size, spec.head, 0.0, HeadInit.torch_default, 1.0, spec.num_classes)
         head.load_state_dict(load_head_state(adapter_dir))
     else:
         peft_model = add_lora(
             backbone, lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_dora, model.gradient_checkpointing
         )
-        head = PreferenceHead(spec.hidden_size, spec.head, model.head_dropout, model.head_init, model.head_init_std)
+        head = PreferenceHead(spec.hidden_size, spec.head, model.head_dropout, model.head_init, model.head_init_std,
+                              spec.num_classes)
     preference_model = PreferenceModel(peft_model, head.to(device))
+    if adapter_dir is None and model.init_from:
+        load_warm_start(preference_model, model.init_from)
     if model is not None and model.torch_compile:
         preference_model.backbone = torch.compile(preference_model.backbone)
     return preference_model

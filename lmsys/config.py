@@ -46,8 +46,11 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     torch_compile: bool = False
     trust_remote_code: bool = False
+    num_classes: int = 3  # 3: A, B, tie (LMSYS); 2: A, B (WSDM Cup, no ties; see data.ties)
+    init_from: str | None = None  # an earlier run's checkpoint/: start from its adapter and head (a warm start)
 
     def __post_init__(self) -> None:
+        require(self.num_classes in (2, 3), "model.num_classes must be 3 (A, B, tie) or 2 (A, B)")
         require(self.max_length >= 32, "model.max_length must be at least 32")
         require(0.0 <= self.head_dropout < 1.0, "model.head_dropout must be in [0, 1)")
         require(self.head_init_std > 0, "model.head_init_std must be positive")
@@ -70,6 +73,8 @@ class LoraConfig:
 
 
 InputFormat, PaddingSide = _choices("InputFormat", "pab papb"), _choices("PaddingSide", "left right")
+# A two-class run and tied rows: error (name them), drop them (counted in the log), split (0.5 / 0.5 soft target)
+Ties = _choices("Ties", "error drop split")
 
 
 @dataclass
@@ -87,6 +92,7 @@ class DataConfig:
     keep_last_turns: int = 1
     text_head_share: float = 0.5  # an over-long text keeps this share of its budget from its start, the rest from its end
     padding_side: PaddingSide = PaddingSide.left
+    ties: Ties = Ties.error  # only read by two-class runs (model.num_classes=2)
 
     def __post_init__(self) -> None:
         require(0.0 < self.valid_fraction < 1.0, "data.valid_fraction must be in (0, 1)")

@@ -94,16 +94,22 @@ def normalised(probs: np.ndarray, pairs: list[Pair]) -> np.ndarray:
 
 
 def submission_frame(pairs: list[Pair], probs: np.ndarray) -> pd.DataFrame:
-    """The Kaggle submission: one row per input pair, in input order."""
-    frame = pd.DataFrame(normalised(probs, pairs), columns=list(TARGET_COLUMNS))
-    frame.insert(0, "id", [pair.id for pair in pairs])
+    """The Kaggle submission, one row per input pair in input order: LMSYS `id, winner_model_a, winner_model_b,
+    winner_tie` probabilities, or for a two-class model WSDM's `id, winner` (model_a / model_b)."""
+    probs = normalised(probs, pairs)
+    ids = [pair.id for pair in pairs]
+    if probs.shape[1] == 2:
+        return pd.DataFrame({"id": ids, "winner": np.where(probs[:, 0] >= probs[:, 1], "model_a", "model_b")})
+    frame = pd.DataFrame(probs, columns=list(TARGET_COLUMNS))
+    frame.insert(0, "id", ids)
     return frame
 
 
 def logits_frame(pairs: list[Pair], predictions: SplitPredictions) -> pd.DataFrame:
-    frame = pd.DataFrame(predictions.logits_ab, columns=list(LOGIT_COLUMNS))
+    width = predictions.logits_ab.shape[1]
+    frame = pd.DataFrame(predictions.logits_ab, columns=list(LOGIT_COLUMNS[:width]))
     if predictions.logits_ba is not None:
-        frame[list(SWAPPED_LOGIT_COLUMNS)] = swap_abt(predictions.logits_ba)
+        frame[list(SWAPPED_LOGIT_COLUMNS[:width])] = swap_abt(predictions.logits_ba)
     frame.insert(0, "id", [pair.id for pair in pairs])
     return frame
 

@@ -61,7 +61,7 @@ def main(out: Path, overrides: list[str]) -> None:
     config = load_config(overrides)
     accelerator = Accelerator()
     set_seed(config.seed)
-    train_pairs, _ = builders.build_splits(config.data)
+    train_pairs, _ = builders.build_splits(config)
     spec = builders.build_spec(config.model, config.data, config.trainer.packing)
     tokenizer = builders.build_tokenizer(config.model.path, config.model.trust_remote_code)
     split = encode_split(train_pairs, builders.build_encoder(spec, tokenizer))

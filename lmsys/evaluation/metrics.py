@@ -20,7 +20,7 @@ PROMPT_TOKEN_EDGES = (64, 256, 1024)
 
 def _checked(probs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets, dtype=np.float64)
-    if probs.ndim != 2 or probs.shape[1] != 3 or probs.shape != targets.shape:
+    if probs.ndim != 2 or probs.shape[1] not in (2, 3) or probs.shape != targets.shape:
         raise ValueError(f"expected probs and targets of equal shape (N, 3), got {probs.shape} and {targets.shape}")
     return probs, targets
 

@@ -26,7 +26,7 @@ class ValidationSet:
 @dataclass(frozen=True)
 class Evaluation:
     metrics: dict  # log_loss, accuracy, prior_log_loss, ... (see evaluation_metrics)
-    probs: np.ndarray  # (N, 3) the submitted prediction (TTA-combined with tta), in pair order
+    probs: np.ndarray  # (N, C) the submitted prediction (TTA-combined with tta), in pair order
 
 
 def evaluate(model, validation: ValidationSet, accelerator) -> Evaluation:
@@ -52,7 +52,7 @@ def subset_frame(split: EncodedSplit) -> pd.DataFrame:
 
 
 def oof_frame(split: EncodedSplit, probs: np.ndarray) -> pd.DataFrame:
-    frame = pd.DataFrame(probs, columns=list(TARGET_COLUMNS))
+    frame = pd.DataFrame(probs, columns=list(TARGET_COLUMNS[: probs.shape[1]]))
     frame.insert(0, "id", [pair.id for pair in split.pairs])
     frame["label"] = [pair.label for pair in split.pairs]
     return frame

@@ -49,6 +49,7 @@ class ModelSpec:
     text_head_share: float
     padding_side: PaddingSide
     trust_remote_code: bool = False
+    num_classes: int = 3  # the head's outputs: (A, B, tie) or (A, B)
     # The LoRA adapter is merged into the backbone saved in the checkpoint itself (base_model_path is provenance).
     merged: bool = False
     format_version: int = FORMAT_VERSION

@@ -1,4 +1,5 @@
-"""Our 3-way score head: always full precision, never quantized, saved and restored with the adapter."""
+"""Our score head, (A, B, tie) or, for WSDM-style data without ties, (A, B): always full precision, never
+quantized, saved and restored with the adapter."""
 
 from __future__ import annotations
 
@@ -7,21 +8,19 @@ from torch import nn
 
 from lmsys.config import HeadInit, HeadType
 
-N_CLASSES = 3
-
-
 class PreferenceHead(nn.Module):
-    """Maps a pooled hidden state (N, H) to (A, B, tie) logits (N, 3)."""
+    """Maps a pooled hidden state (N, H) to (A, B, tie) logits (N, 3), or (A, B) logits (N, 2)."""
 
-    def __init__(self, hidden_size: int, kind: HeadType, dropout: float, init: HeadInit, init_std: float) -> None:
+    def __init__(self, hidden_size: int, kind: HeadType, dropout: float, init: HeadInit, init_std: float,
+                 num_classes: int = 3) -> None:
         super().__init__()
         if kind == HeadType.linear:
-            self.layers = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, N_CLASSES))
+            self.layers = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, num_classes))
         else:
             inner = hidden_size // 2
             self.layers = nn.Sequential(
                 nn.Dropout(dropout), nn.Linear(hidden_size, inner), nn.Dropout(dropout), nn.GELU(),
-                nn.Linear(inner, N_CLASSES),
+                nn.Linear(inner, num_classes),
             )
         self._initialise(init, init_std)
 

@@ -29,6 +29,7 @@ from lmsys.evaluation.validation import Evaluation, ValidationSet, evaluate, oof
 from lmsys.logs import setup_logging
 from lmsys.modeling.checkpoint import ModelSpec, save_checkpoint
 from lmsys.modeling.losses import preference_loss
+from lmsys.modeling.warm_start import check_warm_start
 from lmsys.provenance import run_info
 from lmsys.runs import RunDir
 from lmsys.tracking import Tracker, start_wandb
@@ -72,8 +73,10 @@ class TrainingRecipe:
     @classmethod
     def setup(cls, config: TrainConfig, run_path: Path, resolved_yaml: str) -> TrainingRecipe:
         """Data checked before the run dir is claimed, and the run dir claimed before any model loads."""
-        train_pairs, valid_pairs = builders.build_splits(config.data)
+        train_pairs, valid_pairs = builders.build_splits(config)
         spec = builders.build_spec(config.model, config.data, config.trainer.packing)
+        if config.model.init_from:
+            check_warm_start(spec, config.lora, config.model.init_from)
         accelerator = builders.build_accelerator(config, run_path)
         run = open_run_dir(run_path, config, accelerator, resolved_yaml)
         log.info("run dir %s; %d train pairs, %d valid pairs", run_path, len(train_pairs), len(valid_pairs))

@@ -8,10 +8,15 @@ import pytest
 import tiny
 
 from lmsys.builders import build_splits
-from lmsys.config import DataConfig
+from lmsys.config import DataConfig, TrainConfig
 from lmsys.data.io import DataError
 from lmsys.data.schema import Pair
 from lmsys.data.split import prompt_group, split_train_valid
+
+
+def splits_of(data: DataConfig):
+    """build_splits of a run with this data section and the default model section (three classes)."""
+    return build_splits(TrainConfig(data=data))
 
 
 def pairs_with_shared_prompts(n: int, n_prompts: int, seed: int = 0) -> list[Pair]:
@@ -59,18 +64,18 @@ def test_fold_column(tmp_path):
     frame["fold"] = [i % 3 for i in range(12)]
     path = tmp_path / "train.parquet"
     frame.to_parquet(path)
-    train, valid = build_splits(DataConfig(train_path=str(path), valid_fold=1))
+    train, valid = splits_of(DataConfig(train_path=str(path), valid_fold=1))
     assert [p.id for p in valid] == ["1", "4", "7", "10"]
     assert len(train) == 8 and all(int(p.meta["fold"]) != 1 for p in train)
     with pytest.raises(DataError, match="valid_fold=5"):
-        build_splits(DataConfig(train_path=str(path), valid_fold=5))
+        splits_of(DataConfig(train_path=str(path), valid_fold=5))
 
 
 def test_fold_column_missing(tmp_path):
     path = tmp_path / "train.csv"
     tiny.arena_frame(6).to_csv(path, index=False)
     with pytest.raises(DataError, match="fold"):
-        build_splits(DataConfig(train_path=str(path), valid_fold=0))
+        splits_of(DataConfig(train_path=str(path), valid_fold=0))
 
 
 def test_build_splits_without_a_validation_file(tmp_path):
@@ -78,7 +83,7 @@ def test_build_splits_without_a_validation_file(tmp_path):
     frame.loc[:9, "prompt"] = frame.loc[0, "prompt"]  # ten pairs share one prompt
     path = tmp_path / "train.csv"
     frame.to_csv(path, index=False)
-    train, valid = build_splits(DataConfig(train_path=str(path), valid_fraction=0.2, max_train_pairs=30))
+    train, valid = splits_of(DataConfig(train_path=str(path), valid_fraction=0.2, max_train_pairs=30))
     assert len(train) == 30
     assert not {p.prompts for p in train} & {p.prompts for p in valid}
     ids = {p.id for p in valid}
@@ -86,7 +91,7 @@ def test_build_splits_without_a_validation_file(tmp_path):
 
 
 def test_build_splits_with_a_validation_file(arena_files):
-    train, valid = build_splits(DataConfig(train_path=str(arena_files["train"]), valid_path=str(arena_files["valid"]),
+    train, valid = splits_of(DataConfig(train_path=str(arena_files["train"]), valid_path=str(arena_files["valid"]),
                                            max_valid_pairs=4))
     assert len(train) == len(pd.read_csv(arena_files["train"])) and len(valid) == 4
     assert valid[0].id == "1000"

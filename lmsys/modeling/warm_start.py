@@ -1,0 +1,52 @@
+"""Warm starts (`model.init_from=RUN/checkpoint`): a run starts from an earlier run's adapter and head, as the
+top solutions' later stages did (stage 3 from stage 2; a WSDM two-class head from an LMSYS three-class one)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from lmsys.config import ConfigError, LoraConfig
+from lmsys.modeling.checkpoint import ADAPTER_FILES, ModelSpec, load_head_state, read_spec
+
+
+def check_warm_start(spec: ModelSpec, lora: LoraConfig, checkpoint: str) -> None:
+    """Refuse, before any model loads, a checkpoint whose base model, family, head or LoRA shape differs from this
+    run's (a 3-class head may start a 2-class run: it keeps the A and B rows)."""
+    source = read_spec(checkpoint)
+    adapter = json.loads((Path(checkpoint) / ADAPTER_FILES[0]).read_text()) if not source.merged else {}
+    checks = [
+        ("a merged checkpoint (it has no adapter)", source.merged, False),
+        ("family", source.family.value, spec.family.value),
+        ("base model", (source.facts, Path(source.base_model_path).name), (spec.facts, Path(spec.base_model_path).name)),
+        ("head", source.head.value, spec.head.value),
+        ("lora.r", adapter.get("r"), lora.r),
+        ("lora.alpha", adapter.get("lora_alpha"), lora.alpha),
+        ("lora.target_modules", sorted(adapter.get("target_modules") or []), sorted(lora.target_modules)),
+        ("lora.use_dora", bool(adapter.get("use_dora")), lora.use_dora),
+    ]
+    for name, theirs, ours in checks:
+        if theirs != ours:
+            raise ConfigError(f"model.init_from={checkpoint}: {name} differs: checkpoint {theirs}, this run {ours}")
+    if source.num_classes < spec.num_classes:
+        raise ConfigError(f"model.init_from={checkpoint}: a {source.num_classes}-class head cannot start a "
+                          f"{spec.num_classes}-class run")
+
+
+def load_warm_start(model: torch.nn.Module, checkpoint: str) -> None:
+    """The checkpoint's LoRA weights into the run's (trainable) adapter and its head into the run's head."""
+    adapter = load_file(str(Path(checkpoint) / ADAPTER_FILES[1]))
+    loaded = set_peft_model_state_dict(model.backbone, adapter)
+    if loaded.unexpected_keys:
+        raise ConfigError(f"model.init_from={checkpoint}: adapter weights this model lacks, e.g. "
+                          f"{loaded.unexpected_keys[:3]}")
+    head = model.head.state_dict()
+    source = load_head_state(checkpoint)
+    # The output layer of a 3-class head: keep its A and B rows for a 2-class run (tie is the third class).
+    fitted = {key: value[: head[key].shape[0]] if value.shape != head[key].shape else value
+              for key, value in source.items()}
+    model.head.load_state_dict(fitted)

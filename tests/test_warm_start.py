@@ -1,0 +1,143 @@
+"""Warm starts (`model.init_from`) and two-class runs (`model.num_classes=2`, `data.ties`): the warm-started model
+predicts exactly as its source checkpoint, mismatches fail before a model loads, a 3-class head starts a 2-class
+run with its A and B rows, and a 2-class model predicts WSDM submissions with exact swap symmetry."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import tiny
+import torch
+from accelerate import Accelerator
+from entry_runs import read_oof, run_entry, tiny_overrides
+from test_predict import make_checkpoint, swapped_frame
+
+from lmsys.builders import build_encoder, build_model, build_prediction_spec, build_spec, build_splits
+from lmsys.config import ConfigError, DataConfig, Family, HeadType, LoraConfig, ModelConfig, Ties, TrainConfig
+from lmsys.data.dataset import encode_split
+from lmsys.data.io import DataError, read_pairs
+from lmsys.evaluation.predict_loop import predict_split
+from lmsys.modeling.checkpoint import load_head_state, save_checkpoint
+from lmsys.modeling.warm_start import check_warm_start
+from lmsys.predict import predict_checkpoint, submission_frame
+from lmsys.prediction_config import PredictConfig
+
+CPU = torch.device("cpu")
+LORA = LoraConfig(r=8, alpha=16, dropout=0.0)  # the shape of make_checkpoint's adapter
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, tiny_models):
+    return make_checkpoint(tmp_path_factory.mktemp("warm") / "checkpoint", tiny_models["llama"])
+
+
+def model_config(tiny_models, **extra) -> ModelConfig:
+    return ModelConfig(path=str(tiny_models["llama"]), family=Family.llama, max_length=128, **extra)
+
+
+def logits(model, spec, pairs, tokenizer_dir):
+    from lmsys.builders import build_inference_batching, build_tokenizer
+
+    tokenizer = build_tokenizer(tokenizer_dir, False)
+    split = encode_split(pairs, build_encoder(spec, tokenizer))
+    batching = build_inference_batching(PredictConfig(checkpoint="x", output="x.csv"), spec, tokenizer.pad_token_id)
+    return predict_split(model, split, False, batching, Accelerator(cpu=True), show_progress=False).logits_ab
+
+
+def test_a_warm_started_model_predicts_as_its_source(tiny_models, arena_files, source):
+    pairs = read_pairs(arena_files["valid"], require_labels=True)
+    spec = build_spec(model_config(tiny_models), DataConfig(train_path="unused"), packing=True)
+    reference = build_model(spec, None, None, CPU, adapter_dir=source)
+    warm = build_model(spec, model_config(tiny_models, init_from=str(source)), LORA, CPU)
+    assert any(p.requires_grad for n, p in warm.named_parameters() if "lora_" in n)  # it trains
+    np.testing.assert_allclose(logits(warm, spec, pairs, source), logits(reference, spec, pairs, source), atol=1e-5)
+    fresh = build_model(spec, model_config(tiny_models), LORA, CPU)
+    assert np.abs(logits(fresh, spec, pairs, source) - logits(reference, spec, pairs, source)).max() > 1e-2
+
+
+def test_update_zero_of_a_warm_started_run_equals_the_source_predictions(tiny_models, arena_files, source, tmp_path):
+    run_dir = tmp_path / "run"
+    run_entry([*tiny_overrides(tiny_models["llama"], arena_files["train"], arena_files["valid"]),
+               "trainer.max_steps=0", f"model.init_from={source}", "lora.r=8", "lora.alpha=16", "model.double_quant=true",
+               "model.template=llama3",
+               f"hydra.run.dir={run_dir}"], tmp_path / "log.txt")
+    oof = read_oof(run_dir).astype({"id": str}).set_index("id")
+    config = PredictConfig(checkpoint=str(source), output="unused.csv", tta=False, dense_weights=False,
+                           show_progress=False)
+    pairs = read_pairs(arena_files["valid"], require_labels=True)
+    probs = predict_checkpoint(str(source), build_prediction_spec(str(source), config), pairs, config,
+                               Accelerator(cpu=True)).probs_ab
+    ours = oof.loc[[pair.id for pair in pairs], ["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy()
+    np.testing.assert_allclose(ours, probs, atol=1e-5)
+
+
+def test_warm_start_mismatches_fail_naming_the_difference(tiny_models, source):
+    spec = build_spec(model_config(tiny_models), DataConfig(train_path="unused"), packing=True)
+    with pytest.raises(ConfigError, match="lora.r differs: checkpoint 8, this run 16"):
+        check_warm_start(spec, LoraConfig(r=16, alpha=16), str(source))
+    with pytest.raises(ConfigError, match="head differs"):
+        check_warm_start(replace(spec, head=HeadType.mlp), LORA, str(source))
+    gemma = build_spec(ModelConfig(path=str(tiny_models["gemma3"]), family=Family.gemma, max_length=128),
+                       DataConfig(train_path="unused"), packing=True)
+    with pytest.raises(ConfigError, match="family differs: checkpoint llama, this run gemma"):
+        check_warm_start(gemma, LORA, str(source))
+
+
+def test_a_three_class_head_starts_a_two_class_run_with_its_a_and_b_rows(tiny_models, source, tmp_path):
+    spec = build_spec(model_config(tiny_models, num_classes=2), DataConfig(train_path="unused"), packing=True)
+    check_warm_start(spec, LORA, str(source))
+    warm = build_model(spec, model_config(tiny_models, num_classes=2, init_from=str(source)), LORA, CPU)
+    head = load_head_state(source)
+    ours = warm.head.state_dict()
+    for key, value in head.items():
+        torch.testing.assert_close(ours[key], value[: ours[key].shape[0]])
+    save_checkpoint(tmp_path / "two", warm, tiny.build_tokenizer(False), spec)
+    three = build_spec(model_config(tiny_models), DataConfig(train_path="unused"), packing=True)
+    with pytest.raises(ConfigError, match="a 2-class head cannot start a 3-class run"):
+        check_warm_start(three, LORA, str(tmp_path / "two"))
+
+
+def wsdm_file(path, n: int, with_ties: bool):
+    frame = tiny.arena_frame(n, seed=4)
+    frame["winner"] = np.where(frame.winner_model_a == 1, "model_a", "model_b")
+    frame = frame.drop(columns=["winner_model_a", "winner_model_b", "winner_tie"])
+    if with_ties:  # Kaggle-schema rows with ties, for the ties rule
+        frame = tiny.arena_frame(n, seed=4)
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_ties_in_a_two_class_run_error_drop_or_split(tmp_path, tiny_models):
+    path = wsdm_file(tmp_path / "train.csv", 12, with_ties=True)  # every third row is a tie
+    config = TrainConfig(model=model_config(tiny_models, num_classes=2), data=DataConfig(train_path=str(path),
+                                                                                          valid_path=str(path)))
+    with pytest.raises(DataError, match=r"4 tied row\(s\) .* row ids \['2', '5', '8', '11'\]; set data.ties"):
+        build_splits(config)
+    train, _ = build_splits(replace(config, data=replace(config.data, ties=Ties.drop)))
+    assert len(train) == 8 and all(len(pair.target) == 2 and max(pair.target) == 1.0 for pair in train)
+    train, _ = build_splits(replace(config, data=replace(config.data, ties=Ties.split)))
+    assert len(train) == 12 and [pair.target for pair in train if pair.id == "2"] == [(0.5, 0.5)]
+
+
+def test_a_two_class_model_writes_wsdm_submissions_with_exact_swap_symmetry(tiny_models, tmp_path):
+    model_cfg = model_config(tiny_models, num_classes=2, head_init_std=0.5)
+    spec = build_spec(model_cfg, DataConfig(train_path="unused"), packing=True)
+    torch.manual_seed(0)
+    model = build_model(spec, model_cfg, LORA, CPU)
+    checkpoint = tmp_path / "checkpoint"
+    save_checkpoint(checkpoint, model, tiny.build_tokenizer(False), spec)
+    test = wsdm_file(tmp_path / "test.csv", 10, with_ties=False)
+    swapped = tmp_path / "swapped.csv"
+    swapped_frame(pd.read_csv(test)).to_csv(swapped, index=False)
+    config = PredictConfig(checkpoint=str(checkpoint), output="unused.csv", show_progress=False)
+    spec = build_prediction_spec(str(checkpoint), config)
+    probs = {name: predict_checkpoint(str(checkpoint), spec, read_pairs(path, False), config,
+                                      Accelerator(cpu=True)).combined("prob") for name, path in
+             (("test", test), ("swapped", swapped))}
+    assert probs["test"].shape == (10, 2)
+    np.testing.assert_allclose(probs["test"], probs["swapped"][:, ::-1], atol=1e-6)
+    frame = submission_frame(read_pairs(test, False), probs["test"])
+    assert list(frame.columns) == ["id", "winner"] and set(frame.winner) <= {"model_a", "model_b"}
+    assert json.dumps(list(frame.id)) == json.dumps([str(i) for i in range(10)])
