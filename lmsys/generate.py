@@ -35,6 +35,7 @@ log = logging.getLogger("lmsys")
 SOURCE = "generated"
 # Plain rendering for models without a chat template (template_fallback=true); generation stops at the next "User:".
 PLAIN_USER, PLAIN_ASSISTANT, PLAIN_STOP = "User: ", "Assistant:", "\nUser:"
+TURN_MARK = "\u2063lmsys-answer\u2063"  # a text no template alters, to find what follows an assistant turn
 
 USAGE = __doc__ + """
 Keys:
@@ -124,6 +125,20 @@ def render_prompt_ids(tokenizer, messages: list[dict], max_prompt_tokens: int) -
     return ids[-max_prompt_tokens:]
 
 
+def stop_token_ids(tokenizer, model_eos: int | list[int] | None) -> list[int]:
+    """The model's eos ids, its tokenizer's, and the special token its chat template closes an assistant turn
+    with (<end_of_turn>, <|im_end|>, <|eot_id|>): a model whose generation_config lists only <eos> would
+    otherwise write past the end of its turn."""
+    ids = [model_eos] if isinstance(model_eos, int) else list(model_eos or [])
+    ids.append(tokenizer.eos_token_id)
+    if tokenizer.chat_template is not None:
+        messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": TURN_MARK}]
+        after = tokenizer.apply_chat_template(messages, tokenize=False).split(TURN_MARK, 1)[1]
+        following = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+        ids += [i for i in following if i in tokenizer.all_special_ids or i in tokenizer.added_tokens_decoder]
+    return sorted({i for i in ids if i is not None})
+
+
 def clean_answer(text: str, plain: bool) -> str:
     return (text.split(PLAIN_STOP)[0] if plain else text).strip()
 
@@ -140,6 +155,7 @@ class HfEngine:
         self.tokenizer, self.config = tokenizer, config
         self.tokenizer.padding_side = "left"
         self.plain = tokenizer.chat_template is None
+        self.stop_ids = stop_token_ids(tokenizer, self.model.generation_config.eos_token_id)
 
     def respond(self, conversations: list[list[dict]]) -> list[str]:
         ids = [render_prompt_ids(self.tokenizer, c, self.config.max_prompt_tokens) for c in conversations]
@@ -158,7 +174,7 @@ class HfEngine:
         out = self.model.generate(
             **batch, max_new_tokens=self.config.max_new_tokens, do_sample=sample,
             temperature=self.config.temperature if sample else None, top_p=self.config.top_p if sample else None,
-            top_k=None, pad_token_id=self.tokenizer.pad_token_id,
+            top_k=None, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_ids,
             **({"stop_strings": [PLAIN_STOP], "tokenizer": self.tokenizer} if self.plain else {}),
         )  # (B, T + new)
         return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -184,6 +200,7 @@ class VllmEngine:
         self.params = SamplingParams(
             temperature=config.temperature if sample else 0.0, top_p=config.top_p if sample else 1.0,
             max_tokens=config.max_new_tokens, seed=config.seed, stop=[PLAIN_STOP] if self.plain else None,
+            stop_token_ids=stop_token_ids(tokenizer, self.llm.get_tokenizer().eos_token_id),
         )
 
     def respond(self, conversations: list[list[dict]]) -> list[str]:

@@ -15,7 +15,15 @@ from transformers import AutoTokenizer
 
 from lmsys.builders import build_tokenizer
 from lmsys.data.io import read_pairs
-from lmsys.generate import GenerateConfig, HfEngine, answer_conversations, draw_model_pairs, main, render_prompt_ids
+from lmsys.generate import (
+    GenerateConfig,
+    HfEngine,
+    answer_conversations,
+    draw_model_pairs,
+    main,
+    render_prompt_ids,
+    stop_token_ids,
+)
 from lmsys.pseudo_label import main as pseudo_label_main
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -162,3 +170,10 @@ def test_help_exits_zero(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--help"])
     assert done.value.code == 0 and "prompts=FILE models=[M1,M2,...]" in capsys.readouterr().out
+
+
+def test_stop_tokens_include_the_templates_turn_end(setup):
+    """The tiny models' eos is <eos>, but the ChatML template ends an assistant turn with <|im_end|>."""
+    tokenizer = build_tokenizer(setup["models"][0], False)
+    ids = stop_token_ids(tokenizer, 2)
+    assert tokenizer.convert_ids_to_tokens(ids) == ["<eos>", "<|im_end|>"]
