@@ -21,6 +21,7 @@ from enum import Enum
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from omegaconf import MISSING, OmegaConf
 from peft import LoraConfig, PeftModel
@@ -256,10 +257,13 @@ def run_warmup(config: WarmupConfig) -> Path:
     log.info("%s on %s: %s", config.stage.value, config.data.train_path, selection.counts())
     parent = Path(config.output_dir).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
+    processes = PartialState()  # under accelerate launch TRL trains on every process; the main one writes
     with tempfile.TemporaryDirectory(prefix=".warmup.", dir=parent) as work:
         history = train_adapter(config, selection, Path(work))
-        merged = merge_into_base(config, Path(work) / "adapter")
-        output = save_result(config, merged, selection, history)
+        if processes.is_main_process:
+            save_result(config, merge_into_base(config, Path(work) / "adapter"), selection, history)
+        processes.wait_for_everyone()
+    output = Path(config.output_dir)
     log.info("wrote %s (%s warm-up of %s, %s)", output, config.stage.value, config.model_path,
              dataclasses.asdict(config.lora) | {"quantization": config.quantization.value})
     return output
