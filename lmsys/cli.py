@@ -23,6 +23,10 @@ from omegaconf.errors import OmegaConfBaseException
 T = TypeVar("T")
 
 
+class CommandError(ValueError):
+    """Bad input to a command that is not a data, config or checkpoint error: printed as one line, exit 2."""
+
+
 def expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix: their message says what and where, a traceback adds nothing."""
     from lmsys.config import ConfigError
@@ -33,7 +37,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from lmsys.runs import RunDirError
     from lmsys.training.state import ResumeError
 
-    return (ConfigError, DataError, CheckpointError, FamilyError, ModelLoadError, RunDirError, ResumeError,
+    return (CommandError, ConfigError, DataError, CheckpointError, FamilyError, ModelLoadError, RunDirError, ResumeError,
             OmegaConfBaseException, FileNotFoundError, FileExistsError)
 
 
@@ -49,11 +53,16 @@ def command_errors() -> Iterator[None]:
     except expected_errors() as err:
         if debugging():
             raise
-        message = str(err).strip().splitlines()
-        print(f"error: {message[0] if message else type(err).__name__}", file=sys.stderr)
-        for line in message[1:3]:
-            print(f"       {line}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of the message; OmegaConf's errors prefixed with the key they are about."""
+    lines = str(err).strip().splitlines()
+    first = lines[0] if lines else type(err).__name__
+    key = getattr(err, "full_key", None) if isinstance(err, OmegaConfBaseException) else None
+    return f"{key}: {first}" if key and key not in first else first
 
 
 def parse_config(schema: type[T], argv: list[str]) -> T:

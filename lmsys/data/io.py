@@ -223,3 +223,30 @@ def _label_column(pairs: list[Pair]) -> list:
     if all(set(pair.target) <= {0.0, 1.0} for pair in pairs):
         return [pair.label for pair in pairs]
     return [list(pair.target) for pair in pairs]
+
+
+def read_prompts(path: str | Path) -> list[tuple[str, tuple[str, ...]]]:
+    """(id, user turns) for every prompt of a CSV/parquet file with a `prompt` column (a JSON list of turns or
+    plain text; ids from an `id` column, else the row position) or of a .txt file (one single-turn prompt per
+    non-blank line; ids are the positions among those lines)."""
+    path = Path(path)
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [(str(i), (line,)) for i, line in enumerate(line for line in lines if line)]
+        if not prompts:
+            raise DataError(f"{path}: no prompts (every line is blank)")
+        return prompts
+    frame = read_table(path)
+    if "prompt" not in frame.columns:
+        raise DataError(f"{path}: missing column 'prompt'; found {list(frame.columns)}")
+    ids = frame["id"].astype(str).tolist() if "id" in frame.columns else [str(i) for i in range(len(frame))]
+    _check_unique_ids(ids, str(path))
+    prompts = []
+    for row_id, cell in zip(ids, frame["prompt"].tolist(), strict=True):
+        turns = _parse_turns(cell, str(path), row_id, "prompt", plain_text=True)
+        if not any(turn.strip() for turn in turns):
+            raise DataError(f"{path}: row id={row_id} column 'prompt': every turn is empty")
+        prompts.append((row_id, turns))
+    return prompts
