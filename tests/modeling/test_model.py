@@ -1,4 +1,4 @@
-"""The preference model on tiny random Llama, Gemma-2 and Gemma-3: pooling, packed vs padded logits, real NF4
+"""The preference model on tiny random Llama, Gemma-2, Gemma-3, Qwen2, Qwen3 and Mistral: pooling, packed vs padded logits, real NF4
 quantization, the head, and a checkpoint round trip through lmsys.builders.build_model(..., adapter_dir=...)."""
 
 import json
@@ -27,6 +27,9 @@ CASES = [
     ("llama", "llama", "none", "eval"),
     ("gemma2", "gemma", "none", "eval"),
     ("gemma3", "gemma", "none", "eval"),
+    ("qwen2", "qwen", "none", "eval"),
+    ("qwen3", "qwen", "none", "eval"),
+    ("mistral", "mistral", "none", "eval"),  # a sliding window shorter than the pairs (tiny.MISTRAL_WINDOW)
     ("llama", "llama", "nf4", "train"),  # dropout 0: the same function in both modes
     # bitsandbytes would run an eval-mode Linear4bit on a CPU with AVX512-BF16 through a bf16 kernel: load_backbone
     # must keep the fp32 path (and the weight layout that training-mode forwards differentiate through)
