@@ -2,6 +2,7 @@
 quantization, the head, and a checkpoint round trip through lmsys.builders.build_model(..., adapter_dir=...)."""
 
 import json
+import shutil
 
 import bitsandbytes as bnb
 import numpy as np
@@ -278,3 +279,23 @@ def test_an_incomplete_checkpoint_is_refused(tiny_models, tmp_path):
         read_spec(tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         read_spec(tmp_path / "absent")
+
+
+def test_mistral_packed_rows_apply_the_sliding_window(tiny_models, arena_pairs, tmp_path):
+    """Packed rows of the windowed Mistral match its padded logits (test above) and differ from the same weights
+    with full attention: the window is really applied per packed pair with the family's sdpa kernel."""
+    full = tmp_path / "mistral_full"
+    shutil.copytree(tiny_models["mistral"], full)
+    config = json.loads((full / "config.json").read_text())
+    assert config["sliding_window"] == tiny.MISTRAL_WINDOW
+    (full / "config.json").write_text(json.dumps({**config, "sliding_window": None}))
+    logits = {}
+    for name, directory in (("windowed", tiny_models["mistral"]), ("full", full)):
+        model, spec, tokenizer = tiny.build_preference_model(directory, "mistral", "none")
+        perturb(model, seed=1)
+        assert spec.attn_implementation == Attention.sdpa
+        exs = encode_split(arena_pairs, build_encoder(spec, tokenizer)).forward
+        assert min(len(ex.ids) for ex in exs) > tiny.MISTRAL_WINDOW
+        logits[name] = logits_of(model.eval(), collate(exs, tiny.batching(True, tokenizer.pad_token_id,
+                                                                           PaddingSide.left, 10_000)))
+    assert (logits["windowed"] - logits["full"]).abs().max() > 1e-3
