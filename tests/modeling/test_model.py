@@ -239,6 +239,13 @@ def test_family_table(tmp_path):
     with pytest.raises(FamilyError):
         resolve_attention(Family.gemma, "gemma2", Attention.sdpa, packing=True)
     assert resolve_attention(Family.gemma, "gemma2", Attention.sdpa, packing=False) == "sdpa"
+    assert check_family(Family.qwen, "qwen2", "x").template.value == "chatml"  # Qwen2 and Qwen2.5
+    assert check_family(Family.qwen, "qwen3", "x").template.value == "chatml"
+    assert check_family(Family.mistral, "mistral", "x").template.value == "mistral"
+    with pytest.raises(FamilyError, match="model_type 'mistral' is not in family 'qwen'"):
+        check_family(Family.qwen, "mistral", "model.path=x")
+    # sliding-window Mistral packs exactly with sdpa (test_mistral_packed_rows_apply_the_sliding_window)
+    assert resolve_attention(Family.mistral, "mistral", Attention.auto, packing=True) == "sdpa"
     # a multimodal Gemma-3 config.json nests the text model's type
     multimodal = {"model_type": "gemma3", "text_config": {"model_type": "gemma3_text", "hidden_size": 8,
                                                           "num_attention_heads": 2, "intermediate_size": 16}}
