@@ -354,7 +354,12 @@ def test_a_gemma_config_on_the_llama_entry_point_fails_fast(tiny_models, arena_f
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # nothing written
 
 
-def test_the_family_check_says_why(tiny_models, arena_files, tmp_path):
-    result = run_entry("gemma", "conf_r_llama_smol", tiny_models["llama"], arena_files, tmp_path / "run", timeout=60)
+@pytest.mark.parametrize("entry_family,config_name,kind,named", [
+    ("gemma", "conf_r_llama_smol", "llama", "train_r_llama.py"),
+    ("mistral", "conf_r_qwen25_14b", "qwen2", "train_r_qwen.py"),
+])
+def test_the_family_check_says_why(entry_family, config_name, kind, named, tiny_models, arena_files, tmp_path):
+    result = run_entry(entry_family, config_name, tiny_models[kind], arena_files, tmp_path / "run", timeout=60)
     assert result.returncode == 2
-    assert "train_r_llama.py" in result.stderr and "gemma" in result.stderr
+    assert named in result.stderr and entry_family in result.stderr
+    assert (REPO / "lmsys" / "code" / named).is_file()  # the script it names exists
