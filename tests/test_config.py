@@ -24,7 +24,7 @@ def compose_config(name: str, overrides: tuple[str, ...] = (), conf_dir: Path = 
 
 def test_the_experiments_are_there():
     assert {"conf_r_llama_smol", "conf_r_gemma_270m", "conf_r_gemma_m110", "conf_r_gemma_m205",
-            "conf_r_llama_m205"} <= set(EXPERIMENTS)
+            "conf_r_llama_m205", "conf_r_qwen25_14b", "conf_r_mistral_7b"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -32,8 +32,8 @@ def test_every_experiment_composes(name):
     cfg = compose_config(name)
     config = validated_config(cfg)  # what run_training does first: every __post_init__ rule, ??? left unset
     assert isinstance(config, TrainConfig)
-    # the file name says which entry point trains it: conf_r_<family>_...
-    assert config.model.family == Family(name.split("_")[2])
+    # the file name says which entry point trains it: conf_r_<family>[version]_... (conf_r_qwen25_14b: qwen)
+    assert config.model.family == Family(name.split("_")[2].rstrip("0123456789"))
     assert config.model.path and config.data.train_path
     assert config.data.valid_path or config.data.valid_fold is not None or 0 < config.data.valid_fraction < 1
 
@@ -114,3 +114,29 @@ def test_a_missing_value_fails_at_start_up(tmp_path):
     cfg = compose_config("conf_r_llama_smol", conf_dir=conf)
     with pytest.raises(OmegaConfBaseException, match="model.path"):
         validated_config(cfg)
+
+
+def test_every_entry_point_and_default_config_the_family_check_names_exists():
+    from lmsys.entry import DEFAULT_CONFIGS, ENTRY_POINTS
+
+    repo = CONF_DIR.parent
+    assert set(ENTRY_POINTS) == set(DEFAULT_CONFIGS) == set(Family)
+    for family, script in ENTRY_POINTS.items():
+        assert (repo / script).is_file(), script
+        assert f"Family.{family.value}" in (repo / script).read_text(), script  # the script serves that family
+    for family, name in DEFAULT_CONFIGS.items():
+        assert name in EXPERIMENTS, name
+        assert validated_config(compose_config(name)).model.family == family
+
+
+@pytest.mark.parametrize("name,family,hub_name,path", [
+    ("conf_r_qwen25_14b", Family.qwen, "Qwen/Qwen2.5-14B-Instruct", "models/Qwen2.5-14B-Instruct"),
+    ("conf_r_mistral_7b", Family.mistral, "mistralai/Mistral-7B-Instruct-v0.3", "models/Mistral-7B-Instruct-v0.3"),
+])
+def test_the_qwen_and_mistral_experiments(name, family, hub_name, path):
+    config = validated_config(compose_config(name))
+    assert (config.model.family, config.model.name, config.model.path) == (family, hub_name, path)
+    assert config.model.template.value == "auto" and config.model.quantization == Quantization.nf4
+    # the header says full swap and swap TTA: the values agree
+    assert config.trainer.swap_augmentation.value == "full" and config.trainer.eval_tta
+    assert config.model.gradient_checkpointing and config.data.valid_fold == 0

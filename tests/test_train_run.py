@@ -313,20 +313,36 @@ def test_overwrite_starts_a_fresh_train_log(rerun):
     assert "update 1 loss" not in (rerun["dir"] / "train.log").read_text()
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
-def test_gemma_runs(kind, tiny_models, arena_files, tmp_path):
+# kind -> (entry point's family, experiment file, overrides that make a GPU-scale file run on the CPU, template,
+# attention kernel); the Qwen and Mistral runs use their real experiment files (full swap, swap TTA)
+CPU_GROUPS = ("data=default", "optimizer=adamw_cpu", "trainer=cpu", "model.gradient_checkpointing=false")
+FAMILY_RUNS = {
+    "gemma2": ("gemma", "conf_r_gemma_270m", (), "gemma", "eager"),
+    "gemma3": ("gemma", "conf_r_gemma_270m", (), "gemma", "sdpa"),
+    "qwen2": ("qwen", "conf_r_qwen25_14b", CPU_GROUPS, "chatml", "sdpa"),
+    "qwen3": ("qwen", "conf_r_qwen25_14b", CPU_GROUPS, "chatml", "sdpa"),
+    "mistral": ("mistral", "conf_r_mistral_7b", CPU_GROUPS, "mistral", "sdpa"),
+}
+
+
+@pytest.mark.parametrize("kind", FAMILY_RUNS)
+def test_every_family_runs(kind, tiny_models, arena_files, tmp_path):
+    family, config_name, overrides, template, attention = FAMILY_RUNS[kind]
     model_dir = tiny_models[kind]
     base = digest(model_dir)
     run_dir = tmp_path / kind
-    result = run_entry("gemma", "conf_r_gemma_270m", model_dir, arena_files, run_dir)
+    result = run_entry(family, config_name, model_dir, arena_files, run_dir, *overrides)
     assert result.returncode == 0, result.stderr[-4000:]
     assert digest(model_dir) == base
     run = check_run_dir(run_dir, model_dir, arena_files["valid"], updates=2)
     assert any(torch.count_nonzero(t) for key, t in run["adapter"].items() if ".lora_B." in key)
     spec = read_spec(run_dir / "checkpoint")
-    assert spec.family.value == "gemma" and spec.template.value == "gemma" and spec.model_type == kind.replace(
-        "gemma3", "gemma3_text")
-    assert spec.attn_implementation.value == ("eager" if kind == "gemma2" else "sdpa")
+    assert spec.family.value == family and spec.template.value == template
+    assert spec.model_type == {"gemma3": "gemma3_text"}.get(kind, kind)
+    assert spec.attn_implementation.value == attention
+    config = OmegaConf.load(run_dir / "config.yaml")
+    if family in ("qwen", "mistral"):  # the experiment file's own values survived the CPU overrides
+        assert config.trainer.swap_augmentation == "full" and config.trainer.eval_tta
 
 
 def test_a_gemma_config_on_the_llama_entry_point_fails_fast(tiny_models, arena_files, tmp_path):
@@ -338,7 +354,12 @@ def test_a_gemma_config_on_the_llama_entry_point_fails_fast(tiny_models, arena_f
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # nothing written
 
 
-def test_the_family_check_says_why(tiny_models, arena_files, tmp_path):
-    result = run_entry("gemma", "conf_r_llama_smol", tiny_models["llama"], arena_files, tmp_path / "run", timeout=60)
+@pytest.mark.parametrize("entry_family,config_name,kind,named", [
+    ("gemma", "conf_r_llama_smol", "llama", "train_r_llama.py"),
+    ("mistral", "conf_r_qwen25_14b", "qwen2", "train_r_qwen.py"),
+])
+def test_the_family_check_says_why(entry_family, config_name, kind, named, tiny_models, arena_files, tmp_path):
+    result = run_entry(entry_family, config_name, tiny_models[kind], arena_files, tmp_path / "run", timeout=60)
     assert result.returncode == 2
-    assert "train_r_llama.py" in result.stderr and "gemma" in result.stderr
+    assert named in result.stderr and entry_family in result.stderr
+    assert (REPO / "lmsys" / "code" / named).is_file()  # the script it names exists

@@ -16,13 +16,22 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 SPECIAL_TOKENS = [
     "<pad>", "<bos>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>",
     "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
 ]
+# Mistral v0.3's control tokens: special in its tokenizer, so only the Mistral tokenizer has them (appended, so that
+# the other tokenizers' ids are unchanged)
+MISTRAL_TOKENS = ["[INST]", "[/INST]"]
 _VOCABULARY = ("what is the capital of france paris rome berlin answer question response better tie which conversation "
                "prompt user assistant model two three four five plus minus equals yes no maybe hello world "
                "# ## --- [...] A B : ? ! . , 0 1 2 3 4 5 6 7 8 9 é ü 中 文")
@@ -34,12 +43,12 @@ def corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20))) for _ in range(n_lines)]
 
 
-def build_tokenizer(add_bos: bool) -> PreTrainedTokenizerFast:
+def build_tokenizer(add_bos: bool, extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on a small corpus, with the chat-template special tokens."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[*SPECIAL_TOKENS, *extra_special],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus() + [" ".join(WORDS)], trainer)
     return _wrap(tok, add_bos)
@@ -87,13 +96,46 @@ def _gemma3(vocab: int):
         bos_token_id=1, eos_token_id=2, layer_types=["sliding_attention", "full_attention"]))
 
 
-BUILDERS = {"llama": (_llama, False), "gemma2": (_gemma2, True), "gemma3": (_gemma3, True)}
+def _qwen2(vocab: int):
+    # Qwen2 has biases on q, k and v (Llama has none)
+    return Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0, eos_token_id=2, tie_word_embeddings=True))
+
+
+def _qwen3(vocab: int):
+    # Qwen3: no q/k/v biases but RMSNorm on q and k per head, and an explicit head_dim
+    return Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, pad_token_id=0, eos_token_id=2,
+        tie_word_embeddings=True))
+
+
+MISTRAL_WINDOW = 64  # shorter than the test pairs (98-128 tokens), so packed rows must apply it per pair; two layers
+# of it still reach back past the start of a 98-token pair, so a leak between packed pairs shows
+
+
+def _mistral(vocab: int):
+    return MistralForCausalLM(MistralConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, sliding_window=MISTRAL_WINDOW,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2))
+
+
+# kind -> (model builder, tokenizer adds a bos, extra special tokens)
+BUILDERS = {
+    "llama": (_llama, False, ()), "gemma2": (_gemma2, True, ()), "gemma3": (_gemma3, True, ()),
+    "qwen2": (_qwen2, False, ()), "qwen3": (_qwen3, False, ()), "mistral": (_mistral, True, tuple(MISTRAL_TOKENS)),
+}
+# kind -> the lmsys family that trains it
+FAMILY_OF = {"llama": "llama", "gemma2": "gemma", "gemma3": "gemma", "qwen2": "qwen", "qwen3": "qwen",
+             "mistral": "mistral"}
 
 
 def save_tiny_model(kind: str, directory: Path, seed: int = 0) -> Path:
     """Write a tiny random model of architecture `kind` and its tokenizer to `directory`."""
-    build, add_bos = BUILDERS[kind]
-    tokenizer = build_tokenizer(add_bos)
+    build, add_bos, extra_special = BUILDERS[kind]
+    tokenizer = build_tokenizer(add_bos, extra_special)
     torch.manual_seed(seed)
     model = build(len(tokenizer))
     model.save_pretrained(directory)

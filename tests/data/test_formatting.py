@@ -1,4 +1,4 @@
-"""Golden strings: the exact text the model reads for PAB and PAPB pairs, with the gemma and chatml templates.
+"""Golden strings: the exact text the model reads for PAB and PAPB pairs, with every family's template.
 
 The expected strings are written out by hand from lmsys/data/formatting.py (the INTRO line, the section headers,
 the turn separators, the template markers), not copied from the encoder's output.
@@ -7,6 +7,7 @@ the turn separators, the template markers), not copied from the encoder's output
 import pytest
 import tiny
 
+from lmsys.builders import build_encoder, build_spec, build_tokenizer
 from lmsys.config import InputFormat, Template
 from lmsys.data.formatting import PairEncoder
 from lmsys.data.io import pairs_from_frame
@@ -186,3 +187,40 @@ def test_every_encoding_ends_with_the_assistant_marker(bpe_bos):
             assert len(ids) <= 160
             assert ids[: 1] == [bpe_bos.bos_token_id]
             assert ids[-len(marker):] == marker
+
+
+# One pair in PAB and PAPB for every family, through the family table (model_type -> template) and the tokenizer
+# saved with that family's tiny model (bos where the real model has one).
+SINGLE_PAB_BODY = (
+    "Which response better answers the conversation: A, B, or is it a tie?\n\n"
+    "# Prompt\nWhat is the capital of France?\n\n# Response A\nParis.\n\n# Response B\nIt is Rome, I think."
+)
+SINGLE_PAPB_BODY = (
+    "Which response better answers the conversation: A, B, or is it a tie?\n\n"
+    "# Conversation with A\n## User\nWhat is the capital of France?\n## Assistant\nParis."
+    "\n\n# Conversation with B\n## User\nWhat is the capital of France?\n## Assistant\nIt is Rome, I think."
+)
+LLAMA3_OPEN, LLAMA3_CLOSE = "<|start_header_id|>user<|end_header_id|>\n\n", (
+    "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+GEMMA_OPEN, GEMMA_CLOSE = "<bos><start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n"
+CHATML_OPEN, CHATML_CLOSE = "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
+MISTRAL_OPEN, MISTRAL_CLOSE = "<bos>[INST] ", "[/INST]"
+FAMILY_GOLDEN = {  # kind -> (family, what comes before the body, what comes after it)
+    "llama": ("llama", LLAMA3_OPEN, LLAMA3_CLOSE),
+    "gemma2": ("gemma", GEMMA_OPEN, GEMMA_CLOSE),
+    "gemma3": ("gemma", GEMMA_OPEN, GEMMA_CLOSE),
+    "qwen2": ("qwen", CHATML_OPEN, CHATML_CLOSE),
+    "qwen3": ("qwen", CHATML_OPEN, CHATML_CLOSE),
+    "mistral": ("mistral", MISTRAL_OPEN, MISTRAL_CLOSE),
+}
+
+
+@pytest.mark.parametrize("fmt,body", [(InputFormat.pab, SINGLE_PAB_BODY), (InputFormat.papb, SINGLE_PAPB_BODY)])
+@pytest.mark.parametrize("kind", FAMILY_GOLDEN)
+def test_every_family_golden(tiny_models, kind, fmt, body):
+    family, opening, closing = FAMILY_GOLDEN[kind]
+    model, data, _ = tiny.model_settings(tiny_models[kind], family, max_length=512)
+    data.format = fmt
+    spec = build_spec(model, data, packing=True)
+    enc = build_encoder(spec, build_tokenizer(tiny_models[kind], False))
+    assert encode_text(enc, SINGLE) == opening + body + closing

@@ -1,7 +1,8 @@
-"""The preference model on tiny random Llama, Gemma-2 and Gemma-3: pooling, packed vs padded logits, real NF4
+"""The preference model on tiny random Llama, Gemma-2, Gemma-3, Qwen2, Qwen3 and Mistral: pooling, packed vs padded logits, real NF4
 quantization, the head, and a checkpoint round trip through lmsys.builders.build_model(..., adapter_dir=...)."""
 
 import json
+import shutil
 
 import bitsandbytes as bnb
 import numpy as np
@@ -27,6 +28,9 @@ CASES = [
     ("llama", "llama", "none", "eval"),
     ("gemma2", "gemma", "none", "eval"),
     ("gemma3", "gemma", "none", "eval"),
+    ("qwen2", "qwen", "none", "eval"),
+    ("qwen3", "qwen", "none", "eval"),
+    ("mistral", "mistral", "none", "eval"),  # a sliding window shorter than the pairs (tiny.MISTRAL_WINDOW)
     ("llama", "llama", "nf4", "train"),  # dropout 0: the same function in both modes
     # bitsandbytes would run an eval-mode Linear4bit on a CPU with AVX512-BF16 through a bf16 kernel: load_backbone
     # must keep the fp32 path (and the weight layout that training-mode forwards differentiate through)
@@ -235,6 +239,13 @@ def test_family_table(tmp_path):
     with pytest.raises(FamilyError):
         resolve_attention(Family.gemma, "gemma2", Attention.sdpa, packing=True)
     assert resolve_attention(Family.gemma, "gemma2", Attention.sdpa, packing=False) == "sdpa"
+    assert check_family(Family.qwen, "qwen2", "x").template.value == "chatml"  # Qwen2 and Qwen2.5
+    assert check_family(Family.qwen, "qwen3", "x").template.value == "chatml"
+    assert check_family(Family.mistral, "mistral", "x").template.value == "mistral"
+    with pytest.raises(FamilyError, match="model_type 'mistral' is not in family 'qwen'"):
+        check_family(Family.qwen, "mistral", "model.path=x")
+    # sliding-window Mistral packs exactly with sdpa (test_mistral_packed_rows_apply_the_sliding_window)
+    assert resolve_attention(Family.mistral, "mistral", Attention.auto, packing=True) == "sdpa"
     # a multimodal Gemma-3 config.json nests the text model's type
     multimodal = {"model_type": "gemma3", "text_config": {"model_type": "gemma3_text", "hidden_size": 8,
                                                           "num_attention_heads": 2, "intermediate_size": 16}}
@@ -275,3 +286,23 @@ def test_an_incomplete_checkpoint_is_refused(tiny_models, tmp_path):
         read_spec(tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         read_spec(tmp_path / "absent")
+
+
+def test_mistral_packed_rows_apply_the_sliding_window(tiny_models, arena_pairs, tmp_path):
+    """Packed rows of the windowed Mistral match its padded logits (test above) and differ from the same weights
+    with full attention: the window is really applied per packed pair with the family's sdpa kernel."""
+    full = tmp_path / "mistral_full"
+    shutil.copytree(tiny_models["mistral"], full)
+    config = json.loads((full / "config.json").read_text())
+    assert config["sliding_window"] == tiny.MISTRAL_WINDOW
+    (full / "config.json").write_text(json.dumps({**config, "sliding_window": None}))
+    logits = {}
+    for name, directory in (("windowed", tiny_models["mistral"]), ("full", full)):
+        model, spec, tokenizer = tiny.build_preference_model(directory, "mistral", "none")
+        perturb(model, seed=1)
+        assert spec.attn_implementation == Attention.sdpa
+        exs = encode_split(arena_pairs, build_encoder(spec, tokenizer)).forward
+        assert min(len(ex.ids) for ex in exs) > tiny.MISTRAL_WINDOW
+        logits[name] = logits_of(model.eval(), collate(exs, tiny.batching(True, tokenizer.pad_token_id,
+                                                                           PaddingSide.left, 10_000)))
+    assert (logits["windowed"] - logits["full"]).abs().max() > 1e-3
