@@ -23,7 +23,7 @@ from lmsys.data.io import read_pairs
 from lmsys.data.schema import TARGET_COLUMNS, Pair, swap_abt
 from lmsys.evaluation.predict_loop import InferenceBatching, SplitPredictions, predict_split
 from lmsys.modeling.backbone import fold_into_dense
-from lmsys.modeling.checkpoint import ModelSpec, read_spec
+from lmsys.modeling.checkpoint import ModelSpec, read_spec, with_base_model
 from lmsys.modeling.families import attention_width, resolve_attention
 from lmsys.prediction_config import InferenceSettings, PredictConfig
 from lmsys.runs import RunDir
@@ -58,7 +58,7 @@ def run_prediction(cfg: DictConfig) -> Path:
 def build_prediction_spec(checkpoint: str, settings: InferenceSettings) -> ModelSpec:
     """The checkpoint's spec (checked complete) with the inference overrides; the attention kernel is re-checked
     because a checkpoint trained padded may hold one that would let packed pairs see each other."""
-    spec = read_spec(checkpoint)
+    spec = with_base_model(read_spec(checkpoint), checkpoint, settings.base_model_path)
     attention = settings.attn_implementation or spec.attn_implementation
     return dataclasses.replace(
         spec,
