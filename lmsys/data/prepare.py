@@ -15,7 +15,8 @@ are left alone; all outputs are written beside it first and moved in only when t
 - unlabeled.parquet (when an input has no labels, e.g. Kaggle test.csv): the same columns without label and fold,
   for prediction and the pseudo-label step.
 - duplicates.csv: every exact duplicate removed (same prompt and responses, either A/B order; the first kept).
-- rejects.csv (lenient mode): each skipped row's file, row id, column and reason.
+- rejects.csv (lenient mode): each skipped row's file, row id, column and reason; a file that is not UTF-8 text
+  is skipped whole (one line with an empty row id and column).
 - report.md and lengths_<column>.png: see lmsys/data/report.py.
 Ids are unique across the output files: an id used by two sources gets the prefix `<source>:` in both.
 """
@@ -76,7 +77,7 @@ def prepare(config: PrepareConfig) -> pd.DataFrame:
     inputs = [read_source(path, name, config.seed, config.strict) for path, name in zip(config.inputs, names)]
     kept, duplicates = remove_duplicates(inputs)
     kept = make_ids_unique(kept)
-    rejects = [reject for rows in inputs for reject in rows.rejects]
+    rejects = [reject for rows in inputs for reject in ([rows.skipped] if rows.skipped else []) + rows.rejects]
     if not kept:
         first = f"; the first rejected row: {rejects[0].message()}" if rejects else ""
         raise DataError(f"no valid rows in {list(config.inputs)}{first}")
@@ -247,6 +248,7 @@ def input_accounting(inputs: list[SourceRows], duplicates: pd.DataFrame, kept: l
 def _notes(config: PrepareConfig, inputs: list[SourceRows], kept: list[Entry], counter: LengthCounter) -> list[str]:
     """What the reader of the report must know to interpret it: how rows were changed or counted."""
     notes = [f"Mode: {'strict (any bad row stops the run)' if config.strict else 'lenient: skipped rows are in rejects.csv'}."]
+    notes += [f"`{rows.path}` was skipped: {rows.skipped.reason}." for rows in inputs if rows.skipped]
     notes += [f"`{rows.path}` has no `id` column: its ids are `{rows.source}-<data row number from 0>`."
               for rows in inputs if rows.generated_ids]
     if any(rows.format in (SourceFormat.hh_dialogues, SourceFormat.prompt_chosen_rejected) for rows in inputs):

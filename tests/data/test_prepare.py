@@ -308,3 +308,29 @@ def test_a_rerun_replaces_its_outputs_and_leaves_other_files(tmp_path):
     assert set(pd.read_parquet(lenient / "train.parquet")["source"]) == {"second"}
     run(tmp_path, [write_csv(tmp_path / "b.csv", distinct_rows(4))])  # strict: no rejects.csv of its own
     assert not (lenient / "rejects.csv").exists()
+
+
+def test_lenient_skips_a_file_that_is_not_utf8_and_goes_on(tmp_path):
+    good = write_csv(tmp_path / "good.csv", distinct_rows(4))
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(write_csv(tmp_path / "x.csv", distinct_rows(4, prefix="l")).read_bytes().replace(
+        b"question", "quéstion".encode("latin-1")))
+    with pytest.raises(DataError, match=rf"{latin}: not UTF-8 text: byte 0xe9 at byte offset \d+ \(line 2\)"):
+        run(tmp_path, [good, latin])
+    out, accounting = run(tmp_path, [good, latin], strict=False)
+    rejects = pd.read_csv(out / "rejects.csv", keep_default_na=False, dtype=str)
+    assert rejects[["file", "row_id", "column"]].values.tolist() == [[str(latin), "", ""]]
+    assert rejects["reason"][0].startswith("not UTF-8 text") and "whole file is skipped" in rejects["reason"][0]
+    assert sorted(pd.read_parquet(out / "train.parquet")["id"]) == ["0", "1", "2", "3"]
+    assert accounting["kept"].tolist() == [4, 0] and f"`{latin}` was skipped" in (out / "report.md").read_text()
+
+
+def test_lenient_rechecks_rows_with_the_whole_files_text_schema(tmp_path):
+    """A test file whose one malformed cell would, alone, look like plain text: still rejected row by row."""
+    rows = [{k: v for k, v in row.items() if k in ("id", "prompt", "response_a", "response_b")}
+            for row in distinct_rows(4)]
+    rows[1]["prompt"] = '["unclosed'
+    out, _ = run(tmp_path, [write_csv(tmp_path / "test.csv", rows)], strict=False)
+    rejects = pd.read_csv(out / "rejects.csv", keep_default_na=False, dtype=str)
+    assert rejects[["row_id", "column"]].values.tolist() == [["1", "prompt"]]
+    assert sorted(pd.read_parquet(out / "unlabeled.parquet")["id"]) == ["0", "2", "3"]
