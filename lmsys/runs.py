@@ -64,9 +64,9 @@ class RunDir:
         return any((self.path / name).exists() for name in (RUN_MARKER, *LEGACY_RUN_EVIDENCE))
 
     def _check_is_a_run_or_empty(self) -> None:
-        if not self.path.is_dir() or self.is_run():
-            if self.path.exists() and not self.path.is_dir():
-                raise RunDirError(f"{self.path} is a file, not a run directory")
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path} is a file, not a run directory")
+        if not self.path.exists() or self.is_run():
             return
         foreign = sorted(entry.name for entry in self.path.iterdir())
         if foreign:
