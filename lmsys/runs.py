@@ -11,7 +11,10 @@ from pathlib import Path
 
 FINISHED_MARKER = "metrics.json"
 STATE_DIR = "state"
-RUN_MARKER = ".lmsys_run"  # written when a run claims its directory: what tells a run dir from any other
+# Written when a run claims its directory: what tells a run dir from any other (not a dot file: those are the
+# temporaries of atomic writes).
+RUN_MARKER = "lmsys_run.txt"
+MARKER_TEXT = "This directory belongs to an lmsys run; overwrite=true removes only the files a run writes.\n"
 # Everything a run writes into its directory; overwrite=true removes these (and their temporaries), nothing else.
 RUN_ENTRIES = (RUN_MARKER, "config.yaml", "run_info.json", "train.log", "metrics.jsonl", FINISHED_MARKER, "oof.csv",
                "reliability.png", "checkpoint", STATE_DIR, "wandb")
@@ -58,7 +61,7 @@ class RunDir:
         if overwrite or killed:
             self._remove_run_files()
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / RUN_MARKER).touch()
+        self.write_text(RUN_MARKER, MARKER_TEXT)
 
     def is_run(self) -> bool:
         return any((self.path / name).exists() for name in (RUN_MARKER, *LEGACY_RUN_EVIDENCE))
