@@ -30,7 +30,7 @@ from lmsys.data.split import split_train_valid
 from lmsys.data.templates import CHAT_MARKERS
 from lmsys.evaluation.validation import ValidationSet
 from lmsys.modeling.backbone import add_lora, load_adapter, load_backbone, resolve_dtype
-from lmsys.modeling.checkpoint import ModelSpec, load_head_state, read_spec
+from lmsys.modeling.checkpoint import ModelSpec, load_head_state, read_spec, with_base_model
 from lmsys.modeling.families import check_family, resolve_attention, resolve_template
 from lmsys.modeling.heads import PreferenceHead
 from lmsys.modeling.losses import LossWeights
@@ -84,7 +84,7 @@ def build_spec(model: ModelConfig, data: DataConfig, packing: bool) -> ModelSpec
 def build_prediction_spec(checkpoint: str, settings: InferenceConfig) -> ModelSpec:
     """The checkpoint's spec (checked complete) with the inference overrides; the attention kernel is re-checked
     because a checkpoint trained padded may hold one that would let packed pairs see each other."""
-    spec = read_spec(checkpoint)
+    spec = with_base_model(read_spec(checkpoint), checkpoint, settings.base_model_path)
     attention = settings.attn_implementation or spec.attn_implementation
     return dataclasses.replace(
         spec,

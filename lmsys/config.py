@@ -99,6 +99,12 @@ class DataConfig:
         require(0.0 < self.prompt_share < 1.0, "data.prompt_share must be in (0, 1)")
         require(0.0 <= self.text_head_share <= 1.0, "data.text_head_share must be in [0, 1]")
         require(self.keep_first_turns >= 1 and self.keep_last_turns >= 0, "data.keep_first_turns >= 1, keep_last_turns >= 0")
+        for key in ("max_train_pairs", "max_valid_pairs"):
+            value = getattr(self, key)
+            require(value is None or value >= 1, f"data.{key} must be >= 1 or unset (null), got {value}")
+        require(self.valid_path is None or self.valid_fold is None,
+                 "data.valid_fold and data.valid_path exclude each other: validate on a fold of data.train_path or on "
+                 "data.valid_path")
 
 
 OptimizerName = _choices("OptimizerName", "adamw adamw_8bit")

@@ -6,13 +6,16 @@
 
 Weights are non-negative, sum to 1 and minimise the OOF log loss of the weighted mean of probabilities; the
 temperature T maps the ensemble p to softmax(log(p) / T).
+
+Every file is validated before anything is fitted or written (a `DataError` naming the file, the column and the
+ids): ids present; probabilities finite, non-negative and summing to 1 within 1e-4 per row; `label` one of the
+classes 0 (A), 1 (B), 2 (tie); soft targets valid probabilities too. A weight fit that does not converge fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +23,15 @@ import pandas as pd
 from scipy.optimize import minimize
 from scipy.special import softmax
 
+from lmsys.config import ConfigError
+from lmsys.data.io import PROB_TOLERANCE, DataError
 from lmsys.data.schema import TARGET_COLUMNS
 from lmsys.evaluation.metrics import accuracy, clip_probs, log_loss
 
 SOFT_TARGET_COLUMNS = ("target_a", "target_b", "target_tie")
 # Bounds on log T: beyond them the ensemble is either uniform or one-hot, so nothing is lost.
 LOG_TEMPERATURE_BOUNDS = (np.log(0.05), np.log(20.0))
+CLASSES = (0, 1, 2)  # label values: A wins, B wins, tie
 
 
 def combine(prob_list: list[np.ndarray], weights: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -62,8 +68,8 @@ def fit_ensemble_weights(
         constraints=[{"type": "eq", "fun": lambda params: params[:n_models].sum() - 1.0}],
         options={"ftol": 1e-12, "maxiter": 500},
     )
-    if not result.success:
-        warnings.warn(f"ensemble weight fit did not converge: {result.message}", RuntimeWarning, stacklevel=2)
+    if not result.success or not np.isfinite(result.x).all():
+        raise DataError(f"the ensemble weight fit did not converge ({result.message}); check the OOF files")
     # SLSQP may end a hair outside the simplex; project back before use.
     weights = np.clip(result.x[:n_models], 0.0, None)
     weights /= weights.sum()
@@ -74,12 +80,12 @@ def fit_ensemble_weights(
 def _align(reference_ids: np.ndarray, frame: pd.DataFrame, path: str) -> pd.DataFrame:
     """Rows of `frame` in the order of `reference_ids`; a clear error when the id sets differ."""
     if frame["id"].duplicated().any():
-        raise ValueError(f"{path}: duplicated ids, e.g. {frame['id'][frame['id'].duplicated()].head(5).tolist()}")
+        raise DataError(f"{path}: duplicated ids, e.g. {frame['id'][frame['id'].duplicated()].head(5).tolist()}")
     ids = pd.Index(frame["id"])
     reference = pd.Index(reference_ids)
     missing, extra = reference.difference(ids), ids.difference(reference)
     if len(missing) or len(extra):
-        raise ValueError(
+        raise DataError(
             f"{path}: id set differs from the first file: {len(missing)} missing (e.g. {missing[:5].tolist()}), "
             f"{len(extra)} extra (e.g. {extra[:5].tolist()})"
         )
@@ -91,22 +97,54 @@ def _read_csv(path: str, required: tuple[str, ...]) -> pd.DataFrame:
     frame = pd.read_csv(path, dtype={"id": str})
     absent = [column for column in required if column not in frame]
     if absent:
-        raise ValueError(f"{path}: missing columns {absent}")
+        raise DataError(f"{path}: missing columns {absent}")
+    blank = frame["id"].isna() | (frame["id"].str.strip() == "")
+    if blank.any():
+        raise DataError(f"{path}: data row {int(np.flatnonzero(blank)[0])} (counting from 0) column 'id': missing id")
     return frame
+
+
+def _examples(ids: pd.Series, bad: np.ndarray) -> str:
+    return f"{int(bad.sum())} row(s), e.g. ids {ids[bad].head(5).tolist()}"
+
+
+def checked_probabilities(frame: pd.DataFrame, columns: tuple[str, ...], path: str) -> np.ndarray:
+    """(N, 3) float64 probabilities of `columns`: every value a finite non-negative number, every row summing to 1
+    within PROB_TOLERANCE (nothing is silently clipped or renormalised)."""
+    values = frame[list(columns)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    where = f"{path}: columns {list(columns)}"
+    not_numbers = ~np.isfinite(values).all(axis=1)
+    if not_numbers.any():
+        raise DataError(f"{where}: not a finite number in {_examples(frame['id'], not_numbers)}")
+    negative = (values < 0).any(axis=1)
+    if negative.any():
+        raise DataError(f"{where}: negative probability in {_examples(frame['id'], negative)}")
+    unnormalised = np.abs(values.sum(axis=1) - 1.0) > PROB_TOLERANCE
+    if unnormalised.any():
+        raise DataError(f"{where}: rows must sum to 1 (within {PROB_TOLERANCE}); "
+                        f"{_examples(frame['id'], unnormalised)} do not")
+    return values
 
 
 def _targets(frame: pd.DataFrame, path: str) -> np.ndarray:
     """Soft targets when the file carries them, else one-hot of the hard label; (N, 3)."""
     if all(column in frame for column in SOFT_TARGET_COLUMNS):
-        return frame[list(SOFT_TARGET_COLUMNS)].to_numpy(np.float64)
+        return checked_probabilities(frame, SOFT_TARGET_COLUMNS, path)
     if "label" not in frame:
-        raise ValueError(f"{path}: needs a 'label' column or soft targets {SOFT_TARGET_COLUMNS}")
-    return np.eye(3)[frame["label"].to_numpy(int)]
+        raise DataError(f"{path}: needs a 'label' column or soft targets {SOFT_TARGET_COLUMNS}")
+    labels = pd.to_numeric(frame["label"], errors="coerce").to_numpy(np.float64)
+    bad = ~np.isin(labels, CLASSES)
+    if bad.any():
+        raise DataError(f"{path}: column 'label': expected one of {list(CLASSES)} (A, B, tie) in "
+                        f"{_examples(frame['id'], bad)}, got {frame['label'][bad].head(5).tolist()}")
+    return np.eye(3)[labels.astype(int)]
 
 
 def _load_aligned(paths: list[str]) -> tuple[np.ndarray, list[pd.DataFrame]]:
-    """Ids in the first file's order and every file's frame reordered to them."""
+    """Ids in the first file's order and every file's frame reordered to them, each file's probabilities checked."""
     frames = [_read_csv(path, ("id", *TARGET_COLUMNS)) for path in paths]
+    for frame, path in zip(frames, paths, strict=True):
+        checked_probabilities(frame, TARGET_COLUMNS, path)
     ids = frames[0]["id"].to_numpy()
     return ids, [_align(ids, frame, path) for frame, path in zip(frames, paths)]
 
@@ -173,7 +211,12 @@ def save_weights(path: Path, models: list[str], weights: np.ndarray, temperature
 
 def load_weights(path: str) -> tuple[np.ndarray, float]:
     saved = json.loads(Path(path).read_text())
-    return np.asarray(saved["weights"], dtype=np.float64), float(saved["temperature"])
+    weights, temperature = np.asarray(saved["weights"], dtype=np.float64), float(saved["temperature"])
+    if not (np.isfinite(weights).all() and (weights >= 0).all() and abs(weights.sum() - 1.0) <= PROB_TOLERANCE):
+        raise DataError(f"{path}: 'weights' must be non-negative and sum to 1, got {weights.tolist()}")
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise DataError(f"{path}: 'temperature' must be positive, got {temperature}")
+    return weights, temperature
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if oof is not None:
         if len(weights) != len(args.oof):
-            raise ValueError(f"{len(weights)} weights for {len(args.oof)} --oof files")
+            raise ConfigError(f"{len(weights)} weights for {len(args.oof)} --oof files")
         table = score_table(args.oof, oof[1], oof[2], weights, temperature)
         print(table.to_string(index=False, float_format=lambda v: f"{v:.5f}"))
         if args.weights is None:
@@ -198,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.submissions is not None:
         if len(args.submissions) != len(weights):
-            raise ValueError(f"{len(args.submissions)} --submissions for {len(weights)} weights")
+            raise ConfigError(f"{len(args.submissions)} --submissions for {len(weights)} weights")
         ids, sub_probs = load_submissions(args.submissions)
         write_submission(ids, combine(sub_probs, weights, temperature), out / "submission.csv")
         print(f"wrote {out / 'submission.csv'}")

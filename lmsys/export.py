@@ -1,6 +1,7 @@
 """Merge a checkpoint's LoRA adapter into an unquantized copy of its base model, for inference without peft.
 
     python -m lmsys.export checkpoint=RUN_DIR/checkpoint output_dir=DIR [dtype=bfloat16|float32] [overwrite=true]
+        [base_model_path=DIR]
     python -m lmsys.predict checkpoint=DIR data.test_path=test.csv output=submission.csv
 
 The result is a checkpoint like any other (spec, head, tokenizer) whose backbone weights are the merged
@@ -21,10 +22,11 @@ from lmsys.builders import build_model, build_tokenizer
 from lmsys.cli import run_command
 from lmsys.config import ComputeDtype, Quantization
 from lmsys.logs import setup_logging
-from lmsys.modeling.checkpoint import CheckpointError, ModelSpec, read_spec, save_checkpoint
+from lmsys.modeling.checkpoint import SPEC_FILE, CheckpointError, ModelSpec, read_spec, save_checkpoint, with_base_model
 from lmsys.modeling.model import PreferenceModel
+from lmsys.output_paths import check_output_paths
 from lmsys.prediction_config import ExportConfig
-from lmsys.runs import write_file
+from lmsys.runs import RunDirError, write_file
 
 log = logging.getLogger("lmsys")
 
@@ -37,14 +39,18 @@ def merge_adapter(checkpoint: Path, spec: ModelSpec, dtype: ComputeDtype) -> tup
     return model, dataclasses.replace(unquantized, merged=True)
 
 
-def export_merged(checkpoint: Path, output_dir: Path, dtype: ComputeDtype, overwrite: bool) -> Path:
-    spec = read_spec(checkpoint)
+def export_merged(checkpoint: Path, output_dir: Path, dtype: ComputeDtype, overwrite: bool,
+                  base_model_path: str | None = None) -> Path:
+    check_output_paths({"checkpoint": checkpoint, "base_model_path": base_model_path}, {"output_dir": output_dir},
+                       directory_outputs=frozenset({"output_dir"}))
+    spec = with_base_model(read_spec(checkpoint), checkpoint, base_model_path)
     if spec.merged:
         raise CheckpointError(f"{checkpoint}: already a merged checkpoint")
     if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} exists; choose another output_dir or pass overwrite=true")
-    if output_dir.resolve() == checkpoint.resolve():
-        raise ValueError("output_dir must differ from the checkpoint it is made from")
+        raise RunDirError(f"{output_dir} exists; choose another output_dir or pass overwrite=true")
+    if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / SPEC_FILE).is_file():
+        raise RunDirError(f"{output_dir} is not a checkpoint (no {SPEC_FILE}); overwrite=true replaces only a "
+                          f"checkpoint, so choose another output_dir")
     model, spec = merge_adapter(checkpoint, spec, dtype)
     tokenizer = build_tokenizer(checkpoint, spec.trust_remote_code)
     write_file(output_dir, lambda tmp: save_checkpoint(tmp, model, tokenizer, spec))
@@ -58,7 +64,8 @@ def main(argv: list[str] | None = None) -> Path:
 def run_export(config: ExportConfig) -> Path:
     setup_logging()
     output_dir = export_merged(
-        Path(config.checkpoint), Path(config.output_dir), ComputeDtype(config.dtype.value), config.overwrite
+        Path(config.checkpoint), Path(config.output_dir), ComputeDtype(config.dtype.value), config.overwrite,
+        config.base_model_path,
     )
     log.info("merged %s into %s (%s)", config.checkpoint, output_dir, config.dtype.value)
     return output_dir

@@ -12,6 +12,7 @@ from enum import Enum
 from omegaconf import MISSING
 
 from lmsys.config import Attention, ComputeDtype, TtaMode, require
+from lmsys.output_paths import check_output_paths
 
 TABLE_SUFFIXES = (".csv", ".parquet")
 
@@ -44,6 +45,9 @@ class InferenceConfig:
     # (fp32) bytes per parameter instead of ~0.5; None: on when predicting on CPU, off on GPU (where memory binds)
     dense_weights: bool | None = None
     show_progress: bool = True
+    # the base model's directory when it is no longer where the checkpoint's spec says (e.g. on Kaggle); it must
+    # hold the same model type. None: the spec's base_model_path
+    base_model_path: str | None = None
 
     def __post_init__(self) -> None:
         require(self.max_tokens >= 32, "max_tokens must be at least 32")
@@ -65,6 +69,11 @@ class PredictConfig(InferenceConfig):
                  "logits_output must end in .csv or .parquet")
         require(self.pseudo_label_output is None or self.pseudo_label_output.endswith(".parquet"),
                  "pseudo_label_output must end in .parquet")
+        check_output_paths(
+            {"data.test_path": self.data.test_path, "checkpoint": self.checkpoint, "base_model_path": self.base_model_path},
+            {"output": self.output, "logits_output": self.logits_output,
+             "pseudo_label_output": self.pseudo_label_output},
+        )
 
 
 @dataclass
@@ -76,6 +85,9 @@ class PseudoLabelConfig(InferenceConfig):
         super().__post_init__()
         require(len(self.checkpoints) > 0, "checkpoints must name at least one checkpoint")
         require(self.output.endswith(".parquet"), "output must end in .parquet")
+        inputs = {f"checkpoints[{i}]": path for i, path in enumerate(self.checkpoints)}
+        check_output_paths({"data.test_path": self.data.test_path, "base_model_path": self.base_model_path, **inputs},
+                           {"output": self.output})
 
 
 @dataclass
@@ -83,4 +95,9 @@ class ExportConfig:
     checkpoint: str = MISSING  # an adapter checkpoint
     output_dir: str = MISSING  # the merged checkpoint to create
     dtype: MergeDtype = MergeDtype.bfloat16  # of the unquantized base the adapter is merged into, and of the result
-    overwrite: bool = False
+    overwrite: bool = False  # replace output_dir when it holds a checkpoint (never another kind of directory)
+    base_model_path: str | None = None  # as for predict: where the base model is now, if it moved
+
+    def __post_init__(self) -> None:
+        check_output_paths({"checkpoint": self.checkpoint, "base_model_path": self.base_model_path},
+                           {"output_dir": self.output_dir}, directory_outputs=frozenset({"output_dir"}))

@@ -11,11 +11,20 @@ from pathlib import Path
 
 FINISHED_MARKER = "metrics.json"
 STATE_DIR = "state"
+# Written when a run claims its directory: what tells a run dir from any other (not a dot file: those are the
+# temporaries of atomic writes).
+RUN_MARKER = "lmsys_run.txt"
+MARKER_TEXT = "This directory belongs to an lmsys run; overwrite=true removes only the files a run writes.\n"
+# Everything a run writes into its directory; overwrite=true removes these (and their temporaries), nothing else.
+RUN_ENTRIES = (RUN_MARKER, "config.yaml", "run_info.json", "train.log", "metrics.jsonl", FINISHED_MARKER, "oof.csv",
+               "reliability.png", "checkpoint", STATE_DIR, "wandb")
+# A directory written by an lmsys run from before RUN_MARKER existed is recognised by one of these.
+LEGACY_RUN_EVIDENCE = (FINISHED_MARKER, STATE_DIR, f".{STATE_DIR}.old", "run_info.json")
 SECRET_VARIABLES = ("WANDB_API_KEY", "KAGGLE_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 class RunDirError(RuntimeError):
-    """A run directory that would be overwritten."""
+    """A run directory (or an output) that would be overwritten."""
 
 
 class RunDir:
@@ -24,8 +33,10 @@ class RunDir:
         self.is_main = is_main
 
     def claim(self, overwrite: bool, resume: bool) -> None:
-        """Refuse to reuse a directory that holds another run (finished, or unfinished with a training state),
-        unless resuming it or told to overwrite it; on overwrite its old files go first."""
+        """Take the directory for this run. Refused: a non-empty directory that is not a run's; another run
+        (finished, unfinished with a training state, or killed before its first state) unless resuming it or told
+        to overwrite it. Overwriting, or resuming a run that has no state, removes only the files a run writes,
+        so the new run starts with fresh logs."""
         finished = (self.path / FINISHED_MARKER).exists()
         unfinished = any((self.path / name).exists() for name in (STATE_DIR, f".{STATE_DIR}.old"))
         if finished and not overwrite:
@@ -38,10 +49,43 @@ class RunDir:
                 f"{self.path} holds an unfinished run's training state; pass resume=true to continue it or "
                 f"overwrite=true to start again"
             )
-        if self.is_main:
-            if overwrite and self.path.exists():
-                shutil.rmtree(self.path)
-            self.path.mkdir(parents=True, exist_ok=True)
+        if not self.is_main:
+            return  # the main process alone inspects and changes the directory: it writes the marker checked below
+        self._check_is_a_run_or_empty()
+        killed = self.is_run() and not finished and not unfinished
+        if killed and not (resume or overwrite):
+            raise RunDirError(
+                f"{self.path} holds a run that stopped before saving a training state; pass overwrite=true (or "
+                f"resume=true) to start it again with fresh logs, or choose another hydra.run.dir"
+            )
+        if overwrite or killed:
+            self._remove_run_files()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.write_text(RUN_MARKER, MARKER_TEXT)
+
+    def is_run(self) -> bool:
+        return any((self.path / name).exists() for name in (RUN_MARKER, *LEGACY_RUN_EVIDENCE))
+
+    def _check_is_a_run_or_empty(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path} is a file, not a run directory")
+        if not self.path.exists() or self.is_run():
+            return
+        foreign = sorted(entry.name for entry in self.path.iterdir())
+        if foreign:
+            raise RunDirError(
+                f"{self.path} is not a run directory and is not empty (holds {foreign[:5]}); a run only writes "
+                f"into a new, empty or earlier run directory: choose another hydra.run.dir"
+            )
+
+    def _remove_run_files(self) -> None:
+        """What a run wrote (the entries of RUN_ENTRIES and the temporaries of their atomic writes), nothing else."""
+        if not self.path.is_dir():
+            return
+        for name in RUN_ENTRIES:
+            _remove(self.path / name)
+            for leftover in self.path.glob(f".{name}.*"):
+                _remove(leftover)
 
     def write(self, name: str, produce: Callable[[Path], None]) -> Path | None:
         """Atomically create file or directory `name` of the run dir (see `write_file`)."""
@@ -76,6 +120,9 @@ def write_file(target: Path, produce: Callable[[Path], None], is_main: bool = Tr
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)) / target.name
     try:
         produce(tmp)
+        if target.exists() and target.is_dir() != tmp.is_dir():
+            kinds = ("directory", "file") if target.is_dir() else ("file", "directory")
+            raise RunDirError(f"{target} is an existing {kinds[0]}; refusing to replace it with a {kinds[1]}")
         old = target.with_name(f".{target.name}.old")
         _remove(old)  # left by a kill after the last swap; `target` is complete, so it is the one to keep
         if target.exists():

@@ -90,6 +90,10 @@ def test_a_wrong_value_fails(override):
     ("data.prompt_share=1.0", "prompt_share"),
     ("trainer.max_tokens=256", "max_tokens must be at least model.max_length"),
     ("optimizer.min_lr_ratio=1.5", "min_lr_ratio"),
+    ("data.max_train_pairs=-1", r"data.max_train_pairs must be >= 1 or unset \(null\), got -1"),
+    ("data.max_train_pairs=0", "data.max_train_pairs must be >= 1"),
+    ("data.max_valid_pairs=-3", "data.max_valid_pairs must be >= 1"),
+    ("data.valid_fold=0", "data.valid_fold and data.valid_path exclude each other"),  # data/default sets valid_path
 ])
 def test_a_broken_rule_fails_at_start_up(override, message):
     cfg = compose_config("conf_r_llama_smol", (override,))

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from scipy.special import softmax
 
+from lmsys.data.io import DataError
 from lmsys.ensemble import combine, fit_ensemble_weights, load_oof, main
 from lmsys.evaluation.metrics import log_loss
 
@@ -120,3 +121,57 @@ def test_mismatched_ids_error(tmp_path: Path) -> None:
     second = write_oof(tmp_path / "b.csv", np.array([1, 2, 4]), probs, labels)
     with pytest.raises(ValueError, match=r"b\.csv.*1 missing.*'3'.*1 extra.*'4'"):
         main(["--oof", str(first), str(second), "--out", str(tmp_path / "out")])
+
+
+def valid_oof(path: Path) -> pd.DataFrame:
+    frame = pd.DataFrame({"id": ["a", "b", "c"], "winner_model_a": [0.5, 0.2, 0.1], "winner_model_b": [0.3, 0.3, 0.1],
+                          "winner_tie": [0.2, 0.5, 0.8], "label": [0, 2, 1]})
+    frame.to_csv(path, index=False)
+    return frame
+
+
+@pytest.mark.parametrize(("column", "row", "value", "message"), [
+    ("winner_model_a", 1, float("nan"), r"not a finite number in 1 row\(s\), e.g. ids \['b'\]"),
+    ("winner_model_b", 2, -0.1, r"negative probability in 1 row\(s\), e.g. ids \['c'\]"),
+    ("winner_tie", 0, 0.9, r"rows must sum to 1 .*ids \['a'\] do not"),
+    ("label", 1, -1, r"column 'label': expected one of \[0, 1, 2\].*ids \['b'\]"),
+    ("label", 0, 3, r"column 'label'.*ids \['a'\]"),
+    ("label", 2, float("nan"), r"column 'label'.*ids \['c'\]"),
+    ("label", 2, 1.5, r"column 'label'.*ids \['c'\]"),
+    ("id", 1, None, r"data row 1 \(counting from 0\) column 'id': missing id"),
+])
+def test_invalid_oof_files_are_named(tmp_path: Path, column, row, value, message) -> None:
+    good = tmp_path / "good.csv"
+    frame = valid_oof(good)
+    frame[column] = frame[column].astype(object)
+    frame.loc[row, column] = value
+    bad = tmp_path / "bad.csv"
+    frame.to_csv(bad, index=False)
+    with pytest.raises(DataError, match=rf"{bad}: .*{message}"):
+        main(["--oof", str(bad), str(good), "--out", str(tmp_path / "out")])
+    if column != "label":  # the second file is checked as well, and a submission like an OOF file
+        with pytest.raises(DataError, match=rf"{bad}: .*{message}"):
+            main(["--oof", str(good), str(bad), "--out", str(tmp_path / "out")])
+        with pytest.raises(DataError, match=rf"{bad}: .*{message}"):
+            main(["--oof", str(good), str(good), "--submissions", str(good), str(bad), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_invalid_soft_targets_are_named(tmp_path: Path) -> None:
+    frame = valid_oof(tmp_path / "oof.csv").assign(target_a=[1.0, 0.5, 0.2], target_b=[0.0, 0.6, 0.2],
+                                                     target_tie=[0.0, 0.0, 0.6])
+    frame.to_csv(tmp_path / "oof.csv", index=False)
+    with pytest.raises(DataError, match=r"columns \['target_a', 'target_b', 'target_tie'\]: rows must sum.*\['b'\]"):
+        load_oof([str(tmp_path / "oof.csv")])
+
+
+def test_a_fit_that_does_not_converge_fails(monkeypatch) -> None:
+    from scipy.optimize import minimize
+
+    def one_iteration(*args, **kwargs):
+        return minimize(*args, **{**kwargs, "options": {**kwargs["options"], "maxiter": 1}})
+
+    monkeypatch.setattr("lmsys.ensemble.minimize", one_iteration)
+    models, _, targets = mixture_case(2_000)
+    with pytest.raises(DataError, match="did not converge"):
+        fit_ensemble_weights(models, targets)

@@ -28,12 +28,13 @@ from tiny import arena_frame
 
 from lmsys.builders import build_model, build_prediction_spec
 from lmsys.cli import parse_config
-from lmsys.config import ComputeDtype, Quantization
+from lmsys.config import ComputeDtype, ConfigError, Quantization
 from lmsys.data.io import read_pairs
 from lmsys.export import run_export
 from lmsys.modeling.checkpoint import ADAPTER_FILES, SPEC_FILE, CheckpointError, read_spec
 from lmsys.predict import predict_checkpoint
 from lmsys.prediction_config import ExportConfig, PredictConfig
+from lmsys.runs import RunDirError
 
 
 def export_main(argv: list[str]):
@@ -100,8 +101,17 @@ def test_predict_cli_on_merged_checkpoint(setup, tmp_path):
 def test_export_refusals(setup, tmp_path):
     with pytest.raises(CheckpointError, match="already a merged checkpoint"):
         export_main([f"checkpoint={setup['float32']}", f"output_dir={tmp_path / 'again'}"])
-    with pytest.raises(FileExistsError, match="overwrite=true"):
+    with pytest.raises(RunDirError, match="overwrite=true"):
         export_main([f"checkpoint={setup['checkpoint']}", f"output_dir={setup['float32']}"])
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.md").write_text("mine")
+    with pytest.raises(RunDirError, match="is not a checkpoint"):
+        export_main([f"checkpoint={setup['checkpoint']}", f"output_dir={foreign}", "overwrite=true"])
+    assert (foreign / "notes.md").read_text() == "mine"
+    for inside in (setup["checkpoint"], setup["checkpoint"] / "merged", setup["checkpoint"].parent):
+        with pytest.raises(ConfigError, match="output_dir="):
+            export_main([f"checkpoint={setup['checkpoint']}", f"output_dir={inside}", "overwrite=true"])
     with pytest.raises(ConfigKeyError, match="dtyp"):
         export_main([f"checkpoint={setup['checkpoint']}", f"output_dir={tmp_path / 'x'}", "dtyp=float32"])
     with pytest.raises(ValidationError, match="float64"):

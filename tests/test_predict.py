@@ -18,10 +18,10 @@ from tiny import arena_frame
 
 from lmsys.builders import build_model, build_prediction_spec, build_spec, build_tokenizer
 from lmsys.cli import parse_config
-from lmsys.config import DataConfig, Family, LoraConfig, ModelConfig, Quantization
+from lmsys.config import ConfigError, DataConfig, Family, LoraConfig, ModelConfig, Quantization
 from lmsys.data.io import DataError, read_pairs
 from lmsys.data.schema import TARGET_COLUMNS
-from lmsys.modeling.checkpoint import SPEC_FILE, CheckpointError, save_checkpoint
+from lmsys.modeling.checkpoint import SPEC_FILE, CheckpointError, read_spec, save_checkpoint
 from lmsys.predict import predict_checkpoint, run_prediction
 from lmsys.prediction_config import PredictConfig
 
@@ -203,3 +203,101 @@ def test_cli_rejects_typos_and_missing_values_at_compose():
 
 def _must_not_load(*args, **kwargs):
     raise AssertionError("a model was loaded although the inputs are invalid")
+
+
+# --- outputs never replace inputs, directories or each other (issue 14, items 1-3) --------------------------------
+
+
+def test_output_equal_to_the_test_file_is_refused_and_the_input_kept(checkpoint, test_files, tmp_path, monkeypatch):
+    monkeypatch.setattr("lmsys.predict.predict_checkpoint", _must_not_load)
+    test = tmp_path / "test.csv"
+    test.write_bytes(test_files["test"].read_bytes())
+    before = test.read_bytes()
+    for output in (test, tmp_path / "." / "test.csv"):
+        with pytest.raises(ConfigError, match=r"output=.*test\.csv is the input data\.test_path"):
+            run_prediction(predict_cfg(checkpoint=checkpoint, **{"data.test_path": test}, output=output))
+    assert test.read_bytes() == before
+
+
+def test_output_naming_an_existing_directory_is_refused_and_the_directory_kept(checkpoint, test_files, tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.setattr("lmsys.predict.predict_checkpoint", _must_not_load)
+    directory = tmp_path / "results.csv"
+    directory.mkdir()
+    (directory / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="is an existing directory"):
+        run_prediction(predict_cfg(checkpoint=checkpoint, **{"data.test_path": test_files["test"]}, output=directory))
+    assert (directory / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"logits_output": "same.csv"}, "output and logits_output name the same path"),
+    ({"logits_output": "p.parquet", "pseudo_label_output": "p.parquet"}, "logits_output and pseudo_label_output"),
+])
+def test_two_outputs_naming_the_same_file_are_refused(checkpoint, test_files, tmp_path, monkeypatch, extra, message):
+    monkeypatch.setattr("lmsys.predict.predict_checkpoint", _must_not_load)
+    outputs = {key: tmp_path / name for key, name in extra.items()}
+    with pytest.raises(ConfigError, match=message):
+        run_prediction(predict_cfg(checkpoint=checkpoint, **{"data.test_path": test_files["test"]},
+                                   output=tmp_path / "same.csv", **outputs))
+
+
+def test_output_inside_the_checkpoint_is_refused(checkpoint, test_files, monkeypatch):
+    monkeypatch.setattr("lmsys.predict.predict_checkpoint", _must_not_load)
+    with pytest.raises(ConfigError, match="lies inside the input checkpoint"):
+        run_prediction(predict_cfg(checkpoint=checkpoint, **{"data.test_path": test_files["test"]},
+                                   output=checkpoint / "submission.csv"))
+    assert not (checkpoint / "submission.csv").exists()
+
+
+# --- a checkpoint whose base model moved (item 10) -----------------------------------------------------------------
+
+
+def moved_base_checkpoint(checkpoint: Path, directory: Path) -> Path:
+    directory.mkdir()
+    for item in checkpoint.iterdir():
+        (directory / item.name).write_bytes(item.read_bytes())
+    spec = json.loads((directory / SPEC_FILE).read_text())
+    (directory / SPEC_FILE).write_text(json.dumps({**spec, "base_model_path": "/kaggle/gone/llama"}))
+    return directory
+
+
+def test_moved_base_model_is_named_and_base_model_path_overrides_it(checkpoint, test_files, tiny_models, tmp_path,
+                                                                    monkeypatch):
+    moved = moved_base_checkpoint(checkpoint, tmp_path / "moved")
+    with monkeypatch.context() as patched:
+        patched.setattr("lmsys.predict.predict_checkpoint", _must_not_load)
+        with pytest.raises(CheckpointError, match="/kaggle/gone/llama is not a model directory.*base_model_path="):
+            run_prediction(predict_cfg(checkpoint=moved, **{"data.test_path": test_files["test"]},
+                                       output=tmp_path / "o.csv"))
+        with pytest.raises(CheckpointError, match="is a gemma3_text model.*trained on a llama"):
+            run_prediction(predict_cfg(checkpoint=moved, **{"data.test_path": test_files["test"]},
+                                       output=tmp_path / "o.csv", base_model_path=tiny_models["gemma3"]))
+    for name, source in (("moved", moved), ("original", checkpoint)):
+        extra = {"base_model_path": tiny_models["llama"]} if name == "moved" else {}
+        run_prediction(predict_cfg(checkpoint=source, **{"data.test_path": test_files["test"]},
+                                   output=tmp_path / f"{name}.csv", tta=False, show_progress=False, **extra))
+    moved_sub, original_sub = (pd.read_csv(tmp_path / f"{name}.csv") for name in ("moved", "original"))
+    pd.testing.assert_frame_equal(moved_sub, original_sub)
+
+
+# --- damaged checkpoint files are named before a model loads (item 14) ---------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "damage"), [
+    ("adapter_model.safetensors", lambda data: data[: len(data) // 2]),
+    ("head.safetensors", lambda data: b""),
+])
+def test_truncated_weights_are_named_at_read_spec(checkpoint, tmp_path, name, damage):
+    broken = moved_base_checkpoint(checkpoint, tmp_path / "broken")
+    (broken / name).write_bytes(damage((checkpoint / name).read_bytes()))
+    with pytest.raises(CheckpointError, match=f"{name}: unreadable weights"):
+        read_spec(broken)
+
+
+def test_missing_tokenizer_json_is_an_incomplete_checkpoint(checkpoint, tmp_path):
+    assert (checkpoint / "tokenizer.json").is_file()  # what save_pretrained writes for a fast tokenizer
+    broken = moved_base_checkpoint(checkpoint, tmp_path / "broken")
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"incomplete checkpoint, missing \['tokenizer.json'\]"):
+        read_spec(broken)

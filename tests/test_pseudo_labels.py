@@ -89,6 +89,18 @@ def test_pseudo_label_cli_refusals(setup, tmp_path):
     assert not (tmp_path / "o.parquet").exists()
 
 
+def test_pseudo_label_output_never_replaces_an_input(setup, tmp_path):
+    unlabelled = tmp_path / "unlabelled.parquet"
+    pd.read_csv(setup["unlabelled"]).to_parquet(unlabelled)
+    before = unlabelled.read_bytes()
+    with pytest.raises(ConfigError, match="output=.*is the input data.test_path"):
+        pseudo_label_main([f"checkpoints=[{setup['first']}]", f"data.test_path={unlabelled}", f"output={unlabelled}"])
+    with pytest.raises(ConfigError, match=r"lies inside the input checkpoints\[1\]"):
+        pseudo_label_main([f"checkpoints=[{setup['first']},{setup['second']}]", f"data.test_path={unlabelled}",
+                           f"output={setup['second'] / 'p.parquet'}"])
+    assert unlabelled.read_bytes() == before and not (setup["second"] / "p.parquet").exists()
+
+
 def test_stage_configs_compose():
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         stage1 = compose("conf_r_llama_smol_stage1")

@@ -363,3 +363,17 @@ def test_the_family_check_says_why(entry_family, config_name, kind, named, tiny_
     assert result.returncode == 2
     assert named in result.stderr and entry_family in result.stderr
     assert (REPO / "lmsys" / "code" / named).is_file()  # the script it names exists
+
+
+@pytest.mark.parametrize("extra", [(), ("overwrite=true",)])
+def test_a_run_dir_that_is_not_a_run_is_refused_and_kept(tiny_models, arena_files, tmp_path, extra):
+    work = tmp_path / "work"  # e.g. hydra.run.dir=. in a project directory
+    (work / "src").mkdir(parents=True)
+    (work / "src" / "model.py").write_text("mine")
+    (work / "config.yaml").write_text("the user's own config\n")
+    before = tree_digest(work)
+    result = run_entry("llama", "conf_r_llama_smol", tiny_models["llama"], arena_files, work, *extra, timeout=120)
+    assert result.returncode != 0
+    assert f"{work} is not a run directory and is not empty" in result.stderr
+    assert "Loading weights" not in result.stderr
+    assert tree_digest(work) == before and sorted(p.name for p in work.iterdir()) == ["config.yaml", "src"]

@@ -1,6 +1,14 @@
 """Reading battles from Kaggle LMSYS CSV, WSDM Cup and parquet files into validated `Pair`s.
 
 Every problem is reported as a `DataError` naming the file, the row id and the column, before any model loads.
+
+How the text cells are read is decided once per file (`plain_text_schema`), from the label columns:
+- a `winner` column (WSDM Cup train): plain text, one turn per cell (a cell holding a JSON list of strings is
+  read as that list);
+- Kaggle label columns (`winner_model_*`) or `label`: every cell is a JSON list of turns (or a list, in parquet),
+  and a cell that is not one, e.g. `["unterminated`, is an error;
+- no label columns (a test file): JSON lists when any text cell is one (then every cell must be), else plain text
+  (a WSDM test file). Other columns, such as `language`, never change the rule.
 """
 
 from __future__ import annotations
@@ -25,6 +33,10 @@ class DataError(ValueError):
     """Bad input data; the message names the file, the row id and the column."""
 
 
+class EncodingError(DataError):
+    """A file that is not UTF-8 text; lenient preparation skips the whole file."""
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
     """Load a CSV or parquet file as a frame, refusing missing and empty files."""
     path = Path(path)
@@ -37,11 +49,25 @@ def read_table(path: str | Path) -> pd.DataFrame:
             frame = pd.read_csv(path, keep_default_na=False, na_values=[], dtype={"id": str})
         except pd.errors.EmptyDataError as err:
             raise DataError(f"{path}: the file is empty") from err
+        except UnicodeDecodeError as err:
+            raise _encoding_error(path) from err
     else:
         raise DataError(f"{path}: unsupported file type '{path.suffix}' (use .csv or .parquet)")
     if frame.empty:
         raise DataError(f"{path}: the file has no rows")
     return frame
+
+
+def _encoding_error(path: Path) -> EncodingError:
+    """Where the first byte that is not UTF-8 is: pandas' own offset counts from the start of a read chunk."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return EncodingError(f"{path}: not UTF-8 text: byte {data[err.start]:#04x} at byte offset {err.start} "
+                             f"(line {line}); convert the file to UTF-8")
+    return EncodingError(f"{path}: not UTF-8 text")
 
 
 def read_pairs(path: str | Path, require_labels: bool) -> list[Pair]:
@@ -50,18 +76,22 @@ def read_pairs(path: str | Path, require_labels: bool) -> list[Pair]:
     return pairs_from_frame(frame, str(path), require_labels)
 
 
-def pairs_from_frame(frame: pd.DataFrame, name: str, require_labels: bool) -> list[Pair]:
-    """Validate a frame in any accepted schema and convert it; `name` labels the errors."""
+def pairs_from_frame(
+    frame: pd.DataFrame, name: str, require_labels: bool, plain_text: bool | None = None
+) -> list[Pair]:
+    """Validate a frame in any accepted schema and convert it; `name` labels the errors. `plain_text`: how the
+    text cells are read (None: decided from this frame, see `plain_text_schema`; a caller validating a file row
+    by row passes the whole file's decision)."""
     _check_columns(frame, name, require_labels)
+    _check_present_ids(frame["id"], name)
     ids = frame["id"].astype(str).tolist()
     _check_unique_ids(ids, name)
-    # WSDM Cup files (train with `winner`, test without) hold one plain-text turn per cell, not JSON lists.
-    is_wsdm = "winner" in frame.columns or "language" in frame.columns
+    plain_text = plain_text_schema(frame) if plain_text is None else plain_text
     has_labels = _has_label_columns(frame)
     has_teacher = TEACHER_COLUMN in frame.columns
     pairs = []
     for row_id, row in zip(ids, frame.to_dict("records"), strict=True):
-        texts = [_parse_turns(row[col], name, row_id, col, plain_text=is_wsdm) for col in TEXT_COLUMNS]
+        texts = [_parse_turns(row[col], name, row_id, col, plain_text) for col in TEXT_COLUMNS]
         target = _parse_target(row, name, row_id) if has_labels else None
         meta = {key: row[key] for key in META_COLUMNS if key in row and not _is_missing(row[key])}
         teacher = _parse_teacher_logits(row[TEACHER_COLUMN], name, row_id) if has_teacher else None
@@ -81,6 +111,25 @@ def _parse_teacher_logits(cell: object, name: str, row_id: str) -> tuple[float, 
     if values.shape not in ((2,), (3,)) or not np.isfinite(values).all():
         raise DataError(f"{where}: expected a list of 2 or 3 finite logits, got {cell!r}")
     return tuple(float(v) for v in values)
+
+
+def plain_text_schema(frame: pd.DataFrame) -> bool:
+    """Whether the text cells are plain text (WSDM) rather than lists of turns (Kaggle): the module docstring's rule."""
+    if "winner" in frame.columns:
+        return True
+    if _has_label_columns(frame):
+        return False
+    cells = (cell for column in TEXT_COLUMNS if column in frame.columns for cell in frame[column])
+    return not any(isinstance(cell, (list, tuple, np.ndarray)) or (isinstance(cell, str) and _is_json_turn_list(cell))
+                   for cell in cells)
+
+
+def _check_present_ids(ids: pd.Series, name: str) -> None:
+    """No row without an id: the submission would get a row with an empty id."""
+    blank = ids.isna() | (ids.astype(str).str.strip() == "")
+    if blank.any():
+        raise DataError(f"{name}: data row {int(np.flatnonzero(blank.to_numpy())[0])} (counting from 0) column 'id': "
+                        f"missing id")
 
 
 def _has_label_columns(frame: pd.DataFrame) -> bool:
@@ -119,6 +168,7 @@ def _parse_turns(cell: object, name: str, row_id: str, column: str, plain_text: 
     where = f"{name}: row id={row_id} column '{column}'"
     if plain_text and isinstance(cell, str) and not _is_json_turn_list(cell):
         return (cell,)
+
     if isinstance(cell, (list, tuple, np.ndarray)):
         turns = list(cell)
     elif isinstance(cell, str):

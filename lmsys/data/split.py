@@ -24,6 +24,13 @@ def split_train_valid(
     n_splits = max(2, round(1.0 / valid_fraction))
     labels = np.array([pair.label for pair in pairs])
     groups = np.array([prompt_group(pair) for pair in pairs])
+    n_prompts = len(set(groups.tolist()))
+    if n_prompts < n_splits:
+        raise DataError(
+            f"data.train_path: {len(pairs)} pair(s) with {n_prompts} distinct prompt(s) cannot be split for "
+            f"validation with data.valid_fraction={valid_fraction} (needs at least {n_splits} distinct prompts); "
+            f"add rows, raise data.valid_fraction or give data.valid_path"
+        )
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     train_idx, valid_idx = next(folds.split(np.zeros(len(pairs)), labels, groups))
     return [pairs[i] for i in train_idx], [pairs[i] for i in valid_idx]

@@ -4,11 +4,13 @@ A merged checkpoint (`python -m lmsys.export`) holds the full backbone weights i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lmsys.config import Attention, ComputeDtype, Family, HeadType, InputFormat, PaddingSide, Quantization, Template
@@ -22,6 +24,11 @@ MERGED_FILES = ("config.json", "model.safetensors")  # a sharded save has model.
 SHARD_INDEX = "model.safetensors.index.json"
 COMMON_FILES = (SPEC_FILE, HEAD_FILE, "tokenizer_config.json")
 REQUIRED_FILES = {False: (*COMMON_FILES, *ADAPTER_FILES), True: (*COMMON_FILES, *MERGED_FILES)}  # by `merged`
+# Weight files whose safetensors header is parsed at read time: a truncated copy fails here, naming the file.
+WEIGHT_FILES = (HEAD_FILE, "adapter_model.safetensors", "model.safetensors")
+FAST_TOKENIZER_FILE = "tokenizer.json"
+# Without tokenizer.json, transformers can rebuild a tokenizer only from the slow tokenizer's own vocabulary files.
+SLOW_TOKENIZER_FILES = (("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
 
 
 class CheckpointError(ValueError):
@@ -119,9 +126,52 @@ def read_spec(directory: str | Path) -> ModelSpec:
         raise CheckpointError(f"{directory}: incomplete checkpoint, missing {missing}")
     spec = ModelSpec.from_json((directory / SPEC_FILE).read_text(), str(directory))
     missing = [name for name in REQUIRED_FILES[spec.merged] if not _present(directory, name)]
+    if not _has_tokenizer(directory):
+        missing.append(FAST_TOKENIZER_FILE)
     if missing:
         kind = "merged checkpoint" if spec.merged else "checkpoint"
         raise CheckpointError(f"{directory}: incomplete {kind}, missing {missing}")
+    for name in WEIGHT_FILES:
+        _check_safetensors(directory / name)
+    return spec
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    if (directory / FAST_TOKENIZER_FILE).is_file():
+        return True
+    return any(all((directory / name).is_file() for name in files) for files in SLOW_TOKENIZER_FILES)
+
+
+def _check_safetensors(path: Path) -> None:
+    """Parse the header of a weight file (no tensor is read): it fails on an empty or truncated file."""
+    if not path.is_file():
+        return  # which files must exist is checked above; a sharded model.safetensors has an index instead
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as err:
+        raise CheckpointError(f"{path}: unreadable weights ({path.stat().st_size} bytes): {err}") from err
+
+
+def with_base_model(spec: ModelSpec, checkpoint: str | Path, base_model_path: str | None) -> ModelSpec:
+    """The spec with its base model moved to `base_model_path` when given; an adapter checkpoint's base must exist
+    (checked here, before anything loads) and be the model type the adapter was trained on."""
+    from lmsys.modeling.backbone import read_model_type  # backbone imports bitsandbytes: only when needed
+
+    if base_model_path is not None:
+        spec = dataclasses.replace(spec, base_model_path=str(Path(base_model_path).resolve()))
+    if spec.merged:
+        return spec  # the backbone is in the checkpoint itself; base_model_path is provenance only
+    given = "base_model_path=" if base_model_path is not None else f"the base model named in {SPEC_FILE}"
+    if not (Path(spec.base_model_path) / "config.json").is_file():
+        raise CheckpointError(
+            f"{checkpoint}: {given} {spec.base_model_path} is not a model directory (no config.json); "
+            f"pass base_model_path=DIR where the base model is now"
+        )
+    model_type = read_model_type(spec.base_model_path)
+    if model_type != spec.model_type:
+        raise CheckpointError(f"{checkpoint}: {given} {spec.base_model_path} is a {model_type} model, but the "
+                              f"checkpoint was trained on a {spec.model_type}")
     return spec
 
 

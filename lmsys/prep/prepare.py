@@ -5,7 +5,8 @@ input; default: each file's stem), `k_folds=5`, `seed=0`, `strict=true` (false =
 listed in rejects.csv), `tokenizer_path=DIR` (lengths in the family's tokens), `max_length=1600`.
 Input formats: see lmsys/prep/sources.py.
 
-Written to output_dir (files of an earlier run there are replaced):
+Written to output_dir, which must not contain an input (files of an earlier run there are replaced, other files
+are left alone; all outputs are written beside it first and moved in only when the run succeeds):
 - train.parquet: every labelled row that survives de-duplication; `id, prompt, response_a, response_b` (lists of
   turns), `label` (0/1/2, or three probabilities on every row when any row has soft labels), `source`, `fold`
   (0..k_folds-1: stratified by source and label, grouped by prompt so no prompt is in two folds), and `language`,
@@ -14,14 +15,20 @@ Written to output_dir (files of an earlier run there are replaced):
 - unlabeled.parquet (when an input has no labels, e.g. Kaggle test.csv): the same columns without label and fold,
   for prediction and the pseudo-label step.
 - duplicates.csv: every exact duplicate removed (same prompt and responses, either A/B order; the first kept).
-- rejects.csv (lenient mode): each skipped row's file, row id, column and reason.
+- rejects.csv (lenient mode): each skipped row's file, row id, column and reason; a file that is not UTF-8 text
+  is skipped whole (one line with an empty row id and column).
 - report.md and lengths_<column>.png: see lmsys/prep/report.py.
 Ids are unique across the output files: an id used by two sources gets the prefix `<source>:` in both.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -36,6 +43,8 @@ from lmsys.data.split import prompt_group
 from lmsys.prep.config import PrepareConfig
 from lmsys.prep.report import LengthCounter, markdown_table, tokenizer_counter, word_counter, write_report
 from lmsys.prep.sources import SourceFormat, SourceRows, read_source
+from lmsys.output_paths import check_output_paths
+from lmsys.runs import RunDir
 
 OUTPUT_FILES = ("train.parquet", "unlabeled.parquet", "duplicates.csv", "rejects.csv", "report.md")
 
@@ -50,25 +59,61 @@ class Entry(NamedTuple):
 
 
 def prepare(config: PrepareConfig) -> pd.DataFrame:
-    """Run the whole step; returns the per-input row accounting (read = rejected + duplicates + kept)."""
+    """Run the whole step; returns the per-input row accounting (read = rejected + duplicates + kept).
+
+    Every output is written into a temporary sibling of output_dir and moved in only when all of them are complete:
+    a failing run leaves the previous outputs (and, as output_dir may not contain an input, the inputs) untouched.
+    """
+    output_dir = Path(config.output_dir)
+    check_output_paths({**{f"inputs[{i}]": path for i, path in enumerate(config.inputs)},
+                        "tokenizer_path": config.tokenizer_path},
+                       {"output_dir": output_dir}, directory_outputs=frozenset({"output_dir"}))
     names = config.sources or [Path(path).stem for path in config.inputs]
     inputs = [read_source(path, name, config.seed, config.strict) for path, name in zip(config.inputs, names)]
     kept, duplicates = remove_duplicates(inputs)
     kept = make_ids_unique(kept)
-    output_dir = Path(config.output_dir)
-    _clear_previous_outputs(output_dir)
-    if not config.strict:
-        rejects = [vars(reject) for rows in inputs for reject in rows.rejects]
-        pd.DataFrame(rejects, columns=["file", "row_id", "column", "reason"]).to_csv(output_dir / "rejects.csv", index=False)
+    rejects = [reject for rows in inputs for reject in ([rows.skipped] if rows.skipped else []) + rows.rejects]
     if not kept:
-        raise DataError(f"no valid rows in {list(config.inputs)}" + ("" if config.strict else "; see rejects.csv"))
-    duplicates.to_csv(output_dir / "duplicates.csv", index=False)
-    frame = _write_parquets(kept, config.k_folds, config.seed, output_dir)
-    accounting = input_accounting(inputs, duplicates, kept)
-    counter = tokenizer_counter(config.tokenizer_path) if config.tokenizer_path else word_counter()
-    notes = _notes(config, inputs, kept, counter)
-    write_report(output_dir, frame, accounting, duplicates, notes, counter, config.max_length)
+        first = f"; the first rejected row: {rejects[0].message()}" if rejects else ""
+        raise DataError(f"no valid rows in {list(config.inputs)}{first}")
+    with staging_dir(output_dir) as staging:
+        if not config.strict:
+            pd.DataFrame([vars(reject) for reject in rejects], columns=["file", "row_id", "column", "reason"]).to_csv(
+                staging / "rejects.csv", index=False)
+        duplicates.to_csv(staging / "duplicates.csv", index=False)
+        frame = _write_parquets(kept, config.k_folds, config.seed, staging)
+        accounting = input_accounting(inputs, duplicates, kept)
+        counter = tokenizer_counter(config.tokenizer_path) if config.tokenizer_path else word_counter()
+        notes = _notes(config, inputs, kept, counter)
+        write_report(staging, frame, accounting, duplicates, notes, counter, config.max_length)
+        publish(staging, output_dir)
     return accounting
+
+
+@contextmanager
+def staging_dir(output_dir: Path) -> Iterator[Path]:
+    """A temporary directory beside output_dir (the same file system, so moving a file out of it is a rename)."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging.", dir=output_dir.parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(staging: Path, output_dir: Path) -> None:
+    """Move this run's complete outputs into output_dir, each by an atomic rename (`RunDir.write`), after removing
+    the earlier run's outputs that this run does not write again (a stale file would be read as this run's).
+    Other files in output_dir stay."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    produced = {path.name for path in staging.iterdir()}
+    previous = [output_dir / name for name in OUTPUT_FILES] + list(output_dir.glob("lengths_*.png"))
+    for stale in previous:
+        if stale.name not in produced and stale.is_file():
+            stale.unlink()
+    run = RunDir(output_dir, is_main=True)
+    for path in sorted(staging.iterdir()):
+        run.write(path.name, lambda tmp, source=path: os.replace(source, tmp))
 
 
 def remove_duplicates(inputs: list[SourceRows]) -> tuple[list[Entry], pd.DataFrame]:
@@ -173,6 +218,7 @@ def input_accounting(inputs: list[SourceRows], duplicates: pd.DataFrame, kept: l
 def _notes(config: PrepareConfig, inputs: list[SourceRows], kept: list[Entry], counter: LengthCounter) -> list[str]:
     """What the reader of the report must know to interpret it: how rows were changed or counted."""
     notes = [f"Mode: {'strict (any bad row stops the run)' if config.strict else 'lenient: skipped rows are in rejects.csv'}."]
+    notes += [f"`{rows.path}` was skipped: {rows.skipped.reason}." for rows in inputs if rows.skipped]
     notes += [f"`{rows.path}` has no `id` column: its ids are `{rows.source}-<data row number from 0>`."
               for rows in inputs if rows.generated_ids]
     if any(rows.format in (SourceFormat.hh_dialogues, SourceFormat.prompt_chosen_rejected) for rows in inputs):
@@ -186,15 +232,6 @@ def _notes(config: PrepareConfig, inputs: list[SourceRows], kept: list[Entry], c
     notes.append(f"Lengths are counted in {counter.unit}" + (
         "" if config.tokenizer_path else " (no tokenizer_path given; model tokens are usually more numerous)") + ".")
     return notes
-
-
-def _clear_previous_outputs(output_dir: Path) -> None:
-    """A stale train or unlabeled file from an earlier run would be read as part of this run's output."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUT_FILES:
-        (output_dir / name).unlink(missing_ok=True)
-    for stale_plot in output_dir.glob("lengths_*.png"):
-        stale_plot.unlink()
 
 
 def run_prepare(config: PrepareConfig) -> pd.DataFrame:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lmsys.data.io import DataError, pairs_from_frame, read_table
+from lmsys.data.io import DataError, EncodingError, pairs_from_frame, plain_text_schema, read_table
 from lmsys.data.schema import Pair
 
 # Columns of a chosen/rejected file that describe the row rather than one side, kept with the pair.
@@ -62,6 +62,7 @@ class SourceRows:
     pairs: list[Pair]
     rejects: list[Reject]
     generated_ids: bool  # the file had no `id` column; ids are `<source>-<row number from 0>`
+    skipped: Reject | None = None  # lenient mode: why the whole file was skipped (it is not UTF-8 text)
 
 
 class RowProblem(ValueError):
@@ -85,7 +86,13 @@ def detect_format(frame: pd.DataFrame) -> SourceFormat:
 def read_source(path: str | Path, source: str, seed: int, strict: bool) -> SourceRows:
     """Read, convert and validate every row of `path`; strict mode raises `DataError` at the first bad row."""
     name = str(path)
-    frame = read_table(path)
+    try:
+        frame = read_table(path)
+    except EncodingError as err:
+        if strict:
+            raise
+        return SourceRows(name, source, SourceFormat.arena, n_read=0, pairs=[], rejects=[], generated_ids=False,
+                          skipped=Reject(name, "", "", f"{err} (the whole file is skipped)".removeprefix(f"{name}: ")))
     source_format = detect_format(frame)
     is_chosen_rejected = source_format in (SourceFormat.hh_dialogues, SourceFormat.prompt_chosen_rejected)
     generated_ids = is_chosen_rejected and "id" not in frame.columns
@@ -190,8 +197,9 @@ def _short(value: object) -> str:
 def _validate(frame: pd.DataFrame, name: str, strict: bool) -> tuple[list[Pair], list[Reject]]:
     """All rows through io's validation; in lenient mode a failing file is re-checked row by row."""
     pairs_from_frame(frame.iloc[:0], name, require_labels=False)  # a missing column stops every mode
+    plain_text = plain_text_schema(frame)  # the whole file's text schema, also when its rows are checked one by one
     try:
-        return pairs_from_frame(frame, name, require_labels=False), []
+        return pairs_from_frame(frame, name, require_labels=False, plain_text=plain_text), []
     except DataError:
         if strict:
             raise
@@ -199,7 +207,7 @@ def _validate(frame: pd.DataFrame, name: str, strict: bool) -> tuple[list[Pair],
     for position in range(len(frame)):
         row = frame.iloc[position : position + 1]
         try:
-            pairs += pairs_from_frame(row, name, require_labels=False)
+            pairs += pairs_from_frame(row, name, require_labels=False, plain_text=plain_text)
         except DataError as err:
             rejects.append(_reject_from_error(err, name, str(row["id"].iloc[0])))
     return pairs, rejects

@@ -236,3 +236,47 @@ def test_swap_maps_the_target_and_exchanges_the_responses():
     assert swapped.target == (0.2, 0.7, 0.1) and swapped.meta == {"language": "x"}
     assert swap_pair(swapped) == pair
     np.testing.assert_array_equal(swap_abt(np.array([[1, 2, 3], [4, 5, 6]])), [[2, 1, 3], [5, 4, 6]])
+
+
+# --- the text schema comes from the label columns, never from `language` (issue 14, item 7) -----------------------
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_a_language_column_does_not_make_malformed_json_plain_text(tmp_path, labelled):
+    frame = tiny.arena_frame(5, start_id=100, labelled=labelled).assign(language="English")
+    frame.loc[3, "response_b"] = '["unterminated'
+    path = write_csv(tmp_path, frame)
+    with pytest.raises(DataError, match="malformed JSON") as err:
+        read_pairs(path, require_labels=False)
+    assert_names(err, path, row_id=103, column="response_b")
+
+
+def test_a_wsdm_test_file_without_winner_is_plain_text(tmp_path):
+    path = tmp_path / "wsdm_test.parquet"
+    wsdm_frame().drop(columns=["winner", "model_a", "model_b"]).to_parquet(path)
+    pairs = read_pairs(path, require_labels=False)
+    assert pairs[1].prompts == ("[not json] plain text",) and pairs[0].responses_a == ("4",)
+    assert [p.target for p in pairs] == [None] * 3
+
+
+# --- ids and encodings (items 8, 11) -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("suffix", "value"), [(".csv", ""), (".csv", "  "), (".parquet", None)])
+def test_a_blank_or_missing_id_names_the_row(tmp_path, suffix, value):
+    frame = tiny.arena_frame(4, labelled=False).astype({"id": object})
+    frame.loc[2, "id"] = value
+    frame.loc[3, "id"] = value  # two missing ids are not "duplicates"
+    path = tmp_path / f"test{suffix}"
+    frame.to_csv(path, index=False) if suffix == ".csv" else frame.to_parquet(path)
+    with pytest.raises(DataError, match=r"data row 2 \(counting from 0\) column 'id': missing id"):
+        read_pairs(path, require_labels=False)
+
+
+def test_non_utf8_text_names_the_file_offset_and_line(tmp_path):
+    path = write_csv(tmp_path, tiny.arena_frame(4))
+    text = path.read_bytes()
+    offset = text.index(b"\n", text.index(b"\n") + 1) + 5  # inside the second data row (line 3)
+    path.write_bytes(text[:offset] + "é".encode("latin-1") + text[offset:])
+    with pytest.raises(DataError, match=rf"{path}: not UTF-8 text: byte 0xe9 at byte offset {offset} \(line 3\)"):
+        read_pairs(path, require_labels=True)

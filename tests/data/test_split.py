@@ -95,3 +95,11 @@ def test_build_splits_with_a_validation_file(arena_files):
                                            max_valid_pairs=4))
     assert len(train) == len(pd.read_csv(arena_files["train"])) and len(valid) == 4
     assert valid[0].id == "1000"
+
+
+@pytest.mark.parametrize(("n", "fraction"), [(1, 0.5), (3, 0.1), (9, 0.1)])
+def test_too_few_rows_to_split_is_a_data_error(n, fraction):
+    pairs = [Pair(str(i), (f"prompt {i}",), ("a",), ("b",), (1.0, 0.0, 0.0)) for i in range(n)]
+    with pytest.raises(DataError, match=rf"{n} pair\(s\) with {n} distinct prompt\(s\) cannot be split.*"
+                                        rf"valid_fraction={fraction}"):
+        split_train_valid(pairs, None, fraction, 0)

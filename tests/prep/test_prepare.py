@@ -14,6 +14,7 @@ import pytest
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from lmsys.config import ConfigError
 from lmsys.data.io import DataError, read_pairs
 from lmsys.data.split import prompt_group
 from lmsys.prep.config import PrepareConfig
@@ -278,3 +279,58 @@ def test_cli_writes_only_its_outputs_and_rejects_a_typo(tmp_path):
         "train.parquet"]
     typo = cli([f"inputs=[{path}]", f"output_dir={tmp_path / 'out'}", "k_fold=2"], work)
     assert typo.returncode != 0 and "k_fold" in typo.stderr
+
+
+def test_a_failing_run_keeps_the_previous_outputs_and_its_inputs(tmp_path):
+    out, _ = run(tmp_path, [write_csv(tmp_path / "train.csv", distinct_rows(8))])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(DataError, match="k_folds=50 but the labelled rows hold only 8 distinct prompts"):
+        run(tmp_path, [tmp_path / "train.csv"], k_folds=50)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "train.csv"]  # no staging directory left
+
+
+def test_an_output_dir_that_contains_an_input_is_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    source = write_csv(out / "train.csv", distinct_rows(8))
+    before = source.read_bytes()
+    with pytest.raises(ConfigError, match=r"output_dir=.*out contains the input inputs\[0\]"):
+        prepare(PrepareConfig(inputs=[str(source)], output_dir=str(out), k_folds=50))
+    assert source.read_bytes() == before and [p.name for p in out.iterdir()] == ["train.csv"]
+
+
+def test_a_rerun_replaces_its_outputs_and_leaves_other_files(tmp_path):
+    lenient, _ = run(tmp_path, [write_csv(tmp_path / "a.csv", [*distinct_rows(4, prefix="r"), BAD_ROWS[1]])], strict=False)
+    (lenient / "notes.md").write_text("mine")
+    run(tmp_path, [tmp_path / "a.csv"], strict=False, sources=["second"])
+    assert (lenient / "notes.md").read_text() == "mine" and (lenient / "rejects.csv").is_file()
+    assert set(pd.read_parquet(lenient / "train.parquet")["source"]) == {"second"}
+    run(tmp_path, [write_csv(tmp_path / "b.csv", distinct_rows(4))])  # strict: no rejects.csv of its own
+    assert not (lenient / "rejects.csv").exists()
+
+
+def test_lenient_skips_a_file_that_is_not_utf8_and_goes_on(tmp_path):
+    good = write_csv(tmp_path / "good.csv", distinct_rows(4))
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(write_csv(tmp_path / "x.csv", distinct_rows(4, prefix="l")).read_bytes().replace(
+        b"question", "quéstion".encode("latin-1")))
+    with pytest.raises(DataError, match=rf"{latin}: not UTF-8 text: byte 0xe9 at byte offset \d+ \(line 2\)"):
+        run(tmp_path, [good, latin])
+    out, accounting = run(tmp_path, [good, latin], strict=False)
+    rejects = pd.read_csv(out / "rejects.csv", keep_default_na=False, dtype=str)
+    assert rejects[["file", "row_id", "column"]].values.tolist() == [[str(latin), "", ""]]
+    assert rejects["reason"][0].startswith("not UTF-8 text") and "whole file is skipped" in rejects["reason"][0]
+    assert sorted(pd.read_parquet(out / "train.parquet")["id"]) == ["0", "1", "2", "3"]
+    assert accounting["kept"].tolist() == [4, 0] and f"`{latin}` was skipped" in (out / "report.md").read_text()
+
+
+def test_lenient_rechecks_rows_with_the_whole_files_text_schema(tmp_path):
+    """A test file whose one malformed cell would, alone, look like plain text: still rejected row by row."""
+    rows = [{k: v for k, v in row.items() if k in ("id", "prompt", "response_a", "response_b")}
+            for row in distinct_rows(4)]
+    rows[1]["prompt"] = '["unclosed'
+    out, _ = run(tmp_path, [write_csv(tmp_path / "test.csv", rows)], strict=False)
+    rejects = pd.read_csv(out / "rejects.csv", keep_default_na=False, dtype=str)
+    assert rejects[["row_id", "column"]].values.tolist() == [["1", "prompt"]]
+    assert sorted(pd.read_parquet(out / "unlabeled.parquet")["id"]) == ["0", "2", "3"]

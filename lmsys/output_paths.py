@@ -1,0 +1,78 @@
+"""The one rule set for where a command may write: an output never replaces an input, a directory, or another
+output of the same command. Every command checks its paths with `check_output_paths` before any model loads.
+
+Paths are compared resolved (symlinks followed, relative paths against the working directory), and existing files
+also by identity, so `./a.csv`, `a.csv`, a symlink to it and a hard link all count as the same file.
+
+The rules, for `inputs` (files or directories the command reads) and `outputs` (what it creates):
+- no two outputs are the same path;
+- no output is an input, lies inside an input directory, or (for a directory output) contains an input;
+- a file output is not an existing directory, and a directory output is not an existing file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lmsys.config import ConfigError
+
+PathLike = str | Path
+
+
+def check_output_paths(
+    inputs: dict[str, PathLike | None],
+    outputs: dict[str, PathLike | None],
+    directory_outputs: frozenset[str] = frozenset(),
+) -> None:
+    """Raise `ConfigError` naming the keys and the path when an output would replace something it must not.
+
+    `inputs` and `outputs` map each config key (e.g. `data.test_path`, `output`) to its path; None entries (an
+    option left unset) are skipped. Keys in `directory_outputs` name outputs that are directories.
+    """
+    given_inputs = {key: _resolved(path) for key, path in inputs.items() if path is not None}
+    given_outputs = {key: _resolved(path) for key, path in outputs.items() if path is not None}
+    _check_distinct_outputs(given_outputs)
+    for key, output in given_outputs.items():
+        is_directory = key in directory_outputs
+        _check_kind(key, output, is_directory)
+        for input_key, source in given_inputs.items():
+            _check_against_input(key, output, is_directory, input_key, source)
+
+
+def _resolved(path: PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a == b:
+        return True
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path != directory and path.is_relative_to(directory)
+
+
+def _check_distinct_outputs(outputs: dict[str, Path]) -> None:
+    keys = list(outputs)
+    for i, first in enumerate(keys):
+        for second in keys[i + 1:]:
+            if _same(outputs[first], outputs[second]):
+                raise ConfigError(f"{first} and {second} name the same path {outputs[first]}; give each its own")
+
+
+def _check_kind(key: str, output: Path, is_directory: bool) -> None:
+    if not is_directory and output.is_dir():
+        raise ConfigError(f"{key}={output} is an existing directory; name a file (it would replace the directory)")
+    if is_directory and output.exists() and not output.is_dir():
+        raise ConfigError(f"{key}={output} is an existing file, not a directory")
+
+
+def _check_against_input(key: str, output: Path, is_directory: bool, input_key: str, source: Path) -> None:
+    if _same(output, source):
+        raise ConfigError(f"{key}={output} is the input {input_key}; writing it would replace the input")
+    if _inside(output, source):
+        raise ConfigError(f"{key}={output} lies inside the input {input_key}={source}; write it elsewhere")
+    if is_directory and _inside(source, output):
+        raise ConfigError(f"{key}={output} contains the input {input_key}={source}; choose another {key}")

@@ -1,0 +1,78 @@
+"""The run directory: atomic writes never replace a directory by a file (or the reverse), and claiming a directory
+removes only what a run wrote, refusing any directory that is not a run's."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmsys.runs import RUN_MARKER, RunDir, RunDirError
+
+
+def test_write_refuses_to_replace_a_directory_with_a_file(tmp_path):
+    (tmp_path / "out.csv").mkdir()
+    (tmp_path / "out.csv" / "keep.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="out.csv is an existing directory; refusing to replace it with a file"):
+        RunDir(tmp_path, True).write_text("out.csv", "a,b\n")
+    assert (tmp_path / "out.csv" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]  # no temporary left behind
+
+
+def test_write_refuses_to_replace_a_file_with_a_directory(tmp_path):
+    (tmp_path / "checkpoint").write_text("a file")
+    with pytest.raises(RunDirError, match="existing file; refusing to replace it with a directory"):
+        RunDir(tmp_path, True).write("checkpoint", lambda p: p.mkdir())
+    assert (tmp_path / "checkpoint").read_text() == "a file"
+
+
+def test_write_replaces_the_same_kind(tmp_path):
+    run = RunDir(tmp_path, True)
+    run.write_text("a.txt", "one")
+    run.write_text("a.txt", "two")
+    run.write("d", lambda p: (p.mkdir(), (p / "x").write_text("1")))
+    run.write("d", lambda p: (p.mkdir(), (p / "y").write_text("2")))
+    assert (tmp_path / "a.txt").read_text() == "two" and [p.name for p in (tmp_path / "d").iterdir()] == ["y"]
+
+
+def finished_run(path):
+    run = RunDir(path, True)
+    run.claim(overwrite=False, resume=False)
+    run.write_text("config.yaml", "seed: 1\n")
+    run.append_line("train.log", "update 1 loss 1.0")
+    run.write("checkpoint", lambda p: (p.mkdir(), (p / "head.safetensors").write_bytes(b"w")))
+    run.write_json("metrics.json", {"best": {}})
+    return run
+
+
+def test_overwrite_removes_only_what_a_run_wrote(tmp_path):
+    finished_run(tmp_path)
+    (tmp_path / "notes.md").write_text("the user's")
+    (tmp_path / ".checkpoint.abc123").mkdir()  # a temporary of a killed write
+    RunDir(tmp_path, True).claim(overwrite=True, resume=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_MARKER, "notes.md"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_non_empty_directory_that_is_not_a_run_is_refused(tmp_path, overwrite):
+    (tmp_path / "train.csv").write_text("id\n1\n")
+    (tmp_path / "src").mkdir()
+    with pytest.raises(RunDirError, match=r"is not a run directory and is not empty \(holds \['src', 'train.csv'\]\)"):
+        RunDir(tmp_path, True).claim(overwrite=overwrite, resume=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "train.csv"]
+
+
+def test_an_empty_or_new_directory_is_claimed(tmp_path):
+    RunDir(tmp_path, True).claim(overwrite=False, resume=False)
+    RunDir(tmp_path / "new", True).claim(overwrite=True, resume=False)
+    assert (tmp_path / RUN_MARKER).is_file() and (tmp_path / "new" / RUN_MARKER).is_file()
+
+
+def test_a_killed_run_without_state_is_refused_or_restarted_with_fresh_logs(tmp_path):
+    run = RunDir(tmp_path, True)
+    run.claim(overwrite=False, resume=False)
+    run.append_line("train.log", "update 1 loss 1.0")  # killed here, before the first state save
+    run.append_line("metrics.jsonl", '{"step": 1}')
+    with pytest.raises(RunDirError, match="stopped before saving a training state; pass overwrite=true"):
+        RunDir(tmp_path, True).claim(overwrite=False, resume=False)
+    assert (tmp_path / "train.log").is_file()
+    RunDir(tmp_path, True).claim(overwrite=False, resume=True)  # nothing to resume: a fresh start, fresh logs
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_MARKER]
