@@ -91,7 +91,7 @@ def build_model(
 
     A merged checkpoint (spec.merged) is its own backbone: loaded from `adapter_dir`, without peft.
     """
-    dtype = resolve_dtype(spec.compute_dtype, device)
+    dtype = resolve_dtype(spec.compute_dtype, device, adapter_dir if spec.merged else spec.base_model_path)
     backbone = load_backbone(
         adapter_dir if spec.merged else spec.base_model_path, spec.quantization, spec.double_quant, dtype,
         spec.attn_implementation.value, device, spec.trust_remote_code,
