@@ -31,6 +31,7 @@ from lmsys.entry import validated_config
 from lmsys.evaluation.metrics import evaluation_metrics, save_reliability_diagram
 from lmsys.evaluation.predict_loop import predict_split
 from lmsys.modeling.checkpoint import save_checkpoint
+from lmsys.modeling.compute_dtype import dtype_record
 from lmsys.provenance import run_info
 from lmsys.runs import RunDir
 from lmsys.tracking import Tracker
@@ -54,7 +55,10 @@ def run_training(cfg: DictConfig) -> dict:
     accelerator.wait_for_everyone()
     setup_logging(run, accelerator.is_main_process)
     run.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    run.write_json("run_info.json", run_info(accelerator.num_processes, accelerator.distributed_type.value))
+    run.write_json("run_info.json", {
+        **run_info(accelerator.num_processes, accelerator.distributed_type.value),
+        "compute_dtype": dtype_record(config.model.compute_dtype.value, accelerator.device, config.model.path),
+    })
     log.info("run dir %s; %d train pairs, %d valid pairs", run_path, len(train_pairs), len(valid_pairs))
     set_seed(config.seed)
 

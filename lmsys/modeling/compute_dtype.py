@@ -139,3 +139,10 @@ def _write_cache(key: str, choice: DtypeChoice) -> None:
         os.replace(temporary, path)
     except OSError as error:
         log.warning("could not cache the compute dtype probe in %s: %s", path, error)
+
+
+def dtype_record(requested: str, device: torch.device, model_dir: str | Path) -> dict:
+    """For run_info.json: the configured compute dtype, what it resolved to and why."""
+    if requested != "auto":
+        return {"requested": requested, "dtype": requested, "source": "configured"}
+    return {"requested": requested, **auto_dtype(device, model_dir).record()}
