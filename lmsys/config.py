@@ -226,7 +226,8 @@ class WandbConfig:
         _require(self.mode in ("online", "offline", "disabled"), "wandb.mode must be online, offline or disabled")
 
 
-BENCH_MODES = ("padded", "padded_grouped", "packed")
+PEER_MODES = ("hf_trainer_typical", "hf_trainer_strong")  # the HF Trainer peer (lmsys/bench_peer.py)
+BENCH_MODES = ("padded", "padded_grouped", "packed", *PEER_MODES)
 
 
 @dataclass
@@ -237,14 +238,19 @@ class BenchSettings:
     warmup_updates: int = 1
     predict_batch_size: int = 8  # the padded, unsorted prediction loop it is compared with
     # padded: a typical padded loop (random order, batch_size pairs per micro-batch); padded_grouped: the same with
-    # length-grouped order; packed: the framework's default (packing, token budgets, length-grouped order)
-    modes: list[str] = field(default_factory=lambda: ["padded", "padded_grouped", "packed"])
+    # length-grouped order; packed: the framework's default (packing, token budgets, length-grouped order);
+    # hf_trainer_typical / hf_trainer_strong: the HF Trainer peer (lmsys/bench_peer.py)
+    modes: list[str] = field(default_factory=lambda: list(BENCH_MODES))
     mode: str | None = None  # set by the bench for its child processes
     profile: bool = False  # print the top operators of one packed training update
+    # the HF Trainer peer's compute dtype; auto: the faster of fp32 and bf16 on this CPU (as model.compute_dtype=auto)
+    peer_dtype: ComputeDtype = ComputeDtype.auto
+    roofline_tokens: int = 512  # rows of the matmuls that measure the roofline (a micro-batch's tokens)
 
     def __post_init__(self) -> None:
         _require(self.n_pairs >= 1 and self.warmup_updates >= 0, "bench.n_pairs >= 1 and bench.warmup_updates >= 0")
         _require(all(m in BENCH_MODES for m in self.modes), f"bench.modes: some of {', '.join(BENCH_MODES)}")
+        _require(self.roofline_tokens >= 1, "bench.roofline_tokens must be >= 1")
 
 
 @dataclass

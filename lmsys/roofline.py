@@ -94,3 +94,28 @@ def matmul_rate(shapes: ProjectionShapes, dtype: torch.dtype, tokens: int = 512,
         one_pass()
         best = min(one_pass() for _ in range(max(1, repeats)))
     return flops / best / 1e9
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """Measured matmul rates of one model's projections on this machine, and the training limits they imply."""
+
+    shapes: ProjectionShapes
+    tokens: int
+    threads: int
+    gflops: dict[str, float]  # dtype name -> GFLOP/s
+
+    def limit(self, dtype: str, gradient_checkpointing: bool) -> float:
+        return tokens_per_s_limit(self.gflops[dtype], self.shapes.matmul_params(), gradient_checkpointing)
+
+    def describe(self) -> str:
+        rates = ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in self.gflops.items())
+        return (f"roofline: matmul {rates} on the projections ({self.tokens} tokens, {self.threads} threads); "
+                f"{FORWARD_AND_INPUT_GRADIENT} x {self.shapes.matmul_params() / 1e6:.1f}M projection weights a "
+                f"trained token ({WITH_RECOMPUTED_FORWARD} x with gradient checkpointing)")
+
+
+def measure_roofline(model_dir: str | Path, dtypes: list[str], tokens: int, device: torch.device | None = None) -> Roofline:
+    shapes = ProjectionShapes.from_model_dir(model_dir)
+    gflops = {name: matmul_rate(shapes, getattr(torch, name), tokens, device=device) for name in dtypes}
+    return Roofline(shapes, tokens, torch.get_num_threads(), gflops)
