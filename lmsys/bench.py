@@ -178,7 +178,7 @@ def report(results: dict[str, dict], config: TrainConfig, roofline: Roofline) ->
     width = max(14, *(len(m) for m in modes))
     print(f"\n{config.bench.n_pairs} pairs of {config.data.train_path}, max_length {config.model.max_length}, "
           f"{config.trainer.batch_size * config.trainer.grad_accum} pairs/update (padded: {config.trainer.batch_size} "
-          f"per micro-batch; packed: {config.trainer.max_tokens} tokens per micro-batch), {torch.get_num_threads()} threads")
+          f"per micro-batch; packed: {config.trainer.max_tokens} tokens per micro-batch), torch threads {torch.get_num_threads()}")
     print(roofline.describe())
     print(f"| {'metric':<24} | " + " | ".join(f"{m:>{width}}" for m in modes) + " | "
           + " | ".join(f"packed/{m}" for m in baselines) + " |")

@@ -27,6 +27,7 @@ from accelerate import PartialState
 from transformers import (
     AutoModelForSequenceClassification,
     DataCollatorWithPadding,
+    PrinterCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -71,6 +72,7 @@ def measure_peer(config: TrainConfig, mode: str) -> dict:
         )
         clock = StepClock()
         trainer.add_callback(clock)
+        trainer.remove_callback(PrinterCallback)  # its end-of-training summary would interleave with the table
         trainer.train()
         train = trainer.counted(clock, config.bench.warmup_updates)
         predict = _time_prediction(trainer, split)

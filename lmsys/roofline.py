@@ -110,8 +110,8 @@ class Roofline:
 
     def describe(self) -> str:
         rates = ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in self.gflops.items())
-        return (f"roofline: matmul {rates} on the projections ({self.tokens} tokens, {self.threads} threads); "
-                f"{FORWARD_AND_INPUT_GRADIENT} x {self.shapes.matmul_params() / 1e6:.1f}M projection weights a "
+        return (f"roofline: matmul {rates} on the projections ({self.tokens} tokens, torch threads {self.threads}); "
+                f"{FORWARD_AND_INPUT_GRADIENT} x {self.shapes.matmul_params() / 1e6:.2f}M projection weights a "
                 f"trained token ({WITH_RECOMPUTED_FORWARD} x with gradient checkpointing)")
 
 
