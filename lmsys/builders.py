@@ -19,6 +19,7 @@ from lmsys.data.templates import CHAT_MARKERS
 from lmsys.evaluation.predict_loop import InferenceBatching
 from lmsys.modeling.backbone import add_lora, load_adapter, load_backbone, read_model_type, resolve_dtype
 from lmsys.modeling.checkpoint import ModelSpec, load_head_state
+from lmsys.modeling.compile import compile_layers
 from lmsys.modeling.families import attention_width, check_family, resolve_attention, resolve_template
 from lmsys.modeling.heads import PreferenceHead
 from lmsys.modeling.model import PreferenceModel
@@ -107,7 +108,7 @@ def build_model(
         head = PreferenceHead(spec.hidden_size, spec.head, model.head_dropout, model.head_init, model.head_init_std)
     preference_model = PreferenceModel(peft_model, head.to(device))
     if model is not None and model.torch_compile:
-        preference_model.backbone = torch.compile(preference_model.backbone)
+        compile_layers(preference_model.backbone)
     return preference_model
 
 
