@@ -98,7 +98,7 @@ class ModelConfig:
     max_length: int = 512
     quantization: Quantization = Quantization.nf4
     double_quant: bool = True
-    compute_dtype: ComputeDtype = ComputeDtype.auto  # auto: bfloat16 on GPU, float32 on CPU
+    compute_dtype: ComputeDtype = ComputeDtype.auto  # auto: bf16 on GPU; on CPU the faster of fp32/bf16 (measured)
     attn_implementation: Attention = Attention.auto  # auto: the family's packing-exact kernel
     head: HeadType = HeadType.linear
     head_dropout: float = 0.0
