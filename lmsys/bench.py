@@ -1,18 +1,21 @@
-"""Throughput benchmark: training updates and TTA prediction, padded vs packed, each mode in its own process
-(so that peak RSS is its own), after a warm-up. The modes (`bench.modes`): `padded`, a typical padded loop
-(random order, a fixed number of pairs per micro-batch; prediction of the file in its order, then of the swapped
-file); `padded_grouped`, the framework with packing off (length-grouped order, sorted prediction); `packed`, the
-framework's default.
+"""Throughput benchmark: training updates and TTA prediction, each mode in its own process (so that peak RSS is its
+own), after a warm-up, against the matmul roofline of this machine. The modes (`bench.modes`, all by default):
+`padded`, a typical padded loop (random order, a fixed number of pairs per micro-batch; prediction of the file in
+its order, then of the swapped file); `padded_grouped`, the framework with packing off (length-grouped order,
+sorted prediction); `packed`, the framework's default; `hf_trainer_typical` and `hf_trainer_strong`, the HF
+Trainer peer (lmsys/bench_peer.py). The roofline (lmsys/roofline.py): the matmul rate of the model's projections
+in each mode's compute dtype, over 4 x the projection weights a trained token (6 x with gradient checkpointing).
 
     python -m lmsys.bench --config-name conf_r_llama_smol data.train_path=FILE bench.n_pairs=64
 
-Prints a table and, last, one JSON line.
+Prints a table (packed over each baseline in the last columns) and, last, one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import resource
 import subprocess
 import sys
@@ -21,10 +24,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from hydra import compose, initialize_config_dir
 
-from lmsys.config import SwapMode, TrainConfig, register_configs, validated_config
+from lmsys.config import PEER_MODES, ComputeDtype, SwapMode, TrainConfig, register_configs, validated_config
+from lmsys.roofline import Roofline, measure_roofline
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 RESULT_MARKER = "BENCH_RESULT "
@@ -41,6 +45,7 @@ def measure(config: TrainConfig, mode: str) -> dict:
     from lmsys import builders
     from lmsys.data.dataset import encode_split
     from lmsys.data.io import read_pairs
+    from lmsys.modeling.backbone import resolve_dtype
 
     packed = mode == "packed"
     # Every mode trains the same examples: one orientation per pair, whatever the config's swap augmentation.
@@ -54,7 +59,10 @@ def measure(config: TrainConfig, mode: str) -> dict:
     model = builders.build_model(spec, config.model, config.lora, accelerator.device)
     train = _time_training(config, spec, split, model, accelerator, tokenizer.pad_token_id)
     predict = _time_prediction(config, spec, split, model, accelerator, tokenizer.pad_token_id, mode)
-    return {**train, **predict, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    dtype = resolve_dtype(spec.compute_dtype, accelerator.device, spec.base_model_path)
+    return {**train, **predict, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "compute_dtype": str(dtype).removeprefix("torch."),
+            "gradient_checkpointing": config.model.gradient_checkpointing}
 
 
 def _time_training(config, spec, split, model, accelerator, pad_id) -> dict:
@@ -129,25 +137,69 @@ def run_child(config_name: str, overrides: list[str], mode: str) -> dict:
     return json.loads(lines[-1][len(RESULT_MARKER):])
 
 
-def report(results: dict[str, dict], config: TrainConfig) -> dict:
-    rows = [("train real tokens/s", "train_real_tokens_per_s", 1), ("train seconds", "train_seconds", 1),
-            ("train padding share", "train_padding_share", 100), ("predict pairs/s (TTA)", "predict_pairs_per_s", 1),
-            ("predict seconds", "predict_seconds", 1), ("peak RSS MB", "peak_rss_mb", 1)]
+ROWS = [("train real tokens/s", "train_real_tokens_per_s", 1), ("roofline tokens/s", "train_roofline_tokens_per_s", 1),
+        ("% of roofline", "train_roofline_fraction", 100), ("train seconds", "train_seconds", 1),
+        ("train padding share %", "train_padding_share", 100), ("predict pairs/s (TTA)", "predict_pairs_per_s", 1),
+        ("predict pairs/s (1 pass)", "predict_single_pairs_per_s", 1), ("predict seconds", "predict_seconds", 1),
+        ("peak RSS MB", "peak_rss_mb", 1)]
+BASELINES = ("padded", "hf_trainer_typical", "hf_trainer_strong")  # what packed is compared with, a column each
+JSON_KEYS = ("train_real_tokens_per_s", "train_roofline_fraction", "predict_pairs_per_s", "predict_single_pairs_per_s",
+             "peak_rss_mb")
+
+
+def add_roofline(results: dict[str, dict], roofline: Roofline) -> None:
+    """Each mode's limit in its own compute dtype (x 6/4 with gradient checkpointing), and its fraction of it."""
+    for result in results.values():
+        limit = roofline.limit(result["compute_dtype"], result["gradient_checkpointing"])
+        result["train_roofline_tokens_per_s"] = limit
+        result["train_roofline_fraction"] = result["train_real_tokens_per_s"] / limit
+
+
+def report(results: dict[str, dict], config: TrainConfig, roofline: Roofline) -> dict:
+    """The table (each mode a column, then packed over each baseline; in the 1-pass row, packed's TTA rate over
+    the baseline's single-pass rate) and the values of the JSON line."""
     modes = list(results)
-    compare = "packed" in results and "padded" in results
+    baselines = [m for m in BASELINES if m in results and "packed" in results]
+    width = max(14, *(len(m) for m in modes))
     print(f"\n{config.bench.n_pairs} pairs of {config.data.train_path}, max_length {config.model.max_length}, "
           f"{config.trainer.batch_size * config.trainer.grad_accum} pairs/update (padded: {config.trainer.batch_size} "
-          f"per micro-batch; packed: {config.trainer.max_tokens} tokens per micro-batch), "
-          f"{config.model.compute_dtype.value} compute, {torch.get_num_threads()} threads")
-    print(f"| {'metric':<24} | " + " | ".join(f"{m:>14}" for m in modes) + " | packed/padded |")
-    print(f"|{'-' * 26}|" + "|".join("-" * 16 for _ in modes) + "|---------------|")
-    for label, key, scale in rows:
-        ratio = results["packed"][key] / results["padded"][key] if compare and results["padded"][key] else float("nan")
-        cells = [results[m][key] * scale for m in modes]
-        digits = 2 if max(cells) < 10 else 1
-        print(f"| {label:<24} | " + " | ".join(f"{c:>14.{digits}f}" for c in cells) + f" | {ratio:>13.2f} |")
-    return {f"{key}_{mode}": round(results[mode][key], 3) for mode in modes
-            for key in ("train_real_tokens_per_s", "predict_pairs_per_s", "peak_rss_mb")}
+          f"per micro-batch; packed: {config.trainer.max_tokens} tokens per micro-batch), torch threads {torch.get_num_threads()}")
+    print(roofline.describe())
+    print(f"| {'metric':<24} | " + " | ".join(f"{m:>{width}}" for m in modes) + " | "
+          + " | ".join(f"packed/{m}" for m in baselines) + " |")
+    print(f"|{'-' * 26}|" + "|".join("-" * (width + 2) for _ in modes) + "|"
+          + "|".join("-" * (len(m) + 9) for m in baselines) + "|")
+    dtypes = [results[m]["compute_dtype"] + (" +ckpt" if results[m]["gradient_checkpointing"] else "") for m in modes]
+    print(f"| {'compute dtype':<24} | " + " | ".join(f"{d:>{width}}" for d in dtypes) + " | "
+          + " | ".join(" " * (len(m) + 7) for m in baselines) + " |")
+    for label, key, scale in ROWS:
+        cells = [results[m].get(key) for m in modes]
+        digits = 2 if max(c * scale for c in cells if c is not None) < 10 else 1
+        ratios = [_ratio(results, key, m) for m in baselines]
+        print(f"| {label:<24} | " + " | ".join(_cell(c, scale, digits, width) for c in cells) + " | "
+              + " | ".join(_cell(r, 1, 2, len(m) + 7) for r, m in zip(ratios, baselines, strict=True)) + " |")
+    values = {f"{key}_{mode}": round(results[mode][key], 3) for mode in modes for key in JSON_KEYS
+              if key in results[mode]}
+    return {**values, **{f"matmul_gflops_{name}": round(rate, 1) for name, rate in roofline.gflops.items()}}
+
+
+def _ratio(results: dict[str, dict], key: str, baseline: str) -> float | None:
+    ours = results["packed"]["predict_pairs_per_s" if key == "predict_single_pairs_per_s" else key]
+    theirs = results[baseline].get(key)
+    return ours / theirs if theirs else None
+
+
+def _cell(value: float | None, scale: float, digits: int, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value * scale:>{width}.{digits}f}"
+
+
+def refresh_dtype_probe(config: TrainConfig, device: torch.device) -> None:
+    """Probe fp32 against bf16 anew (and cache it) before the modes start, so that every mode's compute_dtype=auto
+    reads a choice made on the machine as it is now."""
+    from lmsys.modeling.compute_dtype import auto_dtype
+
+    if device.type == "cpu" and ComputeDtype.auto in (config.model.compute_dtype, config.bench.peer_dtype):
+        auto_dtype(device, config.model.path, refresh=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,10 +208,20 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = parser.parse_known_args(argv)
     config = load_config(args.config_name, overrides)
     if config.bench.mode:
-        print(RESULT_MARKER + json.dumps(measure(config, config.bench.mode)), flush=True)
+        if config.bench.mode in PEER_MODES:
+            from lmsys.bench_peer import measure_peer as measure_mode  # transformers' Trainer: only its children
+        else:
+            measure_mode = measure
+        print(RESULT_MARKER + json.dumps(measure_mode(config, config.bench.mode)), flush=True)
         return
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = PartialState().device
+    refresh_dtype_probe(config, device)
     results = {mode: run_child(args.config_name, overrides, mode) for mode in config.bench.modes}
-    print(json.dumps(report(results, config)))
+    dtypes = sorted({result["compute_dtype"] for result in results.values()})
+    roofline = measure_roofline(config.model.path, dtypes, config.bench.roofline_tokens, device)
+    add_roofline(results, roofline)
+    print(json.dumps(report(results, config, roofline)))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from lmsys.evaluation.validation import ValidationSet
 from lmsys.modeling.backbone import add_lora, load_adapter, load_backbone, resolve_dtype
 from lmsys.modeling.checkpoint import ModelSpec, load_head_state, read_spec, with_base_model
 from lmsys.modeling.families import check_family, resolve_attention, resolve_template
+from lmsys.modeling.compile import compile_layers
 from lmsys.modeling.heads import PreferenceHead
 from lmsys.modeling.losses import LossWeights
 from lmsys.modeling.model import PreferenceModel
@@ -115,7 +116,7 @@ def build_model(
 
     A merged checkpoint (spec.merged) is its own backbone: loaded from `adapter_dir`, without peft.
     """
-    dtype = resolve_dtype(spec.compute_dtype, device)
+    dtype = resolve_dtype(spec.compute_dtype, device, adapter_dir if spec.merged else spec.base_model_path)
     backbone = load_backbone(
         adapter_dir if spec.merged else spec.base_model_path, spec.quantization, spec.double_quant, dtype,
         spec.attn_implementation.value, device, spec.trust_remote_code,
@@ -134,7 +135,7 @@ def build_model(
     if adapter_dir is None and model.init_from:
         load_warm_start(preference_model, model.init_from)
     if model is not None and model.torch_compile:
-        preference_model.backbone = torch.compile(preference_model.backbone)
+        compile_layers(preference_model.backbone)
     return preference_model
 
 

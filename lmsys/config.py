@@ -37,7 +37,7 @@ class ModelConfig:
     max_length: int = 512
     quantization: Quantization = Quantization.nf4
     double_quant: bool = True
-    compute_dtype: ComputeDtype = ComputeDtype.auto  # auto: bfloat16 on GPU, float32 on CPU
+    compute_dtype: ComputeDtype = ComputeDtype.auto  # auto: bf16 on GPU; on CPU the faster of fp32/bf16 (measured)
     attn_implementation: Attention = Attention.auto  # auto: the family's packing-exact kernel
     head: HeadType = HeadType.linear
     head_dropout: float = 0.0
@@ -195,7 +195,8 @@ class WandbConfig:
         require(self.mode in ("online", "offline", "disabled"), "wandb.mode must be online, offline or disabled")
 
 
-BENCH_MODES = ("padded", "padded_grouped", "packed")
+PEER_MODES = ("hf_trainer_typical", "hf_trainer_strong")  # the HF Trainer peer (lmsys/bench_peer.py)
+BENCH_MODES = ("padded", "padded_grouped", "packed", *PEER_MODES)
 
 
 @dataclass
@@ -206,14 +207,19 @@ class BenchConfig:
     warmup_updates: int = 1
     predict_batch_size: int = 8  # the padded, unsorted prediction loop it is compared with
     # padded: a typical padded loop (random order, batch_size pairs per micro-batch); padded_grouped: the same with
-    # length-grouped order; packed: the framework's default (packing, token budgets, length-grouped order)
-    modes: list[str] = field(default_factory=lambda: ["padded", "padded_grouped", "packed"])
+    # length-grouped order; packed: the framework's default (packing, token budgets, length-grouped order);
+    # hf_trainer_typical / hf_trainer_strong: the HF Trainer peer (lmsys/bench_peer.py)
+    modes: list[str] = field(default_factory=lambda: list(BENCH_MODES))
     mode: str | None = None  # set by the bench for its child processes
     profile: bool = False  # print the top operators of one packed training update
+    # the HF Trainer peer's compute dtype; auto: the faster of fp32 and bf16 on this CPU (as model.compute_dtype=auto)
+    peer_dtype: ComputeDtype = ComputeDtype.auto
+    roofline_tokens: int = 512  # rows of the matmuls that measure the roofline (a micro-batch's tokens)
 
     def __post_init__(self) -> None:
         require(self.n_pairs >= 1 and self.warmup_updates >= 0, "bench.n_pairs >= 1 and bench.warmup_updates >= 0")
         require(all(m in BENCH_MODES for m in self.modes), f"bench.modes: some of {', '.join(BENCH_MODES)}")
+        require(self.roofline_tokens >= 1, "bench.roofline_tokens must be >= 1")
 
 
 @dataclass

@@ -17,8 +17,11 @@ for _path in (str(TESTS_DIR), str(REPO_ROOT)):
 # Nothing in the suite may reach the network: every model and tokenizer is built in-process.
 # One intra-op thread (subprocesses inherit it): on a shared 2-core machine two spinning threads per process are
 # up to 20x slower for these tiny models; set OMP_NUM_THREADS to change it.
+# compute_dtype=auto on CPU pinned to float32 (no probe, no cache written): the suite's tolerances are float32 ones
+# whatever this machine's faster dtype; tests/modeling/test_compute_dtype.py lifts the pin.
 for _variable, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
-                          ("WANDB_MODE", "disabled"), ("TOKENIZERS_PARALLELISM", "false"), ("OMP_NUM_THREADS", "1")):
+                          ("WANDB_MODE", "disabled"), ("TOKENIZERS_PARALLELISM", "false"), ("OMP_NUM_THREADS", "1"),
+                          ("LMSYS_AUTO_CPU_DTYPE", "float32")):
     os.environ.setdefault(_variable, _value)
 
 import torch

@@ -1,5 +1,6 @@
-"""The benchmark command end to end on a tiny model: every mode runs in its own process, the table and the JSON
-line carry the keys the README documents, and the padded baseline really pads."""
+"""The benchmark command end to end on a tiny model: every mode (ours and the HF Trainer peer) runs in its own
+process, the table carries the roofline and packed's ratio to each baseline, the JSON line carries the keys the
+README documents, and the padded baseline really pads."""
 
 import json
 import subprocess
@@ -9,8 +10,15 @@ from pathlib import Path
 import tiny
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = [f"{metric}_{mode}" for mode in ("padded", "padded_grouped", "packed")
-        for metric in ("train_real_tokens_per_s", "predict_pairs_per_s", "peak_rss_mb")]
+OURS = ("padded", "padded_grouped", "packed")
+PEERS = ("hf_trainer_typical", "hf_trainer_strong")
+KEYS = [f"{metric}_{mode}" for mode in OURS + PEERS
+        for metric in ("train_real_tokens_per_s", "train_roofline_fraction", "predict_pairs_per_s", "peak_rss_mb")]
+KEYS += [f"predict_single_pairs_per_s_{mode}" for mode in PEERS] + ["matmul_gflops_float32"]
+
+
+def cells(table: list[str], label: str) -> list[str]:
+    return [cell.strip() for cell in next(line for line in table if line.startswith(f"| {label} ")).split("|")[2:-1]]
 
 
 def test_bench_prints_a_table_and_one_json_line(tiny_models, tmp_path):
@@ -19,16 +27,27 @@ def test_bench_prints_a_table_and_one_json_line(tiny_models, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "lmsys.bench", "--config-name", "conf_r_llama_smol",
          f"model.path={tiny_models['llama']}", "model.max_length=128", f"data.train_path={train}", "bench.n_pairs=16",
-         "trainer.batch_size=4", "trainer.grad_accum=2", "trainer.max_tokens=256", "trainer.eval_max_tokens=512"],
-        cwd=REPO, capture_output=True, text=True, timeout=400, check=False,
+         "trainer.batch_size=4", "trainer.grad_accum=2", "trainer.max_tokens=256", "trainer.eval_max_tokens=512",
+         "bench.roofline_tokens=64"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     result = json.loads(lines[-1])
     assert sorted(result) == sorted(KEYS)
     assert all(value > 0 for value in result.values())
+    roofline = next(line for line in lines if line.startswith("roofline: matmul float32 "))
+    assert "4 x 0.07M projection weights a trained token (6 x with gradient checkpointing)" in roofline
     table = [line for line in lines if line.startswith("| ")]
-    assert table[0].split("|")[2:5] == [f" {m:>14} " for m in ("padded", "padded_grouped", "packed")]
-    padding = next(line for line in table if "train padding share" in line).split("|")[2:5]
-    share = {mode: float(cell) for mode, cell in zip(("padded", "padded_grouped", "packed"), padding, strict=True)}
-    assert share["padded"] > share["padded_grouped"] > share["packed"] >= 0.0
+    header = [cell.strip() for cell in table[0].split("|")[2:-1]]
+    assert header == [*OURS, *PEERS, "packed/padded", "packed/hf_trainer_typical", "packed/hf_trainer_strong"]
+    assert cells(table, "compute dtype")[:5] == ["float32"] * 3 + ["float32 +ckpt", "float32"]
+    padding = dict(zip(OURS, map(float, cells(table, "train padding share %")), strict=False))
+    assert padding["padded"] > padding["padded_grouped"] > padding["packed"] >= 0.0
+    # packed over each baseline, from the modes' own cells (the 1-pass row: packed's TTA rate over the single pass)
+    speed = dict(zip(header, map(float, cells(table, "train real tokens/s")), strict=True))
+    assert abs(speed["packed/hf_trainer_strong"] - speed["packed"] / speed["hf_trainer_strong"]) < 0.02
+    single = cells(table, "predict pairs/s (1 pass)")
+    assert single[:3] == ["-"] * 3 and single[5] == "-" and float(single[6]) > 0
+    limit = dict(zip(header, map(float, cells(table, "roofline tokens/s")), strict=True))
+    assert abs(limit["hf_trainer_typical"] / limit["hf_trainer_strong"] - 4 / 6) < 0.01  # checkpointing: 6 x

@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lmsys.config import Attention, ComputeDtype, Family, HeadType, InputFormat, PaddingSide, Quantization, Template
-from lmsys.modeling.model_facts import ModelFacts
+from lmsys.modeling.model_facts import ModelFacts, read_model_facts
 
 FORMAT_VERSION = 2  # 2: the base model's facts (ModelFacts) replace model_type and hidden_size
 SPEC_FILE = "lmsys_checkpoint.json"
@@ -156,8 +156,6 @@ def _check_safetensors(path: Path) -> None:
 def with_base_model(spec: ModelSpec, checkpoint: str | Path, base_model_path: str | None) -> ModelSpec:
     """The spec with its base model moved to `base_model_path` when given; an adapter checkpoint's base must exist
     (checked here, before anything loads) and be the model type the adapter was trained on."""
-    from lmsys.modeling.backbone import read_model_type  # backbone imports bitsandbytes: only when needed
-
     if base_model_path is not None:
         spec = dataclasses.replace(spec, base_model_path=str(Path(base_model_path).resolve()))
     if spec.merged:
@@ -168,7 +166,7 @@ def with_base_model(spec: ModelSpec, checkpoint: str | Path, base_model_path: st
             f"{checkpoint}: {given} {spec.base_model_path} is not a model directory (no config.json); "
             f"pass base_model_path=DIR where the base model is now"
         )
-    model_type = read_model_type(spec.base_model_path)
+    model_type = read_model_facts(spec.base_model_path).model_type
     if model_type != spec.model_type:
         raise CheckpointError(f"{checkpoint}: {given} {spec.base_model_path} is a {model_type} model, but the "
                               f"checkpoint was trained on a {spec.model_type}")

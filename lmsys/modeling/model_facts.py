@@ -23,6 +23,7 @@ class ModelFacts:
     head_dim: int
     num_key_value_heads: int
     intermediate_size: int
+    num_hidden_layers: int = 0  # 0: not in config.json
 
     @property
     def projection_params_per_layer(self) -> int:
@@ -52,6 +53,7 @@ def read_model_facts(path: str | Path) -> ModelFacts:
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
             num_key_value_heads=config.get("num_key_value_heads") or heads,
             intermediate_size=config["intermediate_size"],
+            num_hidden_layers=config.get("num_hidden_layers", 0),
         )
     except KeyError as err:
         raise ModelLoadError(f"{config_file}: no {err.args[0]!r}; is this a decoder model directory?") from err

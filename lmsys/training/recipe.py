@@ -28,6 +28,7 @@ from lmsys.evaluation.metrics import save_reliability_diagram
 from lmsys.evaluation.validation import Evaluation, ValidationSet, evaluate, oof_frame, targets_of
 from lmsys.logs import setup_logging
 from lmsys.modeling.checkpoint import ModelSpec, save_checkpoint
+from lmsys.modeling.compute_dtype import dtype_record
 from lmsys.modeling.losses import preference_loss
 from lmsys.modeling.warm_start import check_warm_start
 from lmsys.provenance import run_info
@@ -249,7 +250,9 @@ def open_run_dir(run_path: Path, config: TrainConfig, accelerator, resolved_yaml
     accelerator.wait_for_everyone()
     setup_logging(accelerator.is_main_process, run.path / "train.log")
     run.write_text("config.yaml", resolved_yaml)
-    run.write_json("run_info.json", run_info(accelerator.num_processes, accelerator.distributed_type.value))
+    dtype = dtype_record(config.model.compute_dtype.value, accelerator.device, config.model.path)  # every rank
+    run.write_json("run_info.json", {**run_info(accelerator.num_processes, accelerator.distributed_type.value),
+                                     "compute_dtype": dtype})
     return run
 
 
