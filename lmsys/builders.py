@@ -10,18 +10,26 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoTokenizer
 
-from lmsys.config import Attention, DataConfig, HeadInit, LoraSettings, ModelConfig, TrainConfig
+from lmsys.config import Attention, DataConfig, FineTune, HeadInit, LoraSettings, ModelConfig, TrainConfig
 from lmsys.data.formatting import PairEncoder
 from lmsys.data.io import read_pairs
 from lmsys.data.schema import Pair
 from lmsys.data.split import split_train_valid
 from lmsys.data.templates import CHAT_MARKERS
 from lmsys.evaluation.predict_loop import InferenceBatching
-from lmsys.modeling.backbone import add_lora, load_adapter, load_backbone, read_model_type, resolve_dtype
+from lmsys.modeling.backbone import (
+    add_lora,
+    load_adapter,
+    load_backbone,
+    make_trainable,
+    read_model_type,
+    resolve_dtype,
+)
 from lmsys.modeling.checkpoint import ModelSpec, load_head_state
 from lmsys.modeling.families import attention_width, check_family, resolve_attention, resolve_template
 from lmsys.modeling.heads import PreferenceHead
 from lmsys.modeling.model import PreferenceModel
+from lmsys.training.distributed import quant_storage_dtype
 from lmsys.training.plan import Batching
 
 log = logging.getLogger("lmsys")
@@ -94,16 +102,18 @@ def build_model(
     dtype = resolve_dtype(spec.compute_dtype, device)
     backbone = load_backbone(
         adapter_dir if spec.merged else spec.base_model_path, spec.quantization, spec.double_quant, dtype,
-        spec.attn_implementation.value, device, spec.trust_remote_code,
+        spec.attn_implementation.value, device, spec.trust_remote_code, quant_storage_dtype(dtype),
     )
     if adapter_dir is not None:
         peft_model = backbone.requires_grad_(False) if spec.merged else load_adapter(backbone, adapter_dir, trainable=False)
         head = PreferenceHead(spec.hidden_size, spec.head, 0.0, HeadInit.torch_default, 1.0)
         head.load_state_dict(load_head_state(adapter_dir))
     else:
-        peft_model = add_lora(
-            backbone, lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_dora, model.gradient_checkpointing
-        )
+        if model.finetune == FineTune.full:
+            peft_model = make_trainable(backbone, model.gradient_checkpointing)
+        else:
+            peft_model = add_lora(backbone, lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_dora,
+                                  model.gradient_checkpointing)
         head = PreferenceHead(spec.hidden_size, spec.head, model.head_dropout, model.head_init, model.head_init_std)
     preference_model = PreferenceModel(peft_model, head.to(device))
     if model is not None and model.torch_compile:

@@ -57,6 +57,11 @@ class Attention(str, Enum):
     flex_attention = "flex_attention"
 
 
+class FineTune(str, Enum):
+    lora = "lora"  # frozen (quantized) backbone + LoRA adapters + head
+    full = "full"  # every backbone weight trains (unquantized); the checkpoint holds the whole backbone
+
+
 class HeadType(str, Enum):
     linear = "linear"
     mlp = "mlp"
@@ -107,8 +112,11 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     torch_compile: bool = False
     trust_remote_code: bool = False
+    finetune: FineTune = FineTune.lora  # full: no LoRA (the lora section is ignored), e.g. with conf/accelerate/fsdp_full.yaml
 
     def __post_init__(self) -> None:
+        _require(self.finetune == FineTune.lora or self.quantization == Quantization.none,
+                 "model.finetune=full trains every weight: it needs model.quantization=none")
         _require(self.max_length >= 32, "model.max_length must be at least 32")
         _require(0.0 <= self.head_dropout < 1.0, "model.head_dropout must be in [0, 1)")
         _require(self.head_init_std > 0, "model.head_init_std must be positive")

@@ -34,6 +34,7 @@ from lmsys.modeling.checkpoint import save_checkpoint
 from lmsys.provenance import run_info
 from lmsys.runs import RunDir
 from lmsys.tracking import Tracker
+from lmsys.training.distributed import full_trainable_state
 from lmsys.training.loop import LoopSettings, LoopState, total_updates, train_loop
 from lmsys.training.optim import build_optimizer, build_scheduler, parameter_groups
 from lmsys.training.signals import GracefulStop
@@ -95,7 +96,8 @@ def run_training(cfg: DictConfig) -> dict:
         probs = best_probs["latest"]
         run.write("oof.csv", lambda p: oof_frame(valid_split, probs).to_csv(p, index=False))
         run.write("reliability.png", lambda p: save_reliability_diagram(probs, targets_of(valid_split), p))
-        run.write("checkpoint", lambda p: save_checkpoint(p, unwrapped, tokenizer, spec))
+        trainable = full_trainable_state(unwrapped)  # every rank: under FSDP a collective
+        run.write("checkpoint", lambda p: save_checkpoint(p, unwrapped, tokenizer, spec, trainable))
 
     def save_state(loop_state: LoopState) -> None:
         save_training_state(run, unwrapped, optimizer, scheduler, loop_state)

@@ -15,6 +15,7 @@ from lmsys.data.batching import Example, collate, fill_by_count, fill_by_tokens
 from lmsys.data.dataset import EncodedSplit
 from lmsys.data.schema import swap_abt
 from lmsys.evaluation.metrics import tta_combine
+from lmsys.training.distributed import lockstep_count
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,17 @@ def predict_split(
     model.eval()
     results = []
     bar = tqdm(total=len(mine), desc="predict", disable=not (show_progress and accelerator.is_main_process), leave=False)
-    for group in _micro_batches(mine, batching):
+    groups = _micro_batches(mine, batching)
+    # FSDP: every rank runs as many forwards as the busiest one (each is a collective); repeats are discarded
+    n_runs = lockstep_count(model, len(groups), accelerator.device)
+    for k in range(n_runs):
+        group = groups[k] if k < len(groups) else (groups or [examples[:1]])[-1]
         batch = collate(group, batching.packed, batching.pad_id, batching.padding_side, batching.row_tokens,
                         batching.attention_width)
         logits = model(**batch.model_inputs(accelerator.device)).float().cpu().numpy()
-        results += [(ex.pair_index, ex.swapped, row) for ex, row in zip(group, logits, strict=True)]
-        bar.update(len(group))
+        if k < len(groups):
+            results += [(ex.pair_index, ex.swapped, row) for ex, row in zip(group, logits, strict=True)]
+            bar.update(len(group))
     bar.close()
     model.train(was_training)
     gathered = gather_object(results) if accelerator.num_processes > 1 else results

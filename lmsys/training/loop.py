@@ -15,6 +15,7 @@ from lmsys.config import PaddingSide, SwapMode
 from lmsys.data.batching import collate
 from lmsys.data.dataset import EncodedSplit
 from lmsys.modeling.losses import soft_cross_entropy
+from lmsys.training.distributed import lockstep_count
 from lmsys.training.plan import Batching, Update, epoch_plan, updates_per_epoch
 
 log = logging.getLogger("lmsys")
@@ -130,19 +131,25 @@ def run_update(accelerator, model: torch.nn.Module, update: Update, settings: Lo
     """
     scale = accelerator.num_processes / update.n_examples
     total = torch.zeros((), device=accelerator.device)
-    for k, examples in enumerate(update.micro_batches):
-        last = k == len(update.micro_batches) - 1
+    n_real = len(update.micro_batches)
+    # FSDP: ranks with fewer micro-batches repeat their last one at weight 0, so every rank runs the same
+    # all-gathers and reduce-scatters (a repeat adds nothing to the gradient or the loss).
+    n_runs = lockstep_count(model, n_real, accelerator.device)
+    for k in range(n_runs):
+        examples = update.micro_batches[min(k, n_real - 1)]
+        weight = scale if k < n_real else 0.0
         batching = settings.batching
         batch = collate(examples, batching.packed, settings.pad_id, settings.padding_side, batching.row_tokens,
                         batching.attention_width)
-        with nullcontext() if last else accelerator.no_sync(model):
+        with nullcontext() if k == n_runs - 1 else accelerator.no_sync(model):
             logits = model(**batch.model_inputs(accelerator.device))
             loss_sum = soft_cross_entropy(
                 logits, batch.targets.to(accelerator.device), settings.label_smoothing, settings.distill_temperature,
                 reduction="sum",
             )
-            accelerator.backward(loss_sum * scale)
-        total += loss_sum.detach()
+            accelerator.backward(loss_sum * weight)
+        if k < n_real:
+            total += loss_sum.detach()
     return float(accelerator.reduce(total, reduction="sum")) / update.n_examples
 
 
