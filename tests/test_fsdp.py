@@ -11,14 +11,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from safetensors.torch import load_file
-from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-from accelerate.utils.launch import prepare_multi_gpu_env
 from entry_runs import ENTRY, REPO, entry_env, finish, read_metrics, read_metrics_log, read_oof, start, start_entry
 from entry_runs import tiny_overrides, torchrun_command
 from ddp_worker import load_config
 from test_ddp import single_process_probs
 from tiny import arena_frame
 
+from lmsys.cluster import accelerate_env
 from lmsys.builders import build_encoder, build_spec, build_splits, build_tokenizer
 from lmsys.data.dataset import encode_split
 from lmsys.modeling.checkpoint import read_spec
@@ -35,11 +34,7 @@ FULL = ("model.finetune=full", "model.quantization=none")
 
 def fsdp_env(config_name: str) -> dict[str, str]:
     """The FSDP variables `accelerate launch --config_file conf/accelerate/<config_name>.yaml` sets."""
-    args = launch_command_parser().parse_args(["--config_file", str(REPO / "conf" / "accelerate" / f"{config_name}.yaml"),
-                                               "train.py"])
-    args, _, _ = _validate_launch_command(args)
-    launch_env = prepare_multi_gpu_env(args)
-    fsdp = {k: v for k, v in launch_env.items() if k.startswith("FSDP_") or k == "ACCELERATE_USE_FSDP"}
+    fsdp = accelerate_env(REPO / "conf" / "accelerate" / f"{config_name}.yaml")
     assert fsdp["ACCELERATE_USE_FSDP"] == "true" and fsdp["FSDP_VERSION"] == "2"
     return entry_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", **fsdp)
 
