@@ -55,7 +55,9 @@ def measure(config: TrainConfig, mode: str) -> dict:
                                 opt.name, tuple(opt.betas), opt.eps)
     train = _time_training(config, split, model, optimizer, accelerator, tokenizer.pad_token_id, mode)
     predict = _time_prediction(config, split, model, accelerator, tokenizer.pad_token_id, mode)
-    return {**train, **predict, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+    return {**train, **predict, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_gpu_mb": peak_gpu_mb}
 
 
 def _time_training(config, split, model, optimizer, accelerator, pad_id, mode: str) -> dict:
@@ -161,7 +163,7 @@ def report(results: dict[str, dict], config: TrainConfig) -> dict:
         digits = 2 if max(cells) < 10 else 1
         print(f"| {label:<24} | " + " | ".join(f"{c:>14.{digits}f}" for c in cells) + f" | {ratio:>13.2f} |")
     return {f"{key}_{mode}": round(results[mode][key], 3) for mode in modes
-            for key in ("train_real_tokens_per_s", "predict_pairs_per_s", "peak_rss_mb")}
+            for key in ("train_real_tokens_per_s", "predict_pairs_per_s", "peak_rss_mb", "peak_gpu_mb")}
 
 
 def main(argv: list[str] | None = None) -> None:
