@@ -24,7 +24,7 @@ echo "== throughput: random ~1B Llama, NF4 QLoRA, bf16, padded vs packed (log: $
 python scripts/gpu_bench_inputs.py "$OUT" > "$OUT/inputs.log" 2>&1
 timeout 300 python -m lmsys.bench --config-name conf_r_llama_smol model.path="$OUT/llama1b" \
     data.train_path="$OUT/pairs.csv" bench.n_pairs=128 bench.modes=[padded,packed] model.compute_dtype=bfloat16 \
-    model.max_length=2048 trainer.max_tokens=16384 trainer.batch_size=8 trainer.grad_accum=2 \
+    model.max_length=2048 trainer.max_tokens=16384 trainer.eval_max_tokens=16384 trainer.batch_size=8 trainer.grad_accum=2 \
     > "$OUT/bench.log" 2>&1 || true
 
 echo "== $(date -u +%F) $(python -c 'import torch; print(torch.cuda.get_device_name(0))')"
