@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from lmsys.selfcheck import format_table, main, junit_rows
+from lmsys.selfcheck import main
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="3">
 <testcase classname="tests.gpu.test_gpu" name="test_adamw_8bit_trains_on_cuda" time="1.2"/>
