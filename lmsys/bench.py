@@ -62,7 +62,8 @@ def measure(config: TrainConfig, mode: str) -> dict:
     dtype = resolve_dtype(spec.compute_dtype, accelerator.device, spec.base_model_path)
     return {**train, **predict, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "compute_dtype": str(dtype).removeprefix("torch."),
-            "gradient_checkpointing": config.model.gradient_checkpointing}
+            "gradient_checkpointing": config.model.gradient_checkpointing,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0}
 
 
 def _time_training(config, spec, split, model, accelerator, pad_id) -> dict:

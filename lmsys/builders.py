@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from lmsys.config import (
     DataConfig,
+    FineTune,
     HeadInit,
     LoraConfig,
     LossConfig,
@@ -29,7 +30,7 @@ from lmsys.data.schema import Pair
 from lmsys.data.split import split_train_valid
 from lmsys.data.templates import CHAT_MARKERS
 from lmsys.evaluation.validation import ValidationSet
-from lmsys.modeling.backbone import add_lora, load_adapter, load_backbone, resolve_dtype
+from lmsys.modeling.backbone import add_lora, load_adapter, load_backbone, make_trainable, resolve_dtype
 from lmsys.modeling.checkpoint import ModelSpec, load_head_state, read_spec, with_base_model
 from lmsys.modeling.families import check_family, resolve_attention, resolve_template
 from lmsys.modeling.compile import compile_layers
@@ -39,6 +40,7 @@ from lmsys.modeling.model import PreferenceModel
 from lmsys.modeling.model_facts import read_model_facts
 from lmsys.modeling.warm_start import load_warm_start
 from lmsys.prediction_config import InferenceConfig
+from lmsys.training.distributed import quant_storage_dtype
 from lmsys.training.optim import create_optimizer, parameter_groups, warmup_cosine_scheduler
 from lmsys.training.settings import LoopSettings, total_updates
 
@@ -119,16 +121,18 @@ def build_model(
     dtype = resolve_dtype(spec.compute_dtype, device, adapter_dir if spec.merged else spec.base_model_path)
     backbone = load_backbone(
         adapter_dir if spec.merged else spec.base_model_path, spec.quantization, spec.double_quant, dtype,
-        spec.attn_implementation.value, device, spec.trust_remote_code,
+        spec.attn_implementation.value, device, spec.trust_remote_code, quant_storage_dtype(dtype),
     )
     if adapter_dir is not None:
         peft_model = backbone.requires_grad_(False) if spec.merged else load_adapter(backbone, adapter_dir, trainable=False)
         head = PreferenceHead(spec.hidden_size, spec.head, 0.0, HeadInit.torch_default, 1.0, spec.num_classes)
         head.load_state_dict(load_head_state(adapter_dir))
     else:
-        peft_model = add_lora(
-            backbone, lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_dora, model.gradient_checkpointing
-        )
+        if model.finetune == FineTune.full:
+            peft_model = make_trainable(backbone, model.gradient_checkpointing)
+        else:
+            peft_model = add_lora(backbone, lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_dora,
+                                  model.gradient_checkpointing)
         head = PreferenceHead(spec.hidden_size, spec.head, model.head_dropout, model.head_init, model.head_init_std,
                               spec.num_classes)
     preference_model = PreferenceModel(peft_model, head.to(device))

@@ -26,6 +26,9 @@ Quantization = _choices("Quantization", "nf4 fp4 int8 none")
 ComputeDtype = _choices("ComputeDtype", "auto float32 bfloat16 float16")
 Attention = _choices("Attention", "auto eager sdpa flash_attention_2 flex_attention")
 HeadType, HeadInit = _choices("HeadType", "linear mlp"), _choices("HeadInit", "normal zeros torch_default")
+# lora: frozen (quantized) backbone + LoRA + head; full: every backbone weight trains (unquantized), the
+# checkpoint holds the whole backbone
+FineTune = _choices("FineTune", "lora full")
 
 
 @dataclass
@@ -48,8 +51,11 @@ class ModelConfig:
     trust_remote_code: bool = False
     num_classes: int = 3  # 3: A, B, tie (LMSYS); 2: A, B (WSDM Cup, no ties; see data.ties)
     init_from: str | None = None  # an earlier run's checkpoint/: start from its adapter and head (a warm start)
+    finetune: FineTune = FineTune.lora  # full: no LoRA (the lora section is ignored), e.g. with conf/accelerate/fsdp_full.yaml
 
     def __post_init__(self) -> None:
+        require(self.finetune == FineTune.lora or self.quantization == Quantization.none,
+                "model.finetune=full trains every weight: it needs model.quantization=none")
         require(self.num_classes in (2, 3), "model.num_classes must be 3 (A, B, tie) or 2 (A, B)")
         require(self.max_length >= 32, "model.max_length must be at least 32")
         require(0.0 <= self.head_dropout < 1.0, "model.head_dropout must be in [0, 1)")

@@ -11,14 +11,14 @@ import argparse
 import json
 import os
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
-from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lmsys.runs import write_json
+from lmsys.runs import FINISHED_MARKER, write_json
 
 SUMMARY_FILE = "sweep_summary.json"
 
@@ -66,35 +66,50 @@ def format_table(summary: dict) -> str:
 
 
 def is_main_process() -> bool:
-    """Under accelerate/torchrun every rank runs the sweep; only global rank 0 reports."""
+    """Under accelerate/torchrun every rank runs the sweep; only global rank 0 reports. RANK is the global rank
+    (torchrun and accelerate launch set it for every node), LOCAL_RANK the fallback on one node."""
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
 class SweepSummaryCallback(Callback):
-    """Collects the run dir of every completed job of a multirun and writes the summary in the sweep dir.
+    """Writes the summary of a multirun's finished runs in the sweep dir when the multirun ends.
 
-    Jobs are collected in `on_job_end`, which runs in this process with Hydra's basic launcher (the one we use:
-    every DDP rank must run the same jobs in the same order).
+    The runs are found in the sweep dir (each run dir's metrics.json written since the multirun started), not
+    collected from `on_job_end`: with the submitit launcher every job runs in its own process (or on another node),
+    and only `on_multirun_start`/`on_multirun_end` run in the launching one. Finished runs of an earlier sweep in
+    the same dir are older than this multirun and left out. On a cluster the sweep dir is on the shared filesystem.
     """
 
+    CLOCK_SKEW_S = 5.0  # metrics.json times come from the file server's clock
+
     def __init__(self) -> None:
-        self.run_dirs: list[str] = []
+        self.started = 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.run_dirs = []
-
-    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if job_return.status == JobStatus.COMPLETED:
-            self.run_dirs.append(job_return.hydra_cfg.hydra.runtime.output_dir)
+        self.started = time.time()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not self.run_dirs:
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        run_dirs = finished_since(sweep_dir, self.started - self.CLOCK_SKEW_S)
+        if not run_dirs:
             return
-        summary = summarize(self.run_dirs)
+        summary = summarize(run_dirs)
         main = is_main_process()
-        write_json(Path(config.hydra.sweep.dir).resolve() / SUMMARY_FILE, summary, main)
+        write_json(sweep_dir / SUMMARY_FILE, summary, main)
         if main:
             print(format_table(summary), flush=True)
+
+
+def finished_since(sweep_dir: Path, since: float) -> list[Path]:
+    """Run dirs under `sweep_dir` whose metrics.json (written last, when a run finishes) is newer than `since`."""
+    found = [m.parent for m in sweep_dir.rglob(FINISHED_MARKER) if m.stat().st_mtime >= since]
+    return sorted(found, key=lambda d: (_seed(d), str(d)))
+
+
+def _seed(run_dir: Path) -> int:
+    config_file = run_dir / "config.yaml"
+    seed = OmegaConf.load(config_file).get("seed") if config_file.is_file() else None
+    return seed if isinstance(seed, int) else 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -132,6 +132,22 @@ FAMILY_OF = {"llama": "llama", "gemma2": "gemma", "gemma3": "gemma", "qwen2": "q
              "mistral": "mistral"}
 
 
+def save_llama_1b(directory: Path, seed: int = 0) -> Path:
+    """A random ~1B-parameter Llama (TinyLlama's shape: 22 layers of width 2048) in bf16 with the tiny tokenizer,
+    for GPU throughput (scripts/gpu_check.sh)."""
+    tokenizer = build_tokenizer(add_bos=False)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+BUILDERS = {"llama": (_llama, False), "gemma2": (_gemma2, True), "gemma3": (_gemma3, True)}
+
+
 def save_tiny_model(kind: str, directory: Path, seed: int = 0) -> Path:
     """Write a tiny random model of architecture `kind` and its tokenizer to `directory`."""
     build, add_bos, extra_special = BUILDERS[kind]

@@ -14,6 +14,7 @@ from lmsys.data.batching import Batching, Example, collate, prediction_batches
 from lmsys.data.dataset import EncodedSplit
 from lmsys.data.schema import swap_abt
 from lmsys.evaluation.metrics import tta_combine
+from lmsys.training.distributed import lockstep_count
 
 
 @dataclass
@@ -74,10 +75,14 @@ def predict_examples(
     mine = [examples[i] for i in order[accelerator.process_index :: accelerator.num_processes]]
     results = []
     bar = tqdm(total=len(mine), desc="predict", disable=not (show_progress and accelerator.is_main_process), leave=False)
-    for group in prediction_batches(mine, batching):
+    groups = prediction_batches(mine, batching)
+    # FSDP: every rank runs as many forwards as the busiest one (each is a collective); the repeats are discarded
+    for k in range(lockstep_count(model, len(groups), accelerator.device)):
+        group = groups[k] if k < len(groups) else (groups or [examples[:1]])[-1]
         logits = model(**collate(group, batching).model_inputs(accelerator.device)).float().cpu().numpy()
-        results += [(ex.pair_index, row) for ex, row in zip(group, logits, strict=True)]
-        bar.update(len(group))
+        if k < len(groups):
+            results += [(ex.pair_index, row) for ex, row in zip(group, logits, strict=True)]
+            bar.update(len(group))
     bar.close()
     gathered = gather_object(results) if accelerator.num_processes > 1 else results
     return _assemble(gathered, len(examples))

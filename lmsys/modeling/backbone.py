@@ -23,7 +23,10 @@ def resolve_dtype(requested: ComputeDtype, device: torch.device, model_dir: str 
     return DTYPES[requested]
 
 
-def quantization_config(quantization: Quantization, double_quant: bool, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+def quantization_config(
+    quantization: Quantization, double_quant: bool, dtype: torch.dtype, quant_storage: torch.dtype | None = None
+) -> BitsAndBytesConfig | None:
+    """`quant_storage`: the dtype 4-bit weights are stored as (None: bitsandbytes' uint8; FSDP needs a float)."""
     if quantization == Quantization.none:
         return None
     if quantization == Quantization.int8:
@@ -33,6 +36,7 @@ def quantization_config(quantization: Quantization, double_quant: bool, dtype: t
         bnb_4bit_quant_type=quantization.value,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=quant_storage or torch.uint8,
     )
 
 
@@ -44,11 +48,12 @@ def load_backbone(
     attn_implementation: str,
     device: torch.device,
     trust_remote_code: bool,
+    quant_storage: torch.dtype | None = None,
 ) -> PreTrainedModel:
     """The transformer without its LM head (AutoModel), weights from safetensors only."""
     model = AutoModel.from_pretrained(
         str(path),
-        quantization_config=quantization_config(quantization, double_quant, dtype),
+        quantization_config=quantization_config(quantization, double_quant, dtype, quant_storage),
         dtype=dtype,
         attn_implementation=attn_implementation,
         device_map={"": device},
@@ -81,6 +86,14 @@ def add_lora(
         bias="none", task_type="FEATURE_EXTRACTION",
     )
     return get_peft_model(backbone, config)
+
+
+def make_trainable(backbone: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
+    """Full fine-tuning: every backbone weight trains (model.finetune=full; the backbone is not quantized)."""
+    if gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    backbone.config.use_cache = False
+    return backbone.requires_grad_(True)
 
 
 def load_adapter(backbone: PreTrainedModel, adapter_dir: str | Path, trainable: bool) -> PeftModel:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -106,14 +106,33 @@ class ModelSpec:
             raise CheckpointError(f"{where}: unreadable checkpoint spec: {err}") from err
 
 
-def save_checkpoint(directory: Path, model, tokenizer, spec: ModelSpec) -> None:
-    """Write adapter, head, tokenizer and spec into `directory` (a fresh directory)."""
+def save_checkpoint(directory: Path, model, tokenizer, spec: ModelSpec,
+                    trainable: dict[str, torch.Tensor] | None = None) -> None:
+    """Write adapter, head, tokenizer and spec into `directory` (a fresh directory).
+
+    `trainable`: the model's trainable parameters in full by name (lmsys.training.distributed.full_trainable_state),
+    required when the model is sharded (FSDP), whose own state_dict holds only this rank's shards. A fully
+    fine-tuned backbone (no adapter) is saved whole, as a merged checkpoint.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    model.backbone.save_pretrained(str(directory))
-    head_state = {k: v.detach().float().contiguous().cpu() for k, v in model.head.state_dict().items()}
-    save_file(head_state, str(directory / HEAD_FILE))
+    backbone_state, head_state = _split_trainable(model, trainable)
+    model.backbone.save_pretrained(str(directory), state_dict=backbone_state)
+    if not _has_adapter(model):
+        spec = replace(spec, merged=True)
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in head_state.items()}, str(directory / HEAD_FILE))
     tokenizer.save_pretrained(str(directory))
     (directory / SPEC_FILE).write_text(spec.to_json())
+
+
+def _split_trainable(model, trainable: dict[str, torch.Tensor] | None) -> tuple[dict | None, dict]:
+    """(backbone state or None for its own state_dict, head state), named as within each module."""
+    if trainable is None:
+        return None, model.head.state_dict()
+    backbone = {k.removeprefix("backbone."): v for k, v in trainable.items() if k.startswith("backbone.")}
+    head = {k.removeprefix("head."): v for k, v in trainable.items() if k.startswith("head.")}
+    if not _has_adapter(model):  # full fine-tuning: frozen buffers are not parameters
+        backbone = {**{k: v for k, v in model.backbone.state_dict().items() if k not in backbone}, **backbone}
+    return backbone, head
 
 
 def read_spec(directory: str | Path) -> ModelSpec:
@@ -179,3 +198,7 @@ def _present(directory: Path, name: str) -> bool:
 
 def load_head_state(directory: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(directory) / HEAD_FILE))
+
+
+def _has_adapter(model) -> bool:
+    return hasattr(model.backbone, "peft_config")

@@ -14,6 +14,13 @@ class PreferenceModel(nn.Module):
         self.backbone = backbone
         self.head = head
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """FSDP's wrap units (accelerate's TRANSFORMER_BASED_WRAP reads this when the config names none): the
+        backbone's decoder layers, and the head on its own (fp32, while the backbone's weights are bf16)."""
+        base = getattr(self.backbone, "get_base_model", lambda: self.backbone)()
+        return [*(getattr(base, "_no_split_modules", None) or []), type(self.head).__name__]
+
     def forward(
         self,
         input_ids: torch.Tensor,  # (R, T)

@@ -34,6 +34,7 @@ from lmsys.modeling.warm_start import check_warm_start
 from lmsys.provenance import run_info
 from lmsys.runs import RunDir
 from lmsys.tracking import Tracker, start_wandb
+from lmsys.training.distributed import full_trainable_state, lockstep_count
 from lmsys.training.plan import Update, iterate_updates
 from lmsys.training.settings import LoopSettings
 from lmsys.training.signals import GracefulStop
@@ -120,18 +121,21 @@ class TrainingRecipe:
         processes because DDP averages gradients: every pair counts equally whatever the micro-batch layout.
         Returns the update's mean loss over all processes.
         """
-        accelerator, settings = self.accelerator, self.settings
+        accelerator, settings, n_real = self.accelerator, self.settings, len(update.micro_batches)
         scale = accelerator.num_processes / update.n_examples
         total = torch.zeros((), device=accelerator.device)
-        for k, examples in enumerate(update.micro_batches):
-            batch = collate(examples, settings.batching)
-            last = k == len(update.micro_batches) - 1
-            with nullcontext() if last else accelerator.no_sync(self.model):
+        # FSDP: ranks with fewer micro-batches repeat their last one at weight 0, so that every rank runs the same
+        # all-gathers and reduce-scatters (a repeat adds nothing to the gradient or the loss).
+        n_runs = lockstep_count(self.model, n_real, accelerator.device)
+        for k in range(n_runs):
+            batch = collate(update.micro_batches[min(k, n_real - 1)], settings.batching)
+            with nullcontext() if k == n_runs - 1 else accelerator.no_sync(self.model):
                 logits = self.model(**batch.model_inputs(accelerator.device))
                 loss_sum = preference_loss(logits, batch.targets.to(accelerator.device),
                                            _on(batch.teacher_logits, accelerator.device), settings.loss, reduction="sum")
-                accelerator.backward(loss_sum * scale)
-            total += loss_sum.detach()
+                accelerator.backward(loss_sum * (scale if k < n_real else 0.0))
+            if k < n_real:
+                total += loss_sum.detach()
         return float(accelerator.reduce(total, reduction="sum")) / update.n_examples
 
     def evaluate(self) -> Evaluation:
@@ -148,7 +152,9 @@ class TrainingRecipe:
         run, split = self.outputs.run, self.validation.split
         run.write("oof.csv", lambda p: oof_frame(split, evaluation.probs).to_csv(p, index=False))
         run.write("reliability.png", lambda p: save_reliability_diagram(evaluation.probs, targets_of(split), p))
-        run.write("checkpoint", lambda p: save_checkpoint(p, self.unwrapped, self.outputs.tokenizer, self.outputs.spec))
+        trainable = full_trainable_state(self.unwrapped)  # on every rank: under FSDP a collective
+        run.write("checkpoint", lambda p: save_checkpoint(p, self.unwrapped, self.outputs.tokenizer, self.outputs.spec,
+                                                          trainable))
 
     def save_state(self) -> None:
         save_training_state(self.outputs.run, self.unwrapped, self.optimizer, self.scheduler, self.state)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmsys.runs import STATE_DIR, RunDir
+from lmsys.training.distributed import full_trainable_state, load_full_state, load_optimizer_state, optimizer_state
 
 log = logging.getLogger("lmsys")
 
@@ -40,20 +41,16 @@ class LoopState:
     history: list[dict] = field(default_factory=list)
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def save_training_state(run: RunDir, model: torch.nn.Module, optimizer, scheduler, loop: LoopState) -> None:
     """Write the state next to the previous one and swap it in only once complete."""
-    weights = trainable_state(model)  # gathered on every rank; only the main process writes
-    optimizer_state = optimizer.state_dict()
+    weights = full_trainable_state(model)  # gathered on every rank (FSDP: a collective); only the main process writes
+    optimizer_blob = optimizer_state(model, optimizer)
     payload = {"loop": asdict(loop), "scheduler": scheduler.state_dict(), "python_rng": random.getstate()}
 
     def produce(directory: Path) -> None:
         directory.mkdir(parents=True)
         save_file(weights, str(directory / WEIGHTS_FILE))
-        torch.save({"optimizer": optimizer_state, "torch_rng": torch.get_rng_state(),
+        torch.save({"optimizer": optimizer_blob, "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    directory / OPTIMIZER_FILE)
         (directory / LOOP_FILE).write_text(json.dumps(payload, default=_jsonable))
@@ -86,11 +83,9 @@ def load_training_state(directory: Path, model: torch.nn.Module, optimizer, sche
     missing = [name for name in weights if name not in params]
     if missing or len(weights) != sum(p.requires_grad for p in params.values()):
         raise ResumeError(f"{directory}: trainable parameters do not match this model (e.g. {missing[:3]})")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+    load_full_state(model, weights)
     blobs = torch.load(directory / OPTIMIZER_FILE, weights_only=True)
-    optimizer.load_state_dict(blobs["optimizer"])
+    load_optimizer_state(model, optimizer, blobs["optimizer"])
     torch.set_rng_state(blobs["torch_rng"])
     if blobs["cuda_rng"]:
         torch.cuda.set_rng_state_all(blobs["cuda_rng"])
