@@ -34,7 +34,8 @@ from transformers import (
 )
 
 from lmsys.config import Quantization, TrainConfig
-from lmsys.modeling.heads import N_CLASSES
+
+N_CLASSES = 3  # the peer is the LMSYS three-class model
 
 
 @dataclass(frozen=True)
