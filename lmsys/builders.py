@@ -44,7 +44,8 @@ def build_splits(data: DataConfig) -> tuple[list[Pair], list[Pair]]:
     if data.valid_path:
         valid = read_pairs(data.valid_path, require_labels=True)
     else:
-        train, valid = split_train_valid(train, data.valid_fold, data.valid_fraction, data.split_seed)
+        train, valid = split_train_valid(train, data.valid_fold, data.valid_fraction, data.split_seed,
+                                         f"data.train_path={data.train_path}")
     return train[: data.max_train_pairs], valid[: data.max_valid_pairs]
 
 

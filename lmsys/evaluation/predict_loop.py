@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
@@ -14,6 +15,11 @@ from lmsys.data.batching import Batching, Example, collate, prediction_batches
 from lmsys.data.dataset import EncodedSplit
 from lmsys.data.schema import swap_abt
 from lmsys.evaluation.metrics import tta_combine
+
+
+LOGIT_COLUMNS = ("logit_a", "logit_b", "logit_tie")
+# The (B, A) pass mapped back to (A, B, tie) order: swapped_logit_a is A's logit although A was shown second.
+SWAPPED_LOGIT_COLUMNS = ("swapped_logit_a", "swapped_logit_b", "swapped_logit_tie")
 
 
 @dataclass
@@ -34,6 +40,13 @@ class SplitPredictions:
         if self.logits_ba is None:
             return self.probs_ab
         return tta_combine(self.probs_ab, self.probs_ba_back, tta_mode)
+
+    def logits_table(self) -> pd.DataFrame:
+        """The logits as columns, in pair order: LOGIT_COLUMNS, and with TTA SWAPPED_LOGIT_COLUMNS."""
+        frame = pd.DataFrame(self.logits_ab, columns=list(LOGIT_COLUMNS))
+        if self.logits_ba is not None:
+            frame[list(SWAPPED_LOGIT_COLUMNS)] = swap_abt(self.logits_ba)
+        return frame
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
