@@ -171,4 +171,5 @@ def test_a_fold_sweep_without_a_fold_column_fails_before_any_model_loads(tmp_pat
     text = log.read_text()
     assert f"error: data.train_path={tmp_path / 'train.csv'}: data.valid_fold=0 needs a 'fold' column" in text
     assert "Traceback" not in text
-    assert not list((tmp_path / "sweep").glob("fold*"))  # no run dir was claimed
+    # Hydra makes the job's dir; no run claimed it (config.yaml, train.log are written right after the data checks)
+    assert not [path for path in (tmp_path / "sweep").rglob("*") if path.is_file()]
