@@ -172,4 +172,4 @@ def test_a_fold_sweep_without_a_fold_column_fails_before_any_model_loads(tmp_pat
     assert f"error: data.train_path={tmp_path / 'train.csv'}: data.valid_fold=0 needs a 'fold' column" in text
     assert "Traceback" not in text
     # Hydra makes the job's dir; no run claimed it (config.yaml, train.log are written right after the data checks)
-    assert not [path for path in (tmp_path / "sweep").rglob("*") if path.is_file()]
+    assert not [path for path in (tmp_path / "sweep").glob("fold*/**/*") if path.is_file()]
