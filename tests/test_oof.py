@@ -18,6 +18,7 @@ from tiny import arena_frame
 
 from lmsys.data.io import DataError
 from lmsys.data.schema import TARGET_COLUMNS, swap_abt
+from lmsys.ensemble import load_oof
 from lmsys.evaluation.predict_loop import LOGIT_COLUMNS, SWAPPED_LOGIT_COLUMNS, softmax
 from lmsys.oof import join_oof, main
 from lmsys.sweep import SUMMARY_FILE
@@ -60,6 +61,8 @@ def test_join_of_three_folds_holds_every_training_id_once(three_folds, tmp_path)
     inputs = pd.concat([pd.read_csv(run / "oof.csv", dtype={"id": str}) for run in three_folds.runs])
     pd.testing.assert_frame_equal(joined, inputs.set_index("id").loc[joined["id"]].reset_index())  # values intact
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # atomic write, nothing left over
+    ids, probs, targets = load_oof([str(out)])  # the ensembling command reads it as it stands
+    assert list(ids) == list(joined["id"]) and targets.argmax(1).tolist() == joined["label"].tolist()
 
 
 def test_join_without_train_file_keeps_run_order_and_writes_parquet(three_folds, tmp_path):
