@@ -9,10 +9,11 @@ The checkpoints must be interchangeable: the same base model (path and config fa
 input setting of the spec (template, max_length, input format, truncation settings); the first mismatch fails,
 naming the checkpoint and the field, before anything is written. How a checkpoint is run (quantization,
 compute dtype, attention kernel) may differ; the soup keeps the first checkpoint's. Each tensor of
-adapter_model.safetensors and head.safetensors is averaged on its own (LoRA A and B separately, as the
-published fold soups do), with the weights (default equal; non-negative, normalised to sum to 1). The output is a
+adapter_model.safetensors and head.safetensors is averaged on its own (LoRA A and B separately: the mean of
+the updates B_i A_i would not be a rank-r adapter), with the weights (default equal; non-negative, normalised to sum to 1). The output is a
 complete checkpoint (spec, adapter config and tokenizer copied from the first, soup.json recording the inputs
-and weights) for predict, export and warm starts.
+and weights): `python -m lmsys.predict` and `python -m lmsys.export` read it like any run's checkpoint, and
+so will warm starts (`model.init_from`).
 """
 
 from __future__ import annotations
