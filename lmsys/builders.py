@@ -52,7 +52,8 @@ def build_splits(config: TrainConfig) -> tuple[list[Pair], list[Pair]]:
     if data.valid_path:
         valid = to_classes(read_pairs(data.valid_path, require_labels=True), num_classes, data.ties, data.valid_path)
     else:
-        train, valid = split_train_valid(train, data.valid_fold, data.valid_fraction, data.split_seed)
+        train, valid = split_train_valid(train, data.valid_fold, data.valid_fraction, data.split_seed,
+                                         f"data.train_path={data.train_path}")
     if build_loss_weights(config.loss).needs_teacher:
         require_teachers(train, data.train_path)
     return train[: data.max_train_pairs], valid[: data.max_valid_pairs]

@@ -108,9 +108,11 @@ class DataConfig:
         for key in ("max_train_pairs", "max_valid_pairs"):
             value = getattr(self, key)
             require(value is None or value >= 1, f"data.{key} must be >= 1 or unset (null), got {value}")
-        require(self.valid_path is None or self.valid_fold is None,
-                 "data.valid_fold and data.valid_path exclude each other: validate on a fold of data.train_path or on "
-                 "data.valid_path")
+        require(self.valid_fold is None or self.valid_fold >= 0, "data.valid_fold must be >= 0")
+        # otherwise every job of a fold sweep would validate on the same file and train on all of data.train_path
+        require(self.valid_fold is None or not self.valid_path,
+                "data.valid_fold picks the validation rows of data.train_path by its 'fold' column; it cannot be "
+                "combined with data.valid_path (pass data.valid_path=null)")
 
 
 OptimizerName = _choices("OptimizerName", "adamw adamw_8bit")
@@ -268,8 +270,17 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def run_name(valid_fold: int | None, seed: int) -> str:
+    """The name of a run's dir (and of its sweep subdir): `seed<s>`, or `fold<k>_seed<s>` when a fold of the
+    training file validates, so that every job of a folds x seeds sweep gets its own dir. A pure function of the
+    config: every process of a multi-GPU run computes the same name."""
+    return f"seed{seed}" if valid_fold is None else f"fold{valid_fold}_seed{seed}"
+
+
 def register_configs() -> None:
+    """The schema, and the `run_name` resolver that conf/run_layout.yaml names run dirs with."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
 
 def validated_config(cfg: DictConfig) -> TrainConfig:

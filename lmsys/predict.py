@@ -23,7 +23,7 @@ from lmsys.builders import build_encoder, build_inference_batching, build_model,
 from lmsys.cli import run_command
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import read_pairs
-from lmsys.data.schema import TARGET_COLUMNS, Pair, swap_abt
+from lmsys.data.schema import TARGET_COLUMNS, Pair
 from lmsys.evaluation.predict_loop import SplitPredictions, predict_split
 from lmsys.logs import setup_logging
 from lmsys.modeling.backbone import fold_into_dense
@@ -32,9 +32,6 @@ from lmsys.prediction_config import InferenceConfig, PredictConfig
 from lmsys.runs import write_file
 
 log = logging.getLogger("lmsys")
-LOGIT_COLUMNS = ("logit_a", "logit_b", "logit_tie")
-# The (B, A) pass mapped back to (A, B, tie) order: swapped_logit_a is A's logit although A was shown second.
-SWAPPED_LOGIT_COLUMNS = ("swapped_logit_a", "swapped_logit_b", "swapped_logit_tie")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,10 +103,7 @@ def submission_frame(pairs: list[Pair], probs: np.ndarray) -> pd.DataFrame:
 
 
 def logits_frame(pairs: list[Pair], predictions: SplitPredictions) -> pd.DataFrame:
-    width = predictions.logits_ab.shape[1]
-    frame = pd.DataFrame(predictions.logits_ab, columns=list(LOGIT_COLUMNS[:width]))
-    if predictions.logits_ba is not None:
-        frame[list(SWAPPED_LOGIT_COLUMNS[:width])] = swap_abt(predictions.logits_ba)
+    frame = predictions.logits_table()
     frame.insert(0, "id", [pair.id for pair in pairs])
     return frame
 

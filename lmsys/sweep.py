@@ -1,6 +1,6 @@
-"""Seed-sweep summary: per-run best validation log loss, their mean and standard deviation.
+"""Sweep summary: per-run (fold, seed) best validation log loss, their mean and standard deviation.
 
-Written to `<sweep dir>/sweep_summary.json` at the end of `-m seed=1,2,3` by `SweepSummaryCallback` (registered in
+Written to `<sweep dir>/sweep_summary.json` at the end of `-m seed=1,2,3` (or `-m data.valid_fold=0,1,2`) by `SweepSummaryCallback` (registered in
 conf/run_layout.yaml), and built from finished run dirs by `python -m lmsys.sweep DIR... [--output FILE]`.
 Both read only the run dirs (metrics.json, config.yaml), so they give the same summary.
 """
@@ -35,8 +35,9 @@ def run_record(run_dir: str | Path) -> dict:
         raise SweepError(f"{path}: no metrics.json (not a run dir, or the run did not finish)")
     best = json.loads(metrics_file.read_text())["best"]
     config_file = path / "config.yaml"
-    seed = OmegaConf.load(config_file).get("seed") if config_file.is_file() else None
-    return {"run_dir": str(path), "seed": seed, "best_log_loss": best["log_loss"], "best_step": best["step"]}
+    config = OmegaConf.load(config_file) if config_file.is_file() else OmegaConf.create({})
+    return {"run_dir": str(path), "seed": config.get("seed"), "fold": OmegaConf.select(config, "data.valid_fold"),
+            "best_log_loss": best["log_loss"], "best_step": best["step"]}
 
 
 def summarize(run_dirs: list[str | Path]) -> dict:
@@ -55,9 +56,10 @@ def summarize(run_dirs: list[str | Path]) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"{'run':<24} {'seed':>6} {'best log loss':>14} {'best update':>12}"]
+    lines = [f"{'run':<24} {'fold':>5} {'seed':>6} {'best log loss':>14} {'best update':>12}"]
     for run in summary["runs"]:
-        lines.append(f"{Path(run['run_dir']).name:<24} {run['seed']!s:>6} {run['best_log_loss']:>14.6f} "
+        fold = "-" if run["fold"] is None else run["fold"]
+        lines.append(f"{Path(run['run_dir']).name:<24} {fold!s:>5} {run['seed']!s:>6} {run['best_log_loss']:>14.6f} "
                      f"{run['best_step']:>12}")
     stats = summary["best_log_loss"]
     spread = "n/a" if stats["std"] is None else f"{stats['std']:.6f}"

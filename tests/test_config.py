@@ -59,6 +59,17 @@ def test_run_dir_is_deterministic():
         HydraConfig.instance().cfg = None
 
 
+def test_a_fold_is_part_of_the_run_dir():
+    """Folds x seeds: one dir per job, the same on every process (a function of the config alone)."""
+    cfg = compose_config("conf_r_llama_smol", ("seed=3", "data.valid_path=null", "data.valid_fold=2"), hydra=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert cfg.hydra.run.dir == "outputs/conf_r_llama_smol/fold2_seed3"
+        assert cfg.hydra.sweep.subdir == "fold2_seed3"
+    finally:
+        HydraConfig.instance().cfg = None
+
+
 @pytest.mark.parametrize("override", [
     "trainer.max_stepz=3",  # a typo in a key
     "model.qantization=none",

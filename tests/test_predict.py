@@ -29,12 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SYMMETRY_TOLERANCE = 1e-5  # the issue's bound on |P_A(file) - P_B(swapped file)|; we get exactly 0
 
 
-def make_checkpoint(directory: Path, base: Path, seed: int = 0) -> Path:
+def make_checkpoint(directory: Path, base: Path, seed: int = 0, r: int = 8) -> Path:
     """A checkpoint of a tiny Llama whose LoRA and head are random (not near zero), so the adapter matters."""
     model_cfg = ModelConfig(path=str(base), family=Family.llama, max_length=128, head_init_std=0.5)
     spec = build_spec(model_cfg, DataConfig(train_path="unused"), packing=True)
     torch.manual_seed(seed)
-    model = build_model(spec, model_cfg, LoraConfig(r=8, alpha=16, dropout=0.0), torch.device("cpu"))
+    model = build_model(spec, model_cfg, LoraConfig(r=r, alpha=16, dropout=0.0), torch.device("cpu"))
     with torch.no_grad():
         for name, param in model.backbone.named_parameters():
             if "lora_B" in name:

@@ -37,6 +37,7 @@ from lmsys.config import (
 from lmsys.data.batching import collate
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import read_pairs
+from lmsys.evaluation.predict_loop import softmax
 from lmsys.modeling.checkpoint import read_spec
 from lmsys.training.optim import create_optimizer, parameter_groups, warmup_cosine_scheduler
 from lmsys.training.plan import epoch_plan, iterate_updates
@@ -216,12 +217,14 @@ def check_run_dir(run_dir: Path, model_dir: Path, valid: Path, updates: int) -> 
     assert "eval at update" in (run_dir / "train.log").read_text()
 
     oof = pd.read_csv(run_dir / "oof.csv", dtype={"id": str})
-    assert list(oof.columns) == ["id", "winner_model_a", "winner_model_b", "winner_tie", "label"]
+    assert list(oof.columns) == ["id", "winner_model_a", "winner_model_b", "winner_tie", "label",
+                                 "logit_a", "logit_b", "logit_tie"]  # without eval TTA: the (A, B) pass only
     valid_pairs = read_pairs(valid, require_labels=True)
     assert oof["id"].tolist() == [p.id for p in valid_pairs]
     assert oof["label"].tolist() == [p.label for p in valid_pairs]
     probs = oof[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(probs, softmax(oof[["logit_a", "logit_b", "logit_tie"]].to_numpy()), atol=1e-6)
 
     spec = read_spec(run_dir / "checkpoint")
     assert Path(spec.base_model_path) == model_dir.resolve() and spec.max_length == 128

@@ -17,10 +17,11 @@ def prompt_group(pair: Pair) -> str:
 
 
 def split_train_valid(
-    pairs: list[Pair], valid_fold: int | None, valid_fraction: float, seed: int
+    pairs: list[Pair], valid_fold: int | None, valid_fraction: float, seed: int, source: str = "data.train_path"
 ) -> tuple[list[Pair], list[Pair]]:
+    """`source` names the file the pairs came from, for the errors."""
     if valid_fold is not None:
-        return _split_by_fold(pairs, valid_fold)
+        return _split_by_fold(pairs, valid_fold, source)
     n_splits = max(2, round(1.0 / valid_fraction))
     labels = np.array([pair.label for pair in pairs])
     groups = np.array([prompt_group(pair) for pair in pairs])
@@ -36,11 +37,16 @@ def split_train_valid(
     return [pairs[i] for i in train_idx], [pairs[i] for i in valid_idx]
 
 
-def _split_by_fold(pairs: list[Pair], valid_fold: int) -> tuple[list[Pair], list[Pair]]:
+def _split_by_fold(pairs: list[Pair], valid_fold: int, source: str) -> tuple[list[Pair], list[Pair]]:
     missing = [pair.id for pair in pairs if "fold" not in pair.meta]
+    if len(missing) == len(pairs):
+        raise DataError(f"{source}: data.valid_fold={valid_fold} needs a 'fold' column, and the file has none "
+                        f"(add one with python -m lmsys.prepare, or validate on a file with data.valid_path)")
     if missing:
-        raise DataError(f"data.valid_fold={valid_fold} but row id={missing[0]} has no 'fold' value")
+        raise DataError(f"{source}: row id={missing[0]} column 'fold': no value, but data.valid_fold={valid_fold} "
+                        f"splits by it ({len(missing)} row(s) without one)")
+    folds = sorted({int(pair.meta["fold"]) for pair in pairs})
     valid = [pair for pair in pairs if int(pair.meta["fold"]) == valid_fold]
     if not valid:
-        raise DataError(f"data.valid_fold={valid_fold}: no row has that fold")
+        raise DataError(f"{source}: data.valid_fold={valid_fold}: no row has that fold (the 'fold' column holds {folds})")
     return [pair for pair in pairs if int(pair.meta["fold"]) != valid_fold], valid

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
@@ -15,6 +16,11 @@ from lmsys.data.dataset import EncodedSplit
 from lmsys.data.schema import swap_abt
 from lmsys.evaluation.metrics import tta_combine
 from lmsys.training.distributed import lockstep_count
+
+
+LOGIT_COLUMNS = ("logit_a", "logit_b", "logit_tie")
+# The (B, A) pass mapped back to (A, B, tie) order: swapped_logit_a is A's logit although A was shown second.
+SWAPPED_LOGIT_COLUMNS = ("swapped_logit_a", "swapped_logit_b", "swapped_logit_tie")
 
 
 @dataclass
@@ -35,6 +41,15 @@ class SplitPredictions:
         if self.logits_ba is None:
             return self.probs_ab
         return tta_combine(self.probs_ab, self.probs_ba_back, tta_mode)
+
+    def logits_table(self) -> pd.DataFrame:
+        """The logits as columns, in pair order: LOGIT_COLUMNS, and with TTA SWAPPED_LOGIT_COLUMNS (the first two
+        of each for a two-class model)."""
+        width = self.logits_ab.shape[1]
+        frame = pd.DataFrame(self.logits_ab, columns=list(LOGIT_COLUMNS[:width]))
+        if self.logits_ba is not None:
+            frame[list(SWAPPED_LOGIT_COLUMNS[:width])] = swap_abt(self.logits_ba)
+        return frame
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from lmsys.data.batching import Batching
 from lmsys.data.dataset import EncodedSplit
 from lmsys.data.schema import TARGET_COLUMNS
 from lmsys.evaluation.metrics import evaluation_metrics
-from lmsys.evaluation.predict_loop import predict_split
+from lmsys.evaluation.predict_loop import SplitPredictions, predict_split
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class ValidationSet:
 class Evaluation:
     metrics: dict  # log_loss, accuracy, prior_log_loss, ... (see evaluation_metrics)
     probs: np.ndarray  # (N, C) the submitted prediction (TTA-combined with tta), in pair order
+    predictions: SplitPredictions  # the logits behind `probs` (both orientations with tta), for oof.csv
 
 
 def evaluate(model, validation: ValidationSet, accelerator) -> Evaluation:
@@ -35,7 +36,7 @@ def evaluate(model, validation: ValidationSet, accelerator) -> Evaluation:
     mode = validation.tta_mode.value
     metrics = evaluation_metrics(predictions.probs_ab, targets_of(split), subset_frame(split),
                                  predictions.probs_ba_back, mode)
-    return Evaluation(metrics, predictions.combined(mode))
+    return Evaluation(metrics, predictions.combined(mode), predictions)
 
 
 def targets_of(split: EncodedSplit) -> np.ndarray:
@@ -51,8 +52,9 @@ def subset_frame(split: EncodedSplit) -> pd.DataFrame:
     })
 
 
-def oof_frame(split: EncodedSplit, probs: np.ndarray) -> pd.DataFrame:
-    frame = pd.DataFrame(probs, columns=list(TARGET_COLUMNS[: probs.shape[1]]))
+def oof_frame(split: EncodedSplit, evaluation: Evaluation) -> pd.DataFrame:
+    """id, the submitted probabilities, label, then the logits (`SplitPredictions.logits_table`): one row a pair."""
+    frame = pd.DataFrame(evaluation.probs, columns=list(TARGET_COLUMNS[: evaluation.probs.shape[1]]))
     frame.insert(0, "id", [pair.id for pair in split.pairs])
     frame["label"] = [pair.label for pair in split.pairs]
-    return frame
+    return pd.concat([frame, evaluation.predictions.logits_table()], axis=1)

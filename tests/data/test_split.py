@@ -8,7 +8,7 @@ import pytest
 import tiny
 
 from lmsys.builders import build_splits
-from lmsys.config import DataConfig, TrainConfig
+from lmsys.config import ConfigError, DataConfig, TrainConfig
 from lmsys.data.io import DataError
 from lmsys.data.schema import Pair
 from lmsys.data.split import prompt_group, split_train_valid
@@ -74,8 +74,19 @@ def test_fold_column(tmp_path):
 def test_fold_column_missing(tmp_path):
     path = tmp_path / "train.csv"
     tiny.arena_frame(6).to_csv(path, index=False)
-    with pytest.raises(DataError, match="fold"):
+    with pytest.raises(DataError) as error:
         splits_of(DataConfig(train_path=str(path), valid_fold=0))
+    assert str(error.value).startswith(f"data.train_path={path}: data.valid_fold=0 needs a 'fold' column")
+    frame = tiny.arena_frame(6)
+    frame["fold"] = [0, 1, None, 0, 1, 0]
+    frame.to_parquet(tmp_path / "gap.parquet")
+    with pytest.raises(DataError, match=r"gap.parquet: row id=2 column 'fold': no value, but data.valid_fold=1"):
+        splits_of(DataConfig(train_path=str(tmp_path / "gap.parquet"), valid_fold=1))
+
+
+def test_valid_fold_and_valid_path_contradict():
+    with pytest.raises(ConfigError, match="data.valid_fold .* cannot be combined with data.valid_path"):
+        DataConfig(train_path="train.csv", valid_path="valid.csv", valid_fold=0)
 
 
 def test_build_splits_without_a_validation_file(tmp_path):
