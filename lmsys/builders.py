@@ -85,16 +85,18 @@ def build_encoder(spec: ModelSpec, tokenizer) -> PairEncoder:
 
 
 def build_model(
-    spec: ModelSpec, model: ModelConfig | None, lora: LoraSettings | None, device: torch.device, adapter_dir: str | Path | None = None
+    spec: ModelSpec, model: ModelConfig | None, lora: LoraSettings | None, device: torch.device, adapter_dir: str | Path | None = None,
+    device_map: dict[str, int | str] | None = None,
 ) -> PreferenceModel:
     """Backbone (quantized) + LoRA + our head; from a checkpoint when `adapter_dir` is given (frozen, eval).
 
-    A merged checkpoint (spec.merged) is its own backbone: loaded from `adapter_dir`, without peft.
+    A merged checkpoint (spec.merged) is its own backbone: loaded from `adapter_dir`, without peft. `device_map`
+    splits the backbone over devices (prediction); the head then sits on `device`.
     """
     dtype = resolve_dtype(spec.compute_dtype, device)
     backbone = load_backbone(
         adapter_dir if spec.merged else spec.base_model_path, spec.quantization, spec.double_quant, dtype,
-        spec.attn_implementation.value, device, spec.trust_remote_code,
+        spec.attn_implementation.value, device, spec.trust_remote_code, device_map,
     )
     if adapter_dir is not None:
         peft_model = backbone.requires_grad_(False) if spec.merged else load_adapter(backbone, adapter_dir, trainable=False)

@@ -1,13 +1,21 @@
 """Prediction, as steps: validate inputs -> checkpoint -> encode -> predict (with swap TTA) -> atomic outputs.
 
-`lmsys/code/predict.py` calls `run_prediction`; `lmsys.pseudo_label` reuses `predict_checkpoint` and the writers.
-Everything that can be wrong with the inputs (the test file, the checkpoint) is found before a model is loaded.
+    python -m lmsys.predict checkpoint=CKPT data.test_path=test.csv output=submission.csv [tta=true]
+        [quantization=nf4|int8|none] [compute_dtype=float16|bfloat16|float32] [max_length=N]
+        [base_model_path=DIR] [device_map=auto|balanced [max_memory={0:14GiB,1:15GiB}]] [logits_output=FILE]
+    accelerate launch --num_processes 2 -m lmsys.predict ...      (data parallel: one model per GPU, rows dealt out)
+
+Every key is in lmsys/prediction_config.py (PredictConfig). `lmsys/code/predict.py` (Hydra) and this module both
+call `run_prediction`; `lmsys.pseudo_label` reuses `predict_checkpoint` and the writers. Everything that can be
+wrong with the inputs (the test file, the checkpoint, the base model) is found before a model is loaded, and the
+submission is written atomically, only when every pair has finite logits.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +30,10 @@ from lmsys.data.dataset import EncodedSplit, encode_split
 from lmsys.data.io import read_pairs
 from lmsys.data.schema import TARGET_COLUMNS, Pair, swap_abt
 from lmsys.evaluation.predict_loop import InferenceBatching, SplitPredictions, predict_split
-from lmsys.modeling.backbone import fold_into_dense
+from lmsys.modeling.backbone import fold_into_dense, resolve_dtype
 from lmsys.modeling.checkpoint import ModelSpec, read_spec
 from lmsys.modeling.families import attention_width, resolve_attention
+from lmsys.modeling.precision import check_finite_logits, parse_max_memory, plan_device_map, predict_time_model
 from lmsys.prediction_config import InferenceSettings, PredictConfig
 from lmsys.runs import RunDir
 
@@ -44,6 +53,8 @@ def run_prediction(cfg: DictConfig) -> Path:
              spec.base_model_path, "merged" if spec.merged else f"adapter on {spec.quantization.value} base")
 
     predictions = predict_checkpoint(config.checkpoint, spec, pairs, config, accelerator)
+    check_finite_logits([predictions.logits_ab, predictions.logits_ba], [pair.id for pair in pairs],
+                        resolve_dtype(spec.compute_dtype, accelerator.device))
     probs = predictions.combined(config.tta_mode.value)
     write_table(submission_frame(pairs, probs), config.output, accelerator.is_main_process)
     if config.logits_output:
@@ -60,8 +71,12 @@ def build_prediction_spec(checkpoint: str, settings: InferenceSettings) -> Model
     because a checkpoint trained padded may hold one that would let packed pairs see each other."""
     spec = read_spec(checkpoint)
     attention = settings.attn_implementation or spec.attn_implementation
+    base_model_path, quantization = predict_time_model(checkpoint, spec, settings)
     return dataclasses.replace(
         spec,
+        base_model_path=base_model_path,
+        quantization=quantization,
+        max_length=settings.max_length or spec.max_length,
         compute_dtype=settings.compute_dtype or spec.compute_dtype,
         attn_implementation=Attention(resolve_attention(spec.family, spec.model_type, attention, settings.packing)),
     )
@@ -88,7 +103,8 @@ def predict_checkpoint(
     """
     tokenizer = build_tokenizer(checkpoint, spec.trust_remote_code)
     split = encode_split(pairs, build_encoder(spec, tokenizer))
-    model = build_model(spec, None, None, accelerator.device, adapter_dir=checkpoint)
+    model = build_model(spec, None, None, accelerator.device, adapter_dir=checkpoint,
+                        device_map=prediction_device_map(checkpoint, spec, settings, accelerator))
     if use_dense_weights(settings.dense_weights, accelerator.device):
         log.info("folded the adapter into %d dense projections", fold_into_dense(model))
     batching = build_inference_batching(settings, tokenizer.pad_token_id, spec, checkpoint)
@@ -98,6 +114,24 @@ def predict_checkpoint(
     backward = predict_split(model, swapped_as_forward(split), False, batching, accelerator,
                              settings.show_progress)
     return SplitPredictions(forward.logits_ab, backward.logits_ab)
+
+
+def prediction_device_map(
+    checkpoint: str, spec: ModelSpec, settings: InferenceSettings, accelerator: Accelerator
+) -> dict[str, int | str] | None:
+    """With `device_map`, the one model split over the visible GPUs (one process only: data parallel is the other
+    way of using two GPUs)."""
+    if settings.device_map is None:
+        return None
+    if accelerator.num_processes > 1:
+        raise ValueError("device_map splits one model over the GPUs of one process; run without accelerate launch "
+                         f"(got {accelerator.num_processes} processes)")
+    model_dir = checkpoint if spec.merged else spec.base_model_path
+    dtype = resolve_dtype(spec.compute_dtype, accelerator.device)
+    device_map = plan_device_map(model_dir, settings.device_map.value, parse_max_memory(settings.max_memory), dtype,
+                                 spec.trust_remote_code)
+    log.info("backbone split over devices %s", sorted(set(map(str, device_map.values()))))
+    return device_map
 
 
 def use_dense_weights(requested: bool | None, device: torch.device) -> bool:
@@ -169,3 +203,24 @@ def setup_logging(is_main: bool) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
+
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m lmsys.predict key=value ...`: the same schema and steps as lmsys/code/predict.py, without Hydra."""
+    from lmsys.command_line import UsageError, parse
+    from lmsys.data.io import DataError
+    from lmsys.modeling.backbone import ModelLoadError
+    from lmsys.modeling.checkpoint import CheckpointError
+
+    config = parse(PredictConfig, sys.argv[1:] if argv is None else argv, USAGE)
+    try:
+        run_prediction(OmegaConf.structured(config))
+    except (DataError, CheckpointError, ModelLoadError, FloatingPointError) as err:
+        raise UsageError(str(err)) from err
+
+
+if __name__ == "__main__":
+    main()

@@ -12,9 +12,16 @@ from enum import Enum
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from lmsys.config import Attention, ComputeDtype, TtaMode, _require
+from lmsys.config import Attention, ComputeDtype, Quantization, TtaMode, _require
 
 TABLE_SUFFIXES = (".csv", ".parquet")
+
+
+class DeviceMap(str, Enum):
+    """One model split over the visible GPUs (accelerate's placement), for a model that does not fit one GPU."""
+
+    auto = "auto"  # fill the first GPU, then the next
+    balanced = "balanced"  # the same share of layers on every GPU
 
 
 class MergeDtype(str, Enum):
@@ -45,9 +52,21 @@ class InferenceSettings:
     # (fp32) bytes per parameter instead of ~0.5; None: on when predicting on CPU, off on GPU (where memory binds)
     dense_weights: bool | None = None
     show_progress: bool = True
+    # The base model directory of an adapter checkpoint; None: the spec's (a relative one is read from the checkpoint
+    # directory, as in a Kaggle bundle). Kaggle has no hub: the base travels in the bundle.
+    base_model_path: str | None = None
+    # None: the checkpoint's. From an adapter checkpoint the base is (re-)quantized on load and the adapter applied;
+    # a merged export is quantized on load; a pre-quantized export only loads with its own quantization.
+    quantization: Quantization | None = None
+    max_length: int | None = None  # None: the checkpoint's (tokens per pair; see `python -m lmsys.kaggle estimate`)
+    # Split one model over the visible GPUs (one process); None: the whole model on the process's device
+    device_map: DeviceMap | None = None
+    max_memory: dict[str, str] | None = None  # with device_map: per device, e.g. {0: 14GiB, 1: 15GiB}
 
     def __post_init__(self) -> None:
         _require(self.max_tokens >= 32, "max_tokens must be at least 32")
+        _require(self.max_length is None or self.max_length >= 32, "max_length must be at least 32")
+        _require(self.max_memory is None or self.device_map is not None, "max_memory needs device_map=auto|balanced")
         _require(self.row_tokens is None or self.row_tokens >= 1, "row_tokens must be >= 1")
         _require(self.batch_size >= 1, "batch_size must be >= 1")
 
@@ -84,7 +103,13 @@ class ExportConfig:
     checkpoint: str = MISSING  # an adapter checkpoint
     output_dir: str = MISSING  # the merged checkpoint to create
     dtype: MergeDtype = MergeDtype.bfloat16  # of the unquantized base the adapter is merged into, and of the result
+    # none: save the merged weights in `dtype`; nf4|int8: save them quantized by bitsandbytes (~0.5 / 1 byte per
+    # parameter), loaded as they are at predict time
+    quantization: Quantization = Quantization.none
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.quantization != Quantization.fp4, "export quantization must be none, nf4 or int8")
 
 
 def register_predict_configs() -> None:

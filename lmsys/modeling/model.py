@@ -35,5 +35,10 @@ class PreferenceModel(nn.Module):
         hidden = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (R, T, H)
-        pooled = hidden[pool_rows, pool_cols]  # (N, H)
-        return self.head(pooled)  # (N, 3)
+        # With the backbone split over devices (device_map) the last hidden state lives on the last one.
+        pooled = hidden[pool_rows.to(hidden.device), pool_cols.to(hidden.device)]  # (N, H)
+        return self.head(pooled.to(self.head_device))  # (N, 3)
+
+    @property
+    def head_device(self) -> torch.device:
+        return next(self.head.parameters()).device
