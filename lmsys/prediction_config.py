@@ -109,7 +109,7 @@ class ExportConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.quantization != Quantization.fp4, "export quantization must be none, nf4 or int8")
+        _require(self.quantization != Quantization.fp4, f"quantization={self.quantization.value}: export saves none, nf4 or int8")
 
 
 def register_predict_configs() -> None:

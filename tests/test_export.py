@@ -21,7 +21,6 @@ import pandas as pd
 import pytest
 import torch
 from accelerate import Accelerator
-from omegaconf.errors import ConfigKeyError, ValidationError
 from peft import PeftModel
 from test_predict import make_checkpoint
 from tiny import arena_frame
@@ -91,15 +90,16 @@ def test_predict_cli_on_merged_checkpoint(setup, tmp_path):
     assert len(sub) == 16 and np.allclose(sub.iloc[:, 1:].sum(1), 1, atol=1e-6)
 
 
-def test_export_refusals(setup, tmp_path):
+def test_export_refusals(setup, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="already a merged checkpoint"):
         export_main([f"checkpoint={setup['float32']}", f"output_dir={tmp_path / 'again'}"])
     with pytest.raises(FileExistsError, match="overwrite=true"):
         export_main([f"checkpoint={setup['checkpoint']}", f"output_dir={setup['float32']}"])
-    with pytest.raises(ConfigKeyError, match="dtyp"):
-        export_main([f"checkpoint={setup['checkpoint']}", f"output_dir={tmp_path / 'x'}", "dtyp=float32"])
-    with pytest.raises(ValidationError, match="float64"):
-        export_main([f"checkpoint={setup['checkpoint']}", f"output_dir={tmp_path / 'x'}", "dtype=float64"])
+    for bad, named in (("dtyp=float32", "dtyp"), ("dtype=float64", "float64"), ("quantization=fp4", "fp4")):
+        with pytest.raises(SystemExit) as exited:
+            export_main([f"checkpoint={setup['checkpoint']}", f"output_dir={tmp_path / 'x'}", bad])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and named in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists() and not (tmp_path / "again").exists()
 
 
