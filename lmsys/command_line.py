@@ -25,14 +25,22 @@ def parse(schema: type[T], argv: list[str], usage: str) -> T:
     if any(arg in ("-h", "--help") for arg in argv):
         print(usage.strip())
         raise SystemExit(0)
+    try:
+        return load(schema, argv)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
+def load(schema: type[T], argv: list[str]) -> T:
+    """The schema's object, or a ValueError of one line naming the key."""
     bad = [arg for arg in argv if "=" not in arg]
     if bad:
-        raise UsageError(f"expected key=value arguments, got {bad[0]!r} (see --help)")
+        raise ValueError(f"expected key=value arguments, got {bad[0]!r} (see --help)")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_cli(argv))
         return OmegaConf.to_object(merged)
     except (OmegaConfBaseException, ValueError) as err:
-        raise UsageError(first_line(err)) from err
+        raise ValueError(first_line(err)) from err
 
 
 def first_line(err: BaseException) -> str:

@@ -50,7 +50,11 @@ class RunDir:
         target = self.path / name
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)) / target.name
-        produce(tmp)
+        try:
+            produce(tmp)
+        except BaseException:
+            shutil.rmtree(tmp.parent, ignore_errors=True)  # a failed write leaves nothing behind
+            raise
         old = target.with_name(f".{target.name}.old")
         _remove(old)  # left by a kill after the last swap; `target` is complete, so it is the one to keep
         if target.exists():
