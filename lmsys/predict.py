@@ -103,10 +103,7 @@ def predict_checkpoint(
     """
     tokenizer = build_tokenizer(checkpoint, spec.trust_remote_code)
     split = encode_split(pairs, build_encoder(spec, tokenizer))
-    model = build_model(spec, None, None, accelerator.device, adapter_dir=checkpoint,
-                        device_map=prediction_device_map(checkpoint, spec, settings, accelerator))
-    if use_dense_weights(settings.dense_weights, accelerator.device):
-        log.info("folded the adapter into %d dense projections", fold_into_dense(model))
+    model = load_prediction_model(checkpoint, spec, settings, accelerator)
     batching = build_inference_batching(settings, tokenizer.pad_token_id, spec, checkpoint)
     forward = predict_split(model, split, False, batching, accelerator, settings.show_progress)
     if not settings.tta:
@@ -114,6 +111,17 @@ def predict_checkpoint(
     backward = predict_split(model, swapped_as_forward(split), False, batching, accelerator,
                              settings.show_progress)
     return SplitPredictions(forward.logits_ab, backward.logits_ab)
+
+
+def load_prediction_model(
+    checkpoint: str, spec: ModelSpec, settings: InferenceSettings, accelerator: Accelerator
+) -> torch.nn.Module:
+    """The frozen model as prediction runs it: quantized per the spec, placed (or split), dense weights folded."""
+    model = build_model(spec, None, None, accelerator.device, adapter_dir=checkpoint,
+                        device_map=prediction_device_map(checkpoint, spec, settings, accelerator))
+    if use_dense_weights(settings.dense_weights, accelerator.device):
+        log.info("folded the adapter into %d dense projections", fold_into_dense(model))
+    return model
 
 
 def prediction_device_map(
