@@ -23,8 +23,9 @@ from test_predict import make_checkpoint
 from tiny import arena_frame
 
 from lmsys.data.schema import TARGET_COLUMNS
-from lmsys.kaggle.bundle import INFERENCE_PACKAGES, REPO_ROOT, BundleError, read_pins
+from lmsys.kaggle.bundle import INFERENCE_PACKAGES, REPO_ROOT, BundleError, compatible_platforms, read_pins
 from lmsys.kaggle.bundle import main as bundle_main
+from lmsys.kaggle.inference import find_test_file, predict_command
 from lmsys.modeling.checkpoint import SPEC_FILE
 
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -110,7 +111,7 @@ def test_pin_without_wheel_fails_naming_the_package(bundle, capsys):
                      "inference_packages=[lmsys-bundle-probe,lmsys-bundle-missing]", "skip_packages=[]"])
     err = capsys.readouterr().err.strip()
     assert exited.value.code == 2 and len(err.splitlines()) == 1
-    assert err.startswith("error: lmsys-bundle-missing==9.9: no wheel for python 3.11 on manylinux2014_x86_64")
+    assert err.startswith("error: lmsys-bundle-missing==9.9: no wheel for python 3.11 on manylinux_2_35_x86_64")
     assert not (root / "failed").exists() and not list(root.glob(".failed*"))
 
 
@@ -129,6 +130,30 @@ def test_missing_base_or_checkpoint_files_named(bundle, tmp_path, capsys):
             bundle_main([f"checkpoint={checkpoint}", *args])
         assert named in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_inference_script_launches_one_process_per_gpu_and_finds_test_csv(bundle, tmp_path):
+    out, test = tmp_path / "submission.csv", tmp_path / "test.csv"
+    one = predict_command(bundle["bundle"], test, out, ["tta=false"], n_gpus=1)
+    assert one[1:3] == ["-m", "lmsys.predict"] and one[-3:] == ["max_tokens=512", "show_progress=false", "tta=false"]
+    two = predict_command(bundle["bundle"], test, out, [], n_gpus=2)
+    assert two[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "2"] and two[5:7] == ["-m", "lmsys.predict"]
+    split = predict_command(bundle["bundle"], test, out, ["device_map=balanced"], n_gpus=2)
+    assert split[1:3] == ["-m", "lmsys.predict"]  # one process holding the model split over both GPUs
+    with pytest.raises(SystemExit, match="expected exactly one"):
+        find_test_file(tmp_path)
+    (tmp_path / "lmsys-chatbot-arena").mkdir()
+    (tmp_path / "lmsys-chatbot-arena" / "test.csv").write_text("id\n")
+    assert find_test_file(tmp_path) == tmp_path / "lmsys-chatbot-arena" / "test.csv"
+
+
+def test_manylinux_platform_accepts_older_glibc_tags():
+    assert compatible_platforms("manylinux_2_24_x86_64") == [
+        *(f"manylinux_2_{minor}_x86_64" for minor in range(24, 4, -1)),
+        "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
+    assert compatible_platforms("manylinux2014_x86_64")[0] == "manylinux_2_17_x86_64"
+    assert "manylinux_2_24_x86_64" not in compatible_platforms("manylinux2014_x86_64")
+    assert compatible_platforms("win_amd64") == ["win_amd64"]
 
 
 def test_inference_packages_cover_what_predict_imports():

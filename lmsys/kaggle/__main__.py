@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 USAGE = """usage: python -m lmsys.kaggle bundle checkpoint=CKPT output_dir=DIR [python_version=3.11]
-           [platform=manylinux2014_x86_64] [skip_packages=[...]] [predict_args=[quantization=int8,...]]
+           [platform=manylinux_2_35_x86_64] [skip_packages=[...]] [predict_args=[quantization=int8,...]]
        python -m lmsys.kaggle estimate checkpoint=CKPT data.test_path=FILE [rows=25000] [limit_hours=9]
            [sample=64] [quantization=...] [compute_dtype=...]
 (add --help after the subcommand for all its keys)"""

@@ -1,7 +1,7 @@
 """Pack everything a Kaggle notebook without internet needs to predict into one folder (one Kaggle dataset).
 
     python -m lmsys.kaggle bundle checkpoint=CKPT output_dir=DIR [python_version=3.11]
-        [platform=manylinux2014_x86_64] [skip_packages=[torch,numpy,...]] [extra_pins=[name==version,...]]
+        [platform=manylinux_2_35_x86_64] [skip_packages=[torch,numpy,...]] [extra_pins=[name==version,...]]
         [predict_args=[quantization=int8,compute_dtype=float16]] [wheelhouse=DIR] [overwrite=true]
 
 DIR/
@@ -15,7 +15,10 @@ DIR/
   bundle.json      what was packed: pins, sizes, predict_args
 
 Wheels are downloaded with `pip download --only-binary=:all: --no-deps` one pin at a time, so a pin without a
-wheel for the platform fails naming that package; `wheelhouse=DIR` downloads from DIR only (no index: offline).
+wheel for the platform fails naming that package. A manylinux platform stands for every older glibc too (PEP 600:
+manylinux_2_35 accepts manylinux_2_34 ... manylinux_2_17 = manylinux2014, manylinux2010, manylinux1); the default
+is Kaggle's image (Ubuntu 22.04, glibc 2.35; bitsandbytes ships manylinux_2_24 wheels only, which
+platform=manylinux2014_x86_64 alone would refuse). `wheelhouse=DIR` downloads from DIR only (no index: offline).
 Their own dependencies are not downloaded (that would pull torch and its CUDA wheels): inference.py installs the
 wheels with pip resolving against the image, and pip names any dependency the image lacks; add it with
 `extra_pins=[name==version]`.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -63,7 +67,7 @@ class BundleConfig:
     checkpoint: str = MISSING  # an adapter checkpoint, a merged export or a pre-quantized export
     output_dir: str = MISSING  # the folder to create and upload as one Kaggle dataset
     python_version: str = "3.11"  # of the Kaggle image
-    platform: str = "manylinux2014_x86_64"
+    platform: str = "manylinux_2_35_x86_64"  # Kaggle's image; older manylinux tags are accepted with it
     requirements: str = str(REPO_ROOT / "requirements.txt")  # the pins
     inference_packages: list[str] = field(default_factory=lambda: list(INFERENCE_PACKAGES))
     skip_packages: list[str] = field(default_factory=lambda: list(KAGGLE_IMAGE_PACKAGES))
@@ -111,9 +115,28 @@ def canonical(name: str) -> str:
     return name.strip().lower().replace("_", "-").replace(".", "-")
 
 
+LEGACY_MANYLINUX = {"manylinux2014": 17, "manylinux2010": 12, "manylinux1": 5}  # their glibc minor (PEP 600)
+MANYLINUX = re.compile(r"^manylinux_2_(\d+)_(\w+)$")
+
+
+def compatible_platforms(platform: str) -> list[str]:
+    """The platform and every older manylinux tag a system of that glibc runs (pip 23 expands only the legacy
+    aliases itself); other platforms (macosx, win, linux) as given."""
+    legacy = platform.split("_", 1)
+    if legacy[0] in LEGACY_MANYLINUX and len(legacy) == 2:
+        platform = f"manylinux_2_{LEGACY_MANYLINUX[legacy[0]]}_{legacy[1]}"
+    match = MANYLINUX.match(platform)
+    if not match:
+        return [platform]
+    glibc, arch = int(match.group(1)), match.group(2)
+    tags = [f"manylinux_2_{minor}_{arch}" for minor in range(glibc, 4, -1)]
+    return tags + [f"{alias}_{arch}" for alias, minor in LEGACY_MANYLINUX.items() if minor <= glibc]
+
+
 def download_wheel(pin: str, wheel_dir: Path, config: BundleConfig) -> None:
+    platforms = [arg for tag in compatible_platforms(config.platform) for arg in ("--platform", tag)]
     command = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--no-deps", "--disable-pip-version-check",
-               "--python-version", config.python_version, "--platform", config.platform, "-d", str(wheel_dir), pin]
+               "--python-version", config.python_version, *platforms, "-d", str(wheel_dir), pin]
     if config.wheelhouse:
         command += ["--no-index", "--find-links", config.wheelhouse]
     result = subprocess.run(command, capture_output=True, text=True, check=False)

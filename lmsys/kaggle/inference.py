@@ -54,9 +54,10 @@ def gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def predict_command(test: Path, out: Path, args: list[str], n_gpus: int) -> list[str]:
-    manifest = json.loads((BUNDLE / "bundle.json").read_text())
-    predict = ["-m", "lmsys.predict", f"checkpoint={BUNDLE / 'checkpoint'}", f"data.test_path={test}",
+def predict_command(bundle: Path, test: Path, out: Path, args: list[str], n_gpus: int) -> list[str]:
+    """lmsys.predict with the bundle's predict_args then `args` (a key given twice: the later wins)."""
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    predict = ["-m", "lmsys.predict", f"checkpoint={bundle / 'checkpoint'}", f"data.test_path={test}",
                f"output={out}", *manifest["predict_args"], *args]
     if n_gpus > 1 and not any(arg.startswith("device_map=") for arg in predict):
         return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n_gpus), *predict]
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     test = known.test or find_test_file(KAGGLE_INPUT)
     if not known.skip_install:
         install(BUNDLE / "wheels")
-    command = predict_command(test, known.out, rest, gpu_count())
+    command = predict_command(BUNDLE, test, known.out, rest, gpu_count())
     print("running:", " ".join(command), flush=True)
     raise SystemExit(subprocess.run(command, check=False).returncode)
 
