@@ -2,7 +2,7 @@
 
     python -m lmsys.predict checkpoint=CKPT data.test_path=test.csv output=submission.csv [tta=true]
         [quantization=nf4|int8|none] [compute_dtype=float16|bfloat16|float32] [max_length=N]
-        [base_model_path=DIR] [device_map=auto|balanced [max_memory={0:14GiB,1:15GiB}]] [logits_output=FILE]
+        [base_model_path=DIR] [device_map=auto|balanced ['max_memory={0: 14GiB, 1: 15GiB}']] [logits_output=FILE]
     accelerate launch --num_processes 2 -m lmsys.predict ...      (data parallel: one model per GPU, rows dealt out)
 
 Every key is in lmsys/prediction_config.py (PredictConfig). `lmsys/code/predict.py` (Hydra) and this module both

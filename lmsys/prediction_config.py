@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -61,7 +62,7 @@ class InferenceSettings:
     max_length: int | None = None  # None: the checkpoint's (tokens per pair; see `python -m lmsys.kaggle estimate`)
     # Split one model over the visible GPUs (one process); None: the whole model on the process's device
     device_map: DeviceMap | None = None
-    max_memory: dict[str, str] | None = None  # with device_map: per device, e.g. {0: 14GiB, 1: 15GiB}
+    max_memory: dict[Any, str] | None = None  # with device_map: per device (GPU index or cpu), e.g. {0: 14GiB, 1: 15GiB}
 
     def __post_init__(self) -> None:
         _require(self.max_tokens >= 32, "max_tokens must be at least 32")

@@ -99,7 +99,7 @@ def test_device_map_plans_a_split_and_predicts_like_one_device(setup, monkeypatc
     for split in (False, True):
         settings = PredictConfig(checkpoint=str(setup["checkpoint"]), output="unused.csv", show_progress=False,
                                  quantization=Quantization.none, device_map=DeviceMap(mode) if split else None,
-                                 max_memory={str(k): v for k, v in memory.items()} if split else None)
+                                 max_memory=dict(memory) if split else None)
         spec = build_prediction_spec(settings.checkpoint, settings)
         preds = predict_checkpoint(settings.checkpoint, spec, pairs, settings, Accelerator(cpu=True))
         logits[split] = np.concatenate([preds.logits_ab, preds.logits_ba], axis=1)

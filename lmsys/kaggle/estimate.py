@@ -119,20 +119,20 @@ def model_attention_width(checkpoint: str, spec: ModelSpec) -> float | None:
     return attention_width(checkpoint if spec.merged else spec.base_model_path, spec.attn_implementation)
 
 
-def units_by_max_length(spec: ModelSpec, tokenizer, sample, width: float | None) -> tuple[dict[int, float], int | None]:
-    """Mean units per pair of the sample re-encoded at the checkpoint's max_length and at each candidate: multiples
-    of LENGTH_STEP within the model's positions, up to the first at which no sample pair is truncated (longer
-    changes nothing), which is returned too (None: pairs are still truncated at the model's limit)."""
-    tokens = build_encoder(spec, tokenizer).tokenize(sample)
+def units_at_length(spec: ModelSpec, tokenizer, tokens, width: float | None, length: int) -> tuple[float, int]:
+    """Mean units per pair of the (pre-tokenized) sample truncated at `length`, and its longest pair."""
+    encoder = build_encoder(dataclasses.replace(spec, max_length=length), tokenizer)
+    lengths = [len(encoder.encode(pair_tokens, swapped=False)) for pair_tokens in tokens]
+    return pair_units(lengths, width) / len(lengths), max(lengths)
 
-    def units_at(length: int) -> tuple[float, int]:
-        encoder = build_encoder(dataclasses.replace(spec, max_length=length), tokenizer)
-        lengths = [len(encoder.encode(pair_tokens, swapped=False)) for pair_tokens in tokens]
-        return pair_units(lengths, width) / len(sample), max(lengths)
 
-    units = {spec.max_length: units_at(spec.max_length)[0]}
+def units_by_max_length(spec: ModelSpec, tokenizer, tokens, width: float | None) -> tuple[dict[int, float], int | None]:
+    """Mean units per pair at each candidate max_length: multiples of LENGTH_STEP within the model's positions, up
+    to the first at which no sample pair is truncated (a longer one costs the same), which is returned too (None:
+    pairs are still truncated at the model's limit)."""
+    units = {}
     for length in range(LENGTH_STEP, max_positions(spec) + 1, LENGTH_STEP):
-        units[length], longest = units_at(length)
+        units[length], longest = units_at_length(spec, tokenizer, tokens, width, length)
         if longest < length:
             return units, length
     return units, None
@@ -153,8 +153,10 @@ def estimate(config: EstimateConfig) -> dict:
     sample = shuffled[: config.sample]
     warm = (shuffled[config.sample :] or sample)[: config.warmup]
     measurement, tokenizer = measure(config, spec, sample, warm, accelerator)
-    units_at, untruncated = units_by_max_length(spec, tokenizer, sample, model_attention_width(config.checkpoint, spec))
-    units = units_at[spec.max_length]
+    width = model_attention_width(config.checkpoint, spec)
+    tokens = build_encoder(spec, tokenizer).tokenize(sample)
+    units = units_at_length(spec, tokenizer, tokens, width, spec.max_length)[0]
+    units_at, untruncated = units_by_max_length(spec, tokenizer, tokens, width)
     hours = {tta: projected_hours(measurement, units, config.rows, config.processes, tta) for tta in (False, True)}
     largest = {tta: largest_fitting_length(measurement, units_at, config.rows, config.processes, config.limit_hours,
                                            tta) for tta in (False, True)}
@@ -180,7 +182,8 @@ def report_lines(result: dict) -> list[str]:
             f"from {result['sample']} timed pairs ({result['sample_pairs_per_second']} pairs/s, model load "
             f"{result['load_seconds']} s):",
             f"  without TTA: {fit(False)}", f"  with TTA:    {fit(True)}",
-            f"  (no sample pair is truncated from max_length {result['untruncated_max_length']} on)"
+            f"  (no sample pair is truncated from max_length {result['untruncated_max_length']} on: a larger one "
+            "costs the same)"
             if result["untruncated_max_length"] else "  (some sample pairs are truncated at every max_length)",
             json.dumps(result)]
 

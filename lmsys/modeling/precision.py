@@ -77,7 +77,7 @@ def plan_device_map(
     return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
 
 
-def parse_max_memory(max_memory: dict[str, str] | None) -> dict[int | str, str] | None:
+def parse_max_memory(max_memory: dict | None) -> dict[int | str, str] | None:
     """`max_memory={0: 14GiB, 1: 15GiB, cpu: 30GiB}` from the command line: GPU indices arrive as strings."""
     if max_memory is None:
         return None
