@@ -37,8 +37,5 @@ class PreferenceModel(nn.Module):
         ).last_hidden_state  # (R, T, H)
         # With the backbone split over devices (device_map) the last hidden state lives on the last one.
         pooled = hidden[pool_rows.to(hidden.device), pool_cols.to(hidden.device)]  # (N, H)
-        return self.head(pooled.to(self.head_device))  # (N, 3)
-
-    @property
-    def head_device(self) -> torch.device:
-        return next(self.head.parameters()).device
+        head_weight = next(self.head.parameters(), None)  # None: a parameter-free head (tests)
+        return self.head(pooled if head_weight is None else pooled.to(head_weight.device))  # (N, 3)
