@@ -38,6 +38,7 @@ from lmsys.modeling.heads import PreferenceHead
 from lmsys.modeling.losses import LossWeights
 from lmsys.modeling.model import PreferenceModel
 from lmsys.modeling.model_facts import read_model_facts
+from lmsys.modeling.precision import predict_quantization
 from lmsys.modeling.warm_start import load_warm_start
 from lmsys.prediction_config import InferenceConfig
 from lmsys.training.distributed import quant_storage_dtype
@@ -92,6 +93,8 @@ def build_prediction_spec(checkpoint: str, settings: InferenceConfig) -> ModelSp
     attention = settings.attn_implementation or spec.attn_implementation
     return dataclasses.replace(
         spec,
+        quantization=predict_quantization(checkpoint, spec, settings),
+        max_length=settings.max_length or spec.max_length,
         compute_dtype=settings.compute_dtype or spec.compute_dtype,
         attn_implementation=resolve_attention(spec.family, spec.model_type, attention, settings.packing),
     )
@@ -114,15 +117,17 @@ def build_encoder(spec: ModelSpec, tokenizer) -> PairEncoder:
 def build_model(
     spec: ModelSpec, model: ModelConfig | None, lora: LoraConfig | None, device: torch.device,
     adapter_dir: str | Path | None = None,
+    device_map: dict[str, int | str] | None = None,
 ) -> PreferenceModel:
     """Backbone (quantized) + LoRA + our head; from a checkpoint when `adapter_dir` is given (frozen, eval).
 
-    A merged checkpoint (spec.merged) is its own backbone: loaded from `adapter_dir`, without peft.
+    A merged checkpoint (spec.merged) is its own backbone: loaded from `adapter_dir`, without peft. `device_map`
+    splits the backbone over devices (prediction); the head then sits on `device`.
     """
     dtype = resolve_dtype(spec.compute_dtype, device, adapter_dir if spec.merged else spec.base_model_path)
     backbone = load_backbone(
         adapter_dir if spec.merged else spec.base_model_path, spec.quantization, spec.double_quant, dtype,
-        spec.attn_implementation.value, device, spec.trust_remote_code, quant_storage_dtype(dtype),
+        spec.attn_implementation.value, device, spec.trust_remote_code, quant_storage_dtype(dtype), device_map,
     )
     if adapter_dir is not None:
         peft_model = backbone.requires_grad_(False) if spec.merged else load_adapter(backbone, adapter_dir, trainable=False)

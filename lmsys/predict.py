@@ -1,12 +1,14 @@
 """Predict with a checkpoint: a Kaggle submission, with swap TTA by default.
 
-    python -m lmsys.predict checkpoint=RUN_DIR/checkpoint data.test_path=test.csv output=submission.csv \
-        [tta=false] [logits_output=logits.csv] [pseudo_label_output=pseudo.parquet] [dense_weights=true|false]
-    accelerate launch -m lmsys.predict ...        (several processes: each predicts a share of the pairs)
+    python -m lmsys.predict checkpoint=CKPT data.test_path=test.csv output=submission.csv [tta=true]
+        [quantization=nf4|int8|none] [compute_dtype=float16|bfloat16|float32] [max_length=N]
+        [base_model_path=DIR] [device_map=auto|balanced ['max_memory={0: 14GiB, 1: 15GiB}']] [logits_output=FILE]
+    accelerate launch --num_processes 2 -m lmsys.predict ...      (data parallel: one model per GPU, rows dealt out)
 
-As steps: validate inputs -> checkpoint -> encode -> predict (with swap TTA) -> atomic outputs. Everything that
-can be wrong with the inputs (the test file, the checkpoint) is found before a model is loaded.
-`lmsys.pseudo_label` reuses `predict_checkpoint` and the writers.
+Every key is in lmsys/prediction_config.py (PredictConfig). `lmsys/code/predict.py` calls `main`;
+`lmsys.pseudo_label` reuses `predict_checkpoint` and the writers. Everything that can be
+wrong with the inputs (the test file, the checkpoint, the base model) is found before a model is loaded, and the
+submission is written atomically, only when every pair has finite logits.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from lmsys.data.io import read_pairs
 from lmsys.data.schema import TARGET_COLUMNS, Pair
 from lmsys.evaluation.predict_loop import SplitPredictions, predict_split
 from lmsys.logs import setup_logging
-from lmsys.modeling.backbone import fold_into_dense
+from lmsys.modeling.backbone import fold_into_dense, resolve_dtype
 from lmsys.modeling.checkpoint import ModelSpec
+from lmsys.modeling.precision import check_finite_logits, parse_max_memory, plan_device_map
 from lmsys.prediction_config import InferenceConfig, PredictConfig
 from lmsys.runs import write_file
 
@@ -52,6 +55,8 @@ def run_prediction(config: PredictConfig) -> Path:
              spec.base_model_path, "merged" if spec.merged else f"adapter on {spec.quantization.value} base")
 
     predictions = predict_checkpoint(config.checkpoint, spec, pairs, config, accelerator)
+    check_finite_logits([predictions.logits_ab, predictions.logits_ba], [pair.id for pair in pairs],
+                        resolve_dtype(spec.compute_dtype, accelerator.device))
     probs = predictions.combined(config.tta_mode.value)
     write_table(submission_frame(pairs, probs), config.output, accelerator.is_main_process)
     if config.logits_output:
@@ -69,11 +74,38 @@ def predict_checkpoint(
     """Logits of every pair (both orientations with TTA) from one checkpoint, on every process."""
     tokenizer = build_tokenizer(checkpoint, spec.trust_remote_code)
     split = encode_split(pairs, build_encoder(spec, tokenizer))
-    model = build_model(spec, None, None, accelerator.device, adapter_dir=checkpoint)
-    if use_dense_weights(settings.dense_weights, accelerator.device):
-        log.info("folded the adapter into %d dense projections", fold_into_dense(model))
+    model = load_prediction_model(checkpoint, spec, settings, accelerator)
     batching = build_inference_batching(settings, spec, tokenizer.pad_token_id)
     return predict_split(model, split, settings.tta, batching, accelerator, settings.show_progress)
+
+
+def load_prediction_model(
+    checkpoint: str, spec: ModelSpec, settings: InferenceConfig, accelerator: Accelerator
+) -> torch.nn.Module:
+    """The frozen model as prediction runs it: quantized per the spec, placed (or split), dense weights folded."""
+    model = build_model(spec, None, None, accelerator.device, adapter_dir=checkpoint,
+                        device_map=prediction_device_map(checkpoint, spec, settings, accelerator))
+    if use_dense_weights(settings.dense_weights, accelerator.device):
+        log.info("folded the adapter into %d dense projections", fold_into_dense(model))
+    return model
+
+
+def prediction_device_map(
+    checkpoint: str, spec: ModelSpec, settings: InferenceConfig, accelerator: Accelerator
+) -> dict[str, int | str] | None:
+    """With `device_map`, the one model split over the visible GPUs (one process only: data parallel is the other
+    way of using two GPUs)."""
+    if settings.device_map is None:
+        return None
+    if accelerator.num_processes > 1:
+        raise ValueError("device_map splits one model over the GPUs of one process; run without accelerate launch "
+                         f"(got {accelerator.num_processes} processes)")
+    model_dir = checkpoint if spec.merged else spec.base_model_path
+    dtype = resolve_dtype(spec.compute_dtype, accelerator.device, model_dir)
+    device_map = plan_device_map(model_dir, settings.device_map.value, parse_max_memory(settings.max_memory), dtype,
+                                 spec.trust_remote_code)
+    log.info("backbone split over devices %s", sorted(set(map(str, device_map.values()))))
+    return device_map
 
 
 def use_dense_weights(requested: bool | None, device: torch.device) -> bool:

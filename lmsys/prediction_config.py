@@ -8,13 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from omegaconf import MISSING
 
-from lmsys.config import Attention, ComputeDtype, TtaMode, require
+from lmsys.config import Attention, ComputeDtype, Quantization, TtaMode, require
 from lmsys.output_paths import check_output_paths
 
 TABLE_SUFFIXES = (".csv", ".parquet")
+
+
+class DeviceMap(str, Enum):
+    """One model split over the visible GPUs (accelerate's placement), for a model that does not fit one GPU."""
+
+    auto = "auto"  # fill the first GPU, then the next
+    balanced = "balanced"  # the same share of layers on every GPU
 
 
 class MergeDtype(str, Enum):
@@ -45,12 +53,21 @@ class InferenceConfig:
     # (fp32) bytes per parameter instead of ~0.5; None: on when predicting on CPU, off on GPU (where memory binds)
     dense_weights: bool | None = None
     show_progress: bool = True
-    # the base model's directory when it is no longer where the checkpoint's spec says (e.g. on Kaggle); it must
-    # hold the same model type. None: the spec's base_model_path
+    # The base model directory of an adapter checkpoint; None: the spec's (a relative one is read from the checkpoint
+    # directory, as in a Kaggle bundle). Kaggle has no hub: the base travels in the bundle.
     base_model_path: str | None = None
+    # None: the checkpoint's. From an adapter checkpoint the base is (re-)quantized on load and the adapter applied;
+    # a merged export is quantized on load; a pre-quantized export only loads with its own quantization.
+    quantization: Quantization | None = None
+    max_length: int | None = None  # None: the checkpoint's (tokens per pair; see `python -m lmsys.kaggle estimate`)
+    # Split one model over the visible GPUs (one process); None: the whole model on the process's device
+    device_map: DeviceMap | None = None
+    max_memory: dict[Any, str] | None = None  # with device_map: per device (GPU index or cpu), e.g. {0: 14GiB, 1: 15GiB}
 
     def __post_init__(self) -> None:
         require(self.max_tokens >= 32, "max_tokens must be at least 32")
+        require(self.max_length is None or self.max_length >= 32, "max_length must be at least 32")
+        require(self.max_memory is None or self.device_map is not None, "max_memory needs device_map=auto|balanced")
         require(self.row_tokens is None or self.row_tokens >= 1, "row_tokens must be >= 1")
         require(self.batch_size >= 1, "batch_size must be >= 1")
 
@@ -95,9 +112,14 @@ class ExportConfig:
     checkpoint: str = MISSING  # an adapter checkpoint
     output_dir: str = MISSING  # the merged checkpoint to create
     dtype: MergeDtype = MergeDtype.bfloat16  # of the unquantized base the adapter is merged into, and of the result
+    # none: save the merged weights in `dtype`; nf4|int8: save them quantized by bitsandbytes (~0.5 / 1 byte per
+    # parameter), loaded as they are at predict time
+    quantization: Quantization = Quantization.none
     overwrite: bool = False  # replace output_dir when it holds a checkpoint (never another kind of directory)
     base_model_path: str | None = None  # as for predict: where the base model is now, if it moved
 
     def __post_init__(self) -> None:
+        require(self.quantization != Quantization.fp4,
+                f"quantization={self.quantization.value}: export saves none, nf4 or int8")
         check_output_paths({"checkpoint": self.checkpoint, "base_model_path": self.base_model_path},
                            {"output_dir": self.output_dir}, directory_outputs=frozenset({"output_dir"}))

@@ -98,7 +98,7 @@ def test_predict_cli_on_merged_checkpoint(setup, tmp_path):
     assert len(sub) == 16 and np.allclose(sub.iloc[:, 1:].sum(1), 1, atol=1e-6)
 
 
-def test_export_refusals(setup, tmp_path):
+def test_export_refusals(setup, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="already a merged checkpoint"):
         export_main([f"checkpoint={setup['float32']}", f"output_dir={tmp_path / 'again'}"])
     with pytest.raises(RunDirError, match="overwrite=true"):

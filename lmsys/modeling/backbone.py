@@ -49,19 +49,29 @@ def load_backbone(
     device: torch.device,
     trust_remote_code: bool,
     quant_storage: torch.dtype | None = None,
+    device_map: dict[str, int | str] | None = None,
 ) -> PreTrainedModel:
-    """The transformer without its LM head (AutoModel), weights from safetensors only."""
+    """The transformer without its LM head (AutoModel), weights from safetensors only; on `device`, or split over
+    devices by `device_map` (module name -> device, see lmsys.modeling.precision.plan_device_map)."""
     model = AutoModel.from_pretrained(
         str(path),
         quantization_config=quantization_config(quantization, double_quant, dtype, quant_storage),
         dtype=dtype,
         attn_implementation=attn_implementation,
-        device_map={"": device},
+        device_map=device_map or {"": device},
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
     )
     keep_cpu_4bit_layout(model)
+    set_4bit_compute_dtype(model, dtype)
     return model
+
+
+def set_4bit_compute_dtype(model: PreTrainedModel, dtype: torch.dtype) -> None:
+    """A pre-quantized export stores the compute dtype it was saved with; prediction's `compute_dtype` wins."""
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.compute_dtype = dtype
 
 
 def keep_cpu_4bit_layout(model: PreTrainedModel) -> None:

@@ -177,6 +177,8 @@ def with_base_model(spec: ModelSpec, checkpoint: str | Path, base_model_path: st
     (checked here, before anything loads) and be the model type the adapter was trained on."""
     if base_model_path is not None:
         spec = dataclasses.replace(spec, base_model_path=str(Path(base_model_path).resolve()))
+    elif not Path(spec.base_model_path).is_absolute():  # a Kaggle bundle's `../base_model`, wherever it is mounted
+        spec = dataclasses.replace(spec, base_model_path=str((Path(checkpoint) / spec.base_model_path).resolve()))
     if spec.merged:
         return spec  # the backbone is in the checkpoint itself; base_model_path is provenance only
     given = "base_model_path=" if base_model_path is not None else f"the base model named in {SPEC_FILE}"

@@ -32,5 +32,7 @@ class PreferenceModel(nn.Module):
         hidden = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (R, T, H)
-        pooled = hidden[pool_rows, pool_cols]  # (N, H)
-        return self.head(pooled)  # (N, 3)
+        # With the backbone split over devices (device_map) the last hidden state lives on the last one.
+        pooled = hidden[pool_rows.to(hidden.device), pool_cols.to(hidden.device)]  # (N, H)
+        head_weight = next(self.head.parameters(), None)  # None: a parameter-free head (tests)
+        return self.head(pooled if head_weight is None else pooled.to(head_weight.device))  # (N, 3)

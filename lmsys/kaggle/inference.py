@@ -1,0 +1,82 @@
+"""Kaggle inference from an lmsys bundle: install the bundled wheels without the network, predict, write the
+submission. Copied into every bundle by `python -m lmsys.kaggle bundle`; it imports nothing of lmsys before
+installing it, and runs with the interpreter that starts it.
+
+    python inference.py [--test PATH] [--out PATH] [--skip-install] [key=value ...]
+
+--test defaults to the only */test.csv under /kaggle/input (the competition's), --out to
+/kaggle/working/submission.csv; key=value arguments go to `python -m lmsys.predict` after those the bundle was
+built with (bundle.json: predict_args). With two or more GPUs and no device_map, one process runs per GPU
+(`accelerate launch`), each predicting its share of the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BUNDLE = Path(__file__).resolve().parent
+KAGGLE_INPUT = Path("/kaggle/input")
+KAGGLE_WORKING = Path("/kaggle/working")
+
+
+def install(wheel_dir: Path) -> None:
+    """The dependency wheels (their own dependencies resolved against the image and the bundle, never an index),
+    then lmsys itself without dependencies: its requirement list also names training-only tools."""
+    wheels = sorted(wheel_dir.glob("*.whl"))
+    own = [w for w in wheels if w.name.startswith("lmsys-")]
+    pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheel_dir),
+           "--disable-pip-version-check", "--quiet"]
+    if len(own) != 1:
+        raise SystemExit(f"error: {wheel_dir}: expected one lmsys wheel, found {[w.name for w in own]}")
+    others = [w for w in wheels if w not in own]
+    if others:
+        subprocess.run([*pip, *map(str, others)], check=True)
+    subprocess.run([*pip, "--no-deps", "--force-reinstall", str(own[0])], check=True)
+
+
+def find_test_file(input_dir: Path) -> Path:
+    found = sorted(input_dir.glob("*/test.csv")) + sorted(input_dir.glob("competitions/*/test.csv"))
+    if len(found) != 1:
+        raise SystemExit(f"error: expected exactly one */test.csv under {input_dir}, found {[str(p) for p in found]}; "
+                         "add the competition to the notebook or pass --test PATH")
+    return found[0]
+
+
+def gpu_count() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count()
+
+
+def predict_command(bundle: Path, test: Path, out: Path, args: list[str], n_gpus: int) -> list[str]:
+    """lmsys.predict with the bundle's predict_args then `args` (a key given twice: the later wins)."""
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    predict = ["-m", "lmsys.predict", f"checkpoint={bundle / 'checkpoint'}", f"data.test_path={test}",
+               f"output={out}", *manifest["predict_args"], *args]
+    if n_gpus > 1 and not any(arg.startswith("device_map=") for arg in predict):
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n_gpus), *predict]
+    return [sys.executable, *predict]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--test", type=Path, default=None, help="test.csv (default: the only one under /kaggle/input)")
+    parser.add_argument("--out", type=Path, default=KAGGLE_WORKING / "submission.csv")
+    parser.add_argument("--skip-install", action="store_true", help="the bundle's wheels are installed already")
+    known, rest = parser.parse_known_args(argv)
+    test = known.test or find_test_file(KAGGLE_INPUT)
+    if not known.skip_install:
+        install(BUNDLE / "wheels")
+    command = predict_command(BUNDLE, test, known.out, rest, gpu_count())
+    print("running:", " ".join(command), flush=True)
+    raise SystemExit(subprocess.run(command, check=False).returncode)
+
+
+if __name__ == "__main__":
+    main()
