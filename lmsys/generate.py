@@ -149,7 +149,7 @@ class HfEngine:
     def __init__(self, path: str, tokenizer, config: GenerateConfig) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(config.compute_dtype, self.device), device_map={"": self.device},
+            path, dtype=resolve_dtype(config.compute_dtype, self.device, path), device_map={"": self.device},
             trust_remote_code=config.trust_remote_code, use_safetensors=True,
         ).eval()
         self.tokenizer, self.config = tokenizer, config

@@ -56,7 +56,8 @@ def run_prediction(config: PredictConfig) -> Path:
 
     predictions = predict_checkpoint(config.checkpoint, spec, pairs, config, accelerator)
     check_finite_logits([predictions.logits_ab, predictions.logits_ba], [pair.id for pair in pairs],
-                        resolve_dtype(spec.compute_dtype, accelerator.device))
+                        resolve_dtype(spec.compute_dtype, accelerator.device,
+                                      config.checkpoint if spec.merged else spec.base_model_path))
     probs = predictions.combined(config.tta_mode.value)
     write_table(submission_frame(pairs, probs), config.output, accelerator.is_main_process)
     if config.logits_output:

@@ -214,7 +214,7 @@ def peft_config(lora: LoraConfig) -> PeftLoraConfig:
 def train_adapter(config: WarmupConfig, selection: Selection, work_dir: Path) -> list[dict]:
     """Train the LoRA adapter with TRL and save it to work_dir/adapter; returns TRL's log history."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(config.compute_dtype, device)
+    dtype = resolve_dtype(config.compute_dtype, device, config.model_path)
     trainer_class = SFTTrainer if config.stage == Stage.sft else DPOTrainer
     trainer = trainer_class(
         model=config.model_path, args=trainer_args(config, str(work_dir / "trainer"), dtype),

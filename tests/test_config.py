@@ -46,6 +46,9 @@ def test_the_defaults_of_the_embedded_configs():
     assert gemma.model.family == Family.gemma and gemma.model.template.value == "auto"
     m110 = validated_config(compose_config("conf_r_gemma_m110"))
     assert m110.seed == 91 and m110.optimizer.lora_b_lr_multiplier == 10.0 and m110.data.valid_fold == 0
+    for seed_config in ("conf_r_gemma_m110", "conf_r_gemma_m205", "conf_r_llama_m205"):  # what their headers say
+        config = validated_config(compose_config(seed_config))
+        assert config.trainer.swap_augmentation.value == "full" and config.trainer.eval_tta, seed_config
 
 
 def test_run_dir_is_deterministic():
