@@ -9,7 +9,8 @@
 # DATA.csv: labelled pairs in the Kaggle train.csv schema. HOLDOUT of them (default 0.2, prompt-grouped by the
 # prepare step's seed) are kept out of training and scored at the end. Knobs (environment): FOLDS (2), STEPS (updates
 # per run, 20), MAXLEN (256), HOLDOUT (0.2), SEED (0), TEACHER_OVERRIDES / STUDENT_OVERRIDES (extra Hydra
-# overrides of the teacher / student runs, e.g. "model.path=DIR" for other models). Each step's outputs stay in WORK_DIR
+# overrides of the teacher / student runs, e.g. "model.path=DIR" for other models), KINDS ("distilled labels_only":
+# which students to train).  Each step's outputs stay in WORK_DIR
 # (default outputs/distill_pipeline), so a step that fails can be rerun after removing its directory.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -54,7 +55,7 @@ run "$PY" -m lmsys.teachers train="$WORK/prepared/train.parquet" "logits=[$WORK/
   output="$WORK/train_with_teacher.parquet"
 
 # 4. students, distilled and (for comparison) on the labels alone; 5. a soup of each kind
-for kind in distilled labels_only; do
+for kind in ${KINDS:-distilled labels_only}; do
   extra=(); [[ $kind == labels_only ]] && extra=(loss.ce_weight=1 loss.kl_weight=0 loss.cosine_weight=0)
   checkpoints=()
   for ((k = 0; k < FOLDS; k++)); do
@@ -70,7 +71,7 @@ for kind in distilled labels_only; do
 done
 
 # 7. scores on the held-out pairs
-"$PY" - "$WORK" <<'PY'
+"$PY" - "$WORK" "${KINDS:-distilled labels_only}" <<'PY'
 import sys
 import numpy as np
 import pandas as pd
@@ -83,7 +84,7 @@ train = np.array([p.target for p in read_pairs(f"{work}/train.csv", require_labe
 prior = np.tile([(train[0] + train[1]) / 2, (train[0] + train[1]) / 2, train[2]], (len(targets), 1))
 print(f"held-out pairs: {len(targets)}")
 print(f"{'swap-symmetric class prior':<28} log loss {log_loss(prior, targets):.4f}")
-for kind in ("distilled", "labels_only"):
+for kind in sys.argv[2].split():
     sub = pd.read_csv(f"{work}/submission_{kind}.csv", dtype={"id": str}).set_index("id").loc[[p.id for p in pairs]]
     probs = sub[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy()
     print(f"{'student soup, ' + kind:<28} log loss {log_loss(probs, targets):.4f}  accuracy {accuracy(probs, targets):.3f}")
