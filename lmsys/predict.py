@@ -30,6 +30,7 @@ from lmsys.modeling.backbone import fold_into_dense
 from lmsys.modeling.checkpoint import ModelSpec
 from lmsys.prediction_config import InferenceConfig, PredictConfig
 from lmsys.runs import write_file
+from lmsys.training.signals import GracefulStop, StopRequested
 
 log = logging.getLogger("lmsys")
 LOGIT_COLUMNS = ("logit_a", "logit_b", "logit_tie")
@@ -54,7 +55,12 @@ def run_prediction(config: PredictConfig) -> Path:
     log.info("%d pairs from %s; checkpoint %s (%s, %s)", len(pairs), config.data.test_path, config.checkpoint,
              spec.base_model_path, "merged" if spec.merged else f"adapter on {spec.quantization.value} base")
 
-    predictions = predict_checkpoint(config.checkpoint, spec, pairs, config, accelerator)
+    with GracefulStop() as stop:
+        try:
+            predictions = predict_checkpoint(config.checkpoint, spec, pairs, config, accelerator)
+        except StopRequested:
+            log.error("stopped by signal %s before the prediction finished: nothing written", stop.received)
+            raise SystemExit(128 + (stop.received or 15)) from None  # the shell's code for death by that signal
     probs = predictions.combined(config.tta_mode.value)
     write_table(submission_frame(pairs, probs), config.output, accelerator.is_main_process)
     if config.logits_output:
