@@ -107,10 +107,10 @@ def test_reliability_diagram_draws_the_bins(tmp_path) -> None:
     assert bins["confidence"][13] == pytest.approx(0.9) and bins["accuracy"][13] == pytest.approx(0.4)
     assert expected_calibration_error(probs, targets) == pytest.approx(0.5)
     pixels = {}
-    for accuracy in (0.2, 0.4, 0.8):
-        path = save_reliability_diagram(*one_bin_input(accuracy), tmp_path / "plots" / f"rel{accuracy}.png")
+    for fraction in (0.2, 0.4, 0.8):
+        path = save_reliability_diagram(*one_bin_input(fraction), tmp_path / "plots" / f"rel{fraction}.png")
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        pixels[accuracy] = accuracy_bar_pixels(path)
+        pixels[fraction] = accuracy_bar_pixels(path)
     small, large = pixels[0.4] - pixels[0.2], pixels[0.8] - pixels[0.4]
     assert small > 100  # the bar is drawn and its height follows the accuracy
     assert large / small == pytest.approx(2.0, rel=0.1)
