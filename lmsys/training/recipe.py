@@ -170,6 +170,9 @@ class TrainingRecipe:
         self.model.train()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         with GracefulStop() as stop:
+            if state.eval_pending and self._pending_evaluation():
+                bar.close()
+                return state
             for update in iterate_updates(self.train_split, settings, rank, world, state.step):
                 stats = self.update(update)
                 state.step += 1
@@ -188,6 +191,7 @@ class TrainingRecipe:
             try:
                 state.stopped_early = self._evaluate_and_track()
             except StopRequested:  # the evaluation is abandoned; the update it was of is kept
+                state.eval_pending = True
                 return self._stop_here("during the evaluation at update")
             self.model.train()
             if state.stopped_early:
@@ -198,6 +202,16 @@ class TrainingRecipe:
         if stop.requested(self.accelerator):
             return self._stop_here("at update")
         return False
+
+    def _pending_evaluation(self) -> bool:
+        """The evaluation a stop abandoned, run first on resume; True when the run must end here."""
+        try:
+            self.state.stopped_early = self._evaluate_and_track()
+        except StopRequested:
+            return self._stop_here("during the evaluation at update")
+        self.state.eval_pending = False
+        self.model.train()
+        return self.state.stopped_early
 
     def _stop_here(self, where: str) -> bool:
         """Save the state of the last finished update and mark the run interrupted (it exits 0, resumable)."""
