@@ -33,6 +33,7 @@ from lmsys.modeling.checkpoint import ModelSpec
 from lmsys.modeling.precision import check_finite_logits, parse_max_memory, plan_device_map
 from lmsys.prediction_config import InferenceConfig, PredictConfig
 from lmsys.runs import write_file
+from lmsys.training.signals import GracefulStop, StopRequested
 
 log = logging.getLogger("lmsys")
 
@@ -54,7 +55,12 @@ def run_prediction(config: PredictConfig) -> Path:
     log.info("%d pairs from %s; checkpoint %s (%s, %s)", len(pairs), config.data.test_path, config.checkpoint,
              spec.base_model_path, "merged" if spec.merged else f"adapter on {spec.quantization.value} base")
 
-    predictions = predict_checkpoint(config.checkpoint, spec, pairs, config, accelerator)
+    with GracefulStop() as stop:
+        try:
+            predictions = predict_checkpoint(config.checkpoint, spec, pairs, config, accelerator)
+        except StopRequested:
+            log.error("stopped by signal %s before the prediction finished: nothing written", stop.received)
+            raise SystemExit(128 + (stop.received or 15)) from None  # the shell's code for death by that signal
     check_finite_logits([predictions.logits_ab, predictions.logits_ba], [pair.id for pair in pairs],
                         resolve_dtype(spec.compute_dtype, accelerator.device,
                                       config.checkpoint if spec.merged else spec.base_model_path))

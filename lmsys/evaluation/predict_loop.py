@@ -16,6 +16,7 @@ from lmsys.data.dataset import EncodedSplit
 from lmsys.data.schema import swap_abt
 from lmsys.evaluation.metrics import tta_combine
 from lmsys.training.distributed import lockstep_count
+from lmsys.training.signals import raise_if_stop_requested, stop_check_steps
 
 
 LOGIT_COLUMNS = ("logit_a", "logit_b", "logit_tie")
@@ -85,14 +86,18 @@ def predict_examples(
     model: torch.nn.Module, examples: list[Example], batching: Batching, accelerator, show_progress: bool
 ) -> np.ndarray:
     """(N, C) logits of one example per pair, in pair order, whatever the number of processes: each process runs
-    every num_processes-th example of the length-sorted list, and the results are gathered."""
+    every num_processes-th example of the length-sorted list, and the results are gathered. Inside a GracefulStop
+    a signal raises StopRequested at the next checked micro-batch (see stop_check_steps), on every process."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))  # longest first: OOM shows at once
     mine = [examples[i] for i in order[accelerator.process_index :: accelerator.num_processes]]
     results = []
     bar = tqdm(total=len(mine), desc="predict", disable=not (show_progress and accelerator.is_main_process), leave=False)
     groups = prediction_batches(mine, batching)
+    checks = stop_check_steps(len(groups), accelerator)
     # FSDP: every rank runs as many forwards as the busiest one (each is a collective); the repeats are discarded
     for k in range(lockstep_count(model, len(groups), accelerator.device)):
+        if k in checks:
+            raise_if_stop_requested(accelerator)
         group = groups[k] if k < len(groups) else (groups or [examples[:1]])[-1]
         logits = model(**collate(group, batching).model_inputs(accelerator.device)).float().cpu().numpy()
         if k < len(groups):
