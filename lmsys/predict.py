@@ -1,7 +1,7 @@
 """Predict with a checkpoint: a Kaggle submission, with swap TTA by default.
 
     python -m lmsys.predict checkpoint=RUN_DIR/checkpoint data.test_path=test.csv output=submission.csv \
-        [tta=false] [logits_output=logits.csv] [pseudo_label_output=pseudo.parquet] [dense_weights=true|false]
+        [tta=false] [formats=[pab,papb]] [logits_output=logits.csv] [pseudo_label_output=pseudo.parquet] [dense_weights=true|false]
     accelerate launch -m lmsys.predict ...        (several processes: each predicts a share of the pairs)
 
 As steps: validate inputs -> checkpoint -> encode -> predict (with swap TTA) -> atomic outputs. Everything that
@@ -19,8 +19,9 @@ import pandas as pd
 import torch
 from accelerate import Accelerator
 
-from lmsys.builders import build_encoder, build_inference_batching, build_model, build_prediction_spec, build_tokenizer
+from lmsys.builders import build_encoders, build_inference_batching, build_model, build_prediction_spec, build_tokenizer
 from lmsys.cli import run_command
+from lmsys.config import InputFormat
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import read_pairs
 from lmsys.data.schema import TARGET_COLUMNS, Pair, swap_abt
@@ -58,7 +59,8 @@ def run_prediction(config: PredictConfig) -> Path:
     probs = predictions.combined(config.tta_mode.value)
     write_table(submission_frame(pairs, probs), config.output, accelerator.is_main_process)
     if config.logits_output:
-        write_table(logits_frame(pairs, predictions), config.logits_output, accelerator.is_main_process)
+        write_table(logits_frame(pairs, predictions, spec.input_formats), config.logits_output,
+                    accelerator.is_main_process)
     if config.pseudo_label_output:
         write_table(pseudo_label_frame(pairs, probs), config.pseudo_label_output, accelerator.is_main_process)
     accelerator.wait_for_everyone()
@@ -71,7 +73,7 @@ def predict_checkpoint(
 ) -> SplitPredictions:
     """Logits of every pair (both orientations with TTA) from one checkpoint, on every process."""
     tokenizer = build_tokenizer(checkpoint, spec.trust_remote_code)
-    split = encode_split(pairs, build_encoder(spec, tokenizer))
+    split = encode_split(pairs, build_encoders(spec, tokenizer))
     model = build_model(spec, None, None, accelerator.device, adapter_dir=checkpoint)
     if use_dense_weights(settings.dense_weights, accelerator.device):
         log.info("folded the adapter into %d dense projections", fold_into_dense(model))
@@ -105,12 +107,17 @@ def submission_frame(pairs: list[Pair], probs: np.ndarray) -> pd.DataFrame:
     return frame
 
 
-def logits_frame(pairs: list[Pair], predictions: SplitPredictions) -> pd.DataFrame:
+def logits_frame(pairs: list[Pair], predictions: SplitPredictions, formats: tuple[InputFormat, ...]) -> pd.DataFrame:
+    """id, the first format's logits (logit_a ... swapped_logit_tie, as teacher files read them) and, with several
+    formats, every format's under the same names suffixed _<format> (logit_a_papb, swapped_logit_a_papb, ...)."""
     width = predictions.logits_ab.shape[1]
-    frame = pd.DataFrame(predictions.logits_ab, columns=list(LOGIT_COLUMNS[:width]))
-    if predictions.logits_ba is not None:
-        frame[list(SWAPPED_LOGIT_COLUMNS[:width])] = swap_abt(predictions.logits_ba)
-    frame.insert(0, "id", [pair.id for pair in pairs])
+    frame = pd.DataFrame({"id": [pair.id for pair in pairs]})
+    suffixes = [""] + ([f"_{fmt.value}" for fmt in formats] if len(formats) > 1 else [])
+    indices = [0] + (list(range(len(formats))) if len(formats) > 1 else [])
+    for suffix, k in zip(suffixes, indices, strict=True):
+        frame[[c + suffix for c in LOGIT_COLUMNS[:width]]] = predictions.format_logits_ab[k]
+        if predictions.format_logits_ba is not None:
+            frame[[c + suffix for c in SWAPPED_LOGIT_COLUMNS[:width]]] = swap_abt(predictions.format_logits_ba[k])
     return frame
 
 
