@@ -145,8 +145,6 @@ def save_llama_1b(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-BUILDERS = {"llama": (_llama, False), "gemma2": (_gemma2, True), "gemma3": (_gemma3, True)}
-
 
 def save_tiny_model(kind: str, directory: Path, seed: int = 0) -> Path:
     """Write a tiny random model of architecture `kind` and its tokenizer to `directory`."""
