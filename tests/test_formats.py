@@ -17,9 +17,25 @@ from accelerate import Accelerator
 from tiny import arena_frame
 
 from lmsys import builders
-from lmsys.builders import build_encoders, build_model, build_prediction_spec, build_spec, build_tokenizer
+from lmsys.builders import (
+    build_encoders,
+    build_model,
+    build_prediction_spec,
+    build_spec,
+    build_tokenizer,
+    build_train_batching,
+)
 from lmsys.cli import parse_config
-from lmsys.config import DataConfig, Family, InputFormat, LoraConfig, ModelConfig
+from lmsys.config import (
+    DataConfig,
+    Family,
+    InputFormat,
+    LoraConfig,
+    ModelConfig,
+    SwapMode,
+    TrainConfig,
+    TrainerConfig,
+)
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import pairs_from_frame, read_pairs
 from lmsys.data.schema import swap_abt
@@ -145,8 +161,19 @@ def test_bad_formats_fail_before_a_model_loads(argument, tmp_path):
     assert result.returncode == 2 and "formats" in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("formats,swap,examples_per_micro_batch", [([InputFormat.pab], "none", 3),
+                                                                ([InputFormat.pab], "full", 6), (BOTH, "none", 6),
+                                                                (BOTH, "full", 12)])
+def test_padded_micro_batches_hold_batch_size_pairs_in_every_format(tiny_models, formats, swap, examples_per_micro_batch):
+    model_cfg, spec = spec_of(tiny_models["llama"], formats)
+    config = TrainConfig(model=model_cfg, data=DataConfig(train_path="unused", formats=formats),
+                         trainer=TrainerConfig(packing=False, batch_size=3, swap_augmentation=SwapMode(swap)))
+    assert build_train_batching(config, spec, pad_id=0).batch_size == examples_per_micro_batch
+
+
 def test_entry_point_trains_both_formats_with_full_swap(tiny_models, arena_files, tmp_path):
-    """4 examples per pair in each update: 2 updates of 2 pairs hold 8 examples each (the train log says so)."""
+    """The whole path from the command line: both formats and full swap train, validate with TTA and checkpoint
+    their formats (the plan's 4 examples per pair in one update are tested in tests/training/test_swap.py)."""
     run_dir = tmp_path / "run"
     command = [
         sys.executable, str(ROOT / "lmsys" / "code" / "train_r_llama.py"), "--config-name", "conf_r_llama_smol",
