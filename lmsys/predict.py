@@ -1,7 +1,8 @@
 """Predict with a checkpoint: a Kaggle submission, with swap TTA by default.
 
     python -m lmsys.predict checkpoint=RUN_DIR/checkpoint data.test_path=test.csv output=submission.csv \
-        [tta=false] [formats=[pab,papb]] [logits_output=logits.csv] [pseudo_label_output=pseudo.parquet] [dense_weights=true|false]
+        [tta=false] [formats=[pab,papb]] [logits_output=logits.csv] [pseudo_label_output=pseudo.parquet] \
+        [dense_weights=true|false]
     accelerate launch -m lmsys.predict ...        (several processes: each predicts a share of the pairs)
 
 As steps: validate inputs -> checkpoint -> encode -> predict (with swap TTA) -> atomic outputs. Everything that
