@@ -92,7 +92,9 @@ class DataConfig:
     split_seed: int = 0
     max_train_pairs: int | None = None
     max_valid_pairs: int | None = None
-    format: InputFormat = InputFormat.pab
+    # every pair is trained in each listed format within the same optimizer update (format augmentation), and
+    # validation averages the formats' probabilities
+    formats: list[InputFormat] = field(default_factory=lambda: [InputFormat.pab])
     prompt_share: float = 0.2  # of the text budget; the responses share the rest equally
     keep_first_turns: int = 1  # over-long conversations keep the first k and last k turns
     keep_last_turns: int = 1
@@ -108,6 +110,8 @@ class DataConfig:
         for key in ("max_train_pairs", "max_valid_pairs"):
             value = getattr(self, key)
             require(value is None or value >= 1, f"data.{key} must be >= 1 or unset (null), got {value}")
+        require(len(self.formats) > 0, "data.formats must list at least one format (pab, papb)")
+        require(len(set(self.formats)) == len(self.formats), f"data.formats lists a format twice: {list(self.formats)}")
         require(self.valid_fold is None or self.valid_fold >= 0, "data.valid_fold must be >= 0")
         # otherwise every job of a fold sweep would validate on the same file and train on all of data.train_path
         require(self.valid_fold is None or not self.valid_path,
@@ -247,7 +251,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         require(
-            self.model.max_length >= 64 or self.data.format == InputFormat.pab,
+            self.model.max_length >= 64 or InputFormat.papb not in self.data.formats,
             "model.max_length must be at least 64 for the papb format",
         )
         require(

@@ -110,7 +110,7 @@ def test_a_typo_override_fails(override):
     "model.quantization=nf5",  # not an enum value
     "model.family=gpt",
     "trainer.packing=maybe",
-    "data.format=pabp",
+    "data.formats=[pabp]",
     "model=smollm2",  # a group option that does not exist
 ])
 def test_a_wrong_value_fails(override):

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from tiny import arena_frame, batching, build_preference_model
 
-from lmsys.builders import build_encoder
+from lmsys.builders import build_encoders
 from lmsys.config import TtaMode
 from lmsys.data.batching import collate
 from lmsys.data.dataset import encode_split
@@ -32,7 +32,7 @@ def test_evaluation_with_tta_is_exactly_mirror_symmetric(tiny_models, tmp_path, 
     frame = arena_frame(20, seed=8)
     frame.to_csv(tmp_path / "valid.csv", index=False)
     swapped_copy(frame).to_csv(tmp_path / "swapped.csv", index=False)
-    encoder = build_encoder(spec, tokenizer)
+    encoder = build_encoders(spec, tokenizer)
     # a small token budget: several micro-batches, so the two passes group their examples alike or not at all
     settings = batching(True, tokenizer.pad_token_id, spec.padding_side, 128, max_tokens=256)
     probs, log_losses = {}, {}
@@ -56,7 +56,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_models, tmp_path):
                                                         gradient_checkpointing=checkpointing)
         model.train()
         assert model.backbone.is_gradient_checkpointing == checkpointing
-        split = encode_split(pairs, build_encoder(spec, tokenizer))
+        split = encode_split(pairs, build_encoders(spec, tokenizer))
         batch = collate(split.forward, batching(True, tokenizer.pad_token_id, spec.padding_side, 128))
         loss = soft_cross_entropy(model(**batch.model_inputs(torch.device("cpu"))), batch.targets)
         loss.backward()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny import arena_frame, batching, model_settings
 
-from lmsys.builders import build_encoder, build_model, build_tokenizer
+from lmsys.builders import build_encoders, build_model, build_tokenizer
 from lmsys.config import LoraConfig
 from lmsys.data.batching import collate
 from lmsys.data.dataset import encode_split
@@ -29,7 +29,7 @@ CASES = {  # (quantization, use_dora) -> the reason fold_into_dense gives for le
 
 def inputs(tmp_path, spec, tokenizer):
     arena_frame(6, seed=12).to_csv(tmp_path / "pairs.csv", index=False)
-    split = encode_split(read_pairs(tmp_path / "pairs.csv", require_labels=True), build_encoder(spec, tokenizer))
+    split = encode_split(read_pairs(tmp_path / "pairs.csv", require_labels=True), build_encoders(spec, tokenizer))
     return collate(split.forward, batching(True, tokenizer.pad_token_id, spec.padding_side, 128))
 
 

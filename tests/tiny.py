@@ -221,6 +221,6 @@ def spec_stub():
         base_model_path="unused", facts=ModelFacts("llama", 576, 9, 64, 3, 1536), family=Family.llama,
         template=Template.llama3, max_length=128, quantization=Quantization.nf4, double_quant=False,
         compute_dtype=ComputeDtype.float32, attn_implementation=Attention.sdpa, head=HeadType.linear,
-        input_format=InputFormat.pab, prompt_share=0.2, keep_first_turns=1, keep_last_turns=1, text_head_share=0.5,
+        input_formats=(InputFormat.pab,), prompt_share=0.2, keep_first_turns=1, keep_last_turns=1, text_head_share=0.5,
         padding_side=PaddingSide.left,
     )

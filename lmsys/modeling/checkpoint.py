@@ -16,7 +16,9 @@ from safetensors.torch import load_file, save_file
 from lmsys.config import Attention, ComputeDtype, Family, HeadType, InputFormat, PaddingSide, Quantization, Template
 from lmsys.modeling.model_facts import ModelFacts, read_model_facts
 
-FORMAT_VERSION = 2  # 2: the base model's facts (ModelFacts) replace model_type and hidden_size
+# 2: the base model's facts (ModelFacts) replace model_type and hidden_size; 3: input_formats (a tuple, the formats
+# the run trained on) replaces input_format
+FORMAT_VERSION = 3
 SPEC_FILE = "lmsys_checkpoint.json"
 HEAD_FILE = "head.safetensors"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -49,7 +51,7 @@ class ModelSpec:
     compute_dtype: ComputeDtype
     attn_implementation: Attention
     head: HeadType
-    input_format: InputFormat
+    input_formats: tuple[InputFormat, ...]  # the first is the primary one (logits_output's plain columns)
     prompt_share: float
     keep_first_turns: int
     keep_last_turns: int
@@ -85,6 +87,7 @@ class ModelSpec:
 
     def to_json(self) -> str:
         payload = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(self).items()}
+        payload["input_formats"] = [fmt.value for fmt in self.input_formats]
         return json.dumps(payload, indent=2) + "\n"
 
     @classmethod
@@ -97,10 +100,11 @@ class ModelSpec:
         if version != FORMAT_VERSION:
             raise CheckpointError(f"{where}: checkpoint format version {version}, this lmsys reads {FORMAT_VERSION}")
         enums = {"family": Family, "template": Template, "quantization": Quantization, "compute_dtype": ComputeDtype,
-                 "attn_implementation": Attention, "head": HeadType, "input_format": InputFormat,
+                 "attn_implementation": Attention, "head": HeadType,
                  "padding_side": PaddingSide}
         try:
             fields = {k: enums[k](v) if k in enums else v for k, v in payload.items()}
+            fields["input_formats"] = tuple(InputFormat(v) for v in fields["input_formats"])
             return cls(**{**fields, "facts": ModelFacts(**fields["facts"])})
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{where}: unreadable checkpoint spec: {err}") from err

@@ -84,8 +84,8 @@ class TrainingRecipe:
         log.info("run dir %s; %d train pairs, %d valid pairs", run_path, len(train_pairs), len(valid_pairs))
         set_seed(config.seed)
         tokenizer = builders.build_tokenizer(config.model.path, config.model.trust_remote_code)
-        encoder = builders.build_encoder(spec, tokenizer)
-        train_split, valid_split = encode_split(train_pairs, encoder), encode_split(valid_pairs, encoder)
+        encoders = builders.build_encoders(spec, tokenizer)
+        train_split, valid_split = encode_split(train_pairs, encoders), encode_split(valid_pairs, encoders)
         model = builders.build_model(spec, config.model, config.lora, accelerator.device)
         optimizer = builders.build_optimizer(config.optimizer, model)
         settings = builders.build_loop_settings(config, spec, len(train_split), accelerator.num_processes,
