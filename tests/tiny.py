@@ -57,7 +57,7 @@ def build_tokenizer(add_bos: bool, extra_special: tuple[str, ...] = ()) -> PreTr
     return _wrap(tok, add_bos)
 
 
-def build_char_tokenizer(add_bos: bool) -> PreTrainedTokenizerFast:
+def build_char_tokenizer(add_bos: bool, extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """One token per byte (a byte-level BPE without merges): token counts are character counts for ASCII text,
     so truncation results can be written down by hand."""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
@@ -66,7 +66,7 @@ def build_char_tokenizer(add_bos: bool) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens([*SPECIAL_TOKENS, *extra_special])
     return _wrap(tok, add_bos)
 
 
