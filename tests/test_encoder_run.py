@@ -90,3 +90,19 @@ def log_loss_of(oof_path) -> float:
     oof = pd.read_csv(oof_path)
     probs = oof[PROBS].to_numpy()
     return float(-np.log(probs[np.arange(len(oof)), oof["label"].to_numpy()]).mean())
+
+
+def test_a_lora_deberta_run_with_the_experiments_target_modules(tiny_models, arena_files, tmp_path):
+    """model.finetune=lora reads the experiment file's DeBERTa-v2 target modules; gradient checkpointing stays on,
+    as in the GPU file."""
+    overrides = [o for o in CPU_GROUPS if not o.startswith("model.gradient_checkpointing")]
+    run_dir = tmp_path / "deberta_lora"
+    result = run_entry("deberta", "conf_r_deberta_v3_large", tiny_models["deberta_v2"], arena_files, run_dir,
+                       *overrides, "trainer.packing=false", "model.finetune=lora")
+    assert result.returncode == 0, result.stderr[-4000:]
+    spec = read_spec(run_dir / "checkpoint")
+    assert not spec.merged
+    adapter = load_file(str(run_dir / "checkpoint" / "adapter_model.safetensors"))
+    trained = {key.split(".lora_B.")[0].rsplit(".", 1)[-1] for key, t in adapter.items()
+               if ".lora_B." in key and t.abs().max() > 0}
+    assert trained == {"query_proj", "key_proj", "value_proj", "dense"}
