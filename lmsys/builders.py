@@ -30,7 +30,7 @@ from lmsys.data.io import read_pairs
 from lmsys.data.labels import require_teachers, to_classes
 from lmsys.data.schema import Pair
 from lmsys.data.split import split_train_valid
-from lmsys.data.templates import CHAT_MARKERS
+from lmsys.data.templates import chat_markers
 from lmsys.evaluation.validation import ValidationSet
 from lmsys.modeling.backbone import add_lora, load_adapter, load_backbone, make_trainable, resolve_dtype
 from lmsys.modeling.checkpoint import ModelSpec, load_head_state, read_spec, with_base_model
@@ -127,7 +127,7 @@ def build_tokenizer(path: str | Path, trust_remote_code: bool):
 def build_encoders(spec: ModelSpec, tokenizer) -> list[PairEncoder]:
     """One encoder per input format of the spec, in its order (format_index k is encoder k)."""
     return [
-        PairEncoder(tokenizer, CHAT_MARKERS[spec.template], input_format, spec.max_length, spec.prompt_share,
+        PairEncoder(tokenizer, chat_markers(spec.template, tokenizer), input_format, spec.max_length, spec.prompt_share,
                     spec.keep_first_turns, spec.keep_last_turns, spec.text_head_share)
         for input_format in spec.input_formats
     ]
@@ -160,7 +160,7 @@ def build_model(
                                   model.gradient_checkpointing)
         head = PreferenceHead(spec.hidden_size, spec.head, model.head_dropout, model.head_init, model.head_init_std,
                               spec.num_classes)
-    preference_model = PreferenceModel(peft_model, head.to(device))
+    preference_model = PreferenceModel(peft_model, head.to(device), spec.first_token_pooling)
     if adapter_dir is None and model.init_from:
         load_warm_start(preference_model, model.init_from)
     if model is not None and model.torch_compile:

@@ -20,8 +20,10 @@ def _choices(name: str, values: str) -> type[Enum]:
     return Enum(name, [(value, value) for value in values.split()], type=str, module=__name__, qualname=name)
 
 
-Family = _choices("Family", "llama gemma qwen mistral")
-Template = _choices("Template", "auto llama3 gemma chatml mistral plain")
+# deberta: the encoder family (model_type deberta-v2: DeBERTa-v3 and mDeBERTa), padded batches only
+Family = _choices("Family", "llama gemma qwen mistral deberta")
+# sep: the encoders' layout, [CLS] prompt [SEP] A [SEP] B [SEP] with the tokenizer's own cls/sep tokens
+Template = _choices("Template", "auto llama3 gemma chatml mistral plain sep")
 Quantization = _choices("Quantization", "nf4 fp4 int8 none")
 ComputeDtype = _choices("ComputeDtype", "auto float32 bfloat16 float16")
 Attention = _choices("Attention", "auto eager sdpa flash_attention_2 flex_attention")
@@ -263,6 +265,11 @@ class TrainConfig:
             "trainer.eval_max_tokens must be at least model.max_length",
         )
         require(not (self.resume and self.overwrite), "resume=true and overwrite=true contradict each other")
+        require(
+            not (self.trainer.packing and self.model.family == Family.deberta),
+            "model.family=deberta needs trainer.packing=false: an encoder's bidirectional attention has no "
+            "packed layout in transformers (position_ids do not restart its relative-position attention)",
+        )
 
 
 class ConfigError(ValueError):

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModel, BitsAndBytesConfig, PreTrainedModel
 
-from lmsys.config import ComputeDtype, Quantization
+from lmsys.config import ComputeDtype, ConfigError, Quantization
 from lmsys.modeling.compute_dtype import auto_dtype
 
 log = logging.getLogger("lmsys")
@@ -94,11 +94,24 @@ def add_lora(
     if gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     backbone.config.use_cache = False
+    _require_targets(backbone, target_modules)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), use_dora=use_dora,
         bias="none", task_type="FEATURE_EXTRACTION",
     )
     return get_peft_model(backbone, config)
+
+
+def _require_targets(backbone: PreTrainedModel, target_modules: list[str]) -> None:
+    """Name the model's linear layers when none of lora.target_modules is among them (the default names decoder
+    projections; DeBERTa-v2 calls its own query_proj, key_proj, value_proj, dense)."""
+    linear_names = {name.rsplit(".", 1)[-1] for name, module in backbone.named_modules()
+                    if isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+    if not linear_names & set(target_modules):
+        raise ConfigError(
+            f"lora.target_modules={list(target_modules)}: none is a linear layer of this {backbone.config.model_type} "
+            f"model (it has {sorted(linear_names)})"
+        )
 
 
 def make_trainable(backbone: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:

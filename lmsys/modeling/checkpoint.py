@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lmsys.config import Attention, ComputeDtype, Family, HeadType, InputFormat, PaddingSide, Quantization, Template
+from lmsys.modeling.families import FAMILIES
 from lmsys.modeling.model_facts import ModelFacts, read_model_facts
 
 # 2: the base model's facts (ModelFacts) replace model_type and hidden_size; 3: input_formats (a tuple, the formats
@@ -62,6 +63,11 @@ class ModelSpec:
     # The LoRA adapter is merged into the backbone saved in the checkpoint itself (base_model_path is provenance).
     merged: bool = False
     format_version: int = FORMAT_VERSION
+
+    @property
+    def first_token_pooling(self) -> bool:
+        """Encoders pool their first token ([CLS]); decoders the last (the family decides, lmsys/modeling/families.py)."""
+        return FAMILIES[self.family].encoder
 
     @property
     def model_type(self) -> str:
