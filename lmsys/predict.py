@@ -162,7 +162,8 @@ def pseudo_label_frame(pairs: list[Pair], probs: np.ndarray) -> pd.DataFrame:
         "prompt": [list(pair.prompts) for pair in pairs],
         "response_a": [list(pair.responses_a) for pair in pairs],
         "response_b": [list(pair.responses_b) for pair in pairs],
-        "label": [list(row) for row in normalised(probs, pairs)],
+        # (A, B, tie); a two-class model's rows get a tie of 0, so that every label reads the same way
+        "label": [[*row, 0.0][:3] for row in normalised(probs, pairs)],
         "source": "pseudo",
     })
 

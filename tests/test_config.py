@@ -127,7 +127,7 @@ def test_a_wrong_value_fails(override):
     ("data.max_train_pairs=-1", r"data.max_train_pairs must be >= 1 or unset \(null\), got -1"),
     ("data.max_train_pairs=0", "data.max_train_pairs must be >= 1"),
     ("data.max_valid_pairs=-3", "data.max_valid_pairs must be >= 1"),
-    ("data.valid_fold=0", "data.valid_fold and data.valid_path exclude each other"),  # data/default sets valid_path
+    ("data.valid_fold=0", "data.valid_fold .* cannot be combined with data.valid_path"),  # data/default sets valid_path
 ])
 def test_a_broken_rule_fails_at_start_up(override, message):
     cfg = compose_config("conf_r_llama_smol", (override,))

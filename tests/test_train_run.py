@@ -318,7 +318,8 @@ def test_overwrite_starts_a_fresh_train_log(rerun):
 
 # kind -> (entry point's family, experiment file, overrides that make a GPU-scale file run on the CPU, template,
 # attention kernel); the Qwen and Mistral runs use their real experiment files (full swap, swap TTA)
-CPU_GROUPS = ("data=default", "optimizer=adamw_cpu", "trainer=cpu", "model.gradient_checkpointing=false")
+CPU_GROUPS = ("data=default", "data.valid_fold=null", "optimizer=adamw_cpu", "trainer=cpu",
+              "model.gradient_checkpointing=false")
 FAMILY_RUNS = {
     "gemma2": ("gemma", "conf_r_gemma_270m", (), "gemma", "eager"),
     "gemma3": ("gemma", "conf_r_gemma_270m", (), "gemma", "sdpa"),
