@@ -29,7 +29,11 @@ kaggle_cli() {
 }
 
 step "Python packages (requirements.txt)"
-"$PYTHON" -m pip install -r requirements.txt
+if ! "$PYTHON" -m pip install -r requirements.txt; then
+    echo "setup.sh: pip could not install requirements.txt (no network or no package index? pip's own error is" >&2
+    echo "  above; offline, point PIP_INDEX_URL / PIP_FIND_LINKS at a local mirror or wheel directory)" >&2
+    exit 1
+fi
 
 if [[ -f pyproject.toml ]]; then
     step "The lmsys package (editable)"

@@ -54,7 +54,7 @@ def measure(config: TrainConfig, mode: str) -> dict:
     pairs = read_pairs(config.data.train_path, require_labels=True)[: config.bench.n_pairs]
     spec = builders.build_spec(config.model, config.data, packing=packed)
     tokenizer = builders.build_tokenizer(config.model.path, config.model.trust_remote_code)
-    split = encode_split(pairs, builders.build_encoder(spec, tokenizer))
+    split = encode_split(pairs, builders.build_encoders(spec, tokenizer))
     accelerator = Accelerator()
     model = builders.build_model(spec, config.model, config.lora, accelerator.device)
     train = _time_training(config, spec, split, model, accelerator, tokenizer.pad_token_id)

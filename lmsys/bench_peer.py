@@ -52,7 +52,7 @@ PEER_VARIANTS = {
 
 def measure_peer(config: TrainConfig, mode: str) -> dict:
     """Train the peer over the pairs once (after warm-up updates) and predict them, single pass and with TTA."""
-    from lmsys.builders import build_encoder, build_spec, build_tokenizer
+    from lmsys.builders import build_encoders, build_spec, build_tokenizer
     from lmsys.data.dataset import encode_split
     from lmsys.data.io import read_pairs
     from lmsys.modeling.backbone import resolve_dtype
@@ -62,7 +62,7 @@ def measure_peer(config: TrainConfig, mode: str) -> dict:
     spec = build_spec(config.model, config.data, packing=False)
     tokenizer = build_tokenizer(config.model.path, config.model.trust_remote_code)
     tokenizer.padding_side = config.data.padding_side.value
-    split = encode_split(pairs, build_encoder(spec, tokenizer))
+    split = encode_split(pairs, build_encoders(spec, tokenizer))
     device = PartialState().device
     dtype = resolve_dtype(config.bench.peer_dtype, device, config.model.path)
     model = build_peer_model(config, spec.attn_implementation.value, tokenizer.pad_token_id, dtype, variant, device)

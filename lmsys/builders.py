@@ -4,6 +4,7 @@ and everything downstream takes plain typed values. The only reader of the confi
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from lmsys.config import (
     DataConfig,
     FineTune,
     HeadInit,
+    InputFormat,
     LoraConfig,
     LossConfig,
     ModelConfig,
@@ -28,7 +30,7 @@ from lmsys.data.io import read_pairs
 from lmsys.data.labels import require_teachers, to_classes
 from lmsys.data.schema import Pair
 from lmsys.data.split import split_train_valid
-from lmsys.data.templates import CHAT_MARKERS
+from lmsys.data.templates import chat_markers
 from lmsys.evaluation.validation import ValidationSet
 from lmsys.modeling.backbone import add_lora, load_adapter, load_backbone, make_trainable, resolve_dtype
 from lmsys.modeling.checkpoint import ModelSpec, load_head_state, read_spec, with_base_model
@@ -44,6 +46,8 @@ from lmsys.prediction_config import InferenceConfig
 from lmsys.training.distributed import quant_storage_dtype
 from lmsys.training.optim import create_optimizer, parameter_groups, warmup_cosine_scheduler
 from lmsys.training.settings import LoopSettings, total_updates
+
+log = logging.getLogger("lmsys")
 
 
 def build_splits(config: TrainConfig) -> tuple[list[Pair], list[Pair]]:
@@ -75,7 +79,7 @@ def build_spec(model: ModelConfig, data: DataConfig, packing: bool) -> ModelSpec
         compute_dtype=model.compute_dtype,
         attn_implementation=resolve_attention(model.family, facts.model_type, model.attn_implementation, packing),
         head=model.head,
-        input_format=data.format,
+        input_formats=tuple(data.formats),
         prompt_share=data.prompt_share,
         keep_first_turns=data.keep_first_turns,
         keep_last_turns=data.keep_last_turns,
@@ -95,9 +99,22 @@ def build_prediction_spec(checkpoint: str, settings: InferenceConfig) -> ModelSp
         spec,
         quantization=predict_quantization(checkpoint, spec, settings),
         max_length=settings.max_length or spec.max_length,
+        input_formats=_prediction_formats(checkpoint, spec.input_formats, settings.formats),
         compute_dtype=settings.compute_dtype or spec.compute_dtype,
         attn_implementation=resolve_attention(spec.family, spec.model_type, attention, settings.packing),
     )
+
+
+def _prediction_formats(checkpoint: str, trained: tuple[InputFormat, ...],
+                        requested: list[InputFormat] | None) -> tuple[InputFormat, ...]:
+    """The formats to predict in (their probabilities are averaged): `formats=` or the checkpoint's own."""
+    if requested is None:
+        return trained
+    untrained = [fmt.value for fmt in requested if fmt not in trained]
+    if untrained:
+        log.warning("%s was trained on formats %s, not on %s: predicting in them anyway", checkpoint,
+                    [fmt.value for fmt in trained], untrained)
+    return tuple(InputFormat(fmt) for fmt in requested)
 
 
 def build_tokenizer(path: str | Path, trust_remote_code: bool):
@@ -107,11 +124,13 @@ def build_tokenizer(path: str | Path, trust_remote_code: bool):
     return tokenizer
 
 
-def build_encoder(spec: ModelSpec, tokenizer) -> PairEncoder:
-    return PairEncoder(
-        tokenizer, CHAT_MARKERS[spec.template], spec.input_format, spec.max_length, spec.prompt_share,
-        spec.keep_first_turns, spec.keep_last_turns, spec.text_head_share,
-    )
+def build_encoders(spec: ModelSpec, tokenizer) -> list[PairEncoder]:
+    """One encoder per input format of the spec, in its order (format_index k is encoder k)."""
+    return [
+        PairEncoder(tokenizer, chat_markers(spec.template, tokenizer), input_format, spec.max_length, spec.prompt_share,
+                    spec.keep_first_turns, spec.keep_last_turns, spec.text_head_share)
+        for input_format in spec.input_formats
+    ]
 
 
 def build_model(
@@ -141,7 +160,7 @@ def build_model(
                                   model.gradient_checkpointing)
         head = PreferenceHead(spec.hidden_size, spec.head, model.head_dropout, model.head_init, model.head_init_std,
                               spec.num_classes)
-    preference_model = PreferenceModel(peft_model, head.to(device))
+    preference_model = PreferenceModel(peft_model, head.to(device), spec.first_token_pooling)
     if adapter_dir is None and model.init_from:
         load_warm_start(preference_model, model.init_from)
     if model is not None and model.torch_compile:
@@ -189,9 +208,9 @@ def build_loss_weights(loss: LossConfig) -> LossWeights:
 
 def build_train_batching(config: TrainConfig, spec: ModelSpec, pad_id: int) -> Batching:
     """Padded micro-batches hold batch_size pairs, so as many examples as each pair contributes (two with full
-    swap); packed ones trainer.max_tokens."""
+    swap, times the number of data.formats); packed ones trainer.max_tokens."""
     trainer = config.trainer
-    examples_per_pair = 2 if trainer.swap_augmentation == SwapMode.full else 1
+    examples_per_pair = (2 if trainer.swap_augmentation == SwapMode.full else 1) * len(config.data.formats)
     return Batching(trainer.packing, trainer.max_tokens, _row_tokens(config), trainer.batch_size * examples_per_pair,
                     pad_id, config.data.padding_side, spec.attention_width)
 

@@ -20,8 +20,10 @@ def _choices(name: str, values: str) -> type[Enum]:
     return Enum(name, [(value, value) for value in values.split()], type=str, module=__name__, qualname=name)
 
 
-Family = _choices("Family", "llama gemma qwen mistral")
-Template = _choices("Template", "auto llama3 gemma chatml mistral plain")
+# deberta: the encoder family (model_type deberta-v2: DeBERTa-v3 and mDeBERTa), padded batches only
+Family = _choices("Family", "llama gemma qwen mistral deberta")
+# sep: the encoders' layout, [CLS] prompt [SEP] A [SEP] B [SEP] with the tokenizer's own cls/sep tokens
+Template = _choices("Template", "auto llama3 gemma chatml mistral plain sep")
 Quantization = _choices("Quantization", "nf4 fp4 int8 none")
 ComputeDtype = _choices("ComputeDtype", "auto float32 bfloat16 float16")
 Attention = _choices("Attention", "auto eager sdpa flash_attention_2 flex_attention")
@@ -92,7 +94,9 @@ class DataConfig:
     split_seed: int = 0
     max_train_pairs: int | None = None
     max_valid_pairs: int | None = None
-    format: InputFormat = InputFormat.pab
+    # every pair is trained in each listed format within the same optimizer update (format augmentation), and
+    # validation averages the formats' probabilities
+    formats: list[InputFormat] = field(default_factory=lambda: [InputFormat.pab])
     prompt_share: float = 0.2  # of the text budget; the responses share the rest equally
     keep_first_turns: int = 1  # over-long conversations keep the first k and last k turns
     keep_last_turns: int = 1
@@ -108,6 +112,8 @@ class DataConfig:
         for key in ("max_train_pairs", "max_valid_pairs"):
             value = getattr(self, key)
             require(value is None or value >= 1, f"data.{key} must be >= 1 or unset (null), got {value}")
+        require(len(self.formats) > 0, "data.formats must list at least one format (pab, papb)")
+        require(len(set(self.formats)) == len(self.formats), f"data.formats lists a format twice: {list(self.formats)}")
         require(self.valid_fold is None or self.valid_fold >= 0, "data.valid_fold must be >= 0")
         # otherwise every job of a fold sweep would validate on the same file and train on all of data.train_path
         require(self.valid_fold is None or not self.valid_path,
@@ -247,7 +253,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         require(
-            self.model.max_length >= 64 or self.data.format == InputFormat.pab,
+            self.model.max_length >= 64 or InputFormat.papb not in self.data.formats,
             "model.max_length must be at least 64 for the papb format",
         )
         require(
@@ -259,6 +265,11 @@ class TrainConfig:
             "trainer.eval_max_tokens must be at least model.max_length",
         )
         require(not (self.resume and self.overwrite), "resume=true and overwrite=true contradict each other")
+        require(
+            not (self.trainer.packing and self.model.family == Family.deberta),
+            "model.family=deberta needs trainer.packing=false: an encoder's bidirectional attention has no "
+            "packed layout in transformers (position_ids do not restart its relative-position attention)",
+        )
 
 
 class ConfigError(ValueError):

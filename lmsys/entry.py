@@ -14,7 +14,8 @@ from lmsys.config import Family, register_configs
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 ENTRY_POINTS = {family: f"lmsys/code/train_r_{family.value}.py" for family in Family}
 DEFAULT_CONFIGS = {Family.llama: "conf_r_llama_smol", Family.gemma: "conf_r_gemma_270m",
-                   Family.qwen: "conf_r_qwen25_14b", Family.mistral: "conf_r_mistral_7b"}
+                   Family.qwen: "conf_r_qwen25_14b", Family.mistral: "conf_r_mistral_7b",
+                   Family.deberta: "conf_r_deberta_v3_large"}
 
 
 class EntryPointError(SystemExit):

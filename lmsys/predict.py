@@ -1,6 +1,6 @@
 """Predict with a checkpoint: a Kaggle submission, with swap TTA by default.
 
-    python -m lmsys.predict checkpoint=CKPT data.test_path=test.csv output=submission.csv [tta=true]
+    python -m lmsys.predict checkpoint=CKPT data.test_path=test.csv output=submission.csv [tta=true] [formats=[pab,papb]]
         [quantization=nf4|int8|none] [compute_dtype=float16|bfloat16|float32] [max_length=N]
         [base_model_path=DIR] [device_map=auto|balanced ['max_memory={0: 14GiB, 1: 15GiB}']] [logits_output=FILE]
     accelerate launch --num_processes 2 -m lmsys.predict ...      (data parallel: one model per GPU, rows dealt out)
@@ -21,8 +21,9 @@ import pandas as pd
 import torch
 from accelerate import Accelerator
 
-from lmsys.builders import build_encoder, build_inference_batching, build_model, build_prediction_spec, build_tokenizer
+from lmsys.builders import build_encoders, build_inference_batching, build_model, build_prediction_spec, build_tokenizer
 from lmsys.cli import run_command
+from lmsys.config import InputFormat
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import read_pairs
 from lmsys.data.schema import TARGET_COLUMNS, Pair
@@ -33,6 +34,7 @@ from lmsys.modeling.checkpoint import ModelSpec
 from lmsys.modeling.precision import check_finite_logits, parse_max_memory, plan_device_map
 from lmsys.prediction_config import InferenceConfig, PredictConfig
 from lmsys.runs import write_file
+from lmsys.training.signals import GracefulStop, StopRequested
 
 log = logging.getLogger("lmsys")
 
@@ -54,14 +56,20 @@ def run_prediction(config: PredictConfig) -> Path:
     log.info("%d pairs from %s; checkpoint %s (%s, %s)", len(pairs), config.data.test_path, config.checkpoint,
              spec.base_model_path, "merged" if spec.merged else f"adapter on {spec.quantization.value} base")
 
-    predictions = predict_checkpoint(config.checkpoint, spec, pairs, config, accelerator)
+    with GracefulStop() as stop:
+        try:
+            predictions = predict_checkpoint(config.checkpoint, spec, pairs, config, accelerator)
+        except StopRequested:
+            log.error("stopped by signal %s before the prediction finished: nothing written", stop.received)
+            raise SystemExit(128 + (stop.received or 15)) from None  # the shell's code for death by that signal
     check_finite_logits([predictions.logits_ab, predictions.logits_ba], [pair.id for pair in pairs],
                         resolve_dtype(spec.compute_dtype, accelerator.device,
                                       config.checkpoint if spec.merged else spec.base_model_path))
     probs = predictions.combined(config.tta_mode.value)
     write_table(submission_frame(pairs, probs), config.output, accelerator.is_main_process)
     if config.logits_output:
-        write_table(logits_frame(pairs, predictions), config.logits_output, accelerator.is_main_process)
+        write_table(logits_frame(pairs, predictions, spec.input_formats), config.logits_output,
+                    accelerator.is_main_process)
     if config.pseudo_label_output:
         write_table(pseudo_label_frame(pairs, probs), config.pseudo_label_output, accelerator.is_main_process)
     accelerator.wait_for_everyone()
@@ -74,7 +82,7 @@ def predict_checkpoint(
 ) -> SplitPredictions:
     """Logits of every pair (both orientations with TTA) from one checkpoint, on every process."""
     tokenizer = build_tokenizer(checkpoint, spec.trust_remote_code)
-    split = encode_split(pairs, build_encoder(spec, tokenizer))
+    split = encode_split(pairs, build_encoders(spec, tokenizer))
     model = load_prediction_model(checkpoint, spec, settings, accelerator)
     batching = build_inference_batching(settings, spec, tokenizer.pad_token_id)
     return predict_split(model, split, settings.tta, batching, accelerator, settings.show_progress)
@@ -135,8 +143,13 @@ def submission_frame(pairs: list[Pair], probs: np.ndarray) -> pd.DataFrame:
     return frame
 
 
-def logits_frame(pairs: list[Pair], predictions: SplitPredictions) -> pd.DataFrame:
-    frame = predictions.logits_table()
+def logits_frame(pairs: list[Pair], predictions: SplitPredictions, formats: tuple[InputFormat, ...]) -> pd.DataFrame:
+    """id, the first format's logits (logit_a ... swapped_logit_tie, as teacher files read them) and, with several
+    formats, every format's under the same names suffixed _<format> (logit_a_papb, swapped_logit_a_papb, ...)."""
+    tables = [predictions.logits_table()]
+    if len(formats) > 1:
+        tables += [predictions.logits_table(k, f"_{fmt.value}") for k, fmt in enumerate(formats)]
+    frame = pd.concat(tables, axis=1)
     frame.insert(0, "id", [pair.id for pair in pairs])
     return frame
 
@@ -149,7 +162,8 @@ def pseudo_label_frame(pairs: list[Pair], probs: np.ndarray) -> pd.DataFrame:
         "prompt": [list(pair.prompts) for pair in pairs],
         "response_a": [list(pair.responses_a) for pair in pairs],
         "response_b": [list(pair.responses_b) for pair in pairs],
-        "label": [list(row) for row in normalised(probs, pairs)],
+        # (A, B, tie); a two-class model's rows get a tie of 0, so that every label reads the same way
+        "label": [[*row, 0.0][:3] for row in normalised(probs, pairs)],
         "source": "pseudo",
     })
 

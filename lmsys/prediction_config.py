@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from lmsys.config import Attention, ComputeDtype, Quantization, TtaMode, require
+from lmsys.config import Attention, ComputeDtype, InputFormat, Quantization, TtaMode, require
 from lmsys.output_paths import check_output_paths
 
 TABLE_SUFFIXES = (".csv", ".parquet")
@@ -42,6 +42,9 @@ class InferenceConfig:
     data: PredictDataConfig = field(default_factory=PredictDataConfig)
     tta: bool = True  # also predict every pair with A and B swapped, map back and combine
     tta_mode: TtaMode = TtaMode.prob
+    # the input formats to predict in, their probabilities averaged (each format with its own swap TTA); None: the
+    # checkpoint's (its data.formats); a format it was not trained on is allowed, with a warning
+    formats: list[InputFormat] | None = None
     packing: bool = True  # padding-free rows, length-sorted
     max_tokens: int = 8192  # packed: tokens per micro-batch
     row_tokens: int | None = None  # packed: tokens per row; None: the checkpoint's max_length (raise it with flash)
@@ -70,13 +73,18 @@ class InferenceConfig:
         require(self.max_memory is None or self.device_map is not None, "max_memory needs device_map=auto|balanced")
         require(self.row_tokens is None or self.row_tokens >= 1, "row_tokens must be >= 1")
         require(self.batch_size >= 1, "batch_size must be >= 1")
+        require(self.formats is None or len(self.formats) > 0, "formats must list at least one format, or be null")
+        require(self.formats is None or len(set(self.formats)) == len(self.formats),
+                f"formats lists a format twice: {self.formats}")
 
 
 @dataclass
 class PredictConfig(InferenceConfig):
     checkpoint: str = MISSING  # a run's checkpoint/ directory (adapter + head + spec), or an exported merged one
     output: str = MISSING  # the Kaggle submission CSV: id, winner_model_a, winner_model_b, winner_tie
-    logits_output: str | None = None  # .csv or .parquet: raw logits of both orientations, per id
+    # .csv or .parquet: raw logits of both orientations, per id (the first format's; with several formats also each
+    # format's, in columns suffixed _<format>)
+    logits_output: str | None = None
     pseudo_label_output: str | None = None  # .parquet that read_pairs accepts as (soft-labelled) training data
 
     def __post_init__(self) -> None:

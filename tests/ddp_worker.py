@@ -64,7 +64,7 @@ def main(out: Path, overrides: list[str]) -> None:
     train_pairs, _ = builders.build_splits(config)
     spec = builders.build_spec(config.model, config.data, config.trainer.packing)
     tokenizer = builders.build_tokenizer(config.model.path, config.model.trust_remote_code)
-    split = encode_split(train_pairs, builders.build_encoder(spec, tokenizer))
+    split = encode_split(train_pairs, builders.build_encoders(spec, tokenizer))
     model = builders.build_model(spec, config.model, config.lora, accelerator.device)
     optimizer = builders.build_optimizer(config.optimizer, model)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -10,7 +10,7 @@ from peft.tuners.lora import LoraLayer
 
 from lmsys.bench import load_config
 from lmsys.bench_peer import PEER_VARIANTS, build_peer_model, measure_peer, rows
-from lmsys.builders import build_encoder, build_spec, build_tokenizer
+from lmsys.builders import build_encoders, build_spec, build_tokenizer
 from lmsys.config import PEER_MODES
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import read_pairs
@@ -33,7 +33,7 @@ def bench_config(tiny_models, tmp_path_factory):
 def encoded(config):
     spec = build_spec(config.model, config.data, packing=False)
     tokenizer = build_tokenizer(config.model.path, False)
-    return encode_split(read_pairs(config.data.train_path, require_labels=True), build_encoder(spec, tokenizer)), spec
+    return encode_split(read_pairs(config.data.train_path, require_labels=True), build_encoders(spec, tokenizer)), spec
 
 
 def test_the_peer_sees_our_token_ids_and_argmax_labels(bench_config):

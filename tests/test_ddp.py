@@ -25,7 +25,7 @@ from entry_runs import (
 from omegaconf import OmegaConf
 from tiny import arena_frame
 
-from lmsys.builders import build_encoder, build_eval_batching, build_model, build_tokenizer
+from lmsys.builders import build_encoders, build_eval_batching, build_model, build_tokenizer
 from lmsys.config import TrainConfig
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import read_pairs
@@ -98,7 +98,7 @@ def single_process_probs(run_dir: Path, valid_csv: Path) -> tuple[np.ndarray, np
     checkpoint = run_dir / "checkpoint"
     spec = read_spec(checkpoint)
     tokenizer = build_tokenizer(checkpoint, spec.trust_remote_code)
-    split = encode_split(read_pairs(valid_csv, require_labels=True), build_encoder(spec, tokenizer))
+    split = encode_split(read_pairs(valid_csv, require_labels=True), build_encoders(spec, tokenizer))
     model = build_model(spec, None, None, SINGLE_PROCESS.device, adapter_dir=checkpoint)
     predictions = predict_split(model, split, False, build_eval_batching(config, spec, tokenizer.pad_token_id),
                                 SINGLE_PROCESS, show_progress=False)

@@ -18,7 +18,7 @@ from test_ddp import single_process_probs
 from tiny import arena_frame
 
 from lmsys.cluster import accelerate_env
-from lmsys.builders import build_encoder, build_loop_settings, build_spec, build_splits, build_tokenizer
+from lmsys.builders import build_encoders, build_loop_settings, build_spec, build_splits, build_tokenizer
 from lmsys.data.dataset import encode_split
 from lmsys.modeling.checkpoint import read_spec
 from lmsys.runs import STATE_DIR
@@ -128,7 +128,7 @@ def test_the_ranks_run_unequal_micro_batch_counts(runs):
     train_pairs, _ = build_splits(config)
     tokenizer = build_tokenizer(config.model.path, False)
     spec = build_spec(config.model, config.data, True)
-    split = encode_split(train_pairs, build_encoder(spec, tokenizer))
+    split = encode_split(train_pairs, build_encoders(spec, tokenizer))
     settings = build_loop_settings(config, spec, len(split), 2, tokenizer.pad_token_id)
     plans = [epoch_plan(split, 0, settings, rank, 2) for rank in (0, 1)]
     counts = [(len(a.micro_batches), len(b.micro_batches)) for a, b in zip(*plans, strict=True)][:UPDATES]

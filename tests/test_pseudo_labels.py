@@ -3,29 +3,31 @@ training data as it stands, and the two-stage example configs compose."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from accelerate import Accelerator
-from hydra import compose, initialize_config_dir
 from omegaconf.errors import ConfigKeyError
+from test_config import compose_config
 from test_predict import make_checkpoint, predict_cfg
 from tiny import arena_frame
 
 from lmsys.builders import build_prediction_spec
 from lmsys.cli import parse_config
-from lmsys.config import ConfigError
+from lmsys.config import ConfigError, validated_config
+from lmsys.data.batching import collate
 from lmsys.data.io import read_pairs
-from lmsys.data.schema import TARGET_COLUMNS
+from lmsys.data.schema import TARGET_COLUMNS, swap_abt
+from lmsys.modeling.losses import soft_cross_entropy
 from lmsys.modeling.checkpoint import CheckpointError
 from lmsys.predict import predict_checkpoint, run_prediction
 from lmsys.prediction_config import PseudoLabelConfig
 from lmsys.pseudo_label import run_pseudo_labels
+from lmsys.training.plan import iterate_updates
+from lmsys.training.recipe import TrainingRecipe, release
 
 
 def pseudo_label_main(argv: list[str]):
@@ -102,23 +104,54 @@ def test_pseudo_label_output_never_replaces_an_input(setup, tmp_path):
 
 
 def test_stage_configs_compose():
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        stage1 = compose("conf_r_llama_smol_stage1")
-        stage2 = compose("conf_r_llama_smol_stage2")
-    assert stage1.data.train_path.endswith(".csv")
-    assert stage2.data.train_path.endswith(".parquet") and stage2.data.valid_path.endswith(".csv")
+    """Both stages validate, stage 2 trains on the file the stage-1 recipe's pseudo_label step writes and is
+    judged on the same real labels, and only stage 2's training file holds soft labels."""
+    stage1, stage2 = (validated_config(compose_config(f"conf_r_llama_smol_stage{k}")) for k in (1, 2))
+    documented = (ROOT / "conf" / "conf_r_llama_smol_stage1.yaml").read_text()
+    assert f"output={stage2.data.train_path}" in documented  # step 3 of stage 1 writes what stage 2 reads
+    assert stage2.data.train_path.endswith(".parquet") and stage1.data.train_path.endswith(".csv")
+    assert stage2.data.valid_path == stage1.data.valid_path
+    assert stage1.model.path == stage2.model.path and stage2.loss.distill_temperature == 1.0
 
 
-def test_stage_two_trains_on_pseudo_labels(setup, tmp_path):
+def first_update_check(config, run_dir: Path, soft: dict) -> tuple[float, dict[str, float]]:
+    """The stage-2 recipe's first update loss, and the loss of the same logits computed here on the pseudo file's
+    soft targets: as they are at the config's temperature, hardened to their argmax, and at temperature 1."""
+    recipe = TrainingRecipe.setup(config, run_dir, "stage2: {}\n")
+    try:
+        update = next(iterate_updates(recipe.train_split, recipe.settings, 0, 1))
+        logits, targets = [], []
+        with torch.no_grad():
+            for group in update.micro_batches:
+                batch = collate(group, recipe.settings.batching)
+                logits.append(recipe.model(**batch.model_inputs(recipe.accelerator.device)).float())
+                for index, swapped in zip(batch.pair_index, batch.swapped, strict=True):
+                    row = soft[recipe.train_split.pairs[index].id]
+                    targets.append(swap_abt(row) if swapped else row)  # the example's own class order
+        logits, targets = torch.cat(logits), torch.tensor(np.array(targets), dtype=torch.float32)
+        hard = torch.nn.functional.one_hot(targets.argmax(-1), 3).float()
+        temperature = config.loss.distill_temperature
+        expected = {"soft": soft_cross_entropy(logits, targets, temperature=temperature).item(),
+                    "hard": soft_cross_entropy(logits, hard, temperature=temperature).item(),
+                    "t1": soft_cross_entropy(logits, targets).item()}
+        return recipe.update(update).loss, expected
+    finally:
+        release(recipe.accelerator)
+
+
+def test_stage_two_trains_on_the_soft_labels_at_the_distill_temperature(setup, tmp_path):
+    """The first update's loss is the soft-target CE of the pseudo file at T=2: it would differ (by far more than
+    float rounding) if the labels had been hardened on the way or the temperature ignored."""
     pseudo = tmp_path / "pseudo.parquet"
     pseudo_label_main([f"checkpoints=[{setup['first']}]", f"data.test_path={setup['unlabelled']}", f"output={pseudo}",
                        "show_progress=false"])
-    run = tmp_path / "stage2"
-    result = subprocess.run(
-        [sys.executable, "lmsys/code/train_r_llama.py", "--config-name", "conf_r_llama_smol_stage2",
-         f"model.path={setup['base']}", f"data.train_path={pseudo}", f"data.valid_path={setup['valid']}",
-         f"hydra.run.dir={run}", "trainer.max_steps=1", "model.max_length=128", "trainer.max_tokens=512",
-         "loss.distill_temperature=2.0"],
-        capture_output=True, text=True, cwd=ROOT, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert np.isfinite(json.loads((run / "metrics.json").read_text())["best"]["log_loss"])
+    soft = {row.id: np.array(row.label, dtype=float) for row in pd.read_parquet(pseudo).itertuples()}
+    assert max(p.max() for p in soft.values()) < 0.99  # soft: hardening them would change the targets
+    config = validated_config(compose_config("conf_r_llama_smol_stage2", (
+        f"model.path={setup['base']}", f"data.train_path={pseudo}", f"data.valid_path={setup['valid']}",
+        "trainer.max_steps=1", "model.max_length=128", "trainer.max_tokens=512", "lora.dropout=0.0",
+        "model.head_init_std=0.5",  # logits far from uniform, so the targets matter to the loss
+        "loss.distill_temperature=2.0")))
+    loss, expected = first_update_check(config, tmp_path / "stage2", soft)
+    assert loss == pytest.approx(expected["soft"], abs=1e-5)
+    assert abs(expected["soft"] - expected["hard"]) > 1e-3 and abs(expected["soft"] - expected["t1"]) > 1e-3

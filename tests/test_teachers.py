@@ -10,7 +10,7 @@ import tiny
 import torch
 from accelerate import Accelerator
 
-from lmsys.builders import build_encoder, build_loop_settings
+from lmsys.builders import build_encoders, build_loop_settings
 from lmsys.cli import parse_config
 from lmsys.config import DataConfig, Family, LossConfig, ModelConfig, TrainConfig, TrainerConfig
 from lmsys.data.dataset import encode_split
@@ -73,7 +73,7 @@ def test_a_student_trained_on_the_kl_term_moves_to_its_teacher(tiny_models, trai
     teacher = np.tile([2.0, -1.0, 0.0], (len(pairs), 1))  # A wins, confidently, whatever the label says
     pairs = [replace(pair, teacher_logits=tuple(row)) for pair, row in zip(pairs, teacher, strict=True)]
     model, spec, tokenizer = tiny.build_preference_model(tiny_models["llama"], "llama", "nf4")
-    split = encode_split(pairs, build_encoder(spec, tokenizer))
+    split = encode_split(pairs, build_encoders(spec, tokenizer))
     config = TrainConfig(model=ModelConfig(path=str(tiny_models["llama"]), family=Family.llama, max_length=128),
                          data=DataConfig(train_path=str(train_file)),
                          loss=LossConfig(ce_weight=0.0, kl_weight=1.0, kl_temperature=1.0),

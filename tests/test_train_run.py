@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from lmsys.builders import build_encoder, build_loop_settings, build_model, build_tokenizer
+from lmsys.builders import build_encoders, build_loop_settings, build_model, build_tokenizer
 from lmsys.config import (
     DataConfig,
     Family,
@@ -80,7 +80,7 @@ def test_two_updates_change_only_lora_and_head(tiny_models, arena_files):
     config = train_config(tiny_models["llama"], "llama", "nf4", arena_files["train"])
     model, spec, tokenizer = tiny.build_preference_model(tiny_models["llama"], "llama", "nf4")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-    split = encode_split(read_pairs(arena_files["train"], require_labels=True), build_encoder(spec, tokenizer))
+    split = encode_split(read_pairs(arena_files["train"], require_labels=True), build_encoders(spec, tokenizer))
     settings = build_loop_settings(config, spec, len(split), 1, tokenizer.pad_token_id)
     assert settings.total_updates == 2
     optimizer = create_optimizer(parameter_groups(model, 1e-3, 1e-3, 1.0, 0.01), config.optimizer.name, (0.9, 0.999),
@@ -121,7 +121,7 @@ def test_every_pair_weighs_the_same_whatever_the_micro_batches(tiny_models, aren
         "padded, 1 each": {"packed": False, "batch_size": 1},
     }.items():
         model, spec, tokenizer = tiny.build_preference_model(tiny_models["llama"], "llama", "none")
-        split = encode_split(pairs, build_encoder(spec, tokenizer))
+        split = encode_split(pairs, build_encoders(spec, tokenizer))
         settings = build_loop_settings(config, spec, len(split), 1, tokenizer.pad_token_id)
         settings = replace(settings, seed=0, batching=replace(settings.batching, **batching))
         update = epoch_plan(split, 0, settings, 0, 1)[0]
@@ -134,7 +134,7 @@ def test_every_pair_weighs_the_same_whatever_the_micro_batches(tiny_models, aren
     reference_loss, reference, _ = grads["one packed row"]
     # the reference itself: the plain mean loss over the six pairs in one forward pass
     model, spec, tokenizer = tiny.build_preference_model(tiny_models["llama"], "llama", "none")
-    split = encode_split(pairs, build_encoder(spec, tokenizer))
+    split = encode_split(pairs, build_encoders(spec, tokenizer))
     batch = collate(split.forward, replace(settings.batching, packed=False, padding_side=PaddingSide.right))
     model.train()
     mean_loss = torch.nn.functional.cross_entropy(model(**batch.model_inputs(CPU)), batch.targets)
@@ -160,7 +160,7 @@ def test_packed_and_padded_training_follow_the_same_loss_curve(tiny_models, tmp_
         config = train_config(tiny_models["llama"], "llama", "nf4", train, epochs=5, max_steps=None, batch_size=4,
                               packing=packed, max_tokens=160)
         model, spec, tokenizer = tiny.build_preference_model(tiny_models["llama"], "llama", "nf4")
-        split = encode_split(pairs, build_encoder(spec, tokenizer))
+        split = encode_split(pairs, build_encoders(spec, tokenizer))
         settings = build_loop_settings(config, spec, len(split), 1, tokenizer.pad_token_id)
         optimizer = create_optimizer(parameter_groups(model, 1e-3, 1e-2, 1.0, 0.0), OptimizerName.adamw,
                                      (0.9, 0.999), 1e-8)
@@ -238,7 +238,7 @@ def reload_and_predict(checkpoint: Path, valid: Path) -> np.ndarray:
     """Probabilities for the validation pairs from a reloaded checkpoint, without the training config."""
     spec = read_spec(checkpoint)
     tokenizer = build_tokenizer(checkpoint, False)
-    split = encode_split(read_pairs(valid, require_labels=True), build_encoder(spec, tokenizer))
+    split = encode_split(read_pairs(valid, require_labels=True), build_encoders(spec, tokenizer))
     model = build_model(spec, None, None, CPU, adapter_dir=checkpoint).eval()
     batch = collate(split.forward, tiny.batching(False, tokenizer.pad_token_id, spec.padding_side, spec.max_length))
     with torch.no_grad():
@@ -318,7 +318,8 @@ def test_overwrite_starts_a_fresh_train_log(rerun):
 
 # kind -> (entry point's family, experiment file, overrides that make a GPU-scale file run on the CPU, template,
 # attention kernel); the Qwen and Mistral runs use their real experiment files (full swap, swap TTA)
-CPU_GROUPS = ("data=default", "optimizer=adamw_cpu", "trainer=cpu", "model.gradient_checkpointing=false")
+CPU_GROUPS = ("data=default", "data.valid_fold=null", "optimizer=adamw_cpu", "trainer=cpu",
+              "model.gradient_checkpointing=false")
 FAMILY_RUNS = {
     "gemma2": ("gemma", "conf_r_gemma_270m", (), "gemma", "eager"),
     "gemma3": ("gemma", "conf_r_gemma_270m", (), "gemma", "sdpa"),

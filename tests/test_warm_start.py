@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from entry_runs import read_oof, run_entry, tiny_overrides
 from test_predict import make_checkpoint, swapped_frame
 
-from lmsys.builders import build_encoder, build_model, build_prediction_spec, build_spec, build_splits
+from lmsys.builders import build_encoders, build_model, build_prediction_spec, build_spec, build_splits
 from lmsys.config import ConfigError, DataConfig, Family, HeadType, LoraConfig, ModelConfig, Ties, TrainConfig
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import DataError, read_pairs
@@ -41,7 +41,7 @@ def logits(model, spec, pairs, tokenizer_dir):
     from lmsys.builders import build_inference_batching, build_tokenizer
 
     tokenizer = build_tokenizer(tokenizer_dir, False)
-    split = encode_split(pairs, build_encoder(spec, tokenizer))
+    split = encode_split(pairs, build_encoders(spec, tokenizer))
     batching = build_inference_batching(PredictConfig(checkpoint="x", output="x.csv"), spec, tokenizer.pad_token_id)
     return predict_split(model, split, False, batching, Accelerator(cpu=True), show_progress=False).logits_ab
 

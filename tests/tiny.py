@@ -10,6 +10,8 @@ import pandas as pd
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    DebertaV2Config,
+    DebertaV2Model,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -32,6 +34,7 @@ SPECIAL_TOKENS = [
 # Mistral v0.3's control tokens: special in its tokenizer, so only the Mistral tokenizer has them (appended, so that
 # the other tokenizers' ids are unchanged)
 MISTRAL_TOKENS = ["[INST]", "[/INST]"]
+ENCODER_TOKENS = ["[CLS]", "[SEP]"]  # DeBERTa-v3's cls and sep (appended, like Mistral's)
 _VOCABULARY = ("what is the capital of france paris rome berlin answer question response better tie which conversation "
                "prompt user assistant model two three four five plus minus equals yes no maybe hello world "
                "# ## --- [...] A B : ? ! . , 0 1 2 3 4 5 6 7 8 9 é ü 中 文")
@@ -54,7 +57,7 @@ def build_tokenizer(add_bos: bool, extra_special: tuple[str, ...] = ()) -> PreTr
     return _wrap(tok, add_bos)
 
 
-def build_char_tokenizer(add_bos: bool) -> PreTrainedTokenizerFast:
+def build_char_tokenizer(add_bos: bool, extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """One token per byte (a byte-level BPE without merges): token counts are character counts for ASCII text,
     so truncation results can be written down by hand."""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
@@ -63,7 +66,7 @@ def build_char_tokenizer(add_bos: bool) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens([*SPECIAL_TOKENS, *extra_special])
     return _wrap(tok, add_bos)
 
 
@@ -71,8 +74,13 @@ def _wrap(tok: Tokenizer, add_bos: bool) -> PreTrainedTokenizerFast:
     if add_bos:
         bos = tok.token_to_id("<bos>")
         tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    encoder = tok.token_to_id("[CLS]") is not None
+    if encoder:  # as DeBERTa-v3's tokenizer: [CLS] text [SEP] with special tokens
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[(t, tok.token_to_id(t)) for t in ENCODER_TOKENS])
+    extra = {"cls_token": "[CLS]", "sep_token": "[SEP]"} if encoder else {}
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
+                                   unk_token="<unk>", **extra)
 
 
 def _llama(vocab: int):
@@ -122,14 +130,25 @@ def _mistral(vocab: int):
         pad_token_id=0, bos_token_id=1, eos_token_id=2))
 
 
+def _deberta_v2(vocab: int):
+    # DeBERTa-v3's attention: relative positions (c2p and p2c, log buckets), no absolute position embeddings
+    return DebertaV2Model(DebertaV2Config(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=512, relative_attention=True, position_buckets=32, max_relative_positions=-1,
+        pos_att_type=["p2c", "c2p"], position_biased_input=False, norm_rel_ebd="layer_norm", share_att_key=True,
+        pad_token_id=0))
+
+
 # kind -> (model builder, tokenizer adds a bos, extra special tokens)
 BUILDERS = {
     "llama": (_llama, False, ()), "gemma2": (_gemma2, True, ()), "gemma3": (_gemma3, True, ()),
     "qwen2": (_qwen2, False, ()), "qwen3": (_qwen3, False, ()), "mistral": (_mistral, True, tuple(MISTRAL_TOKENS)),
+    "deberta_v2": (_deberta_v2, False, tuple(ENCODER_TOKENS)),
 }
+DEBERTA_LORA_TARGETS = ["query_proj", "key_proj", "value_proj", "dense"]
 # kind -> the lmsys family that trains it
 FAMILY_OF = {"llama": "llama", "gemma2": "gemma", "gemma3": "gemma", "qwen2": "qwen", "qwen3": "qwen",
-             "mistral": "mistral"}
+             "mistral": "mistral", "deberta_v2": "deberta"}
 
 
 def save_llama_1b(directory: Path, seed: int = 0) -> Path:
@@ -179,7 +198,8 @@ def arena_frame(n: int, seed: int = 0, labelled: bool = True, start_id: int = 0)
     return pd.DataFrame(rows)
 
 
-def model_settings(model_dir: Path, family: str, quantization: str = "none", max_length: int = 128, **model_kwargs):
+def model_settings(model_dir: Path, family: str, quantization: str = "none", max_length: int = 128,
+                   packing: bool = True, **model_kwargs):
     """ModelConfig, DataConfig and ModelSpec for a tiny model directory (lazy imports keep this module light)."""
     from lmsys.builders import build_spec
     from lmsys.config import DataConfig, Family, ModelConfig, Quantization
@@ -187,11 +207,11 @@ def model_settings(model_dir: Path, family: str, quantization: str = "none", max
     model = ModelConfig(path=str(model_dir), family=Family(family), quantization=Quantization(quantization),
                         max_length=max_length, **model_kwargs)
     data = DataConfig(train_path="unused.csv")
-    return model, data, build_spec(model, data, packing=True)
+    return model, data, build_spec(model, data, packing=packing)
 
 
 def build_preference_model(model_dir: Path, family: str, quantization: str = "none", lora_dropout: float = 0.0,
-                           seed: int = 0, **model_kwargs):
+                           seed: int = 0, lora_targets: list[str] | None = None, **model_kwargs):
     """(model, spec, tokenizer) through lmsys.builders, as the trainer builds them, on the CPU."""
     from lmsys.builders import build_model
     from lmsys.builders import build_tokenizer as build_lmsys_tokenizer
@@ -199,7 +219,8 @@ def build_preference_model(model_dir: Path, family: str, quantization: str = "no
 
     model_cfg, _, spec = model_settings(model_dir, family, quantization, **model_kwargs)
     torch.manual_seed(seed)
-    model = build_model(spec, model_cfg, LoraConfig(dropout=lora_dropout), torch.device("cpu"))
+    lora = LoraConfig(dropout=lora_dropout, **({"target_modules": lora_targets} if lora_targets else {}))
+    model = build_model(spec, model_cfg, lora, torch.device("cpu"))
     return model, spec, build_lmsys_tokenizer(model_dir, False)
 
 
@@ -221,6 +242,6 @@ def spec_stub():
         base_model_path="unused", facts=ModelFacts("llama", 576, 9, 64, 3, 1536), family=Family.llama,
         template=Template.llama3, max_length=128, quantization=Quantization.nf4, double_quant=False,
         compute_dtype=ComputeDtype.float32, attn_implementation=Attention.sdpa, head=HeadType.linear,
-        input_format=InputFormat.pab, prompt_share=0.2, keep_first_turns=1, keep_last_turns=1, text_head_share=0.5,
+        input_formats=(InputFormat.pab,), prompt_share=0.2, keep_first_turns=1, keep_last_turns=1, text_head_share=0.5,
         padding_side=PaddingSide.left,
     )

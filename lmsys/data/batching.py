@@ -21,6 +21,7 @@ class Example:
     swapped: bool
     target: tuple[float, ...] | None  # (C,) in this orientation's class order
     teacher_logits: tuple[float, ...] | None = None  # (C,) in this orientation's class order
+    format_index: int = 0  # into the split's formats (ModelSpec.input_formats)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""Encoding a split once, before training: both orientations of every pair, as compact int32 arrays."""
+"""Encoding a split once, before training: both orientations of every pair in every input format, as compact
+int32 arrays."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,28 +18,50 @@ CHUNK = 512  # pairs tokenized per call: bounds the memory of untruncated token 
 @dataclass
 class EncodedSplit:
     pairs: list[Pair]
-    forward: list[Example]  # (A, B) orientation, one per pair
-    swapped: list[Example]  # (B, A) orientation with the swapped target, one per pair
+    forward_by_format: list[list[Example]]  # [format][pair]: the (A, B) orientation
+    swapped_by_format: list[list[Example]]  # [format][pair]: the (B, A) orientation with the swapped target
     prompt_tokens: list[int]  # untruncated prompt length of each pair, for per-subset metrics
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def example(self, pair_index: int, swapped: bool) -> Example:
-        return (self.swapped if swapped else self.forward)[pair_index]
+    @property
+    def n_formats(self) -> int:
+        return len(self.forward_by_format)
+
+    @property
+    def forward(self) -> list[Example]:
+        """The first (primary) format's (A, B) examples."""
+        return self.forward_by_format[0]
+
+    @property
+    def swapped(self) -> list[Example]:
+        """The first (primary) format's (B, A) examples."""
+        return self.swapped_by_format[0]
+
+    def example(self, pair_index: int, swapped: bool, format_index: int = 0) -> Example:
+        return (self.swapped_by_format if swapped else self.forward_by_format)[format_index][pair_index]
 
 
-def encode_split(pairs: list[Pair], encoder: PairEncoder) -> EncodedSplit:
-    forward, swapped, prompt_tokens = [], [], []
+def encode_split(pairs: list[Pair], encoders: Sequence[PairEncoder]) -> EncodedSplit:
+    """Every pair in every encoder's format (lmsys.builders.build_encoders: one per input format)."""
+    if not encoders:
+        raise ValueError("encode_split needs at least one encoder")
+    forward: list[list[Example]] = [[] for _ in encoders]
+    swapped: list[list[Example]] = [[] for _ in encoders]
+    prompt_tokens = []
     for start in range(0, len(pairs), CHUNK):
         chunk = pairs[start : start + CHUNK]
-        for offset, (pair, tokens) in enumerate(zip(chunk, encoder.tokenize(chunk), strict=True)):
+        # tokenizing does not depend on the format (only the markers encode() adds do): once per chunk
+        for offset, (pair, tokens) in enumerate(zip(chunk, encoders[0].tokenize(chunk), strict=True)):
             index = start + offset
-            forward.append(_example(index, encoder.encode(tokens, swapped=False), False, pair))
-            swapped.append(_example(index, encoder.encode(tokens, swapped=True), True, swap_pair(pair)))
+            for k, encoder in enumerate(encoders):
+                forward[k].append(_example(index, encoder.encode(tokens, swapped=False), False, pair, k))
+                swapped[k].append(_example(index, encoder.encode(tokens, swapped=True), True, swap_pair(pair), k))
             prompt_tokens.append(sum(len(turn) for turn in tokens.prompts))
     return EncodedSplit(pairs, forward, swapped, prompt_tokens)
 
 
-def _example(index: int, ids: list[int], swapped: bool, oriented: Pair) -> Example:
-    return Example(index, np.asarray(ids, dtype=np.int32), swapped, oriented.target, oriented.teacher_logits)
+def _example(index: int, ids: list[int], swapped: bool, oriented: Pair, format_index: int) -> Example:
+    return Example(index, np.asarray(ids, dtype=np.int32), swapped, oriented.target, oriented.teacher_logits,
+                   format_index)

@@ -57,7 +57,9 @@ class PairEncoder:
         self.keep_first_turns = keep_first_turns
         self.keep_last_turns = keep_last_turns
         self.text_head_share = text_head_share
-        self._special_prefix = tokenizer("", add_special_tokens=True)["input_ids"]  # [bos] where the model wants one
+        self._separator = markers.separator
+        # [bos] where the model wants one; none for the separator layout, whose user_prefix is the cls token
+        self._special_prefix = [] if self._separator else tokenizer("", add_special_tokens=True)["input_ids"]
         self._marker_cache: dict[str, list[int]] = {}
         self._user_prefix = markers.user_prefix
         self._assistant_prefix = markers.assistant_prefix
@@ -107,6 +109,8 @@ class PairEncoder:
 
     def _layout(self, n_turns: int) -> list[str | Slot]:
         turns = range(n_turns)
+        if self._separator:
+            return self._separated_layout(n_turns)
         if self.input_format == InputFormat.pab:
             layout: list[str | Slot] = [self._user_prefix + INTRO + "# Prompt\n"]
             for part, header in ((0, None), (1, "\n\n# Response A\n"), (2, "\n\n# Response B\n")):
@@ -121,6 +125,17 @@ class PairEncoder:
                 for turn in turns:
                     layout += [("\n" if turn else "") + "## User\n", Slot(prompt_part, turn), "\n## Assistant\n",
                                Slot(response_part, turn)]
+        return layout + [self._assistant_prefix]
+
+    def _separated_layout(self, n_turns: int) -> list[str | Slot]:
+        """Encoders: [CLS] prompt [SEP] A [SEP] B [SEP] (papb: prompt [SEP] A [SEP] prompt [SEP] B [SEP]), a part's
+        turns joined as in the chat layouts."""
+        n_parts = 3 if self.input_format == InputFormat.pab else 4
+        layout: list[str | Slot] = [self._user_prefix]
+        for part in range(n_parts):
+            layout += [self._separator] if part else []
+            for turn in range(n_turns):
+                layout += (["\n---\n"] if turn else []) + [Slot(part, turn)]
         return layout + [self._assistant_prefix]
 
     def _length(self, layout: list[str | Slot], parts: list[list[list[int]]]) -> int:

@@ -233,10 +233,8 @@ def _parse_label_cell(cell: object, name: str, row_id: str) -> tuple[float, floa
             raise DataError(f"{where}: expected 0/1/2 or three probabilities, got {cell!r}") from err
     if isinstance(cell, (list, tuple, np.ndarray)):
         probs = np.asarray(cell, dtype=float)
-        if probs.shape == (2,):  # (A, B) of a two-class pseudo-label: no tie mass
-            probs = np.append(probs, 0.0)
         if probs.shape != (3,) or not np.isfinite(probs).all() or (probs < 0).any():
-            raise DataError(f"{where}: expected three (or two) non-negative probabilities, got {list(np.ravel(probs))}")
+            raise DataError(f"{where}: expected three non-negative probabilities, got {list(np.ravel(probs))}")
         if abs(probs.sum() - 1.0) > PROB_TOLERANCE:
             raise DataError(f"{where}: probabilities sum to {probs.sum():.6f}, not 1")
         return tuple(float(p) for p in probs / probs.sum())

@@ -20,6 +20,10 @@ class ChatMarkers:
     user_prefix: str
     # Ends the user turn and opens the assistant turn; its last token is the one the head pools.
     assistant_prefix: str
+    # Set for encoders: the token text written between the parts (prompt, A, B) instead of the chat headers; the
+    # layout is then user_prefix part [separator part]... assistant_prefix, with no other fixed text and no
+    # special tokens added by the tokenizer (user_prefix is its cls token).
+    separator: str | None = None
 
 
 CHAT_MARKERS: dict[Template, ChatMarkers] = {
@@ -33,3 +37,13 @@ CHAT_MARKERS: dict[Template, ChatMarkers] = {
     Template.mistral: ChatMarkers("[INST] ", "[/INST]"),
     Template.plain: ChatMarkers("", "\nAnswer:"),
 }
+
+
+def chat_markers(template: Template, tokenizer) -> ChatMarkers:
+    """The markers of `template`; for `sep` (encoders) the tokenizer's own cls and sep tokens:
+    [CLS] prompt [SEP] A [SEP] B [SEP]."""
+    if template == Template.sep:
+        if not (tokenizer.cls_token and tokenizer.sep_token):
+            raise ValueError("template sep needs a tokenizer with cls and sep tokens")
+        return ChatMarkers(tokenizer.cls_token, tokenizer.sep_token, tokenizer.sep_token)
+    return CHAT_MARKERS[template]

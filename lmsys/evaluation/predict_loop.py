@@ -1,5 +1,6 @@
-"""Running the model over every pair of a split, in one or both orientations: length-sorted micro-batches,
-sharded over processes, gathered so that every pair gets exactly one prediction per orientation."""
+"""Running the model over every pair of a split, in each of its formats and one or both orientations: length-sorted
+micro-batches, sharded over processes, gathered so that every pair gets exactly one prediction per format and
+orientation."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from lmsys.data.dataset import EncodedSplit
 from lmsys.data.schema import swap_abt
 from lmsys.evaluation.metrics import tta_combine
 from lmsys.training.distributed import lockstep_count
+from lmsys.training.signals import raise_if_stop_requested, stop_check_steps
 
 
 LOGIT_COLUMNS = ("logit_a", "logit_b", "logit_tie")
@@ -25,30 +27,45 @@ SWAPPED_LOGIT_COLUMNS = ("swapped_logit_a", "swapped_logit_b", "swapped_logit_ti
 
 @dataclass
 class SplitPredictions:
-    logits_ab: np.ndarray  # (N, 3) the (A, B) orientation
-    logits_ba: np.ndarray | None  # (N, 3) the (B, A) orientation, in its own (B, A, tie) order
+    format_logits_ab: list[np.ndarray]  # [format] (N, C): the (A, B) orientation
+    format_logits_ba: list[np.ndarray] | None  # [format] (N, C): the (B, A) orientation, in its own (B, A, tie) order
+
+    @property
+    def logits_ab(self) -> np.ndarray:
+        """(N, C) the first (primary) format's (A, B) logits."""
+        return self.format_logits_ab[0]
+
+    @property
+    def logits_ba(self) -> np.ndarray | None:
+        """(N, C) the first (primary) format's (B, A) logits, in (B, A, tie) order."""
+        return None if self.format_logits_ba is None else self.format_logits_ba[0]
 
     @property
     def probs_ab(self) -> np.ndarray:
-        return softmax(self.logits_ab)
+        """(N, C) the (A, B) orientation's probabilities, averaged over the formats."""
+        return np.mean([softmax(logits) for logits in self.format_logits_ab], axis=0)
 
     @property
     def probs_ba_back(self) -> np.ndarray | None:
-        """The swapped pass mapped back to (A, B, tie): its first column is B's win probability, i.e. A's."""
-        return None if self.logits_ba is None else swap_abt(softmax(self.logits_ba))
+        """The swapped passes mapped back to (A, B, tie) (their first column is B's win probability, i.e. A's),
+        averaged over the formats."""
+        if self.format_logits_ba is None:
+            return None
+        return np.mean([swap_abt(softmax(logits)) for logits in self.format_logits_ba], axis=0)
 
     def combined(self, tta_mode: str) -> np.ndarray:
         if self.logits_ba is None:
             return self.probs_ab
         return tta_combine(self.probs_ab, self.probs_ba_back, tta_mode)
 
-    def logits_table(self) -> pd.DataFrame:
-        """The logits as columns, in pair order: LOGIT_COLUMNS, and with TTA SWAPPED_LOGIT_COLUMNS (the first two
-        of each for a two-class model)."""
-        width = self.logits_ab.shape[1]
-        frame = pd.DataFrame(self.logits_ab, columns=list(LOGIT_COLUMNS[:width]))
-        if self.logits_ba is not None:
-            frame[list(SWAPPED_LOGIT_COLUMNS[:width])] = swap_abt(self.logits_ba)
+    def logits_table(self, format_index: int = 0, suffix: str = "") -> pd.DataFrame:
+        """One format's logits as columns, in pair order: LOGIT_COLUMNS, and with TTA SWAPPED_LOGIT_COLUMNS (the
+        swapped pass in (A, B, tie) order; the first two of each for a two-class model), names + `suffix`."""
+        logits_ab = self.format_logits_ab[format_index]
+        width = logits_ab.shape[1]
+        frame = pd.DataFrame(logits_ab, columns=[c + suffix for c in LOGIT_COLUMNS[:width]])
+        if self.format_logits_ba is not None:
+            frame[[c + suffix for c in SWAPPED_LOGIT_COLUMNS[:width]]] = swap_abt(self.format_logits_ba[format_index])
         return frame
 
 
@@ -66,16 +83,19 @@ def predict_split(
     accelerator,
     show_progress: bool = True,
 ) -> SplitPredictions:
-    """Logits for every pair (both orientations with `tta`), identical whatever the number of processes.
+    """Logits for every pair in every format of the split (both orientations with `tta`), identical whatever the
+    number of processes.
 
-    Each orientation runs in its own pass. Then the (A, B) pass of a file with A and B exchanged row by row meets
+    Each (format, orientation) runs in its own pass. Then the (A, B) pass of a file with A and B exchanged row by row meets
     exactly the micro-batches of this file's (B, A) pass, and TTA predictions are swap-symmetric to the bit even
     where a kernel's rounding depends on the batch shape (bitsandbytes' CPU 4-bit GEMM rounds to bfloat16).
     """
     was_training = model.training
     model.eval()
-    forward = predict_examples(model, split.forward, batching, accelerator, show_progress)
-    swapped = predict_examples(model, split.swapped, batching, accelerator, show_progress) if tta else None
+    forward = [predict_examples(model, examples, batching, accelerator, show_progress)
+               for examples in split.forward_by_format]
+    swapped = [predict_examples(model, examples, batching, accelerator, show_progress)
+               for examples in split.swapped_by_format] if tta else None
     model.train(was_training)
     return SplitPredictions(forward, swapped)
 
@@ -85,14 +105,18 @@ def predict_examples(
     model: torch.nn.Module, examples: list[Example], batching: Batching, accelerator, show_progress: bool
 ) -> np.ndarray:
     """(N, C) logits of one example per pair, in pair order, whatever the number of processes: each process runs
-    every num_processes-th example of the length-sorted list, and the results are gathered."""
+    every num_processes-th example of the length-sorted list, and the results are gathered. Inside a GracefulStop
+    a signal raises StopRequested at the next checked micro-batch (see stop_check_steps), on every process."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))  # longest first: OOM shows at once
     mine = [examples[i] for i in order[accelerator.process_index :: accelerator.num_processes]]
     results = []
     bar = tqdm(total=len(mine), desc="predict", disable=not (show_progress and accelerator.is_main_process), leave=False)
     groups = prediction_batches(mine, batching)
+    checks = stop_check_steps(len(groups), accelerator)
     # FSDP: every rank runs as many forwards as the busiest one (each is a collective); the repeats are discarded
     for k in range(lockstep_count(model, len(groups), accelerator.device)):
+        if k in checks:
+            raise_if_stop_requested(accelerator)
         group = groups[k] if k < len(groups) else (groups or [examples[:1]])[-1]
         logits = model(**collate(group, batching).model_inputs(accelerator.device)).float().cpu().numpy()
         if k < len(groups):

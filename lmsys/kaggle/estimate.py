@@ -30,7 +30,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from omegaconf import MISSING
 
-from lmsys.builders import build_encoder, build_tokenizer
+from lmsys.builders import build_encoders, build_tokenizer
 from lmsys.cli import run_command
 from lmsys.config import require
 from lmsys.data.dataset import encode_split
@@ -98,13 +98,13 @@ def measure(config: EstimateConfig, spec: ModelSpec, sample, warm, accelerator: 
     start = time.perf_counter()
     model = load_prediction_model(config.checkpoint, spec, config, accelerator)
     load_seconds = time.perf_counter() - start
-    encoder = build_encoder(spec, tokenizer)
+    encoders = build_encoders(spec, tokenizer)
     start = time.perf_counter()
-    split = encode_split(sample, encoder)
+    split = encode_split(sample, encoders)
     tokenize_seconds = time.perf_counter() - start
     batching = build_inference_batching(config, spec, tokenizer.pad_token_id)
     if warm:
-        predict_split(model, encode_split(warm, encoder), False, batching, accelerator, False)
+        predict_split(model, encode_split(warm, encoders), False, batching, accelerator, False)
     start = time.perf_counter()
     predict_split(model, split, False, batching, accelerator, False)  # logits come back to the CPU: synchronised
     predict_seconds = time.perf_counter() - start
@@ -116,7 +116,7 @@ def measure(config: EstimateConfig, spec: ModelSpec, sample, warm, accelerator: 
 
 def units_at_length(spec: ModelSpec, tokenizer, tokens, width: float | None, length: int) -> tuple[float, int]:
     """Mean units per pair of the (pre-tokenized) sample truncated at `length`, and its longest pair."""
-    encoder = build_encoder(dataclasses.replace(spec, max_length=length), tokenizer)
+    encoder = build_encoders(dataclasses.replace(spec, max_length=length), tokenizer)[0]
     lengths = [len(encoder.encode(pair_tokens, swapped=False)) for pair_tokens in tokens]
     return pair_units(lengths, width) / len(lengths), max(lengths)
 
@@ -149,7 +149,7 @@ def estimate(config: EstimateConfig) -> dict:
     warm = (shuffled[config.sample :] or sample)[: config.warmup]
     measurement, tokenizer = measure(config, spec, sample, warm, accelerator)
     width = spec.attention_width
-    tokens = build_encoder(spec, tokenizer).tokenize(sample)
+    tokens = build_encoders(spec, tokenizer)[0].tokenize(sample)
     units = units_at_length(spec, tokenizer, tokens, width, spec.max_length)[0]
     units_at, untruncated = units_by_max_length(spec, tokenizer, tokens, width)
     hours = {tta: projected_hours(measurement, units, config.rows, config.processes, tta) for tta in (False, True)}

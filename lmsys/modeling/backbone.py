@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -9,8 +10,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModel, BitsAndBytesConfig, PreTrainedModel
 
-from lmsys.config import ComputeDtype, Quantization
+from lmsys.config import ComputeDtype, ConfigError, Quantization
 from lmsys.modeling.compute_dtype import auto_dtype
+
+log = logging.getLogger("lmsys")
 
 DTYPES = {ComputeDtype.float32: torch.float32, ComputeDtype.bfloat16: torch.bfloat16, ComputeDtype.float16: torch.float16}
 
@@ -91,11 +94,24 @@ def add_lora(
     if gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     backbone.config.use_cache = False
+    _require_targets(backbone, target_modules)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), use_dora=use_dora,
         bias="none", task_type="FEATURE_EXTRACTION",
     )
     return get_peft_model(backbone, config)
+
+
+def _require_targets(backbone: PreTrainedModel, target_modules: list[str]) -> None:
+    """Name the model's linear layers when none of lora.target_modules is among them (the default names decoder
+    projections; DeBERTa-v2 calls its own query_proj, key_proj, value_proj, dense)."""
+    linear_names = {name.rsplit(".", 1)[-1] for name, module in backbone.named_modules()
+                    if isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+    if not linear_names & set(target_modules):
+        raise ConfigError(
+            f"lora.target_modules={list(target_modules)}: none is a linear layer of this {backbone.config.model_type} "
+            f"model (it has {sorted(linear_names)})"
+        )
 
 
 def make_trainable(backbone: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
@@ -116,14 +132,17 @@ def fold_into_dense(model: torch.nn.Module) -> int:
     dequantized base plus the LoRA update, in the base's compute dtype. The same function as before (the 4-bit
     path dequantizes to that dtype on every call), computed as one matmul instead of a dequantization, a matmul
     and two LoRA matmuls per call, for full-precision weight memory (bf16: 2 bytes per parameter). The model can no
-    longer train or save an adapter. DoRA layers are left as they are. Returns the number of layers folded."""
+    longer train or save an adapter. Layers it cannot fold (see `unfoldable_reason`) are left as they are, named in
+    a warning. Returns the number of layers folded."""
     from peft.tuners.lora import LoraLayer
 
-    folded = 0
+    folded, left = 0, {}
     for name, module in list(model.named_modules()):
-        if not (isinstance(module, LoraLayer) and isinstance(module.base_layer, bnb.nn.Linear4bit)):
+        if not isinstance(module, LoraLayer):
             continue
-        if any(module.use_dora.get(adapter, False) for adapter in module.active_adapters):
+        reason = unfoldable_reason(module)
+        if reason:
+            left.setdefault(reason, []).append(name)
             continue
         base = module.base_layer
         dtype = base.compute_dtype or torch.float32
@@ -140,4 +159,20 @@ def fold_into_dense(model: torch.nn.Module) -> int:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, dense)
         folded += 1
+    for reason, names in left.items():
+        log.warning("dense_weights: %d LoRA layer(s) left unfolded, %s: %s", len(names), reason,
+                    ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""))
     return folded
+
+
+def unfoldable_reason(module) -> str | None:
+    """Why fold_into_dense leaves a LoRA layer as it is (None: it folds it). DoRA rescales each output row by a
+    magnitude over the norm of base + delta, which is no plain delta to add; an int8 (LLM.int8) or unquantized
+    base is left to its own kernels (the int8 one keeps its outlier decomposition; export merges unquantized ones)."""
+    if any(module.use_dora.get(adapter, False) for adapter in module.active_adapters):
+        return "DoRA (its magnitude rescaling is not a plain weight delta)"
+    if isinstance(module.base_layer, bnb.nn.Linear8bitLt):
+        return "int8 base (Linear8bitLt keeps its int8 weights and outlier decomposition)"
+    if not isinstance(module.base_layer, bnb.nn.Linear4bit):
+        return f"{type(module.base_layer).__name__} base (only 4-bit bases are dequantized and folded)"
+    return None

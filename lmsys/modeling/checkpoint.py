@@ -14,9 +14,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lmsys.config import Attention, ComputeDtype, Family, HeadType, InputFormat, PaddingSide, Quantization, Template
+from lmsys.modeling.families import FAMILIES
 from lmsys.modeling.model_facts import ModelFacts, read_model_facts
 
-FORMAT_VERSION = 2  # 2: the base model's facts (ModelFacts) replace model_type and hidden_size
+# 2: the base model's facts (ModelFacts) replace model_type and hidden_size; 3: input_formats (a tuple, the formats
+# the run trained on) replaces input_format
+FORMAT_VERSION = 3
 SPEC_FILE = "lmsys_checkpoint.json"
 HEAD_FILE = "head.safetensors"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -49,7 +52,7 @@ class ModelSpec:
     compute_dtype: ComputeDtype
     attn_implementation: Attention
     head: HeadType
-    input_format: InputFormat
+    input_formats: tuple[InputFormat, ...]  # the first is the primary one (logits_output's plain columns)
     prompt_share: float
     keep_first_turns: int
     keep_last_turns: int
@@ -60,6 +63,11 @@ class ModelSpec:
     # The LoRA adapter is merged into the backbone saved in the checkpoint itself (base_model_path is provenance).
     merged: bool = False
     format_version: int = FORMAT_VERSION
+
+    @property
+    def first_token_pooling(self) -> bool:
+        """Encoders pool their first token ([CLS]); decoders the last (the family decides, lmsys/modeling/families.py)."""
+        return FAMILIES[self.family].encoder
 
     @property
     def model_type(self) -> str:
@@ -85,6 +93,7 @@ class ModelSpec:
 
     def to_json(self) -> str:
         payload = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(self).items()}
+        payload["input_formats"] = [fmt.value for fmt in self.input_formats]
         return json.dumps(payload, indent=2) + "\n"
 
     @classmethod
@@ -97,10 +106,11 @@ class ModelSpec:
         if version != FORMAT_VERSION:
             raise CheckpointError(f"{where}: checkpoint format version {version}, this lmsys reads {FORMAT_VERSION}")
         enums = {"family": Family, "template": Template, "quantization": Quantization, "compute_dtype": ComputeDtype,
-                 "attn_implementation": Attention, "head": HeadType, "input_format": InputFormat,
+                 "attn_implementation": Attention, "head": HeadType,
                  "padding_side": PaddingSide}
         try:
             fields = {k: enums[k](v) if k in enums else v for k, v in payload.items()}
+            fields["input_formats"] = tuple(InputFormat(v) for v in fields["input_formats"])
             return cls(**{**fields, "facts": ModelFacts(**fields["facts"])})
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{where}: unreadable checkpoint spec: {err}") from err

@@ -13,6 +13,9 @@ class FamilySpec:
     template: Template
     # model_type -> attention kernel that keeps packed pairs apart with restarting position_ids (checked)
     packed_attention: dict[str, Attention]
+    # An encoder (bidirectional attention): pooled at its first token ([CLS]), padded batches only, since
+    # transformers has no packed layout (restarting position_ids) for its attention.
+    encoder: bool = False
 
 
 FAMILIES: dict[Family, FamilySpec] = {
@@ -25,6 +28,8 @@ FAMILIES: dict[Family, FamilySpec] = {
     ),
     Family.qwen: FamilySpec(("qwen2", "qwen3"), Template.chatml, {"qwen2": Attention.sdpa, "qwen3": Attention.sdpa}),
     Family.mistral: FamilySpec(("mistral",), Template.mistral, {"mistral": Attention.sdpa}),
+    # DeBERTa-v2/v3 and mDeBERTa; its disentangled attention has only the eager kernel in transformers
+    Family.deberta: FamilySpec(("deberta-v2",), Template.sep, {"deberta-v2": Attention.eager}, encoder=True),
 }
 
 
@@ -47,6 +52,11 @@ def resolve_template(family: Family, template: Template) -> Template:
 
 def resolve_attention(family: Family, model_type: str, requested: Attention, packing: bool) -> Attention:
     """The attention kernel to load; with packing, refuse one that would let packed pairs see each other."""
+    if packing and FAMILIES[family].encoder:
+        raise FamilyError(
+            f"the {family.value} family is an encoder: its bidirectional attention cannot be packed; "
+            "use padded batches (packing=false)"
+        )
     safe = FAMILIES[family].packed_attention[model_type]
     if requested == Attention.auto:
         return safe

@@ -1,4 +1,5 @@
-"""The preference model: backbone (+ LoRA) -> last-token pooling -> our full-precision head."""
+"""The preference model: backbone (+ LoRA) -> last-token pooling (decoders) or first-token pooling (encoders,
+[CLS]) -> our full-precision head."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from lmsys.modeling.heads import PreferenceHead
 
 
 class PreferenceModel(nn.Module):
-    def __init__(self, backbone: nn.Module, head: PreferenceHead) -> None:
+    def __init__(self, backbone: nn.Module, head: PreferenceHead, first_token_pooling: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        # Encoders pool their first real token ([CLS]) in place of the batch's last-token columns; they take
+        # padded batches only, so the attention mask locates it.
+        self.first_token_pooling = first_token_pooling
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -29,10 +33,15 @@ class PreferenceModel(nn.Module):
         attention_mask: torch.Tensor | None = None,  # (R, T); None for packed rows
         position_ids: torch.Tensor | None = None,  # (R, T); restart at 0 for each packed pair
     ) -> torch.Tensor:
-        hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state  # (R, T, H)
+        if self.first_token_pooling:
+            # an encoder has no cache (and its forward no use_cache); pool the first real token of each row
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (R, T, H)
+            pool_cols = attention_mask.int().argmax(dim=1)[pool_rows]  # (N,) first 1 of each row, either padding side
+        else:
+            hidden = self.backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state  # (R, T, H)
         # With the backbone split over devices (device_map) the last hidden state lives on the last one.
         pooled = hidden[pool_rows.to(hidden.device), pool_cols.to(hidden.device)]  # (N, H)
         head_weight = next(self.head.parameters(), None)  # None: a parameter-free head (tests)
-        return self.head(pooled if head_weight is None else pooled.to(head_weight.device))  # (N, 3)
+        return self.head(pooled if head_weight is None else pooled.to(head_weight.device))  # (N, C)

@@ -1,8 +1,8 @@
 """Which examples each process runs in each micro-batch of each optimizer update.
 
 Every process computes the same global plan from the seed, so all ranks agree without communication: pairs are
-shuffled (in length-grouped buckets by default), swapped as the augmentation mode says, split into updates, and
-each update's examples are dealt to the ranks (every rank gets at least one) and cut into micro-batches by
+shuffled (in length-grouped buckets by default), swapped as the augmentation mode says (each orientation in every one of
+the split's formats), split into updates, and each update's examples are dealt to the ranks (every rank gets at least one) and cut into micro-batches by
 `lmsys.data.batching.micro_batches` (token budget when packed, count when padded; the builder sizes `batch_size`
 for the examples one pair contributes).
 """
@@ -78,7 +78,10 @@ def _deal(indices: list[int], world_size: int) -> list[list[int]]:
 
 
 def _orient(split: EncodedSplit, index: int, swap: SwapMode, flips: np.ndarray) -> list[Example]:
+    """The pair's examples in this update: each selected orientation in every format of the split (format
+    augmentation), all on the same rank and in the same update; a random flip is shared by the formats."""
     if swap == SwapMode.full:
-        return [split.example(index, False), split.example(index, True)]
-    flip = swap == SwapMode.random and bool(flips[index])
-    return [split.example(index, flip)]
+        orientations = [False, True]
+    else:
+        orientations = [swap == SwapMode.random and bool(flips[index])]
+    return [split.example(index, swapped, k) for k in range(split.n_formats) for swapped in orientations]

@@ -37,7 +37,7 @@ from lmsys.tracking import Tracker, start_wandb
 from lmsys.training.distributed import full_trainable_state, lockstep_count
 from lmsys.training.plan import Update, iterate_updates
 from lmsys.training.settings import LoopSettings
-from lmsys.training.signals import GracefulStop
+from lmsys.training.signals import GracefulStop, StopRequested
 from lmsys.training.state import LoopState, restore_state, save_training_state
 
 log = logging.getLogger("lmsys")
@@ -84,8 +84,8 @@ class TrainingRecipe:
         log.info("run dir %s; %d train pairs, %d valid pairs", run_path, len(train_pairs), len(valid_pairs))
         set_seed(config.seed)
         tokenizer = builders.build_tokenizer(config.model.path, config.model.trust_remote_code)
-        encoder = builders.build_encoder(spec, tokenizer)
-        train_split, valid_split = encode_split(train_pairs, encoder), encode_split(valid_pairs, encoder)
+        encoders = builders.build_encoders(spec, tokenizer)
+        train_split, valid_split = encode_split(train_pairs, encoders), encode_split(valid_pairs, encoders)
         model = builders.build_model(spec, config.model, config.lora, accelerator.device)
         optimizer = builders.build_optimizer(config.optimizer, model)
         settings = builders.build_loop_settings(config, spec, len(train_split), accelerator.num_processes,
@@ -170,6 +170,9 @@ class TrainingRecipe:
         self.model.train()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         with GracefulStop() as stop:
+            if state.eval_pending and self._pending_evaluation():
+                bar.close()
+                return state
             for update in iterate_updates(self.train_split, settings, rank, world, state.step):
                 stats = self.update(update)
                 state.step += 1
@@ -185,7 +188,11 @@ class TrainingRecipe:
         """Evaluate when due, save the state when due; True when the run must end here."""
         settings, state = self.settings, self.state
         if _eval_due(state.step, settings):
-            state.stopped_early = self._evaluate_and_track()
+            try:
+                state.stopped_early = self._evaluate_and_track()
+            except StopRequested:  # the evaluation is abandoned; the update it was of is kept
+                state.eval_pending = True
+                return self._stop_here("during the evaluation at update")
             self.model.train()
             if state.stopped_early:
                 log.info("early stopping at update %d: no improvement in %d evaluations", state.step, settings.patience)
@@ -193,11 +200,25 @@ class TrainingRecipe:
         if settings.state_frequency and state.step % settings.state_frequency == 0:
             self.save_state()
         if stop.requested(self.accelerator):
-            self.save_state()
-            state.interrupted = True
-            log.warning("stop requested: training state saved at update %d; continue with resume=true", state.step)
-            return True
+            return self._stop_here("at update")
         return False
+
+    def _pending_evaluation(self) -> bool:
+        """The evaluation a stop abandoned, run first on resume; True when the run must end here."""
+        try:
+            self.state.stopped_early = self._evaluate_and_track()
+        except StopRequested:
+            return self._stop_here("during the evaluation at update")
+        self.state.eval_pending = False
+        self.model.train()
+        return self.state.stopped_early
+
+    def _stop_here(self, where: str) -> bool:
+        """Save the state of the last finished update and mark the run interrupted (it exits 0, resumable)."""
+        self.save_state()
+        self.state.interrupted = True
+        log.warning("stop requested %s %d: training state saved; continue with resume=true", where, self.state.step)
+        return True
 
     def _evaluate_and_track(self) -> bool:
         """Evaluate, keep the best, and say whether patience has run out."""

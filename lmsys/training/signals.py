@@ -1,4 +1,6 @@
-"""SIGTERM/SIGINT end a run at the next update boundary, after saving its state, on every process at once."""
+"""SIGTERM/SIGINT end a run promptly on every process at once: at the next update boundary, or within an evaluation
+or prediction at the next checked micro-batch (which then raises `StopRequested`). The first signal asks; the
+handlers are then reset to the defaults, so a second SIGTERM or Ctrl-C ends the process at once."""
 
 from __future__ import annotations
 
@@ -6,23 +8,38 @@ import signal
 
 import torch
 
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_DEFAULTS = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+_active: GracefulStop | None = None  # the innermost GracefulStop, for loops that do not get it passed in
+
+
+class StopRequested(Exception):
+    """Raised out of a prediction loop when a stop was asked for: the work in progress is abandoned."""
+
 
 class GracefulStop:
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous = {}
+        self._outer: GracefulStop | None = None
 
     def __enter__(self) -> GracefulStop:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        global _active
+        for sig in _SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._outer, _active = _active, self
         return self
 
     def __exit__(self, *exc) -> None:
+        global _active
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        _active = self._outer
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
+        for sig in _SIGNALS:  # the second signal is not caught: it ends the process at once
+            signal.signal(sig, _DEFAULTS[sig])
 
     def requested(self, accelerator) -> bool:
         """True on every process as soon as any process got a signal (so that none waits in a collective)."""
@@ -30,3 +47,26 @@ class GracefulStop:
         if accelerator.num_processes > 1:
             flag = accelerator.reduce(flag, reduction="sum")
         return bool(flag.item() > 0)
+
+
+# With several processes a check is a collective (an all-reduce): made every this many micro-batches only.
+CHECK_EVERY_WITH_PROCESSES = 8
+
+
+def stop_check_steps(n_batches: int, accelerator) -> set[int]:
+    """The micro-batch indices at which a prediction loop checks for a stop: every one on a single process; with
+    several, every CHECK_EVERY_WITH_PROCESSES-th below the smallest count of any rank (all ranks run those, so the
+    all-reduce of each check always meets all of them)."""
+    if _active is None:
+        return set()
+    if accelerator.num_processes == 1:
+        return set(range(n_batches))
+    count = torch.tensor(n_batches, device=accelerator.device)
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
+    return set(range(0, int(count), CHECK_EVERY_WITH_PROCESSES))
+
+
+def raise_if_stop_requested(accelerator) -> None:
+    """Raise StopRequested on every process when any process got a signal (inside an active GracefulStop)."""
+    if _active is not None and _active.requested(accelerator):
+        raise StopRequested("stop requested during prediction")

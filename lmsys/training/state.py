@@ -37,6 +37,7 @@ class LoopState:
     evals_without_improvement: int = 0
     stopped_early: bool = False
     interrupted: bool = False
+    eval_pending: bool = False  # a stop abandoned the evaluation of `step`: a resumed run runs it first
     best_metrics: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
 

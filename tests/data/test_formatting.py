@@ -7,7 +7,7 @@ the turn separators, the template markers), not copied from the encoder's output
 import pytest
 import tiny
 
-from lmsys.builders import build_encoder, build_spec, build_tokenizer
+from lmsys.builders import build_encoders, build_spec, build_tokenizer
 from lmsys.config import InputFormat, Template
 from lmsys.data.formatting import PairEncoder
 from lmsys.data.io import pairs_from_frame
@@ -220,7 +220,7 @@ FAMILY_GOLDEN = {  # kind -> (family, what comes before the body, what comes aft
 def test_every_family_golden(tiny_models, kind, fmt, body):
     family, opening, closing = FAMILY_GOLDEN[kind]
     model, data, _ = tiny.model_settings(tiny_models[kind], family, max_length=512)
-    data.format = fmt
+    data.formats = [fmt]
     spec = build_spec(model, data, packing=True)
-    enc = build_encoder(spec, build_tokenizer(tiny_models[kind], False))
+    [enc] = build_encoders(spec, build_tokenizer(tiny_models[kind], False))
     assert encode_text(enc, SINGLE) == opening + body + closing

@@ -7,6 +7,7 @@ from sklearn.metrics import log_loss as sklearn_log_loss
 
 from lmsys.evaluation.metrics import (
     accuracy,
+    calibration_bins,
     class_prior_log_loss,
     evaluation_metrics,
     expected_calibration_error,
@@ -81,12 +82,38 @@ def test_ece_large_when_overconfident() -> None:
     assert ece == pytest.approx(0.95 - 0.6, abs=0.02)
 
 
-def test_reliability_diagram_written(tmp_path) -> None:
-    rng = np.random.default_rng(2)
-    probs = random_probs(rng, 500)
-    path = save_reliability_diagram(probs, one_hot(sample_labels(rng, probs)), tmp_path / "plots" / "rel.png")
-    assert path.exists() and path.stat().st_size > 1000
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def one_bin_input(accuracy: float, n: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """n predictions at confidence 0.9 (bin 13 of 15) of which a fraction `accuracy` is right."""
+    probs = np.tile([0.9, 0.05, 0.05], (n, 1))
+    labels = np.where(np.arange(n) < round(accuracy * n), 0, 1)
+    return probs, one_hot(labels)
+
+
+def accuracy_bar_pixels(path) -> int:
+    """Pixels of the accuracy bars' face colour: C0 (#1f77b4) at alpha 0.7 over white."""
+    from matplotlib.image import imread
+
+    rgb = imread(path)[..., :3] * 255.0
+    face = 0.7 * np.array([31, 119, 180]) + 0.3 * 255.0
+    return int((np.abs(rgb - face).max(axis=-1) < 6).sum())
+
+
+def test_reliability_diagram_draws_the_bins(tmp_path) -> None:
+    """Known input, known numbers: one bin at confidence 0.9 with accuracy a; the bar's area in the PNG grows
+    linearly with a (axes fixed at [0, 1]), so the pixel increments of a = 0.2 -> 0.4 -> 0.8 are as 1 : 2."""
+    probs, targets = one_bin_input(0.4)
+    bins = calibration_bins(probs, targets)
+    assert bins["count"][13] == 100 and bins["count"].sum() == 100
+    assert bins["confidence"][13] == pytest.approx(0.9) and bins["accuracy"][13] == pytest.approx(0.4)
+    assert expected_calibration_error(probs, targets) == pytest.approx(0.5)
+    pixels = {}
+    for fraction in (0.2, 0.4, 0.8):
+        path = save_reliability_diagram(*one_bin_input(fraction), tmp_path / "plots" / f"rel{fraction}.png")
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        pixels[fraction] = accuracy_bar_pixels(path)
+    small, large = pixels[0.4] - pixels[0.2], pixels[0.8] - pixels[0.4]
+    assert small > 100  # the bar is drawn and its height follows the accuracy
+    assert large / small == pytest.approx(2.0, rel=0.1)
 
 
 def test_subset_table() -> None:

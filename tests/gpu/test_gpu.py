@@ -13,7 +13,7 @@ import torch
 from test_predict import make_checkpoint, predict_cfg, swapped_frame
 from tiny import arena_frame, model_settings
 
-from lmsys.builders import build_encoder, build_model, build_tokenizer
+from lmsys.builders import build_encoders, build_model, build_tokenizer
 from lmsys.config import Attention, ComputeDtype, LoraConfig, OptimizerName, PaddingSide
 from lmsys.data.batching import collate
 from lmsys.data.dataset import encode_split
@@ -33,7 +33,8 @@ def cuda_model(model_dir, kind: str, quantization: str = "nf4", dtype: str = "bf
                                         attn_implementation=Attention(attention))
     torch.manual_seed(0)
     model = build_model(spec, model_cfg, LoraConfig(dropout=0.0), CUDA)
-    return model, build_encoder(spec, build_tokenizer(model_dir, False))
+    [encoder] = build_encoders(spec, build_tokenizer(model_dir, False))
+    return model, encoder
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def pairs(tmp_path_factory):
 
 def batch_of(encoder, pairs, packed: bool):
     """All pairs in one micro-batch: packed rows of up to 512 tokens, or one left-padded row per pair."""
-    return collate(encode_split(pairs, encoder).forward,
+    return collate(encode_split(pairs, [encoder]).forward,
                    tiny.batching(packed, encoder.tokenizer.pad_token_id, PaddingSide.left, 512))
 
 

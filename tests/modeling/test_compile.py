@@ -5,7 +5,7 @@ import tiny
 import torch
 from torch._dynamo.utils import counters
 
-from lmsys.builders import build_encoder
+from lmsys.builders import build_encoders
 from lmsys.config import PaddingSide
 from lmsys.data.batching import collate
 from lmsys.data.dataset import encode_split
@@ -20,7 +20,7 @@ def curve(model_dir, compiled: bool):
     """The first forward's logits and the loss of each of 3 AdamW updates on one packed micro-batch."""
     model, spec, tokenizer = tiny.build_preference_model(model_dir, "llama", "nf4", torch_compile=compiled)
     pairs = pairs_from_frame(tiny.arena_frame(6, seed=11), "mem.csv", require_labels=True)
-    split = encode_split(pairs, build_encoder(spec, tokenizer))
+    split = encode_split(pairs, build_encoders(spec, tokenizer))
     batch = collate(split.forward, tiny.batching(True, tokenizer.pad_token_id, PaddingSide.left, 300))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()

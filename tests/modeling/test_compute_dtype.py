@@ -14,7 +14,7 @@ import tiny
 import torch
 from accelerate import Accelerator
 
-from lmsys.builders import build_encoder, build_loop_settings
+from lmsys.builders import build_encoders, build_loop_settings
 from lmsys.config import ComputeDtype, DataConfig, Family, LoraConfig, ModelConfig, OptimizerName, Quantization
 from lmsys.config import TrainConfig, TrainerConfig
 from lmsys.data.dataset import encode_split
@@ -104,7 +104,7 @@ def loss_curve(model_dir: Path, train: Path, dtype: ComputeDtype) -> np.ndarray:
     model, spec, tokenizer = tiny.build_preference_model(model_dir, "llama", "nf4", compute_dtype=dtype)
     assert {p.dtype for n, p in model.backbone.named_parameters() if "norm" in n} == {DTYPES[dtype]}
     assert {p.dtype for p in model.head.parameters()} == {torch.float32}  # the head stays fp32
-    split = encode_split(read_pairs(train, require_labels=True), build_encoder(spec, tokenizer))
+    split = encode_split(read_pairs(train, require_labels=True), build_encoders(spec, tokenizer))
     settings = build_loop_settings(config, spec, len(split), 1, tokenizer.pad_token_id)
     optimizer = create_optimizer(parameter_groups(model, 1e-3, 1e-2, 1.0, 0.0), OptimizerName.adamw, (0.9, 0.999), 1e-8)
     scheduler = warmup_cosine_scheduler(optimizer, settings.total_updates, 0.1, 0.1)

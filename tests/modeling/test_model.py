@@ -11,7 +11,7 @@ import tiny
 import torch
 from torch import nn
 
-from lmsys.builders import build_encoder, build_model
+from lmsys.builders import build_encoders, build_model
 from lmsys.config import Attention, ComputeDtype, Family, HeadInit, HeadType, PaddingSide
 from lmsys.data.batching import Example, collate, collate_packed, collate_padded, last_token_index
 from lmsys.data.dataset import encode_split
@@ -146,7 +146,7 @@ def logits_of(model, batch):
 def test_packed_and_padded_logits_are_equal(tiny_models, arena_pairs, kind, family, quantization, mode):
     model, spec, tokenizer = build(tiny_models, kind, family, quantization)
     model.train(mode == "train")
-    split = encode_split(arena_pairs, build_encoder(spec, tokenizer))
+    split = encode_split(arena_pairs, build_encoders(spec, tokenizer))
     exs = split.forward + split.swapped
     assert max(len(ex.ids) for ex in exs) > 64  # longer than the Gemma sliding window
     pad = tokenizer.pad_token_id
@@ -175,7 +175,7 @@ BF16_PACKING_TOLERANCE = 0.08
 def test_packed_and_padded_logits_agree_in_bfloat16(tiny_models, arena_pairs, kind, family, quantization):
     model, spec, tokenizer = build(tiny_models, kind, family, quantization, compute_dtype=ComputeDtype.bfloat16)
     assert next(p for n, p in model.backbone.named_parameters() if "norm" in n).dtype == torch.bfloat16
-    split = encode_split(arena_pairs, build_encoder(spec, tokenizer))
+    split = encode_split(arena_pairs, build_encoders(spec, tokenizer))
     exs, pad = split.forward + split.swapped, tokenizer.pad_token_id
     reference = torch.cat([logits_of(model, collate_padded([ex], pad, PaddingSide.right)) for ex in exs])
     assert reference.dtype == torch.float32 and reference.std(0).min() > 0.05
@@ -193,7 +193,7 @@ def test_an_evaluation_pass_does_not_change_training_gradients(tiny_models, aren
 
     def gradients(evaluate_first: bool) -> dict[str, torch.Tensor]:
         model, spec, tokenizer = build(tiny_models, "llama", "llama", "nf4")
-        split = encode_split(arena_pairs[:3], build_encoder(spec, tokenizer))
+        split = encode_split(arena_pairs[:3], build_encoders(spec, tokenizer))
         batch = collate(split.forward, tiny.batching(True, tokenizer.pad_token_id, PaddingSide.left, spec.max_length))
         if evaluate_first:  # what train_loop does every eval_frequency updates
             with torch.inference_mode():
@@ -226,7 +226,7 @@ def test_nf4_quantization_is_real(tiny_models):
 @pytest.mark.parametrize("kind,family", [("llama", "llama"), ("gemma3", "gemma")])
 def test_folding_lora_into_dense_weights_keeps_the_logits(tiny_models, arena_pairs, kind, family):
     model, spec, tokenizer = build(tiny_models, kind, family, "nf4")
-    split = encode_split(arena_pairs, build_encoder(spec, tokenizer))
+    split = encode_split(arena_pairs, build_encoders(spec, tokenizer))
     batch = collate(split.forward + split.swapped, tiny.batching(True, tokenizer.pad_token_id, PaddingSide.left, spec.max_length))
     before = logits_of(model, batch)
     assert fold_into_dense(model) == 2 * 7
@@ -280,7 +280,7 @@ def test_family_table(tmp_path):
 @pytest.mark.parametrize("kind,family,quantization", [("llama", "llama", "nf4"), ("gemma3", "gemma", "none")])
 def test_checkpoint_round_trip(tiny_models, arena_pairs, tmp_path, kind, family, quantization):
     model, spec, tokenizer = build(tiny_models, kind, family, quantization, head=HeadType.mlp)
-    split = encode_split(arena_pairs, build_encoder(spec, tokenizer))
+    split = encode_split(arena_pairs, build_encoders(spec, tokenizer))
     batch = collate(split.forward + split.swapped, tiny.batching(True, tokenizer.pad_token_id, PaddingSide.left, 300))
     before = logits_of(model, batch)
     directory = tmp_path / "checkpoint"
@@ -325,7 +325,7 @@ def test_mistral_packed_rows_apply_the_sliding_window(tiny_models, arena_pairs, 
         model, spec, tokenizer = tiny.build_preference_model(directory, "mistral", "none")
         perturb(model, seed=1)
         assert spec.attn_implementation == Attention.sdpa
-        exs = encode_split(arena_pairs, build_encoder(spec, tokenizer)).forward
+        exs = encode_split(arena_pairs, build_encoders(spec, tokenizer)).forward
         assert min(len(ex.ids) for ex in exs) > tiny.MISTRAL_WINDOW
         logits[name] = logits_of(model.eval(), collate(exs, tiny.batching(True, tokenizer.pad_token_id,
                                                                            PaddingSide.left, 10_000)))

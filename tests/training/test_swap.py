@@ -58,8 +58,8 @@ def test_encoded_swapped_orientation_is_the_swapped_pair_encoded(input_format):
     encoder = PairEncoder(build_tokenizer(add_bos=False), CHAT_MARKERS[Template.chatml], input_format, 160, 0.2, 1, 1,
                           0.5)
     pairs = pairs_from_frame(arena_frame(20, seed=2), "frame", require_labels=True)
-    split = encode_split(pairs, encoder)
-    mirrored = encode_split([swap_pair(pair) for pair in pairs], encoder)
+    split = encode_split(pairs, [encoder])
+    mirrored = encode_split([swap_pair(pair) for pair in pairs], [encoder])
     assert any(len(ex.ids) == 160 for ex in split.forward)  # some pairs are truncated
     for index, pair in enumerate(pairs):
         swapped, forward = split.swapped[index], mirrored.forward[index]
@@ -72,25 +72,30 @@ def test_encoded_swapped_orientation_is_the_swapped_pair_encoded(input_format):
 def test_swapped_predictions_are_mapped_back_to_a_b_tie():
     logits_ab = np.array([[2.0, 0.0, -1.0], [0.1, 0.5, 0.3]])
     # An order-blind model: its (B, A) pass scores the first shown response (B) as the (A, B) pass scored B.
-    order_blind = SplitPredictions(logits_ab, swap_abt(logits_ab))
+    order_blind = SplitPredictions([logits_ab], [swap_abt(logits_ab)])
     assert np.allclose(order_blind.probs_ba_back, order_blind.probs_ab)
     assert np.allclose(order_blind.combined("prob"), order_blind.probs_ab)
     # A model that always prefers the first shown response: TTA cancels the bias between A and B.
-    first_wins = SplitPredictions(np.array([[3.0, 0.0, 0.0]]), np.array([[3.0, 0.0, 0.0]]))
+    first_wins = SplitPredictions([np.array([[3.0, 0.0, 0.0]])], [np.array([[3.0, 0.0, 0.0]])])
     combined = first_wins.combined("prob")
     assert combined[0, 0] == pytest.approx(combined[0, 1])
 
 
-def toy_split(n_pairs: int, seed: int = 0) -> EncodedSplit:
+def toy_split(n_pairs: int, seed: int = 0, n_formats: int = 1) -> EncodedSplit:
+    """Random ids per pair; format k appends k marker tokens so that the formats' examples differ."""
     rng = np.random.default_rng(seed)
-    pairs, forward, swapped = [], [], []
+    pairs = []
+    forward: list[list[Example]] = [[] for _ in range(n_formats)]
+    swapped: list[list[Example]] = [[] for _ in range(n_formats)]
     for index in range(n_pairs):
         target = tuple(float(v) for v in np.eye(3)[index % 3])
         pair = Pair(str(index), ("p",), ("a",), ("b",), target=target)
         ids = rng.integers(5, 100, size=int(rng.integers(8, 40))).astype(np.int32)
         pairs.append(pair)
-        forward.append(Example(index, ids, False, pair.target))
-        swapped.append(Example(index, ids[::-1].copy(), True, swap_pair(pair).target))
+        for k in range(n_formats):
+            marked = np.concatenate([ids, np.full(k, 1, dtype=np.int32)])
+            forward[k].append(Example(index, marked, False, pair.target, format_index=k))
+            swapped[k].append(Example(index, marked[::-1].copy(), True, swap_pair(pair).target, format_index=k))
     return EncodedSplit(pairs, forward, swapped, [1] * n_pairs)
 
 
@@ -118,6 +123,37 @@ def test_full_swap_puts_both_orientations_in_one_optimizer_step(batching, world_
             seen.update((ex.pair_index, ex.swapped) for ex in per_rank[0])
     if world_size == 1:
         assert seen == Counter({(i, s): 1 for i in range(37) for s in (False, True)})  # each once per epoch
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_full_swap_with_two_formats_puts_four_examples_of_each_pair_in_one_step(world_size):
+    """Format augmentation composes with full swap: each pair's (format, orientation) examples, all four, in the
+    same update on the same rank, each once per epoch, weighted 1 / (examples in the update) like every other."""
+    split = toy_split(37, n_formats=2)
+    seen = Counter()
+    for per_rank, n_examples in plan_examples(split, SwapMode.full, PADDED, world_size):
+        assert n_examples == sum(len(examples) for examples in per_rank)
+        for examples in per_rank:
+            views = Counter(ex.pair_index for ex in examples)
+            assert set(views.values()) == {4}
+            kinds = {i: {(ex.format_index, ex.swapped) for ex in examples if ex.pair_index == i} for i in views}
+            assert all(kind == {(0, False), (0, True), (1, False), (1, True)} for kind in kinds.values())
+            for ex in examples:
+                assert ex is split.example(ex.pair_index, ex.swapped, ex.format_index)
+            seen.update((ex.pair_index, ex.swapped, ex.format_index) for ex in examples)
+    if world_size == 1:
+        assert seen == Counter({(i, s, k): 1 for i in range(37) for s in (False, True) for k in (0, 1)})
+
+
+def test_random_swap_with_two_formats_flips_both_formats_alike():
+    split = toy_split(50, n_formats=2)
+    examples = [ex for per_rank, _ in plan_examples(split, SwapMode.random, PACKED, 1) for ex in per_rank[0]]
+    assert Counter(ex.pair_index for ex in examples) == Counter({i: 2 for i in range(50)})
+    by_pair = {}
+    for ex in examples:
+        by_pair.setdefault(ex.pair_index, set()).add(ex.swapped)
+    assert all(len(flips) == 1 for flips in by_pair.values())  # both formats in the same drawn orientation
+    assert 0 < sum(flips == {True} for flips in by_pair.values()) < 50
 
 
 def test_random_swap_uses_each_pair_once_in_a_random_orientation():
