@@ -14,23 +14,23 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 
-def _choices(name: str, values: str) -> type[Enum]:
+def choices(name: str, values: str) -> type[Enum]:
     """A str Enum whose members are named as their values: OmegaConf checks a value against them and names them
     in its error (it rejects `Literal`)."""
     return Enum(name, [(value, value) for value in values.split()], type=str, module=__name__, qualname=name)
 
 
 # deberta: the encoder family (model_type deberta-v2: DeBERTa-v3 and mDeBERTa), padded batches only
-Family = _choices("Family", "llama gemma qwen mistral deberta")
+Family = choices("Family", "llama gemma qwen mistral deberta")
 # sep: the encoders' layout, [CLS] prompt [SEP] A [SEP] B [SEP] with the tokenizer's own cls/sep tokens
-Template = _choices("Template", "auto llama3 gemma chatml mistral plain sep")
-Quantization = _choices("Quantization", "nf4 fp4 int8 none")
-ComputeDtype = _choices("ComputeDtype", "auto float32 bfloat16 float16")
-Attention = _choices("Attention", "auto eager sdpa flash_attention_2 flex_attention")
-HeadType, HeadInit = _choices("HeadType", "linear mlp"), _choices("HeadInit", "normal zeros torch_default")
+Template = choices("Template", "auto llama3 gemma chatml mistral plain sep")
+Quantization = choices("Quantization", "nf4 fp4 int8 none")
+ComputeDtype = choices("ComputeDtype", "auto float32 bfloat16 float16")
+Attention = choices("Attention", "auto eager sdpa flash_attention_2 flex_attention")
+HeadType, HeadInit = choices("HeadType", "linear mlp"), choices("HeadInit", "normal zeros torch_default")
 # lora: frozen (quantized) backbone + LoRA + head; full: every backbone weight trains (unquantized), the
 # checkpoint holds the whole backbone
-FineTune = _choices("FineTune", "lora full")
+FineTune = choices("FineTune", "lora full")
 
 
 @dataclass
@@ -80,9 +80,9 @@ class LoraConfig:
         require(len(self.target_modules) > 0, "lora.target_modules must not be empty")
 
 
-InputFormat, PaddingSide = _choices("InputFormat", "pab papb"), _choices("PaddingSide", "left right")
+InputFormat, PaddingSide = choices("InputFormat", "pab papb"), choices("PaddingSide", "left right")
 # A two-class run and tied rows: error (name them), drop them (counted in the log), split (0.5 / 0.5 soft target)
-Ties = _choices("Ties", "error drop split")
+Ties = choices("Ties", "error drop split")
 
 
 @dataclass
@@ -121,7 +121,7 @@ class DataConfig:
                 "combined with data.valid_path (pass data.valid_path=null)")
 
 
-OptimizerName = _choices("OptimizerName", "adamw adamw_8bit")
+OptimizerName = choices("OptimizerName", "adamw adamw_8bit")
 
 
 @dataclass
@@ -163,7 +163,7 @@ class LossConfig:
         require(min(weights) >= 0 and sum(weights) > 0, "loss weights must be >= 0 with a positive sum")
 
 
-SwapMode, TtaMode = _choices("SwapMode", "none random full"), _choices("TtaMode", "prob logit")
+SwapMode, TtaMode = choices("SwapMode", "none random full"), choices("TtaMode", "prob logit")
 
 
 @dataclass

@@ -14,7 +14,6 @@ import gc
 import importlib.util
 import logging
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from transformers import AutoModelForCausalLM, set_seed
 
 from lmsys.builders import build_tokenizer
 from lmsys.cli import CommandError, run_command
-from lmsys.config import ComputeDtype, require
+from lmsys.config import ComputeDtype, choices, require
 from lmsys.data.io import DataError, read_prompts
 from lmsys.modeling.backbone import resolve_dtype
 from lmsys.logs import setup_logging
@@ -52,14 +51,7 @@ Multi-turn prompts are answered turn by turn: turn k is generated after the mode
 """
 
 
-class Engine(str, Enum):
-    hf = "hf"
-    vllm = "vllm"
-
-
-class Sampling(str, Enum):
-    greedy = "greedy"
-    sample = "sample"
+Engine, Sampling = choices("Engine", "hf vllm"), choices("Sampling", "greedy sample")
 
 
 @dataclass

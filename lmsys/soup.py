@@ -181,9 +181,6 @@ def make_soup(checkpoints: list[Path], weights: list[float] | None, output_dir: 
     return output_dir
 
 
-def main(argv: list[str] | None = None) -> Path:
-    return run_command(SoupConfig, __doc__, run_soup, argv)
-
 
 def run_soup(config: SoupConfig) -> Path:
     setup_logging()
@@ -193,6 +190,10 @@ def run_soup(config: SoupConfig) -> Path:
         log.info("soup ingredient %s weight %.4f", path, weight)
     log.info("wrote the soup of %d checkpoint(s) to %s", len(checkpoints), output_dir)
     return output_dir
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return run_command(SoupConfig, __doc__, run_soup, argv)
 
 
 if __name__ == "__main__":

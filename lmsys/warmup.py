@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import tempfile
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from lmsys.builders import build_tokenizer
 from lmsys.cli import CommandError, run_command
-from lmsys.config import ComputeDtype, LoraConfig, Quantization, require
+from lmsys.config import ComputeDtype, LoraConfig, Quantization, choices, require
 from lmsys.data.io import DataError, read_pairs
 from lmsys.data.schema import Pair
 from lmsys.modeling.backbone import quantization_config, resolve_dtype
@@ -58,9 +57,7 @@ Keys:
 """
 
 
-class Stage(str, Enum):
-    sft = "sft"
-    dpo = "dpo"
+Stage = choices("Stage", "sft dpo")
 
 
 @dataclass

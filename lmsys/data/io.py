@@ -102,11 +102,7 @@ def pairs_from_frame(
 def _parse_teacher_logits(cell: object, name: str, row_id: str) -> tuple[float, ...]:
     """A teacher's logits for the (A, B) orientation: 3 (or, for a two-class run, 2) finite floats."""
     where = f"{name}: row id={row_id} column '{TEACHER_COLUMN}'"
-    if isinstance(cell, str):
-        try:
-            cell = json.loads(cell)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: expected a list of 2 or 3 logits, got {cell[:80]!r}") from err
+    cell = _decoded(cell, where, "a list of 2 or 3 logits")
     values = np.asarray(cell, dtype=float) if isinstance(cell, (list, tuple, np.ndarray)) else np.array([])
     if values.shape not in ((2,), (3,)) or not np.isfinite(values).all():
         raise DataError(f"{where}: expected a list of 2 or 3 finite logits, got {cell!r}")
@@ -223,14 +219,20 @@ def _parse_one_hot(row: dict, name: str, row_id: str) -> tuple[float, float, flo
     return tuple(values)
 
 
+def _decoded(cell: object, where: str, expected: str) -> object:
+    """A JSON string cell decoded (parquet cells come decoded already)."""
+    if not isinstance(cell, str):
+        return cell
+    try:
+        return json.loads(cell)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: expected {expected}, got {cell[:80]!r}") from err
+
+
 def _parse_label_cell(cell: object, name: str, row_id: str) -> tuple[float, float, float]:
     """`label` is a class index 0/1/2 or three probabilities (soft labels, pseudo-labels)."""
     where = f"{name}: row id={row_id} column 'label'"
-    if isinstance(cell, str):
-        try:
-            cell = json.loads(cell)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: expected 0/1/2 or three probabilities, got {cell!r}") from err
+    cell = _decoded(cell, where, "0/1/2 or three probabilities")
     if isinstance(cell, (list, tuple, np.ndarray)):
         probs = np.asarray(cell, dtype=float)
         if probs.shape != (3,) or not np.isfinite(probs).all() or (probs < 0).any():
