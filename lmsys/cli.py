@@ -38,7 +38,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from lmsys.training.state import ResumeError
 
     return (CommandError, ConfigError, DataError, CheckpointError, FamilyError, ModelLoadError, RunDirError, ResumeError,
-            OmegaConfBaseException, FileNotFoundError, FileExistsError)
+            OmegaConfBaseException, FileNotFoundError, FileExistsError, FloatingPointError)
 
 
 def debugging() -> bool:

@@ -106,7 +106,7 @@ def test_the_soup_is_a_checkpoint_that_export_reads(checkpoints, tmp_path):
 @pytest.mark.parametrize(("changes", "message"), [
     ({"max_length": 64}, "field max_length is 64, but"),
     ({"head": "mlp"}, "field head is 'mlp', but"),
-    ({"input_formats": ["papb"]}, r"field input_formats is \('papb',\)"),
+    ({"input_formats": ["papb"]}, r"field input_formats is \(<InputFormat.papb: 'papb'>,\)"),
     ({"text_head_share": 0.25}, "field text_head_share is 0.25"),
     ({"facts__hidden_size": 32}, "field facts.hidden_size is 32"),
 ])

@@ -217,8 +217,9 @@ def check_run_dir(run_dir: Path, model_dir: Path, valid: Path, updates: int) -> 
     assert "eval at update" in (run_dir / "train.log").read_text()
 
     oof = pd.read_csv(run_dir / "oof.csv", dtype={"id": str})
+    swapped = ["swapped_logit_a", "swapped_logit_b", "swapped_logit_tie"] if config.trainer.eval_tta else []
     assert list(oof.columns) == ["id", "winner_model_a", "winner_model_b", "winner_tie", "label",
-                                 "logit_a", "logit_b", "logit_tie"]  # without eval TTA: the (A, B) pass only
+                                 "logit_a", "logit_b", "logit_tie", *swapped]  # without eval TTA: the (A, B) pass only
     valid_pairs = read_pairs(valid, require_labels=True)
     assert oof["id"].tolist() == [p.id for p in valid_pairs]
     assert oof["label"].tolist() == [p.label for p in valid_pairs]
