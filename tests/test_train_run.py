@@ -225,7 +225,10 @@ def check_run_dir(run_dir: Path, model_dir: Path, valid: Path, updates: int) -> 
     assert oof["label"].tolist() == [p.label for p in valid_pairs]
     probs = oof[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
-    np.testing.assert_allclose(probs, softmax(oof[["logit_a", "logit_b", "logit_tie"]].to_numpy()), atol=1e-6)
+    expected = softmax(oof[["logit_a", "logit_b", "logit_tie"]].to_numpy())
+    if swapped:  # eval TTA (prob mode): the mean of both orientations' probabilities
+        expected = (expected + softmax(oof[swapped].to_numpy())) / 2
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
 
     spec = read_spec(run_dir / "checkpoint")
     assert Path(spec.base_model_path) == model_dir.resolve() and spec.max_length == 128
