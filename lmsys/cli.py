@@ -15,6 +15,7 @@ import sys
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from enum import Enum
 from typing import TypeVar
 
 from omegaconf import OmegaConf
@@ -100,7 +101,7 @@ def options_text(schema: type, prefix: str = "") -> str:
 
 
 def _type_name(kind: object) -> str:
-    if isinstance(kind, type) and issubclass(kind, __import__("enum").Enum):
+    if isinstance(kind, type) and issubclass(kind, Enum):
         return "|".join(member.value for member in kind)
     return str(kind).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
