@@ -19,10 +19,12 @@ from entry_runs import (
     read_metrics_log,
     read_oof,
     start,
+    start_entry,
     tiny_overrides,
     torchrun_command,
 )
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 from tiny import arena_frame
 
 from lmsys.builders import build_encoders, build_eval_batching, build_model, build_tokenizer
@@ -31,7 +33,7 @@ from lmsys.data.dataset import encode_split
 from lmsys.data.io import read_pairs
 from lmsys.evaluation.metrics import accuracy, log_loss
 from lmsys.evaluation.predict_loop import predict_split
-from lmsys.modeling.checkpoint import read_spec
+from lmsys.modeling.checkpoint import HEAD_FILE, read_spec
 
 N_VALID = 7  # odd: the two ranks evaluate 4 and 3 pairs
 # Updates of 4 * 2 pairs per rank: two full ones, then 3 pairs dealt 2 + 1. With a token budget of one pair per
@@ -43,6 +45,12 @@ RUN_SUBDIR = Path("outputs") / "conf_r_llama_smol" / f"seed{SEED}"
 # What predict_split reads of an accelerator, for one process (a real Accelerator would set global state).
 SINGLE_PROCESS = SimpleNamespace(process_index=0, num_processes=1, is_main_process=True, device=torch.device("cpu"))
 CPU_DDP = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+# One process, the same 16 pairs per update as 2 ranks x batch_size 4 x grad_accum 2 (trainer/cpu.yaml).
+SINGLE_PROCESS_BATCH = ["trainer.batch_size=8"]
+# 2 processes vs 1, float32 reduction order only (measured: loss and grad norm 1.2e-7, one ulp of ~1.1; weights
+# 1.6e-7; validation probabilities 1.6e-8). The weight bound is 1% of the smallest Adam step of the run
+# (lr 1.65e-4): a pair weighted wrongly or missing on one rank changes the steps by a large fraction of lr.
+CURVE_ATOL, WEIGHT_ATOL, PROB_ATOL = 1e-5, 2e-6, 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -56,22 +64,26 @@ def ddp_data(tmp_path_factory, tiny_models) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def ddp(ddp_data) -> SimpleNamespace:
-    """Two independent torchrun launches at once: a full run (3 updates, then evaluation) in a fresh working dir
-    with the default run dir, each rank recording its run dir and file-system writes (tests/ddp_audit.py); and
-    tests/ddp_worker.py."""
+    """Three independent launches at once: a full run (3 updates, then evaluation) by torchrun in a fresh working
+    dir with the default run dir, each rank recording its run dir and file-system writes (tests/ddp_audit.py);
+    the same run by one process with the same pairs per update; and tests/ddp_worker.py."""
     root = ddp_data.root
-    cwd, reports, worker_out = root / "cwd", root / "reports", root / "worker.json"
+    cwd, reports, worker_out, single_dir = root / "cwd", root / "reports", root / "worker.json", root / "single"
     cwd.mkdir()
     reports.mkdir()
     env = entry_env(**CPU_DDP)
     audit_args = [str(reports), str(ENTRY), "--config-name", "conf_r_llama_smol", *ddp_data.overrides, f"seed={SEED}"]
     run = start(torchrun_command(REPO / "tests" / "ddp_audit.py", audit_args), root / "run.log", env, cwd)
+    single = start_entry([*ddp_data.overrides, *SINGLE_PROCESS_BATCH, f"seed={SEED}", f"hydra.run.dir={single_dir}"],
+                         root / "single.log", env, root)
     worker = start(torchrun_command(REPO / "tests" / "ddp_worker.py", [str(worker_out), *ddp_data.overrides]),
                    root / "worker.log", env, root)
     finish(run, root / "run.log")
+    finish(single, root / "single.log")
     finish(worker, root / "worker.log")
     return SimpleNamespace(
-        cwd=cwd, run_dir=(cwd / RUN_SUBDIR).resolve(), worker=json.loads(worker_out.read_text()),
+        cwd=cwd, run_dir=(cwd / RUN_SUBDIR).resolve(), single_dir=single_dir,
+        worker=json.loads(worker_out.read_text()),
         ranks=[json.loads((reports / f"rank{rank}.json").read_text()) for rank in (0, 1)],
     )
 
@@ -156,6 +168,41 @@ def test_gradients_are_synchronized_with_unequal_micro_batch_counts(ddp):
     assert ddp.worker["spread_before"] == 0.0
     assert ddp.worker["spread_synced"] == 0.0
     assert ddp.worker["spread_unsynced"] > 1e-6  # without the all-reduce the ranks drift apart: the check can fail
+
+
+def training_curves(run_dir: Path) -> dict[str, list[float]]:
+    """train/loss, train/grad_norm and train/lr of each update, in update order, from the run's metrics log."""
+    logged = sorted((entry for entry in read_metrics_log(run_dir) if "train/loss" in entry), key=lambda e: e["step"])
+    assert [entry["step"] for entry in logged] == list(range(1, len(logged) + 1))
+    return {key: [entry[key] for entry in logged] for key in ("train/loss", "train/grad_norm", "train/lr")}
+
+
+def trained_weights(run_dir: Path) -> dict[str, np.ndarray]:
+    checkpoint = run_dir / "checkpoint"
+    weights = {**load_file(str(checkpoint / "adapter_model.safetensors")), **load_file(str(checkpoint / HEAD_FILE))}
+    return {name: tensor.double().numpy() for name, tensor in weights.items()}
+
+
+def test_two_processes_train_like_one_with_the_same_pairs_per_update(ddp):
+    """Same data, same pairs per update (16), no dropout: the loss, gradient-norm and lr curves, the final LoRA
+    and head weights and the validation predictions of the 2-process run are the 1-process run's, up to float32
+    reduction order (rows packed per rank instead of per update, the gradient all-reduce)."""
+    info = json.loads((ddp.single_dir / "run_info.json").read_text())
+    assert (info["num_processes"], read_metrics(ddp.single_dir)["updates"]) == (1, 3)
+    one, two = training_curves(ddp.single_dir), training_curves(ddp.run_dir)
+    for key in one:
+        np.testing.assert_allclose(two[key], one[key], rtol=0, atol=CURVE_ATOL, err_msg=key)
+    one_weights, two_weights = trained_weights(ddp.single_dir), trained_weights(ddp.run_dir)
+    assert sorted(one_weights) == sorted(two_weights)
+    for name, weight in one_weights.items():
+        np.testing.assert_allclose(two_weights[name], weight, rtol=0, atol=WEIGHT_ATOL, err_msg=name)
+    # the weights compared are trained ones: LoRA B starts at zero and moved by far more than the tolerance
+    assert max(np.abs(w).max() for name, w in one_weights.items() if "lora_B" in name) > 100 * WEIGHT_ATOL
+    np.testing.assert_allclose(oof_probs(ddp.run_dir), oof_probs(ddp.single_dir), rtol=0, atol=PROB_ATOL)
+
+
+def oof_probs(run_dir: Path) -> np.ndarray:
+    return read_oof(run_dir)[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy()
 
 
 @pytest.mark.parametrize(("name", "distributed", "processes"), [("gpu8", "MULTI_GPU", 8), ("gpu1", "NO", 1)])
