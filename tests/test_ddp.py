@@ -1,4 +1,5 @@
-"""DDP on CPU: two real processes (torchrun, gloo) train and evaluate a tiny Llama."""
+"""DDP on CPU: two real processes (torchrun, gloo) train and evaluate a tiny Llama, as one process does with the
+same pairs per update."""
 
 from __future__ import annotations
 
