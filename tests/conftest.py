@@ -24,15 +24,15 @@ for _variable, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")
                           ("LMSYS_AUTO_CPU_DTYPE", "float32")):
     os.environ.setdefault(_variable, _value)
 
-import torch
+import torch  # noqa: E402 (after the thread and offline variables above are set)
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-from lmsys.config import register_configs
+from lmsys.config import register_configs  # noqa: E402 (after the thread and offline variables above are set)
 
 register_configs()
 
-import tiny
+import tiny  # noqa: E402 (after the thread and offline variables above are set)
 
 
 @pytest.fixture(scope="session")

@@ -49,11 +49,15 @@ def test_schema(splits):
 
 def test_splits_share_facts_but_not_rows(splits):
     dfs, _ = splits
-    key = lambda df: set(zip(df.prompt, df.response_a, df.response_b))
-    assert not key(dfs["train"]) & key(dfs["valid"])
+    def rows(df):
+        return set(zip(df.prompt, df.response_a, df.response_b))
+
+    def last_questions(df):
+        return {json.loads(p)[-1] for p in df.prompt}
+
+    assert not rows(dfs["train"]) & rows(dfs["valid"])
     # Same questions recur across splits (the facts are learnable in training).
-    last_q = lambda df: {json.loads(p)[-1] for p in df.prompt}
-    assert len(last_q(dfs["train"]) & last_q(dfs["valid"])) > 50
+    assert len(last_questions(dfs["train"]) & last_questions(dfs["valid"])) > 50
 
 
 def test_multi_turn_and_null_turns_present(splits):
