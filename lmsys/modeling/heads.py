@@ -53,9 +53,12 @@ class BiEncoderHead(nn.Module):
     logits (N, 2), swap-equivariant by construction: exchanging h_A and h_B exchanges the A and B logits exactly
     and leaves the tie logit as it is.
 
-    logit_A = win([h_A, h_B, h_A - h_B, h_A * h_B]) and logit_B = win([h_B, h_A, h_B - h_A, h_B * h_A]) with the
+    logit_A = win([h_A, h_B, h_A - h_B, u_A * u_B]) and logit_B = win([h_B, h_A, h_B - h_A, u_B * u_A]) with the
     same `win` scorer, so a swapped pair feeds each call the other's input to the bit; the tie scorer reads only
-    features symmetric in A and B ([|h_A - h_B|, h_A * h_B, h_A + h_B]), equal to the bit either way.
+    features symmetric in A and B ([|h_A - h_B|, u_A * u_B, h_A + h_B]), equal to the bit either way.
+    The product is of the unit-length states u = h / |h| (its sum is their cosine): a decoder's last hidden state
+    has outlier dimensions that the raw product squares (SmolLM2-135M: |h| = 56, one dimension 43, |h_A * h_B| =
+    1,870), which would swamp the other features and start the head far from the uniform prediction.
     """
 
     sequences_per_pair = 2
@@ -73,7 +76,7 @@ class BiEncoderHead(nn.Module):
 
     def forward(self, pooled_a: torch.Tensor, pooled_b: torch.Tensor) -> torch.Tensor:
         h_a, h_b = pooled_a.float(), pooled_b.float()  # (N, H) each
-        product = h_a * h_b  # (N, H), the same bits as h_b * h_a
+        product = nn.functional.normalize(h_a, dim=-1) * nn.functional.normalize(h_b, dim=-1)  # (N, H), |.| <= 1
         # two calls of the same shape (not one stacked call): a swapped pair meets each input at the same place
         logit_a = self.win(torch.cat([h_a, h_b, h_a - h_b, product], dim=-1))  # (N, 1)
         logit_b = self.win(torch.cat([h_b, h_a, h_b - h_a, product], dim=-1))  # (N, 1)
