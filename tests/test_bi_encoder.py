@@ -20,9 +20,11 @@ from accelerate import Accelerator
 from entry_runs import ENTRY, REPO, finish, read_oof, run_entry, start, tiny_overrides
 from test_predict import make_checkpoint
 
-from lmsys.builders import build_encoders, build_model, build_spec
+from lmsys.builders import build_encoders, build_model, build_prediction_spec, build_spec
+from lmsys.cli import parse_config
 from lmsys.config import (
     Architecture,
+    ComputeDtype,
     ConfigError,
     DataConfig,
     Family,
@@ -32,6 +34,7 @@ from lmsys.config import (
     LoraConfig,
     ModelConfig,
     PaddingSide,
+    Quantization,
     Template,
     TrainConfig,
     TrainerConfig,
@@ -39,13 +42,16 @@ from lmsys.config import (
 from lmsys.data.batching import collate, collate_packed
 from lmsys.data.dataset import encode_split
 from lmsys.data.formatting import ResponseEncoder
-from lmsys.data.io import pairs_from_frame
+from lmsys.data.io import pairs_from_frame, read_pairs
 from lmsys.data.schema import Pair, swap_pair
 from lmsys.data.templates import CHAT_MARKERS, chat_markers
 from lmsys.evaluation.predict_loop import predict_split
+from lmsys.export import run_export
 from lmsys.modeling.checkpoint import SPEC_FILE, CheckpointError, read_spec, save_checkpoint
 from lmsys.modeling.heads import BiEncoderHead, PreferenceHead
 from lmsys.modeling.warm_start import check_warm_start
+from lmsys.predict import predict_checkpoint
+from lmsys.prediction_config import ExportConfig, PredictConfig
 from lmsys.soup import check_compatible, read_ingredient
 
 CPU = torch.device("cpu")
@@ -243,7 +249,7 @@ def checkpoints(tmp_path_factory, tiny_models):
     cross = make_checkpoint(root / "cross", tiny_models["llama"])
     config, spec = bi_spec(tiny_models, head_init_std=0.5)
     torch.manual_seed(0)
-    model = build_model(spec, config, LORA, CPU)
+    model = perturb(build_model(spec, config, LORA, CPU))
     save_checkpoint(root / "bi", model, tiny.build_tokenizer(False), spec)
     return {"cross": cross, "bi": root / "bi"}
 
@@ -284,6 +290,24 @@ def test_a_version_3_spec_reads_as_a_cross_encoder(checkpoints, tmp_path):
     spec = read_spec(tmp_path)
     assert spec.architecture == Architecture.cross_encoder and spec.format_version == 4
     assert read_spec(checkpoints["bi"]).architecture == Architecture.bi_encoder
+
+
+def test_an_exported_bi_encoder_predicts_as_its_adapter(checkpoints, tmp_path):
+    merged = run_export(parse_config(ExportConfig, [f"checkpoint={checkpoints['bi']}", f"output_dir={tmp_path / 'm'}",
+                                                    "dtype=float32"]))
+    spec = read_spec(merged)
+    assert spec.merged and spec.architecture == Architecture.bi_encoder
+    tiny.arena_frame(8, seed=4, labelled=False).to_csv(tmp_path / "test.csv", index=False)
+    pairs = read_pairs(tmp_path / "test.csv", False)
+
+    def predicted(checkpoint, **spec_changes):
+        config = PredictConfig(checkpoint=str(checkpoint), output="unused.csv", show_progress=False)
+        spec = replace(build_prediction_spec(config.checkpoint, config), **spec_changes)
+        return predict_checkpoint(config.checkpoint, spec, pairs, config, Accelerator(cpu=True)).logits_ab
+
+    adapter = predicted(checkpoints["bi"], quantization=Quantization.none, compute_dtype=ComputeDtype.float32)
+    assert np.abs(predicted(merged) - adapter).max() <= 1e-4
+    assert np.abs(adapter[:, 0] - adapter[:, 1]).min() > 1e-4
 
 
 # --- a run through the entry point, prediction, the ensemble ----------------------------------------------------------
