@@ -127,8 +127,8 @@ def build_tokenizer(path: str | Path, trust_remote_code: bool):
 
 
 def build_encoders(spec: ModelSpec, tokenizer) -> list[PairEncoder]:
-    """One encoder per input format of the spec, in its order (format_index k is encoder k); a bi-encoder's
-    encode each pair as two sequences, (prompt, A) and (prompt, B)."""
+    """One encoder per input format of the spec, in its order (format_index k is encoder k); for a bi-encoder,
+    encoders of each pair's two sequences, (prompt, A) and (prompt, B)."""
     encoder = ResponseEncoder if spec.architecture == Architecture.bi_encoder else PairEncoder
     return [
         encoder(tokenizer, chat_markers(spec.template, tokenizer), input_format, spec.max_length, spec.prompt_share,

@@ -77,11 +77,6 @@ class ModelSpec:
     format_version: int = FORMAT_VERSION
 
     @property
-    def sequences_per_pair(self) -> int:
-        """The sequences the backbone reads per pair: 1, or 2 for a bi-encoder ((prompt, A), (prompt, B))."""
-        return 2 if self.architecture == Architecture.bi_encoder else 1
-
-    @property
     def first_token_pooling(self) -> bool:
         """Encoders pool their first token ([CLS]); decoders the last (the family decides, lmsys/modeling/families.py)."""
         return FAMILIES[self.family].encoder

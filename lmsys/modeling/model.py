@@ -33,7 +33,7 @@ class PreferenceModel(nn.Module):
         pool_rows: torch.Tensor,  # (N * S,) row of each sequence's last token, S = head.sequences_per_pair
         pool_cols: torch.Tensor,  # (N * S,) its column; a bi-encoder's pair k is sequences 2k (A) and 2k + 1 (B)
         attention_mask: torch.Tensor | None = None,  # (R, T); None for packed rows
-        position_ids: torch.Tensor | None = None,  # (R, T); restart at 0 for each packed pair
+        position_ids: torch.Tensor | None = None,  # (R, T); restart at 0 for each packed sequence
     ) -> torch.Tensor:
         if self.first_token_pooling:
             # an encoder has no cache (and its forward no use_cache); pool the first real token of each row
