@@ -47,6 +47,7 @@ from lmsys.data.schema import Pair, swap_pair
 from lmsys.data.templates import CHAT_MARKERS, chat_markers
 from lmsys.evaluation.predict_loop import predict_split
 from lmsys.export import run_export
+from lmsys.kaggle.estimate import units_by_max_length
 from lmsys.modeling.checkpoint import SPEC_FILE, CheckpointError, read_spec, save_checkpoint
 from lmsys.modeling.heads import BiEncoderHead, PreferenceHead
 from lmsys.modeling.warm_start import check_warm_start
@@ -308,6 +309,23 @@ def test_an_exported_bi_encoder_predicts_as_its_adapter(checkpoints, tmp_path):
     adapter = predicted(checkpoints["bi"], quantization=Quantization.none, compute_dtype=ComputeDtype.float32)
     assert np.abs(predicted(merged) - adapter).max() <= 1e-4
     assert np.abs(adapter[:, 0] - adapter[:, 1]).min() > 1e-4
+
+
+def test_the_kaggle_estimate_counts_each_sequence_on_its_own(tiny_models, arena_pairs):
+    """The estimate's max_length search stops at the first length (a multiple of 128) that truncates no sequence, and
+    a pair costs the sum of its two sequences' units, not those of one sequence as long as both."""
+    _, spec = bi_spec(tiny_models)
+    spec = replace(spec, max_length=512)
+    tokenizer = tiny.build_tokenizer(False)
+    examples = encode_split(arena_pairs, build_encoders(spec, tokenizer)).forward
+    lengths = [len(s) for ex in examples for s in ex.sequences()]
+    first_untruncated = 128 * (max(lengths) // 128 + 1)  # 256 here (the longest sequence: 135 tokens)
+    assert first_untruncated < 128 * (max(len(ex.ids) for ex in examples) // 128 + 1)  # both together: 265
+    tokens = build_encoders(spec, tokenizer)[0].tokenize(arena_pairs)
+    units, untruncated = units_by_max_length(spec, tokenizer, tokens, 100.0)
+    assert untruncated == first_untruncated
+    expected = sum(n * (1 + n / 100.0) for n in lengths) / len(arena_pairs)
+    assert units[first_untruncated] == pytest.approx(expected)
 
 
 # --- a run through the entry point, prediction, the ensemble ----------------------------------------------------------
