@@ -17,6 +17,7 @@ import pytest
 import tiny
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file
 from entry_runs import ENTRY, REPO, finish, read_oof, run_entry, start, tiny_overrides
 from test_predict import make_checkpoint
 
@@ -348,6 +349,10 @@ def test_a_bi_encoder_run_predicts_and_ensembles_beside_a_cross_encoder(runs, ar
     spec = read_spec(runs["bi"] / "checkpoint")
     assert spec.architecture == Architecture.bi_encoder
     assert read_spec(runs["cross"] / "checkpoint").architecture == Architecture.cross_encoder
+    adapter = load_file(str(runs["bi"] / "checkpoint" / "adapter_model.safetensors"))
+    assert any(t.abs().max() > 0 for key, t in adapter.items() if ".lora_B." in key)  # the backbone trained
+    assert set(load_file(str(runs["bi"] / "checkpoint" / "head.safetensors"))) == {
+        "win.1.weight", "win.1.bias", "tie.1.weight", "tie.1.bias"}
     oof = read_oof(runs["bi"])
     assert len(oof) == 6 and np.isfinite(json.loads((runs["bi"] / "metrics.json").read_text())["best"]["log_loss"])
     out = tmp_path / "submission.csv"
