@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from entry_runs import ENTRY, REPO, finish, read_oof, run_entry, start, tiny_overrides
 from test_predict import make_checkpoint
 
+from lmsys.bench import load_config as load_bench_config
 from lmsys.builders import build_encoders, build_model, build_prediction_spec, build_spec
 from lmsys.cli import parse_config
 from lmsys.config import (
@@ -232,6 +233,14 @@ def test_a_packed_bi_encoder_run_needs_room_for_both_sequences():
         TrainConfig(model=model, data=DataConfig(train_path="unused"), trainer=TrainerConfig(max_tokens=768))
     TrainConfig(model=model, data=DataConfig(train_path="unused"), trainer=TrainerConfig(max_tokens=1024,
                                                                                          eval_max_tokens=1024))
+
+
+def test_the_bench_refuses_to_compare_a_bi_encoder_with_the_cross_encoder_peer():
+    with pytest.raises(ConfigError, match="hf_trainer_typical, hf_trainer_strong .the HF Trainer peer. is a cross"):
+        load_bench_config("conf_r_llama_smol_bi", [])
+    config = load_bench_config("conf_r_llama_smol_bi", ["bench.modes=[padded,packed]"])
+    assert config.model.architecture == Architecture.bi_encoder
+    assert load_bench_config("conf_r_llama_smol", []).bench.modes[-1] == "hf_trainer_strong"
 
 
 # --- checkpoints: warm starts, soups, old specs ----------------------------------------------------------------------
