@@ -27,7 +27,16 @@ import torch
 from accelerate import Accelerator, PartialState
 from hydra import compose, initialize_config_dir
 
-from lmsys.config import PEER_MODES, ComputeDtype, SwapMode, TrainConfig, register_configs, validated_config
+from lmsys.config import (
+    PEER_MODES,
+    Architecture,
+    ComputeDtype,
+    SwapMode,
+    TrainConfig,
+    register_configs,
+    require,
+    validated_config,
+)
 from lmsys.roofline import Roofline, measure_roofline
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -37,7 +46,13 @@ RESULT_MARKER = "BENCH_RESULT "
 def load_config(config_name: str, overrides: list[str]) -> TrainConfig:
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return validated_config(compose(config_name=config_name, overrides=overrides))
+        config = validated_config(compose(config_name=config_name, overrides=overrides))
+    peers = [mode for mode in config.bench.modes if mode in PEER_MODES]
+    # the peer is AutoModelForSequenceClassification on one sequence per pair: no bi-encoder to compare with
+    require(config.model.architecture == Architecture.cross_encoder or not peers,
+            f"bench.modes: {', '.join(peers)} (the HF Trainer peer) is a cross-encoder; with "
+            f"model.architecture=bi_encoder pass bench.modes=[padded,padded_grouped,packed]")
+    return config
 
 
 def measure(config: TrainConfig, mode: str) -> dict:

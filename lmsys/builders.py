@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from transformers import AutoTokenizer
 
 from lmsys.config import (
+    Architecture,
     DataConfig,
     FineTune,
     HeadInit,
@@ -25,7 +26,7 @@ from lmsys.config import (
 )
 from lmsys.data.batching import Batching
 from lmsys.data.dataset import EncodedSplit
-from lmsys.data.formatting import PairEncoder
+from lmsys.data.formatting import PairEncoder, ResponseEncoder
 from lmsys.data.io import read_pairs
 from lmsys.data.labels import require_teachers, to_classes
 from lmsys.data.schema import Pair
@@ -36,7 +37,7 @@ from lmsys.modeling.backbone import add_lora, load_adapter, load_backbone, make_
 from lmsys.modeling.checkpoint import ModelSpec, load_head_state, read_spec, with_base_model
 from lmsys.modeling.families import check_family, resolve_attention, resolve_template
 from lmsys.modeling.compile import compile_layers
-from lmsys.modeling.heads import PreferenceHead
+from lmsys.modeling.heads import BiEncoderHead, PreferenceHead
 from lmsys.modeling.losses import LossWeights
 from lmsys.modeling.model import PreferenceModel
 from lmsys.modeling.model_facts import read_model_facts
@@ -87,6 +88,7 @@ def build_spec(model: ModelConfig, data: DataConfig, packing: bool) -> ModelSpec
         padding_side=data.padding_side,
         trust_remote_code=model.trust_remote_code,
         num_classes=model.num_classes,
+        architecture=model.architecture,
     )
 
 
@@ -125,10 +127,12 @@ def build_tokenizer(path: str | Path, trust_remote_code: bool):
 
 
 def build_encoders(spec: ModelSpec, tokenizer) -> list[PairEncoder]:
-    """One encoder per input format of the spec, in its order (format_index k is encoder k)."""
+    """One encoder per input format of the spec, in its order (format_index k is encoder k); for a bi-encoder,
+    encoders of each pair's two sequences, (prompt, A) and (prompt, B)."""
+    encoder = ResponseEncoder if spec.architecture == Architecture.bi_encoder else PairEncoder
     return [
-        PairEncoder(tokenizer, chat_markers(spec.template, tokenizer), input_format, spec.max_length, spec.prompt_share,
-                    spec.keep_first_turns, spec.keep_last_turns, spec.text_head_share)
+        encoder(tokenizer, chat_markers(spec.template, tokenizer), input_format, spec.max_length, spec.prompt_share,
+                spec.keep_first_turns, spec.keep_last_turns, spec.text_head_share)
         for input_format in spec.input_formats
     ]
 
@@ -150,7 +154,7 @@ def build_model(
     )
     if adapter_dir is not None:
         peft_model = backbone.requires_grad_(False) if spec.merged else load_adapter(backbone, adapter_dir, trainable=False)
-        head = PreferenceHead(spec.hidden_size, spec.head, 0.0, HeadInit.torch_default, 1.0, spec.num_classes)
+        head = _head_class(spec)(spec.hidden_size, spec.head, 0.0, HeadInit.torch_default, 1.0, spec.num_classes)
         head.load_state_dict(load_head_state(adapter_dir))
     else:
         if model.finetune == FineTune.full:
@@ -158,14 +162,18 @@ def build_model(
         else:
             peft_model = add_lora(backbone, lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_dora,
                                   model.gradient_checkpointing)
-        head = PreferenceHead(spec.hidden_size, spec.head, model.head_dropout, model.head_init, model.head_init_std,
-                              spec.num_classes)
+        head = _head_class(spec)(spec.hidden_size, spec.head, model.head_dropout, model.head_init,
+                                 model.head_init_std, spec.num_classes)
     preference_model = PreferenceModel(peft_model, head.to(device), spec.first_token_pooling)
     if adapter_dir is None and model.init_from:
         load_warm_start(preference_model, model.init_from)
     if model is not None and model.torch_compile:
         compile_layers(preference_model.backbone)
     return preference_model
+
+
+def _head_class(spec: ModelSpec) -> type[PreferenceHead | BiEncoderHead]:
+    return BiEncoderHead if spec.architecture == Architecture.bi_encoder else PreferenceHead
 
 
 def build_accelerator(config: TrainConfig, run_dir: str | Path) -> Accelerator:

@@ -31,6 +31,9 @@ HeadType, HeadInit = choices("HeadType", "linear mlp"), choices("HeadInit", "nor
 # lora: frozen (quantized) backbone + LoRA + head; full: every backbone weight trains (unquantized), the
 # checkpoint holds the whole backbone
 FineTune = choices("FineTune", "lora full")
+# cross_encoder: one sequence holds the prompt and both responses; bi_encoder: the shared backbone reads (prompt, A)
+# and (prompt, B) as two sequences, and a swap-equivariant head compares the two pooled states
+Architecture = choices("Architecture", "cross_encoder bi_encoder")
 
 
 @dataclass
@@ -54,6 +57,11 @@ class ModelConfig:
     num_classes: int = 3  # 3: A, B, tie (LMSYS); 2: A, B (WSDM Cup, no ties; see data.ties)
     init_from: str | None = None  # an earlier run's checkpoint/: start from its adapter and head (a warm start)
     finetune: FineTune = FineTune.lora  # full: no LoRA (the lora section is ignored), e.g. with conf/accelerate/fsdp_full.yaml
+    architecture: Architecture = Architecture.cross_encoder  # bi_encoder: max_length holds for each of the 2 sequences
+
+    @property
+    def sequences_per_pair(self) -> int:
+        return 2 if self.architecture == Architecture.bi_encoder else 1
 
     def __post_init__(self) -> None:
         require(self.finetune == FineTune.lora or self.quantization == Quantization.none,
@@ -256,13 +264,15 @@ class TrainConfig:
             self.model.max_length >= 64 or InputFormat.papb not in self.data.formats,
             "model.max_length must be at least 64 for the papb format",
         )
+        # a bi-encoder pair is two sequences of up to model.max_length each, packed into the same row
+        pair_tokens, twice = self.model.max_length * self.model.sequences_per_pair, _twice(self.model)
         require(
-            not self.trainer.packing or self.trainer.max_tokens >= self.model.max_length,
-            "trainer.max_tokens must be at least model.max_length so that every pair fits a packed row",
+            not self.trainer.packing or self.trainer.max_tokens >= pair_tokens,
+            f"trainer.max_tokens must be at least model.max_length{twice} so that every pair fits a packed row",
         )
         require(
-            not self.trainer.packing or self.trainer.eval_max_tokens >= self.model.max_length,
-            "trainer.eval_max_tokens must be at least model.max_length",
+            not self.trainer.packing or self.trainer.eval_max_tokens >= pair_tokens,
+            f"trainer.eval_max_tokens must be at least model.max_length{twice}",
         )
         require(not (self.resume and self.overwrite), "resume=true and overwrite=true contradict each other")
         require(
@@ -270,6 +280,10 @@ class TrainConfig:
             "model.family=deberta needs trainer.packing=false: an encoder's bidirectional attention has no "
             "packed layout in transformers (position_ids do not restart its relative-position attention)",
         )
+
+
+def _twice(model: ModelConfig) -> str:
+    return "" if model.sequences_per_pair == 1 else " x 2 (model.architecture=bi_encoder: two sequences per pair)"
 
 
 class ConfigError(ValueError):

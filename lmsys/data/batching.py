@@ -1,6 +1,7 @@
 """Micro-batches from encoded pairs, for training and prediction alike: one `Batching` description, grouping of
 examples into micro-batches (`micro_batches`, `prediction_batches`) and their collation (`collate`), padded or
-packed (padding-free: pairs share rows, positions restart per pair)."""
+packed (padding-free: pairs share rows, positions restart per pair). A bi-encoder's example is two sequences, which
+the grouping counts together (both in one packed row) and collation lays out as two sequences, pooled apart."""
 
 from __future__ import annotations
 
@@ -22,6 +23,18 @@ class Example:
     target: tuple[float, ...] | None  # (C,) in this orientation's class order
     teacher_logits: tuple[float, ...] | None = None  # (C,) in this orientation's class order
     format_index: int = 0  # into the split's formats (ModelSpec.input_formats)
+    # A bi-encoder's pair: ids[:second_start] is (prompt, first response), ids[second_start:] (prompt, second
+    # response); None: one sequence (a cross-encoder's)
+    second_start: int | None = None
+
+    @property
+    def sequence_ends(self) -> tuple[int, ...]:
+        """The end (exclusive) of each of the example's sequences within `ids`."""
+        n = len(self.ids)
+        return (n,) if self.second_start is None else (self.second_start, n)
+
+    def sequences(self) -> list[np.ndarray]:
+        return [self.ids[start:end] for start, end in zip((0, *self.sequence_ends), self.sequence_ends)]
 
 
 @dataclass(frozen=True)
@@ -44,8 +57,8 @@ class Batch:
     input_ids: torch.Tensor  # (R, T)
     attention_mask: torch.Tensor | None  # (R, T) padded; None packed
     position_ids: torch.Tensor | None  # (R, T) packed: restart at 0 per pair (and for a row's pad tail); None padded
-    pool_rows: torch.Tensor  # (N,)
-    pool_cols: torch.Tensor  # (N,)
+    pool_rows: torch.Tensor  # (N * S,) S sequences per pair (a bi-encoder's 2: A then B), each pair's together
+    pool_cols: torch.Tensor  # (N * S,)
     targets: torch.Tensor | None  # (N, C)
     pair_index: list[int]  # (N,)
     swapped: list[bool]  # (N,)
@@ -64,6 +77,8 @@ class Batch:
 
 
 def collate(examples: list[Example], batching: Batching) -> Batch:
+    if len({len(ex.sequence_ends) for ex in examples}) > 1:
+        raise ValueError("a micro-batch mixes one-sequence and two-sequence (bi-encoder) examples")
     if batching.packed:
         return collate_packed(examples, batching.row_tokens, batching.pad_id, batching.attention_width)
     return collate_padded(examples, batching.pad_id, batching.padding_side)
@@ -149,29 +164,32 @@ def fill_packed(
 
 
 def collate_packed(examples: list[Example], row_tokens: int, pad_id: int, attention_width: float | None = None) -> Batch:
-    """Examples packed into rows of at most `row_tokens` tokens, positions restarting at 0 for each pair, no
-    attention mask; a row's pad tail is a segment of its own (positions restart there too), so no pair sees it."""
+    """Examples packed into rows of at most `row_tokens` tokens, positions restarting at 0 for each sequence (a
+    bi-encoder's two sequences of a pair sit side by side in one row, apart), no attention mask; a row's pad tail is
+    a segment of its own (positions restart there too), so no sequence sees it."""
     rows = pack_rows([len(ex.ids) for ex in examples], row_tokens, attention_width)
     width = max(sum(len(examples[i].ids) for i in row) for row in rows)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     positions = np.zeros((len(rows), width), dtype=np.int64)
-    placed: dict[int, tuple[int, int]] = {}  # example -> (row, column of its last token)
+    placed: dict[int, list[tuple[int, int]]] = {}  # example -> (row, column of the last token) of each sequence
     for r, row in enumerate(rows):
         col = 0
         for i in row:
-            n = len(examples[i].ids)
-            ids[r, col : col + n] = examples[i].ids
-            positions[r, col : col + n] = np.arange(n)
-            placed[i] = (r, col + n - 1)
-            col += n
+            example = examples[i]
+            ids[r, col : col + len(example.ids)] = example.ids
+            placed[i] = []
+            for sequence in example.sequences():
+                positions[r, col : col + len(sequence)] = np.arange(len(sequence))
+                col += len(sequence)
+                placed[i].append((r, col - 1))
         positions[r, col:] = np.arange(width - col)
-    order = range(len(examples))
+    pool = [place for i in range(len(examples)) for place in placed[i]]  # (N * S,) in example order
     return Batch(
         input_ids=torch.from_numpy(ids),
         attention_mask=None,
         position_ids=torch.from_numpy(positions),
-        pool_rows=torch.tensor([placed[i][0] for i in order], dtype=torch.long),
-        pool_cols=torch.tensor([placed[i][1] for i in order], dtype=torch.long),
+        pool_rows=torch.tensor([row for row, _ in pool], dtype=torch.long),
+        pool_cols=torch.tensor([col for _, col in pool], dtype=torch.long),
         targets=_targets(examples),
         pair_index=[ex.pair_index for ex in examples],
         swapped=[ex.swapped for ex in examples],
@@ -181,19 +199,21 @@ def collate_packed(examples: list[Example], row_tokens: int, pad_id: int, attent
 
 
 def collate_padded(examples: list[Example], pad_id: int, padding_side: PaddingSide) -> Batch:
-    """One row per example, padded to the longest; the mask marks real tokens."""
-    width = max(len(ex.ids) for ex in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, ex in enumerate(examples):
-        start = width - len(ex.ids) if padding_side == PaddingSide.left else 0
-        ids[row, start : start + len(ex.ids)] = torch.from_numpy(ex.ids.astype(np.int64))
-        mask[row, start : start + len(ex.ids)] = 1
+    """One row per sequence (a bi-encoder's example: two consecutive rows), padded to the longest; the mask marks
+    real tokens."""
+    sequences = [sequence for ex in examples for sequence in ex.sequences()]
+    width = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        start = width - len(sequence) if padding_side == PaddingSide.left else 0
+        ids[row, start : start + len(sequence)] = torch.from_numpy(sequence.astype(np.int64))
+        mask[row, start : start + len(sequence)] = 1
     return Batch(
         input_ids=ids,
         attention_mask=mask,
         position_ids=None,
-        pool_rows=torch.arange(len(examples)),
+        pool_rows=torch.arange(len(sequences)),
         pool_cols=last_token_index(mask),
         targets=_targets(examples),
         pair_index=[ex.pair_index for ex in examples],

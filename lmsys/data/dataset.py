@@ -56,12 +56,14 @@ def encode_split(pairs: list[Pair], encoders: Sequence[PairEncoder]) -> EncodedS
         for offset, (pair, tokens) in enumerate(zip(chunk, encoders[0].tokenize(chunk), strict=True)):
             index = start + offset
             for k, encoder in enumerate(encoders):
-                forward[k].append(_example(index, encoder.encode(tokens, swapped=False), False, pair, k))
-                swapped[k].append(_example(index, encoder.encode(tokens, swapped=True), True, swap_pair(pair), k))
+                forward[k].append(_example(index, encoder.sequences(tokens, swapped=False), False, pair, k))
+                swapped[k].append(_example(index, encoder.sequences(tokens, swapped=True), True, swap_pair(pair), k))
             prompt_tokens.append(sum(len(turn) for turn in tokens.prompts))
     return EncodedSplit(pairs, forward, swapped, prompt_tokens)
 
 
-def _example(index: int, ids: list[int], swapped: bool, oriented: Pair, format_index: int) -> Example:
-    return Example(index, np.asarray(ids, dtype=np.int32), swapped, oriented.target, oriented.teacher_logits,
-                   format_index)
+def _example(index: int, sequences: list[list[int]], swapped: bool, oriented: Pair, format_index: int) -> Example:
+    """One sequence (a cross-encoder's pair) or two (a bi-encoder's, end to end, the second's start recorded)."""
+    ids = np.asarray([i for sequence in sequences for i in sequence], dtype=np.int32)
+    second_start = len(sequences[0]) if len(sequences) == 2 else None
+    return Example(index, ids, swapped, oriented.target, oriented.teacher_logits, format_index, second_start)

@@ -16,6 +16,7 @@ from lmsys.data.templates import ChatMarkers
 from lmsys.data.truncation import head_tail, water_fill
 
 INTRO = "Which response better answers the conversation: A, B, or is it a tie?\n\n"
+RESPONSE_INTRO = "How well does the response answer the conversation?\n\n"  # a bi-encoder's sequence: one response
 ELLIPSIS = " [...] "
 
 
@@ -83,7 +84,14 @@ class PairEncoder:
         """The input ids of one pair (A and B exchanged when `swapped`), at most `max_length` long."""
         responses_a, responses_b = (tokens.responses_b, tokens.responses_a) if swapped else (
             tokens.responses_a, tokens.responses_b)
-        parts, weights = self._parts(tokens.prompts, responses_a, responses_b)
+        return self._encode_parts(*self._parts(tokens.prompts, responses_a, responses_b))
+
+    def sequences(self, tokens: PairTokens, swapped: bool = False) -> list[list[int]]:
+        """The sequences the backbone reads for one pair: here one, the whole pair."""
+        return [self.encode(tokens, swapped)]
+
+    def _encode_parts(self, parts: list[list[list[int]]], weights: list[float]) -> list[int]:
+        """The layout filled with the parts' turns, truncated to fit `max_length`."""
         layout = self._layout(len(parts[0]))
         if self._length(layout, parts) > self.max_length:
             parts, layout = self._fit_turns(parts)
@@ -114,10 +122,7 @@ class PairEncoder:
         if self.input_format == InputFormat.pab:
             layout: list[str | Slot] = [self._user_prefix + INTRO + "# Prompt\n"]
             for part, header in ((0, None), (1, "\n\n# Response A\n"), (2, "\n\n# Response B\n")):
-                if header:
-                    layout.append(header)
-                for turn in turns:
-                    layout += (["\n---\n"] if turn else []) + [Slot(part, turn)]
+                layout += ([header] if header else []) + _joined_turns(part, n_turns)
         else:
             layout = [self._user_prefix + INTRO]
             for prompt_part, response_part, name in ((0, 1, "A"), (2, 3, "B")):
@@ -133,9 +138,7 @@ class PairEncoder:
         n_parts = 3 if self.input_format == InputFormat.pab else 4
         layout: list[str | Slot] = [self._user_prefix]
         for part in range(n_parts):
-            layout += [self._separator] if part else []
-            for turn in range(n_turns):
-                layout += (["\n---\n"] if turn else []) + [Slot(part, turn)]
+            layout += ([self._separator] if part else []) + _joined_turns(part, n_turns)
         return layout + [self._assistant_prefix]
 
     def _length(self, layout: list[str | Slot], parts: list[list[list[int]]]) -> int:
@@ -164,6 +167,56 @@ class PairEncoder:
         if text not in self._marker_cache:
             self._marker_cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._marker_cache[text]
+
+
+class ResponseEncoder(PairEncoder):
+    """A bi-encoder's inputs: each pair as two sequences, (prompt, A) and (prompt, B), each within `max_length`, in
+    the single-response form of the format (pab: all prompts, then the response; papb: the conversation with the
+    response), truncated by the same rules (the prompt's weight `prompt_share`, the response's the rest).
+
+    A sequence depends on the prompt and its own response only, and its label names no side (`# Response`), so
+    (prompt, A) is the same token ids whether the pair is shown as (A, B) or swapped as (B, A)."""
+
+    def encode(self, tokens: PairTokens, swapped: bool = False) -> list[int]:
+        """Both sequences end to end (what token budgets and length sorting count)."""
+        return [i for ids in self.sequences(tokens, swapped) for i in ids]
+
+    def sequences(self, tokens: PairTokens, swapped: bool = False) -> list[list[int]]:
+        """[(prompt, first response), (prompt, second response)]: A then B, or B then A when `swapped`."""
+        first, second = (tokens.responses_b, tokens.responses_a) if swapped else (tokens.responses_a,
+                                                                                  tokens.responses_b)
+        return [self._encode_parts(*self._response_parts(tokens.prompts, responses)) for responses in (first, second)]
+
+    def _response_parts(self, prompts, responses) -> tuple[list[list[list[int]]], list[float]]:
+        n_turns = max(len(prompts), len(responses))
+        return [_pad_turns(prompts, n_turns), _pad_turns(responses, n_turns)], [self.prompt_share, 1 - self.prompt_share]
+
+    def _layout(self, n_turns: int) -> list[str | Slot]:
+        if self._separator:
+            return self._separated_layout(n_turns)
+        if self.input_format == InputFormat.pab:
+            layout = [self._user_prefix + RESPONSE_INTRO + "# Prompt\n", *_joined_turns(0, n_turns), "\n\n# Response\n",
+                      *_joined_turns(1, n_turns)]
+        else:
+            layout = [self._user_prefix + RESPONSE_INTRO + "# Conversation\n"]
+            for turn in range(n_turns):
+                layout += [("\n" if turn else "") + "## User\n", Slot(0, turn), "\n## Assistant\n", Slot(1, turn)]
+        return layout + [self._assistant_prefix]
+
+    def _separated_layout(self, n_turns: int) -> list[str | Slot]:
+        """Encoders: [CLS] prompt [SEP] response [SEP] (papb: [CLS] prompt_1 [SEP] response_1 [SEP] prompt_2 ...)."""
+        if self.input_format == InputFormat.pab:
+            layout = [self._user_prefix, *_joined_turns(0, n_turns), self._separator, *_joined_turns(1, n_turns)]
+        else:
+            layout = [self._user_prefix]
+            for turn in range(n_turns):
+                layout += ([self._separator] if turn else []) + [Slot(0, turn), self._separator, Slot(1, turn)]
+        return layout + [self._assistant_prefix]
+
+
+def _joined_turns(part: int, n_turns: int) -> list[str | Slot]:
+    """The turns of one part, one after another, `---` between them."""
+    return [piece for turn in range(n_turns) for piece in ((["\n---\n"] if turn else []) + [Slot(part, turn)])]
 
 
 def _select_turns(part: list[list[int]], first: int, last: int) -> list[list[int]]:

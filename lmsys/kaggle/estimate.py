@@ -73,7 +73,8 @@ class Measurement:
 
 
 def pair_units(lengths: list[int], width: float | None) -> float:
-    """Sum of n * (1 + n / w) over the pairs' token counts (w None: attention is free of the row width)."""
+    """Sum of n * (1 + n / w) over the sequences' token counts (one per pair; a bi-encoder's two), w None: attention
+    is free of the row width."""
     return float(sum(n * (1 + (n / width if width else 0.0)) for n in lengths))
 
 
@@ -110,15 +111,17 @@ def measure(config: EstimateConfig, spec: ModelSpec, sample, warm, accelerator: 
     predict_seconds = time.perf_counter() - start
     width = spec.attention_width
     measurement = Measurement(load_seconds, tokenize_seconds / len(sample), predict_seconds,
-                              pair_units([len(ex.ids) for ex in split.forward], width), spec.max_length)
+                              pair_units([len(s) for ex in split.forward for s in ex.sequences()], width),
+                              spec.max_length)
     return measurement, tokenizer
 
 
 def units_at_length(spec: ModelSpec, tokenizer, tokens, width: float | None, length: int) -> tuple[float, int]:
-    """Mean units per pair of the (pre-tokenized) sample truncated at `length`, and its longest pair."""
+    """Mean units per pair of the (pre-tokenized) sample truncated at `length`, and its longest sequence (a
+    bi-encoder reads two per pair, each costing its own square)."""
     encoder = build_encoders(dataclasses.replace(spec, max_length=length), tokenizer)[0]
-    lengths = [len(encoder.encode(pair_tokens, swapped=False)) for pair_tokens in tokens]
-    return pair_units(lengths, width) / len(lengths), max(lengths)
+    lengths = [len(ids) for pair_tokens in tokens for ids in encoder.sequences(pair_tokens, swapped=False)]
+    return pair_units(lengths, width) / len(tokens), max(lengths)
 
 
 def units_by_max_length(spec: ModelSpec, tokenizer, tokens, width: float | None) -> tuple[dict[int, float], int | None]:

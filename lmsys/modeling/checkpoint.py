@@ -13,13 +13,24 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from lmsys.config import Attention, ComputeDtype, Family, HeadType, InputFormat, PaddingSide, Quantization, Template
+from lmsys.config import (
+    Architecture,
+    Attention,
+    ComputeDtype,
+    Family,
+    HeadType,
+    InputFormat,
+    PaddingSide,
+    Quantization,
+    Template,
+)
 from lmsys.modeling.families import FAMILIES
 from lmsys.modeling.model_facts import ModelFacts, read_model_facts
 
 # 2: the base model's facts (ModelFacts) replace model_type and hidden_size; 3: input_formats (a tuple, the formats
-# the run trained on) replaces input_format
-FORMAT_VERSION = 3
+# the run trained on) replaces input_format; 4: architecture (a version-3 spec reads as a cross-encoder's)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (3, FORMAT_VERSION)
 SPEC_FILE = "lmsys_checkpoint.json"
 HEAD_FILE = "head.safetensors"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -62,6 +73,7 @@ class ModelSpec:
     num_classes: int = 3  # the head's outputs: (A, B, tie) or (A, B)
     # The LoRA adapter is merged into the backbone saved in the checkpoint itself (base_model_path is provenance).
     merged: bool = False
+    architecture: Architecture = Architecture.cross_encoder  # bi_encoder: (prompt, A) and (prompt, B) apart
     format_version: int = FORMAT_VERSION
 
     @property
@@ -103,11 +115,13 @@ class ModelSpec:
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{where}: {SPEC_FILE} is not valid JSON: {err}") from err
         version = payload.get("format_version")
-        if version != FORMAT_VERSION:
-            raise CheckpointError(f"{where}: checkpoint format version {version}, this lmsys reads {FORMAT_VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise CheckpointError(f"{where}: checkpoint format version {version}, this lmsys reads "
+                                  f"{', '.join(map(str, READABLE_VERSIONS))}")
+        payload["format_version"] = FORMAT_VERSION  # read as the current version (the fields added since default)
         enums = {"family": Family, "template": Template, "quantization": Quantization, "compute_dtype": ComputeDtype,
-                 "attn_implementation": Attention, "head": HeadType,
-                 "padding_side": PaddingSide}
+                 "attn_implementation": Attention, "head": HeadType, "padding_side": PaddingSide,
+                 "architecture": Architecture}
         try:
             fields = {k: enums[k](v) if k in enums else v for k, v in payload.items()}
             fields["input_formats"] = tuple(InputFormat(v) for v in fields["input_formats"])

@@ -1,16 +1,18 @@
 """The preference model: backbone (+ LoRA) -> last-token pooling (decoders) or first-token pooling (encoders,
-[CLS]) -> our full-precision head."""
+[CLS]) -> our full-precision head: one pooled state per pair (a cross-encoder) or two, of (prompt, A) and
+(prompt, B), for a bi-encoder's head."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from lmsys.modeling.heads import PreferenceHead
+from lmsys.modeling.heads import BiEncoderHead, PreferenceHead
 
 
 class PreferenceModel(nn.Module):
-    def __init__(self, backbone: nn.Module, head: PreferenceHead, first_token_pooling: bool = False) -> None:
+    def __init__(self, backbone: nn.Module, head: PreferenceHead | BiEncoderHead,
+                 first_token_pooling: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -28,10 +30,10 @@ class PreferenceModel(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,  # (R, T)
-        pool_rows: torch.Tensor,  # (N,) row of each pair's last token
-        pool_cols: torch.Tensor,  # (N,) column of each pair's last token
+        pool_rows: torch.Tensor,  # (N * S,) row of each sequence's last token, S = head.sequences_per_pair
+        pool_cols: torch.Tensor,  # (N * S,) its column; a bi-encoder's pair k is sequences 2k (A) and 2k + 1 (B)
         attention_mask: torch.Tensor | None = None,  # (R, T); None for packed rows
-        position_ids: torch.Tensor | None = None,  # (R, T); restart at 0 for each packed pair
+        position_ids: torch.Tensor | None = None,  # (R, T); restart at 0 for each packed sequence
     ) -> torch.Tensor:
         if self.first_token_pooling:
             # an encoder has no cache (and its forward no use_cache); pool the first real token of each row
@@ -42,6 +44,9 @@ class PreferenceModel(nn.Module):
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state  # (R, T, H)
         # With the backbone split over devices (device_map) the last hidden state lives on the last one.
-        pooled = hidden[pool_rows.to(hidden.device), pool_cols.to(hidden.device)]  # (N, H)
+        pooled = hidden[pool_rows.to(hidden.device), pool_cols.to(hidden.device)]  # (N * S, H)
         head_weight = next(self.head.parameters(), None)  # None: a parameter-free head (tests)
-        return self.head(pooled if head_weight is None else pooled.to(head_weight.device))  # (N, C)
+        pooled = pooled if head_weight is None else pooled.to(head_weight.device)
+        if getattr(self.head, "sequences_per_pair", 1) == 2:
+            return self.head(pooled[0::2], pooled[1::2])  # (N, H) of (prompt, A) and of (prompt, B) -> (N, C)
+        return self.head(pooled)  # (N, C)

@@ -24,6 +24,7 @@ def check_warm_start(spec: ModelSpec, lora: LoraConfig, checkpoint: str) -> None
         ("family", source.family.value, spec.family.value),
         ("base model", (source.facts, Path(source.base_model_path).name), (spec.facts, Path(spec.base_model_path).name)),
         ("head", source.head.value, spec.head.value),
+        ("architecture", source.architecture.value, spec.architecture.value),
         ("lora.r", adapter.get("r"), lora.r),
         ("lora.alpha", adapter.get("lora_alpha"), lora.alpha),
         ("lora.target_modules", sorted(adapter.get("target_modules") or []), sorted(lora.target_modules)),
@@ -45,7 +46,9 @@ def load_warm_start(model: torch.nn.Module, checkpoint: str) -> None:
         raise ConfigError(f"model.init_from={checkpoint}: adapter weights this model lacks, e.g. "
                           f"{loaded.unexpected_keys[:3]}")
     head = model.head.state_dict()
-    source = load_head_state(checkpoint)
+    # A 2-class bi-encoder head has no tie scorer: a 3-class one's is left out (check_warm_start matched the rest).
+    source = {key: value for key, value in load_head_state(checkpoint).items()
+              if key in head or not key.startswith("tie.")}
     # The output layer of a 3-class head: keep its A and B rows for a 2-class run (tie is the third class).
     fitted = {key: value[: head[key].shape[0]] if value.shape != head[key].shape else value
               for key, value in source.items()}
