@@ -190,6 +190,8 @@ def report(results: dict[str, dict], config: TrainConfig, roofline: Roofline) ->
           + " | ".join(" " * (len(m) + 7) for m in baselines) + " |")
     for label, key, scale in ROWS:
         cells = [results[m].get(key) for m in modes]
+        if all(c is None for c in cells):  # e.g. the peer's single-pass row when no peer ran
+            continue
         digits = 2 if max(c * scale for c in cells if c is not None) < 10 else 1
         ratios = [_ratio(results, key, m) for m in baselines]
         print(f"| {label:<24} | " + " | ".join(_cell(c, scale, digits, width) for c in cells) + " | "

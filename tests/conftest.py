@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -33,6 +34,13 @@ from lmsys.config import register_configs  # noqa: E402 (after the thread and of
 register_configs()
 
 import tiny  # noqa: E402 (after the thread and offline variables above are set)
+
+
+@pytest.fixture(autouse=True)
+def lmsys_logger_propagates(monkeypatch):
+    """Commands run in-process call setup_logging, which stops the "lmsys" logger propagating (its own handlers
+    print): every test starts with it propagating again, so that caplog sees its records whatever ran before."""
+    monkeypatch.setattr(logging.getLogger("lmsys"), "propagate", True)
 
 
 @pytest.fixture(scope="session")

@@ -21,18 +21,34 @@ def cells(table: list[str], label: str) -> list[str]:
     return [cell.strip() for cell in next(line for line in table if line.startswith(f"| {label} ")).split("|")[2:-1]]
 
 
-def test_bench_prints_a_table_and_one_json_line(tiny_models, tmp_path):
+def run_bench(tiny_models, tmp_path, *extra: str) -> list[str]:
     train = tmp_path / "train.csv"
     tiny.arena_frame(16, seed=5).to_csv(train, index=False)
     done = subprocess.run(
         [sys.executable, "-m", "lmsys.bench", "--config-name", "conf_r_llama_smol",
          f"model.path={tiny_models['llama']}", "model.max_length=128", f"data.train_path={train}", "bench.n_pairs=16",
          "trainer.batch_size=4", "trainer.grad_accum=2", "trainer.max_tokens=256", "trainer.eval_max_tokens=512",
-         "bench.roofline_tokens=64"],
+         "bench.roofline_tokens=64", *extra],
         cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()
+    return done.stdout.strip().splitlines()
+
+
+def test_one_mode_prints_its_rows_only(tiny_models, tmp_path):
+    """Without a peer there is no single-pass prediction row (a row with no cell at all is left out)."""
+    lines = run_bench(tiny_models, tmp_path, "bench.modes=[packed]")
+    table = [line for line in lines if line.startswith("| ")]
+    assert [cell.strip() for cell in table[0].split("|")[2:-1]] == ["packed"]
+    assert float(cells(table, "train real tokens/s")[0]) > 0
+    assert not any(line.startswith("| predict pairs/s (1 pass)") for line in table)
+    assert sorted(json.loads(lines[-1])) == sorted(
+        [f"{metric}_packed" for metric in ("train_real_tokens_per_s", "train_roofline_fraction", "predict_pairs_per_s",
+                                           "peak_rss_mb")] + ["matmul_gflops_float32"])
+
+
+def test_bench_prints_a_table_and_one_json_line(tiny_models, tmp_path):
+    lines = run_bench(tiny_models, tmp_path)
     result = json.loads(lines[-1])
     assert sorted(result) == sorted(KEYS)
     assert all(value > 0 for value in result.values())
