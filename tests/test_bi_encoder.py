@@ -66,15 +66,9 @@ PROBS = ["winner_model_a", "winner_model_b", "winner_tie"]
 SWAP_TOLERANCE = 1e-6
 
 
-def perturb(model, seed: int = 1):
-    """Nonzero LoRA-B (peft starts it at zero) and a head with O(1) logits, so that every part matters."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-            elif name.startswith("head.") and param.ndim == 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+def perturbed(model):
+    """tiny.perturb, then eval mode (no dropout in the comparisons)."""
+    tiny.perturb(model)
     return model.eval()
 
 
@@ -86,7 +80,7 @@ def arena_pairs():
 @pytest.fixture(scope="module")
 def llama_bi(tiny_models):
     model, spec, tokenizer = tiny.build_preference_model(tiny_models["llama"], "llama", "nf4", **BI)
-    return perturb(model), spec, tokenizer
+    return perturbed(model), spec, tokenizer
 
 
 def logits(model, spec, tokenizer, pairs, packed: bool) -> np.ndarray:
@@ -137,7 +131,7 @@ def test_a_decoder_bi_encoder_is_swap_equivariant_without_tta(llama_bi, arena_pa
     assert np.abs(ours[:, 0] - ours[:, 1]).min() > 1e-4  # A and B get different logits: the check is not vacuous
     # control: a cross-encoder of the same backbone is not swap-equivariant without TTA
     cross, cross_spec, _ = tiny.build_preference_model(tiny_models["llama"], "llama", "nf4")
-    perturb(cross)
+    perturbed(cross)
     plain = logits(cross, cross_spec, tokenizer, arena_pairs, packed)
     plain_mirrored = logits(cross, cross_spec, tokenizer, [swap_pair(p) for p in arena_pairs], packed)
     assert np.abs(plain_mirrored - plain[:, [1, 0, 2]]).max() > 1e-3
@@ -146,7 +140,7 @@ def test_a_decoder_bi_encoder_is_swap_equivariant_without_tta(llama_bi, arena_pa
 def test_an_encoder_bi_encoder_is_swap_equivariant_without_tta(tiny_models, arena_pairs):
     model, spec, tokenizer = tiny.build_preference_model(
         tiny_models["deberta_v2"], "deberta", packing=False, lora_targets=tiny.DEBERTA_LORA_TARGETS, **BI)
-    perturb(model)
+    perturbed(model)
     assert spec.first_token_pooling and spec.template == Template.sep
     ours = logits(model, spec, tokenizer, arena_pairs, packed=False)
     mirrored = logits(model, spec, tokenizer, [swap_pair(p) for p in arena_pairs], packed=False)
@@ -260,7 +254,7 @@ def checkpoints(tmp_path_factory, tiny_models):
     cross = make_checkpoint(root / "cross", tiny_models["llama"])
     config, spec = bi_spec(tiny_models, head_init_std=0.5)
     torch.manual_seed(0)
-    model = perturb(build_model(spec, config, LORA, CPU))
+    model = perturbed(build_model(spec, config, LORA, CPU))
     save_checkpoint(root / "bi", model, tiny.build_tokenizer(False), spec)
     return {"cross": cross, "bi": root / "bi"}
 

@@ -35,7 +35,6 @@ def inputs(tmp_path, spec, tokenizer):
 
 @pytest.mark.parametrize(("quantization", "use_dora"), list(CASES))
 def test_train_step_reload_and_fold(tiny_models, tmp_path, caplog, monkeypatch, quantization, use_dora):
-    monkeypatch.setattr(logging.getLogger("lmsys"), "propagate", True)  # a command run earlier may have turned it off
     model_cfg, _, spec = model_settings(tiny_models["llama"], "llama", quantization, head_init_std=0.5)
     lora = LoraConfig(r=4, alpha=8, dropout=0.0, use_dora=use_dora)
     torch.manual_seed(0)

@@ -245,3 +245,14 @@ def spec_stub():
         input_formats=(InputFormat.pab,), prompt_share=0.2, keep_first_turns=1, keep_last_turns=1, text_head_share=0.5,
         padding_side=PaddingSide.left,
     )
+
+
+def perturb(model, seed: int = 1) -> None:
+    """Nonzero LoRA-B (peft starts it at zero) and a head with O(1) logits, so that every part matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+            elif name.startswith("head.") and param.ndim == 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)

@@ -115,17 +115,6 @@ def test_packed_pooling_reads_the_end_of_each_segment(row_tokens):
 # --- the real models -----------------------------------------------------------------------------------------------
 
 
-def perturb(model: PreferenceModel, seed: int) -> None:
-    """Nonzero LoRA-B (peft starts it at zero) and a head with O(1) logits, so that every part matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.05)
-            elif name.startswith("head.") and param.ndim == 2:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
-
-
 @pytest.fixture(scope="module")
 def arena_pairs():
     return pairs_from_frame(tiny.arena_frame(5, seed=11), "mem.csv", require_labels=True)
@@ -133,7 +122,7 @@ def arena_pairs():
 
 def build(tiny_models, kind, family, quantization, **kwargs):
     model, spec, tokenizer = tiny.build_preference_model(tiny_models[kind], family, quantization, **kwargs)
-    perturb(model, seed=1)
+    tiny.perturb(model, seed=1)
     return model.eval(), spec, tokenizer
 
 
@@ -323,7 +312,7 @@ def test_mistral_packed_rows_apply_the_sliding_window(tiny_models, arena_pairs, 
     logits = {}
     for name, directory in (("windowed", tiny_models["mistral"]), ("full", full)):
         model, spec, tokenizer = tiny.build_preference_model(directory, "mistral", "none")
-        perturb(model, seed=1)
+        tiny.perturb(model, seed=1)
         assert spec.attn_implementation == Attention.sdpa
         exs = encode_split(arena_pairs, build_encoders(spec, tokenizer)).forward
         assert min(len(ex.ids) for ex in exs) > tiny.MISTRAL_WINDOW
