@@ -104,14 +104,15 @@ def predict_split(
 def predict_examples(
     model: torch.nn.Module, examples: list[Example], batching: Batching, accelerator, show_progress: bool
 ) -> np.ndarray:
-    """(N, C) logits of one example per pair, in pair order, whatever the number of processes: each process runs
-    every num_processes-th example of the length-sorted list, and the results are gathered. Inside a GracefulStop
-    a signal raises StopRequested at the next checked micro-batch (see stop_check_steps), on every process."""
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))  # longest first: OOM shows at once
-    mine = [examples[i] for i in order[accelerator.process_index :: accelerator.num_processes]]
+    """(N, C) logits of one example per pair, in pair order, the same to the bit whatever the number of processes:
+    the micro-batches are cut from the whole length-sorted list, as one process would, and each process runs every
+    num_processes-th of them, so every pair meets the same batch composition (bf16 and the CPU 4-bit GEMM round
+    differently in another batch). The results are gathered. Inside a GracefulStop a signal raises StopRequested at
+    the next checked micro-batch (see stop_check_steps), on every process."""
+    groups = process_batches(examples, batching, accelerator.process_index, accelerator.num_processes)
     results = []
-    bar = tqdm(total=len(mine), desc="predict", disable=not (show_progress and accelerator.is_main_process), leave=False)
-    groups = prediction_batches(mine, batching)
+    bar = tqdm(total=sum(map(len, groups)), desc="predict", disable=not (show_progress and accelerator.is_main_process),
+               leave=False)
     checks = stop_check_steps(len(groups), accelerator)
     # FSDP: every rank runs as many forwards as the busiest one (each is a collective); the repeats are discarded
     for k in range(lockstep_count(model, len(groups), accelerator.device)):
@@ -125,6 +126,14 @@ def predict_examples(
     bar.close()
     gathered = gather_object(results) if accelerator.num_processes > 1 else results
     return _assemble(gathered, len(examples))
+
+
+def process_batches(examples: list[Example], batching: Batching, process_index: int, num_processes: int
+                    ) -> list[list[Example]]:
+    """This process's share of the prediction micro-batches: every num_processes-th of those one process would run,
+    longest first (an out-of-memory error shows at once)."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))
+    return prediction_batches([examples[i] for i in order], batching)[process_index::num_processes]
 
 
 def _assemble(results: list[tuple[int, np.ndarray]], n_pairs: int) -> np.ndarray:
