@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModel, BitsAndBytesConfig, PreTrainedModel
 
 from lmsys.config import ComputeDtype, ConfigError, Quantization
+from lmsys.modeling.attention import attention_kernel
 from lmsys.modeling.compute_dtype import auto_dtype
 
 log = logging.getLogger("lmsys")
@@ -60,7 +61,7 @@ def load_backbone(
         str(path),
         quantization_config=quantization_config(quantization, double_quant, dtype, quant_storage),
         dtype=dtype,
-        attn_implementation=attn_implementation,
+        attn_implementation=attention_kernel(attn_implementation, dtype, device),
         device_map=device_map or {"": device},
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
