@@ -105,7 +105,7 @@ def test_evaluation_gathers_each_valid_pair_exactly_once(ddp):
 
 
 def single_process_probs(run_dir: Path, valid_csv: Path) -> tuple[np.ndarray, np.ndarray, list]:
-    """The run's checkpoint evaluated by one process (this one), with the run's own evaluation batching."""
+    """The run's checkpoint evaluated by one process (this one), with the run's own evaluation batching and TTA."""
     config: TrainConfig = OmegaConf.to_object(
         OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run_dir / "config.yaml")))
     checkpoint = run_dir / "checkpoint"
@@ -113,10 +113,11 @@ def single_process_probs(run_dir: Path, valid_csv: Path) -> tuple[np.ndarray, np
     tokenizer = build_tokenizer(checkpoint, spec.trust_remote_code)
     split = encode_split(read_pairs(valid_csv, require_labels=True), build_encoders(spec, tokenizer))
     model = build_model(spec, None, None, SINGLE_PROCESS.device, adapter_dir=checkpoint)
-    predictions = predict_split(model, split, False, build_eval_batching(config, spec, tokenizer.pad_token_id),
-                                SINGLE_PROCESS, show_progress=False)
+    predictions = predict_split(model, split, config.trainer.eval_tta,
+                                build_eval_batching(config, spec, tokenizer.pad_token_id), SINGLE_PROCESS,
+                                show_progress=False)
     targets = np.array([pair.target for pair in split.pairs])
-    return predictions.probs_ab, targets, [pair.id for pair in split.pairs]
+    return predictions.combined(config.trainer.tta_mode.value), targets, [pair.id for pair in split.pairs]
 
 
 def test_distributed_evaluation_equals_single_process_evaluation(ddp, ddp_data):

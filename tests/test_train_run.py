@@ -37,6 +37,7 @@ from lmsys.config import (
 from lmsys.data.batching import collate
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import read_pairs
+from lmsys.data.schema import swap_abt
 from lmsys.evaluation.predict_loop import softmax
 from lmsys.modeling.checkpoint import read_spec
 from lmsys.training.optim import create_optimizer, parameter_groups, warmup_cosine_scheduler
@@ -239,14 +240,19 @@ def check_run_dir(run_dir: Path, model_dir: Path, valid: Path, updates: int) -> 
 
 
 def reload_and_predict(checkpoint: Path, valid: Path) -> np.ndarray:
-    """Probabilities for the validation pairs from a reloaded checkpoint, without the training config."""
+    """Probabilities for the validation pairs from a reloaded checkpoint, without the training config: with swap
+    TTA (the CPU trainer's default), the mean of the (A, B) pass and the (B, A) pass mapped back."""
     spec = read_spec(checkpoint)
     tokenizer = build_tokenizer(checkpoint, False)
     split = encode_split(read_pairs(valid, require_labels=True), build_encoders(spec, tokenizer))
     model = build_model(spec, None, None, CPU, adapter_dir=checkpoint).eval()
-    batch = collate(split.forward, tiny.batching(False, tokenizer.pad_token_id, spec.padding_side, spec.max_length))
-    with torch.no_grad():
-        return torch.softmax(model(**batch.model_inputs(CPU)), -1).numpy()
+
+    def probs(examples) -> np.ndarray:
+        batch = collate(examples, tiny.batching(False, tokenizer.pad_token_id, spec.padding_side, spec.max_length))
+        with torch.no_grad():
+            return torch.softmax(model(**batch.model_inputs(CPU)), -1).numpy()
+
+    return (probs(split.forward) + swap_abt(probs(split.swapped))) / 2
 
 
 @pytest.fixture(scope="module")

@@ -64,11 +64,11 @@ def test_update_zero_of_a_warm_started_run_equals_the_source_predictions(tiny_mo
                "model.template=llama3",
                f"hydra.run.dir={run_dir}"], tmp_path / "log.txt")
     oof = read_oof(run_dir).astype({"id": str}).set_index("id")
-    config = PredictConfig(checkpoint=str(source), output="unused.csv", tta=False, dense_weights=False,
-                           show_progress=False)
+    config = PredictConfig(checkpoint=str(source), output="unused.csv", tta=True, dense_weights=False,
+                           show_progress=False)  # the run evaluates with swap TTA (trainer/cpu.yaml)
     pairs = read_pairs(arena_files["valid"], require_labels=True)
     probs = predict_checkpoint(str(source), build_prediction_spec(str(source), config), pairs, config,
-                               Accelerator(cpu=True)).probs_ab
+                               Accelerator(cpu=True)).combined("prob")
     ours = oof.loc[[pair.id for pair in pairs], ["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy()
     np.testing.assert_allclose(ours, probs, atol=1e-5)
 
