@@ -3,14 +3,16 @@ training forward (and so its backward) runs in float32 on rows of up to FLOAT32_
 
 torch's CPU flash-attention backward is slow in bfloat16 on the short rows of packed pairs. Measured on an Intel
 Xeon with AMX (2 threads; SmolLM2-135M's 9 query and 3 key/value heads of 64; packed causal masks; forward +
-backward, median of 5, transformers' bf16 sdpa path against this one):
+backward, median of 5, transformers' bf16 sdpa path against this one; `python scripts/attention_bench.py` prints
+the same table for the machine it runs on, and rounds of it vary by ~20%: a second run gave 30.9 / 14.6,
+25.7 / 20.4, 6.6 / 3.2, 25.7 / 27.5, and 44.1 / 43.3 where both run the same bf16 kernel):
 
 | rows x tokens | 6 x 170 | 3 x 328 | 1 x 180 | 2 x 512 | 1 x 1024 |
 |---|---|---|---|---|---|
 | bf16 sdpa, ms | 39.0 | 31.5 | 8.9 | 35.6 | 46.1 |
 | float32 here, ms | 17.9 | 24.6 | 4.2 | 31.4 | 60.8 |
 
-So float32 on rows up to 512 tokens (the CPU configs' max_length), bf16 beyond. Without gradients (evaluation,
+So float32 on rows up to 512 tokens (the CPU configs' max_length; about even at 512), bf16 beyond. Without gradients (evaluation,
 prediction) only the forward runs, and bf16's forward is the faster: those stay bf16, so an evaluation during
 training and the predict command compute alike. Only q, k and v are cast up and the output back down (its
 precision is bf16's, as before); the projections and the rest of the layer stay bfloat16. The kernel is registered
