@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
-from lmsys.config import ConfigError, Family, Quantization, TrainConfig, validated_config
+from lmsys.config import ConfigError, Family, HeadInit, Quantization, TrainConfig, validated_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(path.stem for path in CONF_DIR.glob("conf_r_*.yaml"))
@@ -69,6 +69,14 @@ def test_the_defaults_of_the_embedded_configs():
     for seed_config in ("conf_r_gemma_m110", "conf_r_gemma_m205", "conf_r_llama_m205"):  # what their headers say
         config = validated_config(compose_config(seed_config))
         assert config.trainer.swap_augmentation.value == "full" and config.trainer.eval_tta, seed_config
+    # the CPU defaults measured on real pairs (README: Auto-J -> PandaLM transfer beats the swap-symmetric prior)
+    for embedded in ("conf_r_llama_smol", "conf_r_gemma_270m"):
+        config = validated_config(compose_config(embedded))
+        assert config.trainer.swap_augmentation.value == "random" and config.trainer.eval_tta, embedded
+        assert config.model.head_init == HeadInit.normal and config.model.head_init_std == 0.002, embedded
+        assert config.optimizer.head_lr == 3e-4, embedded
+    bi = validated_config(compose_config("conf_r_llama_smol_bi"))  # swap-equivariant: swapping changes nothing
+    assert bi.trainer.swap_augmentation.value == "none" and not bi.trainer.eval_tta
 
 
 def test_run_dir_is_deterministic():
