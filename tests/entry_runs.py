@@ -54,6 +54,18 @@ def run_entry(args: list[str], log: Path, env: dict[str, str] | None = None, cwd
     finish(start_entry(args, log, env, cwd), log)
 
 
+def run_side_by_side(commands: list[list[str]], **popen_kwargs) -> list[subprocess.CompletedProcess]:
+    """Short commands (a CLI error, --help) started together and awaited in order: most of each is the ~10 s
+    import of torch and transformers, which two cores do side by side."""
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs)
+                 for command in commands]
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return results
+
+
 def torchrun_command(script: Path, args: list[str]) -> list[str]:
     """Two CPU processes (gloo); --standalone picks a free rendezvous port, so concurrent test runs do not clash."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args]

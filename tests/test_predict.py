@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from accelerate import Accelerator
+from entry_runs import run_side_by_side
 from tiny import arena_frame
 
 from lmsys.builders import build_model, build_prediction_spec, build_spec, build_tokenizer
@@ -193,11 +193,11 @@ def test_old_checkpoint_spec_without_merged_field_still_reads(checkpoint, tmp_pa
 
 def test_cli_rejects_typos_and_missing_values_at_compose():
     script = str(ROOT / "lmsys" / "code" / "predict.py")
-    typo = subprocess.run([sys.executable, script, "checkpoint=c", "data.test_path=t.csv", "output=o.csv",
-                           "tta_mod=logit"], capture_output=True, text=True, cwd=ROOT, check=False)
+    typo, missing = run_side_by_side([
+        [sys.executable, script, "checkpoint=c", "data.test_path=t.csv", "output=o.csv", "tta_mod=logit"],
+        [sys.executable, script, "checkpoint=c", "data.test_path=t.csv"],
+    ], cwd=ROOT)
     assert typo.returncode != 0 and "tta_mod" in typo.stderr
-    missing = subprocess.run([sys.executable, script, "checkpoint=c", "data.test_path=t.csv"], capture_output=True,
-                             text=True, cwd=ROOT, check=False)
     assert missing.returncode != 0 and "output" in missing.stderr
 
 

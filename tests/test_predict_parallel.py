@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 from accelerate import Accelerator
+from entry_runs import run_side_by_side
 from test_predict import make_checkpoint
 from tiny import arena_frame, build_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -72,12 +73,12 @@ def test_data_parallel_predict_equals_one_process(setup):
 
 
 def test_cli_help_and_typo(setup):
-    shown = subprocess.run([sys.executable, "-m", "lmsys.predict", "--help"], capture_output=True, text=True, env=ENV,
-                           check=False)
+    shown, typo = run_side_by_side([
+        [sys.executable, "-m", "lmsys.predict", "--help"],
+        [sys.executable, "-m", "lmsys.predict", f"checkpoint={setup['checkpoint']}", "data.test_path=t.csv",
+         "output=o.csv", "quantisation=int8"],
+    ], env=ENV)
     assert shown.returncode == 0 and "device_map=auto|balanced" in shown.stdout
-    typo = subprocess.run([sys.executable, "-m", "lmsys.predict", f"checkpoint={setup['checkpoint']}",
-                           "data.test_path=t.csv", "output=o.csv", "quantisation=int8"], capture_output=True,
-                          text=True, env=ENV, check=False)
     assert typo.returncode == 2 and typo.stderr.strip().splitlines()[-1] == (
         "error: Key 'quantisation' not in 'PredictConfig'")
 
