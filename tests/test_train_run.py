@@ -38,6 +38,7 @@ from lmsys.data.batching import collate
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import read_pairs
 from lmsys.data.schema import swap_abt
+from lmsys.evaluation.metrics import tta_combine
 from lmsys.evaluation.predict_loop import softmax
 from lmsys.modeling.checkpoint import read_spec
 from lmsys.training.optim import create_optimizer, parameter_groups, warmup_cosine_scheduler
@@ -252,7 +253,7 @@ def reload_and_predict(checkpoint: Path, valid: Path) -> np.ndarray:
         with torch.no_grad():
             return torch.softmax(model(**batch.model_inputs(CPU)), -1).numpy()
 
-    return (probs(split.forward) + swap_abt(probs(split.swapped))) / 2
+    return tta_combine(probs(split.forward), swap_abt(probs(split.swapped)), "prob")
 
 
 @pytest.fixture(scope="module")
