@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ from lmsys.config import (
     require,
     validated_config,
 )
-from lmsys.roofline import Roofline, measure_roofline
+from lmsys.roofline import ProjectionShapes, Roofline, rate_around
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 RESULT_MARKER = "BENCH_RESULT "
@@ -72,10 +73,13 @@ def measure(config: TrainConfig, mode: str) -> dict:
     split = encode_split(pairs, builders.build_encoders(spec, tokenizer))
     accelerator = Accelerator()
     model = builders.build_model(spec, config.model, config.lora, accelerator.device)
-    train = _time_training(config, spec, split, model, accelerator, tokenizer.pad_token_id)
-    predict = _time_prediction(config, spec, split, model, accelerator, tokenizer.pad_token_id, mode)
     dtype = resolve_dtype(spec.compute_dtype, accelerator.device, spec.base_model_path)
-    return {**train, **predict, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    train, gflops = rate_around(lambda: _time_training(config, spec, split, model, accelerator, tokenizer.pad_token_id),
+                                ProjectionShapes.from_model_dir(config.model.path), dtype,
+                                config.bench.roofline_tokens, accelerator.device)
+    predict = _time_prediction(config, spec, split, model, accelerator, tokenizer.pad_token_id, mode)
+    return {**train, **predict, "train_matmul_gflops": gflops,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "compute_dtype": str(dtype).removeprefix("torch."),
             "gradient_checkpointing": config.model.gradient_checkpointing,
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0}
@@ -153,7 +157,8 @@ def run_child(config_name: str, overrides: list[str], mode: str) -> dict:
     return json.loads(lines[-1][len(RESULT_MARKER):])
 
 
-ROWS = [("train real tokens/s", "train_real_tokens_per_s", 1), ("roofline tokens/s", "train_roofline_tokens_per_s", 1),
+ROWS = [("train real tokens/s", "train_real_tokens_per_s", 1), ("matmul GFLOP/s (during)", "train_matmul_gflops", 1),
+        ("roofline tokens/s", "train_roofline_tokens_per_s", 1),
         ("% of roofline", "train_roofline_fraction", 100), ("train seconds", "train_seconds", 1),
         ("train padding share %", "train_padding_share", 100), ("predict pairs/s (TTA)", "predict_pairs_per_s", 1),
         ("predict pairs/s (1 pass)", "predict_single_pairs_per_s", 1), ("predict seconds", "predict_seconds", 1),
@@ -164,11 +169,20 @@ JSON_KEYS = ("train_real_tokens_per_s", "train_roofline_fraction", "predict_pair
 
 
 def add_roofline(results: dict[str, dict], roofline: Roofline) -> None:
-    """Each mode's limit in its own compute dtype (x 6/4 with gradient checkpointing), and its fraction of it."""
+    """Each mode's limit at the matmul rate measured around its own training, in its own compute dtype (x 6/4 with
+    gradient checkpointing), and its fraction of it."""
     for result in results.values():
-        limit = roofline.limit(result["compute_dtype"], result["gradient_checkpointing"])
+        limit = roofline.limit(result["train_matmul_gflops"], result["gradient_checkpointing"])
         result["train_roofline_tokens_per_s"] = limit
         result["train_roofline_fraction"] = result["train_real_tokens_per_s"] / limit
+
+
+def mean_rates(results: dict[str, dict]) -> dict[str, float]:
+    """dtype name -> the mean matmul rate of the modes that computed in it."""
+    rates: dict[str, list[float]] = {}
+    for result in results.values():
+        rates.setdefault(result["compute_dtype"], []).append(result["train_matmul_gflops"])
+    return {name: statistics.fmean(values) for name, values in rates.items()}
 
 
 def report(results: dict[str, dict], config: TrainConfig, roofline: Roofline) -> dict:
@@ -180,7 +194,8 @@ def report(results: dict[str, dict], config: TrainConfig, roofline: Roofline) ->
     print(f"\n{config.bench.n_pairs} pairs of {config.data.train_path}, max_length {config.model.max_length}, "
           f"{config.trainer.batch_size * config.trainer.grad_accum} pairs/update (padded: {config.trainer.batch_size} "
           f"per micro-batch; packed: {config.trainer.max_tokens} tokens per micro-batch), torch threads {torch.get_num_threads()}")
-    print(roofline.describe())
+    gflops = mean_rates(results)
+    print(roofline.describe(gflops))
     print(f"| {'metric':<24} | " + " | ".join(f"{m:>{width}}" for m in modes) + " | "
           + " | ".join(f"packed/{m}" for m in baselines) + " |")
     print(f"|{'-' * 26}|" + "|".join("-" * (width + 2) for _ in modes) + "|"
@@ -198,7 +213,7 @@ def report(results: dict[str, dict], config: TrainConfig, roofline: Roofline) ->
               + " | ".join(_cell(r, 1, 2, len(m) + 7) for r, m in zip(ratios, baselines, strict=True)) + " |")
     values = {f"{key}_{mode}": round(results[mode][key], 3) for mode in modes for key in JSON_KEYS
               if key in results[mode]}
-    return {**values, **{f"matmul_gflops_{name}": round(rate, 1) for name, rate in roofline.gflops.items()}}
+    return {**values, **{f"matmul_gflops_{name}": round(rate, 1) for name, rate in gflops.items()}}
 
 
 def _ratio(results: dict[str, dict], key: str, baseline: str) -> float | None:
@@ -235,11 +250,40 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = PartialState().device
     refresh_dtype_probe(config, device)
-    results = {mode: run_child(args.config_name, overrides, mode) for mode in config.bench.modes}
-    dtypes = sorted({result["compute_dtype"] for result in results.values()})
-    roofline = measure_roofline(config.model.path, dtypes, config.bench.roofline_tokens, device)
-    add_roofline(results, roofline)
-    print(json.dumps(report(results, config, roofline)))
+    rounds = [{mode: run_child(args.config_name, overrides, mode) for mode in config.bench.modes}
+              for _ in range(config.bench.repeats)]  # interleaved: each round runs every mode once
+    roofline = Roofline(ProjectionShapes.from_model_dir(config.model.path), config.bench.roofline_tokens,
+                        torch.get_num_threads())
+    for results in rounds:
+        add_roofline(results, roofline)
+    results = {mode: median_result([results[mode] for results in rounds]) for mode in config.bench.modes}
+    summary = report(results, config, roofline)
+    if len(rounds) > 1:
+        print_rounds(rounds)
+    print(json.dumps(summary))
+
+
+def median_result(results: list[dict]) -> dict:
+    """Each number the median over the rounds (a mode's other fields are the same in every round)."""
+    first = results[0]
+    return {key: statistics.median(r[key] for r in results)
+            if isinstance(value, float | int) and not isinstance(value, bool) else value
+            for key, value in first.items()}
+
+
+def print_rounds(rounds: list[dict[str, dict]]) -> None:
+    """The spread: every round's training tokens/s, fraction of the roofline and TTA pairs/s per mode, and packed
+    over each baseline within the same round (the runs closest in time)."""
+    print(f"\n{len(rounds)} rounds (each cell above is the median):")
+    for key, label, scale in (("train_real_tokens_per_s", "train real tokens/s", 1),
+                              ("train_roofline_fraction", "% of roofline", 100),
+                              ("predict_pairs_per_s", "predict pairs/s (TTA)", 1)):
+        for mode in rounds[0]:
+            print(f"  {label} {mode}: " + ", ".join(f"{r[mode][key] * scale:.2f}" for r in rounds))
+    for baseline in (m for m in BASELINES if m in rounds[0] and "packed" in rounds[0]):
+        ratios = [r["packed"]["train_real_tokens_per_s"] / r[baseline]["train_real_tokens_per_s"] for r in rounds]
+        print(f"  train packed/{baseline}: " + ", ".join(f"{x:.2f}" for x in ratios)
+              + f" (median {statistics.median(ratios):.2f})")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ are identical), the same max_length, micro-batch size, gradient accumulation and
 
 Both compute in `bench.peer_dtype` (auto: the faster of fp32 and bf16 on this CPU, as for our modes; bf16 on
 CUDA), with `bf16=True` in TrainingArguments when that is bf16, as QLoRA scripts set it. Counted like our modes:
-real (non-pad) tokens trained per second after `bench.warmup_updates` updates, padding share, peak RSS; prediction
+real (non-pad) tokens trained per second after `bench.warmup_updates` updates, the matmul rate just before and after
+its training, padding share, peak RSS; prediction
 with Trainer.predict in batches of `bench.predict_batch_size` pairs, single pass (A, B) and TTA (A, B then B, A).
 """
 
@@ -34,6 +35,7 @@ from transformers import (
 )
 
 from lmsys.config import Quantization, TrainConfig
+from lmsys.roofline import ProjectionShapes, rate_around
 
 N_CLASSES = 3  # the peer is the LMSYS three-class model
 
@@ -74,10 +76,12 @@ def measure_peer(config: TrainConfig, mode: str) -> dict:
         clock = StepClock()
         trainer.add_callback(clock)
         trainer.remove_callback(PrinterCallback)  # its end-of-training summary would interleave with the table
-        trainer.train()
+        _, gflops = rate_around(trainer.train, ProjectionShapes.from_model_dir(config.model.path), dtype,
+                                config.bench.roofline_tokens, device)
         train = trainer.counted(clock, config.bench.warmup_updates)
         predict = _time_prediction(trainer, split)
-    return {**train, **predict, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {**train, **predict, "train_matmul_gflops": gflops,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "compute_dtype": str(dtype).removeprefix("torch."),
             "gradient_checkpointing": model.get_base_model().is_activation_checkpointing}
 

@@ -35,6 +35,7 @@ from lmsys.data.templates import chat_markers
 from lmsys.evaluation.validation import ValidationSet
 from lmsys.modeling.backbone import add_lora, load_adapter, load_backbone, make_trainable, resolve_dtype
 from lmsys.modeling.checkpoint import ModelSpec, load_head_state, read_spec, with_base_model
+from lmsys.modeling.lora_kernel import use_lora_kernel
 from lmsys.modeling.families import check_family, resolve_attention, resolve_template
 from lmsys.modeling.compile import compile_layers
 from lmsys.modeling.heads import BiEncoderHead, PreferenceHead
@@ -167,6 +168,8 @@ def build_model(
     preference_model = PreferenceModel(peft_model, head.to(device), spec.first_token_pooling)
     if adapter_dir is None and model.init_from:
         load_warm_start(preference_model, model.init_from)
+    if model is not None:
+        use_lora_kernel(preference_model.backbone, model.lora_kernel, device)
     if model is not None and model.torch_compile:
         compile_layers(preference_model.backbone)
     return preference_model

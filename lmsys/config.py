@@ -34,6 +34,9 @@ FineTune = choices("FineTune", "lora full")
 # cross_encoder: one sequence holds the prompt and both responses; bi_encoder: the shared backbone reads (prompt, A)
 # and (prompt, B) as two sequences, and a swap-equivariant head compares the two pooled states
 Architecture = choices("Architecture", "cross_encoder bi_encoder")
+# how a LoRA projection computes (lmsys/modeling/lora_kernel.py): peft's layer, or the base dequantized once and one
+# fused autograd function; auto: dense on CPU, peft on GPU
+LoraKernel = choices("LoraKernel", "auto peft dense")
 
 
 @dataclass
@@ -53,6 +56,7 @@ class ModelConfig:
     head_init_std: float = 0.02
     gradient_checkpointing: bool = False
     torch_compile: bool = False
+    lora_kernel: LoraKernel = LoraKernel.auto  # dense: base dequantized once + fused LoRA (CPU default); peft
     trust_remote_code: bool = False
     num_classes: int = 3  # 3: A, B, tie (LMSYS); 2: A, B (WSDM Cup, no ties; see data.ties)
     init_from: str | None = None  # an earlier run's checkpoint/: start from its adapter and head (a warm start)
@@ -237,11 +241,13 @@ class BenchConfig:
     # the HF Trainer peer's compute dtype; auto: the faster of fp32 and bf16 on this CPU (as model.compute_dtype=auto)
     peer_dtype: ComputeDtype = ComputeDtype.auto
     roofline_tokens: int = 512  # rows of the matmuls that measure the roofline (a micro-batch's tokens)
+    repeats: int = 1  # rounds of all modes, interleaved; the table shows medians and the rounds their spread
 
     def __post_init__(self) -> None:
         require(self.n_pairs >= 1 and self.warmup_updates >= 0, "bench.n_pairs >= 1 and bench.warmup_updates >= 0")
         require(all(m in BENCH_MODES for m in self.modes), f"bench.modes: some of {', '.join(BENCH_MODES)}")
         require(self.roofline_tokens >= 1, "bench.roofline_tokens must be >= 1")
+        require(self.repeats >= 1, "bench.repeats must be >= 1")
 
 
 @dataclass

@@ -11,14 +11,17 @@ a target), norms, activations and the head. The limit is thus an upper bound: th
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from lmsys.modeling.model_facts import read_model_facts
 import torch.nn.functional as F
 
+T = TypeVar("T")
 FORWARD_AND_INPUT_GRADIENT = 4  # FLOPs a weight and trained token: forward + activation gradient (frozen base)
 WITH_RECOMPUTED_FORWARD = 6  # the same plus the forward that gradient checkpointing runs again
 
@@ -94,26 +97,30 @@ def matmul_rate(shapes: ProjectionShapes, dtype: torch.dtype, tokens: int = 512,
     return flops / best / 1e9
 
 
+def rate_around(work: Callable[[], T], shapes: ProjectionShapes, dtype: torch.dtype, tokens: int,
+                device: torch.device | None = None) -> tuple[T, float]:
+    """`work()`'s result and the matmul rate measured just before and just after it (their mean): the machine's
+    speed while the work ran. A shared or virtual machine's speed drifts by 20% and more between minutes, so a
+    rate measured at another time would move the work's fraction of its limit by as much."""
+    before = matmul_rate(shapes, dtype, tokens, device=device)
+    result = work()
+    return result, (before + matmul_rate(shapes, dtype, tokens, device=device)) / 2
+
+
 @dataclass(frozen=True)
 class Roofline:
-    """Measured matmul rates of one model's projections on this machine, and the training limits they imply."""
+    """The training limits of one model's projections at measured matmul rates."""
 
     shapes: ProjectionShapes
     tokens: int
     threads: int
-    gflops: dict[str, float]  # dtype name -> GFLOP/s
 
-    def limit(self, dtype: str, gradient_checkpointing: bool) -> float:
-        return tokens_per_s_limit(self.gflops[dtype], self.shapes.matmul_params(), gradient_checkpointing)
+    def limit(self, gflops: float, gradient_checkpointing: bool) -> float:
+        return tokens_per_s_limit(gflops, self.shapes.matmul_params(), gradient_checkpointing)
 
-    def describe(self) -> str:
-        rates = ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in self.gflops.items())
-        return (f"roofline: matmul {rates} on the projections ({self.tokens} tokens, torch threads {self.threads}); "
+    def describe(self, gflops: dict[str, float]) -> str:
+        rates = ", ".join(f"{name} {rate:.0f} GFLOP/s" for name, rate in gflops.items())
+        return (f"roofline: matmul {rates} on the projections (mean over the modes; each mode's own rate is measured "
+                f"just before and after its timed training, {self.tokens} tokens, torch threads {self.threads}); "
                 f"{FORWARD_AND_INPUT_GRADIENT} x {self.shapes.matmul_params() / 1e6:.2f}M projection weights a "
                 f"trained token ({WITH_RECOMPUTED_FORWARD} x with gradient checkpointing)")
-
-
-def measure_roofline(model_dir: str | Path, dtypes: list[str], tokens: int, device: torch.device | None = None) -> Roofline:
-    shapes = ProjectionShapes.from_model_dir(model_dir)
-    gflops = {name: matmul_rate(shapes, getattr(torch, name), tokens, device=device) for name in dtypes}
-    return Roofline(shapes, tokens, torch.get_num_threads(), gflops)

@@ -1,8 +1,9 @@
-"""Forward + backward time of one attention layer in bf16 on this CPU: transformers' sdpa against
-lmsys.modeling.attention.sdpa_in_float32 (what a bf16 model trains with on CPU), on packed-row shapes of
-SmolLM2-135M (9 query and 3 key/value heads of 64), causal masks. Prints a markdown table of medians.
+"""Forward + backward time of one attention layer on this CPU: transformers' sdpa over a packed row's block-diagonal
+causal mask against lmsys.modeling.attention.cpu_sdpa (each packed sequence on its own; float32 in bf16 training),
+on packed rows of SmolLM2-135M's shape (9 query and 3 key/value heads of 64). Prints a markdown table of medians
+per dtype.
 
-    python scripts/attention_bench.py [--repeats 5]
+    python scripts/attention_bench.py [--repeats 5] [--dtypes float32 bfloat16]
 """
 
 from __future__ import annotations
@@ -18,21 +19,32 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's lmsys, installed or not
-from lmsys.modeling.attention import FLOAT32_MAX_ROW, sdpa_in_float32  # noqa: E402
+from lmsys.modeling.attention import cpu_sdpa  # noqa: E402
 
-SHAPES = [(6, 170), (3, 328), (1, 180), (2, 512), (1, 1024)]  # (rows, tokens) of packed micro-batches
+ROWS = [(256,) * 4, (170,) * 6, (512, 300, 212), (1024,), (100,) * 10, (180,)]  # sequence lengths of one packed row
 HEADS, KV_HEADS, DIM = 9, 3, 64
 MODULE = SimpleNamespace(num_key_value_groups=HEADS // KV_HEADS, is_causal=True, training=True)
-KERNELS = {"bf16 sdpa": sdpa_attention_forward, "lmsys": sdpa_in_float32}
 
 
-def one_pass(kernel, rows: int, tokens: int) -> float:
-    mask = torch.ones(tokens, tokens, dtype=torch.bool).tril()[None, None].expand(rows, 1, tokens, tokens)
-    query = torch.randn(rows, HEADS, tokens, DIM, dtype=torch.bfloat16, requires_grad=True)
-    key, value = (torch.randn(rows, KV_HEADS, tokens, DIM, dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
-    grad = torch.randn(rows, tokens, HEADS, DIM, dtype=torch.bfloat16)
+def packed_mask(lengths: tuple[int, ...]) -> torch.Tensor:
+    """(1, 1, T, T) bool: causal within each sequence, nothing across."""
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    causal = torch.ones(len(segment), len(segment), dtype=torch.bool).tril()
+    return (causal & (segment[:, None] == segment[None, :]))[None, None]
+
+
+def one_pass(kernel: str, lengths: tuple[int, ...], dtype: torch.dtype) -> float:
+    tokens = sum(lengths)
+    query = torch.randn(1, HEADS, tokens, DIM, dtype=dtype, requires_grad=True)
+    key, value = (torch.randn(1, KV_HEADS, tokens, DIM, dtype=dtype, requires_grad=True) for _ in "kv")
+    grad = torch.randn(1, tokens, HEADS, DIM, dtype=dtype)
+    mask = packed_mask(lengths)
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     start = time.perf_counter()
-    output, _ = kernel(MODULE, query, key, value, mask, scaling=DIM ** -0.5)
+    if kernel == "sdpa, packed mask":
+        output, _ = sdpa_attention_forward(MODULE, query, key, value, mask, scaling=DIM ** -0.5)
+    else:
+        output, _ = cpu_sdpa(MODULE, query, key, value, mask, scaling=DIM ** -0.5, cu_seq_lens_q=bounds)
     output.backward(grad)
     return time.perf_counter() - start
 
@@ -40,20 +52,28 @@ def one_pass(kernel, rows: int, tokens: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    repeats = parser.parse_args().repeats
-    times: dict[tuple, list[float]] = {}
-    for repeat in range(repeats + 1):  # the first round warms up
-        for shape in SHAPES:
-            for name, kernel in KERNELS.items():
-                seconds = one_pass(kernel, *shape)
-                if repeat:
-                    times.setdefault((shape, name), []).append(seconds)
-    print(f"torch threads {torch.get_num_threads()}; lmsys computes in float32 up to {FLOAT32_MAX_ROW} tokens a row")
-    print("| rows x tokens | " + " | ".join(f"{r} x {t}" for r, t in SHAPES) + " |")
-    print("|---" * (len(SHAPES) + 1) + "|")
-    for name in KERNELS:
-        medians = [1e3 * statistics.median(times[(shape, name)]) for shape in SHAPES]
-        print(f"| {name}, ms | " + " | ".join(f"{m:.1f}" for m in medians) + " |")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    args = parser.parse_args()
+    kernels = ("sdpa, packed mask", "lmsys cpu_sdpa")
+    print(f"torch threads {torch.get_num_threads()}; forward + backward, median of {args.repeats}")
+    for name in args.dtypes:
+        dtype = getattr(torch, name)
+        times: dict[tuple, list[float]] = {}
+        for repeat in range(args.repeats + 1):  # the first round warms up
+            for lengths in ROWS:
+                for kernel in kernels:
+                    seconds = one_pass(kernel, lengths, dtype)
+                    if repeat:
+                        times.setdefault((lengths, kernel), []).append(seconds)
+        print(f"\n{name}:\n| one row of | " + " | ".join(_row_name(lengths) for lengths in ROWS) + " |")
+        print("|---" * (len(ROWS) + 1) + "|")
+        for kernel in kernels:
+            medians = [1e3 * statistics.median(times[(lengths, kernel)]) for lengths in ROWS]
+            print(f"| {kernel}, ms | " + " | ".join(f"{m:.1f}" for m in medians) + " |")
+
+
+def _row_name(lengths: tuple[int, ...]) -> str:
+    return f"{len(lengths)} x {lengths[0]}" if len(set(lengths)) == 1 else " + ".join(map(str, lengths))
 
 
 if __name__ == "__main__":

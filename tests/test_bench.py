@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tiny
+
+from lmsys.roofline import ProjectionShapes
 
 REPO = Path(__file__).resolve().parents[1]
 OURS = ("padded", "padded_grouped", "packed")
@@ -36,11 +39,15 @@ def run_bench(tiny_models, tmp_path, *extra: str) -> list[str]:
 
 
 def test_one_mode_prints_its_rows_only(tiny_models, tmp_path):
-    """Without a peer there is no single-pass prediction row (a row with no cell at all is left out)."""
-    lines = run_bench(tiny_models, tmp_path, "bench.modes=[packed]")
+    """Without a peer there is no single-pass prediction row (a row with no cell at all is left out). Two rounds: the
+    cells are the medians and each round's values are listed."""
+    lines = run_bench(tiny_models, tmp_path, "bench.modes=[packed]", "bench.repeats=2")
+    rounds = next(line for line in lines if line.startswith("  train real tokens/s packed: "))
+    per_round = [float(value) for value in rounds.split(": ")[1].split(", ")]
+    assert len(per_round) == 2 and "2 rounds (each cell above is the median):" in lines
     table = [line for line in lines if line.startswith("| ")]
     assert [cell.strip() for cell in table[0].split("|")[2:-1] if cell.strip()] == ["packed"]  # no ratio columns
-    assert float(cells(table, "train real tokens/s")[0]) > 0
+    assert float(cells(table, "train real tokens/s")[0]) == pytest.approx(sum(per_round) / 2, abs=0.06)
     assert not any(line.startswith("| predict pairs/s (1 pass)") for line in table)
     assert sorted(json.loads(lines[-1])) == sorted(
         [f"{metric}_packed" for metric in ("train_real_tokens_per_s", "train_roofline_fraction", "predict_pairs_per_s",
@@ -65,5 +72,11 @@ def test_bench_prints_a_table_and_one_json_line(tiny_models, tmp_path):
     assert abs(speed["packed/hf_trainer_strong"] - speed["packed"] / speed["hf_trainer_strong"]) < 0.02
     single = cells(table, "predict pairs/s (1 pass)")
     assert single[:3] == ["-"] * 3 and single[5] == "-" and float(single[6]) > 0
+    # each mode's limit is the matmul rate measured around its own training over 4 (6 with checkpointing) FLOPs a
+    # projection weight and token
+    params = ProjectionShapes.from_model_dir(tiny_models["llama"]).matmul_params()
     limit = dict(zip(header, map(float, cells(table, "roofline tokens/s")), strict=True))
-    assert abs(limit["hf_trainer_typical"] / limit["hf_trainer_strong"] - 4 / 6) < 0.01  # checkpointing: 6 x
+    gflops = dict(zip(header, map(float, cells(table, "matmul GFLOP/s (during)")), strict=False))
+    for mode in OURS + PEERS:
+        flops = (6 if mode == "hf_trainer_typical" else 4) * params
+        assert limit[mode] == pytest.approx(gflops[mode] * 1e9 / flops, rel=0.02)

@@ -1,61 +1,131 @@
-"""The attention kernel a backbone is loaded with: the spec's, except sdpa of a bfloat16 model on CPU, whose
-training forward (and so its backward) runs in float32 on rows of up to FLOAT32_MAX_ROW tokens.
+"""The attention kernel a backbone is loaded with on CPU for sdpa: CPU_SDPA, which computes a packed row's
+attention sequence by sequence, and trains a bfloat16 model's attention in float32 on rows of up to
+FLOAT32_MAX_ROW tokens. Elsewhere (GPU, eager, flash attention) the spec's own kernel.
 
-torch's CPU flash-attention backward is slow in bfloat16 on the short rows of packed pairs. Measured on an Intel
-Xeon with AMX (2 threads; SmolLM2-135M's 9 query and 3 key/value heads of 64; packed causal masks; forward +
-backward, median of 5, transformers' bf16 sdpa path against this one; `python scripts/attention_bench.py` prints
-the same table for the machine it runs on, and rounds of it vary by ~20%: a second run gave 30.9 / 14.6,
-25.7 / 20.4, 6.6 / 3.2, 25.7 / 27.5, and 44.1 / 43.3 where both run the same bf16 kernel):
+**Sequence by sequence.** With a packed row's block-diagonal causal mask, torch's CPU flash attention computes the
+whole square of the row: a row of four 256-token pairs costs 16 blocks of 256 x 256 where four half-blocks are
+needed. Given the packed sequences' bounds (`cu_seq_lens_q`, which PreferenceModel passes for packed micro-batches
+on this kernel: the cumulative lengths over the flattened rows, the layout of flash attention's varlen kernels),
+each sequence is attended on its own, causal, without a mask. `python scripts/attention_bench.py` prints the
+comparison for the machine it runs on; on an AMD EPYC (AVX2, 2 threads, fp32, SmolLM2-135M's 9 query and 3
+key/value heads of 64, forward + backward, median of 3):
+
+| one row of | 4 x 256 | 6 x 170 | 512 + 300 + 212 | 1 x 1024 | 10 x 100 | 1 x 180 |
+|---|---|---|---|---|---|---|
+| sdpa, packed mask, ms | 102.4 | 101.4 | 103.1 | 102.3 | 95.2 | 5.3 |
+| per sequence, ms | 33.2 | 30.0 | 44.7 | 80.3 | 20.8 | 5.4 |
+
+The same attention (to float rounding: 1e-6 in fp32); a sliding window shorter than a sequence, a soft cap,
+a position bias or non-causal attention take the masked path.
+
+**float32 in bf16 training.** torch's CPU flash-attention backward is slow in bfloat16 on short rows. Measured on an
+Intel Xeon with AMX (2 threads, packed causal masks, forward + backward, median of 5; `python
+scripts/attention_bench.py` prints the table for the machine it runs on):
 
 | rows x tokens | 6 x 170 | 3 x 328 | 1 x 180 | 2 x 512 | 1 x 1024 |
 |---|---|---|---|---|---|
 | bf16 sdpa, ms | 39.0 | 31.5 | 8.9 | 35.6 | 46.1 |
 | float32 here, ms | 17.9 | 24.6 | 4.2 | 31.4 | 60.8 |
 
-So float32 on rows up to 512 tokens (the CPU configs' max_length; about even at 512), bf16 beyond. Without gradients (evaluation,
-prediction) only the forward runs, and bf16's forward is the faster: those stay bf16, so an evaluation during
-training and the predict command compute alike. Only q, k and v are cast up and the output back down (its
-precision is bf16's, as before); the projections and the rest of the layer stay bfloat16. The kernel is registered
-with transformers under SDPA_FLOAT32, with sdpa's masks (a packed row's block-diagonal causal mask from its
-restarting position_ids, a sliding window).
+So with gradients, q, k and v of rows up to 512 tokens are cast up and the output back down (its precision is
+bf16's, as before); evaluation and prediction (forward only, where bf16's is the faster) and longer rows stay bf16.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-SDPA_FLOAT32 = "lmsys_sdpa_float32"
-FLOAT32_MAX_ROW = 512  # the crossover measured above
+CPU_SDPA = "lmsys_sdpa_cpu"
+FLOAT32_MAX_ROW = 512  # the bf16 crossover measured above
 
 
-def sdpa_in_float32(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                    is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """Attention of query (B, H, T, D) over key, value (B, H_kv, T, D) -> (B, T, H, D) in the query's dtype:
-    computed in float32 when training on rows of at most FLOAT32_MAX_ROW tokens, by transformers' sdpa otherwise."""
+def cpu_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+             is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention of query (B, H, T, D) over key, value (B, H_kv, T, D) -> (B, T, H, D) in the query's dtype."""
     length = query.shape[2]
-    special = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
-    if special or not torch.is_grad_enabled() or length > FLOAT32_MAX_ROW or length != key.shape[2]:
+    special = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or length != key.shape[2]
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    upcast = query.dtype == torch.bfloat16 and torch.is_grad_enabled() and length <= FLOAT32_MAX_ROW
+    lengths = packed_sequences(kwargs.get("cu_seq_lens_q"), kwargs.get("sliding_window"))
+    if special or not causal or (lengths is None and not upcast):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    output = torch.nn.functional.scaled_dot_product_attention(
-        query.float(), key.float(), value.float(), attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-        is_causal=bool(causal and attention_mask is None and length > 1),
-        enable_gqa=query.shape[1] != key.shape[1],  # no repeated key/value heads in float32
-    )
-    return output.transpose(1, 2).contiguous().to(query.dtype), None
+    if upcast:
+        query, key, value, dtype = query.float(), key.float(), value.float(), query.dtype
+    else:
+        dtype = query.dtype
+    if lengths is None:
+        output = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+            is_causal=attention_mask is None and length > 1, enable_gqa=query.shape[1] != key.shape[1],
+        ).transpose(1, 2)  # (B, T, H, D)
+    else:
+        output = attend_each_sequence(query, key, value, lengths, dropout, scaling)
+    return output.contiguous().to(dtype), None
 
 
-AttentionInterface.register(SDPA_FLOAT32, sdpa_in_float32)
-AttentionMaskInterface.register(SDPA_FLOAT32, sdpa_mask)
+def attend_each_sequence(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
+                         dropout: float, scaling: float | None) -> torch.Tensor:
+    """Causal attention of each packed sequence on its own; `lengths` tile the flattened rows in order.
+    query (R, H, T, D), key/value (R, H_kv, T, D) -> (R, T, H, D).
+
+    The projections lay q, k and v out as (R, T, H, D), so the flattened (R * T, H, D) views and their split into
+    sequences are free, and the split's backward is one concatenation (slicing each sequence out of the full
+    tensors would allocate a zero-filled full-size gradient per sequence)."""
+    rows, heads, length, dim = query.shape
+    gqa = heads != key.shape[1]
+
+    def pieces(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tensor.transpose(1, 2).reshape(rows * length, tensor.shape[1], dim).split(lengths)  # each (L, h, D)
+
+    def heads_first(piece: torch.Tensor) -> torch.Tensor:
+        return piece.transpose(0, 1).unsqueeze(0)  # (1, h, L, D): sdpa's flash kernel takes 4-D inputs only
+
+    outputs = [
+        F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), dropout_p=dropout,
+                                       scale=scaling, is_causal=len(q) > 1, enable_gqa=gqa)[0].transpose(0, 1)
+        for q, k, v in zip(pieces(query), pieces(key), pieces(value), strict=True)
+    ]  # each (L, H, D)
+    return torch.cat(outputs).view(rows, length, heads, dim)
+
+
+_last_lengths: tuple[torch.Tensor | None, list[int]] = (None, [])  # every layer of a forward reads the same tensor
+
+
+def packed_sequences(cu_seq_lens: torch.Tensor | None, sliding_window: int | None = None) -> list[int] | None:
+    """The lengths of the packed sequences from their cumulative lengths over the flattened rows, or None: no
+    bounds, or a sequence longer than the sliding window (then the mask holds the window)."""
+    global _last_lengths
+    if cu_seq_lens is None:
+        return None
+    cached, lengths = _last_lengths
+    if cached is not cu_seq_lens:
+        lengths = cu_seq_lens.diff().tolist()
+        _last_lengths = (cu_seq_lens, lengths)
+    if sliding_window and max(lengths) > sliding_window:
+        return None
+    return lengths
+
+
+def sequence_bounds(position_ids: torch.Tensor) -> torch.Tensor:
+    """Cumulative lengths (S + 1,) of the packed sequences of position_ids (R, T) over the flattened rows: a
+    sequence starts where its positions restart at 0 (each row starts one, and so does a row's pad tail)."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    return torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+
+
+AttentionInterface.register(CPU_SDPA, cpu_sdpa)
+AttentionMaskInterface.register(CPU_SDPA, sdpa_mask)
 
 
 def attention_kernel(attn_implementation: str, dtype: torch.dtype, device: torch.device) -> str:
-    """The name to load the backbone with: SDPA_FLOAT32 for sdpa in bfloat16 on CPU (see the module's docstring)."""
-    if attn_implementation == "sdpa" and dtype == torch.bfloat16 and device.type == "cpu":
-        return SDPA_FLOAT32
+    """The name to load the backbone with: CPU_SDPA for sdpa on CPU (see the module's docstring)."""
+    if attn_implementation == "sdpa" and device.type == "cpu":
+        return CPU_SDPA
     return attn_implementation

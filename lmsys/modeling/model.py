@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmsys.modeling.attention import CPU_SDPA, sequence_bounds
 from lmsys.modeling.heads import BiEncoderHead, PreferenceHead
 
 
@@ -19,6 +20,9 @@ class PreferenceModel(nn.Module):
         # Encoders pool their first real token ([CLS]) in place of the batch's last-token columns; they take
         # padded batches only, so the attention mask locates it.
         self.first_token_pooling = first_token_pooling
+        # CPU_SDPA attends each packed sequence on its own, given their bounds (lmsys/modeling/attention.py)
+        config = getattr(backbone, "config", None)
+        self.passes_sequence_bounds = getattr(config, "_attn_implementation", None) == CPU_SDPA
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -26,6 +30,14 @@ class PreferenceModel(nn.Module):
         backbone's decoder layers, and the head on its own (fp32, while the backbone's weights are bf16)."""
         base = getattr(self.backbone, "get_base_model", lambda: self.backbone)()
         return [*(getattr(base, "_no_split_modules", None) or []), type(self.head).__name__]
+
+    def _packed_bounds(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> dict:
+        """For CPU_SDPA (lmsys/modeling/attention.py), which attends each packed sequence on its own: the packed
+        sequences' cumulative lengths over the flattened rows, as flash attention's varlen kwargs name them."""
+        if attention_mask is not None or position_ids is None or not self.passes_sequence_bounds:
+            return {}
+        bounds = sequence_bounds(position_ids)
+        return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds}
 
     def forward(
         self,
@@ -41,7 +53,8 @@ class PreferenceModel(nn.Module):
             pool_cols = attention_mask.int().argmax(dim=1)[pool_rows]  # (N,) first 1 of each row, either padding side
         else:
             hidden = self.backbone(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                **self._packed_bounds(attention_mask, position_ids),
             ).last_hidden_state  # (R, T, H)
         # With the backbone split over devices (device_map) the last hidden state lives on the last one.
         pooled = hidden[pool_rows.to(hidden.device), pool_cols.to(hidden.device)]  # (N * S, H)

@@ -1,5 +1,7 @@
-"""sdpa of a bfloat16 model on CPU trains in float32 on short rows: the same attention, with sdpa's packed mask;
-evaluation and long rows keep torch's bf16 sdpa."""
+"""sdpa on CPU (CPU_SDPA): each packed sequence attended on its own, the same attention as sdpa over the packed
+row's block-diagonal mask (values and gradients), sequences kept apart, the masked path where a sliding window is
+shorter than a sequence; and a bfloat16 model trains it in float32 on short rows (sdpa's packed mask without
+bounds), while evaluation and long rows keep torch's bf16 sdpa."""
 
 from __future__ import annotations
 
@@ -9,19 +11,19 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from lmsys.modeling.attention import FLOAT32_MAX_ROW, SDPA_FLOAT32, attention_kernel, sdpa_in_float32
+from lmsys.modeling.attention import CPU_SDPA, FLOAT32_MAX_ROW, attention_kernel, cpu_sdpa, sequence_bounds
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 @pytest.mark.parametrize("name,dtype,device,expected", [
-    ("sdpa", torch.bfloat16, CPU, SDPA_FLOAT32),
-    ("sdpa", torch.float32, CPU, "sdpa"),
+    ("sdpa", torch.bfloat16, CPU, CPU_SDPA),
+    ("sdpa", torch.float32, CPU, CPU_SDPA),
     ("sdpa", torch.bfloat16, CUDA, "sdpa"),
     ("eager", torch.bfloat16, CPU, "eager"),
     ("flash_attention_2", torch.bfloat16, CUDA, "flash_attention_2"),
 ])
-def test_only_bfloat16_sdpa_on_cpu_changes_kernel(name, dtype, device, expected):
+def test_only_sdpa_on_cpu_changes_kernel(name, dtype, device, expected):
     assert attention_kernel(name, dtype, device) == expected
 
 
@@ -44,7 +46,7 @@ GQA = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=True)
 def test_training_attention_is_float32_sdpa_and_no_less_precise():
     query, key, value = qkv()
     mask = block_causal_mask()
-    output, _ = sdpa_in_float32(GQA, query, key, value, mask, scaling=0.25)
+    output, _ = cpu_sdpa(GQA, query, key, value, mask, scaling=0.25)
     assert output.dtype == torch.bfloat16 and output.shape == (2, 40, 4, 16)  # (B, T, H, D)
     upcast, _ = sdpa_attention_forward(GQA, query.float(), key.float(), value.float(), mask, scaling=0.25)
     torch.testing.assert_close(output, upcast.to(torch.bfloat16), atol=0, rtol=0)
@@ -56,10 +58,10 @@ def test_training_attention_is_float32_sdpa_and_no_less_precise():
 def test_the_packed_mask_keeps_sequences_apart():
     query, key, value = qkv()
     mask = block_causal_mask()
-    output, _ = sdpa_in_float32(GQA, query, key, value, mask, scaling=0.25)
+    output, _ = cpu_sdpa(GQA, query, key, value, mask, scaling=0.25)
     key, value = key.clone(), value.clone()
     key[:, :, :23], value[:, :, :23] = 0, 0  # the first sequence of each row changes
-    moved, _ = sdpa_in_float32(GQA, query, key, value, mask, scaling=0.25)
+    moved, _ = cpu_sdpa(GQA, query, key, value, mask, scaling=0.25)
     torch.testing.assert_close(moved[:, 23:], output[:, 23:], atol=0, rtol=0)
     assert (moved[:, :23] - output[:, :23]).abs().max() > 0.1
 
@@ -67,12 +69,12 @@ def test_the_packed_mask_keeps_sequences_apart():
 def test_without_a_mask_it_is_causal():
     query, key, value = qkv()
     causal = torch.ones(40, 40, dtype=torch.bool).tril()[None, None].expand(2, 1, 40, 40)
-    torch.testing.assert_close(sdpa_in_float32(GQA, query, key, value, None, scaling=0.25)[0],
-                               sdpa_in_float32(GQA, query, key, value, causal, scaling=0.25)[0], atol=1e-2, rtol=0)
-    no_future = sdpa_in_float32(GQA, query, key, value, None, scaling=0.25)[0]
+    torch.testing.assert_close(cpu_sdpa(GQA, query, key, value, None, scaling=0.25)[0],
+                               cpu_sdpa(GQA, query, key, value, causal, scaling=0.25)[0], atol=1e-2, rtol=0)
+    no_future = cpu_sdpa(GQA, query, key, value, None, scaling=0.25)[0]
     key = key.clone()
     key[:, :, 30:] = 5.0
-    torch.testing.assert_close(sdpa_in_float32(GQA, query, key, value, None, scaling=0.25)[0][:, :30],
+    torch.testing.assert_close(cpu_sdpa(GQA, query, key, value, None, scaling=0.25)[0][:, :30],
                                no_future[:, :30], atol=0, rtol=0)
 
 
@@ -82,7 +84,7 @@ def test_evaluation_and_long_rows_keep_bfloat16_sdpa(case):
     query, key, value = qkv(length=length)
     mask = block_causal_mask(length=length, split=length // 2)
     with torch.set_grad_enabled(case == "long_row"):
-        output, _ = sdpa_in_float32(GQA, query, key, value, mask, scaling=0.25)
+        output, _ = cpu_sdpa(GQA, query, key, value, mask, scaling=0.25)
     plain, _ = sdpa_attention_forward(GQA, query, key, value, mask, scaling=0.25)
     torch.testing.assert_close(output, plain, atol=0, rtol=0)
 
@@ -90,7 +92,73 @@ def test_evaluation_and_long_rows_keep_bfloat16_sdpa(case):
 def test_the_float32_kernel_trains():
     """Gradients reach q, k and v through the casts (the backward is float32 sdpa's)."""
     query, key, value = (t.requires_grad_(True) for t in qkv())
-    output, _ = sdpa_in_float32(GQA, query, key, value, block_causal_mask(), scaling=0.25)
+    output, _ = cpu_sdpa(GQA, query, key, value, block_causal_mask(), scaling=0.25)
     output.float().square().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 and t.grad.abs().sum() > 0
                for t in (query, key, value))
+
+
+# --- each packed sequence on its own --------------------------------------------------------------------------------
+
+ROW_LENGTHS = [[7, 12, 3, 18], [25, 9, 6]]  # two packed rows of 40: the last sequence of the second is a pad tail
+
+
+def packed_inputs(dtype=torch.float32):
+    """q, k, v of two packed rows (float64 draws), their block-diagonal causal mask and the sequences' bounds."""
+    query, key, value = (t.to(dtype).requires_grad_(True) for t in qkv(seed=3))
+    positions = torch.tensor([[p for n in row for p in range(n)] for row in ROW_LENGTHS])  # (2, 40)
+    starts = (positions == 0).long().cumsum(1)  # sequence number within the row
+    same = starts[:, :, None] == starts[:, None, :]
+    mask = (torch.ones(40, 40, dtype=torch.bool).tril() & same)[:, None]  # (2, 1, 40, 40)
+    return query, key, value, mask, sequence_bounds(positions)
+
+
+def test_sequence_bounds_from_restarting_positions():
+    positions = torch.tensor([[p for n in row for p in range(n)] for row in ROW_LENGTHS])
+    assert sequence_bounds(positions).tolist() == [0, 7, 19, 22, 40, 65, 74, 80]
+    assert sequence_bounds(torch.arange(5)[None]).tolist() == [0, 5]  # unpacked: one sequence
+
+
+def test_each_sequence_on_its_own_equals_the_masked_row_with_gradients():
+    query, key, value, mask, bounds = packed_inputs()
+    grad = torch.randn(2, 40, 4, 16, generator=torch.Generator().manual_seed(4))
+    results = []
+    for kwargs in ({"cu_seq_lens_q": bounds}, {}):
+        output, _ = cpu_sdpa(GQA, query, key, value, mask, scaling=0.25, **kwargs)
+        output.backward(grad)
+        results.append([output.detach(), *(t.grad.clone() for t in (query, key, value))])
+        for t in (query, key, value):
+            t.grad = None
+    for split, masked in zip(*results, strict=True):
+        torch.testing.assert_close(split, masked, atol=1e-5, rtol=1e-5)
+
+
+def test_each_sequence_sees_only_itself():
+    query, key, value, mask, bounds = packed_inputs()
+    output, _ = cpu_sdpa(GQA, query, key, value, None, scaling=0.25, cu_seq_lens_q=bounds)
+    key, value = key.detach().clone(), value.detach().clone()
+    key[0, :, 7:19], value[0, :, 7:19] = 3.0, -2.0  # the second sequence of the first row
+    moved, _ = cpu_sdpa(GQA, query, key, value, None, scaling=0.25, cu_seq_lens_q=bounds)
+    changed = (moved - output).abs().amax(dim=(2, 3)) > 1e-3  # (2, 40)
+    assert changed[0, 7:19].all() and not changed[0, :7].any() and not changed[0, 19:].any()
+    assert not changed[1].any()
+
+
+def test_a_sliding_window_shorter_than_a_sequence_takes_the_masked_path():
+    query, key, value, mask, bounds = packed_inputs()
+    window = 10  # shorter than the 12-, 18- and 25-token sequences
+    windowed = mask & (torch.arange(40)[:, None] - torch.arange(40)[None, :] < window)
+    output, _ = cpu_sdpa(GQA, query, key, value, windowed, scaling=0.25, cu_seq_lens_q=bounds, sliding_window=window)
+    expected, _ = sdpa_attention_forward(GQA, query, key, value, windowed, scaling=0.25)
+    torch.testing.assert_close(output, expected, atol=0, rtol=0)
+    unwindowed, _ = cpu_sdpa(GQA, query, key, value, mask, scaling=0.25, cu_seq_lens_q=bounds, sliding_window=30)
+    torch.testing.assert_close(unwindowed, cpu_sdpa(GQA, query, key, value, mask, scaling=0.25)[0],
+                               atol=1e-6, rtol=1e-5)  # a window longer than every sequence changes nothing
+
+
+def test_bfloat16_training_splits_sequences_in_float32():
+    query, key, value, mask, bounds = packed_inputs(torch.bfloat16)
+    output, _ = cpu_sdpa(GQA, query, key, value, mask, scaling=0.25, cu_seq_lens_q=bounds)
+    upcast, _ = sdpa_attention_forward(GQA, query.float(), key.float(), value.float(), mask, scaling=0.25)
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output.float(), upcast, atol=1e-2, rtol=0)  # float32 arithmetic, bf16 output

@@ -14,7 +14,7 @@ from torch import nn
 from lmsys.builders import build_encoders, build_model
 from lmsys.config import Attention, ComputeDtype, Family, HeadInit, HeadType, PaddingSide
 from lmsys.data.batching import Example, collate, collate_packed, collate_padded, last_token_index
-from lmsys.modeling.attention import SDPA_FLOAT32
+from lmsys.modeling.attention import CPU_SDPA
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import pairs_from_frame
 from lmsys.modeling.backbone import fold_into_dense
@@ -166,7 +166,7 @@ def test_packed_and_padded_logits_agree_in_bfloat16(tiny_models, arena_pairs, ki
     model, spec, tokenizer = build(tiny_models, kind, family, quantization, compute_dtype=ComputeDtype.bfloat16)
     assert next(p for n, p in model.backbone.named_parameters() if "norm" in n).dtype == torch.bfloat16
     # sdpa of a bf16 model on CPU runs in float32 (lmsys.modeling.attention); Gemma-2 packs with eager only
-    assert model.backbone.config._attn_implementation == ("eager" if kind == "gemma2" else SDPA_FLOAT32)
+    assert model.backbone.config._attn_implementation == ("eager" if kind == "gemma2" else CPU_SDPA)
     split = encode_split(arena_pairs, build_encoders(spec, tokenizer))
     exs, pad = split.forward + split.swapped, tokenizer.pad_token_id
     reference = torch.cat([logits_of(model, collate_padded([ex], pad, PaddingSide.right)) for ex in exs])
