@@ -35,10 +35,11 @@ from lmsys.data.templates import chat_markers
 from lmsys.evaluation.validation import ValidationSet
 from lmsys.modeling.backbone import add_lora, load_adapter, load_backbone, make_trainable, resolve_dtype
 from lmsys.modeling.checkpoint import ModelSpec, load_head_state, read_spec, with_base_model
-from lmsys.modeling.lora_kernel import use_lora_kernel
-from lmsys.modeling.families import check_family, resolve_attention, resolve_template
 from lmsys.modeling.compile import compile_layers
+from lmsys.modeling.cpu_allocator import keep_freed_memory
+from lmsys.modeling.families import check_family, resolve_attention, resolve_template
 from lmsys.modeling.heads import BiEncoderHead, PreferenceHead
+from lmsys.modeling.lora_kernel import use_lora_kernel
 from lmsys.modeling.losses import LossWeights
 from lmsys.modeling.model import PreferenceModel
 from lmsys.modeling.model_facts import read_model_facts
@@ -148,6 +149,8 @@ def build_model(
     A merged checkpoint (spec.merged) is its own backbone: loaded from `adapter_dir`, without peft. `device_map`
     splits the backbone over devices (prediction); the head then sits on `device`.
     """
+    if device.type == "cpu":
+        keep_freed_memory()
     dtype = resolve_dtype(spec.compute_dtype, device, adapter_dir if spec.merged else spec.base_model_path)
     backbone = load_backbone(
         adapter_dir if spec.merged else spec.base_model_path, spec.quantization, spec.double_quant, dtype,

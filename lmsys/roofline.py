@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 
 from lmsys.modeling.model_facts import read_model_facts
-import torch.nn.functional as F
 
 T = TypeVar("T")
 FORWARD_AND_INPUT_GRADIENT = 4  # FLOPs a weight and trained token: forward + activation gradient (frozen base)

@@ -139,10 +139,10 @@ def test_auto_is_dense_on_cpu_and_peft_on_gpu():
 def test_a_model_trains_the_same_with_either_kernel(tiny_models, tmp_path):
     """The tiny NF4 Llama through lmsys.builders: one loss and backward with the dense kernel (the CPU default)
     equals peft's, and the adapter saves under the same names."""
+    from lmsys.builders import build_encoders
     from lmsys.data.batching import collate
     from lmsys.data.dataset import encode_split
     from lmsys.data.io import pairs_from_frame
-    from lmsys.builders import build_encoders
 
     losses, grads, keys = {}, {}, {}
     for kernel in (LoraKernel.peft, LoraKernel.dense):
