@@ -6,9 +6,12 @@ sorted prediction); `packed`, the framework's default; `hf_trainer_typical` and 
 Trainer peer (lmsys/bench_peer.py). The roofline (lmsys/roofline.py): the matmul rate of the model's projections
 in each mode's compute dtype, over 4 x the projection weights a trained token (6 x with gradient checkpointing).
 
-    python -m lmsys.bench --config-name conf_r_llama_smol data.train_path=FILE bench.n_pairs=64
+    python -m lmsys.bench --config-name conf_r_llama_smol data.train_path=FILE bench.n_pairs=64 [bench.repeats=3]
 
-Prints a table (packed over each baseline in the last columns) and, last, one JSON line.
+Each mode's roofline is the matmul rate measured in its own process just before and after its timed training (the
+machine's speed drifts between minutes). With bench.repeats=N the modes run N interleaved rounds: the table shows
+medians, then every round's values. Prints a table (packed over each baseline in the last columns) and, last, one
+JSON line.
 """
 
 from __future__ import annotations
