@@ -171,10 +171,13 @@ def build_model(
     preference_model = PreferenceModel(peft_model, head.to(device), spec.first_token_pooling)
     if adapter_dir is None and model.init_from:
         load_warm_start(preference_model, model.init_from)
-    if model is not None:
-        use_lora_kernel(preference_model.backbone, model.lora_kernel, device)
     if model is not None and model.torch_compile:
+        # compiles peft's layers and the masked attention: the dense LoRA kernel and the per-sequence attention's
+        # Python loop over sequences would split every layer's graph
+        preference_model.passes_sequence_bounds = False
         compile_layers(preference_model.backbone)
+    elif model is not None:
+        use_lora_kernel(preference_model.backbone, model.lora_kernel, device)
     return preference_model
 
 

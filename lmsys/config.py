@@ -74,6 +74,8 @@ class ModelConfig:
         require(self.max_length >= 32, "model.max_length must be at least 32")
         require(0.0 <= self.head_dropout < 1.0, "model.head_dropout must be in [0, 1)")
         require(self.head_init_std > 0, "model.head_init_std must be positive")
+        require(not (self.torch_compile and self.lora_kernel == LoraKernel.dense),
+                "model.torch_compile=true compiles peft's LoRA layers: use model.lora_kernel=auto or peft with it")
 
 
 @dataclass

@@ -143,6 +143,13 @@ def test_a_broken_rule_fails_at_start_up(override, message):
         validated_config(cfg)
 
 
+def test_the_dense_lora_kernel_is_not_compiled():
+    cfg = compose_config("conf_r_llama_smol", ("model.torch_compile=true", "model.lora_kernel=dense"))
+    with pytest.raises(ConfigError, match="model.torch_compile=true compiles peft's LoRA layers"):
+        validated_config(cfg)
+    validated_config(compose_config("conf_r_llama_smol", ("model.torch_compile=true",)))  # auto: peft's, compiled
+
+
 def test_a_typo_in_a_group_file_fails(tmp_path):
     conf = tmp_path / "conf"
     shutil.copytree(CONF_DIR, conf)

@@ -15,7 +15,8 @@ forward and backward agree to ~1e-6 in float32 (tests/modeling/test_lora_kernel.
 Layers it does not compute (the peft forward runs for them): DoRA and other variants, several active adapters,
 per-call adapter names, merged or disabled adapters, an int8 base (its outlier decomposition is its own).
 `auto`: dense on CPU, where it measured faster (the README's benchmark); peft on GPU, where a dense copy of a
-9B base would undo the 4-bit memory saving.
+9B base would undo the 4-bit memory saving, and with `model.torch_compile=true`, which compiles peft's layers (the
+dense kernel's per-shape autograd function would recompile for every projection shape).
 """
 
 from __future__ import annotations
