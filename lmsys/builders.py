@@ -39,14 +39,14 @@ from lmsys.modeling.compile import compile_layers
 from lmsys.modeling.cpu_allocator import keep_freed_memory
 from lmsys.modeling.families import check_family, resolve_attention, resolve_template
 from lmsys.modeling.heads import BiEncoderHead, PreferenceHead
-from lmsys.modeling.lora_kernel import use_lora_kernel
+from lmsys.modeling.lora_kernel import resolve_lora_kernel, use_lora_kernel
 from lmsys.modeling.losses import LossWeights
 from lmsys.modeling.model import PreferenceModel
 from lmsys.modeling.model_facts import read_model_facts
 from lmsys.modeling.precision import predict_quantization
 from lmsys.modeling.warm_start import load_warm_start
 from lmsys.prediction_config import InferenceConfig
-from lmsys.training.distributed import quant_storage_dtype
+from lmsys.training.distributed import fsdp_requested, quant_storage_dtype
 from lmsys.training.optim import create_optimizer, parameter_groups, warmup_cosine_scheduler
 from lmsys.training.settings import LoopSettings, total_updates
 
@@ -151,6 +151,7 @@ def build_model(
     """
     if device.type == "cpu":
         keep_freed_memory()
+    lora_kernel = None if model is None else resolve_lora_kernel(model.lora_kernel, device, fsdp_requested())
     dtype = resolve_dtype(spec.compute_dtype, device, adapter_dir if spec.merged else spec.base_model_path)
     backbone = load_backbone(
         adapter_dir if spec.merged else spec.base_model_path, spec.quantization, spec.double_quant, dtype,
@@ -177,7 +178,7 @@ def build_model(
         preference_model.passes_sequence_bounds = False
         compile_layers(preference_model.backbone)
     elif model is not None:
-        use_lora_kernel(preference_model.backbone, model.lora_kernel, device)
+        use_lora_kernel(preference_model.backbone, lora_kernel)
     return preference_model
 
 

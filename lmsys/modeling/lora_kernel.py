@@ -15,8 +15,10 @@ forward and backward agree to ~1e-6 in float32 (tests/modeling/test_lora_kernel.
 Layers it does not compute (the peft forward runs for them): DoRA and other variants, several active adapters,
 per-call adapter names, merged or disabled adapters, an int8 base (its outlier decomposition is its own).
 `auto`: dense on CPU, where it measured faster (the README's benchmark); peft on GPU, where a dense copy of a
-9B base would undo the 4-bit memory saving, and with `model.torch_compile=true`, which compiles peft's layers (the
-dense kernel's per-shape autograd function would recompile for every projection shape).
+9B base would undo the 4-bit memory saving, under FSDP (each rank holds a shard of the 4-bit weight, which only
+FSDP's own all-gather inside peft's forward makes whole; `dense` there fails at start-up), and with
+`model.torch_compile=true`, which compiles peft's layers (the dense kernel's per-shape autograd function would
+recompile for every projection shape).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from bitsandbytes.nn import Linear4bit
 from peft.tuners.lora import Linear as PeftLinear
 from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
-from lmsys.config import LoraKernel
+from lmsys.config import ConfigError, LoraKernel
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -115,16 +117,20 @@ def _dense_class(layer_class: type) -> type:
     return _DENSE_CLASSES[layer_class]
 
 
-def resolve_lora_kernel(kernel: LoraKernel, device: torch.device) -> LoraKernel:
+def resolve_lora_kernel(kernel: LoraKernel, device: torch.device, sharded: bool) -> LoraKernel:
+    """`auto` made concrete; `sharded`: the model will be sharded by FSDP, whose shards the kernel cannot read."""
+    if kernel == LoraKernel.dense and sharded:
+        raise ConfigError("model.lora_kernel=dense cannot run under FSDP (each rank holds a shard of the base "
+                          "weight); use model.lora_kernel=auto or peft")
     if kernel == LoraKernel.auto:
-        return LoraKernel.dense if device.type == "cpu" else LoraKernel.peft
+        return LoraKernel.dense if device.type == "cpu" and not sharded else LoraKernel.peft
     return kernel
 
 
-def use_lora_kernel(model: torch.nn.Module, kernel: LoraKernel, device: torch.device) -> int:
-    """Give every peft LoRA layer with a 4-bit or unquantized base the `dense` forward (kernel `dense`, or `auto`
-    on CPU); returns how many. Parameters, their names and the saved adapter are unchanged."""
-    if resolve_lora_kernel(kernel, device) != LoraKernel.dense:
+def use_lora_kernel(model: torch.nn.Module, kernel: LoraKernel) -> int:
+    """Give every peft LoRA layer with a 4-bit or unquantized base the `dense` forward (`kernel`, resolved by
+    `resolve_lora_kernel`); returns how many. Parameters, their names and the saved adapter are unchanged."""
+    if kernel != LoraKernel.dense:
         return 0
     count = 0
     for module in model.modules():

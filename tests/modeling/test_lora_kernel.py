@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from lmsys.config import LoraKernel
+from lmsys.config import ConfigError, LoraKernel
 from lmsys.modeling.lora_kernel import DenseLoraForward, resolve_lora_kernel, use_lora_kernel
 
 CPU = torch.device("cpu")
@@ -45,7 +45,7 @@ def lora_pair(quantized: bool = True, bias: bool = False, dropout: float = 0.0, 
         if "lora_B" in name:
             nn.init.normal_(parameter, std=0.1, generator=torch.Generator().manual_seed(1))
     dense = copy.deepcopy(model)
-    assert use_lora_kernel(dense, LoraKernel.dense, CPU) == 1
+    assert use_lora_kernel(dense, LoraKernel.dense) == 1
     return model, dense
 
 
@@ -127,13 +127,16 @@ def test_layers_the_kernel_does_not_compute_run_peft():
         assert (dense(x) - plain(x)).abs().max() > 1e-3  # the adapter counts when enabled
 
 
-def test_auto_is_dense_on_cpu_and_peft_on_gpu():
-    assert resolve_lora_kernel(LoraKernel.auto, CPU) == LoraKernel.dense
-    assert resolve_lora_kernel(LoraKernel.auto, torch.device("cuda")) == LoraKernel.peft
-    assert resolve_lora_kernel(LoraKernel.peft, CPU) == LoraKernel.peft
+def test_auto_is_dense_on_cpu_and_peft_on_gpu_or_under_fsdp():
+    assert resolve_lora_kernel(LoraKernel.auto, CPU, sharded=False) == LoraKernel.dense
+    assert resolve_lora_kernel(LoraKernel.auto, torch.device("cuda"), sharded=False) == LoraKernel.peft
+    assert resolve_lora_kernel(LoraKernel.auto, CPU, sharded=True) == LoraKernel.peft
+    assert resolve_lora_kernel(LoraKernel.peft, CPU, sharded=False) == LoraKernel.peft
+    with pytest.raises(ConfigError, match="lora_kernel=dense cannot run under FSDP"):
+        resolve_lora_kernel(LoraKernel.dense, CPU, sharded=True)
     _, dense = lora_pair()
     peft_only = copy.deepcopy(dense)
-    assert use_lora_kernel(peft_only, LoraKernel.peft, CPU) == 0
+    assert use_lora_kernel(peft_only, LoraKernel.peft) == 0
 
 
 def test_a_model_trains_the_same_with_either_kernel(tiny_models, tmp_path):
