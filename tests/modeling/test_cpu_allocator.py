@@ -32,7 +32,8 @@ def test_set_once_per_process_and_logged():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
-@pytest.mark.parametrize("variable", [{"MALLOC_MMAP_THRESHOLD_": "131072"}, {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}])
+@pytest.mark.parametrize("variable", [{"MALLOC_MMAP_THRESHOLD_": "131072"},
+                                      {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}])
 def test_the_users_malloc_settings_win(variable):
     done = run(**variable)
     assert done.stdout.split() == ["False", "False"] and "malloc keeps" not in done.stderr
