@@ -55,8 +55,8 @@ def run_entry(args: list[str], log: Path, env: dict[str, str] | None = None, cwd
 
 
 def run_side_by_side(commands: list[list[str]], **popen_kwargs) -> list[subprocess.CompletedProcess]:
-    """Short commands (a CLI error, --help) started together and awaited in order: most of each is the ~10 s
-    import of torch and transformers, which two cores do side by side."""
+    """Commands started together and awaited in order: most of a short one (a CLI error, --help, a run of a tiny
+    model) is the ~10 s import of torch and transformers, which two cores do side by side."""
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs)
                  for command in commands]
     results = []

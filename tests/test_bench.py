@@ -3,12 +3,12 @@ process, the table carries the roofline and packed's ratio to each baseline, the
 README documents, and the padded baseline really pads."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import tiny
+from entry_runs import run_side_by_side
 
 from lmsys.roofline import ProjectionShapes
 
@@ -24,24 +24,31 @@ def cells(table: list[str], label: str) -> list[str]:
     return [cell.strip() for cell in next(line for line in table if line.startswith(f"| {label} ")).split("|")[2:-1]]
 
 
-def run_bench(tiny_models, tmp_path, *extra: str) -> list[str]:
-    train = tmp_path / "train.csv"
+def bench_command(tiny_models, train: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lmsys.bench", "--config-name", "conf_r_llama_smol",
+            f"model.path={tiny_models['llama']}", "model.max_length=128", f"data.train_path={train}",
+            "bench.n_pairs=16", "trainer.batch_size=4", "trainer.grad_accum=2", "trainer.max_tokens=256", "trainer.eval_max_tokens=512",
+            "bench.roofline_tokens=64", *extra]
+
+
+@pytest.fixture(scope="module")
+def bench_output(tiny_models, tmp_path_factory) -> dict[str, list[str]]:
+    """The output lines of the two bench commands the tests read, started at once (each mode's process spends most
+    of its time importing, which two cores do side by side; the tiny model's timings mean nothing here)."""
+    train = tmp_path_factory.mktemp("bench") / "train.csv"
     tiny.arena_frame(16, seed=5).to_csv(train, index=False)
-    done = subprocess.run(
-        [sys.executable, "-m", "lmsys.bench", "--config-name", "conf_r_llama_smol",
-         f"model.path={tiny_models['llama']}", "model.max_length=128", f"data.train_path={train}", "bench.n_pairs=16",
-         "trainer.batch_size=4", "trainer.grad_accum=2", "trainer.max_tokens=256", "trainer.eval_max_tokens=512",
-         "bench.roofline_tokens=64", *extra],
-        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.strip().splitlines()
+    commands = {"all": bench_command(tiny_models, train),
+                "packed": bench_command(tiny_models, train, "bench.modes=[packed]", "bench.repeats=2")}
+    results = run_side_by_side(list(commands.values()), cwd=REPO)
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return {name: result.stdout.strip().splitlines() for name, result in zip(commands, results, strict=True)}
 
 
-def test_one_mode_prints_its_rows_only(tiny_models, tmp_path):
+def test_one_mode_prints_its_rows_only(bench_output):
     """Without a peer there is no single-pass prediction row (a row with no cell at all is left out). Two rounds: the
     cells are the medians and each round's values are listed."""
-    lines = run_bench(tiny_models, tmp_path, "bench.modes=[packed]", "bench.repeats=2")
+    lines = bench_output["packed"]
     rounds = next(line for line in lines if line.startswith("  train real tokens/s packed: "))
     per_round = [float(value) for value in rounds.split(": ")[1].split(", ")]
     assert len(per_round) == 2 and "2 rounds (each cell above is the median):" in lines
@@ -54,8 +61,8 @@ def test_one_mode_prints_its_rows_only(tiny_models, tmp_path):
                                            "peak_rss_mb")] + ["matmul_gflops_float32"])
 
 
-def test_bench_prints_a_table_and_one_json_line(tiny_models, tmp_path):
-    lines = run_bench(tiny_models, tmp_path)
+def test_bench_prints_a_table_and_one_json_line(tiny_models, bench_output):
+    lines = bench_output["all"]
     result = json.loads(lines[-1])
     assert sorted(result) == sorted(KEYS)
     assert all(value > 0 for value in result.values())

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from accelerate import Accelerator
+from entry_runs import run_side_by_side
 from tiny import arena_frame
 
 from lmsys import builders
@@ -153,12 +154,12 @@ def test_a_format_the_checkpoint_was_not_trained_on_is_a_warning(tiny_models, te
     assert len(warnings) == 1 and "trained on formats ['pab'], not on ['papb']" in warnings[0]
 
 
-@pytest.mark.parametrize("argument", ["formats=[]", "formats=[pab,pab]", "formats=[pabp]"])
-def test_bad_formats_fail_before_a_model_loads(argument, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "lmsys.predict", f"checkpoint={tmp_path}", "output=o.csv",
-                             f"data.test_path={tmp_path / 't.csv'}", argument],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert result.returncode == 2 and "formats" in result.stderr, result.stderr[-2000:]
+def test_bad_formats_fail_before_a_model_loads(tmp_path):
+    arguments = ["formats=[]", "formats=[pab,pab]", "formats=[pabp]"]
+    results = run_side_by_side([[sys.executable, "-m", "lmsys.predict", f"checkpoint={tmp_path}", "output=o.csv",
+                                 f"data.test_path={tmp_path / 't.csv'}", argument] for argument in arguments], cwd=ROOT)
+    for argument, result in zip(arguments, results, strict=True):
+        assert result.returncode == 2 and "formats" in result.stderr, (argument, result.stderr[-2000:])
 
 
 @pytest.mark.parametrize("formats,swap,examples_per_micro_batch", [([InputFormat.pab], "none", 3),

@@ -19,6 +19,7 @@ import pytest
 import tiny
 import torch
 from accelerate import Accelerator
+from entry_runs import run_side_by_side
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -188,14 +189,18 @@ def entry(family: str) -> str:
     return str(REPO / "lmsys" / "code" / f"train_r_{family}.py")
 
 
-def run_entry(family: str, config_name: str, model_dir: Path, files: dict, run_dir: Path, *extra: str,
-              timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
-    command = [
+def entry_command(family: str, config_name: str, model_dir: Path, files: dict, run_dir: Path, *extra: str) -> list[str]:
+    return [
         sys.executable, entry(family), "--config-name", config_name, f"model.path={model_dir}",
         f"data.train_path={files['train']}", f"data.valid_path={files['valid']}", f"hydra.run.dir={run_dir}",
         "trainer.max_steps=2", "model.max_length=128", "trainer.max_tokens=512", "trainer.batch_size=2",
         "trainer.grad_accum=1", *extra,
     ]
+
+
+def run_entry(family: str, config_name: str, model_dir: Path, files: dict, run_dir: Path, *extra: str,
+              timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    command = entry_command(family, config_name, model_dir, files, run_dir, *extra)
     return subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
@@ -340,15 +345,26 @@ FAMILY_RUNS = {
 }
 
 
+@pytest.fixture(scope="module")
+def family_runs(tiny_models, arena_files, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess,
+                                                                               dict]]:
+    """Every family's run, all started at once (most of each is the interpreter's imports, which two cores do side
+    by side): kind -> (run dir, finished process, the model dir's digest before the run)."""
+    work = tmp_path_factory.mktemp("families")
+    before = {kind: digest(tiny_models[kind]) for kind in FAMILY_RUNS}
+    commands = {kind: entry_command(family, config_name, tiny_models[kind], arena_files, work / kind, *overrides)
+                for kind, (family, config_name, overrides, _, _) in FAMILY_RUNS.items()}
+    results = run_side_by_side(list(commands.values()), cwd=REPO)
+    return {kind: (work / kind, result, before[kind]) for kind, result in zip(commands, results, strict=True)}
+
+
 @pytest.mark.parametrize("kind", FAMILY_RUNS)
-def test_every_family_runs(kind, tiny_models, arena_files, tmp_path):
-    family, config_name, overrides, template, attention = FAMILY_RUNS[kind]
+def test_every_family_runs(kind, tiny_models, arena_files, family_runs):
+    family, _, _, template, attention = FAMILY_RUNS[kind]
     model_dir = tiny_models[kind]
-    base = digest(model_dir)
-    run_dir = tmp_path / kind
-    result = run_entry(family, config_name, model_dir, arena_files, run_dir, *overrides)
+    run_dir, result, before = family_runs[kind]
     assert result.returncode == 0, result.stderr[-4000:]
-    assert digest(model_dir) == base
+    assert digest(model_dir) == before
     run = check_run_dir(run_dir, model_dir, arena_files["valid"], updates=2)
     assert any(torch.count_nonzero(t) for key, t in run["adapter"].items() if ".lora_B." in key)
     spec = read_spec(run_dir / "checkpoint")
@@ -380,15 +396,18 @@ def test_the_family_check_says_why(entry_family, config_name, kind, named, tiny_
     assert (REPO / "lmsys" / "code" / named).is_file()  # the script it names exists
 
 
-@pytest.mark.parametrize("extra", [(), ("overwrite=true",)])
-def test_a_run_dir_that_is_not_a_run_is_refused_and_kept(tiny_models, arena_files, tmp_path, extra):
-    work = tmp_path / "work"  # e.g. hydra.run.dir=. in a project directory
-    (work / "src").mkdir(parents=True)
-    (work / "src" / "model.py").write_text("mine")
-    (work / "config.yaml").write_text("the user's own config\n")
-    before = tree_digest(work)
-    result = run_entry("llama", "conf_r_llama_smol", tiny_models["llama"], arena_files, work, *extra, timeout=120)
-    assert result.returncode != 0
-    assert f"{work} is not a run directory and is not empty" in result.stderr
-    assert "Loading weights" not in result.stderr
-    assert tree_digest(work) == before and sorted(p.name for p in work.iterdir()) == ["config.yaml", "src"]
+def test_a_run_dir_that_is_not_a_run_is_refused_and_kept(tiny_models, arena_files, tmp_path):
+    """Without and with overwrite=true (both started at once)."""
+    works, commands = [], []
+    for extra in [(), ("overwrite=true",)]:
+        work = tmp_path / f"work{len(works)}"  # e.g. hydra.run.dir=. in a project directory
+        (work / "src").mkdir(parents=True)
+        (work / "src" / "model.py").write_text("mine")
+        (work / "config.yaml").write_text("the user's own config\n")
+        works.append((work, tree_digest(work)))
+        commands.append(entry_command("llama", "conf_r_llama_smol", tiny_models["llama"], arena_files, work, *extra))
+    for (work, before), result in zip(works, run_side_by_side(commands, cwd=REPO), strict=True):
+        assert result.returncode != 0
+        assert f"{work} is not a run directory and is not empty" in result.stderr
+        assert "Loading weights" not in result.stderr
+        assert tree_digest(work) == before and sorted(p.name for p in work.iterdir()) == ["config.yaml", "src"]

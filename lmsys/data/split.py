@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 from lmsys.data.io import DataError
 from lmsys.data.schema import Pair
@@ -32,6 +31,9 @@ def split_train_valid(
             f"validation with data.valid_fraction={valid_fraction} (needs at least {n_splits} distinct prompts); "
             f"add rows, raise data.valid_fraction or give data.valid_path"
         )
+    # imported here: sklearn.model_selection takes ~2 s to import, which every run and predict would pay at start-up
+    from sklearn.model_selection import StratifiedGroupKFold
+
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     train_idx, valid_idx = next(folds.split(np.zeros(len(pairs)), labels, groups))
     return [pairs[i] for i in train_idx], [pairs[i] for i in valid_idx]

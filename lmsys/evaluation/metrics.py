@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 from scipy.special import softmax, xlogy
 
 EPS = 1e-15
@@ -103,7 +102,10 @@ def save_reliability_diagram(
     width = 1.0 / n_bins
     filled = bins["count"] > 0
 
-    # A bare Figure renders through Agg without touching pyplot's global backend state.
+    # imported here: matplotlib takes ~0.8 s to import, which every run and predict would pay at start-up. A bare
+    # Figure renders through Agg without touching pyplot's global backend state.
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(5, 6))
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
