@@ -94,19 +94,12 @@ def attend_each_sequence(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     return torch.cat(outputs).view(rows, length, heads, dim)
 
 
-_last_lengths: tuple[torch.Tensor | None, list[int]] = (None, [])  # every layer of a forward reads the same tensor
-
-
 def packed_sequences(cu_seq_lens: torch.Tensor | None, sliding_window: int | None = None) -> list[int] | None:
     """The lengths of the packed sequences from their cumulative lengths over the flattened rows, or None: no
     bounds, or a sequence longer than the sliding window (then the mask holds the window)."""
-    global _last_lengths
     if cu_seq_lens is None:
         return None
-    cached, lengths = _last_lengths
-    if cached is not cu_seq_lens:
-        lengths = cu_seq_lens.diff().tolist()
-        _last_lengths = (cu_seq_lens, lengths)
+    lengths = cu_seq_lens.diff().tolist()  # a CPU tensor of a few entries: microseconds, once a layer
     if sliding_window and max(lengths) > sliding_window:
         return None
     return lengths
