@@ -33,7 +33,22 @@ from lmsys.config import register_configs  # noqa: E402 (after the thread and of
 
 register_configs()
 
+import background  # noqa: E402 (after the thread and offline variables above are set)
 import tiny  # noqa: E402 (after the thread and offline variables above are set)
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: only a check whose test will run is started
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """The torch.compile test last, and its process (tests/modeling/compile_check.py) started now: its ~80 s of
+    g++ then run beside the rest of the suite."""
+    compile_tests = [item for item in items if item.path.name == background.COMPILE_TEST_FILE]
+    if compile_tests:
+        items[:] = [item for item in items if item not in compile_tests] + compile_tests
+        background.start_compile_check(config)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    background.stop(session.config)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,69 @@
+"""The work of tests/modeling/test_compile.py, as a process of its own: a tiny NF4 Llama trained for 3 AdamW updates
+eager and with model.torch_compile=true. ~80 s of it is g++ compiling inductor's kernels on one core, so conftest
+starts it when the suite starts and the test reads its results at the end of the suite.
+
+    python tests/modeling/compile_check.py OUT.pt      (writes the results with torch.save)
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+TESTS_DIR = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(TESTS_DIR), str(TESTS_DIR.parent)]
+
+import tiny  # noqa: E402 (after the path above)
+import torch  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+
+from lmsys.builders import build_encoders  # noqa: E402
+from lmsys.config import PaddingSide  # noqa: E402
+from lmsys.data.batching import collate  # noqa: E402
+from lmsys.data.dataset import encode_split  # noqa: E402
+from lmsys.data.io import pairs_from_frame  # noqa: E402
+from lmsys.modeling.losses import soft_cross_entropy  # noqa: E402
+
+CPU = torch.device("cpu")
+UPDATES = 3
+
+
+def curve(model_dir: Path, compiled: bool) -> dict:
+    """The first forward's logits (6, 3), the loss of each update on one packed micro-batch, and what the compile
+    did to the model."""
+    model, spec, tokenizer = tiny.build_preference_model(model_dir, "llama", "nf4", torch_compile=compiled)
+    pairs = pairs_from_frame(tiny.arena_frame(6, seed=11), "mem.csv", require_labels=True)
+    split = encode_split(pairs, build_encoders(spec, tokenizer))
+    batch = collate(split.forward, tiny.batching(True, tokenizer.pad_token_id, PaddingSide.left, 300))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    logits, losses = None, []
+    for _ in range(UPDATES):
+        out = model(**batch.model_inputs(CPU))  # (6, 3)
+        logits = out.detach() if logits is None else logits
+        loss = soft_cross_entropy(out, batch.targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    layers = model.backbone.base_model.model.layers
+    return {"logits": logits, "losses": torch.tensor(losses), "names": [n for n, _ in model.named_parameters()],
+            "layers": len(layers), "layers_compiled": sum(layer._compiled_call_impl is not None for layer in layers),
+            "unique_graphs": counters["stats"]["unique_graphs"]}
+
+
+def main(out: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = tiny.save_tiny_model("llama", Path(tmp) / "llama")
+        torch._dynamo.reset()
+        counters.clear()
+        eager = curve(model_dir, compiled=False)
+        compiled = curve(model_dir, compiled=True)
+    partial = out.with_name(out.name + ".partial")
+    torch.save({"eager": eager, "compiled": compiled}, partial)
+    partial.replace(out)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
