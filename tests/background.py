@@ -1,51 +1,58 @@
-"""Test work started when the suite starts and read at its end: a process that is mostly one core of g++ (the
-torch.compile check) runs beside the other tests instead of after them. conftest's hooks start and stop it."""
+"""Test work started when the suite starts and read at its end: a process that keeps one core busy for a minute or
+more (g++ compiling inductor's kernels; a shell pipeline of single-threaded commands) runs beside the in-process
+tests, which use one thread of two cores, instead of after them. conftest's hooks start and stop the jobs; a job's
+test (moved to the end of the suite) waits for it and checks what it wrote.
+
+A job is `python <script> OUT_DIR`, started only when its test file's tests are selected, in a new temporary
+directory that the session removes at its end.
+"""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 
 TESTS_DIR = Path(__file__).resolve().parent
-COMPILE_CHECK = TESTS_DIR / "modeling" / "compile_check.py"
-COMPILE_TEST_FILE = "test_compile.py"
+# test file name -> the script whose results its test reads
+JOBS = {
+    "test_compile.py": TESTS_DIR / "modeling" / "compile_check.py",
+    "test_distill_pipeline.py": TESTS_DIR / "distill_check.py",
+}
 TIMEOUT_S = 1800
-_KEY = pytest.StashKey[tuple[subprocess.Popen, Path]]()
+_KEY = pytest.StashKey[dict[str, tuple[subprocess.Popen, Path]]]()
 
 
-def start_compile_check(config: pytest.Config) -> None:
-    """Start tests/modeling/compile_check.py (once per session); its results and log go to a new temporary dir."""
-    if _KEY in config.stash:
+def start(config: pytest.Config, test_file: str) -> None:
+    """Start the job of `test_file` (once per session); its output and log go to a new temporary directory."""
+    jobs = config.stash.setdefault(_KEY, {})
+    if test_file in jobs:
         return
-    out_dir = Path(tempfile.mkdtemp(prefix="lmsys_compile_check_"))
+    out_dir = Path(tempfile.mkdtemp(prefix=f"lmsys_{Path(test_file).stem}_"))
     with open(out_dir / "log.txt", "w") as log:
-        process = subprocess.Popen([sys.executable, str(COMPILE_CHECK), str(out_dir / "results.pt")],
-                                   stdout=log, stderr=subprocess.STDOUT)
-    config.stash[_KEY] = (process, out_dir)
+        process = subprocess.Popen([sys.executable, str(JOBS[test_file]), str(out_dir)], stdout=log,
+                                   stderr=subprocess.STDOUT)
+    jobs[test_file] = (process, out_dir)
 
 
-def compile_check_results(config: pytest.Config) -> dict:
-    """Wait for the check (starting it if the session did not) and load what it wrote."""
-    start_compile_check(config)
-    process, out_dir = config.stash[_KEY]
+def finished(config: pytest.Config, test_file: str) -> Path:
+    """Wait for the job of `test_file` (starting it if the session did not); its output directory."""
+    start(config, test_file)
+    process, out_dir = config.stash[_KEY][test_file]
     returncode = process.wait(timeout=TIMEOUT_S)
     log = (out_dir / "log.txt").read_text()
-    assert returncode == 0, f"compile_check.py exited {returncode}:\n{log[-4000:]}"
-    return torch.load(out_dir / "results.pt")
+    assert returncode == 0, f"{JOBS[test_file].name} exited {returncode}:\n{log[-6000:]}"
+    return out_dir
 
 
 def stop(config: pytest.Config) -> None:
-    """Kill the check if the session ends before its test read it (the test deselected by a failure with -x)."""
-    if _KEY in config.stash:
-        process, out_dir = config.stash[_KEY]
+    """Kill the jobs still running (their tests did not run: -x after a failure) and remove their directories."""
+    for process, out_dir in config.stash.get(_KEY, {}).values():
         if process.poll() is None:
             process.kill()
             process.wait()
-        for path in out_dir.iterdir():
-            path.unlink()
-        out_dir.rmdir()
+        shutil.rmtree(out_dir, ignore_errors=True)

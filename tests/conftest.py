@@ -37,14 +37,15 @@ import background  # noqa: E402 (after the thread and offline variables above ar
 import tiny  # noqa: E402 (after the thread and offline variables above are set)
 
 
-@pytest.hookimpl(trylast=True)  # after -k / -m deselection: only a check whose test will run is started
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: only the jobs of tests that will run are started
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """The torch.compile test last, and its process (tests/modeling/compile_check.py) started now: its ~80 s of
-    g++ then run beside the rest of the suite."""
-    compile_tests = [item for item in items if item.path.name == background.COMPILE_TEST_FILE]
-    if compile_tests:
-        items[:] = [item for item in items if item not in compile_tests] + compile_tests
-        background.start_compile_check(config)
+    """The tests of background jobs (tests/background.py) last, and their jobs started now: a minute or more of one
+    busy core each, run beside the rest of the suite."""
+    waiting = [item for item in items if item.path.name in background.JOBS]
+    items[:] = [item for item in items if item not in waiting] + waiting
+    if not config.option.collectonly:
+        for test_file in dict.fromkeys(item.path.name for item in waiting):
+            background.start(config, test_file)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

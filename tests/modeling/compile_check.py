@@ -1,14 +1,13 @@
 """The work of tests/modeling/test_compile.py, as a process of its own: a tiny NF4 Llama trained for 3 AdamW updates
-eager and with model.torch_compile=true. ~80 s of it is g++ compiling inductor's kernels on one core, so conftest
-starts it when the suite starts and the test reads its results at the end of the suite.
+eager and with model.torch_compile=true. ~80 s of it is g++ compiling inductor's kernels on one core, so the suite
+starts it as a background job (tests/background.py) and the test reads its results at the end of the suite.
 
-    python tests/modeling/compile_check.py OUT.pt      (writes the results with torch.save)
+    python tests/modeling/compile_check.py OUT_DIR      (writes OUT_DIR/results.pt with torch.save)
 """
 
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
@@ -53,16 +52,13 @@ def curve(model_dir: Path, compiled: bool) -> dict:
             "unique_graphs": counters["stats"]["unique_graphs"]}
 
 
-def main(out: Path) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = tiny.save_tiny_model("llama", Path(tmp) / "llama")
-        torch._dynamo.reset()
-        counters.clear()
-        eager = curve(model_dir, compiled=False)
-        compiled = curve(model_dir, compiled=True)
-    partial = out.with_name(out.name + ".partial")
-    torch.save({"eager": eager, "compiled": compiled}, partial)
-    partial.replace(out)
+def main(out_dir: Path) -> None:
+    model_dir = tiny.save_tiny_model("llama", out_dir / "llama")
+    torch._dynamo.reset()
+    counters.clear()
+    eager = curve(model_dir, compiled=False)
+    compiled = curve(model_dir, compiled=True)
+    torch.save({"eager": eager, "compiled": compiled}, out_dir / "results.pt")
 
 
 if __name__ == "__main__":
