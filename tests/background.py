@@ -3,12 +3,14 @@ more (g++ compiling inductor's kernels; a shell pipeline of single-threaded comm
 tests, which use one thread of two cores, instead of after them. conftest's hooks start and stop the jobs; a job's
 test (moved to the end of the suite) waits for it and checks what it wrote.
 
-A job is `python <script> OUT_DIR`, started only when its test file's tests are selected, in a new temporary
-directory that the session removes at its end.
+A job is `PYTHONPATH=<repo>:tests python <script> OUT_DIR` (lmsys and the tests' helpers such as tiny.py
+importable, as in the tests), started only when its test file's tests are selected, in a new temporary directory
+that the session removes at its end.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -33,9 +35,10 @@ def start(config: pytest.Config, test_file: str) -> None:
     if test_file in jobs:
         return
     out_dir = Path(tempfile.mkdtemp(prefix=f"lmsys_{Path(test_file).stem}_"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR.parent), str(TESTS_DIR)])}
     with open(out_dir / "log.txt", "w") as log:
         process = subprocess.Popen([sys.executable, str(JOBS[test_file]), str(out_dir)], stdout=log,
-                                   stderr=subprocess.STDOUT)
+                                   stderr=subprocess.STDOUT, env=env)
     jobs[test_file] = (process, out_dir)
 
 
@@ -44,8 +47,9 @@ def finished(config: pytest.Config, test_file: str) -> Path:
     start(config, test_file)
     process, out_dir = config.stash[_KEY][test_file]
     returncode = process.wait(timeout=TIMEOUT_S)
-    log = (out_dir / "log.txt").read_text()
-    assert returncode == 0, f"{JOBS[test_file].name} exited {returncode}:\n{log[-6000:]}"
+    if returncode != 0:
+        log = (out_dir / "log.txt").read_text()
+        raise AssertionError(f"{JOBS[test_file].name} exited {returncode}:\n{log[-6000:]}")
     return out_dir
 
 

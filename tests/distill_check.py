@@ -1,7 +1,7 @@
 """The work of tests/test_distill_pipeline.py, as a background job of the suite (tests/background.py): a minute and
 more of single-threaded commands in a row, run beside the other tests.
 
-    python tests/distill_check.py OUT_DIR
+    PYTHONPATH=.:tests python tests/distill_check.py OUT_DIR
 
 examples/distill_pipeline.sh on 30 tiny-model pairs, the embedded models replaced through its override variables
 (gemma-3 teachers, Llama students); its work directory is OUT_DIR/work, its output OUT_DIR/stdout.txt; exits with
@@ -15,11 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-TESTS_DIR = Path(__file__).resolve().parent
-REPO = TESTS_DIR.parent
-sys.path[:0] = [str(TESTS_DIR), str(REPO)]
+import tiny
 
-import tiny  # noqa: E402 (after the path above)
+REPO = Path(__file__).resolve().parents[1]
 
 N_PAIRS = 30
 

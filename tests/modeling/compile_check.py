@@ -2,7 +2,7 @@
 eager and with model.torch_compile=true. ~80 s of it is g++ compiling inductor's kernels on one core, so the suite
 starts it as a background job (tests/background.py) and the test reads its results at the end of the suite.
 
-    python tests/modeling/compile_check.py OUT_DIR      (writes OUT_DIR/results.pt with torch.save)
+    PYTHONPATH=.:tests python tests/modeling/compile_check.py OUT_DIR      (writes OUT_DIR/results.pt)
 """
 
 from __future__ import annotations
@@ -10,19 +10,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-TESTS_DIR = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(TESTS_DIR), str(TESTS_DIR.parent)]
+import tiny
+import torch
+from torch._dynamo.utils import counters
 
-import tiny  # noqa: E402 (after the path above)
-import torch  # noqa: E402
-from torch._dynamo.utils import counters  # noqa: E402
-
-from lmsys.builders import build_encoders  # noqa: E402
-from lmsys.config import PaddingSide  # noqa: E402
-from lmsys.data.batching import collate  # noqa: E402
-from lmsys.data.dataset import encode_split  # noqa: E402
-from lmsys.data.io import pairs_from_frame  # noqa: E402
-from lmsys.modeling.losses import soft_cross_entropy  # noqa: E402
+from lmsys.builders import build_encoders
+from lmsys.config import PaddingSide
+from lmsys.data.batching import collate
+from lmsys.data.dataset import encode_split
+from lmsys.data.io import pairs_from_frame
+from lmsys.modeling.losses import soft_cross_entropy
 
 CPU = torch.device("cpu")
 UPDATES = 3
