@@ -1,7 +1,7 @@
 """Test work started when the suite starts and read at its end: a process that keeps one core busy for a minute or
-more (g++ compiling inductor's kernels; a shell pipeline of single-threaded commands) runs beside the in-process
-tests, which use one thread of two cores, instead of after them. conftest's hooks start and stop the jobs; a job's
-test (moved to the end of the suite) waits for it and checks what it wrote.
+more (g++ compiling inductor's kernels; a shell pipeline of single-threaded commands; the benchmark's processes, one
+per mode) runs beside the in-process tests, which use one thread of two cores, instead of after them. conftest's
+hooks start and stop the jobs; a job's test (moved to the end of the suite) waits for it and checks what it wrote.
 
 A job is `PYTHONPATH=<repo>:tests python <script> OUT_DIR` (lmsys and the tests' helpers such as tiny.py
 importable, as in the tests), started only when its test file's tests are selected, in a new temporary directory
@@ -24,6 +24,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 JOBS = {
     "test_compile.py": TESTS_DIR / "modeling" / "compile_check.py",
     "test_distill_pipeline.py": TESTS_DIR / "distill_check.py",
+    "test_bench.py": TESTS_DIR / "bench_check.py",
 }
 TIMEOUT_S = 1800
 _KEY = pytest.StashKey[dict[str, tuple[subprocess.Popen, Path]]]()

@@ -1,18 +1,17 @@
 """The benchmark command end to end on a tiny model: every mode (ours and the HF Trainer peer) runs in its own
 process, the table carries the roofline and packed's ratio to each baseline, the JSON line carries the keys the
-README documents, and the padded baseline really pads."""
+README documents, and the padded baseline really pads. The commands run in tests/bench_check.py, a background job
+of the suite (tests/background.py); these tests, moved to the end of the suite, read what they printed."""
 
 import json
-import sys
 from pathlib import Path
 
+import background
 import pytest
-import tiny
-from entry_runs import run_side_by_side
+from bench_check import COMMANDS
 
 from lmsys.roofline import ProjectionShapes
 
-REPO = Path(__file__).resolve().parents[1]
 OURS = ("padded", "padded_grouped", "packed")
 PEERS = ("hf_trainer_typical", "hf_trainer_strong")
 KEYS = [f"{metric}_{mode}" for mode in OURS + PEERS
@@ -24,25 +23,17 @@ def cells(table: list[str], label: str) -> list[str]:
     return [cell.strip() for cell in next(line for line in table if line.startswith(f"| {label} ")).split("|")[2:-1]]
 
 
-def bench_command(tiny_models, train: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lmsys.bench", "--config-name", "conf_r_llama_smol",
-            f"model.path={tiny_models['llama']}", "model.max_length=128", f"data.train_path={train}",
-            "bench.n_pairs=16", "trainer.batch_size=4", "trainer.grad_accum=2", "trainer.max_tokens=256", "trainer.eval_max_tokens=512",
-            "bench.roofline_tokens=64", *extra]
+@pytest.fixture(scope="module")
+def bench_run(request) -> Path:
+    """The directory of the bench job (tests/bench_check.py, started with the suite): its tiny Llama and the output
+    of each of its commands."""
+    return background.finished(request.config, "test_bench.py")
 
 
 @pytest.fixture(scope="module")
-def bench_output(tiny_models, tmp_path_factory) -> dict[str, list[str]]:
-    """The output lines of the two bench commands the tests read, started at once (each mode's process spends most
-    of its time importing, which two cores do side by side; the tiny model's timings mean nothing here)."""
-    train = tmp_path_factory.mktemp("bench") / "train.csv"
-    tiny.arena_frame(16, seed=5).to_csv(train, index=False)
-    commands = {"all": bench_command(tiny_models, train),
-                "packed": bench_command(tiny_models, train, "bench.modes=[packed]", "bench.repeats=2")}
-    results = run_side_by_side(list(commands.values()), cwd=REPO)
-    for result in results:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return {name: result.stdout.strip().splitlines() for name, result in zip(commands, results, strict=True)}
+def bench_output(bench_run) -> dict[str, list[str]]:
+    """The output lines of the bench job's commands, by name."""
+    return {name: (bench_run / f"{name}.txt").read_text().strip().splitlines() for name in COMMANDS}
 
 
 def test_one_mode_prints_its_rows_only(bench_output):
@@ -61,7 +52,7 @@ def test_one_mode_prints_its_rows_only(bench_output):
                                            "peak_rss_mb")] + ["matmul_gflops_float32"])
 
 
-def test_bench_prints_a_table_and_one_json_line(tiny_models, bench_output):
+def test_bench_prints_a_table_and_one_json_line(bench_run, bench_output):
     lines = bench_output["all"]
     result = json.loads(lines[-1])
     assert sorted(result) == sorted(KEYS)
@@ -81,7 +72,7 @@ def test_bench_prints_a_table_and_one_json_line(tiny_models, bench_output):
     assert single[:3] == ["-"] * 3 and single[5] == "-" and float(single[6]) > 0
     # each mode's limit is the matmul rate measured around its own training over 4 (6 with checkpointing) FLOPs a
     # projection weight and token
-    params = ProjectionShapes.from_model_dir(tiny_models["llama"]).matmul_params()
+    params = ProjectionShapes.from_model_dir(bench_run / "llama").matmul_params()
     limit = dict(zip(header, map(float, cells(table, "roofline tokens/s")), strict=True))
     gflops = dict(zip(header, map(float, cells(table, "matmul GFLOP/s (during)")), strict=False))
     for mode in OURS + PEERS:
