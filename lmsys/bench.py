@@ -125,7 +125,7 @@ def _time_prediction(config, spec, split, model, accelerator, pad_id, mode: str)
     from lmsys.data.batching import collate, micro_batches
     from lmsys.evaluation.predict_loop import predict_split
     from lmsys.modeling.backbone import fold_into_dense
-    from lmsys.predict import use_dense_weights
+    from lmsys.prediction import use_dense_weights
 
     batching = replace(builders.build_eval_batching(config, spec, pad_id), batch_size=config.bench.predict_batch_size)
     if mode != "padded" and use_dense_weights(None, accelerator.device):

@@ -10,6 +10,7 @@ Training (`python -m lmsys.train`, `lmsys/code/train_r_*.py`) and the bench comp
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import sys
 import typing
@@ -116,8 +117,13 @@ def _default(field: dataclasses.Field) -> str:
     return getattr(value, "value", value) if value != "???" else "??? (required)"
 
 
-def run_command(schema: type[T], usage: str, run: Callable[[T], object], argv: list[str] | None = None) -> object:
-    """Parse, then run with expected errors as one line: the body of every `key=value` command's `main`."""
+def run_command(schema: type[T], usage: str, run: Callable[[T], object] | str, argv: list[str] | None = None) -> object:
+    """Parse, then run with expected errors as one line: the body of every `key=value` command's `main`. `run` as
+    "module:function" is imported only after the arguments are checked: a command whose work imports torch,
+    transformers and peft (~10 s) answers --help and a typo at once."""
     config = parse_command(schema, sys.argv[1:] if argv is None else argv, usage)
     with command_errors():
+        if isinstance(run, str):
+            module, name = run.split(":")
+            run = getattr(importlib.import_module(module), name)
         return run(config)

@@ -5,176 +5,20 @@
         [base_model_path=DIR] [device_map=auto|balanced ['max_memory={0: 14GiB, 1: 15GiB}']] [logits_output=FILE]
     accelerate launch --num_processes 2 -m lmsys.predict ...      (data parallel: one model per GPU, rows dealt out)
 
-Every key is in lmsys/prediction_config.py (PredictConfig). `lmsys/code/predict.py` calls `main`;
-`lmsys.pseudo_label` reuses `predict_checkpoint` and the writers. Everything that can be
-wrong with the inputs (the test file, the checkpoint, the base model) is found before a model is loaded, and the
-submission is written atomically, only when every pair has finite logits.
+Every key is in lmsys/prediction_config.py (PredictConfig). `lmsys/code/predict.py` calls `main`; the work is
+lmsys/prediction.py's `run_prediction`, imported once the arguments are checked (--help and a typo answer in about a
+second). Everything that can be wrong with the inputs (the test file, the checkpoint, the base model) is found
+before a model is loaded, and the submission is written atomically, only when every pair has finite logits.
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
-import numpy as np
-import pandas as pd
-import torch
-from accelerate import Accelerator
-
-from lmsys.builders import build_encoders, build_inference_batching, build_model, build_prediction_spec, build_tokenizer
 from lmsys.cli import run_command
-from lmsys.config import InputFormat
-from lmsys.data.dataset import encode_split
-from lmsys.data.io import read_pairs
-from lmsys.data.schema import TARGET_COLUMNS, Pair
-from lmsys.evaluation.predict_loop import SplitPredictions, predict_split
-from lmsys.logs import setup_logging
-from lmsys.modeling.backbone import fold_into_dense, resolve_dtype
-from lmsys.modeling.checkpoint import ModelSpec
-from lmsys.modeling.precision import check_finite_logits, parse_max_memory, plan_device_map
-from lmsys.prediction_config import InferenceConfig, PredictConfig
-from lmsys.runs import write_file
-from lmsys.training.signals import GracefulStop, StopRequested
-
-log = logging.getLogger("lmsys")
+from lmsys.prediction_config import PredictConfig
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_command(PredictConfig, __doc__, run_prediction, argv)
-
-
-def prediction_inputs(checkpoints: list[str], settings: InferenceConfig) -> tuple[Accelerator, list[Pair], list[ModelSpec]]:
-    """The accelerator, the pairs to predict and each checkpoint's spec: every input checked before a model loads."""
-    accelerator = Accelerator()
-    setup_logging(accelerator.is_main_process)
-    pairs = read_pairs(settings.data.test_path, require_labels=False)
-    return accelerator, pairs, [build_prediction_spec(checkpoint, settings) for checkpoint in checkpoints]
-
-
-def run_prediction(config: PredictConfig) -> Path:
-    accelerator, pairs, (spec,) = prediction_inputs([config.checkpoint], config)
-    log.info("%d pairs from %s; checkpoint %s (%s, %s)", len(pairs), config.data.test_path, config.checkpoint,
-             spec.base_model_path, "merged" if spec.merged else f"adapter on {spec.quantization.value} base")
-
-    with GracefulStop() as stop:
-        try:
-            predictions = predict_checkpoint(config.checkpoint, spec, pairs, config, accelerator)
-        except StopRequested:
-            log.error("stopped by signal %s before the prediction finished: nothing written", stop.received)
-            raise SystemExit(128 + (stop.received or 15)) from None  # the shell's code for death by that signal
-    check_finite_logits([predictions.logits_ab, predictions.logits_ba], [pair.id for pair in pairs],
-                        resolve_dtype(spec.compute_dtype, accelerator.device,
-                                      config.checkpoint if spec.merged else spec.base_model_path))
-    probs = predictions.combined(config.tta_mode.value)
-    write_table(submission_frame(pairs, probs), config.output, accelerator.is_main_process)
-    if config.logits_output:
-        write_table(logits_frame(pairs, predictions, spec.input_formats), config.logits_output,
-                    accelerator.is_main_process)
-    if config.pseudo_label_output:
-        write_table(pseudo_label_frame(pairs, probs), config.pseudo_label_output, accelerator.is_main_process)
-    accelerator.wait_for_everyone()
-    log.info("wrote %s (%d rows)", config.output, len(pairs))
-    return Path(config.output)
-
-
-def predict_checkpoint(
-    checkpoint: str, spec: ModelSpec, pairs: list[Pair], settings: InferenceConfig, accelerator: Accelerator
-) -> SplitPredictions:
-    """Logits of every pair (both orientations with TTA) from one checkpoint, on every process."""
-    tokenizer = build_tokenizer(checkpoint, spec.trust_remote_code)
-    split = encode_split(pairs, build_encoders(spec, tokenizer))
-    model = load_prediction_model(checkpoint, spec, settings, accelerator)
-    batching = build_inference_batching(settings, spec, tokenizer.pad_token_id)
-    return predict_split(model, split, settings.tta, batching, accelerator, settings.show_progress)
-
-
-def load_prediction_model(
-    checkpoint: str, spec: ModelSpec, settings: InferenceConfig, accelerator: Accelerator
-) -> torch.nn.Module:
-    """The frozen model as prediction runs it: quantized per the spec, placed (or split), dense weights folded."""
-    model = build_model(spec, None, None, accelerator.device, adapter_dir=checkpoint,
-                        device_map=prediction_device_map(checkpoint, spec, settings, accelerator))
-    if use_dense_weights(settings.dense_weights, accelerator.device):
-        log.info("folded the adapter into %d dense projections", fold_into_dense(model))
-    return model
-
-
-def prediction_device_map(
-    checkpoint: str, spec: ModelSpec, settings: InferenceConfig, accelerator: Accelerator
-) -> dict[str, int | str] | None:
-    """With `device_map`, the one model split over the visible GPUs (one process only: data parallel is the other
-    way of using two GPUs)."""
-    if settings.device_map is None:
-        return None
-    if accelerator.num_processes > 1:
-        raise ValueError("device_map splits one model over the GPUs of one process; run without accelerate launch "
-                         f"(got {accelerator.num_processes} processes)")
-    model_dir = checkpoint if spec.merged else spec.base_model_path
-    dtype = resolve_dtype(spec.compute_dtype, accelerator.device, model_dir)
-    device_map = plan_device_map(model_dir, settings.device_map.value, parse_max_memory(settings.max_memory), dtype,
-                                 spec.trust_remote_code)
-    log.info("backbone split over devices %s", sorted(set(map(str, device_map.values()))))
-    return device_map
-
-
-def use_dense_weights(requested: bool | None, device: torch.device) -> bool:
-    return device.type == "cpu" if requested is None else requested
-
-
-def normalised(probs: np.ndarray, pairs: list[Pair]) -> np.ndarray:
-    """(N, 3) float64 rows that sum to 1; refuses non-finite predictions rather than writing them."""
-    probs = np.asarray(probs, dtype=np.float64)
-    bad = ~np.isfinite(probs).all(axis=1)
-    if bad.any():
-        ids = [pair.id for pair, is_bad in zip(pairs, bad, strict=True) if is_bad]
-        raise FloatingPointError(f"non-finite predictions for {len(ids)} pair(s), e.g. ids {ids[:5]}")
-    return probs / probs.sum(axis=1, keepdims=True)
-
-
-def submission_frame(pairs: list[Pair], probs: np.ndarray) -> pd.DataFrame:
-    """The Kaggle submission, one row per input pair in input order: LMSYS `id, winner_model_a, winner_model_b,
-    winner_tie` probabilities, or for a two-class model WSDM's `id, winner` (model_a / model_b)."""
-    probs = normalised(probs, pairs)
-    ids = [pair.id for pair in pairs]
-    if probs.shape[1] == 2:
-        return pd.DataFrame({"id": ids, "winner": np.where(probs[:, 0] >= probs[:, 1], "model_a", "model_b")})
-    frame = pd.DataFrame(probs, columns=list(TARGET_COLUMNS))
-    frame.insert(0, "id", ids)
-    return frame
-
-
-def logits_frame(pairs: list[Pair], predictions: SplitPredictions, formats: tuple[InputFormat, ...]) -> pd.DataFrame:
-    """id, the first format's logits (logit_a ... swapped_logit_tie, as teacher files read them) and, with several
-    formats, every format's under the same names suffixed _<format> (logit_a_papb, swapped_logit_a_papb, ...)."""
-    tables = [predictions.logits_table()]
-    if len(formats) > 1:
-        tables += [predictions.logits_table(k, f"_{fmt.value}") for k, fmt in enumerate(formats)]
-    frame = pd.concat(tables, axis=1)
-    frame.insert(0, "id", [pair.id for pair in pairs])
-    return frame
-
-
-def pseudo_label_frame(pairs: list[Pair], probs: np.ndarray) -> pd.DataFrame:
-    """Soft-labelled training rows that `read_pairs(path, require_labels=True)` accepts: texts as lists of turns,
-    `label` as the three (A, B, tie) probabilities."""
-    return pd.DataFrame({
-        "id": [pair.id for pair in pairs],
-        "prompt": [list(pair.prompts) for pair in pairs],
-        "response_a": [list(pair.responses_a) for pair in pairs],
-        "response_b": [list(pair.responses_b) for pair in pairs],
-        # (A, B, tie); a two-class model's rows get a tie of 0, so that every label reads the same way
-        "label": [[*row, 0.0][:3] for row in normalised(probs, pairs)],
-        "source": "pseudo",
-    })
-
-
-def write_table(frame: pd.DataFrame, path: str | Path, is_main: bool) -> None:
-    """Atomic write by the main process only; the suffix picks CSV or parquet."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        write_file(path, lambda tmp: frame.to_parquet(tmp, index=False), is_main)
-    else:
-        write_file(path, lambda tmp: frame.to_csv(tmp, index=False), is_main)
+    run_command(PredictConfig, __doc__, "lmsys.prediction:run_prediction", argv)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import pytest
 import tiny
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 from entry_runs import ENTRY, REPO, finish, read_oof, run_entry, start, tiny_overrides
+from safetensors.torch import load_file
 from test_predict import make_checkpoint
 
 from lmsys.bench import load_config as load_bench_config
@@ -53,7 +53,7 @@ from lmsys.kaggle.estimate import units_by_max_length
 from lmsys.modeling.checkpoint import SPEC_FILE, CheckpointError, read_spec, save_checkpoint
 from lmsys.modeling.heads import BiEncoderHead, PreferenceHead
 from lmsys.modeling.warm_start import check_warm_start
-from lmsys.predict import predict_checkpoint
+from lmsys.prediction import predict_checkpoint
 from lmsys.prediction_config import ExportConfig, PredictConfig
 from lmsys.soup import check_compatible, read_ingredient
 

@@ -17,7 +17,7 @@ from test_train_run import CPU_GROUPS, REPO, digest, run_entry
 from tiny import arena_frame
 
 from lmsys.modeling.checkpoint import read_spec
-from lmsys.predict import run_prediction
+from lmsys.prediction import run_prediction
 
 PROBS = ["winner_model_a", "winner_model_b", "winner_tie"]
 

@@ -19,9 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bitsandbytes as bnb
 import numpy as np
 import pandas as pd
-import bitsandbytes as bnb
 import pytest
 import torch
 from accelerate import Accelerator
@@ -38,7 +38,7 @@ from lmsys.data.io import read_pairs
 from lmsys.evaluation.predict_loop import predict_split
 from lmsys.export import run_export
 from lmsys.modeling.checkpoint import ADAPTER_FILES, SPEC_FILE, CheckpointError, ModelSpec, read_spec
-from lmsys.predict import load_prediction_model
+from lmsys.prediction import load_prediction_model
 from lmsys.prediction_config import ExportConfig, PredictConfig
 from lmsys.runs import RunDirError
 

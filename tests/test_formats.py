@@ -41,7 +41,7 @@ from lmsys.data.dataset import encode_split
 from lmsys.data.io import pairs_from_frame, read_pairs
 from lmsys.data.schema import swap_abt
 from lmsys.modeling.checkpoint import read_spec, save_checkpoint
-from lmsys.predict import predict_checkpoint, run_prediction
+from lmsys.prediction import predict_checkpoint, run_prediction
 from lmsys.prediction_config import PredictConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -157,9 +157,10 @@ def test_manylinux_platform_accepts_older_glibc_tags():
 
 
 def test_inference_packages_cover_what_predict_imports():
-    """Every pinned distribution that `import lmsys.predict` loads is in INFERENCE_PACKAGES, so a bundle of the
-    defaults lacks nothing that the image does not have."""
-    code = ("import sys, importlib.metadata as md, lmsys.predict; mods = {m.split('.')[0] for m in sys.modules}; "
+    """Every pinned distribution that `python -m lmsys.predict` loads (its command module, then the work in
+    lmsys.prediction) is in INFERENCE_PACKAGES, so a bundle of the defaults lacks nothing that the image does not
+    have."""
+    code = ("import sys, importlib.metadata as md, lmsys.predict, lmsys.prediction; mods = {m.split('.')[0] for m in sys.modules}; "
             "dists = md.packages_distributions(); print('\\n'.join(sorted({d for m in mods for d in dists.get(m, [])})))")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)

@@ -10,15 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 from safetensors.torch import load_file, save_file
-from test_predict import make_checkpoint
+from test_predict import make_checkpoint, predict_cfg
 from tiny import arena_frame, save_tiny_model
 
 from lmsys.export import main as export_main
 from lmsys.modeling.checkpoint import CheckpointError, read_spec
 from lmsys.modeling.precision import PrecisionError
 from lmsys.predict import main as predict_main
-from lmsys.predict import run_prediction
-from test_predict import predict_cfg
+from lmsys.prediction import run_prediction
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_models) -> dict[str, Path]:

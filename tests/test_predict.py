@@ -22,7 +22,7 @@ from lmsys.config import ConfigError, DataConfig, Family, LoraConfig, ModelConfi
 from lmsys.data.io import DataError, read_pairs
 from lmsys.data.schema import TARGET_COLUMNS
 from lmsys.modeling.checkpoint import SPEC_FILE, CheckpointError, read_spec, save_checkpoint
-from lmsys.predict import predict_checkpoint, run_prediction
+from lmsys.prediction import predict_checkpoint, run_prediction
 from lmsys.prediction_config import PredictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +148,7 @@ def test_logits_do_not_depend_on_micro_batch_neighbours(checkpoint, test_files, 
 
 
 def test_bad_test_file_fails_before_loading_with_row_id(checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setattr("lmsys.predict.predict_checkpoint", _must_not_load)
+    monkeypatch.setattr("lmsys.prediction.predict_checkpoint", _must_not_load)
     frame = arena_frame(6, seed=1, labelled=False)
     duplicated = pd.concat([frame, frame.iloc[[2]]])
     duplicated.to_csv(tmp_path / "dup.csv", index=False)
@@ -163,7 +163,7 @@ def test_bad_test_file_fails_before_loading_with_row_id(checkpoint, tmp_path, mo
 
 
 def test_incomplete_or_incompatible_checkpoint_named(checkpoint, test_files, tmp_path, monkeypatch):
-    monkeypatch.setattr("lmsys.predict.predict_checkpoint", _must_not_load)
+    monkeypatch.setattr("lmsys.prediction.predict_checkpoint", _must_not_load)
     broken = tmp_path / "broken"
     broken.mkdir()
     for item in checkpoint.iterdir():
@@ -209,7 +209,7 @@ def _must_not_load(*args, **kwargs):
 
 
 def test_output_equal_to_the_test_file_is_refused_and_the_input_kept(checkpoint, test_files, tmp_path, monkeypatch):
-    monkeypatch.setattr("lmsys.predict.predict_checkpoint", _must_not_load)
+    monkeypatch.setattr("lmsys.prediction.predict_checkpoint", _must_not_load)
     test = tmp_path / "test.csv"
     test.write_bytes(test_files["test"].read_bytes())
     before = test.read_bytes()
@@ -221,7 +221,7 @@ def test_output_equal_to_the_test_file_is_refused_and_the_input_kept(checkpoint,
 
 def test_output_naming_an_existing_directory_is_refused_and_the_directory_kept(checkpoint, test_files, tmp_path,
                                                                                monkeypatch):
-    monkeypatch.setattr("lmsys.predict.predict_checkpoint", _must_not_load)
+    monkeypatch.setattr("lmsys.prediction.predict_checkpoint", _must_not_load)
     directory = tmp_path / "results.csv"
     directory.mkdir()
     (directory / "keep.txt").write_text("mine")
@@ -235,7 +235,7 @@ def test_output_naming_an_existing_directory_is_refused_and_the_directory_kept(c
     ({"logits_output": "p.parquet", "pseudo_label_output": "p.parquet"}, "logits_output and pseudo_label_output"),
 ])
 def test_two_outputs_naming_the_same_file_are_refused(checkpoint, test_files, tmp_path, monkeypatch, extra, message):
-    monkeypatch.setattr("lmsys.predict.predict_checkpoint", _must_not_load)
+    monkeypatch.setattr("lmsys.prediction.predict_checkpoint", _must_not_load)
     outputs = {key: tmp_path / name for key, name in extra.items()}
     with pytest.raises(ConfigError, match=message):
         run_prediction(predict_cfg(checkpoint=checkpoint, **{"data.test_path": test_files["test"]},
@@ -243,7 +243,7 @@ def test_two_outputs_naming_the_same_file_are_refused(checkpoint, test_files, tm
 
 
 def test_output_inside_the_checkpoint_is_refused(checkpoint, test_files, monkeypatch):
-    monkeypatch.setattr("lmsys.predict.predict_checkpoint", _must_not_load)
+    monkeypatch.setattr("lmsys.prediction.predict_checkpoint", _must_not_load)
     with pytest.raises(ConfigError, match="lies inside the input checkpoint"):
         run_prediction(predict_cfg(checkpoint=checkpoint, **{"data.test_path": test_files["test"]},
                                    output=checkpoint / "submission.csv"))
@@ -266,7 +266,7 @@ def test_moved_base_model_is_named_and_base_model_path_overrides_it(checkpoint, 
                                                                     monkeypatch):
     moved = moved_base_checkpoint(checkpoint, tmp_path / "moved")
     with monkeypatch.context() as patched:
-        patched.setattr("lmsys.predict.predict_checkpoint", _must_not_load)
+        patched.setattr("lmsys.prediction.predict_checkpoint", _must_not_load)
         with pytest.raises(CheckpointError, match="/kaggle/gone/llama is not a model directory.*base_model_path="):
             run_prediction(predict_cfg(checkpoint=moved, **{"data.test_path": test_files["test"]},
                                        output=tmp_path / "o.csv"))

@@ -22,12 +22,12 @@ from test_predict import make_checkpoint
 from tiny import arena_frame, build_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import lmsys.predict
+import lmsys.prediction
+from lmsys.builders import build_prediction_spec
+from lmsys.config import Quantization
 from lmsys.data.io import read_pairs
 from lmsys.modeling.precision import plan_device_map
-from lmsys.builders import build_prediction_spec
-from lmsys.predict import predict_checkpoint
-from lmsys.config import Quantization
+from lmsys.prediction import predict_checkpoint
 from lmsys.prediction_config import DeviceMap, PredictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_device_map_plans_a_split_and_predicts_like_one_device(setup, monkeypatc
     def on_cpu(*args, **kwargs):  # the same plan, every device replaced by the CPU
         return {name: "cpu" for name in plan_device_map(*args, **kwargs)}
 
-    monkeypatch.setattr(lmsys.predict, "plan_device_map", on_cpu)
+    monkeypatch.setattr(lmsys.prediction, "plan_device_map", on_cpu)
     pairs = read_pairs(setup["test"], False)
     logits = {}
     for split in (False, True):

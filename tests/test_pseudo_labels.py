@@ -21,11 +21,10 @@ from lmsys.config import ConfigError, validated_config
 from lmsys.data.batching import collate
 from lmsys.data.io import read_pairs
 from lmsys.data.schema import TARGET_COLUMNS, swap_abt
-from lmsys.modeling.losses import soft_cross_entropy
 from lmsys.modeling.checkpoint import CheckpointError
-from lmsys.predict import predict_checkpoint, run_prediction
+from lmsys.modeling.losses import soft_cross_entropy
+from lmsys.prediction import predict_checkpoint, run_prediction, run_pseudo_labels
 from lmsys.prediction_config import PseudoLabelConfig
-from lmsys.pseudo_label import run_pseudo_labels
 from lmsys.training.plan import iterate_updates
 from lmsys.training.recipe import TrainingRecipe, release
 

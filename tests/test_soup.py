@@ -24,7 +24,7 @@ from lmsys.config import ComputeDtype, ConfigError
 from lmsys.data.io import read_pairs
 from lmsys.export import export_merged
 from lmsys.modeling.checkpoint import HEAD_FILE, SPEC_FILE, CheckpointError, read_spec
-from lmsys.predict import predict_checkpoint
+from lmsys.prediction import predict_checkpoint
 from lmsys.prediction_config import PredictConfig
 from lmsys.soup import ADAPTER_WEIGHTS, SOUP_RECORD, SoupConfig, main, make_soup
 

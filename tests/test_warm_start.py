@@ -21,7 +21,7 @@ from lmsys.data.io import DataError, read_pairs
 from lmsys.evaluation.predict_loop import predict_split
 from lmsys.modeling.checkpoint import load_head_state, save_checkpoint
 from lmsys.modeling.warm_start import check_warm_start
-from lmsys.predict import predict_checkpoint, submission_frame
+from lmsys.prediction import predict_checkpoint, submission_frame
 from lmsys.prediction_config import PredictConfig
 
 CPU = torch.device("cpu")

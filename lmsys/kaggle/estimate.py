@@ -30,16 +30,15 @@ from pathlib import Path
 from accelerate import Accelerator
 from omegaconf import MISSING
 
-from lmsys.builders import build_encoders, build_tokenizer
+from lmsys.builders import build_encoders, build_inference_batching, build_prediction_spec, build_tokenizer
 from lmsys.cli import run_command
 from lmsys.config import require
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import read_pairs
 from lmsys.evaluation.predict_loop import predict_split
-from lmsys.modeling.checkpoint import ModelSpec
-from lmsys.builders import build_inference_batching, build_prediction_spec
 from lmsys.logs import setup_logging
-from lmsys.predict import load_prediction_model
+from lmsys.modeling.checkpoint import ModelSpec
+from lmsys.prediction import load_prediction_model
 from lmsys.prediction_config import InferenceConfig
 
 log = logging.getLogger("lmsys")

@@ -19,7 +19,7 @@ from lmsys.data.batching import collate
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import read_pairs
 from lmsys.modeling.losses import soft_cross_entropy
-from lmsys.predict import run_prediction
+from lmsys.prediction import run_prediction
 from lmsys.training.optim import create_optimizer, parameter_groups
 
 pytestmark = pytest.mark.gpu
