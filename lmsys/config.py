@@ -37,6 +37,9 @@ Architecture = choices("Architecture", "cross_encoder bi_encoder")
 # how a LoRA projection computes (lmsys/modeling/lora_kernel.py): peft's layer, or the base dequantized once and one
 # fused autograd function; auto: dense on CPU, peft on GPU
 LoraKernel = choices("LoraKernel", "auto peft dense")
+# how RMSNorm modules run (lmsys/modeling/compile.py): eager, or each compiled into one generated loop forward and
+# one backward; auto: compiled for bf16 on CPU (where it measured faster), eager elsewhere
+NormKernel = choices("NormKernel", "auto eager compiled")
 
 
 @dataclass
@@ -57,6 +60,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     torch_compile: bool = False
     lora_kernel: LoraKernel = LoraKernel.auto  # dense: base dequantized once + fused LoRA (CPU default); peft
+    norm_kernel: NormKernel = NormKernel.auto  # compiled: RMSNorm by torch.compile (bf16 CPU default); eager
     trust_remote_code: bool = False
     num_classes: int = 3  # 3: A, B, tie (LMSYS); 2: A, B (WSDM Cup, no ties; see data.ties)
     init_from: str | None = None  # an earlier run's checkpoint/: start from its adapter and head (a warm start)
@@ -76,6 +80,8 @@ class ModelConfig:
         require(self.head_init_std > 0, "model.head_init_std must be positive")
         require(not (self.torch_compile and self.lora_kernel == LoraKernel.dense),
                 "model.torch_compile=true compiles peft's LoRA layers: use model.lora_kernel=auto or peft with it")
+        require(not (self.torch_compile and self.norm_kernel == NormKernel.compiled),
+                "model.torch_compile=true compiles whole layers, their norms too: use model.norm_kernel=auto or eager")
 
 
 @dataclass

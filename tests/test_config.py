@@ -4,11 +4,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lmsys.config import ConfigError, Family, HeadInit, Quantization, TrainConfig, validated_config
@@ -148,6 +148,9 @@ def test_the_dense_lora_kernel_is_not_compiled():
     with pytest.raises(ConfigError, match="model.torch_compile=true compiles peft's LoRA layers"):
         validated_config(cfg)
     validated_config(compose_config("conf_r_llama_smol", ("model.torch_compile=true",)))  # auto: peft's, compiled
+    cfg = compose_config("conf_r_llama_smol", ("model.torch_compile=true", "model.norm_kernel=compiled"))
+    with pytest.raises(ConfigError, match="model.torch_compile=true compiles whole layers, their norms too"):
+        validated_config(cfg)
 
 
 def test_a_typo_in_a_group_file_fails(tmp_path):

@@ -1,6 +1,7 @@
 """The work of tests/modeling/test_compile.py, as a process of its own: a tiny NF4 Llama trained for 3 AdamW updates
-eager and with model.torch_compile=true. ~80 s of it is g++ compiling inductor's kernels on one core, so the suite
-starts it as a background job (tests/background.py) and the test reads its results at the end of the suite.
+eager and with model.torch_compile=true (float32), and in bfloat16 with model.norm_kernel=eager and compiled. Most of
+it is g++ compiling inductor's kernels on one core, so the suite starts it as a background job (tests/background.py)
+and the test reads its results at the end of the suite.
 
     PYTHONPATH=.:tests python tests/modeling/compile_check.py OUT_DIR      (writes OUT_DIR/results.pt)
 """
@@ -25,10 +26,10 @@ CPU = torch.device("cpu")
 UPDATES = 3
 
 
-def curve(model_dir: Path, compiled: bool) -> dict:
+def curve(model_dir: Path, **model_kwargs) -> dict:
     """The first forward's logits (6, 3), the loss of each update on one packed micro-batch, and what the compile
-    did to the model."""
-    model, spec, tokenizer = tiny.build_preference_model(model_dir, "llama", "nf4", torch_compile=compiled)
+    did to the model (ModelConfig `model_kwargs`)."""
+    model, spec, tokenizer = tiny.build_preference_model(model_dir, "llama", "nf4", **model_kwargs)
     pairs = pairs_from_frame(tiny.arena_frame(6, seed=11), "mem.csv", require_labels=True)
     split = encode_split(pairs, build_encoders(spec, tokenizer))
     batch = collate(split.forward, tiny.batching(True, tokenizer.pad_token_id, PaddingSide.left, 300))
@@ -44,8 +45,10 @@ def curve(model_dir: Path, compiled: bool) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     layers = model.backbone.base_model.model.layers
+    norms = [module for module in model.modules() if type(module).__name__ == "LlamaRMSNorm"]
     return {"logits": logits, "losses": torch.tensor(losses), "names": [n for n, _ in model.named_parameters()],
             "layers": len(layers), "layers_compiled": sum(layer._compiled_call_impl is not None for layer in layers),
+            "norms": len(norms), "norms_compiled": sum(norm._compiled_call_impl is not None for norm in norms),
             "unique_graphs": counters["stats"]["unique_graphs"]}
 
 
@@ -53,9 +56,12 @@ def main(out_dir: Path) -> None:
     model_dir = tiny.save_tiny_model("llama", out_dir / "llama")
     torch._dynamo.reset()
     counters.clear()
-    eager = curve(model_dir, compiled=False)
-    compiled = curve(model_dir, compiled=True)
-    torch.save({"eager": eager, "compiled": compiled}, out_dir / "results.pt")
+    results = {"eager": curve(model_dir), "compiled": curve(model_dir, torch_compile=True)}
+    torch._dynamo.reset()
+    counters.clear()
+    for kernel in ("eager", "compiled"):
+        results[f"bf16 norms {kernel}"] = curve(model_dir, compute_dtype="bfloat16", norm_kernel=kernel)
+    torch.save(results, out_dir / "results.pt")
 
 
 if __name__ == "__main__":

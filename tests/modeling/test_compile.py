@@ -1,5 +1,6 @@
 """model.torch_compile=true on CPU: every decoder layer compiled in place (inductor's generated C++), the same logits
-and the same loss curve as eager on the tiny NF4 model, the parameter names (and so checkpoints) unchanged.
+and the same loss curve as eager on the tiny NF4 model, the parameter names (and so checkpoints) unchanged; and
+model.norm_kernel=compiled in bfloat16: every RMSNorm compiled, the same within bf16 rounding.
 The training runs in tests/modeling/compile_check.py, a background job of the suite (tests/background.py: its ~80 s
 of g++ run beside the other tests), whose results this test, moved to the end of the suite, reads."""
 
@@ -17,3 +18,18 @@ def test_compiled_layers_give_the_eager_logits_and_loss_curve(request):
     torch.testing.assert_close(compiled["logits"], eager["logits"], atol=1e-5, rtol=0)
     assert eager["losses"][-1] < eager["losses"][0]  # the updates move the model
     torch.testing.assert_close(compiled["losses"], eager["losses"], atol=1e-5, rtol=0)
+
+
+def test_compiled_norms_give_the_eager_logits_and_loss_curve_in_bfloat16(request):
+    results = torch.load(background.finished(request.config, "test_compile.py") / "results.pt")
+    eager, compiled = results["bf16 norms eager"], results["bf16 norms compiled"]
+    # two per layer and the final one; the layers themselves stay eager
+    assert compiled["norms_compiled"] == compiled["norms"] == 2 * compiled["layers"] + 1 and eager["norms_compiled"] == 0
+    assert compiled["layers_compiled"] == 0
+    # one shape-generic graph per kind of input (with or without gradient), not one per norm, shape or update
+    assert 1 <= compiled["unique_graphs"] <= 3 and eager["unique_graphs"] == 0
+    assert compiled["names"] == eager["names"]
+    assert compiled["logits"].dtype == torch.float32  # the head's
+    torch.testing.assert_close(compiled["logits"], eager["logits"], atol=5e-3, rtol=0)  # bf16 roundings of ~0.2
+    assert eager["losses"][-1] < eager["losses"][0]
+    torch.testing.assert_close(compiled["losses"], eager["losses"], atol=5e-3, rtol=0)

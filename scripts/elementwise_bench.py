@@ -1,0 +1,114 @@
+"""Does compiling the elementwise work between the matmuls pay on this CPU? Forward + backward time of a packed
+micro-batch of the embedded model (4-bit base, LoRA r16 on every projection, the CPU kernels of lmsys.modeling:
+the dense LoRA kernel and per-sequence attention) in three variants built side by side in one process:
+
+- eager: the default;
+- norms: every RMSNorm module compiled (torch.compile, dynamic shapes): its float32 upcast, square, mean, rsqrt and
+  two products become one generated loop forward and one backward;
+- layers: every decoder layer compiled, the dense LoRA function and the attention kept as graph breaks
+  (torch.compiler.disable), so that RMSNorm, RoPE, SiLU x up and the residual adds between them are generated code.
+
+The variants take turns on the same micro-batches (packed rows of several sequence mixes), so the host's drift
+(this project's virtual machines move 2x within a minute) hits all of them alike; printed per variant: each step's
+ms, the total, and the median of its per-step ratio to eager with the range; and how far its logits are from eager's.
+
+    python scripts/elementwise_bench.py [--model models/SmolLM2-135M-Instruct] [--steps 24] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AttentionInterface
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's lmsys, installed or not
+from lmsys.config import LoraKernel, Quantization
+from lmsys.modeling import attention
+from lmsys.modeling.backbone import add_lora, load_backbone
+from lmsys.modeling.cpu_allocator import keep_freed_memory
+from lmsys.modeling.lora_kernel import DenseLoraForward, use_lora_kernel
+from lmsys.modeling.model import PreferenceModel
+
+VARIANTS = ("eager", "norms", "layers")
+ROWS = [(128,) * 8, (100, 200, 300, 400), (256,) * 4, (90, 150, 210, 300, 250), (512, 512), (60,) * 16]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class Head(torch.nn.Module):
+    """A float32 linear head on the pooled states (the real head's cost is negligible here)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden, 3)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.linear(pooled.float())
+
+
+def build(variant: str, model_dir: str, dtype: torch.dtype) -> PreferenceModel:
+    torch.manual_seed(0)
+    backbone = load_backbone(model_dir, Quantization.nf4, True, dtype, attention.CPU_SDPA, torch.device("cpu"), False,
+                             dtype)
+    peft_model = add_lora(backbone, 16, 32, 0.0, TARGETS, False, False)
+    use_lora_kernel(peft_model, LoraKernel.dense)
+    model = PreferenceModel(peft_model, Head(backbone.config.hidden_size)).train()
+    for module in model.modules():
+        if variant == "norms" and type(module).__name__.endswith("RMSNorm"):
+            module.compile(dynamic=True)
+        if variant == "layers" and isinstance(module, GradientCheckpointingLayer):
+            module.compile(dynamic=True)
+    return model
+
+
+def micro_batch(lengths: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """One packed row: input ids (1, T), pool rows and columns (S,), position ids (1, T)."""
+    ids = torch.randint(0, 49_000, (1, sum(lengths)), generator=torch.Generator().manual_seed(sum(lengths)))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    return ids, torch.zeros(len(lengths), dtype=torch.long), torch.tensor(lengths).cumsum(0) - 1, positions
+
+
+def step(model: PreferenceModel, batch: tuple[torch.Tensor, ...]) -> tuple[float, torch.Tensor]:
+    ids, rows, cols, positions = batch
+    start = time.perf_counter()
+    logits = model(ids, rows, cols, position_ids=positions)
+    logits.sum().backward()
+    return time.perf_counter() - start, logits.detach().float()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="models/SmolLM2-135M-Instruct")
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    keep_freed_memory()
+    # graph breaks for the layers variant; outside a compiled frame the wrappers only call through
+    DenseLoraForward.forward = torch.compiler.disable(DenseLoraForward.forward)
+    AttentionInterface.register(attention.CPU_SDPA, torch.compiler.disable(attention.cpu_sdpa))
+    models = {variant: build(variant, args.model, getattr(torch, args.dtype)) for variant in VARIANTS}
+    first = {}
+    for variant, model in models.items():  # warm-up: compilation, two shapes
+        start = time.perf_counter()
+        first[variant] = [step(model, micro_batch(lengths))[1] for lengths in ROWS[:2]][-1]
+        print(f"{variant}: warm-up {time.perf_counter() - start:.1f} s, logits max |diff| from eager "
+              f"{(first[variant] - first['eager']).abs().max().item():.3g}")
+    times = {variant: [] for variant in VARIANTS}
+    for k in range(args.steps):
+        batch = micro_batch(ROWS[k % len(ROWS)])
+        for variant, model in models.items():
+            times[variant].append(step(model, batch)[0])
+    for variant in VARIANTS:
+        ratios = sorted(t / e for t, e in zip(times[variant], times["eager"], strict=True))
+        print(f"{variant}: total {sum(times[variant]):.1f} s; per step / eager: median {statistics.median(ratios):.3f} "
+              f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}); ms {' '.join(f'{t * 1e3:.0f}' for t in times[variant])}")
+
+
+if __name__ == "__main__":
+    main()
