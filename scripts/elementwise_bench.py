@@ -1,18 +1,22 @@
-"""Does compiling the elementwise work between the matmuls pay on this CPU? Forward + backward time of a packed
-micro-batch of the embedded model (4-bit base, LoRA r16 on every projection, the CPU kernels of lmsys.modeling:
-the dense LoRA kernel and per-sequence attention) in three variants built side by side in one process:
+"""Does compiling the elementwise work between the matmuls, or computing sibling projections as one product, pay
+on this CPU? Forward + backward time of a packed micro-batch of the embedded model (4-bit base, LoRA r16 on every
+projection, the CPU kernels of lmsys.modeling: the dense LoRA kernel with its projection groups and per-sequence
+attention) in variants built side by side in one process:
 
-- eager: the default;
+- eager: RMSNorm eager;
 - norms: every RMSNorm module compiled (torch.compile, dynamic shapes): its float32 upcast, square, mean, rsqrt and
-  two products become one generated loop forward and one backward;
+  two products become one generated loop forward and one backward (`model.norm_kernel=compiled`, bf16's default);
 - layers: every decoder layer compiled, the dense LoRA function and the attention kept as graph breaks
-  (torch.compiler.disable), so that RMSNorm, RoPE, SiLU x up and the residual adds between them are generated code.
+  (torch.compiler.disable), so that RMSNorm, RoPE, SiLU x up and the residual adds between them are generated code;
+- ungrouped: norms, with each projection computed alone (no ProjectionGroup for q, k, v and for gate, up).
 
 The variants take turns on the same micro-batches (packed rows of several sequence mixes), so the host's drift
 (this project's virtual machines move 2x within a minute) hits all of them alike; printed per variant: each step's
-ms, the total, and the median of its per-step ratio to eager with the range; and how far its logits are from eager's.
+ms, the total, and the median of its per-step ratio to the first variant with the range; and how far its logits are
+from the first variant's.
 
     python scripts/elementwise_bench.py [--model models/SmolLM2-135M-Instruct] [--steps 24] [--dtype bfloat16]
+        [--variants eager,norms,layers]     # e.g. --variants ungrouped,norms: the projection groups' gain
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from lmsys.modeling.cpu_allocator import keep_freed_memory
 from lmsys.modeling.lora_kernel import DenseLoraForward, use_lora_kernel
 from lmsys.modeling.model import PreferenceModel
 
-VARIANTS = ("eager", "norms", "layers")
+VARIANTS = ("eager", "norms", "layers", "ungrouped")
 ROWS = [(128,) * 8, (100, 200, 300, 400), (256,) * 4, (90, 150, 210, 300, 250), (512, 512), (60,) * 16]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -59,7 +63,9 @@ def build(variant: str, model_dir: str, dtype: torch.dtype) -> PreferenceModel:
     use_lora_kernel(peft_model, LoraKernel.dense)
     model = PreferenceModel(peft_model, Head(backbone.config.hidden_size)).train()
     for module in model.modules():
-        if variant == "norms" and type(module).__name__.endswith("RMSNorm"):
+        if variant == "ungrouped":
+            module.__dict__.pop("projection_group", None)  # each projection alone, as before the groups
+        if variant in ("norms", "ungrouped") and type(module).__name__.endswith("RMSNorm"):
             module.compile(dynamic=True)
         if variant == "layers" and isinstance(module, GradientCheckpointingLayer):
             module.compile(dynamic=True)
@@ -86,28 +92,34 @@ def main() -> None:
     parser.add_argument("--model", default="models/SmolLM2-135M-Instruct")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--variants", default="eager,norms,layers", help=f"comma-separated, from {VARIANTS}")
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    if not set(variants) <= set(VARIANTS):
+        parser.error(f"--variants: choose from {', '.join(VARIANTS)}")
     torch.set_num_threads(2)
     keep_freed_memory()
     # graph breaks for the layers variant; outside a compiled frame the wrappers only call through
     DenseLoraForward.forward = torch.compiler.disable(DenseLoraForward.forward)
     AttentionInterface.register(attention.CPU_SDPA, torch.compiler.disable(attention.cpu_sdpa))
-    models = {variant: build(variant, args.model, getattr(torch, args.dtype)) for variant in VARIANTS}
+    models = {variant: build(variant, args.model, getattr(torch, args.dtype)) for variant in variants}
+    base = variants[0]
     first = {}
     for variant, model in models.items():  # warm-up: compilation, two shapes
         start = time.perf_counter()
         first[variant] = [step(model, micro_batch(lengths))[1] for lengths in ROWS[:2]][-1]
-        print(f"{variant}: warm-up {time.perf_counter() - start:.1f} s, logits max |diff| from eager "
-              f"{(first[variant] - first['eager']).abs().max().item():.3g}")
-    times = {variant: [] for variant in VARIANTS}
+        print(f"{variant}: warm-up {time.perf_counter() - start:.1f} s, logits max |diff| from {base} "
+              f"{(first[variant] - first[base]).abs().max().item():.3g}")
+    times = {variant: [] for variant in variants}
     for k in range(args.steps):
         batch = micro_batch(ROWS[k % len(ROWS)])
-        for variant, model in models.items():
-            times[variant].append(step(model, batch)[0])
-    for variant in VARIANTS:
-        ratios = sorted(t / e for t, e in zip(times[variant], times["eager"], strict=True))
-        print(f"{variant}: total {sum(times[variant]):.1f} s; per step / eager: median {statistics.median(ratios):.3f} "
-              f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}); ms {' '.join(f'{t * 1e3:.0f}' for t in times[variant])}")
+        for variant in variants[k % len(variants):] + variants[: k % len(variants)]:  # each goes first in turn
+            times[variant].append(step(models[variant], batch)[0])
+    for variant in variants:
+        ratios = sorted(t / e for t, e in zip(times[variant], times[base], strict=True))
+        print(f"{variant}: total {sum(times[variant]):.1f} s; per step / {base}: median "
+              f"{statistics.median(ratios):.3f} (range {ratios[0]:.2f}-{ratios[-1]:.2f}); "
+              f"ms {' '.join(f'{t * 1e3:.0f}' for t in times[variant])}")
 
 
 if __name__ == "__main__":

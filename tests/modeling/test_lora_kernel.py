@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from lmsys.config import ConfigError, LoraKernel
-from lmsys.modeling.lora_kernel import DenseLoraForward, resolve_lora_kernel, use_lora_kernel
+from lmsys.modeling.lora_kernel import DenseLoraForward, ProjectionGroup, resolve_lora_kernel, use_lora_kernel
 
 CPU = torch.device("cpu")
 
@@ -49,13 +49,14 @@ def lora_pair(quantized: bool = True, bias: bool = False, dropout: float = 0.0, 
     return model, dense
 
 
-def run(model, x: torch.Tensor, grad: torch.Tensor, seed: int = 0):
+def run(model, x: torch.Tensor, grad: torch.Tensor, seed: int = 0, full_names: bool = False):
     """Output and the gradients of the input and the LoRA weights for one backward of `grad`."""
     x = x.clone().requires_grad_(True)
     torch.manual_seed(seed)  # the same dropout mask for both kernels
     out = model(x)
     out.backward(grad.to(out.dtype))
-    lora = {name.split(".lora_")[1]: p.grad for name, p in model.named_parameters() if "lora_" in name}
+    lora = {name if full_names else name.split(".lora_")[1]: p.grad
+            for name, p in model.named_parameters() if "lora_" in name}
     return out, x.grad, lora
 
 
@@ -154,6 +155,8 @@ def test_a_model_trains_the_same_with_either_kernel(tiny_models, tmp_path):
         tiny.perturb(model, seed=1)
         kinds = {type(m).__name__ for m in model.modules() if "Linear4bit" in type(m).__name__}
         assert ("DenseLinear4bit" in kinds) == (kernel == LoraKernel.dense)
+        groups = {id(m.projection_group) for m in model.modules() if "projection_group" in vars(m)}
+        assert len(groups) == (2 * model.backbone.config.num_hidden_layers if kernel == LoraKernel.dense else 0)
         pairs = pairs_from_frame(tiny.arena_frame(4, seed=3), "mem.csv", require_labels=True)
         split = encode_split(pairs, build_encoders(spec, tokenizer))
         batch = collate(split.forward, tiny.batching(True, tokenizer.pad_token_id, spec.padding_side, 512))
@@ -170,3 +173,101 @@ def test_a_model_trains_the_same_with_either_kernel(tiny_models, tmp_path):
     for name, gradient in grads[LoraKernel.peft].items():
         torch.testing.assert_close(grads[LoraKernel.dense][name], gradient, atol=1e-5, rtol=1e-4)
     assert keys[LoraKernel.dense] == keys[LoraKernel.peft]
+
+
+class Siblings(nn.Module):
+    """Three 4-bit projections of one input, called in a row as HF's attention calls q, k and v."""
+
+    def __init__(self, bias: bool = False) -> None:
+        super().__init__()
+        self.q_proj = Projection(48, 80, True, bias, torch.float32).proj
+        self.k_proj = Projection(48, 24, True, bias, torch.float32).proj
+        self.v_proj = Projection(48, 32, True, bias, torch.float32).proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+
+
+def sibling_pair(bias: bool = False, dropout: float = 0.0):
+    """(peft's layers, a deep copy with the dense kernel and its projection group); ranks and alphas differ per
+    projection so that the group's blocks differ in size and scaling."""
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=["q_proj", "k_proj", "v_proj"],
+                        rank_pattern={"k_proj": 4}, alpha_pattern={"v_proj": 4})
+    model = get_peft_model(Siblings(bias), config)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(parameter, std=0.1, generator=torch.Generator().manual_seed(1))
+    dense = copy.deepcopy(model)
+    assert use_lora_kernel(dense, LoraKernel.dense) == 3
+    return model, dense
+
+
+def group_of(model) -> ProjectionGroup:
+    groups = {id(m.projection_group): m.projection_group for m in model.modules() if "projection_group" in vars(m)}
+    assert len(groups) == 1
+    return next(iter(groups.values()))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_projection_group_equals_peft_in_float32(bias):
+    """q, k and v computed as one product (ranks 8, 4, 8; scalings 2, 4, 0.5): the same outputs and gradients as
+    peft's three layers, the group's product used for all three, and nothing held after the last of them."""
+    peft_layers, dense = sibling_pair(bias)
+    group = group_of(dense)
+    calls = []
+    original = group._forward_all
+    group._forward_all = lambda *args: calls.append(1) or original(*args)
+    x, _ = inputs()
+    grad = torch.randn(3, 7, 136, generator=torch.Generator().manual_seed(5))
+    expected, dx_expected, lora_expected = run(peft_layers, x, grad, full_names=True)
+    out, dx, lora = run(dense, x, grad, full_names=True)
+    assert len(calls) == 1 and group._input is None and not group._pending
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx, dx_expected, atol=1e-5, rtol=1e-5)
+    assert len(lora) == 6
+    for name, gradient in lora_expected.items():
+        assert gradient.abs().max() > 1e-3
+        torch.testing.assert_close(lora[name], gradient, atol=1e-5, rtol=1e-5)
+    members = [dense.base_model.model.q_proj, dense.base_model.model.k_proj, dense.base_model.model.v_proj]
+    assert group.weight.shape == (136, 48)
+    assert all(m.dense_base_weight()[0]._base is group.weight for m in members)  # the weights kept once
+
+
+def test_a_member_called_on_another_input_computes_alone():
+    """k_proj on a tensor other than q_proj's (or on q_proj's after an in-place change) gets its own product."""
+    peft_layers, dense = sibling_pair()
+    model, reference = dense.base_model.model, peft_layers.base_model.model
+    x, _ = inputs()
+    y = x + 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(model.q_proj(x), reference.q_proj(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.k_proj(y), reference.k_proj(y), atol=1e-5, rtol=1e-5)
+        assert group_of(dense)._input is None  # the pending v part was dropped
+        z = x.clone()
+        model.q_proj(z)
+        z.mul_(2.0)
+        torch.testing.assert_close(model.k_proj(z), reference.k_proj(z), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_dropout_in_training_computes_each_projection_alone():
+    peft_layers, dense = sibling_pair(dropout=0.3)
+    group = group_of(dense)
+    calls = []
+    original = group._forward_all
+    group._forward_all = lambda *args: calls.append(1) or original(*args)
+    x, grad = inputs()
+    grad = torch.randn(3, 7, 136, generator=torch.Generator().manual_seed(5))
+    run(dense.train(), x, grad)
+    assert calls == []
+    dense.eval()
+    peft_layers.eval()
+    torch.testing.assert_close(run(dense, x, grad)[0], run(peft_layers, x, grad)[0], atol=1e-5, rtol=1e-5)
+    assert calls == [1]  # without dropout (evaluation) the group computes
+
+
+def test_a_projection_group_computes_under_inference_mode():
+    peft_layers, dense = sibling_pair()
+    x, _ = inputs()
+    with torch.inference_mode():
+        torch.testing.assert_close(dense(x), peft_layers(x), atol=1e-5, rtol=1e-5)
+    assert group_of(dense).weight is not None
