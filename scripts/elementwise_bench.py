@@ -17,6 +17,12 @@ from the first variant's.
 
     python scripts/elementwise_bench.py [--model models/SmolLM2-135M-Instruct] [--steps 24] [--dtype bfloat16]
         [--variants eager,norms,layers]     # e.g. --variants ungrouped,norms: the projection groups' gain
+    python scripts/elementwise_bench.py --projection-calls 300
+
+The second form times only one layer's q, k, v, gate and up (forward + backward, LoRA B non-zero) with and without
+their projection groups, alternating, on packed sizes of 760-1,020 tokens, and prints the per-pair ratio's median
+and quartiles and each side's fastest call and 10th and 25th percentiles (the low percentiles are the least
+disturbed by the host).
 """
 
 from __future__ import annotations
@@ -72,6 +78,39 @@ def build(variant: str, model_dir: str, dtype: torch.dtype) -> PreferenceModel:
     return model
 
 
+def projection_groups(model: PreferenceModel, calls: int) -> None:
+    """Time one layer's grouped projections with and without their groups (see the module's docstring)."""
+    layer = next(m for m in model.modules() if isinstance(m, GradientCheckpointingLayer))
+    members = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
+               layer.mlp.up_proj]
+    groups = {member: member.__dict__["projection_group"] for member in members}
+    for member in members:
+        torch.nn.init.normal_(member.lora_B["default"].weight, std=0.01)
+
+    def call(tokens: int, grouped: bool) -> float:
+        for member, group in groups.items():
+            member.__dict__["projection_group"] = group if grouped else None
+        x = torch.randn(1, tokens, members[0].in_features, dtype=torch.bfloat16, requires_grad=True)
+        start = time.perf_counter()
+        sum(member(x).float().sum() for member in members).backward()
+        return time.perf_counter() - start
+
+    sizes = [760, 888, 892, 952, 1020]
+    for tokens in sizes:  # warm-up: each size's matmul kernels built once
+        call(tokens, True)
+        call(tokens, False)
+    times = {True: [], False: []}
+    for k in range(calls):
+        for grouped in (True, False) if k % 2 else (False, True):
+            times[grouped].append(call(sizes[k % len(sizes)], grouped))
+    ratios = sorted(g / a for g, a in zip(times[True], times[False], strict=True))
+    print(f"grouped / alone per pair: median {statistics.median(ratios):.3f} (quartiles {ratios[calls // 4]:.3f}-"
+          f"{ratios[3 * calls // 4]:.3f})")
+    for grouped, name in ((True, "grouped"), (False, "alone")):
+        ms = sorted(t * 1e3 for t in times[grouped])
+        print(f"{name}: fastest {ms[0]:.1f} ms, 10th percentile {ms[calls // 10]:.1f}, 25th {ms[calls // 4]:.1f}")
+
+
 def micro_batch(lengths: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
     """One packed row: input ids (1, T), pool rows and columns (S,), position ids (1, T)."""
     ids = torch.randint(0, 49_000, (1, sum(lengths)), generator=torch.Generator().manual_seed(sum(lengths)))
@@ -93,6 +132,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--variants", default="eager,norms,layers", help=f"comma-separated, from {VARIANTS}")
+    parser.add_argument("--projection-calls", type=int, default=0, help="time the projection groups alone")
     args = parser.parse_args()
     variants = args.variants.split(",")
     if not set(variants) <= set(VARIANTS):
@@ -102,6 +142,9 @@ def main() -> None:
     # graph breaks for the layers variant; outside a compiled frame the wrappers only call through
     DenseLoraForward.forward = torch.compiler.disable(DenseLoraForward.forward)
     AttentionInterface.register(attention.CPU_SDPA, torch.compiler.disable(attention.cpu_sdpa))
+    if args.projection_calls:
+        projection_groups(build("eager", args.model, torch.bfloat16), args.projection_calls)
+        return
     models = {variant: build(variant, args.model, getattr(torch, args.dtype)) for variant in variants}
     base = variants[0]
     first = {}
