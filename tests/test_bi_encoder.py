@@ -48,8 +48,8 @@ from lmsys.data.io import pairs_from_frame, read_pairs
 from lmsys.data.schema import Pair, swap_pair
 from lmsys.data.templates import CHAT_MARKERS, chat_markers
 from lmsys.evaluation.predict_loop import predict_split
-from lmsys.export import run_export
 from lmsys.kaggle.estimate import units_by_max_length
+from lmsys.merging import run_export
 from lmsys.modeling.checkpoint import SPEC_FILE, CheckpointError, read_spec, save_checkpoint
 from lmsys.modeling.heads import BiEncoderHead, PreferenceHead
 from lmsys.modeling.warm_start import check_warm_start

@@ -36,7 +36,7 @@ from lmsys.config import ComputeDtype, ConfigError, Quantization
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import read_pairs
 from lmsys.evaluation.predict_loop import predict_split
-from lmsys.export import run_export
+from lmsys.merging import run_export
 from lmsys.modeling.checkpoint import ADAPTER_FILES, SPEC_FILE, CheckpointError, ModelSpec, read_spec
 from lmsys.prediction import load_prediction_model
 from lmsys.prediction_config import ExportConfig, PredictConfig

@@ -15,15 +15,8 @@ from transformers import AutoTokenizer
 
 from lmsys.builders import build_tokenizer
 from lmsys.data.io import read_pairs
-from lmsys.generate import (
-    GenerateConfig,
-    HfEngine,
-    answer_conversations,
-    draw_model_pairs,
-    main,
-    render_prompt_ids,
-    stop_token_ids,
-)
+from lmsys.generate import GenerateConfig, main
+from lmsys.generation import HfEngine, answer_conversations, draw_model_pairs, render_prompt_ids, stop_token_ids
 from lmsys.pseudo_label import main as pseudo_label_main
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -22,7 +22,7 @@ from tiny import arena_frame
 from lmsys.builders import build_prediction_spec
 from lmsys.config import ComputeDtype, ConfigError
 from lmsys.data.io import read_pairs
-from lmsys.export import export_merged
+from lmsys.merging import export_merged
 from lmsys.modeling.checkpoint import HEAD_FILE, SPEC_FILE, CheckpointError, read_spec
 from lmsys.prediction import predict_checkpoint
 from lmsys.prediction_config import PredictConfig

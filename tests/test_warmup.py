@@ -14,7 +14,8 @@ from tiny import arena_frame, model_settings
 from lmsys.builders import build_model
 from lmsys.config import LoraConfig
 from lmsys.data.schema import Pair
-from lmsys.warmup import MARKER, Stage, main, select_examples, winning_side
+from lmsys.warmup import MARKER, Stage, main
+from lmsys.warmup_training import select_examples, winning_side
 
 
 @pytest.fixture(scope="module")

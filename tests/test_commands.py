@@ -1,0 +1,34 @@
+"""The `key=value` commands check their arguments before their work is imported: --help and a typo answer without
+torch, transformers, peft, bitsandbytes or TRL loaded (together ~10 s to import on the 2-core CI machine)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+COMMANDS = {"lmsys.predict": "PredictConfig", "lmsys.pseudo_label": "PseudoLabelConfig",
+            "lmsys.export": "ExportConfig", "lmsys.generate": "GenerateConfig", "lmsys.warmup": "WarmupConfig"}
+HEAVY = ["bitsandbytes", "peft", "torch", "transformers", "trl"]
+
+
+def test_the_command_modules_load_none_of_the_heavy_packages():
+    code = ("import importlib, sys\n"
+            f"for name in {sorted(COMMANDS)!r}: importlib.import_module(name)\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", ["lmsys.export", "lmsys.pseudo_label"])
+def test_help_shows_the_usage(command):  # predict's, generate's and warmup's: in their own tests
+    shown = subprocess.run([sys.executable, "-m", command, "--help"], capture_output=True, text=True, check=False)
+    assert shown.returncode == 0 and f"python -m {command}" in shown.stdout
+
+
+@pytest.mark.parametrize("command", sorted(set(COMMANDS) - {"lmsys.predict"}))  # predict's: test_predict_parallel
+def test_a_typo_is_one_line_naming_the_schema(command):
+    typo = subprocess.run([sys.executable, "-m", command, "tyop=1"], capture_output=True, text=True, check=False)
+    assert typo.returncode == 2
+    assert typo.stderr.strip().splitlines()[-1] == f"error: Key 'tyop' not in '{COMMANDS[command]}'"
