@@ -37,16 +37,21 @@ class Projection(nn.Module):
         return self.proj(x)
 
 
-def lora_pair(quantized: bool = True, bias: bool = False, dropout: float = 0.0, dtype=torch.float32, **lora_kwargs):
-    """(peft's layer, a deep copy computing with the dense kernel), LoRA B non-zero so that both branches count."""
-    model = get_peft_model(Projection(48, 80, quantized, bias, dtype),
-                           LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=["proj"], **lora_kwargs))
+def peft_and_dense(module: nn.Module, config: LoraConfig, layers: int):
+    """(peft's model of `module`, a deep copy computing with the dense kernel), LoRA B non-zero so that both
+    branches count."""
+    model = get_peft_model(module, config)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             nn.init.normal_(parameter, std=0.1, generator=torch.Generator().manual_seed(1))
     dense = copy.deepcopy(model)
-    assert use_lora_kernel(dense, LoraKernel.dense) == 1
+    assert use_lora_kernel(dense, LoraKernel.dense) == layers
     return model, dense
+
+
+def lora_pair(quantized: bool = True, bias: bool = False, dropout: float = 0.0, dtype=torch.float32, **lora_kwargs):
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=["proj"], **lora_kwargs)
+    return peft_and_dense(Projection(48, 80, quantized, bias, dtype), config, 1)
 
 
 def run(model, x: torch.Tensor, grad: torch.Tensor, seed: int = 0, full_names: bool = False):
@@ -193,13 +198,15 @@ def sibling_pair(bias: bool = False, dropout: float = 0.0):
     projection so that the group's blocks differ in size and scaling."""
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=["q_proj", "k_proj", "v_proj"],
                         rank_pattern={"k_proj": 4}, alpha_pattern={"v_proj": 4})
-    model = get_peft_model(Siblings(bias), config)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            nn.init.normal_(parameter, std=0.1, generator=torch.Generator().manual_seed(1))
-    dense = copy.deepcopy(model)
-    assert use_lora_kernel(dense, LoraKernel.dense) == 3
-    return model, dense
+    return peft_and_dense(Siblings(bias), config, 3)
+
+
+def count_products(group: ProjectionGroup) -> list[int]:
+    """A list that grows by one each time the group computes its product."""
+    calls: list[int] = []
+    original = group._forward_all
+    group._forward_all = lambda *args: calls.append(1) or original(*args)
+    return calls
 
 
 def group_of(model) -> ProjectionGroup:
@@ -214,9 +221,7 @@ def test_a_projection_group_equals_peft_in_float32(bias):
     peft's three layers, the group's product used for all three, and nothing held after the last of them."""
     peft_layers, dense = sibling_pair(bias)
     group = group_of(dense)
-    calls = []
-    original = group._forward_all
-    group._forward_all = lambda *args: calls.append(1) or original(*args)
+    calls = count_products(group)
     x, _ = inputs()
     grad = torch.randn(3, 7, 136, generator=torch.Generator().manual_seed(5))
     expected, dx_expected, lora_expected = run(peft_layers, x, grad, full_names=True)
@@ -251,11 +256,8 @@ def test_a_member_called_on_another_input_computes_alone():
 
 def test_lora_dropout_in_training_computes_each_projection_alone():
     peft_layers, dense = sibling_pair(dropout=0.3)
-    group = group_of(dense)
-    calls = []
-    original = group._forward_all
-    group._forward_all = lambda *args: calls.append(1) or original(*args)
-    x, grad = inputs()
+    calls = count_products(group_of(dense))
+    x, _ = inputs()
     grad = torch.randn(3, 7, 136, generator=torch.Generator().manual_seed(5))
     run(dense.train(), x, grad)
     assert calls == []
