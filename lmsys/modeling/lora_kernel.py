@@ -123,14 +123,26 @@ class DenseLoraForward:
         bias = base.bias
         if not isinstance(base, Linear4bit):
             return base.weight, bias
-        dtype = base.compute_dtype or torch.float32
         cached = getattr(self, "_dense_weight", None)
-        if cached is None or cached.device != base.weight.device or cached.dtype != dtype:
-            # a normal tensor even when first made in an evaluation under inference_mode: training saves it
-            with torch.inference_mode(False), torch.no_grad():
-                cached = dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
-            self._dense_weight = cached
-        return cached, None if bias is None else bias.to(dtype)
+        if not self.holds_dense_weight(cached):
+            cached = self._dense_weight = self.dequantize_into(None)
+        return cached, None if bias is None else bias.to(cached.dtype)
+
+    def holds_dense_weight(self, weight: torch.Tensor | None) -> bool:
+        """Whether `weight` is on the 4-bit base's device in its compute dtype."""
+        base = self.base_layer
+        return weight is not None and weight.device == base.weight.device and weight.dtype == (
+            base.compute_dtype or torch.float32)
+
+    def dequantize_into(self, rows: torch.Tensor | None) -> torch.Tensor:
+        """The 4-bit base weight dequantized, in the compute dtype: copied into `rows` (out, in), or a new tensor.
+        A normal tensor even when first made in an evaluation under inference_mode: training saves it."""
+        base = self.base_layer
+        with torch.inference_mode(False), torch.no_grad():
+            weight = dequantize_4bit(base.weight.data, base.weight.quant_state)
+            if rows is None:
+                return weight.to(base.compute_dtype or torch.float32)
+            return rows.copy_(weight)
 
 
 PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings reading one input
@@ -183,16 +195,22 @@ class ProjectionGroup:
         return [part.reshape(*x.shape[:-1], -1).to(x.dtype) for part in y.split(self.sizes, dim=1)]
 
     def dense_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The members' dequantized weights stacked (sum of outs, in), and their biases; each member's own weight
-        becomes a view of its rows (made again if a member's weight was made anew, e.g. after `model.to`)."""
-        parts = [m.dense_base_weight()[0] for m in self.members]
-        if self.weight is None or any(part._base is not self.weight for part in parts):
-            self.weight = torch.cat(parts)
-            for member, rows in zip(self.members, self.weight.split(self.sizes), strict=True):
-                member._dense_weight = rows
-        biases = [m.base_layer.bias for m in self.members]
-        bias = None if biases[0] is None else torch.cat([b.to(self.weight.dtype) for b in biases])
-        return self.weight, bias
+        """The members' dequantized weights stacked (sum of outs, in), and their biases. Each member dequantizes
+        straight into its rows, which become its own weight (no member keeps a copy); made again if a member's
+        weight was made anew, e.g. after `model.to`."""
+        weight, first = self.weight, self.members[0]
+        held = [getattr(member, "_dense_weight", None) for member in self.members]
+        if not first.holds_dense_weight(weight) or any(w is None or w._base is not weight for w in held):
+            base = first.base_layer
+            with torch.inference_mode(False):
+                weight = torch.empty(sum(self.sizes), base.in_features, dtype=base.compute_dtype or torch.float32,
+                                     device=base.weight.device)
+            for member, rows in zip(self.members, weight.split(self.sizes), strict=True):
+                member._dense_weight = member.dequantize_into(rows)
+            self.weight = weight
+        biases = [member.base_layer.bias for member in self.members]
+        bias = None if biases[0] is None else torch.cat([b.to(weight.dtype) for b in biases])
+        return weight, bias
 
 
 def _version(x: torch.Tensor) -> int | None:
