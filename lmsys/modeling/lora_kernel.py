@@ -128,11 +128,14 @@ class DenseLoraForward:
             cached = self._dense_weight = self.dequantize_into(None)
         return cached, None if bias is None else bias.to(cached.dtype)
 
+    def dense_dtype(self) -> torch.dtype:
+        """The dtype a 4-bit base computes in, and its dense weight is kept in."""
+        return self.base_layer.compute_dtype or torch.float32
+
     def holds_dense_weight(self, weight: torch.Tensor | None) -> bool:
         """Whether `weight` is on the 4-bit base's device in its compute dtype."""
-        base = self.base_layer
-        return weight is not None and weight.device == base.weight.device and weight.dtype == (
-            base.compute_dtype or torch.float32)
+        return weight is not None and weight.device == self.base_layer.weight.device and weight.dtype == (
+            self.dense_dtype())
 
     def dequantize_into(self, rows: torch.Tensor | None) -> torch.Tensor:
         """The 4-bit base weight dequantized, in the compute dtype: copied into `rows` (out, in), or a new tensor.
@@ -140,9 +143,7 @@ class DenseLoraForward:
         base = self.base_layer
         with torch.inference_mode(False), torch.no_grad():
             weight = dequantize_4bit(base.weight.data, base.weight.quant_state)
-            if rows is None:
-                return weight.to(base.compute_dtype or torch.float32)
-            return rows.copy_(weight)
+            return weight.to(self.dense_dtype()) if rows is None else rows.copy_(weight)
 
 
 PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings reading one input
@@ -151,7 +152,8 @@ PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  
 class ProjectionGroup:
     """Sibling LoRA projections on 4-bit bases that read the same input (an attention's q, k and v, an MLP's gate
     and up) computed by one LoraLinearFunction: one product per step instead of one per projection (on the
-    embedded SmolLM2 in bf16, one layer's projections forward + backward took ~0.92 of the time).
+    embedded SmolLM2 in bf16, one layer's q, k, v, gate and up forward + backward took 0.94-0.97 of the time:
+    `python scripts/elementwise_bench.py --projection-calls 300`).
 
     The first member's call computes every member's output and keeps the others' parts, each handed to its member
     when that member is called next with the same tensor, unchanged since (HF's attention and MLP call q, k, v
@@ -203,7 +205,7 @@ class ProjectionGroup:
         if not first.holds_dense_weight(weight) or any(w is None or w._base is not weight for w in held):
             base = first.base_layer
             with torch.inference_mode(False):
-                weight = torch.empty(sum(self.sizes), base.in_features, dtype=base.compute_dtype or torch.float32,
+                weight = torch.empty(sum(self.sizes), base.in_features, dtype=first.dense_dtype(),
                                      device=base.weight.device)
             for member, rows in zip(self.members, weight.split(self.sizes), strict=True):
                 member._dense_weight = member.dequantize_into(rows)
@@ -218,10 +220,9 @@ def _version(x: torch.Tensor) -> int | None:
     return None if x.is_inference() else x._version
 
 
-def group_projections(model: torch.nn.Module) -> int:
-    """Give the dense-kernel siblings of PROJECTION_GROUPS in each module a ProjectionGroup; returns how many
-    groups. Members need 4-bit bases of one input size and compute dtype, with biases on all or none."""
-    count = 0
+def group_projections(model: torch.nn.Module) -> None:
+    """Give the dense-kernel siblings of PROJECTION_GROUPS in each module a ProjectionGroup. Members need 4-bit
+    bases of one input size and compute dtype, with biases on all or none."""
     for module in model.modules():
         for names in PROJECTION_GROUPS:
             members = [getattr(module, name, None) for name in names]
@@ -229,8 +230,6 @@ def group_projections(model: torch.nn.Module) -> int:
                 group = ProjectionGroup(members)
                 for member in members:
                     member.projection_group = group
-                count += 1
-    return count
 
 
 def _groupable(members: list) -> bool:
