@@ -4,6 +4,13 @@ on packed rows of SmolLM2-135M's shape (9 query and 3 key/value heads of 64). Pr
 per dtype.
 
     python scripts/attention_bench.py [--repeats 5] [--dtypes float32 bfloat16]
+    python scripts/attention_bench.py --micro-batches [--repeats 9]
+
+The second form times float32 attention of whole packed micro-batches (the bench's shapes on
+../shared/data/hh_rlhf_harmless.csv: rows of one sequence and a pad tail, rows of several sequences) as
+cpu_sdpa computes it (pad tails joined to their sequence, so that rows of one sequence attend in one call) against
+one call per sequence and per tail, the two alternating; prints each micro-batch's medians
+and their ratio.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's lmsys, installed or not
-from lmsys.modeling.attention import cpu_sdpa  # noqa: E402
+from lmsys.modeling.attention import attend_segments, cpu_sdpa
 
 ROWS = [(256,) * 4, (170,) * 6, (512, 300, 212), (1024,), (100,) * 10, (180,)]  # sequence lengths of one packed row
 HEADS, KV_HEADS, DIM = 9, 3, 64
@@ -49,11 +56,59 @@ def one_pass(kernel: str, lengths: tuple[int, ...], dtype: torch.dtype) -> float
     return time.perf_counter() - start
 
 
+# micro-batches: each row's sequences, then its pad tail (0: none)
+MICRO_BATCHES = [
+    [((238,), 0), ((236,), 2), ((208,), 30), ((203,), 35)],
+    [((170,), 0), ((169,), 1), ((160,), 10), ((160,), 10), ((158,), 12), ((155,), 15)],
+    [((246, 196), 2), ((244, 200), 0)],
+    [((512,), 0), ((481,), 31)],
+    [((154, 137), 37), ((130, 123, 75), 0), ((122, 121, 81), 4)],
+]
+
+
+def micro_batch_pass(rows: list[tuple[tuple[int, ...], int]], joined: bool) -> float:
+    """Forward + backward of one micro-batch's attention in float32: joined (cpu_sdpa's segments: a pad tail
+    joins the sequence before it) or one call per sequence and per pad tail."""
+    width = sum(rows[0][0]) + rows[0][1]
+    query = torch.randn(len(rows), HEADS, width, DIM, requires_grad=True)
+    key, value = (torch.randn(len(rows), KV_HEADS, width, DIM, requires_grad=True) for _ in "kv")
+    grad = torch.randn(len(rows), width, HEADS, DIM)
+    if joined:
+        lengths = [n for sequences, tail in rows for n in (*sequences[:-1], sequences[-1] + tail)]
+    else:
+        lengths = [n for sequences, tail in rows for n in (*sequences, tail) if n]
+    start = time.perf_counter()
+    output = attend_segments(query, key, value, lengths, 0.0, DIM ** -0.5)
+    output.backward(grad)
+    return time.perf_counter() - start
+
+
+def compare_micro_batches(repeats: int) -> None:
+    times: dict[tuple[int, bool], list[float]] = {}
+    for repeat in range(repeats + 1):  # the first round warms up
+        for k, rows in enumerate(MICRO_BATCHES):
+            for joined in (True, False) if repeat % 2 else (False, True):
+                seconds = micro_batch_pass(rows, joined)
+                if repeat:
+                    times.setdefault((k, joined), []).append(seconds)
+    print(f"torch threads {torch.get_num_threads()}; float32 forward + backward, median of {repeats}\n")
+    print("| micro-batch (rows: sequences (+ pad tail)) | one call per sequence, ms | cpu_sdpa, ms | ratio |")
+    print("|---|---|---|---|")
+    for k, rows in enumerate(MICRO_BATCHES):
+        alone, joined = (1e3 * statistics.median(times[(k, j)]) for j in (False, True))
+        name = ", ".join("+".join(map(str, sequences)) + (f" (+{tail})" if tail else "") for sequences, tail in rows)
+        print(f"| {name} | {alone:.1f} | {joined:.1f} | {joined / alone:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--micro-batches", action="store_true", help="time whole packed micro-batches")
     args = parser.parse_args()
+    if args.micro_batches:
+        compare_micro_batches(args.repeats)
+        return
     kernels = ("sdpa, packed mask", "lmsys cpu_sdpa")
     print(f"torch threads {torch.get_num_threads()}; forward + backward, median of {args.repeats}")
     for name in args.dtypes:

@@ -18,6 +18,20 @@ key/value heads of 64, forward + backward, median of 3):
 The same attention (to float rounding: 1e-6 in fp32); a sliding window shorter than a sequence, a soft cap,
 a position bias or non-causal attention take the masked path.
 
+**Rows of one sequence in one call.** A row's pad tail joins the sequence before it (PreferenceModel passes the
+bounds so, from its pooled tokens: sequence_bounds), which causal attention keeps exact for the real tokens; most
+packed micro-batches are then rows of one segment each (packing sorts by length: 4 rows of 238 tokens, 2 of 512),
+and they attend in one batched call on the tensors as they are, without splitting and concatenating.
+`python scripts/attention_bench.py --micro-batches` on the Intel Xeon with AMX (2 threads, float32, forward +
+backward, median of 9, the bench's micro-batch shapes):
+
+| micro-batch (rows: sequences (+ pad tail)) | one call per sequence, ms | here, ms |
+|---|---|---|
+| 238, 236 (+2), 208 (+30), 203 (+35) | 26.7 | 19.5 |
+| 170, 169 (+1), 160 (+10), 160 (+10), 158 (+12), 155 (+15) | 26.6 | 18.8 |
+| 512, 481 (+31) | 46.9 | 33.3 |
+| 246+196 (+2), 244+200 (rows of several sequences: each alone) | 24.1 | 24.4 |
+
 **float32 in bf16 training.** torch's CPU flash-attention backward is slow in bfloat16 on short rows. Measured on an
 Intel Xeon with AMX (2 threads, packed causal masks, forward + backward, median of 5; `python
 scripts/attention_bench.py` prints the table for the machine it runs on):
@@ -65,20 +79,31 @@ def cpu_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, va
             is_causal=attention_mask is None and length > 1, enable_gqa=query.shape[1] != key.shape[1],
         ).transpose(1, 2)  # (B, T, H, D)
     else:
-        output = attend_each_sequence(query, key, value, lengths, dropout, scaling)
+        output = attend_segments(query, key, value, lengths, dropout, scaling)
     return output.contiguous().to(dtype), None
 
 
-def attend_each_sequence(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
-                         dropout: float, scaling: float | None) -> torch.Tensor:
-    """Causal attention of each packed sequence on its own; `lengths` tile the flattened rows in order.
+def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
+                    dropout: float, scaling: float | None) -> torch.Tensor:
+    """Causal attention of each packed segment on its own; `lengths` tile the flattened rows in order.
     query (R, H, T, D), key/value (R, H_kv, T, D) -> (R, T, H, D).
 
+    Rows of one segment each (most micro-batches, once pad tails join their sequence: see sequence_bounds) attend
+    in one batched call on the tensors as they are; otherwise each segment in a call of its own. (Segments of
+    similar lengths padded into batched calls measured no faster: the padding copies cost what batching saves.)
+
     The projections lay q, k and v out as (R, T, H, D), so the flattened (R * T, H, D) views and their split into
-    sequences are free, and the split's backward is one concatenation (slicing each sequence out of the full
-    tensors would allocate a zero-filled full-size gradient per sequence)."""
+    segments are free, and the split's backward is one concatenation (slicing each segment out of the full
+    tensors would allocate a zero-filled full-size gradient per segment)."""
     rows, heads, length, dim = query.shape
     gqa = heads != key.shape[1]
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # (B, h, L, D) -> (B, L, H, D)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=q.shape[2] > 1,
+                                              enable_gqa=gqa).transpose(1, 2)
+
+    if len(lengths) == rows:  # every row one segment
+        return attend(query, key, value)
 
     def pieces(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tensor.transpose(1, 2).reshape(rows * length, tensor.shape[1], dim).split(lengths)  # each (L, h, D)
@@ -86,11 +111,8 @@ def attend_each_sequence(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     def heads_first(piece: torch.Tensor) -> torch.Tensor:
         return piece.transpose(0, 1).unsqueeze(0)  # (1, h, L, D): sdpa's flash kernel takes 4-D inputs only
 
-    outputs = [
-        F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), dropout_p=dropout,
-                                       scale=scaling, is_causal=len(q) > 1, enable_gqa=gqa)[0].transpose(0, 1)
-        for q, k, v in zip(pieces(query), pieces(key), pieces(value), strict=True)
-    ]  # each (L, H, D)
+    outputs = [attend(heads_first(q), heads_first(k), heads_first(v))[0]
+               for q, k, v in zip(pieces(query), pieces(key), pieces(value), strict=True)]  # each (L, H, D)
     return torch.cat(outputs).view(rows, length, heads, dim)
 
 
@@ -105,11 +127,26 @@ def packed_sequences(cu_seq_lens: torch.Tensor | None, sliding_window: int | Non
     return lengths
 
 
-def sequence_bounds(position_ids: torch.Tensor) -> torch.Tensor:
+def sequence_bounds(position_ids: torch.Tensor, last_tokens: torch.Tensor | None = None,
+                    max_length: int | None = None) -> torch.Tensor:
     """Cumulative lengths (S + 1,) of the packed sequences of position_ids (R, T) over the flattened rows: a
-    sequence starts where its positions restart at 0 (each row starts one, and so does a row's pad tail)."""
+    sequence starts where its positions restart at 0 (each row starts one, and so does a row's pad tail).
+
+    With `last_tokens`, the flattened index of every real sequence's last token, a row's pad tail joins the
+    sequence before it (unless that makes a segment longer than `max_length`, a sliding window): under causal
+    attention no real token sees the tail, and the tail's own outputs reach no loss, so the real tokens attend
+    exactly as alone; a row of one sequence and its tail is then one segment (attend_segments)."""
     flat = position_ids.reshape(-1)
     starts = torch.nonzero(flat == 0).flatten()
+    if last_tokens is not None and len(starts) > 1:
+        width = position_ids.shape[-1]
+        last_real = torch.full((position_ids.shape[0],), -1, dtype=starts.dtype).scatter_reduce(
+            0, last_tokens // width, last_tokens.to(starts.dtype), "amax")  # (R,) -1 where a row has none
+        ends = torch.cat([starts[1:], starts.new_tensor([flat.numel()])])
+        tail = (starts % width != 0) & (starts > last_real[starts // width])
+        if max_length:
+            tail &= ends - torch.cat([starts[:1], starts[:-1]]) <= max_length  # the joined segment's length
+        starts = starts[~tail]
     return torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
 
 

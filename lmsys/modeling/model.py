@@ -23,6 +23,7 @@ class PreferenceModel(nn.Module):
         # CPU_SDPA attends each packed sequence on its own, given their bounds (lmsys/modeling/attention.py)
         config = getattr(backbone, "config", None)
         self.passes_sequence_bounds = getattr(config, "_attn_implementation", None) == CPU_SDPA
+        self.sliding_window = getattr(config, "sliding_window", None)  # pad tails join no segment beyond it
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -31,12 +32,14 @@ class PreferenceModel(nn.Module):
         base = getattr(self.backbone, "get_base_model", lambda: self.backbone)()
         return [*(getattr(base, "_no_split_modules", None) or []), type(self.head).__name__]
 
-    def _packed_bounds(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> dict:
+    def _packed_bounds(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                       last_tokens: torch.Tensor) -> dict:
         """For CPU_SDPA (lmsys/modeling/attention.py), which attends each packed sequence on its own: the packed
-        sequences' cumulative lengths over the flattened rows, as flash attention's varlen kwargs name them."""
+        sequences' cumulative lengths over the flattened rows, as flash attention's varlen kwargs name them, each
+        row's pad tail joined to its last sequence (`last_tokens`: the flattened index of each sequence's last)."""
         if attention_mask is not None or position_ids is None or not self.passes_sequence_bounds:
             return {}
-        bounds = sequence_bounds(position_ids)
+        bounds = sequence_bounds(position_ids, last_tokens, self.sliding_window)
         return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds}
 
     def forward(
@@ -54,7 +57,7 @@ class PreferenceModel(nn.Module):
         else:
             hidden = self.backbone(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                **self._packed_bounds(attention_mask, position_ids),
+                **self._packed_bounds(attention_mask, position_ids, pool_rows * input_ids.shape[1] + pool_cols),
             ).last_hidden_state  # (R, T, H)
         # With the backbone split over devices (device_map) the last hidden state lives on the last one.
         pooled = hidden[pool_rows.to(hidden.device), pool_cols.to(hidden.device)]  # (N * S, H)

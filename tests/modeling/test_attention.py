@@ -1,4 +1,5 @@
-"""sdpa on CPU (CPU_SDPA): each packed sequence attended on its own, the same attention as sdpa over the packed
+"""sdpa on CPU (CPU_SDPA): each packed sequence attended on its own (rows of one sequence in one call, a row's pad
+tail joined to its sequence), the same attention as sdpa over the packed
 row's block-diagonal mask (values and gradients), sequences kept apart, the masked path where a sliding window is
 shorter than a sequence; and a bfloat16 model trains it in float32 on short rows (sdpa's packed mask without
 bounds), while evaluation and long rows keep torch's bf16 sdpa."""
@@ -11,7 +12,13 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from lmsys.modeling.attention import CPU_SDPA, FLOAT32_MAX_ROW, attention_kernel, cpu_sdpa, sequence_bounds
+from lmsys.modeling.attention import (
+    CPU_SDPA,
+    FLOAT32_MAX_ROW,
+    attention_kernel,
+    cpu_sdpa,
+    sequence_bounds,
+)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -103,10 +110,10 @@ def test_the_float32_kernel_trains():
 ROW_LENGTHS = [[7, 12, 3, 18], [25, 9, 6]]  # two packed rows of 40: the last sequence of the second is a pad tail
 
 
-def packed_inputs(dtype=torch.float32):
+def packed_inputs(dtype=torch.float32, row_lengths=ROW_LENGTHS):
     """q, k, v of two packed rows (float64 draws), their block-diagonal causal mask and the sequences' bounds."""
     query, key, value = (t.to(dtype).requires_grad_(True) for t in qkv(seed=3))
-    positions = torch.tensor([[p for n in row for p in range(n)] for row in ROW_LENGTHS])  # (2, 40)
+    positions = torch.tensor([[p for n in row for p in range(n)] for row in row_lengths])  # (2, 40)
     starts = (positions == 0).long().cumsum(1)  # sequence number within the row
     same = starts[:, :, None] == starts[:, None, :]
     mask = (torch.ones(40, 40, dtype=torch.bool).tril() & same)[:, None]  # (2, 1, 40, 40)
@@ -119,8 +126,24 @@ def test_sequence_bounds_from_restarting_positions():
     assert sequence_bounds(torch.arange(5)[None]).tolist() == [0, 5]  # unpacked: one sequence
 
 
-def test_each_sequence_on_its_own_equals_the_masked_row_with_gradients():
-    query, key, value, mask, bounds = packed_inputs()
+def test_a_pad_tail_joins_the_sequence_before_it():
+    positions = torch.tensor([[p for n in row for p in range(n)] for row in ROW_LENGTHS])
+    last_tokens = torch.tensor([6, 18, 21, 39, 64, 73])  # every sequence's last token, none in the 6-token tail
+    assert sequence_bounds(positions, last_tokens).tolist() == [0, 7, 19, 22, 40, 65, 80]
+    assert sequence_bounds(positions, last_tokens, max_length=15).tolist() == [0, 7, 19, 22, 40, 65, 80]
+    # joined, the 9-token sequence and the tail would be a segment longer than a 14-token sliding window
+    assert sequence_bounds(positions, last_tokens, max_length=14).tolist() == [0, 7, 19, 22, 40, 65, 74, 80]
+    # the pool order does not matter; a row without a pooled token (nothing of it reaches a loss) is one segment
+    assert sequence_bounds(positions, last_tokens.flip(0)).tolist() == [0, 7, 19, 22, 40, 65, 80]
+    assert sequence_bounds(positions, last_tokens[:4]).tolist() == [0, 7, 19, 22, 40, 80]
+
+
+@pytest.mark.parametrize("row_lengths", [
+    ROW_LENGTHS,  # every segment attended alone
+    [[40], [40]],  # one segment a row: one call
+])
+def test_each_sequence_on_its_own_equals_the_masked_row_with_gradients(row_lengths):
+    query, key, value, mask, bounds = packed_inputs(row_lengths=row_lengths)
     grad = torch.randn(2, 40, 4, 16, generator=torch.Generator().manual_seed(4))
     results = []
     for kwargs in ({"cu_seq_lens_q": bounds}, {}):
@@ -134,7 +157,7 @@ def test_each_sequence_on_its_own_equals_the_masked_row_with_gradients():
 
 
 def test_each_sequence_sees_only_itself():
-    query, key, value, mask, bounds = packed_inputs()
+    query, key, value, _, bounds = packed_inputs()
     output, _ = cpu_sdpa(GQA, query, key, value, None, scaling=0.25, cu_seq_lens_q=bounds)
     key, value = key.detach().clone(), value.detach().clone()
     key[0, :, 7:19], value[0, :, 7:19] = 3.0, -2.0  # the second sequence of the first row
