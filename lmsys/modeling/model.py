@@ -33,12 +33,13 @@ class PreferenceModel(nn.Module):
         return [*(getattr(base, "_no_split_modules", None) or []), type(self.head).__name__]
 
     def _packed_bounds(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-                       last_tokens: torch.Tensor) -> dict:
+                       pool_rows: torch.Tensor, pool_cols: torch.Tensor) -> dict:
         """For CPU_SDPA (lmsys/modeling/attention.py), which attends each packed sequence on its own: the packed
         sequences' cumulative lengths over the flattened rows, as flash attention's varlen kwargs name them, each
-        row's pad tail joined to its last sequence (`last_tokens`: the flattened index of each sequence's last)."""
+        row's pad tail joined to its last sequence (the pooled tokens are the sequences' last)."""
         if attention_mask is not None or position_ids is None or not self.passes_sequence_bounds:
             return {}
+        last_tokens = pool_rows * position_ids.shape[-1] + pool_cols  # flattened index of each sequence's last
         bounds = sequence_bounds(position_ids, last_tokens, self.sliding_window)
         return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds}
 
@@ -57,7 +58,7 @@ class PreferenceModel(nn.Module):
         else:
             hidden = self.backbone(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                **self._packed_bounds(attention_mask, position_ids, pool_rows * input_ids.shape[1] + pool_cols),
+                **self._packed_bounds(attention_mask, position_ids, pool_rows, pool_cols),
             ).last_hidden_state  # (R, T, H)
         # With the backbone split over devices (device_map) the last hidden state lives on the last one.
         pooled = hidden[pool_rows.to(hidden.device), pool_cols.to(hidden.device)]  # (N * S, H)
