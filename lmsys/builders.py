@@ -188,6 +188,9 @@ def _use_kernels(preference_model: PreferenceModel, torch_compile: bool, lora_ke
         # compiles peft's layers and the masked attention: the dense LoRA kernel and the per-sequence attention's
         # Python loop over sequences would split every layer's graph
         preference_model.passes_sequence_bounds = False
+        if preference_model.pooled_tail is not None:  # its rows would be traced into the compiled last layer
+            preference_model.pooled_tail.remove()
+            preference_model.pooled_tail = None
         compile_layers(preference_model.backbone)
         return
     use_lora_kernel(preference_model.backbone, lora_kernel)

@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM=false
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; print(torch.cuda.get_device_name(0), 'torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
 echo "== tests/gpu (log: $OUT/pytest.log)"
-timeout 420 python -m pytest tests/gpu -m gpu -q -p no:cacheprovider --junitxml "$OUT/junit.xml" > "$OUT/pytest.log" 2>&1 || true
+timeout 420 python -m pytest tests/gpu -m gpu -q -n 0 -p no:cacheprovider --junitxml "$OUT/junit.xml" > "$OUT/pytest.log" 2>&1 || true
 
 echo "== throughput: random ~1B Llama, NF4 QLoRA, bf16, padded vs packed (log: $OUT/bench.log)"
 python scripts/gpu_bench_inputs.py "$OUT" > "$OUT/inputs.log" 2>&1

@@ -37,6 +37,10 @@ import background  # noqa: E402 (after the thread and offline variables above ar
 import tiny  # noqa: E402 (after the thread and offline variables above are set)
 
 
+def pytest_configure(config) -> None:
+    background.create_root(config)
+
+
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: only the jobs of tests that will run are started
 def pytest_collection_modifyitems(session, config, items) -> None:
     """The tests of background jobs (tests/background.py) last, and their jobs started now: a minute or more of one
@@ -45,7 +49,7 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     items[:] = [item for item in items if item not in waiting] + waiting
     if not config.option.collectonly:
         for test_file in dict.fromkeys(item.path.name for item in waiting):
-            background.start(config, test_file)
+            background.start(test_file)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

@@ -9,6 +9,7 @@ from torch import nn
 
 from lmsys.modeling.attention import CPU_SDPA, sequence_bounds
 from lmsys.modeling.heads import BiEncoderHead, PreferenceHead
+from lmsys.modeling.pooled_tail import PooledTail
 
 
 class PreferenceModel(nn.Module):
@@ -24,6 +25,8 @@ class PreferenceModel(nn.Module):
         config = getattr(backbone, "config", None)
         self.passes_sequence_bounds = getattr(config, "_attn_implementation", None) == CPU_SDPA
         self.sliding_window = getattr(config, "sliding_window", None)  # pad tails join no segment beyond it
+        # the last layer's o_proj and MLP at the pooled tokens only (lmsys/modeling/pooled_tail.py)
+        self.pooled_tail = None if first_token_pooling else PooledTail.attach(backbone)
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -56,6 +59,9 @@ class PreferenceModel(nn.Module):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (R, T, H)
             pool_cols = attention_mask.int().argmax(dim=1)[pool_rows]  # (N,) first 1 of each row, either padding side
         else:
+            if self.pooled_tail is not None:
+                width = input_ids.shape[-1]
+                self.pooled_tail.select(pool_rows * width + pool_cols, (input_ids.shape[0], width))
             hidden = self.backbone(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                 **self._packed_bounds(attention_mask, position_ids, pool_rows, pool_cols),
