@@ -1,5 +1,5 @@
 """The attention kernel a backbone is loaded with on CPU for sdpa: CPU_SDPA, which computes a packed row's
-attention sequence by sequence, and trains a bfloat16 model's attention in float32 on rows of up to
+attention sequence by sequence, and trains a bfloat16 model's attention with a float32 backward on rows of up to
 FLOAT32_MAX_ROW tokens. Elsewhere (GPU, eager, flash attention) the spec's own kernel.
 
 **Sequence by sequence.** With a packed row's block-diagonal causal mask, torch's CPU flash attention computes the
@@ -32,17 +32,20 @@ backward, median of 9, the bench's micro-batch shapes):
 | 512, 481 (+31) | 46.9 | 33.3 |
 | 246+196 (+2), 244+200 (rows of several sequences: each alone) | 24.1 | 24.4 |
 
-**float32 in bf16 training.** torch's CPU flash-attention backward is slow in bfloat16 on short rows. Measured on an
-Intel Xeon with AMX (2 threads, packed causal masks, forward + backward, median of 5; `python
+**A float32 backward in bf16 training.** torch's CPU flash-attention backward is slow in bfloat16 on short rows.
+Measured on an Intel Xeon with AMX (2 threads, packed causal masks, forward + backward, median of 5; `python
 scripts/attention_bench.py` prints the table for the machine it runs on):
 
 | rows x tokens | 6 x 170 | 3 x 328 | 1 x 180 | 2 x 512 | 1 x 1024 |
 |---|---|---|---|---|---|
 | bf16 sdpa, ms | 39.0 | 31.5 | 8.9 | 35.6 | 46.1 |
-| float32 here, ms | 17.9 | 24.6 | 4.2 | 31.4 | 60.8 |
+| float32 sdpa, ms | 17.9 | 24.6 | 4.2 | 31.4 | 60.8 |
 
-So with gradients, q, k and v of rows up to 512 tokens are cast up and the output back down (its precision is
-bf16's, as before); evaluation and prediction (forward only, where bf16's is the faster) and longer rows stay bf16.
+Its forward is the fast one in bf16 (the bench's micro-batch shapes, 4 x 444 to 8 x 223, GQA 9 / 3 heads: 0.45-0.72 of
+float32's time). So with gradients, on rows up to 512 tokens, `Float32Backward` runs torch's bf16 flash forward (the
+output and its log-sum-exp exactly as evaluation computes them) and the float32 flash backward on q, k, v, the
+output and its gradient cast up, the gradients cast back down: 0.78-0.92 of an all-float32 forward + backward on
+those shapes, gradients within bf16 rounding of it. Evaluation, prediction and longer rows run bf16 sdpa throughout.
 """
 
 from __future__ import annotations
@@ -64,27 +67,51 @@ def cpu_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, va
     length = query.shape[2]
     special = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or length != key.shape[2]
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    upcast = query.dtype == torch.bfloat16 and torch.is_grad_enabled() and length <= FLOAT32_MAX_ROW
+    float32_backward = (query.dtype == torch.bfloat16 and torch.is_grad_enabled() and length <= FLOAT32_MAX_ROW
+                        and not dropout)
     lengths = packed_sequences(kwargs.get("cu_seq_lens_q"), kwargs.get("sliding_window"))
-    if special or not causal or (lengths is None and not upcast):
+    if special or not causal or (lengths is None and not float32_backward):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    if upcast:
-        query, key, value, dtype = query.float(), key.float(), value.float(), query.dtype
-    else:
-        dtype = query.dtype
     if lengths is None:
-        output = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-            is_causal=attention_mask is None and length > 1, enable_gqa=query.shape[1] != key.shape[1],
-        ).transpose(1, 2)  # (B, T, H, D)
+        output = Float32Backward.apply(query, key, value, additive_mask(attention_mask, query.dtype), scaling,
+                                       attention_mask is None and length > 1).transpose(1, 2)  # (B, T, H, D)
     else:
-        output = attend_segments(query, key, value, lengths, dropout, scaling)
-    return output.contiguous().to(dtype), None
+        output = attend_segments(query, key, value, lengths, dropout, scaling, float32_backward)
+    return output.contiguous(), None
+
+
+class Float32Backward(torch.autograd.Function):
+    """Causal or masked attention, q (B, H, T, D), k and v (B, H_kv, T, D) in bf16 -> (B, H, T, D) in bf16: torch's
+    CPU flash forward in bf16, its backward in float32 (see the module's docstring); no dropout. GQA as the kernel
+    does it (H a multiple of H_kv)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, scaling, causal):  # mask: additive, in the query's dtype, or None
+        output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, causal, attn_mask=mask, scale=scaling)  # logsumexp (B, T, H) float32
+        ctx.save_for_backward(query, key, value, output, logsumexp)
+        ctx.mask, ctx.scaling, ctx.causal = mask, scaling, causal
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, output, logsumexp = ctx.saved_tensors
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_output.float(), query.float(), key.float(), value.float(), output.float(), logsumexp, 0.0,
+            ctx.causal, attn_mask=None if ctx.mask is None else ctx.mask.float(), scale=ctx.scaling)
+        return *(grad.to(query.dtype) for grad in grads), None, None, None
+
+
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask (True: attend) as the flash kernel takes it, 0 or -inf in `dtype`, as sdpa converts it."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
-                    dropout: float, scaling: float | None) -> torch.Tensor:
+                    dropout: float, scaling: float | None, float32_backward: bool = False) -> torch.Tensor:
     """Causal attention of each packed segment on its own; `lengths` tile the flattened rows in order.
     query (R, H, T, D), key/value (R, H_kv, T, D) -> (R, T, H, D).
 
@@ -99,6 +126,8 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     gqa = heads != key.shape[1]
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # (B, h, L, D) -> (B, L, H, D)
+        if float32_backward:
+            return Float32Backward.apply(q, k, v, None, scaling, q.shape[2] > 1).transpose(1, 2)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=q.shape[2] > 1,
                                               enable_gqa=gqa).transpose(1, 2)
 
