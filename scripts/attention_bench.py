@@ -1,7 +1,7 @@
 """Forward + backward time of one attention layer on this CPU: transformers' sdpa over a packed row's block-diagonal
-causal mask against lmsys.modeling.attention.cpu_sdpa (each packed sequence on its own; float32 in bf16 training),
-on packed rows of SmolLM2-135M's shape (9 query and 3 key/value heads of 64). Prints a markdown table of medians
-per dtype.
+causal mask against lmsys.modeling.attention.cpu_sdpa (each packed sequence on its own; in bf16 training bf16's
+forward and a float32 backward), on packed rows of SmolLM2-135M's shape (9 query and 3 key/value heads of 64).
+Prints a markdown table of medians per dtype.
 
     python scripts/attention_bench.py [--repeats 5] [--dtypes float32 bfloat16]
     python scripts/attention_bench.py --micro-batches [--repeats 9]
