@@ -41,8 +41,8 @@ scripts/attention_bench.py` prints the table for the machine it runs on):
 | bf16 sdpa, ms | 39.0 | 31.5 | 8.9 | 35.6 | 46.1 |
 | float32 sdpa, ms | 17.9 | 24.6 | 4.2 | 31.4 | 60.8 |
 
-Its forward is the fast one in bf16 (the bench's micro-batch shapes, 4 x 444 to 8 x 223, GQA 9 / 3 heads: 0.45-0.72 of
-float32's time). So with gradients, on rows up to 512 tokens, `Float32Backward` runs torch's bf16 flash forward (the
+Its forward is the fast one in bf16 (the bench's micro-batch shapes, 4 x 444 to 8 x 223, 9 heads of 64: 0.45-0.72
+of float32's time). So with gradients, on rows up to 512 tokens, `Float32Backward` runs torch's bf16 flash forward (the
 output and its log-sum-exp exactly as evaluation computes them) and the float32 flash backward on q, k, v, the
 output and its gradient cast up, the gradients cast back down: 0.78-0.92 of an all-float32 forward + backward on
 those shapes, gradients within bf16 rounding of it. Evaluation, prediction and longer rows run bf16 sdpa throughout.
