@@ -61,7 +61,7 @@ def start(test_file: str) -> None:
     (out_dir / PID_FILE).write_text(str(process.pid))
 
 
-def finished(config: pytest.Config, test_file: str) -> Path:
+def finished(test_file: str) -> Path:
     """Wait for the job of `test_file` (starting it if no process of the session did); its output directory."""
     start(test_file)
     out_dir = job_dir(test_file)

@@ -24,10 +24,10 @@ def cells(table: list[str], label: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def bench_run(request) -> Path:
+def bench_run() -> Path:
     """The directory of the bench job (tests/bench_check.py, started with the suite): its tiny Llama and the output
     of each of its commands."""
-    return background.finished(request.config, "test_bench.py")
+    return background.finished("test_bench.py")
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pandas as pd
 from distill_check import N_PAIRS
 
 
-def test_the_distillation_pipeline_runs_end_to_end(request):
-    out_dir = background.finished(request.config, "test_distill_pipeline.py")
+def test_the_distillation_pipeline_runs_end_to_end():
+    out_dir = background.finished("test_distill_pipeline.py")
     work, stdout = out_dir / "work", (out_dir / "stdout.txt").read_text()
     held = pd.read_csv(work / "heldout.csv", dtype={"id": str})
     teacher = pd.read_parquet(work / "train_with_teacher.parquet")

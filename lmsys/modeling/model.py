@@ -36,13 +36,12 @@ class PreferenceModel(nn.Module):
         return [*(getattr(base, "_no_split_modules", None) or []), type(self.head).__name__]
 
     def _packed_bounds(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-                       pool_rows: torch.Tensor, pool_cols: torch.Tensor) -> dict:
+                       last_tokens: torch.Tensor) -> dict:
         """For CPU_SDPA (lmsys/modeling/attention.py), which attends each packed sequence on its own: the packed
         sequences' cumulative lengths over the flattened rows, as flash attention's varlen kwargs name them, each
         row's pad tail joined to its last sequence (the pooled tokens are the sequences' last)."""
         if attention_mask is not None or position_ids is None or not self.passes_sequence_bounds:
             return {}
-        last_tokens = pool_rows * position_ids.shape[-1] + pool_cols  # flattened index of each sequence's last
         bounds = sequence_bounds(position_ids, last_tokens, self.sliding_window)
         return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds}
 
@@ -59,12 +58,13 @@ class PreferenceModel(nn.Module):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (R, T, H)
             pool_cols = attention_mask.int().argmax(dim=1)[pool_rows]  # (N,) first 1 of each row, either padding side
         else:
+            rows, width = input_ids.shape
+            last_tokens = pool_rows * width + pool_cols  # (N * S,) flattened index of each sequence's last token
             if self.pooled_tail is not None:
-                width = input_ids.shape[-1]
-                self.pooled_tail.select(pool_rows * width + pool_cols, (input_ids.shape[0], width))
+                self.pooled_tail.select(last_tokens, (rows, width))
             hidden = self.backbone(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                **self._packed_bounds(attention_mask, position_ids, pool_rows, pool_cols),
+                **self._packed_bounds(attention_mask, position_ids, last_tokens),
             ).last_hidden_state  # (R, T, H)
         # With the backbone split over devices (device_map) the last hidden state lives on the last one.
         pooled = hidden[pool_rows.to(hidden.device), pool_cols.to(hidden.device)]  # (N * S, H)

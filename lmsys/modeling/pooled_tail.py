@@ -28,7 +28,7 @@ class PooledTail:
     def __init__(self, modules: list[nn.Module]) -> None:
         self.rows: torch.Tensor | None = None  # (N * S,) flattened indices of the pooled tokens
         self.grid: tuple[int, int] | None = None  # (R, T) of the forward they belong to
-        self._gathered: dict[int, tuple[int, int]] = {}  # id(module) -> the grid its input was gathered from
+        self._gathered: set[int] = set()  # id() of the modules whose current call's input was gathered
         self._handles = [handle for module in modules for handle in (
             module.register_forward_pre_hook(self._gather), module.register_forward_hook(self._scatter))]
 
@@ -56,15 +56,14 @@ class PooledTail:
     def _gather(self, module: nn.Module, args: tuple) -> tuple | None:
         x = args[0]  # (R, T, F)
         if self.rows is None or x.dim() != 3 or tuple(x.shape[:2]) != self.grid:
-            self._gathered.pop(id(module), None)
+            self._gathered.discard(id(module))
             return None  # another caller's forward: whole
-        self._gathered[id(module)] = self.grid
+        self._gathered.add(id(module))
         return (x.reshape(-1, x.shape[-1]).index_select(0, self.rows.to(x.device)), *args[1:])  # (N * S, F)
 
     def _scatter(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        grid = self._gathered.pop(id(module), None)
-        if grid is None:
+        if id(module) not in self._gathered:
             return None
-        rows = self.rows.to(output.device)
-        whole = output.new_zeros(grid[0] * grid[1], output.shape[-1])  # (R * T, F')
-        return whole.index_copy(0, rows, output).view(*grid, output.shape[-1])  # (R, T, F')
+        self._gathered.discard(id(module))
+        whole = output.new_zeros(self.grid[0] * self.grid[1], output.shape[-1])  # (R * T, F')
+        return whole.index_copy(0, self.rows.to(output.device), output).view(*self.grid, output.shape[-1])  # (R, T, F')

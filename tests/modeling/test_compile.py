@@ -8,8 +8,8 @@ import background
 import torch
 
 
-def test_compiled_layers_give_the_eager_logits_and_loss_curve(request):
-    results = torch.load(background.finished(request.config, "test_compile.py") / "results.pt")
+def test_compiled_layers_give_the_eager_logits_and_loss_curve():
+    results = torch.load(background.finished("test_compile.py") / "results.pt")
     eager, compiled = results["eager"], results["compiled"]
     assert compiled["layers_compiled"] == compiled["layers"] == 2 and eager["layers_compiled"] == 0
     # counters are cumulative: eager ran first and compiled nothing; then one graph reused, or one per input kind
@@ -20,8 +20,8 @@ def test_compiled_layers_give_the_eager_logits_and_loss_curve(request):
     torch.testing.assert_close(compiled["losses"], eager["losses"], atol=1e-5, rtol=0)
 
 
-def test_compiled_norms_give_the_eager_logits_and_loss_curve_in_bfloat16(request):
-    results = torch.load(background.finished(request.config, "test_compile.py") / "results.pt")
+def test_compiled_norms_give_the_eager_logits_and_loss_curve_in_bfloat16():
+    results = torch.load(background.finished("test_compile.py") / "results.pt")
     eager, compiled = results["bf16 norms eager"], results["bf16 norms compiled"]
     # two per layer and the final one; the layers themselves stay eager
     assert compiled["norms_compiled"] == compiled["norms"] == 2 * compiled["layers"] + 1 and eager["norms_compiled"] == 0

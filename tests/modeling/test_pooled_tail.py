@@ -28,11 +28,10 @@ def logits_and_grads(model, batch):
     return logits.detach(), grads
 
 
-def down_proj_rows(model, batch) -> list[int]:
+def down_proj_rows(model, last_layer, batch) -> list[int]:
     """Rows the last layer's MLP down projection computed in one forward."""
     seen = []
-    down = model.pooled_tail_modules[-1].down_proj
-    handle = down.register_forward_hook(lambda module, args, output: seen.append(args[0].numel() // args[0].shape[-1]))
+    handle = last_layer.mlp.down_proj.register_forward_hook(lambda module, args, output: seen.append(args[0].numel() // args[0].shape[-1]))
     with torch.no_grad():
         model(**batch.model_inputs(CPU))
     handle.remove()
@@ -59,13 +58,12 @@ def test_the_pooled_tail_keeps_logits_and_gradients(tiny_models, arena_pairs, ki
     tail = model.pooled_tail
     assert tail is not None
     last_layer = [m for m in model.backbone.modules() if type(m).__name__.endswith("DecoderLayer")][-1]
-    model.pooled_tail_modules = [last_layer.self_attn.o_proj, last_layer.mlp]
-    assert down_proj_rows(model, batch) == [len(exs)]  # one row per pooled token, not R x T
+    assert down_proj_rows(model, last_layer, batch) == [len(exs)]  # one row per pooled token, not R x T
 
     logits, grads = logits_and_grads(model, batch)
     tail.remove()
     model.pooled_tail = None
-    assert down_proj_rows(model, batch) == [batch.input_ids.numel()]
+    assert down_proj_rows(model, last_layer, batch) == [batch.input_ids.numel()]
     whole_logits, whole_grads = logits_and_grads(model, batch)
 
     assert whole_logits.std(0).min() > 0.05  # the pairs differ: equal logits mean something
