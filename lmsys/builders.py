@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from lmsys.config import (
     Architecture,
     DataConfig,
+    ElementwiseKernel,
     FineTune,
     HeadInit,
     InputFormat,
@@ -21,7 +22,6 @@ from lmsys.config import (
     LoraKernel,
     LossConfig,
     ModelConfig,
-    NormKernel,
     OptimizerConfig,
     SwapMode,
     TrainConfig,
@@ -37,9 +37,10 @@ from lmsys.data.templates import chat_markers
 from lmsys.evaluation.validation import ValidationSet
 from lmsys.modeling.backbone import add_lora, load_adapter, load_backbone, make_trainable, resolve_dtype
 from lmsys.modeling.checkpoint import ModelSpec, load_head_state, read_spec, with_base_model
-from lmsys.modeling.compile import compile_layers, compile_norms, resolve_norm_kernel
+from lmsys.modeling.compile import compile_layers, compile_norms, resolve_elementwise_kernel
 from lmsys.modeling.cpu_allocator import keep_freed_memory
 from lmsys.modeling.families import check_family, resolve_attention, resolve_template
+from lmsys.modeling.gated_mlp import compile_gated_mlps
 from lmsys.modeling.heads import BiEncoderHead, PreferenceHead
 from lmsys.modeling.lora_kernel import resolve_lora_kernel, use_lora_kernel
 from lmsys.modeling.losses import LossWeights
@@ -155,8 +156,9 @@ def build_model(
         keep_freed_memory()
     lora_kernel = None if model is None else resolve_lora_kernel(model.lora_kernel, device, fsdp_requested())
     dtype = resolve_dtype(spec.compute_dtype, device, adapter_dir if spec.merged else spec.base_model_path)
-    norm_kernel = None if model is None else resolve_norm_kernel(model.norm_kernel, device, dtype, fsdp_requested(),
-                                                                 model.torch_compile)
+    elementwise = None if model is None else {
+        option: resolve_elementwise_kernel(option, getattr(model, option), device, dtype, fsdp_requested(),
+                                           model.torch_compile) for option in ("norm_kernel", "mlp_kernel")}
     backbone = load_backbone(
         adapter_dir if spec.merged else spec.base_model_path, spec.quantization, spec.double_quant, dtype,
         spec.attn_implementation.value, device, spec.trust_remote_code, quant_storage_dtype(dtype), device_map,
@@ -177,13 +179,13 @@ def build_model(
     if adapter_dir is None and model.init_from:
         load_warm_start(preference_model, model.init_from)
     if model is not None:
-        _use_kernels(preference_model, model.torch_compile, lora_kernel, norm_kernel)
+        _use_kernels(preference_model, model.torch_compile, lora_kernel, **elementwise)
     return preference_model
 
 
 def _use_kernels(preference_model: PreferenceModel, torch_compile: bool, lora_kernel: LoraKernel,
-                 norm_kernel: NormKernel) -> None:
-    """The training model's kernels: whole layers compiled, or the LoRA kernel and the norm kernel."""
+                 norm_kernel: ElementwiseKernel, mlp_kernel: ElementwiseKernel) -> None:
+    """The training model's kernels: whole layers compiled, or the LoRA, norm and MLP kernels."""
     if torch_compile:
         # compiles peft's layers and the masked attention: the dense LoRA kernel and the per-sequence attention's
         # Python loop over sequences would split every layer's graph
@@ -194,8 +196,11 @@ def _use_kernels(preference_model: PreferenceModel, torch_compile: bool, lora_ke
         compile_layers(preference_model.backbone)
         return
     use_lora_kernel(preference_model.backbone, lora_kernel)
-    if norm_kernel == NormKernel.compiled:
+    if norm_kernel == ElementwiseKernel.compiled:
         log.info("model.norm_kernel: %d RMSNorm modules compiled", compile_norms(preference_model.backbone))
+    if mlp_kernel == ElementwiseKernel.compiled:
+        log.info("model.mlp_kernel: %d gated MLPs' activations compiled",
+                 compile_gated_mlps(preference_model.backbone))
 
 
 def _head_class(spec: ModelSpec) -> type[PreferenceHead | BiEncoderHead]:

@@ -37,9 +37,10 @@ Architecture = choices("Architecture", "cross_encoder bi_encoder")
 # how a LoRA projection computes (lmsys/modeling/lora_kernel.py): peft's layer, or the base dequantized once and one
 # fused autograd function; auto: dense on CPU, peft on GPU
 LoraKernel = choices("LoraKernel", "auto peft dense")
-# how RMSNorm modules run (lmsys/modeling/compile.py): eager, or each compiled into one generated loop forward and
-# one backward; auto: compiled for bf16 on CPU (where it measured faster), eager elsewhere
-NormKernel = choices("NormKernel", "auto eager compiled")
+# how the elementwise work of RMSNorm modules (model.norm_kernel: lmsys/modeling/compile.py) and of gated MLPs'
+# activations (model.mlp_kernel: lmsys/modeling/gated_mlp.py) runs: eager, or compiled into one generated loop
+# forward and one backward; auto: compiled for bf16 on CPU (where it measured faster), eager elsewhere
+ElementwiseKernel = choices("ElementwiseKernel", "auto eager compiled")
 
 
 @dataclass
@@ -60,7 +61,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     torch_compile: bool = False
     lora_kernel: LoraKernel = LoraKernel.auto  # dense: base dequantized once + fused LoRA (CPU default); peft
-    norm_kernel: NormKernel = NormKernel.auto  # compiled: RMSNorm by torch.compile (bf16 CPU default); eager
+    norm_kernel: ElementwiseKernel = ElementwiseKernel.auto  # compiled: RMSNorm by torch.compile (bf16 CPU default)
+    mlp_kernel: ElementwiseKernel = ElementwiseKernel.auto  # compiled: act(gate) * up by torch.compile (bf16 CPU default)
     trust_remote_code: bool = False
     num_classes: int = 3  # 3: A, B, tie (LMSYS); 2: A, B (WSDM Cup, no ties; see data.ties)
     init_from: str | None = None  # an earlier run's checkpoint/: start from its adapter and head (a warm start)
@@ -80,8 +82,10 @@ class ModelConfig:
         require(self.head_init_std > 0, "model.head_init_std must be positive")
         require(not (self.torch_compile and self.lora_kernel == LoraKernel.dense),
                 "model.torch_compile=true compiles peft's LoRA layers: use model.lora_kernel=auto or peft with it")
-        require(not (self.torch_compile and self.norm_kernel == NormKernel.compiled),
-                "model.torch_compile=true compiles whole layers, their norms too: use model.norm_kernel=auto or eager")
+        for option in ("norm_kernel", "mlp_kernel"):
+            require(not (self.torch_compile and getattr(self, option) == ElementwiseKernel.compiled),
+                    f"model.torch_compile=true compiles whole layers, their elementwise work too: use "
+                    f"model.{option}=auto or eager")
 
 
 @dataclass

@@ -8,7 +8,9 @@ attention) in variants built side by side in one process:
   two products become one generated loop forward and one backward (`model.norm_kernel=compiled`, bf16's default);
 - layers: every decoder layer compiled, the dense LoRA function and the attention kept as graph breaks
   (torch.compiler.disable), so that RMSNorm, RoPE, SiLU x up and the residual adds between them are generated code;
-- ungrouped: norms, with each projection computed alone (no ProjectionGroup for q, k, v and for gate, up).
+- ungrouped: norms, with each projection computed alone (no ProjectionGroup for q, k, v and for gate, up);
+- mlps: norms, and every gated MLP's act(gate) * up compiled from the gate|up product whole
+  (`model.mlp_kernel=compiled`, bf16's default: lmsys/modeling/gated_mlp.py).
 
 The variants take turns on the same micro-batches (packed rows of several sequence mixes), so the host's drift
 (this project's virtual machines move 2x within a minute) hits all of them alike; printed per variant: each step's
@@ -16,7 +18,8 @@ ms, the total, and the median of its per-step ratio to the first variant with th
 from the first variant's.
 
     python scripts/elementwise_bench.py [--model models/SmolLM2-135M-Instruct] [--steps 24] [--dtype bfloat16]
-        [--variants eager,norms,layers]     # e.g. --variants ungrouped,norms: the projection groups' gain
+        [--variants eager,norms,layers]     # e.g. --variants ungrouped,norms: the projection groups' gain;
+                                            # --variants norms,mlps: the compiled MLPs' gain
     python scripts/elementwise_bench.py --projection-calls 300
 
 The second form times only one layer's q, k, v, gate and up (forward + backward, LoRA B non-zero) with and without
@@ -42,10 +45,11 @@ from lmsys.config import LoraKernel, Quantization
 from lmsys.modeling import attention
 from lmsys.modeling.backbone import add_lora, load_backbone
 from lmsys.modeling.cpu_allocator import keep_freed_memory
+from lmsys.modeling.gated_mlp import compile_gated_mlps
 from lmsys.modeling.lora_kernel import DenseLoraForward, use_lora_kernel
 from lmsys.modeling.model import PreferenceModel
 
-VARIANTS = ("eager", "norms", "layers", "ungrouped")
+VARIANTS = ("eager", "norms", "layers", "ungrouped", "mlps")
 ROWS = [(128,) * 8, (100, 200, 300, 400), (256,) * 4, (90, 150, 210, 300, 250), (512, 512), (60,) * 16]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -71,10 +75,12 @@ def build(variant: str, model_dir: str, dtype: torch.dtype) -> PreferenceModel:
     for module in model.modules():
         if variant == "ungrouped":
             module.__dict__.pop("projection_group", None)  # each projection alone, as before the groups
-        if variant in ("norms", "ungrouped") and type(module).__name__.endswith("RMSNorm"):
+        if variant in ("norms", "ungrouped", "mlps") and type(module).__name__.endswith("RMSNorm"):
             module.compile(dynamic=True)
         if variant == "layers" and isinstance(module, GradientCheckpointingLayer):
             module.compile(dynamic=True)
+    if variant == "mlps":
+        compile_gated_mlps(model)
     return model
 
 

@@ -148,9 +148,10 @@ def test_the_dense_lora_kernel_is_not_compiled():
     with pytest.raises(ConfigError, match="model.torch_compile=true compiles peft's LoRA layers"):
         validated_config(cfg)
     validated_config(compose_config("conf_r_llama_smol", ("model.torch_compile=true",)))  # auto: peft's, compiled
-    cfg = compose_config("conf_r_llama_smol", ("model.torch_compile=true", "model.norm_kernel=compiled"))
-    with pytest.raises(ConfigError, match="model.torch_compile=true compiles whole layers, their norms too"):
-        validated_config(cfg)
+    for option in ("norm_kernel", "mlp_kernel"):
+        cfg = compose_config("conf_r_llama_smol", ("model.torch_compile=true", f"model.{option}=compiled"))
+        with pytest.raises(ConfigError, match=f"compiles whole layers, their elementwise work too: use model.{option}="):
+            validated_config(cfg)
 
 
 def test_a_typo_in_a_group_file_fails(tmp_path):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from lmsys.config import ConfigError, NormKernel
+from lmsys.config import ConfigError, ElementwiseKernel
 
 
 def compile_layers(model: nn.Module) -> int:
@@ -53,18 +53,19 @@ def compile_norms(model: nn.Module) -> int:
     return len(norms)
 
 
-def resolve_norm_kernel(kernel: NormKernel, device: torch.device, dtype: torch.dtype, sharded: bool,
-                        torch_compile: bool) -> NormKernel:
-    """`auto` made concrete (see the module's docstring); `sharded`: the model will be sharded by FSDP."""
-    if kernel == NormKernel.compiled and device.type == "cpu" and not cpp_compiler_found():
-        raise ConfigError("model.norm_kernel=compiled needs a C++ compiler on CPU (inductor generates C++), and none "
-                          "was found: install g++ or use model.norm_kernel=auto or eager")
-    if kernel != NormKernel.auto:
+def resolve_elementwise_kernel(option: str, kernel: ElementwiseKernel, device: torch.device, dtype: torch.dtype,
+                               sharded: bool, torch_compile: bool) -> ElementwiseKernel:
+    """`auto` made concrete for `option` (norm_kernel, mlp_kernel: see the module's docstring and gated_mlp's);
+    `sharded`: the model will be sharded by FSDP."""
+    if kernel == ElementwiseKernel.compiled and device.type == "cpu" and not cpp_compiler_found():
+        raise ConfigError(f"model.{option}=compiled needs a C++ compiler on CPU (inductor generates C++), and none "
+                          f"was found: install g++ or use model.{option}=auto or eager")
+    if kernel != ElementwiseKernel.auto:
         return kernel
     measured = device.type == "cpu" and dtype == torch.bfloat16
     if measured and not sharded and not torch_compile and cpp_compiler_found():
-        return NormKernel.compiled
-    return NormKernel.eager
+        return ElementwiseKernel.compiled
+    return ElementwiseKernel.eager
 
 
 def cpp_compiler_found() -> bool:

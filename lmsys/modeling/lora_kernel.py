@@ -185,16 +185,29 @@ class ProjectionGroup:
             self._input, self._pending = None, {}  # nothing held beyond its use
         return part
 
+    def whole_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Every member's output from x (..., in) side by side (..., sum of outs), for a caller that takes them
+        whole (gated_mlp.CompiledGatedMLP); None where the members would not compute as one product."""
+        self._input, self._pending = None, {}
+        adapter = self.members[0]._dense_adapter({})
+        if adapter is None or not self._computable(adapter, {}):
+            return None
+        return self._product(x, adapter)
+
     def _computable(self, adapter: str, kwargs: dict) -> bool:
         return all(m._dense_adapter(kwargs) == adapter and not m.uses_dropout(adapter) for m in self.members)
 
     def _forward_all(self, x: torch.Tensor, adapter: str) -> list[torch.Tensor]:
-        """Every member's output from x (..., in): column blocks of one (M, sum of outs) product, as views."""
+        """Every member's output from x (..., in): column blocks of one product, as views."""
+        return list(self._product(x, adapter).split(self.sizes, dim=-1))
+
+    def _product(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """x (..., in) -> (..., sum of outs) in x's dtype: one LoraLinearFunction over the members."""
         weight, bias = self.dense_weight()
         x2 = x.reshape(-1, x.shape[-1]).to(weight.dtype)  # (M, in)
         lora = [p for m in self.members for p in (m.lora_A[adapter].weight, m.lora_B[adapter].weight)]
         y = LoraLinearFunction.apply(x2, x2, weight, bias, tuple(m.scaling[adapter] for m in self.members), *lora)
-        return [part.reshape(*x.shape[:-1], -1).to(x.dtype) for part in y.split(self.sizes, dim=1)]
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     def dense_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The members' dequantized weights stacked (sum of outs, in), and their biases. Each member dequantizes

@@ -1,34 +1,40 @@
-"""model.norm_kernel: which models get their RMSNorm modules compiled, and compile_norms on a tiny model (the
+"""model.norm_kernel and model.mlp_kernel: which models get their elementwise work compiled (the same rule), and compile_norms on a tiny model (the
 compiled norms' numbers are checked by tests/modeling/test_compile.py, in its background job)."""
 
 import pytest
 import tiny
 import torch
 
-from lmsys.config import ConfigError, NormKernel
+from lmsys.config import ConfigError, ElementwiseKernel
 from lmsys.modeling import compile as compile_module
-from lmsys.modeling.compile import compile_norms, is_rms_norm, resolve_norm_kernel
+from lmsys.modeling.compile import compile_norms, is_rms_norm, resolve_elementwise_kernel
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
+def resolve(kernel, device, dtype, sharded, torch_compile, option="norm_kernel"):
+    return resolve_elementwise_kernel(option, kernel, device, dtype, sharded, torch_compile)
+
+
 def test_auto_compiles_the_norms_only_for_bfloat16_on_cpu(monkeypatch):
     monkeypatch.setattr(compile_module, "cpp_compiler_found", lambda: True)
-    assert resolve_norm_kernel(NormKernel.auto, CPU, torch.bfloat16, False, False) == NormKernel.compiled
-    assert resolve_norm_kernel(NormKernel.auto, CPU, torch.float32, False, False) == NormKernel.eager
-    assert resolve_norm_kernel(NormKernel.auto, CUDA, torch.bfloat16, False, False) == NormKernel.eager
-    assert resolve_norm_kernel(NormKernel.auto, CPU, torch.bfloat16, True, False) == NormKernel.eager  # FSDP
-    assert resolve_norm_kernel(NormKernel.auto, CPU, torch.bfloat16, False, True) == NormKernel.eager  # layers
-    assert resolve_norm_kernel(NormKernel.compiled, CPU, torch.float32, False, False) == NormKernel.compiled
-    assert resolve_norm_kernel(NormKernel.eager, CPU, torch.bfloat16, False, False) == NormKernel.eager
+    assert resolve(ElementwiseKernel.auto, CPU, torch.bfloat16, False, False) == ElementwiseKernel.compiled
+    assert resolve(ElementwiseKernel.auto, CPU, torch.float32, False, False) == ElementwiseKernel.eager
+    assert resolve(ElementwiseKernel.auto, CUDA, torch.bfloat16, False, False) == ElementwiseKernel.eager
+    assert resolve(ElementwiseKernel.auto, CPU, torch.bfloat16, True, False) == ElementwiseKernel.eager  # FSDP
+    assert resolve(ElementwiseKernel.auto, CPU, torch.bfloat16, False, True) == ElementwiseKernel.eager  # layers
+    assert resolve(ElementwiseKernel.compiled, CPU, torch.float32, False, False) == ElementwiseKernel.compiled
+    assert resolve(ElementwiseKernel.eager, CPU, torch.bfloat16, False, False) == ElementwiseKernel.eager
 
 
 def test_without_a_cpp_compiler_auto_stays_eager_and_compiled_fails_at_once(monkeypatch):
     monkeypatch.setattr(compile_module, "cpp_compiler_found", lambda: False)
-    assert resolve_norm_kernel(NormKernel.auto, CPU, torch.bfloat16, False, False) == NormKernel.eager
+    assert resolve(ElementwiseKernel.auto, CPU, torch.bfloat16, False, False) == ElementwiseKernel.eager
     with pytest.raises(ConfigError, match="model.norm_kernel=compiled needs a C\\+\\+ compiler on CPU"):
-        resolve_norm_kernel(NormKernel.compiled, CPU, torch.bfloat16, False, False)
-    assert resolve_norm_kernel(NormKernel.compiled, CUDA, torch.bfloat16, False, False) == NormKernel.compiled
+        resolve(ElementwiseKernel.compiled, CPU, torch.bfloat16, False, False)
+    with pytest.raises(ConfigError, match="model.mlp_kernel=compiled needs a C\\+\\+ compiler on CPU"):
+        resolve(ElementwiseKernel.compiled, CPU, torch.bfloat16, False, False, option="mlp_kernel")
+    assert resolve(ElementwiseKernel.compiled, CUDA, torch.bfloat16, False, False) == ElementwiseKernel.compiled
 
 
 def test_this_machine_has_the_compiler_the_suite_compiles_with():
