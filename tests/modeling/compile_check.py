@@ -1,5 +1,6 @@
 """The work of tests/modeling/test_compile.py, as a process of its own: a tiny NF4 Llama trained for 3 AdamW updates
-eager and with model.torch_compile=true (float32), and in bfloat16 with model.norm_kernel=eager and compiled. Most of
+eager and with model.torch_compile=true (float32), and in bfloat16 all eager, with model.norm_kernel=compiled and with
+model.mlp_kernel=compiled. Most of
 it is g++ compiling inductor's kernels on one core, so the suite starts it as a background job (tests/background.py)
 and the test reads its results at the end of the suite.
 
@@ -20,6 +21,7 @@ from lmsys.config import PaddingSide
 from lmsys.data.batching import collate
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import pairs_from_frame
+from lmsys.modeling.gated_mlp import CompiledGatedMLP
 from lmsys.modeling.losses import soft_cross_entropy
 
 CPU = torch.device("cpu")
@@ -46,9 +48,11 @@ def curve(model_dir: Path, **model_kwargs) -> dict:
         losses.append(loss.item())
     layers = model.backbone.base_model.model.layers
     norms = [module for module in model.modules() if type(module).__name__ == "LlamaRMSNorm"]
+    mlps = [module for module in model.modules() if type(module).__name__.endswith("LlamaMLP")]
     return {"logits": logits, "losses": torch.tensor(losses), "names": [n for n, _ in model.named_parameters()],
             "layers": len(layers), "layers_compiled": sum(layer._compiled_call_impl is not None for layer in layers),
             "norms": len(norms), "norms_compiled": sum(norm._compiled_call_impl is not None for norm in norms),
+            "mlps": len(mlps), "mlps_compiled": sum(isinstance(mlp, CompiledGatedMLP) for mlp in mlps),
             "unique_graphs": counters["stats"]["unique_graphs"]}
 
 
@@ -59,8 +63,8 @@ def main(out_dir: Path) -> None:
     results = {"eager": curve(model_dir), "compiled": curve(model_dir, torch_compile=True)}
     torch._dynamo.reset()
     counters.clear()
-    for kernel in ("eager", "compiled"):
-        results[f"bf16 norms {kernel}"] = curve(model_dir, compute_dtype="bfloat16", norm_kernel=kernel)
+    for name, norms, mlps in (("eager", "eager", "eager"), ("norms", "compiled", "eager"), ("mlps", "eager", "compiled")):
+        results[f"bf16 {name}"] = curve(model_dir, compute_dtype="bfloat16", norm_kernel=norms, mlp_kernel=mlps)
     torch.save(results, out_dir / "results.pt")
 
 

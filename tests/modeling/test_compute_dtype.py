@@ -106,14 +106,14 @@ def test_cuda_means_bfloat16_and_the_pin_skips_the_probe(tiny_models, unpinned, 
 
 def loss_curve(model_dir: Path, train: Path, dtype: ComputeDtype) -> np.ndarray:
     """20 updates (5 epochs of 16 pairs, the loop of tests/test_train_run.py) on the NF4 model in `dtype`, its norms
-    eager (bf16's default on CPU compiles them: tests/modeling/test_compile.py shows the same curve, and
+    and MLPs eager (bf16's default on CPU compiles them: tests/modeling/test_compile.py shows the same curve, and
     test_a_run_logs_and_records_the_choice runs that default through the entry point)."""
     config = TrainConfig(
         model=ModelConfig(path=str(model_dir), family=Family.llama, quantization=Quantization.nf4, max_length=128),
         data=DataConfig(train_path=str(train)), lora=LoraConfig(dropout=0.0),
         trainer=TrainerConfig(epochs=5, batch_size=4, max_tokens=160))
     model, spec, tokenizer = tiny.build_preference_model(model_dir, "llama", "nf4", compute_dtype=dtype,
-                                                         norm_kernel="eager")
+                                                         norm_kernel="eager", mlp_kernel="eager")
     assert {p.dtype for n, p in model.backbone.named_parameters() if "norm" in n} == {DTYPES[dtype]}
     assert {p.dtype for p in model.head.parameters()} == {torch.float32}  # the head stays fp32
     split = encode_split(read_pairs(train, require_labels=True), build_encoders(spec, tokenizer))
@@ -138,8 +138,9 @@ def test_a_bfloat16_cpu_run_learns(tiny_models, tmp_path):
 
 def test_a_run_logs_and_records_the_choice(tiny_models, arena_files, tmp_path):
     """The training entry point with compute_dtype=auto and a cached probe that found bf16 faster: the run computes
-    in bf16, says so in train.log and records it in run_info.json; with bf16 on CPU, norm_kernel=auto compiles the
-    norms (two per layer and the final one), through training, evaluation and the checkpoint."""
+    in bf16, says so in train.log and records it in run_info.json; with bf16 on CPU, norm_kernel=auto and
+    mlp_kernel=auto compile the norms (two per layer and the final one) and the MLPs' activations, through training,
+    evaluation and the checkpoint."""
     shapes = ProjectionShapes.from_model_dir(tiny_models["llama"])
     key = compute_dtype.machine_key(shapes)  # the child runs with this process's thread count (OMP_NUM_THREADS)
     cache = tmp_path / "cache" / "lmsys" / "compute_dtype.json"
@@ -161,3 +162,4 @@ def test_a_run_logs_and_records_the_choice(tiny_models, arena_files, tmp_path):
     log = (run_dir / "train.log").read_text()
     assert "compute dtype auto on cpu: bfloat16 (cache;" in log
     assert "model.norm_kernel: 5 RMSNorm modules compiled" in log and (run_dir / "checkpoint").is_dir()
+    assert "model.mlp_kernel: 2 gated MLPs' activations compiled" in log
