@@ -49,10 +49,21 @@ class CompiledGatedMLP:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self._gate_up(x)  # (..., 2F) or None
         if gate_up is None:
-            hidden = self.gated_activation(self.gate_proj(x), self.up_proj(x))
-        else:
-            hidden = self.gated_activation(gate_up)
-        return self.down_proj(hidden)
+            return self.down_proj(self._activate(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self._activate(gate_up))
+
+    def _activate(self, gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+        """act(gate) * up on rows flattened to (M, F) or (M, 2F), so that the compiled graph sees one rank (the last
+        layer's MLP gets the pooled rows alone, 2-D: pooled_tail); a lone row runs the same function eagerly. Each
+        rank and each size 0 or 1 (which dynamo specializes) would be a graph of its own, and past dynamo's
+        recompile limit (8 per function) every later call runs eagerly."""
+        activation = self.gated_activation
+        width = gate.shape[-1]
+        rows = gate.numel() // width
+        if rows <= 1:
+            return GatedActivation.forward(activation, gate, up)
+        hidden = activation(gate.reshape(rows, width), None if up is None else up.reshape(rows, width))
+        return hidden.view(*gate.shape[:-1], hidden.shape[-1])
 
     def _gate_up(self, x: torch.Tensor) -> torch.Tensor | None:
         """gate and up side by side from the dense LoRA kernel's one product, or None where it does not make it."""

@@ -5,6 +5,7 @@ one (tokens, intermediate) tensor fewer kept for the backward, and the module tr
 import pytest
 import tiny
 import torch
+from torch._dynamo.utils import counters
 
 from lmsys.builders import build_encoders
 from lmsys.config import PaddingSide
@@ -15,6 +16,13 @@ from lmsys.modeling.gated_mlp import CompiledGatedMLP, is_gated_mlp
 from lmsys.modeling.lora_kernel import ProjectionGroup
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from a clean slate: graphs another test of this process compiled (other dtypes, ranks,
+    activations) count towards dynamo's limit of recompiles per function."""
+    torch._dynamo.reset()
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +101,19 @@ def test_bfloat16_compiled_mlps_agree_within_a_rounding(tiny_models, arena_pairs
     for name, grad in grads.items():
         scale = eager_grads[name].abs().max()
         assert (grad - eager_grads[name]).abs().max() <= 0.05 * scale, name
+
+
+def test_one_graph_per_grad_mode_whatever_the_rows(tiny_models):
+    """Ranks 2 and 3, one row and many, with and without gradients: one compiled graph for each grad mode (dynamo
+    would otherwise compile one per rank and per lone row, and past its limit of 8 fall back to eager for good)."""
+    model, _, _ = tiny.build_preference_model(tiny_models["llama"], "llama", "nf4", mlp_kernel="compiled")
+    mlp = next(module for module in model.modules() if is_gated_mlp(module))
+    counters.clear()
+    for shape in [(3, 7), (2, 5), (1, 1), (9,), (1,), (4, 1)]:
+        x = torch.randn(*shape, mlp.gate_proj.in_features, requires_grad=True)
+        mlp(x).sum().backward()
+        with torch.no_grad():
+            mlp(x)
+        with torch.inference_mode():
+            mlp(x)
+    assert counters["stats"]["unique_graphs"] <= 3
