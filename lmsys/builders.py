@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from transformers import AutoTokenizer
 
 from lmsys.config import (
+    ELEMENTWISE_OPTIONS,
     Architecture,
     DataConfig,
     ElementwiseKernel,
@@ -35,6 +36,7 @@ from lmsys.data.schema import Pair
 from lmsys.data.split import split_train_valid
 from lmsys.data.templates import chat_markers
 from lmsys.evaluation.validation import ValidationSet
+from lmsys.modeling.attention import compile_attention
 from lmsys.modeling.backbone import add_lora, load_adapter, load_backbone, make_trainable, resolve_dtype
 from lmsys.modeling.checkpoint import ModelSpec, load_head_state, read_spec, with_base_model
 from lmsys.modeling.compile import compile_layers, compile_norms, resolve_elementwise_kernel
@@ -158,7 +160,7 @@ def build_model(
     dtype = resolve_dtype(spec.compute_dtype, device, adapter_dir if spec.merged else spec.base_model_path)
     elementwise = None if model is None else {
         option: resolve_elementwise_kernel(option, getattr(model, option), device, dtype, fsdp_requested(),
-                                           model.torch_compile) for option in ("norm_kernel", "mlp_kernel")}
+                                           model.torch_compile) for option in ELEMENTWISE_OPTIONS}
     backbone = load_backbone(
         adapter_dir if spec.merged else spec.base_model_path, spec.quantization, spec.double_quant, dtype,
         spec.attn_implementation.value, device, spec.trust_remote_code, quant_storage_dtype(dtype), device_map,
@@ -184,8 +186,9 @@ def build_model(
 
 
 def _use_kernels(preference_model: PreferenceModel, torch_compile: bool, lora_kernel: LoraKernel,
-                 norm_kernel: ElementwiseKernel, mlp_kernel: ElementwiseKernel) -> None:
-    """The training model's kernels: whole layers compiled, or the LoRA, norm and MLP kernels."""
+                 norm_kernel: ElementwiseKernel, mlp_kernel: ElementwiseKernel,
+                 attention_kernel: ElementwiseKernel) -> None:
+    """The training model's kernels: whole layers compiled, or the LoRA, norm, MLP and attention kernels."""
     if torch_compile:
         # compiles peft's layers and the masked attention: the dense LoRA kernel and the per-sequence attention's
         # Python loop over sequences would split every layer's graph
@@ -201,6 +204,9 @@ def _use_kernels(preference_model: PreferenceModel, torch_compile: bool, lora_ke
     if mlp_kernel == ElementwiseKernel.compiled:
         log.info("model.mlp_kernel: %d gated MLPs' activations compiled",
                  compile_gated_mlps(preference_model.backbone))
+    if attention_kernel == ElementwiseKernel.compiled:
+        log.info("model.attention_kernel: %d attention modules' bf16 training attention compiled",
+                 compile_attention(preference_model.backbone))
 
 
 def _head_class(spec: ModelSpec) -> type[PreferenceHead | BiEncoderHead]:

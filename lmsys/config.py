@@ -37,10 +37,12 @@ Architecture = choices("Architecture", "cross_encoder bi_encoder")
 # how a LoRA projection computes (lmsys/modeling/lora_kernel.py): peft's layer, or the base dequantized once and one
 # fused autograd function; auto: dense on CPU, peft on GPU
 LoraKernel = choices("LoraKernel", "auto peft dense")
-# how the elementwise work of RMSNorm modules (model.norm_kernel: lmsys/modeling/compile.py) and of gated MLPs'
-# activations (model.mlp_kernel: lmsys/modeling/gated_mlp.py) runs: eager, or compiled into one generated loop
-# forward and one backward; auto: compiled for bf16 on CPU (where it measured faster), eager elsewhere
+# how the elementwise work of RMSNorm modules (model.norm_kernel: lmsys/modeling/compile.py), of gated MLPs'
+# activations (model.mlp_kernel: lmsys/modeling/gated_mlp.py) and bf16 training attention (model.attention_kernel:
+# lmsys/modeling/attention.py) runs: eager, or compiled into generated loops forward and backward; auto: compiled
+# for bf16 on CPU (where it measured faster), eager elsewhere
 ElementwiseKernel = choices("ElementwiseKernel", "auto eager compiled")
+ELEMENTWISE_OPTIONS = ("norm_kernel", "mlp_kernel", "attention_kernel")  # the model options of that choice
 
 
 @dataclass
@@ -63,6 +65,7 @@ class ModelConfig:
     lora_kernel: LoraKernel = LoraKernel.auto  # dense: base dequantized once + fused LoRA (CPU default); peft
     norm_kernel: ElementwiseKernel = ElementwiseKernel.auto  # compiled: RMSNorm by torch.compile (bf16 CPU default)
     mlp_kernel: ElementwiseKernel = ElementwiseKernel.auto  # compiled: act(gate) * up by torch.compile (bf16 CPU default)
+    attention_kernel: ElementwiseKernel = ElementwiseKernel.auto  # compiled: bf16 CPU training attention compiled (default)
     trust_remote_code: bool = False
     num_classes: int = 3  # 3: A, B, tie (LMSYS); 2: A, B (WSDM Cup, no ties; see data.ties)
     init_from: str | None = None  # an earlier run's checkpoint/: start from its adapter and head (a warm start)
@@ -82,7 +85,7 @@ class ModelConfig:
         require(self.head_init_std > 0, "model.head_init_std must be positive")
         require(not (self.torch_compile and self.lora_kernel == LoraKernel.dense),
                 "model.torch_compile=true compiles peft's LoRA layers: use model.lora_kernel=auto or peft with it")
-        for option in ("norm_kernel", "mlp_kernel"):
+        for option in ELEMENTWISE_OPTIONS:
             require(not (self.torch_compile and getattr(self, option) == ElementwiseKernel.compiled),
                     f"model.torch_compile=true compiles whole layers, their elementwise work too: use "
                     f"model.{option}=auto or eager")

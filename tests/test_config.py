@@ -148,7 +148,7 @@ def test_the_dense_lora_kernel_is_not_compiled():
     with pytest.raises(ConfigError, match="model.torch_compile=true compiles peft's LoRA layers"):
         validated_config(cfg)
     validated_config(compose_config("conf_r_llama_smol", ("model.torch_compile=true",)))  # auto: peft's, compiled
-    for option in ("norm_kernel", "mlp_kernel"):
+    for option in ("norm_kernel", "mlp_kernel", "attention_kernel"):
         cfg = compose_config("conf_r_llama_smol", ("model.torch_compile=true", f"model.{option}=compiled"))
         with pytest.raises(ConfigError, match=f"compiles whole layers, their elementwise work too: use model.{option}="):
             validated_config(cfg)

@@ -67,18 +67,26 @@ def cpu_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, va
     length = query.shape[2]
     special = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or length != key.shape[2]
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    float32_backward = (query.dtype == torch.bfloat16 and torch.is_grad_enabled() and length <= FLOAT32_MAX_ROW
-                        and not dropout)
+    kernel = bf16_training_kernel(module, query, dropout)
     lengths = packed_sequences(kwargs.get("cu_seq_lens_q"), kwargs.get("sliding_window"))
-    if special or not causal or (lengths is None and not float32_backward):
+    if special or not causal or (lengths is None and kernel is None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     if lengths is None:
-        output = Float32Backward.apply(query, key, value, additive_mask(attention_mask, query.dtype), scaling,
-                                       attention_mask is None and length > 1).transpose(1, 2)  # (B, T, H, D)
+        output = kernel(query, key, value, additive_mask(attention_mask, query.dtype), scaling,
+                        attention_mask is None and length > 1).transpose(1, 2)  # (B, T, H, D)
     else:
-        output = attend_segments(query, key, value, lengths, dropout, scaling, float32_backward)
+        output = attend_segments(query, key, value, lengths, dropout, scaling, kernel)
     return output.contiguous(), None
+
+
+def bf16_training_kernel(module: torch.nn.Module, query: torch.Tensor, dropout: float):
+    """How a bf16 model trains attention on rows of up to FLOAT32_MAX_ROW tokens without dropout: the module's
+    compiled attention (`model.attention_kernel=compiled`: compile_attention) or Float32Backward; None (torch's
+    sdpa) in float32, without gradients, on longer rows or with dropout."""
+    if query.dtype != torch.bfloat16 or not torch.is_grad_enabled() or query.shape[2] > FLOAT32_MAX_ROW or dropout:
+        return None
+    return getattr(module, "compiled_attention", None) or Float32Backward.apply
 
 
 class Float32Backward(torch.autograd.Function):
@@ -103,6 +111,52 @@ class Float32Backward(torch.autograd.Function):
         return *(grad.to(query.dtype) for grad in grads), None, None, None
 
 
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Causal attention as two batched products around a float32 softmax, the form `model.attention_kernel=compiled`
+    compiles: q (B, H, T, D), k and v (B, H_kv, T, D) -> (B, H, T, D) in q's dtype. GQA without repeating k and v:
+    the g = H / H_kv query heads of a key/value head (consecutive, as the flash kernel pairs them) stack into one
+    (g * T, D) operand."""
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    scores = torch.matmul(query.reshape(batch, kv_heads, groups * length, dim), key.transpose(-1, -2))
+    scores = scores.view(batch, kv_heads, groups, length, length).float() * scaling  # (B, H_kv, g, T, T)
+    future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
+    weights = scores.masked_fill(future, float("-inf")).softmax(-1).to(query.dtype)
+    return torch.matmul(weights.view(batch, kv_heads, groups * length, length), value).view(batch, heads, length, dim)
+
+
+class CompiledCausalAttention:
+    """`model.attention_kernel=compiled` (bf16 training on CPU; see the module's docstring): causal_attention by
+    torch.compile, one shape-generic graph (dynamic=True) shared by every layer and model of the process; a masked
+    or non-causal call, or a row of one token (which dynamo would specialize into a graph of its own), goes to
+    Float32Backward. The same arguments as Float32Backward.apply."""
+
+    def __init__(self) -> None:
+        self.graph = torch.compile(causal_attention, dynamic=True)
+
+    def __call__(self, query, key, value, mask, scaling, causal) -> torch.Tensor:
+        if mask is not None or not causal or query.shape[2] <= 1:
+            return Float32Backward.apply(query, key, value, mask, scaling, causal)
+        return self.graph(query, key, value, query.shape[-1] ** -0.5 if scaling is None else scaling)
+
+
+_COMPILED = None  # the process's CompiledCausalAttention, made by the first compile_attention
+
+
+def compile_attention(model: torch.nn.Module) -> int:
+    """Give every attention module of `model` (a family's *Attention with q_proj) the compiled causal attention, which
+    cpu_sdpa then uses for bf16 training; returns how many. The module tree and parameters are unchanged."""
+    global _COMPILED
+    modules = [module for module in model.modules() if type(module).__name__.endswith("Attention")
+               and isinstance(getattr(module, "q_proj", None), torch.nn.Module)]
+    if modules and _COMPILED is None:
+        _COMPILED = CompiledCausalAttention()
+    for module in modules:
+        module.__dict__["compiled_attention"] = _COMPILED  # not a submodule: names and checkpoints stay the family's
+    return len(modules)
+
+
 def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """A boolean mask (True: attend) as the flash kernel takes it, 0 or -inf in `dtype`, as sdpa converts it."""
     if mask is None or mask.dtype != torch.bool:
@@ -111,9 +165,10 @@ def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
 
 
 def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
-                    dropout: float, scaling: float | None, float32_backward: bool = False) -> torch.Tensor:
+                    dropout: float, scaling: float | None, kernel=None) -> torch.Tensor:
     """Causal attention of each packed segment on its own; `lengths` tile the flattened rows in order.
-    query (R, H, T, D), key/value (R, H_kv, T, D) -> (R, T, H, D).
+    query (R, H, T, D), key/value (R, H_kv, T, D) -> (R, T, H, D). `kernel`: bf16_training_kernel's, or None
+    (torch's sdpa).
 
     Rows of one segment each (most micro-batches, once pad tails join their sequence: see sequence_bounds) attend
     in one batched call on the tensors as they are; otherwise each segment in a call of its own. (Segments of
@@ -126,8 +181,8 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     gqa = heads != key.shape[1]
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # (B, h, L, D) -> (B, L, H, D)
-        if float32_backward:
-            return Float32Backward.apply(q, k, v, None, scaling, q.shape[2] > 1).transpose(1, 2)
+        if kernel is not None:  # bf16 training: bf16_training_kernel
+            return kernel(q, k, v, None, scaling, q.shape[2] > 1).transpose(1, 2)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=q.shape[2] > 1,
                                               enable_gqa=gqa).transpose(1, 2)
 

@@ -55,7 +55,8 @@ def compile_norms(model: nn.Module) -> int:
 
 def resolve_elementwise_kernel(option: str, kernel: ElementwiseKernel, device: torch.device, dtype: torch.dtype,
                                sharded: bool, torch_compile: bool) -> ElementwiseKernel:
-    """`auto` made concrete for `option` (norm_kernel, mlp_kernel: see the module's docstring and gated_mlp's);
+    """`auto` made concrete for `option` (norm_kernel, mlp_kernel, attention_kernel: see the module's docstring,
+    gated_mlp's and attention's);
     `sharded`: the model will be sharded by FSDP."""
     if kernel == ElementwiseKernel.compiled and device.type == "cpu" and not cpp_compiler_found():
         raise ConfigError(f"model.{option}=compiled needs a C++ compiler on CPU (inductor generates C++), and none "

@@ -139,7 +139,8 @@ def test_a_bfloat16_cpu_run_learns(tiny_models, tmp_path):
 def test_a_run_logs_and_records_the_choice(tiny_models, arena_files, tmp_path):
     """The training entry point with compute_dtype=auto and a cached probe that found bf16 faster: the run computes
     in bf16, says so in train.log and records it in run_info.json; with bf16 on CPU, norm_kernel=auto and
-    mlp_kernel=auto compile the norms (two per layer and the final one) and the MLPs' activations, through training,
+    mlp_kernel=auto compile the norms (two per layer and the final one) and the MLPs' activations, and
+    attention_kernel=auto the training attention, through training,
     evaluation and the checkpoint."""
     shapes = ProjectionShapes.from_model_dir(tiny_models["llama"])
     key = compute_dtype.machine_key(shapes)  # the child runs with this process's thread count (OMP_NUM_THREADS)
@@ -163,3 +164,4 @@ def test_a_run_logs_and_records_the_choice(tiny_models, arena_files, tmp_path):
     assert "compute dtype auto on cpu: bfloat16 (cache;" in log
     assert "model.norm_kernel: 5 RMSNorm modules compiled" in log and (run_dir / "checkpoint").is_dir()
     assert "model.mlp_kernel: 2 gated MLPs' activations compiled" in log
+    assert "model.attention_kernel: 2 attention modules' bf16 training attention compiled" in log
