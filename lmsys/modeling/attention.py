@@ -111,34 +111,92 @@ class Float32Backward(torch.autograd.Function):
         return *(grad.to(query.dtype) for grad in grads), None, None, None
 
 
-def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Causal attention as two batched products around a float32 softmax, the form `model.attention_kernel=compiled`
-    compiles: q (B, H, T, D), k and v (B, H_kv, T, D) -> (B, H, T, D) in q's dtype. GQA without repeating k and v:
-    the g = H / H_kv query heads of a key/value head (consecutive, as the flash kernel pairs them) stack into one
-    (g * T, D) operand."""
-    batch, heads, length, dim = query.shape
-    kv_heads = key.shape[1]
-    groups = heads // kv_heads
-    scores = torch.matmul(query.reshape(batch, kv_heads, groups * length, dim), key.transpose(-1, -2))
-    scores = scores.view(batch, kv_heads, groups, length, length).float() * scaling  # (B, H_kv, g, T, T)
-    future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
-    weights = scores.masked_fill(future, float("-inf")).softmax(-1).to(query.dtype)
-    return torch.matmul(weights.view(batch, kv_heads, groups * length, length), value).view(batch, heads, length, dim)
+def causal_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                             groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention as two batched products around a float32 softmax, GQA without repeating k and v: the
+    `groups` query heads of a key/value head (consecutive, as the flash kernel pairs them) stack into one operand.
+    q (N, g * T, D), k and v (N, T, D), N = batch x key/value heads -> the output (N, g * T, D) in q's dtype and the
+    scores' log-sum-exp (N, g * T) in float32, from which the backward recomputes the weights."""
+    weights, logsumexp = _causal_weights(query, key, scaling, groups)
+    return torch.matmul(weights.to(query.dtype), value), logsumexp
+
+
+def causal_attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
+                              logsumexp: torch.Tensor, grad_output: torch.Tensor, scaling: float,
+                              groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k, v (their shapes, q's dtype) from causal_attention_forward's output, its log-sum-exp and the
+    output's gradient (N, g * T, D): the weights recomputed (as flash attention's backward does: nothing (T, T) is
+    kept between the passes), their gradient through the softmax in float32."""
+    weights, _ = _causal_weights(query, key, scaling, groups, logsumexp)  # (N, g * T, T) float32
+    grad_value = torch.matmul(weights.to(query.dtype).transpose(-1, -2), grad_output)  # (N, T, D)
+    grad_weights = torch.matmul(grad_output, value.transpose(-1, -2)).float()  # (N, g * T, T)
+    row_dot = (grad_output.float() * output.float()).sum(-1, keepdim=True)  # (N, g * T, 1)
+    grad_scores = (weights * (grad_weights - row_dot) * scaling).to(query.dtype)
+    return torch.matmul(grad_scores, key), torch.matmul(grad_scores.transpose(-1, -2), query), grad_value
+
+
+def _causal_weights(query: torch.Tensor, key: torch.Tensor, scaling: float, groups: int,
+                    logsumexp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The causal softmax weights (N, g * T, T) in float32 and their log-sum-exp (N, g * T); given the log-sum-exp,
+    the weights are exp(scores - it) (the backward's recomputation)."""
+    stacked, length = query.shape[1], key.shape[1]
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling  # (N, g * T, T)
+    future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)  # (T, T): each group's
+    scores = scores.view(-1, groups, length, length).masked_fill(future, float("-inf")).view(-1, stacked, length)
+    if logsumexp is None:
+        logsumexp = scores.logsumexp(-1)
+    return (scores - logsumexp[..., None]).exp(), logsumexp
 
 
 class CompiledCausalAttention:
-    """`model.attention_kernel=compiled` (bf16 training on CPU; see the module's docstring): causal_attention by
-    torch.compile, one shape-generic graph (dynamic=True) shared by every layer and model of the process; a masked
-    or non-causal call, or a row of one token (which dynamo would specialize into a graph of its own), goes to
-    Float32Backward. The same arguments as Float32Backward.apply."""
+    """`model.attention_kernel=compiled` (bf16 training on CPU; see the module's docstring): the forward and the
+    backward above, each by torch.compile into one shape-generic graph (dynamic=True) shared by every layer and model
+    of the process; a masked or non-causal call, or a row of one token (which dynamo would specialize into a graph of
+    its own), goes to Float32Backward. The same arguments as Float32Backward.apply."""
 
     def __init__(self) -> None:
-        self.graph = torch.compile(causal_attention, dynamic=True)
+        self.forward_graph = torch.compile(causal_attention_forward, dynamic=True)
+        self.backward_graph = torch.compile(causal_attention_backward, dynamic=True)
 
     def __call__(self, query, key, value, mask, scaling, causal) -> torch.Tensor:
         if mask is not None or not causal or query.shape[2] <= 1:
             return Float32Backward.apply(query, key, value, mask, scaling, causal)
-        return self.graph(query, key, value, query.shape[-1] ** -0.5 if scaling is None else scaling)
+        return RecomputedAttention.apply(query, key, value, query.shape[-1] ** -0.5 if scaling is None else scaling,
+                                         self)
+
+
+def _stacked(tensor: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, h, T, D) -> (B * H_kv, h / H_kv * T, D): a new contiguous tensor, not a view, the one kind of input the
+    graphs see (dynamo guards on a view's base, a stride pattern, a storage offset, requires_grad: each would be a
+    graph of its own). A copy of q, k or v (the projections' layout is (B, T, h, D), so reshaping copies anyway)."""
+    batch, heads, length, dim = tensor.shape
+    stacked = tensor.reshape(batch * kv_heads, heads // kv_heads * length, dim)
+    if stacked.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr():  # reshape copied
+        return stacked
+    return stacked.clone(memory_format=torch.contiguous_format)
+
+
+class RecomputedAttention(torch.autograd.Function):
+    """Causal attention of q (B, H, T, D), k and v (B, H_kv, T, D) -> (B, H, T, D) through CompiledCausalAttention's
+    two graphs; keeps q, k, v, the output and the log-sum-exp for the backward, as Float32Backward does."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, scaling, graphs):
+        kv_heads = key.shape[1]
+        groups = query.shape[1] // kv_heads
+        stacked = [_stacked(tensor, kv_heads) for tensor in (query, key, value)]
+        output, logsumexp = graphs.forward_graph(*stacked, scaling, groups)
+        ctx.save_for_backward(*stacked, output, logsumexp)
+        ctx.scaling, ctx.groups, ctx.graphs, ctx.shapes = scaling, groups, graphs, (query.shape, key.shape)
+        return output.view(query.shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query_shape, key_shape = ctx.shapes
+        grad_stacked = _stacked(grad_output, key_shape[1])
+        grad_query, grad_key, grad_value = ctx.graphs.backward_graph(*ctx.saved_tensors, grad_stacked, ctx.scaling,
+                                                                     ctx.groups)
+        return grad_query.view(query_shape), grad_key.view(key_shape), grad_value.view(key_shape), None, None
 
 
 _COMPILED = None  # the process's CompiledCausalAttention, made by the first compile_attention

@@ -27,6 +27,8 @@ from lmsys.modeling.attention import (
     CompiledCausalAttention,
     Float32Backward,
     attention_kernel,
+    causal_attention_backward,
+    causal_attention_forward,
     cpu_sdpa,
     sequence_bounds,
 )
@@ -258,6 +260,46 @@ def test_compiled_attention_equals_the_float32_kernel_within_bf16_rounding(compi
         assert (ours - theirs).abs().max() <= 0.02 * scale
         assert (ours - reference).abs().max() <= 0.02 * scale
         assert (ours - theirs).abs().max() > 0  # a different kernel, not the float32 one again
+
+
+def test_the_hand_written_backward_is_the_gradient_of_the_forward():
+    """causal_attention_forward / _backward (eager, float64 inputs; the softmax runs in float32) against float64
+    sdpa's autograd, GQA included."""
+    query, key, value = (t.double().requires_grad_(True) for t in qkv(seed=4))
+    causal = torch.ones(40, 40, dtype=torch.bool).tril()[None, None].expand(2, 1, 40, 40)
+    expected, _ = sdpa_attention_forward(GQA, query, key, value, causal, scaling=0.25)  # (B, T, H, D)
+    grad_output = torch.randn(expected.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    expected.backward(grad_output)
+    def stacked(tensor):  # (B, h, T, D) -> (B * H_kv, h / H_kv * T, D), H_kv = 2
+        return tensor.reshape(4, -1, tensor.shape[-1])
+
+    with torch.no_grad():
+        inputs = [stacked(t) for t in (query, key, value)]
+        output, logsumexp = causal_attention_forward(*inputs, 0.25, 2)
+        grads = causal_attention_backward(*inputs, output, logsumexp, stacked(grad_output.transpose(1, 2)), 0.25, 2)
+    torch.testing.assert_close(output.view(2, 4, 40, 16).transpose(1, 2), expected.detach(), atol=1e-5, rtol=0)
+    for grad, reference in zip(grads, (query.grad, key.grad, value.grad), strict=True):
+        torch.testing.assert_close(grad.view(reference.shape), reference, atol=1e-5, rtol=0)
+
+
+def test_compiled_attention_keeps_what_the_float32_kernel_keeps(compiled_module):
+    """q, k, v, the output and a log-sum-exp for the backward: nothing of (T, T) (the weights are recomputed)."""
+    def kept_bytes(module):
+        storages = {}
+
+        def keep(tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        query, key, value = (t.requires_grad_(True) for t in qkv(length=120))
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            cpu_sdpa(module, query, key, value, None, scaling=0.25)
+        return sum(storages.values())
+
+    counters.clear()
+    compiled = kept_bytes(compiled_module)
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert compiled <= kept_bytes(GQA) * 1.1 and compiled < 2 * 4 * 120 * 120 * 2  # less than one bf16 (T, T) a head
 
 
 def test_compiled_attention_leaves_masks_to_the_float32_kernel(compiled_module):
