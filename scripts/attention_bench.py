@@ -5,12 +5,14 @@ Prints a markdown table of medians per dtype.
 
     python scripts/attention_bench.py [--repeats 5] [--dtypes float32 bfloat16]
     python scripts/attention_bench.py --micro-batches [--repeats 9]
+    python scripts/attention_bench.py --compiled [--repeats 9]
 
 The second form times float32 attention of whole packed micro-batches (the bench's shapes on
 ../shared/data/hh_rlhf_harmless.csv: rows of one sequence and a pad tail, rows of several sequences) as
 cpu_sdpa computes it (pad tails joined to their sequence, so that rows of one sequence attend in one call) against
 one call per sequence and per tail, the two alternating; prints each micro-batch's medians
-and their ratio.
+and their ratio. The third times bf16 training attention on the bench's micro-batch shapes with
+model.attention_kernel=eager (torch's flash forward, a float32 backward) and compiled, taking turns.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's lmsys, installed or not
-from lmsys.modeling.attention import attend_segments, cpu_sdpa
+from lmsys.modeling.attention import CompiledCausalAttention, attend_segments, cpu_sdpa
 
 ROWS = [(256,) * 4, (170,) * 6, (512, 300, 212), (1024,), (100,) * 10, (180,)]  # sequence lengths of one packed row
 HEADS, KV_HEADS, DIM = 9, 3, 64
@@ -100,12 +102,53 @@ def compare_micro_batches(repeats: int) -> None:
         print(f"| {name} | {alone:.1f} | {joined:.1f} | {joined / alone:.2f} |")
 
 
+# rows x tokens of the bench's packed micro-batches on ../shared/data/hh_rlhf_harmless.csv (rows of one sequence and
+# its pad tail; the lone sequences of a split row attend one by one, as 1 x T)
+TRAINING_SHAPES = [(4, 444), (8, 223), (4, 512), (4, 364), (6, 340), (4, 265), (1, 180), (1, 130)]
+
+
+def training_pass(module: SimpleNamespace, rows: int, length: int) -> float:
+    """Forward + backward of bf16 training attention through cpu_sdpa, q, k, v laid out as the projections make
+    them ((B, T, h, D) seen as (B, h, T, D))."""
+    query = torch.randn(rows, length, HEADS, DIM, dtype=torch.bfloat16).transpose(1, 2).requires_grad_(True)
+    key, value = (torch.randn(rows, length, KV_HEADS, DIM, dtype=torch.bfloat16).transpose(1, 2).requires_grad_(True)
+                  for _ in "kv")
+    grad = torch.randn(rows, length, HEADS, DIM, dtype=torch.bfloat16)
+    start = time.perf_counter()
+    output, _ = cpu_sdpa(module, query, key, value, None, scaling=DIM ** -0.5)
+    output.backward(grad)
+    return time.perf_counter() - start
+
+
+def compare_compiled(repeats: int) -> None:
+    """model.attention_kernel: eager (flash forward in bf16, float32 backward) against compiled, taking turns."""
+    compiled = SimpleNamespace(**vars(MODULE), compiled_attention=CompiledCausalAttention())
+    kernels = {"eager (float32 backward)": MODULE, "compiled": compiled}
+    times: dict[tuple, list[float]] = {}
+    for repeat in range(repeats + 2):  # the first two rounds compile and warm up
+        for shape in TRAINING_SHAPES:
+            for name in list(kernels)[:: 1 if repeat % 2 else -1]:
+                seconds = training_pass(kernels[name], *shape)
+                if repeat > 1:
+                    times.setdefault((shape, name), []).append(seconds)
+    print(f"torch threads {torch.get_num_threads()}; bf16 training attention, forward + backward, median of {repeats}")
+    print("\n| rows x tokens | " + " | ".join(f"{r} x {t}" for r, t in TRAINING_SHAPES) + " | total |")
+    print("|---" * (len(TRAINING_SHAPES) + 2) + "|")
+    for name in kernels:
+        medians = [1e3 * statistics.median(times[(shape, name)]) for shape in TRAINING_SHAPES]
+        print(f"| {name}, ms | " + " | ".join(f"{m:.1f}" for m in medians) + f" | {sum(medians):.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--micro-batches", action="store_true", help="time whole packed micro-batches")
+    parser.add_argument("--compiled", action="store_true", help="time model.attention_kernel=eager vs compiled")
     args = parser.parse_args()
+    if args.compiled:
+        compare_compiled(args.repeats)
+        return
     if args.micro_batches:
         compare_micro_batches(args.repeats)
         return

@@ -46,6 +46,25 @@ of float32's time). So with gradients, on rows up to 512 tokens, `Float32Backwar
 output and its log-sum-exp exactly as evaluation computes them) and the float32 flash backward on q, k, v, the
 output and its gradient cast up, the gradients cast back down: 0.78-0.92 of an all-float32 forward + backward on
 those shapes, gradients within bf16 rounding of it. Evaluation, prediction and longer rows run bf16 sdpa throughout.
+
+**Compiled, in bf16 training** (`model.attention_kernel=compiled`; `auto` where the norms and MLPs compile: bf16 on
+CPU with a C++ compiler). The same causal attention of those rows as two batched bf16 products around a float32
+softmax (CompiledCausalAttention): GQA by stacking a key/value head's query heads into one operand (k and v are not
+repeated), the causal mask generated inside the loop, forward and a hand-written backward each compiled into one
+graph; the backward recomputes the weights from the saved log-sum-exp, as flash attention's does, so it keeps what
+Float32Backward keeps (differentiating the compiled forward by autograd kept each layer's (T, T) weights: +1.2 GB
+peak RSS in the bench). Masked calls (a sliding window shorter than a row) and one-token rows stay on
+Float32Backward. `python scripts/attention_bench.py --compiled` on an AMD EPYC with AVX-512 BF16 (2 threads, the
+bench's micro-batch shapes, forward + backward, median of 9, the kernels taking turns):
+
+| rows x tokens | 4 x 444 | 8 x 223 | 4 x 512 | 4 x 364 | 6 x 340 | 4 x 265 | 1 x 180 | 1 x 130 | total |
+|---|---|---|---|---|---|---|---|---|---|
+| eager (float32 backward), ms | 59.9 | 31.4 | 69.0 | 39.3 | 50.4 | 19.9 | 3.5 | 2.1 | 275.5 |
+| compiled, ms | 58.8 | 25.2 | 65.0 | 25.6 | 40.7 | 17.4 | 3.0 | 2.1 | 237.8 |
+
+In the bench (packed only, one round each, alternating): 428.0 and 427.9 real tokens/s eager, 455.6 and 457.0
+compiled; peak RSS 3,103-3,115 against 3,254-3,363 MB (the compiler's own). Gradients: as near a float32 model's
+as Float32Backward's (tests/modeling/test_attention.py).
 """
 
 from __future__ import annotations
