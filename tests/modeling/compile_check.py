@@ -1,7 +1,6 @@
 """The work of tests/modeling/test_compile.py, as a process of its own: a tiny NF4 Llama trained for 3 AdamW updates
-eager and with model.torch_compile=true (float32), and in bfloat16 all eager, with model.norm_kernel=compiled and with
-model.mlp_kernel=compiled. Most of
-it is g++ compiling inductor's kernels on one core, so the suite starts it as a background job (tests/background.py)
+eager and with model.torch_compile=true (float32), and in bfloat16 all eager, with model.norm_kernel=compiled, with
+model.mlp_kernel=compiled and with model.attention_kernel=compiled (each alone). Most of it is g++ compiling inductor's kernels on one core, so the suite starts it as a background job (tests/background.py)
 and the test reads its results at the end of the suite.
 
     PYTHONPATH=.:tests python tests/modeling/compile_check.py OUT_DIR      (writes OUT_DIR/results.pt)
@@ -53,6 +52,7 @@ def curve(model_dir: Path, **model_kwargs) -> dict:
             "layers": len(layers), "layers_compiled": sum(layer._compiled_call_impl is not None for layer in layers),
             "norms": len(norms), "norms_compiled": sum(norm._compiled_call_impl is not None for norm in norms),
             "mlps": len(mlps), "mlps_compiled": sum(isinstance(mlp, CompiledGatedMLP) for mlp in mlps),
+            "attention_compiled": sum("compiled_attention" in module.__dict__ for module in model.modules()),
             "unique_graphs": counters["stats"]["unique_graphs"]}
 
 
@@ -63,8 +63,11 @@ def main(out_dir: Path) -> None:
     results = {"eager": curve(model_dir), "compiled": curve(model_dir, torch_compile=True)}
     torch._dynamo.reset()
     counters.clear()
-    for name, norms, mlps in (("eager", "eager", "eager"), ("norms", "compiled", "eager"), ("mlps", "eager", "compiled")):
-        results[f"bf16 {name}"] = curve(model_dir, compute_dtype="bfloat16", norm_kernel=norms, mlp_kernel=mlps)
+    for name, norms, mlps, attention in (("eager", "eager", "eager", "eager"), ("norms", "compiled", "eager", "eager"),
+                                         ("mlps", "eager", "compiled", "eager"),
+                                         ("attention", "eager", "eager", "compiled")):
+        results[f"bf16 {name}"] = curve(model_dir, compute_dtype="bfloat16", norm_kernel=norms, mlp_kernel=mlps,
+                                        attention_kernel=attention)
     torch.save(results, out_dir / "results.pt")
 
 

@@ -1,7 +1,8 @@
 """model.torch_compile=true on CPU: every decoder layer compiled in place (inductor's generated C++), the same logits
 and the same loss curve as eager on the tiny NF4 model, the parameter names (and so checkpoints) unchanged; and
-model.norm_kernel=compiled and model.mlp_kernel=compiled in bfloat16: every RMSNorm, every MLP's activation compiled,
-the same logits and loss curve within bf16 rounding.
+model.norm_kernel=compiled, model.mlp_kernel=compiled and model.attention_kernel=compiled in bfloat16: every RMSNorm,
+every MLP's activation, every layer's training attention compiled, the same logits and loss curve within bf16
+rounding.
 The training runs in tests/modeling/compile_check.py, a background job of the suite (tests/background.py: its ~80 s
 of g++ run beside the other tests), whose results this test, moved to the end of the suite, reads."""
 
@@ -50,3 +51,17 @@ def test_compiled_mlps_give_the_eager_logits_and_loss_curve_in_bfloat16():
     float32 = results["eager"]["losses"]
     torch.testing.assert_close(eager["losses"], float32, atol=1e-2, rtol=0)
     torch.testing.assert_close(compiled["losses"], float32, atol=1e-2, rtol=0)
+
+
+def test_compiled_attention_gives_the_eager_logits_and_loss_curve_in_bfloat16():
+    results = torch.load(background.finished("test_compile.py") / "results.pt")
+    eager, compiled = results["bf16 eager"], results["bf16 attention"]
+    assert compiled["attention_compiled"] == compiled["layers"] and eager["attention_compiled"] == 0
+    assert compiled["norms_compiled"] == compiled["mlps_compiled"] == compiled["layers_compiled"] == 0
+    # counters are cumulative (the MLPs' run came before): one forward and one backward graph, not one per layer,
+    # shape or update
+    assert 1 <= compiled["unique_graphs"] - results["bf16 mlps"]["unique_graphs"] <= 2
+    assert compiled["names"] == eager["names"]
+    torch.testing.assert_close(compiled["logits"], eager["logits"], atol=5e-3, rtol=0)
+    # as for the MLPs: the loss curves held to float32's
+    torch.testing.assert_close(compiled["losses"], results["eager"]["losses"], atol=1e-2, rtol=0)
