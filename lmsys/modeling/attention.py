@@ -64,7 +64,8 @@ bench's micro-batch shapes, forward + backward, median of 9, the kernels taking 
 
 In the bench (packed only, one round each, alternating): 428.0 and 427.9 real tokens/s eager, 455.6 and 457.0
 compiled; peak RSS 3,103-3,115 against 3,254-3,363 MB (the compiler's own). Gradients: as near a float32 model's
-as Float32Backward's (tests/modeling/test_attention.py).
+as Float32Backward's (tests/modeling/test_attention.py). Compiling the two graphs costs ~5 s at start-up (17 s the
+first time on a machine, before inductor's on-disk cache holds them).
 """
 
 from __future__ import annotations
