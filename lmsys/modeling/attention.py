@@ -70,6 +70,8 @@ first time on a machine, before inductor's on-disk cache holds them).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -219,19 +221,19 @@ class RecomputedAttention(torch.autograd.Function):
         return grad_query.view(query_shape), grad_key.view(key_shape), grad_value.view(key_shape), None, None
 
 
-_COMPILED = None  # the process's CompiledCausalAttention, made by the first compile_attention
+@functools.cache
+def process_compiled_attention() -> CompiledCausalAttention:
+    """The process's one CompiledCausalAttention: its graphs serve every model built in the process."""
+    return CompiledCausalAttention()
 
 
 def compile_attention(model: torch.nn.Module) -> int:
     """Give every attention module of `model` (a family's *Attention with q_proj) the compiled causal attention, which
     cpu_sdpa then uses for bf16 training; returns how many. The module tree and parameters are unchanged."""
-    global _COMPILED
     modules = [module for module in model.modules() if type(module).__name__.endswith("Attention")
                and isinstance(getattr(module, "q_proj", None), torch.nn.Module)]
-    if modules and _COMPILED is None:
-        _COMPILED = CompiledCausalAttention()
-    for module in modules:
-        module.__dict__["compiled_attention"] = _COMPILED  # not a submodule: names and checkpoints stay the family's
+    for module in modules:  # not a submodule: names and checkpoints stay the family's
+        module.__dict__["compiled_attention"] = process_compiled_attention()
     return len(modules)
 
 
