@@ -48,24 +48,32 @@ output and its gradient cast up, the gradients cast back down: 0.78-0.92 of an a
 those shapes, gradients within bf16 rounding of it. Evaluation, prediction and longer rows run bf16 sdpa throughout.
 
 **Compiled, in bf16 training** (`model.attention_kernel=compiled`; `auto` where the norms and MLPs compile: bf16 on
-CPU with a C++ compiler). The same causal attention of those rows as two batched bf16 products around a float32
-softmax (CompiledCausalAttention): GQA by stacking a key/value head's query heads into one operand (k and v are not
-repeated), the causal mask generated inside the loop, forward and a hand-written backward each compiled into one
-graph; the backward recomputes the weights from the saved log-sum-exp, as flash attention's does, so it keeps what
-Float32Backward keeps (differentiating the compiled forward by autograd kept each layer's (T, T) weights: +1.2 GB
-peak RSS in the bench). Masked calls (a sliding window shorter than a row) and one-token rows stay on
-Float32Backward. `python scripts/attention_bench.py --compiled` on an AMD EPYC with AVX-512 BF16 (2 threads, the
-bench's micro-batch shapes, forward + backward, median of 9, the kernels taking turns):
+CPU with a C++ compiler). The same causal attention of those rows as batched bf16 products around a float32 softmax
+(CompiledCausalAttention): GQA by stacking a key/value head's query heads into one operand, token by token (k and v
+are not repeated); on long rows the query tokens go in QUERY_CHUNKS blocks, each against the keys up to its last
+token only (5/8 of the square's products and softmax, and a block's float32 scores stay in cache), short or few rows
+in one block (query_blocks); the causal mask is generated inside the loop. The forward and a hand-written backward
+are compiled, one graph each per block count. The backward recomputes the weights from the saved log-sum-exp, as
+flash attention's does, so it keeps what Float32Backward keeps (differentiating the compiled forward by autograd
+kept each layer's (T, T) weights: +1.2 GB peak RSS in the bench). Masked calls (a sliding window shorter than a
+row) and one-token rows stay on Float32Backward. `python scripts/attention_bench.py --compiled` on an AMD EPYC
+with AVX-512 BF16 (2 threads, the bench's micro-batch shapes, forward + backward, median of 9, the kernels taking
+turns; the first compiled kernel, the whole square in one block always, in the last row, from an earlier session
+when the machine ran ~15% slower: eager 275.5 ms in total then):
 
 | rows x tokens | 4 x 444 | 8 x 223 | 4 x 512 | 4 x 364 | 6 x 340 | 4 x 265 | 1 x 180 | 1 x 130 | total |
 |---|---|---|---|---|---|---|---|---|---|
-| eager (float32 backward), ms | 59.9 | 31.4 | 69.0 | 39.3 | 50.4 | 19.9 | 3.5 | 2.1 | 275.5 |
-| compiled, ms | 58.8 | 25.2 | 65.0 | 25.6 | 40.7 | 17.4 | 3.0 | 2.1 | 237.8 |
+| eager (float32 backward), ms | 46.5 | 26.6 | 60.1 | 31.6 | 41.4 | 17.5 | 2.9 | 1.7 | 228.2 |
+| compiled, ms | 25.0 | 14.3 | 30.2 | 18.0 | 23.8 | 10.8 | 2.5 | 1.6 | 126.1 |
+| compiled, always one block (earlier), ms | 58.8 | 25.2 | 65.0 | 25.6 | 40.7 | 17.4 | 3.0 | 2.1 | 237.8 |
 
-In the bench (packed only, one round each, alternating): 428.0 and 427.9 real tokens/s eager, 455.6 and 457.0
-compiled; peak RSS 3,103-3,115 against 3,254-3,363 MB (the compiler's own). Gradients: as near a float32 model's
-as Float32Backward's (tests/modeling/test_attention.py). Compiling the two graphs costs ~5 s at start-up (17 s the
-first time on a machine, before inductor's on-disk cache holds them).
+Four blocks on every row of 16 tokens or more measured slower than one on short or few rows (1 x 130: 3.8 against
+2.1 ms; 25 x 80: 11.9 against 10.0), hence query_blocks. In training, the bench's packed updates in one process, the
+blocked and the one-block kernels taking turns update by update (12 updates each, after a warm-up pass that
+compiles every graph): 463.4 against 427.6 real tokens/s (1.084x). Gradients: as near a float32 model's as
+Float32Backward's (tests/modeling/test_attention.py). Compiling costs ~5 s at start-up for the one-block graphs and
+~10 s with the blocked ones as well (~50 s the first time on a machine, before inductor's on-disk cache holds
+them; the one-block pair alone ~15 s).
 """
 
 from __future__ import annotations
@@ -133,38 +141,76 @@ class Float32Backward(torch.autograd.Function):
         return *(grad.to(query.dtype) for grad in grads), None, None, None
 
 
+QUERY_CHUNKS = 4  # query blocks of a long row: causal attention skips the blocks above the diagonal
+
+
+def query_blocks(rows: int, length: int) -> int:
+    """How many query blocks causal_attention_forward takes `rows` rows of `length` tokens in: QUERY_CHUNKS from 128
+    tokens and ~90k rows x tokens^2, else 1 (the whole square): on shorter or fewer rows the blocks' smaller products
+    and extra kernels cost more than the skipped triangle saves (measured on an AMD EPYC with AVX-512 BF16, 2
+    threads, SmolLM2-135M's heads: 4 blocks 0.53x the time at 8 x 250 tokens, 0.77x at 1 x 400, 0.92x at 6 x 128;
+    1.16-1.42x at 4 x 128, 3 x 150, 1 x 246 and 25 x 80)."""
+    return QUERY_CHUNKS if length >= 128 and rows * length * length >= 90_000 else 1
+
+
 def causal_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
-                             groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention as two batched products around a float32 softmax, GQA without repeating k and v: the
-    `groups` query heads of a key/value head (consecutive, as the flash kernel pairs them) stack into one operand.
-    q (N, g * T, D), k and v (N, T, D), N = batch x key/value heads -> the output (N, g * T, D) in q's dtype and the
-    scores' log-sum-exp (N, g * T) in float32, from which the backward recomputes the weights."""
-    weights, logsumexp = _causal_weights(query, key, scaling, groups)
-    return torch.matmul(weights.to(query.dtype), value), logsumexp
+                             groups: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention as batched products around a float32 softmax, GQA without repeating k and v: the `groups`
+    query heads of a key/value head stack into one operand, token by token (row t * g + j: token t, head j of the
+    group), so that a block of tokens is a block of rows. The rows go in `blocks` blocks (query_blocks), each against
+    the keys up to its last token only: with 4, 5/8 of the square's products and softmax, and a block's float32
+    scores stay in cache.
+    q (N, T * g, D), k and v (N, T, D), N = batch x key/value heads -> the output (N, T * g, D) in q's dtype and the
+    scores' log-sum-exp (N, T * g) in float32, from which the backward recomputes the weights."""
+    outputs, logsumexps = [], []
+    for start, end in _query_chunks(key.shape[1], blocks):
+        rows = slice(start * groups, end * groups)
+        weights, logsumexp = _causal_weights(query[:, rows], key[:, :end], scaling, groups, start)
+        outputs.append(torch.matmul(weights.to(query.dtype), value[:, :end]))  # (N, C * g, D)
+        logsumexps.append(logsumexp)
+    return torch.cat(outputs, 1), torch.cat(logsumexps, 1)
 
 
 def causal_attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
-                              logsumexp: torch.Tensor, grad_output: torch.Tensor, scaling: float,
-                              groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              logsumexp: torch.Tensor, grad_output: torch.Tensor, scaling: float, groups: int,
+                              blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of q, k, v (their shapes, q's dtype) from causal_attention_forward's output, its log-sum-exp and the
-    output's gradient (N, g * T, D): the weights recomputed (as flash attention's backward does: nothing (T, T) is
-    kept between the passes), their gradient through the softmax in float32."""
-    weights, _ = _causal_weights(query, key, scaling, groups, logsumexp)  # (N, g * T, T) float32
-    grad_value = torch.matmul(weights.to(query.dtype).transpose(-1, -2), grad_output)  # (N, T, D)
-    grad_weights = torch.matmul(grad_output, value.transpose(-1, -2)).float()  # (N, g * T, T)
-    row_dot = (grad_output.float() * output.float()).sum(-1, keepdim=True)  # (N, g * T, 1)
-    grad_scores = (weights * (grad_weights - row_dot) * scaling).to(query.dtype)
-    return torch.matmul(grad_scores, key), torch.matmul(grad_scores.transpose(-1, -2), query), grad_value
+    output's gradient (N, T * g, D), block by block as the forward: the weights recomputed (as flash attention's
+    backward does: nothing (T, T) is kept between the passes), their gradient through the softmax in float32, the
+    blocks' k and v gradients summed in float32."""
+    grad_queries = []
+    grad_key = torch.zeros(key.shape, dtype=torch.float32, device=key.device)  # (N, T, D)
+    grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
+    for start, end in _query_chunks(key.shape[1], blocks):
+        rows = slice(start * groups, end * groups)
+        query_rows, grad_rows = query[:, rows], grad_output[:, rows]  # (N, C * g, D)
+        weights, _ = _causal_weights(query_rows, key[:, :end], scaling, groups, start, logsumexp[:, rows])
+        grad_value[:, :end] += torch.matmul(weights.to(query.dtype).transpose(-1, -2), grad_rows)  # (N, end, D)
+        grad_weights = torch.matmul(grad_rows, value[:, :end].transpose(-1, -2)).float()  # (N, C * g, end)
+        row_dot = (grad_rows.float() * output[:, rows].float()).sum(-1, keepdim=True)  # (N, C * g, 1)
+        grad_scores = (weights * (grad_weights - row_dot) * scaling).to(query.dtype)
+        grad_queries.append(torch.matmul(grad_scores, key[:, :end]))
+        grad_key[:, :end] += torch.matmul(grad_scores.transpose(-1, -2), query_rows)
+    return torch.cat(grad_queries, 1), grad_key.to(query.dtype), grad_value.to(query.dtype)
 
 
-def _causal_weights(query: torch.Tensor, key: torch.Tensor, scaling: float, groups: int,
+def _query_chunks(length: int, blocks: int) -> list[tuple[int, int]]:
+    """`blocks` (start, end) token blocks of a row of `length` tokens, in order (query_blocks: length >= 128 for
+    more than one, so none is empty)."""
+    size = (length + blocks - 1) // blocks
+    ends = [size * (k + 1) for k in range(blocks - 1)] + [length]
+    return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+def _causal_weights(query: torch.Tensor, key: torch.Tensor, scaling: float, groups: int, start: int,
                     logsumexp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The causal softmax weights (N, g * T, T) in float32 and their log-sum-exp (N, g * T); given the log-sum-exp,
-    the weights are exp(scores - it) (the backward's recomputation)."""
-    stacked, length = query.shape[1], key.shape[1]
-    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling  # (N, g * T, T)
-    future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)  # (T, T): each group's
-    scores = scores.view(-1, groups, length, length).masked_fill(future, float("-inf")).view(-1, stacked, length)
+    """The causal softmax weights (N, C * g, L) in float32 of the query rows of tokens start.. (token-major, C
+    tokens) over the first L keys, and their log-sum-exp (N, C * g); given the log-sum-exp, the weights are
+    exp(scores - it) (the backward's recomputation)."""
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling  # (N, C * g, L)
+    token = start + torch.arange(query.shape[1], device=query.device) // groups  # (C * g,) each row's token
+    future = torch.arange(key.shape[1], device=query.device) > token[:, None]  # (C * g, L)
+    scores = scores.masked_fill(future, float("-inf"))
     if logsumexp is None:
         logsumexp = scores.logsumexp(-1)
     return (scores - logsumexp[..., None]).exp(), logsumexp
@@ -173,8 +219,8 @@ def _causal_weights(query: torch.Tensor, key: torch.Tensor, scaling: float, grou
 class CompiledCausalAttention:
     """`model.attention_kernel=compiled` (bf16 training on CPU; see the module's docstring): the forward and the
     backward above, each by torch.compile into one shape-generic graph (dynamic=True) shared by every layer and model
-    of the process; a masked or non-causal call, or a row of one token (which dynamo would specialize into a graph of
-    its own), goes to Float32Backward. The same arguments as Float32Backward.apply."""
+    of the process (two of each: one block or QUERY_CHUNKS); a masked or non-causal call, or a row of one token
+    (which dynamo would specialize into a graph of its own), goes to Float32Backward. The same arguments as Float32Backward.apply."""
 
     def __init__(self) -> None:
         self.forward_graph = torch.compile(causal_attention_forward, dynamic=True)
@@ -188,14 +234,25 @@ class CompiledCausalAttention:
 
 
 def _stacked(tensor: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """(B, h, T, D) -> (B * H_kv, h / H_kv * T, D): a new contiguous tensor, not a view, the one kind of input the
-    graphs see (dynamo guards on a view's base, a stride pattern, a storage offset, requires_grad: each would be a
-    graph of its own). A copy of q, k or v (the projections' layout is (B, T, h, D), so reshaping copies anyway)."""
+    """(B, h, T, D) -> (B * H_kv, T * h / H_kv, D), token by token (causal_attention_forward's layout): always a new
+    contiguous tensor, never a view, the one kind of input the graphs see (dynamo guards on a view's base, a stride
+    pattern, a storage offset, requires_grad: each would be a graph of its own). One copy of q, k or v (the
+    projections lay them out as (B, T, h, D), so regrouping copies anyway)."""
     batch, heads, length, dim = tensor.shape
-    stacked = tensor.reshape(batch * kv_heads, heads // kv_heads * length, dim)
-    if stacked.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr():  # reshape copied
-        return stacked
-    return stacked.clone(memory_format=torch.contiguous_format)
+    groups = heads // kv_heads
+    stacked = torch.empty(batch * kv_heads, length * groups, dim, dtype=tensor.dtype, device=tensor.device)
+    by_token = tensor.transpose(1, 2).reshape(batch, length, kv_heads, groups, dim)
+    stacked.view(batch, kv_heads, length, groups, dim).copy_(by_token.transpose(1, 2))
+    return stacked
+
+
+def _unstacked(stacked: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """_stacked's inverse: (B * H_kv, T * h / H_kv, D) -> (B, h, T, D), a view of a (B, T, h, D) tensor (the layout
+    the caller's transpose makes contiguous). One copy for a query's h > H_kv; a view for k and v."""
+    batch, heads, length, dim = shape
+    kv_heads = stacked.shape[0] // batch
+    by_token = stacked.view(batch, kv_heads, length, heads // kv_heads, dim).transpose(1, 2)  # (B, T, H_kv, g, D)
+    return by_token.reshape(batch, length, heads, dim).transpose(1, 2)
 
 
 class RecomputedAttention(torch.autograd.Function):
@@ -207,18 +264,21 @@ class RecomputedAttention(torch.autograd.Function):
         kv_heads = key.shape[1]
         groups = query.shape[1] // kv_heads
         stacked = [_stacked(tensor, kv_heads) for tensor in (query, key, value)]
-        output, logsumexp = graphs.forward_graph(*stacked, scaling, groups)
+        blocks = query_blocks(query.shape[0], query.shape[2])
+        output, logsumexp = graphs.forward_graph(*stacked, scaling, groups, blocks)
         ctx.save_for_backward(*stacked, output, logsumexp)
-        ctx.scaling, ctx.groups, ctx.graphs, ctx.shapes = scaling, groups, graphs, (query.shape, key.shape)
-        return output.view(query.shape)
+        ctx.scaling, ctx.groups, ctx.blocks = scaling, groups, blocks
+        ctx.graphs, ctx.shapes = graphs, (query.shape, key.shape)
+        return _unstacked(output, query.shape)
 
     @staticmethod
     def backward(ctx, grad_output):
         query_shape, key_shape = ctx.shapes
         grad_stacked = _stacked(grad_output, key_shape[1])
         grad_query, grad_key, grad_value = ctx.graphs.backward_graph(*ctx.saved_tensors, grad_stacked, ctx.scaling,
-                                                                     ctx.groups)
-        return grad_query.view(query_shape), grad_key.view(key_shape), grad_value.view(key_shape), None, None
+                                                                     ctx.groups, ctx.blocks)
+        return (_unstacked(grad_query, query_shape), _unstacked(grad_key, key_shape),
+                _unstacked(grad_value, key_shape), None, None)
 
 
 @functools.cache

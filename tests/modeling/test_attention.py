@@ -24,12 +24,14 @@ from lmsys.data.io import pairs_from_frame
 from lmsys.modeling.attention import (
     CPU_SDPA,
     FLOAT32_MAX_ROW,
+    QUERY_CHUNKS,
     CompiledCausalAttention,
     Float32Backward,
     attention_kernel,
     causal_attention_backward,
     causal_attention_forward,
     cpu_sdpa,
+    query_blocks,
     sequence_bounds,
 )
 
@@ -262,24 +264,54 @@ def test_compiled_attention_equals_the_float32_kernel_within_bf16_rounding(compi
         assert (ours - theirs).abs().max() > 0  # a different kernel, not the float32 one again
 
 
-def test_the_hand_written_backward_is_the_gradient_of_the_forward():
+def test_long_rows_attend_in_blocks_within_bf16_rounding(compiled_module):
+    """Rows long enough for QUERY_CHUNKS blocks (query_blocks): the compiled kernel's output and q, k, v gradients as
+    near float64 sdpa's as the float32-backward kernel's, in its blocked graph."""
+    assert query_blocks(2, 224) == QUERY_CHUNKS > query_blocks(2, 100) == 1
+    query, key, value = qkv(seed=6, length=224)
+    causal = torch.ones(224, 224, dtype=torch.bool).tril()[None, None].expand(2, 1, 224, 224)
+    results = []
+    for module, dtype in ((compiled_module, torch.bfloat16), (GQA, torch.bfloat16), (GQA, torch.float64)):
+        inputs = [t.detach().to(dtype).requires_grad_(True) for t in (query, key, value)]
+        if dtype == torch.float64:
+            output, _ = sdpa_attention_forward(module, *inputs, causal, scaling=0.25)
+        else:
+            output, _ = cpu_sdpa(module, *inputs, None, scaling=0.25)
+        (output.double() * torch.linspace(-1.0, 1.0, output.numel()).view_as(output).double()).sum().backward()
+        results.append([output.detach().double()] + [t.grad.double() for t in inputs])
+    for ours, theirs, reference in zip(*results, strict=True):
+        scale = reference.abs().max()
+        assert (ours - reference).abs().max() <= 0.02 * scale
+        assert (ours - reference).abs().max() <= 2 * (theirs - reference).abs().max() + 1e-3 * scale
+        assert (ours - theirs).abs().max() > 0  # a different kernel, not the float32 one again
+
+
+@pytest.mark.parametrize(("length", "blocks"), [(40, 1), (40, 4), (17, 4)])  # 4 blocks of 10; of 5, 5, 5 and 2
+def test_the_hand_written_backward_is_the_gradient_of_the_forward(length, blocks):
     """causal_attention_forward / _backward (eager, float64 inputs; the softmax runs in float32) against float64
-    sdpa's autograd, GQA included."""
-    query, key, value = (t.double().requires_grad_(True) for t in qkv(seed=4))
-    causal = torch.ones(40, 40, dtype=torch.bool).tril()[None, None].expand(2, 1, 40, 40)
+    sdpa's autograd, GQA included, on the documented layout: row t * g + j is token t of query head j of the group."""
+    query, key, value = (t.double().requires_grad_(True) for t in qkv(seed=4, length=length))
+    causal = torch.ones(length, length, dtype=torch.bool).tril()[None, None].expand(2, 1, length, length)
     expected, _ = sdpa_attention_forward(GQA, query, key, value, causal, scaling=0.25)  # (B, T, H, D)
     grad_output = torch.randn(expected.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     expected.backward(grad_output)
-    def stacked(tensor):  # (B, h, T, D) -> (B * H_kv, h / H_kv * T, D), H_kv = 2
-        return tensor.reshape(4, -1, tensor.shape[-1])
+
+    def stacked(tensor):  # (B, h, T, D) -> (B * H_kv, T * h / H_kv, D), H_kv = 2
+        batch, heads, _, dim = tensor.shape
+        return tensor.transpose(1, 2).reshape(batch, length, 2, heads // 2, dim).transpose(1, 2).reshape(
+            batch * 2, -1, dim)
+
+    def unstacked(tensor, heads):  # the inverse, as (B, T, h, D)
+        return tensor.view(2, 2, length, heads // 2, 16).transpose(1, 2).reshape(2, length, heads, 16)
 
     with torch.no_grad():
         inputs = [stacked(t) for t in (query, key, value)]
-        output, logsumexp = causal_attention_forward(*inputs, 0.25, 2)
-        grads = causal_attention_backward(*inputs, output, logsumexp, stacked(grad_output.transpose(1, 2)), 0.25, 2)
-    torch.testing.assert_close(output.view(2, 4, 40, 16).transpose(1, 2), expected.detach(), atol=1e-5, rtol=0)
+        output, logsumexp = causal_attention_forward(*inputs, 0.25, 2, blocks)
+        grads = causal_attention_backward(*inputs, output, logsumexp, stacked(grad_output.transpose(1, 2)), 0.25, 2,
+                                          blocks)
+    torch.testing.assert_close(unstacked(output, 4), expected.detach(), atol=1e-5, rtol=0)
     for grad, reference in zip(grads, (query.grad, key.grad, value.grad), strict=True):
-        torch.testing.assert_close(grad.view(reference.shape), reference, atol=1e-5, rtol=0)
+        torch.testing.assert_close(unstacked(grad, reference.shape[1]), reference.transpose(1, 2), atol=1e-5, rtol=0)
 
 
 def test_compiled_attention_keeps_what_the_float32_kernel_keeps(compiled_module):
