@@ -50,7 +50,7 @@ those shapes, gradients within bf16 rounding of it. Evaluation, prediction and l
 **Compiled, in bf16 training** (`model.attention_kernel=compiled`; `auto` where the norms and MLPs compile: bf16 on
 CPU with a C++ compiler). The same causal attention of those rows as batched bf16 products around a float32 softmax
 (CompiledCausalAttention): GQA by stacking a key/value head's query heads into one operand, token by token (k and v
-are not repeated); on long rows the query tokens go in QUERY_CHUNKS blocks, each against the keys up to its last
+are not repeated); on long rows the query tokens go in QUERY_BLOCKS blocks, each against the keys up to its last
 token only (5/8 of the square's products and softmax, and a block's float32 scores stay in cache), short or few rows
 in one block (query_blocks); the causal mask is generated inside the loop. The forward and a hand-written backward
 are compiled, one graph each per block count. The backward recomputes the weights from the saved log-sum-exp, as
@@ -141,16 +141,16 @@ class Float32Backward(torch.autograd.Function):
         return *(grad.to(query.dtype) for grad in grads), None, None, None
 
 
-QUERY_CHUNKS = 4  # query blocks of a long row: causal attention skips the blocks above the diagonal
+QUERY_BLOCKS = 4  # query blocks of a long row: causal attention skips the keys after each block's last token
 
 
 def query_blocks(rows: int, length: int) -> int:
-    """How many query blocks causal_attention_forward takes `rows` rows of `length` tokens in: QUERY_CHUNKS from 128
+    """How many query blocks causal_attention_forward takes `rows` rows of `length` tokens in: QUERY_BLOCKS from 128
     tokens and ~90k rows x tokens^2, else 1 (the whole square): on shorter or fewer rows the blocks' smaller products
     and extra kernels cost more than the skipped triangle saves (measured on an AMD EPYC with AVX-512 BF16, 2
     threads, SmolLM2-135M's heads: 4 blocks 0.53x the time at 8 x 250 tokens, 0.77x at 1 x 400, 0.92x at 6 x 128;
     1.16-1.42x at 4 x 128, 3 x 150, 1 x 246 and 25 x 80)."""
-    return QUERY_CHUNKS if length >= 128 and rows * length * length >= 90_000 else 1
+    return QUERY_BLOCKS if length >= 128 and rows * length * length >= 90_000 else 1
 
 
 def causal_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
@@ -163,7 +163,7 @@ def causal_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torc
     q (N, T * g, D), k and v (N, T, D), N = batch x key/value heads -> the output (N, T * g, D) in q's dtype and the
     scores' log-sum-exp (N, T * g) in float32, from which the backward recomputes the weights."""
     outputs, logsumexps = [], []
-    for start, end in _query_chunks(key.shape[1], blocks):
+    for start, end in _query_block_bounds(key.shape[1], blocks):
         rows = slice(start * groups, end * groups)
         weights, logsumexp = _causal_weights(query[:, rows], key[:, :end], scaling, groups, start)
         outputs.append(torch.matmul(weights.to(query.dtype), value[:, :end]))  # (N, C * g, D)
@@ -181,7 +181,7 @@ def causal_attention_backward(query: torch.Tensor, key: torch.Tensor, value: tor
     grad_queries = []
     grad_key = torch.zeros(key.shape, dtype=torch.float32, device=key.device)  # (N, T, D)
     grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
-    for start, end in _query_chunks(key.shape[1], blocks):
+    for start, end in _query_block_bounds(key.shape[1], blocks):
         rows = slice(start * groups, end * groups)
         query_rows, grad_rows = query[:, rows], grad_output[:, rows]  # (N, C * g, D)
         weights, _ = _causal_weights(query_rows, key[:, :end], scaling, groups, start, logsumexp[:, rows])
@@ -194,7 +194,7 @@ def causal_attention_backward(query: torch.Tensor, key: torch.Tensor, value: tor
     return torch.cat(grad_queries, 1), grad_key.to(query.dtype), grad_value.to(query.dtype)
 
 
-def _query_chunks(length: int, blocks: int) -> list[tuple[int, int]]:
+def _query_block_bounds(length: int, blocks: int) -> list[tuple[int, int]]:
     """`blocks` (start, end) token blocks of a row of `length` tokens, in order (query_blocks: length >= 128 for
     more than one, so none is empty)."""
     size = (length + blocks - 1) // blocks
@@ -219,8 +219,9 @@ def _causal_weights(query: torch.Tensor, key: torch.Tensor, scaling: float, grou
 class CompiledCausalAttention:
     """`model.attention_kernel=compiled` (bf16 training on CPU; see the module's docstring): the forward and the
     backward above, each by torch.compile into one shape-generic graph (dynamic=True) shared by every layer and model
-    of the process (two of each: one block or QUERY_CHUNKS); a masked or non-causal call, or a row of one token
-    (which dynamo would specialize into a graph of its own), goes to Float32Backward. The same arguments as Float32Backward.apply."""
+    of the process (two of each: one block or QUERY_BLOCKS); a masked or non-causal call, or a row of one token
+    (which dynamo would specialize into a graph of its own), goes to Float32Backward. The same arguments as
+    Float32Backward.apply."""
 
     def __init__(self) -> None:
         self.forward_graph = torch.compile(causal_attention_forward, dynamic=True)

@@ -24,7 +24,7 @@ from lmsys.data.io import pairs_from_frame
 from lmsys.modeling.attention import (
     CPU_SDPA,
     FLOAT32_MAX_ROW,
-    QUERY_CHUNKS,
+    QUERY_BLOCKS,
     CompiledCausalAttention,
     Float32Backward,
     attention_kernel,
@@ -265,9 +265,9 @@ def test_compiled_attention_equals_the_float32_kernel_within_bf16_rounding(compi
 
 
 def test_long_rows_attend_in_blocks_within_bf16_rounding(compiled_module):
-    """Rows long enough for QUERY_CHUNKS blocks (query_blocks): the compiled kernel's output and q, k, v gradients as
+    """Rows long enough for QUERY_BLOCKS blocks (query_blocks): the compiled kernel's output and q, k, v gradients as
     near float64 sdpa's as the float32-backward kernel's, in its blocked graph."""
-    assert query_blocks(2, 224) == QUERY_CHUNKS > query_blocks(2, 100) == 1
+    assert query_blocks(2, 224) == QUERY_BLOCKS > query_blocks(2, 100) == 1
     query, key, value = qkv(seed=6, length=224)
     causal = torch.ones(224, 224, dtype=torch.bool).tril()[None, None].expand(2, 1, 224, 224)
     results = []
