@@ -159,7 +159,7 @@ def build_model(
     lora_kernel = None if model is None else resolve_lora_kernel(model.lora_kernel, device, fsdp_requested())
     dtype = resolve_dtype(spec.compute_dtype, device, adapter_dir if spec.merged else spec.base_model_path)
     elementwise = None if model is None else {
-        option: resolve_elementwise_kernel(option, getattr(model, option), device, dtype, fsdp_requested(),
+        option: resolve_elementwise_kernel(f"model.{option}", getattr(model, option), device, dtype, fsdp_requested(),
                                            model.torch_compile) for option in ELEMENTWISE_OPTIONS}
     backbone = load_backbone(
         adapter_dir if spec.merged else spec.base_model_path, spec.quantization, spec.double_quant, dtype,
@@ -199,13 +199,19 @@ def _use_kernels(preference_model: PreferenceModel, torch_compile: bool, lora_ke
         compile_layers(preference_model.backbone)
         return
     use_lora_kernel(preference_model.backbone, lora_kernel)
+    use_elementwise_kernels(preference_model, norm_kernel, mlp_kernel, attention_kernel)
+
+
+def use_elementwise_kernels(preference_model: PreferenceModel, norm_kernel: ElementwiseKernel,
+                            mlp_kernel: ElementwiseKernel, attention_kernel: ElementwiseKernel) -> None:
+    """The norm, MLP and attention kernels (resolved: compiled or eager), for training and prediction alike."""
     if norm_kernel == ElementwiseKernel.compiled:
         log.info("model.norm_kernel: %d RMSNorm modules compiled", compile_norms(preference_model.backbone))
     if mlp_kernel == ElementwiseKernel.compiled:
         log.info("model.mlp_kernel: %d gated MLPs' activations compiled",
                  compile_gated_mlps(preference_model.backbone))
     if attention_kernel == ElementwiseKernel.compiled:
-        log.info("model.attention_kernel: %d attention modules' bf16 training attention compiled",
+        log.info("model.attention_kernel: %d attention modules' bf16 attention compiled",
                  compile_attention(preference_model.backbone))
 
 

@@ -18,7 +18,14 @@ import pandas as pd
 import torch
 from accelerate import Accelerator
 
-from lmsys.builders import build_encoders, build_inference_batching, build_model, build_prediction_spec, build_tokenizer
+from lmsys.builders import (
+    build_encoders,
+    build_inference_batching,
+    build_model,
+    build_prediction_spec,
+    build_tokenizer,
+    use_elementwise_kernels,
+)
 from lmsys.config import InputFormat
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import read_pairs
@@ -27,6 +34,7 @@ from lmsys.evaluation.predict_loop import SplitPredictions, predict_split
 from lmsys.logs import setup_logging
 from lmsys.modeling.backbone import fold_into_dense, resolve_dtype
 from lmsys.modeling.checkpoint import ModelSpec
+from lmsys.modeling.compile import resolve_elementwise_kernel
 from lmsys.modeling.precision import check_finite_logits, parse_max_memory, plan_device_map
 from lmsys.prediction_config import InferenceConfig, PredictConfig, PseudoLabelConfig
 from lmsys.runs import write_file
@@ -100,6 +108,9 @@ def load_prediction_model(
                         device_map=prediction_device_map(checkpoint, spec, settings, accelerator))
     if use_dense_weights(settings.dense_weights, accelerator.device):
         log.info("folded the adapter into %d dense projections", fold_into_dense(model))
+    dtype = resolve_dtype(spec.compute_dtype, accelerator.device, checkpoint if spec.merged else spec.base_model_path)
+    kernel = resolve_elementwise_kernel("kernels", settings.kernels, accelerator.device, dtype, False, False)
+    use_elementwise_kernels(model, kernel, kernel, kernel)
     return model
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from lmsys.config import Attention, ComputeDtype, InputFormat, Quantization, TtaMode, require
+from lmsys.config import Attention, ComputeDtype, ElementwiseKernel, InputFormat, Quantization, TtaMode, require
 from lmsys.output_paths import check_output_paths
 
 TABLE_SUFFIXES = (".csv", ".parquet")
@@ -55,6 +55,9 @@ class InferenceConfig:
     # per projection instead of dequantize + matmul + two LoRA matmuls (1.3x faster on CPU), for 2 (bf16) or 4
     # (fp32) bytes per parameter instead of ~0.5; None: on when predicting on CPU, off on GPU (where memory binds)
     dense_weights: bool | None = None
+    # the RMSNorms, gated MLPs and attention compiled (torch.compile), as in training; auto: compiled where a
+    # training run's are (bf16 on CPU with a C++ compiler; see lmsys/modeling/compile.py), eager elsewhere
+    kernels: ElementwiseKernel = ElementwiseKernel.auto
     show_progress: bool = True
     # The base model directory of an adapter checkpoint; None: the spec's (a relative one is read from the checkpoint
     # directory, as in a Kaggle bundle). Kaggle has no hub: the base travels in the bundle.

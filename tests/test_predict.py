@@ -16,13 +16,24 @@ from accelerate import Accelerator
 from entry_runs import run_side_by_side
 from tiny import arena_frame
 
-from lmsys.builders import build_model, build_prediction_spec, build_spec, build_tokenizer
+from lmsys.builders import (
+    build_encoders,
+    build_inference_batching,
+    build_model,
+    build_prediction_spec,
+    build_spec,
+    build_tokenizer,
+)
 from lmsys.cli import parse_config
 from lmsys.config import ConfigError, DataConfig, Family, LoraConfig, ModelConfig, Quantization
+from lmsys.data.dataset import encode_split
 from lmsys.data.io import DataError, read_pairs
 from lmsys.data.schema import TARGET_COLUMNS
 from lmsys.modeling.checkpoint import SPEC_FILE, CheckpointError, read_spec, save_checkpoint
-from lmsys.prediction import predict_checkpoint, run_prediction
+from lmsys.evaluation.predict_loop import predict_split
+from lmsys.modeling.compile import cpp_compiler_found
+from lmsys.modeling.gated_mlp import CompiledGatedMLP
+from lmsys.prediction import load_prediction_model, predict_checkpoint, run_prediction
 from lmsys.prediction_config import PredictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +136,32 @@ def test_dense_weights_give_the_same_predictions(checkpoint, test_files):
         logits[dense] = np.concatenate([preds.logits_ab, preds.logits_ba], axis=1)
     assert np.abs(logits[True]).max() > 0.5  # the random head gives O(1) logits: the comparison means something
     np.testing.assert_allclose(logits[True], logits[False], atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not cpp_compiler_found(), reason="inductor needs a C++ compiler on CPU")
+def test_bf16_prediction_compiles_the_kernels_and_keeps_the_logits(checkpoint, test_files):
+    """kernels=auto in a bf16 prediction on CPU: the norms, gated MLPs and attention compiled as in training; the
+    logits within bf16 rounding of the eager kernels', and TTA still swap-symmetric to the bit."""
+    logits, compiled = {}, {}
+    for kernels in ("eager", "auto"):
+        cfg = PredictConfig(checkpoint=str(checkpoint), output="unused.csv", show_progress=False,
+                            compute_dtype="bfloat16", kernels=kernels)
+        spec = build_prediction_spec(cfg.checkpoint, cfg)
+        model = load_prediction_model(cfg.checkpoint, spec, cfg, Accelerator())
+        compiled[kernels] = (sum("compiled_attention" in module.__dict__ for module in model.modules()),
+                             sum(isinstance(module, CompiledGatedMLP) for module in model.modules()))
+        tokenizer = build_tokenizer(cfg.checkpoint, False)
+        batching = build_inference_batching(cfg, spec, tokenizer.pad_token_id)
+        for name, path in test_files.items():
+            split = encode_split(read_pairs(path, False), build_encoders(spec, tokenizer))
+            logits[kernels, name] = predict_split(model, split, True, batching, Accelerator(), False)
+    assert compiled["eager"] == (0, 0) and min(compiled["auto"]) == 2  # the tiny Llama's two layers
+    ours, eager = (np.concatenate([logits[k, "test"].logits_ab, logits[k, "test"].logits_ba]) for k in ("auto", "eager"))
+    assert np.abs(eager).max() > 0.5  # O(1) logits from the random head: the comparison means something
+    np.testing.assert_allclose(ours, eager, atol=0.05 * np.abs(eager).max(), rtol=0)
+    assert np.abs(ours - eager).max() > 0  # other kernels, not the eager ones again
+    test, swapped = logits["auto", "test"], logits["auto", "swapped"]
+    np.testing.assert_array_equal(test.logits_ab, swapped.logits_ba)
 
 
 # Unquantized, a pair's logits are the same alone, packed with others or padded, up to float32 noise: packing keeps

@@ -97,7 +97,7 @@ def cpu_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, va
     length = query.shape[2]
     special = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or length != key.shape[2]
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    kernel = bf16_training_kernel(module, query, dropout)
+    kernel = bf16_kernel(module, query, dropout)
     lengths = packed_sequences(kwargs.get("cu_seq_lens_q"), kwargs.get("sliding_window"))
     if special or not causal or (lengths is None and kernel is None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -110,13 +110,15 @@ def cpu_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, va
     return output.contiguous(), None
 
 
-def bf16_training_kernel(module: torch.nn.Module, query: torch.Tensor, dropout: float):
-    """How a bf16 model trains attention on rows of up to FLOAT32_MAX_ROW tokens without dropout: the module's
-    compiled attention (`model.attention_kernel=compiled`: compile_attention) or Float32Backward; None (torch's
-    sdpa) in float32, without gradients, on longer rows or with dropout."""
-    if query.dtype != torch.bfloat16 or not torch.is_grad_enabled() or query.shape[2] > FLOAT32_MAX_ROW or dropout:
+def bf16_kernel(module: torch.nn.Module, query: torch.Tensor, dropout: float):
+    """How a bf16 model attends on rows of up to FLOAT32_MAX_ROW tokens without dropout: the module's compiled
+    attention (`model.attention_kernel=compiled`: compile_attention), with or without gradients; else, in training,
+    Float32Backward. None (torch's sdpa) in float32, on longer rows, with dropout, or without gradients and without
+    the compiled attention."""
+    if query.dtype != torch.bfloat16 or query.shape[2] > FLOAT32_MAX_ROW or dropout:
         return None
-    return getattr(module, "compiled_attention", None) or Float32Backward.apply
+    compiled = getattr(module, "compiled_attention", None)
+    return compiled or Float32Backward.apply if torch.is_grad_enabled() else compiled
 
 
 class Float32Backward(torch.autograd.Function):
@@ -308,7 +310,7 @@ def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
 def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
                     dropout: float, scaling: float | None, kernel=None) -> torch.Tensor:
     """Causal attention of each packed segment on its own; `lengths` tile the flattened rows in order.
-    query (R, H, T, D), key/value (R, H_kv, T, D) -> (R, T, H, D). `kernel`: bf16_training_kernel's, or None
+    query (R, H, T, D), key/value (R, H_kv, T, D) -> (R, T, H, D). `kernel`: bf16_kernel's, or None
     (torch's sdpa).
 
     Rows of one segment each (most micro-batches, once pad tails join their sequence: see sequence_bounds) attend
@@ -322,7 +324,7 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     gqa = heads != key.shape[1]
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # (B, h, L, D) -> (B, L, H, D)
-        if kernel is not None:  # bf16 training: bf16_training_kernel
+        if kernel is not None:  # bf16: bf16_kernel
             return kernel(q, k, v, None, scaling, q.shape[2] > 1).transpose(1, 2)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=q.shape[2] > 1,
                                               enable_gqa=gqa).transpose(1, 2)

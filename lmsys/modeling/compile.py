@@ -55,12 +55,12 @@ def compile_norms(model: nn.Module) -> int:
 
 def resolve_elementwise_kernel(option: str, kernel: ElementwiseKernel, device: torch.device, dtype: torch.dtype,
                                sharded: bool, torch_compile: bool) -> ElementwiseKernel:
-    """`auto` made concrete for `option` (norm_kernel, mlp_kernel, attention_kernel: see the module's docstring,
-    gated_mlp's and attention's);
-    `sharded`: the model will be sharded by FSDP."""
+    """`auto` made concrete for `option`, the setting's name as the user writes it (model.norm_kernel,
+    model.mlp_kernel, model.attention_kernel: see the module's docstring, gated_mlp's and attention's; the predict
+    command's kernels, all three at once); `sharded`: the model will be sharded by FSDP."""
     if kernel == ElementwiseKernel.compiled and device.type == "cpu" and not cpp_compiler_found():
-        raise ConfigError(f"model.{option}=compiled needs a C++ compiler on CPU (inductor generates C++), and none "
-                          f"was found: install g++ or use model.{option}=auto or eager")
+        raise ConfigError(f"{option}=compiled needs a C++ compiler on CPU (inductor generates C++), and none "
+                          f"was found: install g++ or use {option}=auto or eager")
     if kernel != ElementwiseKernel.auto:
         return kernel
     measured = device.type == "cpu" and dtype == torch.bfloat16

@@ -286,6 +286,24 @@ def test_long_rows_attend_in_blocks_within_bf16_rounding(compiled_module):
         assert (ours - theirs).abs().max() > 0  # a different kernel, not the float32 one again
 
 
+@pytest.mark.parametrize("length", [40, 224])  # one block; QUERY_BLOCKS blocks
+def test_inference_attends_through_the_compiled_graph_within_bf16_rounding(compiled_module, length):
+    """Without gradients (evaluation, prediction) a bf16 module with the compiled attention runs its forward graph,
+    not torch's sdpa: as near float64 sdpa as torch's bf16 flash forward is, and not the same numbers."""
+    query, key, value = (t.to(torch.bfloat16) for t in qkv(seed=7, length=length))
+    causal = torch.ones(length, length, dtype=torch.bool).tril()[None, None].expand(2, 1, length, length)
+    reference, _ = sdpa_attention_forward(GQA, *(t.double() for t in (query, key, value)), causal, scaling=0.25)
+    counters.clear()
+    with torch.inference_mode():
+        ours, _ = cpu_sdpa(compiled_module, query, key, value, None, scaling=0.25)
+        flash, _ = cpu_sdpa(GQA, query, key, value, None, scaling=0.25)
+    assert counters["stats"]["unique_graphs"] >= 1  # the compiled graph ran
+    assert ours.dtype == torch.bfloat16 and ours.shape == reference.shape
+    error, flash_error = ((t.double() - reference).abs().max() for t in (ours, flash))
+    assert error <= 2 * flash_error + 1e-3 * reference.abs().max()
+    assert (ours.double() - flash.double()).abs().max() > 0
+
+
 @pytest.mark.parametrize(("length", "blocks"), [(40, 1), (40, 4), (17, 4)])  # 4 blocks of 10; of 5, 5, 5 and 2
 def test_the_hand_written_backward_is_the_gradient_of_the_forward(length, blocks):
     """causal_attention_forward / _backward (eager, float64 inputs; the softmax runs in float32) against float64

@@ -12,7 +12,7 @@ from lmsys.modeling.compile import compile_norms, is_rms_norm, resolve_elementwi
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-def resolve(kernel, device, dtype, sharded, torch_compile, option="norm_kernel"):
+def resolve(kernel, device, dtype, sharded, torch_compile, option="model.norm_kernel"):
     return resolve_elementwise_kernel(option, kernel, device, dtype, sharded, torch_compile)
 
 
@@ -33,7 +33,7 @@ def test_without_a_cpp_compiler_auto_stays_eager_and_compiled_fails_at_once(monk
     with pytest.raises(ConfigError, match="model.norm_kernel=compiled needs a C\\+\\+ compiler on CPU"):
         resolve(ElementwiseKernel.compiled, CPU, torch.bfloat16, False, False)
     with pytest.raises(ConfigError, match="model.mlp_kernel=compiled needs a C\\+\\+ compiler on CPU"):
-        resolve(ElementwiseKernel.compiled, CPU, torch.bfloat16, False, False, option="mlp_kernel")
+        resolve(ElementwiseKernel.compiled, CPU, torch.bfloat16, False, False, option="model.mlp_kernel")
     assert resolve(ElementwiseKernel.compiled, CUDA, torch.bfloat16, False, False) == ElementwiseKernel.compiled
 
 
