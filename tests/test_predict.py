@@ -29,8 +29,8 @@ from lmsys.config import ConfigError, DataConfig, Family, LoraConfig, ModelConfi
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import DataError, read_pairs
 from lmsys.data.schema import TARGET_COLUMNS
-from lmsys.modeling.checkpoint import SPEC_FILE, CheckpointError, read_spec, save_checkpoint
 from lmsys.evaluation.predict_loop import predict_split
+from lmsys.modeling.checkpoint import SPEC_FILE, CheckpointError, read_spec, save_checkpoint
 from lmsys.modeling.compile import cpp_compiler_found
 from lmsys.modeling.gated_mlp import CompiledGatedMLP
 from lmsys.prediction import load_prediction_model, predict_checkpoint, run_prediction
