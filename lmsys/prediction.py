@@ -97,7 +97,8 @@ def predict_checkpoint(
     split = encode_split(pairs, build_encoders(spec, tokenizer))
     model = load_prediction_model(checkpoint, spec, settings, accelerator)
     batching = build_inference_batching(settings, spec, tokenizer.pad_token_id)
-    return predict_split(model, split, settings.tta, batching, accelerator, settings.show_progress)
+    return predict_split(model, split, settings.tta, batching, accelerator, settings.show_progress,
+                         settings.share_prefixes)
 
 
 def load_prediction_model(

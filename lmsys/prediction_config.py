@@ -42,6 +42,9 @@ class InferenceConfig:
     data: PredictDataConfig = field(default_factory=PredictDataConfig)
     tta: bool = True  # also predict every pair with A and B swapped, map back and combine
     tta_mode: TtaMode = TtaMode.prob
+    # with TTA, a pair's two orientations in one packed example, their common token prefix (instructions, prompt)
+    # computed once, where the model attends it exactly (packed, the CPU sdpa kernel); false: two passes
+    share_prefixes: bool = True
     # the input formats to predict in, their probabilities averaged (each format with its own swap TTA); None: the
     # checkpoint's (its data.formats); a format it was not trained on is allowed, with a warning
     formats: list[InputFormat] | None = None

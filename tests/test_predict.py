@@ -164,6 +164,32 @@ def test_bf16_prediction_compiles_the_kernels_and_keeps_the_logits(checkpoint, t
     np.testing.assert_array_equal(test.logits_ab, swapped.logits_ba)
 
 
+@pytest.mark.parametrize(("compute_dtype", "tolerance"), [("float32", 1e-5), ("bfloat16", 0.05)])
+def test_shared_prefixes_give_the_two_pass_logits_from_fewer_tokens(checkpoint, test_files, compute_dtype,
+                                                                     tolerance):
+    """TTA through swap trees (share_prefixes, the default) against the two passes: the same logits (float32 to
+    float rounding; bf16, the compiled kernels, within its rounding) from fewer tokens, each pair's common prefix
+    (the instructions, the prompt) computed once."""
+    pairs = read_pairs(test_files["test"], False)
+    logits, tokens = {}, {}
+    for share in (False, True):
+        cfg = PredictConfig(checkpoint=str(checkpoint), output="unused.csv", show_progress=False,
+                            compute_dtype=compute_dtype, share_prefixes=share)
+        spec = dataclasses.replace(build_prediction_spec(cfg.checkpoint, cfg), quantization=Quantization.none)
+        model = load_prediction_model(cfg.checkpoint, spec, cfg, Accelerator())
+        seen = []
+        model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(int((kwargs["position_ids"] >= 0).sum()))
+                                        , with_kwargs=True)
+        tokenizer = build_tokenizer(cfg.checkpoint, False)
+        split = encode_split(pairs, build_encoders(spec, tokenizer))
+        preds = predict_split(model, split, True, build_inference_batching(cfg, spec, tokenizer.pad_token_id),
+                              Accelerator(), False, share)
+        logits[share], tokens[share] = np.concatenate([preds.logits_ab, preds.logits_ba], axis=1), sum(seen)
+    assert np.abs(logits[False]).max() > 0.5  # O(1) logits from the random head: the comparison means something
+    np.testing.assert_allclose(logits[True], logits[False], atol=tolerance * np.abs(logits[False]).max(), rtol=0)
+    assert tokens[True] < 0.85 * tokens[False]  # the arena frames' prompts and instructions, once per pair
+
+
 # Unquantized, a pair's logits are the same alone, packed with others or padded, up to float32 noise: packing keeps
 # pairs apart. bitsandbytes' CPU 4-bit GEMM casts to bfloat16, so there the batch shape moves logits by bf16
 # rounding (observed up to 6e-3 on logits of magnitude ~10); a leak between packed pairs would move them by O(1).

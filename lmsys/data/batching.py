@@ -26,6 +26,9 @@ class Example:
     # A bi-encoder's pair: ids[:second_start] is (prompt, first response), ids[second_start:] (prompt, second
     # response); None: one sequence (a cross-encoder's)
     second_start: int | None = None
+    # A swap tree's (swap_tree): ids[second_start:] continues ids[:shared_prefix], the prefix the pair's two
+    # orientations share, which is in the ids once (positions and attention as if it were repeated)
+    shared_prefix: int | None = None
 
     @property
     def sequence_ends(self) -> tuple[int, ...]:
@@ -35,6 +38,28 @@ class Example:
 
     def sequences(self) -> list[np.ndarray]:
         return [self.ids[start:end] for start, end in zip((0, *self.sequence_ends), self.sequence_ends)]
+
+
+def swap_tree(forward: Example, swapped: Example) -> Example:
+    """A cross-encoder pair's two orientations as one example of two sequences sharing their common token prefix
+    (the instructions, the prompt, any common start of the responses), which is then computed once: the prefix and
+    one orientation's rest, then the other's rest, which continues the prefix (Example.shared_prefix). Causal
+    attention makes each orientation's tokens see exactly what they see alone.
+
+    The two rests go in a canonical order (the lexicographically smaller first), so a pair and the pair with A and
+    B exchanged give the same example to the bit. `swapped` is whether the first sequence is the (B, A)
+    orientation; no target (prediction only)."""
+    if forward.pair_index != swapped.pair_index or forward.second_start is not None or swapped.second_start is not None:
+        raise ValueError("swap_tree takes one pair's two cross-encoder orientations")
+    first, second = forward.ids, swapped.ids
+    shortest = min(len(first), len(second))
+    differs = np.flatnonzero(first[:shortest] != second[:shortest])
+    prefix = min(int(differs[0]) if len(differs) else shortest, shortest - 1)  # each orientation keeps its last token
+    swapped_first = second[prefix:].tolist() < first[prefix:].tolist()
+    if swapped_first:
+        first, second = second, first
+    return Example(forward.pair_index, np.concatenate([first, second[prefix:]]), swapped_first, None, None,
+                   forward.format_index, len(first), prefix)
 
 
 @dataclass(frozen=True)
@@ -64,16 +89,22 @@ class Batch:
     swapped: list[bool]  # (N,)
     n_real_tokens: int
     teacher_logits: torch.Tensor | None = None  # (N, C)
+    # swap trees' (swap_tree): (K, 3) for each continuing sequence, the flattened index of its first token, of its
+    # shared prefix's first token, and the prefix's length; None: no trees
+    shared_prefixes: torch.Tensor | None = None
 
     def model_inputs(self, device: torch.device) -> dict[str, torch.Tensor | None]:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        return {
+        inputs = {
             "input_ids": move(self.input_ids), "attention_mask": move(self.attention_mask),
             "position_ids": move(self.position_ids), "pool_rows": move(self.pool_rows),
             "pool_cols": move(self.pool_cols),
         }
+        if self.shared_prefixes is not None:  # read on the CPU by the attention (lmsys/modeling/attention.py)
+            inputs["shared_prefixes"] = self.shared_prefixes
+        return inputs
 
 
 def collate(examples: list[Example], batching: Batching) -> Batch:
@@ -81,6 +112,8 @@ def collate(examples: list[Example], batching: Batching) -> Batch:
         raise ValueError("a micro-batch mixes one-sequence and two-sequence (bi-encoder) examples")
     if batching.packed:
         return collate_packed(examples, batching.row_tokens, batching.pad_id, batching.attention_width)
+    if any(ex.shared_prefix is not None for ex in examples):
+        raise ValueError("swap trees (shared prefixes) need packed micro-batches")
     return collate_padded(examples, batching.pad_id, batching.padding_side)
 
 
@@ -165,21 +198,26 @@ def fill_packed(
 
 def collate_packed(examples: list[Example], row_tokens: int, pad_id: int, attention_width: float | None = None) -> Batch:
     """Examples packed into rows of at most `row_tokens` tokens, positions restarting at 0 for each sequence (a
-    bi-encoder's two sequences of a pair sit side by side in one row, apart), no attention mask; a row's pad tail is
-    a segment of its own (positions restart there too), so no sequence sees it."""
+    bi-encoder's two sequences of a pair sit side by side in one row, apart; a swap tree's second sequence goes on
+    from its shared prefix's length, the prefix recorded in `shared_prefixes`), no attention mask; a row's pad
+    tail is a segment of its own (positions restart there too), so no sequence sees it."""
     rows = pack_rows([len(ex.ids) for ex in examples], row_tokens, attention_width)
     width = max(sum(len(examples[i].ids) for i in row) for row in rows)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     positions = np.zeros((len(rows), width), dtype=np.int64)
     placed: dict[int, list[tuple[int, int]]] = {}  # example -> (row, column of the last token) of each sequence
+    shared = []  # (flat first token, flat prefix start, prefix length) of each swap tree's second sequence
     for r, row in enumerate(rows):
         col = 0
         for i in row:
-            example = examples[i]
+            example, start = examples[i], col
             ids[r, col : col + len(example.ids)] = example.ids
             placed[i] = []
-            for sequence in example.sequences():
-                positions[r, col : col + len(sequence)] = np.arange(len(sequence))
+            for k, sequence in enumerate(example.sequences()):
+                first_position = example.shared_prefix if k == 1 and example.shared_prefix is not None else 0
+                if first_position:
+                    shared.append((r * width + col, r * width + start, first_position))
+                positions[r, col : col + len(sequence)] = np.arange(first_position, first_position + len(sequence))
                 col += len(sequence)
                 placed[i].append((r, col - 1))
         positions[r, col:] = np.arange(width - col)
@@ -195,6 +233,7 @@ def collate_packed(examples: list[Example], row_tokens: int, pad_id: int, attent
         swapped=[ex.swapped for ex in examples],
         n_real_tokens=sum(len(ex.ids) for ex in examples),
         teacher_logits=_teacher_logits(examples),
+        shared_prefixes=torch.tensor(shared, dtype=torch.long).view(-1, 3) if shared else None,
     )
 
 

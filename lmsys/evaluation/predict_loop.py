@@ -12,13 +12,12 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from lmsys.data.batching import Batching, Example, collate, prediction_batches
+from lmsys.data.batching import Batching, Example, collate, prediction_batches, swap_tree
 from lmsys.data.dataset import EncodedSplit
 from lmsys.data.schema import swap_abt
 from lmsys.evaluation.metrics import tta_combine
 from lmsys.training.distributed import lockstep_count
 from lmsys.training.signals import raise_if_stop_requested, stop_check_steps
-
 
 LOGIT_COLUMNS = ("logit_a", "logit_b", "logit_tie")
 # The (B, A) pass mapped back to (A, B, tie) order: swapped_logit_a is A's logit although A was shown second.
@@ -82,16 +81,29 @@ def predict_split(
     batching: Batching,
     accelerator,
     show_progress: bool = True,
+    share_prefixes: bool = True,
 ) -> SplitPredictions:
     """Logits for every pair in every format of the split (both orientations with `tta`), identical whatever the
     number of processes.
 
-    Each (format, orientation) runs in its own pass. Then the (A, B) pass of a file with A and B exchanged row by row meets
-    exactly the micro-batches of this file's (B, A) pass, and TTA predictions are swap-symmetric to the bit even
-    where a kernel's rounding depends on the batch shape (bitsandbytes' CPU 4-bit GEMM rounds to bfloat16).
+    With `tta` and `share_prefixes`, where the model attends them exactly (packed rows on the CPU sdpa kernel:
+    PreferenceModel.shares_prefixes), each format runs in one pass of swap trees (lmsys.data.batching.swap_tree):
+    a pair's two orientations in one example, their common prefix computed once. A pair and the pair with A and B
+    exchanged make the same tree, so the (A, B) logits of a file with A and B exchanged row by row are this file's
+    (B, A) logits to the bit. Otherwise each (format, orientation) runs in its own pass; then the (A, B) pass of
+    the exchanged file meets exactly the micro-batches of this file's (B, A) pass, and TTA predictions are again
+    swap-symmetric to the bit, even where a kernel's rounding depends on the batch shape (bitsandbytes' CPU 4-bit
+    GEMM rounds to bfloat16).
     """
     was_training = model.training
     model.eval()
+    longest = max((len(ex.ids) for examples in (*split.forward_by_format, *split.swapped_by_format)
+                   for ex in examples), default=0)
+    if tta and share_prefixes and batching.packed and getattr(model, "shares_prefixes", lambda _: False)(longest):
+        both = [predict_swap_trees(model, forward, swapped, batching, accelerator, show_progress)
+                for forward, swapped in zip(split.forward_by_format, split.swapped_by_format, strict=True)]
+        model.train(was_training)
+        return SplitPredictions([ab for ab, _ in both], [ba for _, ba in both])
     forward = [predict_examples(model, examples, batching, accelerator, show_progress)
                for examples in split.forward_by_format]
     swapped = [predict_examples(model, examples, batching, accelerator, show_progress)
@@ -100,11 +112,24 @@ def predict_split(
     return SplitPredictions(forward, swapped)
 
 
+def predict_swap_trees(model: torch.nn.Module, forward: list[Example], swapped: list[Example], batching: Batching,
+                       accelerator, show_progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C) logits of the (A, B) and of the (B, A) examples (each in its own class order), from one pass over
+    their swap trees."""
+    trees = [swap_tree(ab, ba) for ab, ba in zip(forward, swapped, strict=True)]
+    both = predict_examples(model, trees, batching, accelerator, show_progress)  # (N, 2, C): the trees' sequences
+    swapped_first = np.zeros(len(both), dtype=bool)
+    swapped_first[[tree.pair_index for tree in trees]] = [tree.swapped for tree in trees]
+    first, second = both[:, 0], both[:, 1]
+    return (np.where(swapped_first[:, None], second, first), np.where(swapped_first[:, None], first, second))
+
+
 @torch.inference_mode()
 def predict_examples(
     model: torch.nn.Module, examples: list[Example], batching: Batching, accelerator, show_progress: bool
 ) -> np.ndarray:
-    """(N, C) logits of one example per pair, in pair order, the same to the bit whatever the number of processes:
+    """(N, C) logits of one example per pair, in pair order ((N, 2, C) of swap trees' two sequences), the same to
+    the bit whatever the number of processes:
     the micro-batches are cut from the whole length-sorted list, as one process would, and each process runs every
     num_processes-th of them, so every pair meets the same batch composition (bf16 and the CPU 4-bit GEMM round
     differently in another batch). The results are gathered. Inside a GracefulStop a signal raises StopRequested at
@@ -120,6 +145,8 @@ def predict_examples(
             raise_if_stop_requested(accelerator)
         group = groups[k] if k < len(groups) else (groups or [examples[:1]])[-1]
         logits = model(**collate(group, batching).model_inputs(accelerator.device)).float().cpu().numpy()
+        if len(logits) != len(group):  # swap trees: (2n, C) of their sequences -> (n, 2, C)
+            logits = logits.reshape(len(group), -1, logits.shape[-1])
         if k < len(groups):
             results += [(ex.pair_index, row) for ex, row in zip(group, logits, strict=True)]
             bar.update(len(group))
@@ -137,8 +164,8 @@ def process_batches(examples: list[Example], batching: Batching, process_index: 
 
 
 def _assemble(results: list[tuple[int, np.ndarray]], n_pairs: int) -> np.ndarray:
-    width = len(results[0][1]) if results else 0
-    logits = np.full((n_pairs, width), np.nan)
+    shape = results[0][1].shape if results else (0,)
+    logits = np.full((n_pairs, *shape), np.nan)
     seen = np.zeros(n_pairs, dtype=int)
     for pair_index, row in results:
         logits[pair_index] = row

@@ -97,8 +97,17 @@ def cpu_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, va
     length = query.shape[2]
     special = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None or length != key.shape[2]
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    kernel = bf16_kernel(module, query, dropout)
     lengths = packed_sequences(kwargs.get("cu_seq_lens_q"), kwargs.get("sliding_window"))
+    shared_prefixes = kwargs.get("shared_prefixes")
+    if shared_prefixes is not None and (special or not causal or lengths is None):
+        raise ValueError("swap trees (shared_prefixes) need causal per-sequence attention: no soft cap, position "
+                         "bias or sliding window shorter than a sequence")
+    longest = length if lengths is None else max(lengths)  # the most keys of one call
+    if shared_prefixes is not None:  # a continuing segment's keys: its prefix's and its own
+        bounds = kwargs["cu_seq_lens_q"].long()
+        continuing = torch.searchsorted(bounds, shared_prefixes[:, 0].contiguous())  # (K,) each one's index among the segments
+        longest = max(longest, int((bounds.diff()[continuing] + shared_prefixes[:, 2]).max()))
+    kernel = bf16_kernel(module, query, dropout, longest)
     if special or not causal or (lengths is None and kernel is None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -106,16 +115,16 @@ def cpu_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, va
         output = kernel(query, key, value, additive_mask(attention_mask, query.dtype), scaling,
                         attention_mask is None and length > 1).transpose(1, 2)  # (B, T, H, D)
     else:
-        output = attend_segments(query, key, value, lengths, dropout, scaling, kernel)
+        output = attend_segments(query, key, value, lengths, dropout, scaling, kernel, shared_prefixes)
     return output.contiguous(), None
 
 
-def bf16_kernel(module: torch.nn.Module, query: torch.Tensor, dropout: float):
-    """How a bf16 model attends on rows of up to FLOAT32_MAX_ROW tokens without dropout: the module's compiled
+def bf16_kernel(module: torch.nn.Module, query: torch.Tensor, dropout: float, keys: int):
+    """How a bf16 model attends calls of up to FLOAT32_MAX_ROW `keys` without dropout: the module's compiled
     attention (`model.attention_kernel=compiled`: compile_attention), with or without gradients; else, in training,
-    Float32Backward. None (torch's sdpa) in float32, on longer rows, with dropout, or without gradients and without
+    Float32Backward. None (torch's sdpa) in float32, on longer calls, with dropout, or without gradients and without
     the compiled attention."""
-    if query.dtype != torch.bfloat16 or query.shape[2] > FLOAT32_MAX_ROW or dropout:
+    if query.dtype != torch.bfloat16 or keys > FLOAT32_MAX_ROW or dropout:
         return None
     compiled = getattr(module, "compiled_attention", None)
     return compiled or Float32Backward.apply if torch.is_grad_enabled() else compiled
@@ -163,12 +172,14 @@ def causal_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torc
     the keys up to its last token only: with 4, 5/8 of the square's products and softmax, and a block's float32
     scores stay in cache.
     q (N, T * g, D), k and v (N, T, D), N = batch x key/value heads -> the output (N, T * g, D) in q's dtype and the
-    scores' log-sum-exp (N, T * g) in float32, from which the backward recomputes the weights."""
+    scores' log-sum-exp (N, T * g) in float32, from which the backward recomputes the weights. Fewer query tokens
+    than keys (a swap tree's continuing sequence: lmsys.data.batching.swap_tree) are the keys' last ones."""
     outputs, logsumexps = [], []
-    for start, end in _query_block_bounds(key.shape[1], blocks):
-        rows = slice(start * groups, end * groups)
-        weights, logsumexp = _causal_weights(query[:, rows], key[:, :end], scaling, groups, start)
-        outputs.append(torch.matmul(weights.to(query.dtype), value[:, :end]))  # (N, C * g, D)
+    offset = key.shape[1] - query.shape[1] // groups  # the keys before the first query token
+    for start, end in _query_block_bounds(query.shape[1] // groups, blocks):
+        rows, keys = slice(start * groups, end * groups), offset + end
+        weights, logsumexp = _causal_weights(query[:, rows], key[:, :keys], scaling, groups, offset + start)
+        outputs.append(torch.matmul(weights.to(query.dtype), value[:, :keys]))  # (N, C * g, D)
         logsumexps.append(logsumexp)
     return torch.cat(outputs, 1), torch.cat(logsumexps, 1)
 
@@ -183,16 +194,17 @@ def causal_attention_backward(query: torch.Tensor, key: torch.Tensor, value: tor
     grad_queries = []
     grad_key = torch.zeros(key.shape, dtype=torch.float32, device=key.device)  # (N, T, D)
     grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
-    for start, end in _query_block_bounds(key.shape[1], blocks):
-        rows = slice(start * groups, end * groups)
+    offset = key.shape[1] - query.shape[1] // groups
+    for start, end in _query_block_bounds(query.shape[1] // groups, blocks):
+        rows, keys = slice(start * groups, end * groups), offset + end
         query_rows, grad_rows = query[:, rows], grad_output[:, rows]  # (N, C * g, D)
-        weights, _ = _causal_weights(query_rows, key[:, :end], scaling, groups, start, logsumexp[:, rows])
-        grad_value[:, :end] += torch.matmul(weights.to(query.dtype).transpose(-1, -2), grad_rows)  # (N, end, D)
-        grad_weights = torch.matmul(grad_rows, value[:, :end].transpose(-1, -2)).float()  # (N, C * g, end)
+        weights, _ = _causal_weights(query_rows, key[:, :keys], scaling, groups, offset + start, logsumexp[:, rows])
+        grad_value[:, :keys] += torch.matmul(weights.to(query.dtype).transpose(-1, -2), grad_rows)  # (N, keys, D)
+        grad_weights = torch.matmul(grad_rows, value[:, :keys].transpose(-1, -2)).float()  # (N, C * g, keys)
         row_dot = (grad_rows.float() * output[:, rows].float()).sum(-1, keepdim=True)  # (N, C * g, 1)
         grad_scores = (weights * (grad_weights - row_dot) * scaling).to(query.dtype)
-        grad_queries.append(torch.matmul(grad_scores, key[:, :end]))
-        grad_key[:, :end] += torch.matmul(grad_scores.transpose(-1, -2), query_rows)
+        grad_queries.append(torch.matmul(grad_scores, key[:, :keys]))
+        grad_key[:, :keys] += torch.matmul(grad_scores.transpose(-1, -2), query_rows)
     return torch.cat(grad_queries, 1), grad_key.to(query.dtype), grad_value.to(query.dtype)
 
 
@@ -230,7 +242,10 @@ class CompiledCausalAttention:
         self.backward_graph = torch.compile(causal_attention_backward, dynamic=True)
 
     def __call__(self, query, key, value, mask, scaling, causal) -> torch.Tensor:
+        """Fewer query tokens than keys: the keys' last ones, causal, at least two (continues)."""
         if mask is not None or not causal or query.shape[2] <= 1:
+            if query.shape[2] != key.shape[2]:
+                raise ValueError("the compiled attention continues a prefix with 2 or more causal query tokens only")
             return Float32Backward.apply(query, key, value, mask, scaling, causal)
         return RecomputedAttention.apply(query, key, value, query.shape[-1] ** -0.5 if scaling is None else scaling,
                                          self)
@@ -308,10 +323,12 @@ def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
 
 
 def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
-                    dropout: float, scaling: float | None, kernel=None) -> torch.Tensor:
+                    dropout: float, scaling: float | None, kernel=None,
+                    shared_prefixes: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each packed segment on its own; `lengths` tile the flattened rows in order.
     query (R, H, T, D), key/value (R, H_kv, T, D) -> (R, T, H, D). `kernel`: bf16_kernel's, or None
-    (torch's sdpa).
+    (torch's sdpa). `shared_prefixes` (K, 3), swap trees' (lmsys.data.batching.Batch): a segment starting at a
+    listed flattened index continues the listed prefix, whose keys and values go before its own.
 
     Rows of one segment each (most micro-batches, once pad tails join their sequence: see sequence_bounds) attend
     in one batched call on the tensors as they are; otherwise each segment in a call of its own. (Segments of
@@ -329,17 +346,37 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=q.shape[2] > 1,
                                               enable_gqa=gqa).transpose(1, 2)
 
-    if len(lengths) == rows:  # every row one segment
+    def attend_continuing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (1, H, L, D) continuing the P tokens before its own in k, v (1, h, P + L, D) -> (1, L, H, D)."""
+        if isinstance(kernel, CompiledCausalAttention) and q.shape[2] > 1:
+            return kernel(q, k, v, None, scaling, True).transpose(1, 2)
+        before = k.shape[2] - q.shape[2]
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(before)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                              enable_gqa=gqa).transpose(1, 2)
+
+    if len(lengths) == rows and shared_prefixes is None:  # every row one segment
         return attend(query, key, value)
 
-    def pieces(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tensor.transpose(1, 2).reshape(rows * length, tensor.shape[1], dim).split(lengths)  # each (L, h, D)
+    def flat(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.transpose(1, 2).reshape(rows * length, tensor.shape[1], dim)  # (R * T, h, D)
 
     def heads_first(piece: torch.Tensor) -> torch.Tensor:
         return piece.transpose(0, 1).unsqueeze(0)  # (1, h, L, D): sdpa's flash kernel takes 4-D inputs only
 
-    outputs = [attend(heads_first(q), heads_first(k), heads_first(v))[0]
-               for q, k, v in zip(pieces(query), pieces(key), pieces(value), strict=True)]  # each (L, H, D)
+    prefixes = {} if shared_prefixes is None else {first: (start, size)
+                                                   for first, start, size in shared_prefixes.tolist()}
+    flat_key, flat_value = flat(key), flat(value)
+    outputs, first = [], 0
+    for q, k, v in zip(*(flat(t).split(lengths) for t in (query, key, value)), strict=True):  # each (L, h, D)
+        if first in prefixes:
+            start, size = prefixes[first]
+            k = torch.cat([flat_key[start : start + size], k])  # (P + L, h, D)
+            v = torch.cat([flat_value[start : start + size], v])
+            outputs.append(attend_continuing(heads_first(q), heads_first(k), heads_first(v))[0])
+        else:
+            outputs.append(attend(heads_first(q), heads_first(k), heads_first(v))[0])  # (L, H, D)
+        first += len(q)
     return torch.cat(outputs).view(rows, length, heads, dim)
 
 

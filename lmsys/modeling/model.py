@@ -35,15 +35,31 @@ class PreferenceModel(nn.Module):
         base = getattr(self.backbone, "get_base_model", lambda: self.backbone)()
         return [*(getattr(base, "_no_split_modules", None) or []), type(self.head).__name__]
 
+    def shares_prefixes(self, longest: int) -> bool:
+        """Whether this model attends swap trees (lmsys.data.batching.swap_tree) exactly, given the longest
+        sequence a tree stands for: CPU_SDPA's per-sequence attention, one pooled sequence per pair, decoder
+        pooling, and no soft cap or sliding window that would send a layer to the masked path."""
+        config = getattr(self.backbone, "config", None)
+        return (self.passes_sequence_bounds and not self.first_token_pooling
+                and getattr(self.head, "sequences_per_pair", 1) == 1
+                and getattr(config, "attn_logit_softcapping", None) is None
+                and (not self.sliding_window or longest <= self.sliding_window))
+
     def _packed_bounds(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-                       last_tokens: torch.Tensor) -> dict:
+                       last_tokens: torch.Tensor, shared_prefixes: torch.Tensor | None) -> dict:
         """For CPU_SDPA (lmsys/modeling/attention.py), which attends each packed sequence on its own: the packed
         sequences' cumulative lengths over the flattened rows, as flash attention's varlen kwargs name them, each
-        row's pad tail joined to its last sequence (the pooled tokens are the sequences' last)."""
+        row's pad tail joined to its last sequence (the pooled tokens are the sequences' last); with swap trees a
+        tree's second sequence is a segment of its own, passed with its shared prefix (`shared_prefixes`)."""
         if attention_mask is not None or position_ids is None or not self.passes_sequence_bounds:
+            if shared_prefixes is not None:
+                raise ValueError("swap trees (shared_prefixes) need packed rows on the lmsys CPU sdpa kernel")
             return {}
         bounds = sequence_bounds(position_ids, last_tokens, self.sliding_window)
-        return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds}
+        if shared_prefixes is None:
+            return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds}
+        bounds = torch.cat([bounds, shared_prefixes[:, 0].to(bounds)]).unique(sorted=True)  # (S + K + 1,)
+        return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "shared_prefixes": shared_prefixes}
 
     def forward(
         self,
@@ -52,6 +68,7 @@ class PreferenceModel(nn.Module):
         pool_cols: torch.Tensor,  # (N * S,) its column; a bi-encoder's pair k is sequences 2k (A) and 2k + 1 (B)
         attention_mask: torch.Tensor | None = None,  # (R, T); None for packed rows
         position_ids: torch.Tensor | None = None,  # (R, T); restart at 0 for each packed sequence
+        shared_prefixes: torch.Tensor | None = None,  # (K, 3) swap trees' (lmsys.data.batching.Batch)
     ) -> torch.Tensor:
         if self.first_token_pooling:
             # an encoder has no cache (and its forward no use_cache); pool the first real token of each row
@@ -64,7 +81,7 @@ class PreferenceModel(nn.Module):
                 self.pooled_tail.select(last_tokens, (rows, width))
             hidden = self.backbone(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                **self._packed_bounds(attention_mask, position_ids, last_tokens),
+                **self._packed_bounds(attention_mask, position_ids, last_tokens, shared_prefixes),
             ).last_hidden_state  # (R, T, H)
         # With the backbone split over devices (device_map) the last hidden state lives on the last one.
         pooled = hidden[pool_rows.to(hidden.device), pool_cols.to(hidden.device)]  # (N * S, H)

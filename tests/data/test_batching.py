@@ -4,9 +4,10 @@ computes fewer tokens than the obvious alternatives."""
 import numpy as np
 import pytest
 import tiny
+import torch
 
 from lmsys.config import PaddingSide
-from lmsys.data.batching import Example, collate, fill_by_count, fill_packed, pack_rows
+from lmsys.data.batching import Batching, Example, collate, fill_by_count, fill_packed, pack_rows, swap_tree
 
 
 def computed(lengths: list[int], rows: list[list[int]]) -> int:
@@ -81,3 +82,41 @@ def test_attention_width_of_a_model_config(tmp_path):
     spec = replace(tiny.spec_stub(), facts=read_model_facts(tmp_path), attn_implementation=Attention.sdpa)
     assert spec.attention_width == pytest.approx(2 * projections / (4 * 9 * 64)) == 3072.0
     assert replace(spec, attn_implementation=Attention.flash_attention_2).attention_width is None
+
+
+# --- swap trees: a pair's two orientations sharing their common prefix -------------------------------------------
+
+def oriented(pair_index: int, ids: list[int], swapped: bool) -> Example:
+    return Example(pair_index, np.asarray(ids, dtype=np.int32), swapped, None)
+
+
+def test_a_swap_tree_holds_the_common_prefix_once_and_the_rests_in_canonical_order():
+    forward, swapped = oriented(3, [1, 2, 3, 9, 8, 7], False), oriented(3, [1, 2, 3, 5, 6], True)
+    tree = swap_tree(forward, swapped)
+    assert tree.ids.tolist() == [1, 2, 3, 5, 6, 9, 8, 7]  # the smaller rest, (5, 6), first: the (B, A) one
+    assert (tree.pair_index, tree.swapped, tree.second_start, tree.shared_prefix) == (3, True, 5, 3)
+    assert [s.tolist() for s in tree.sequences()] == [[1, 2, 3, 5, 6], [9, 8, 7]]
+    exchanged = swap_tree(oriented(3, [1, 2, 3, 5, 6], False), oriented(3, [1, 2, 3, 9, 8, 7], True))
+    assert exchanged.ids.tolist() == tree.ids.tolist() and not exchanged.swapped  # the same tree, to the token
+
+
+def test_a_swap_tree_keeps_each_orientations_last_token():
+    same = swap_tree(oriented(0, [4, 5, 6], False), oriented(0, [4, 5, 6], True))  # A == B
+    assert same.ids.tolist() == [4, 5, 6, 6] and same.shared_prefix == 2
+    apart = swap_tree(oriented(1, [7, 1], False), oriented(1, [8, 1], True))  # nothing shared
+    assert apart.ids.tolist() == [7, 1, 8, 1] and apart.shared_prefix == 0
+
+
+def test_swap_trees_collate_with_positions_going_on_from_the_prefix():
+    trees = [swap_tree(oriented(0, [1, 2, 3, 9, 8], False), oriented(0, [1, 2, 3, 5], True)),
+             swap_tree(oriented(1, [4, 6], False), oriented(1, [4, 7, 7], True))]
+    batching = Batching(True, 64, 16, 8, 0, PaddingSide.left)
+    batch = collate(trees, batching)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 5, 9, 8, 4, 6, 7, 7]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 3, 4, 0, 1, 1, 2]]
+    assert batch.pool_cols.tolist() == [3, 5, 7, 9]  # each tree's two sequences' last tokens
+    assert batch.shared_prefixes.tolist() == [[4, 0, 3], [8, 6, 1]]  # (first token, prefix start, prefix length)
+    assert batch.model_inputs(torch.device("cpu"))["shared_prefixes"] is batch.shared_prefixes
+    with pytest.raises(ValueError, match="need packed micro-batches"):
+        collate(trees, Batching(False, 64, 16, 8, 0, PaddingSide.left))
+    assert "shared_prefixes" not in collate([oriented(0, [1, 2], False)], batching).model_inputs(torch.device("cpu"))

@@ -332,6 +332,82 @@ def test_the_hand_written_backward_is_the_gradient_of_the_forward(length, blocks
         torch.testing.assert_close(unstacked(grad, reference.shape[1]), reference.transpose(1, 2), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_fewer_queries_than_keys_continue_the_keys(blocks):
+    """A swap tree's continuing sequence: the last 17 of 40 tokens as queries against all 40 keys give those tokens'
+    outputs, and the gradients of q (theirs), k and v, of the whole sequence's attention (float64 sdpa's autograd
+    with the other tokens' output gradients zero)."""
+    query, key, value = (t.double().requires_grad_(True) for t in qkv(seed=8, length=40))
+    causal = torch.ones(40, 40, dtype=torch.bool).tril()[None, None].expand(2, 1, 40, 40)
+    expected, _ = sdpa_attention_forward(GQA, query, key, value, causal, scaling=0.25)  # (B, T, H, D)
+    grad_output = torch.randn(expected.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    grad_output[:, :23] = 0
+    expected.backward(grad_output)
+
+    def stacked(tensor):  # (B, h, T, D) -> (B * H_kv, T * h / H_kv, D), H_kv = 2
+        batch, heads, length, dim = tensor.shape
+        return tensor.transpose(1, 2).reshape(batch, length, 2, heads // 2, dim).transpose(1, 2).reshape(
+            batch * 2, -1, dim)
+
+    def unstacked(tensor, heads, length):  # the inverse, as (B, T, h, D)
+        return tensor.view(2, 2, length, heads // 2, 16).transpose(1, 2).reshape(2, length, heads, 16)
+
+    with torch.no_grad():
+        inputs = [stacked(query[:, :, 23:]), stacked(key), stacked(value)]
+        output, logsumexp = causal_attention_forward(*inputs, 0.25, 2, blocks)
+        grads = causal_attention_backward(*inputs, output, logsumexp, stacked(grad_output[:, 23:].transpose(1, 2)),
+                                          0.25, 2, blocks)
+    torch.testing.assert_close(unstacked(output, 4, 17), expected.detach()[:, 23:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(unstacked(grads[0], 4, 17), query.grad.transpose(1, 2)[:, 23:], atol=1e-5, rtol=0)
+    for grad, reference in zip(grads[1:], (key.grad, value.grad), strict=True):
+        torch.testing.assert_close(unstacked(grad, 2, 40), reference.transpose(1, 2), atol=1e-5, rtol=0)
+
+
+TREE_ROW = (9, 6, 7, 4, 14)  # one row of 40: a tree (prefix 9, its rests 6 and 7), a sequence of 4, a tail of 14
+
+
+def tree_inputs(dtype):
+    """q, k, v of one packed row holding a swap tree, its bounds (the tree's second rest a segment of its own) and
+    shared prefixes, and the row's two logical sequences that the tree stands for, as token indices."""
+    query, key, value = (t[:1].to(dtype) for t in qkv(seed=10, length=40))
+    prefix, first, second, other, _ = TREE_ROW
+    bounds = torch.tensor([0, prefix + first, prefix + first + second, 26, 40], dtype=torch.int32)
+    shared = torch.tensor([[prefix + first, 0, prefix]])
+    sequences = {"first": list(range(prefix + first)),
+                 "second": list(range(prefix)) + list(range(prefix + first, prefix + first + second)),
+                 "other": list(range(22, 26))}
+    return query, key, value, bounds, shared, sequences
+
+
+@pytest.mark.parametrize("kernel", ["sdpa_float32", "compiled_bf16"])
+def test_a_swap_trees_sequences_attend_as_if_each_were_alone(compiled_module, kernel):
+    """Each logical sequence of a packed swap tree (the prefix with either rest) gets the attention it gets alone
+    (float64 sdpa over just its tokens): float32 to float rounding, the compiled bf16 kernel, without gradients
+    as prediction runs it, within bf16 rounding."""
+    dtype = torch.float32 if kernel == "sdpa_float32" else torch.bfloat16
+    module = GQA if kernel == "sdpa_float32" else compiled_module
+    query, key, value, bounds, shared, sequences = tree_inputs(dtype)
+    counters.clear()
+    with torch.inference_mode():
+        output, _ = cpu_sdpa(module, query, key, value, None, scaling=0.25, cu_seq_lens_q=bounds,
+                             cu_seq_lens_k=bounds, shared_prefixes=shared)  # (1, T, H, D)
+    if kernel == "compiled_bf16":
+        assert counters["stats"]["unique_graphs"] >= 1  # the compiled graph ran
+    for name, tokens in sequences.items():
+        alone = [t[:, :, tokens].double() for t in (query, key, value)]
+        expected, _ = sdpa_attention_forward(GQA, *alone, None, scaling=0.25, is_causal=True)  # (1, L, H, D)
+        own = tokens[-TREE_ROW[2]:] if name == "second" else tokens  # the second rest's output is its tokens'
+        ours, theirs = output[:, own].double(), expected[:, -len(own):]
+        tolerance = 1e-5 if dtype == torch.float32 else 0.02 * float(theirs.abs().max())
+        torch.testing.assert_close(ours, theirs, atol=tolerance, rtol=0)
+
+
+def test_swap_trees_refuse_the_masked_path():
+    query, key, value, bounds, shared, _ = tree_inputs(torch.float32)
+    with pytest.raises(ValueError, match="swap trees"):
+        cpu_sdpa(GQA, query, key, value, None, scaling=0.25, cu_seq_lens_q=bounds, shared_prefixes=shared, softcap=30.0)
+
+
 def test_compiled_attention_keeps_what_the_float32_kernel_keeps(compiled_module):
     """q, k, v, the output and a log-sum-exp for the backward: nothing of (T, T) (the weights are recomputed)."""
     def kept_bytes(module):
