@@ -177,9 +177,12 @@ def test_shared_prefixes_give_the_two_pass_logits_from_fewer_tokens(checkpoint, 
                             compute_dtype=compute_dtype, share_prefixes=share)
         spec = dataclasses.replace(build_prediction_spec(cfg.checkpoint, cfg), quantization=Quantization.none)
         model = load_prediction_model(cfg.checkpoint, spec, cfg, Accelerator())
-        seen = []
-        model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(int((kwargs["position_ids"] >= 0).sum()))
-                                        , with_kwargs=True)
+        seen: list[int] = []
+
+        def count(_module, _args, kwargs, seen=seen):
+            seen.append(kwargs["input_ids"].numel())
+
+        model.register_forward_pre_hook(count, with_kwargs=True)
         tokenizer = build_tokenizer(cfg.checkpoint, False)
         split = encode_split(pairs, build_encoders(spec, tokenizer))
         preds = predict_split(model, split, True, build_inference_batching(cfg, spec, tokenizer.pad_token_id),

@@ -370,7 +370,7 @@ def tree_inputs(dtype):
     """q, k, v of one packed row holding a swap tree, its bounds (the tree's second rest a segment of its own) and
     shared prefixes, and the row's two logical sequences that the tree stands for, as token indices."""
     query, key, value = (t[:1].to(dtype) for t in qkv(seed=10, length=40))
-    prefix, first, second, other, _ = TREE_ROW
+    prefix, first, second, _, _ = TREE_ROW
     bounds = torch.tensor([0, prefix + first, prefix + first + second, 26, 40], dtype=torch.int32)
     shared = torch.tensor([[prefix + first, 0, prefix]])
     sequences = {"first": list(range(prefix + first)),
