@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -42,6 +43,9 @@ from lmsys.config import (
     validated_config,
 )
 from lmsys.roofline import ProjectionShapes, Roofline, rate_around
+
+if TYPE_CHECKING:
+    from lmsys.data.dataset import EncodedSplit
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 RESULT_MARKER = "BENCH_RESULT "
@@ -130,16 +134,28 @@ def _time_prediction(config, spec, split, model, accelerator, pad_id, mode: str)
     batching = replace(builders.build_eval_batching(config, spec, pad_id), batch_size=config.bench.predict_batch_size)
     if mode != "padded" and use_dense_weights(None, accelerator.device):
         fold_into_dense(model)  # what the predict command does by default, as it loads the model (not timed)
+
+    def predict(pairs: EncodedSplit) -> None:
+        if mode == "padded":
+            model.eval()
+            with torch.inference_mode():
+                for group in micro_batches(pairs.forward + pairs.swapped, batching):
+                    model(**collate(group, batching).model_inputs(accelerator.device))
+        else:
+            predict_split(model, pairs, True, batching, accelerator, show_progress=False)
+
+    if config.bench.warmup_pairs:  # untimed: compiles the inference graphs
+        predict(first_pairs(split, config.bench.warmup_pairs))
     start = time.perf_counter()
-    if mode == "padded":
-        model.eval()
-        with torch.inference_mode():
-            for group in micro_batches(split.forward + split.swapped, batching):
-                model(**collate(group, batching).model_inputs(accelerator.device))
-    else:
-        predict_split(model, split, True, batching, accelerator, show_progress=False)
+    predict(split)
     seconds = time.perf_counter() - start
     return {"predict_seconds": seconds, "predict_pairs_per_s": len(split) / seconds}
+
+
+def first_pairs(split: EncodedSplit, n: int) -> EncodedSplit:
+    """The split's first n pairs, in every format and orientation."""
+    return replace(split, pairs=split.pairs[:n], forward_by_format=[f[:n] for f in split.forward_by_format],
+                   swapped_by_format=[f[:n] for f in split.swapped_by_format], prompt_tokens=split.prompt_tokens[:n])
 
 
 def _profile(step, update) -> None:

@@ -79,7 +79,7 @@ def measure_peer(config: TrainConfig, mode: str) -> dict:
         _, gflops = rate_around(trainer.train, ProjectionShapes.from_model_dir(config.model.path), dtype,
                                 config.bench.roofline_tokens, device)
         train = trainer.counted(clock, config.bench.warmup_updates)
-        predict = _time_prediction(trainer, split)
+        predict = _time_prediction(trainer, split, config.bench.warmup_pairs)
     return {**train, **predict, "train_matmul_gflops": gflops,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "compute_dtype": str(dtype).removeprefix("torch."),
@@ -176,7 +176,9 @@ class _CountingTrainer(Trainer):
                 "train_padding_share": 1.0 - real_tokens / sum(total for _, total in timed)}
 
 
-def _time_prediction(trainer: Trainer, split) -> dict:
+def _time_prediction(trainer: Trainer, split, warmup_pairs: int) -> dict:
+    if warmup_pairs:  # untimed, as our modes' warm-up
+        trainer.predict(rows(split.forward[:warmup_pairs], with_labels=False))
     start = time.perf_counter()
     trainer.predict(rows(split.forward, with_labels=False))
     single = time.perf_counter() - start

@@ -246,6 +246,9 @@ class BenchConfig:
 
     n_pairs: int = 64
     warmup_updates: int = 1
+    # pairs predicted untimed before the timed prediction, in every mode (the peer's too): they compile the inference
+    # graphs of the compiled kernels, as the warm-up updates do for training
+    warmup_pairs: int = 16
     predict_batch_size: int = 8  # the padded, unsorted prediction loop it is compared with
     # padded: a typical padded loop (random order, batch_size pairs per micro-batch); padded_grouped: the same with
     # length-grouped order; packed: the framework's default (packing, token budgets, length-grouped order);
@@ -259,7 +262,8 @@ class BenchConfig:
     repeats: int = 1  # rounds of all modes, interleaved; the table shows medians and the rounds their spread
 
     def __post_init__(self) -> None:
-        require(self.n_pairs >= 1 and self.warmup_updates >= 0, "bench.n_pairs >= 1 and bench.warmup_updates >= 0")
+        require(self.n_pairs >= 1 and self.warmup_updates >= 0 and self.warmup_pairs >= 0,
+                "bench.n_pairs >= 1, bench.warmup_updates >= 0 and bench.warmup_pairs >= 0")
         require(all(m in BENCH_MODES for m in self.modes), f"bench.modes: some of {', '.join(BENCH_MODES)}")
         require(self.roofline_tokens >= 1, "bench.roofline_tokens must be >= 1")
         require(self.repeats >= 1, "bench.repeats must be >= 1")
