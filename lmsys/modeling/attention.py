@@ -357,15 +357,6 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=q.shape[2] > 1,
                                               enable_gqa=gqa).transpose(1, 2)
 
-    def attend_continuing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (1, H, L, D) continuing the P tokens before its own in k, v (1, h, P + L, D) -> (1, L, H, D)."""
-        if isinstance(kernel, CompiledCausalAttention) and q.shape[2] > 1:
-            return kernel(q, k, v, None, scaling, True).transpose(1, 2)
-        before = k.shape[2] - q.shape[2]
-        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(before)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
-                                              enable_gqa=gqa).transpose(1, 2)
-
     if len(lengths) == rows and shared_prefixes is None:  # every row one segment
         return attend(query, key, value)
 
@@ -384,11 +375,25 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             start, size = prefixes[first]
             k = torch.cat([flat_key[start : start + size], k])  # (P + L, h, D)
             v = torch.cat([flat_value[start : start + size], v])
-            outputs.append(attend_continuing(heads_first(q), heads_first(k), heads_first(v))[0])
+            outputs.append(attend_continuing(heads_first(q), heads_first(k), heads_first(v), dropout, scaling,
+                                             kernel)[0])
         else:
             outputs.append(attend(heads_first(q), heads_first(k), heads_first(v))[0])  # (L, H, D)
         first += len(q)
     return torch.cat(outputs).view(rows, length, heads, dim)
+
+
+def attend_continuing(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
+                      scaling: float | None, kernel=None) -> torch.Tensor:
+    """Causal attention of query (1, H, L, D), a swap tree's continuing segment, over key, value (1, h, P + L, D):
+    the P tokens of its shared prefix and its own -> (1, L, H, D). The compiled kernel where attend_segments has
+    one (two query tokens or more), else torch's sdpa with the causal mask shifted by P."""
+    if isinstance(kernel, CompiledCausalAttention) and query.shape[2] > 1:
+        return kernel(query, key, value, None, scaling, True).transpose(1, 2)
+    before = key.shape[2] - query.shape[2]
+    mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril(before)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                          enable_gqa=query.shape[1] != key.shape[1]).transpose(1, 2)
 
 
 def packed_sequences(cu_seq_lens: torch.Tensor | None, sliding_window: int | None = None) -> list[int] | None:
