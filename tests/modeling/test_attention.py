@@ -267,7 +267,8 @@ def test_compiled_attention_equals_the_float32_kernel_within_bf16_rounding(compi
 def test_long_rows_attend_in_blocks_within_bf16_rounding(compiled_module):
     """Rows long enough for QUERY_BLOCKS blocks (query_blocks): the compiled kernel's output and q, k, v gradients as
     near float64 sdpa's as the float32-backward kernel's, in its blocked graph."""
-    assert query_blocks(2, 224) == QUERY_BLOCKS > query_blocks(2, 100) == 1
+    assert query_blocks(2, 224) == query_blocks(2, 224, 224) == QUERY_BLOCKS > query_blocks(2, 100) == 1
+    assert query_blocks(2, 224, 300) == 1  # a continuing call (more keys than queries): one block
     query, key, value = qkv(seed=6, length=224)
     causal = torch.ones(224, 224, dtype=torch.bool).tril()[None, None].expand(2, 1, 224, 224)
     results = []
