@@ -97,19 +97,26 @@ def predict_split(
     """
     was_training = model.training
     model.eval()
-    longest = max((len(ex.ids) for examples in (*split.forward_by_format, *split.swapped_by_format)
-                   for ex in examples), default=0)
-    if tta and share_prefixes and batching.packed and getattr(model, "shares_prefixes", lambda _: False)(longest):
+    if tta and share_prefixes and batching.packed and _attends_swap_trees(model, split):
         both = [predict_swap_trees(model, forward, swapped, batching, accelerator, show_progress)
                 for forward, swapped in zip(split.forward_by_format, split.swapped_by_format, strict=True)]
-        model.train(was_training)
-        return SplitPredictions([ab for ab, _ in both], [ba for _, ba in both])
-    forward = [predict_examples(model, examples, batching, accelerator, show_progress)
-               for examples in split.forward_by_format]
-    swapped = [predict_examples(model, examples, batching, accelerator, show_progress)
-               for examples in split.swapped_by_format] if tta else None
+        forward, swapped = [ab for ab, _ in both], [ba for _, ba in both]
+    else:
+        forward = [predict_examples(model, examples, batching, accelerator, show_progress)
+                   for examples in split.forward_by_format]
+        swapped = [predict_examples(model, examples, batching, accelerator, show_progress)
+                   for examples in split.swapped_by_format] if tta else None
     model.train(was_training)
     return SplitPredictions(forward, swapped)
+
+
+def _attends_swap_trees(model: torch.nn.Module, split: EncodedSplit) -> bool:
+    """PreferenceModel.shares_prefixes for the split's longest sequence; False for any other model."""
+    shares_prefixes = getattr(model, "shares_prefixes", None)
+    if shares_prefixes is None:
+        return False
+    examples = (*split.forward_by_format, *split.swapped_by_format)
+    return shares_prefixes(max((len(ex.ids) for format_examples in examples for ex in format_examples), default=0))
 
 
 def predict_swap_trees(model: torch.nn.Module, forward: list[Example], swapped: list[Example], batching: Batching,

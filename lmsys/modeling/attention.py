@@ -374,7 +374,7 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                                    for first, start, size in shared_prefixes.tolist()}
     flat_key, flat_value = flat(key), flat(value)
     outputs, first = [], 0
-    for q, k, v in zip(*(flat(t).split(lengths) for t in (query, key, value)), strict=True):  # each (L, h, D)
+    for q, k, v in zip(*(t.split(lengths) for t in (flat(query), flat_key, flat_value)), strict=True):  # (L, h, D)
         if first in prefixes:
             start, size = prefixes[first]
             k = torch.cat([flat_key[start : start + size], k])  # (P + L, h, D)
