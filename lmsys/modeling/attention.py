@@ -53,9 +53,13 @@ CPU with a C++ compiler). The same causal attention of those rows as batched bf1
 are not repeated); on long rows the query tokens go in QUERY_BLOCKS blocks, each against the keys up to its last
 token only (5/8 of the square's products and softmax, and a block's float32 scores stay in cache), short or few rows
 in one block (query_blocks); the causal mask is generated inside the loop. The forward and a hand-written backward
-are compiled, one graph each per block count. The backward recomputes the weights from the saved log-sum-exp, as
-flash attention's does, so it keeps what Float32Backward keeps (differentiating the compiled forward by autograd
-kept each layer's (T, T) weights: +1.2 GB peak RSS in the bench). Masked calls (a sliding window shorter than a
+are compiled, one graph each per block count. The forward keeps each block's softmax weights in bf16 (the operand
+of its product with v) for the backward, which so recomputes nothing (KeptWeightsAttention): forward + backward of
+one layer 0.83-0.91 of the time of recomputing them from a log-sum-exp as flash attention's backward does (AMD EPYC,
+AVX-512 BF16, 2 threads, median of 7: 4 x 512 33.1 against 38.9 ms, 8 x 223 13.3 against 15.7, 12 x 170 13.4
+against 15.7, 6 x 339 as 12 sequences 20.9 against 22.9), for ~12 MB a layer of a 4 x 512 micro-batch held until
+its backward (SmolLM2's 9 heads; autograd through the compiled forward had kept float32 (T, T) tensors as well:
++1.2 GB peak RSS in the bench). Masked calls (a sliding window shorter than a
 row) and one-token rows stay on Float32Backward. `python scripts/attention_bench.py --compiled` on an AMD EPYC
 with AVX-512 BF16 (2 threads, the bench's micro-batch shapes, forward + backward, median of 9, the kernels taking
 turns; the first compiled kernel, the whole square in one block always, in the last row, from an earlier session
@@ -180,44 +184,46 @@ def query_blocks(rows: int, length: int, keys: int | None = None) -> int:
 
 
 def causal_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
-                             groups: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+                             groups: int, blocks: int, keep_weights: bool = False
+                             ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Causal attention as batched products around a float32 softmax, GQA without repeating k and v: the `groups`
     query heads of a key/value head stack into one operand, token by token (row t * g + j: token t, head j of the
     group), so that a block of tokens is a block of rows. The rows go in `blocks` blocks (query_blocks), each against
     the keys up to its last token only: with 4, 5/8 of the square's products and softmax, and a block's float32
     scores stay in cache.
-    q (N, T * g, D), k and v (N, T, D), N = batch x key/value heads -> the output (N, T * g, D) in q's dtype and the
-    scores' log-sum-exp (N, T * g) in float32, from which the backward recomputes the weights. Fewer query tokens
-    than keys (a swap tree's continuing sequence: lmsys.data.batching.swap_tree) are the keys' last ones."""
-    outputs, logsumexps = [], []
+    q (N, T * g, D), k and v (N, T, D), N = batch x key/value heads -> the output (N, T * g, D) in q's dtype and, with
+    `keep_weights`, each block's softmax weights (N, C * g, L) as the product with v took them (q's dtype), which
+    the backward takes instead of recomputing them; else (). Fewer query tokens than keys (a swap tree's continuing
+    sequence: lmsys.data.batching.swap_tree) are the keys' last ones."""
+    outputs, kept = [], []
     offset = key.shape[1] - query.shape[1] // groups  # the keys before the first query token
     for start, end in _query_block_bounds(query.shape[1] // groups, blocks):
         rows, keys = slice(start * groups, end * groups), offset + end
-        weights, logsumexp = _causal_weights(query[:, rows], key[:, :keys], scaling, groups, offset + start)
-        outputs.append(torch.matmul(weights.to(query.dtype), value[:, :keys]))  # (N, C * g, D)
-        logsumexps.append(logsumexp)
-    return torch.cat(outputs, 1), torch.cat(logsumexps, 1)
+        weights = _causal_weights(query[:, rows], key[:, :keys], scaling, groups, offset + start).to(query.dtype)
+        outputs.append(torch.matmul(weights, value[:, :keys]))  # (N, C * g, D)
+        if keep_weights:
+            kept.append(weights)
+    return torch.cat(outputs, 1), tuple(kept)
 
 
 def causal_attention_backward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
-                              logsumexp: torch.Tensor, grad_output: torch.Tensor, scaling: float, groups: int,
-                              blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of q, k, v (their shapes, q's dtype) from causal_attention_forward's output, its log-sum-exp and the
-    output's gradient (N, T * g, D), block by block as the forward: the weights recomputed (as flash attention's
-    backward does: nothing (T, T) is kept between the passes), their gradient through the softmax in float32, the
-    blocks' k and v gradients summed in float32."""
+                              weights: tuple[torch.Tensor, ...], grad_output: torch.Tensor, scaling: float,
+                              groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k, v (their shapes, q's dtype) from causal_attention_forward's output, its kept weights (one
+    per block, in its blocks) and the output's gradient (N, T * g, D), block by block as the forward: the weights'
+    gradient through the softmax in float32, the blocks' k and v gradients summed in float32."""
     grad_queries = []
     grad_key = torch.zeros(key.shape, dtype=torch.float32, device=key.device)  # (N, T, D)
     grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
     offset = key.shape[1] - query.shape[1] // groups
-    for start, end in _query_block_bounds(query.shape[1] // groups, blocks):
+    bounds = _query_block_bounds(query.shape[1] // groups, len(weights))
+    for (start, end), block_weights in zip(bounds, weights, strict=True):
         rows, keys = slice(start * groups, end * groups), offset + end
         query_rows, grad_rows = query[:, rows], grad_output[:, rows]  # (N, C * g, D)
-        weights, _ = _causal_weights(query_rows, key[:, :keys], scaling, groups, offset + start, logsumexp[:, rows])
-        grad_value[:, :keys] += torch.matmul(weights.to(query.dtype).transpose(-1, -2), grad_rows)  # (N, keys, D)
+        grad_value[:, :keys] += torch.matmul(block_weights.transpose(-1, -2), grad_rows)  # (N, keys, D)
         grad_weights = torch.matmul(grad_rows, value[:, :keys].transpose(-1, -2)).float()  # (N, C * g, keys)
         row_dot = (grad_rows.float() * output[:, rows].float()).sum(-1, keepdim=True)  # (N, C * g, 1)
-        grad_scores = (weights * (grad_weights - row_dot) * scaling).to(query.dtype)
+        grad_scores = (block_weights.float() * (grad_weights - row_dot) * scaling).to(query.dtype)
         grad_queries.append(torch.matmul(grad_scores, key[:, :keys]))
         grad_key[:, :keys] += torch.matmul(grad_scores.transpose(-1, -2), query_rows)
     return torch.cat(grad_queries, 1), grad_key.to(query.dtype), grad_value.to(query.dtype)
@@ -231,26 +237,22 @@ def _query_block_bounds(length: int, blocks: int) -> list[tuple[int, int]]:
     return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
-def _causal_weights(query: torch.Tensor, key: torch.Tensor, scaling: float, groups: int, start: int,
-                    logsumexp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _causal_weights(query: torch.Tensor, key: torch.Tensor, scaling: float, groups: int, start: int) -> torch.Tensor:
     """The causal softmax weights (N, C * g, L) in float32 of the query rows of tokens start.. (token-major, C
-    tokens) over the first L keys, and their log-sum-exp (N, C * g); given the log-sum-exp, the weights are
-    exp(scores - it) (the backward's recomputation)."""
+    tokens) over the first L keys."""
     scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling  # (N, C * g, L)
     token = start + torch.arange(query.shape[1], device=query.device) // groups  # (C * g,) each row's token
     future = torch.arange(key.shape[1], device=query.device) > token[:, None]  # (C * g, L)
     scores = scores.masked_fill(future, float("-inf"))
-    if logsumexp is None:
-        logsumexp = scores.logsumexp(-1)
-    return (scores - logsumexp[..., None]).exp(), logsumexp
+    return (scores - scores.logsumexp(-1, keepdim=True)).exp()
 
 
 class CompiledCausalAttention:
-    """`model.attention_kernel=compiled` (bf16 training on CPU; see the module's docstring): the forward and the
-    backward above, each by torch.compile into one shape-generic graph (dynamic=True) shared by every layer and model
-    of the process (two of each: one block or QUERY_BLOCKS); a masked or non-causal call, or a row of one token
-    (which dynamo would specialize into a graph of its own), goes to Float32Backward. The same arguments as
-    Float32Backward.apply."""
+    """`model.attention_kernel=compiled` (bf16 on CPU; see the module's docstring): the forward and the backward
+    above, each by torch.compile into shape-generic graphs (dynamic=True) shared by every layer and model of the
+    process (one per block count, one block or QUERY_BLOCKS, and for the forward per keep_weights: with gradients it
+    keeps the weights, without it does not); a masked or non-causal call, or a row of one token (which dynamo would
+    specialize into a graph of its own), goes to Float32Backward. The same arguments as Float32Backward.apply."""
 
     def __init__(self) -> None:
         self.forward_graph = torch.compile(causal_attention_forward, dynamic=True)
@@ -262,8 +264,19 @@ class CompiledCausalAttention:
             if query.shape[2] != key.shape[2]:
                 raise ValueError("the compiled attention continues a prefix with 2 or more causal query tokens only")
             return Float32Backward.apply(query, key, value, mask, scaling, causal)
-        return RecomputedAttention.apply(query, key, value, query.shape[-1] ** -0.5 if scaling is None else scaling,
-                                         self)
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+            return KeptWeightsAttention.apply(query, key, value, scaling, self)
+        return self.attend(query, key, value, scaling)[0]
+
+    def attend(self, query, key, value, scaling: float, keep_weights: bool = False):
+        """(the output (B, H, T, D), what the backward needs: the stacked q, k, v, the stacked output and the kept
+        weights) of q (B, H, T, D), k and v (B, H_kv, T, D)."""
+        kv_heads = key.shape[1]
+        stacked = [_stacked(tensor, kv_heads) for tensor in (query, key, value)]
+        blocks = query_blocks(query.shape[0], query.shape[2], key.shape[2])
+        output, weights = self.forward_graph(*stacked, scaling, query.shape[1] // kv_heads, blocks, keep_weights)
+        return _unstacked(output, query.shape), (*stacked, output, *weights)
 
 
 def _stacked(tensor: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -288,28 +301,32 @@ def _unstacked(stacked: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return by_token.reshape(batch, length, heads, dim).transpose(1, 2)
 
 
-class RecomputedAttention(torch.autograd.Function):
+class KeptWeightsAttention(torch.autograd.Function):
     """Causal attention of q (B, H, T, D), k and v (B, H_kv, T, D) -> (B, H, T, D) through CompiledCausalAttention's
-    two graphs; keeps q, k, v, the output and the log-sum-exp for the backward, as Float32Backward does."""
+    two graphs; keeps q, k, v, the output and the softmax weights (bf16, the blocks' 5/8 of each (T, T) square per
+    key/value head and query head of its group) for the backward, which then has no weights to recompute.
+
+    The weights are what the forward's product with v took, so the backward differentiates exactly that forward.
+    Memory: the weights of every layer until its backward: rows x tokens x (at most FLOAT32_MAX_ROW keys) x query
+    heads x 2 bytes x 5/8 a layer, ~12 MB a layer for a micro-batch of 4 x 512 tokens and 9 heads. Measured on an
+    AMD EPYC with AVX-512 BF16 (2 threads, the bench's micro-batches, forward + backward of one layer): see the
+    module's docstring."""
 
     @staticmethod
     def forward(ctx, query, key, value, scaling, graphs):
-        kv_heads = key.shape[1]
-        groups = query.shape[1] // kv_heads
-        stacked = [_stacked(tensor, kv_heads) for tensor in (query, key, value)]
-        blocks = query_blocks(query.shape[0], query.shape[2], key.shape[2])
-        output, logsumexp = graphs.forward_graph(*stacked, scaling, groups, blocks)
-        ctx.save_for_backward(*stacked, output, logsumexp)
-        ctx.scaling, ctx.groups, ctx.blocks = scaling, groups, blocks
+        output, saved = graphs.attend(query, key, value, scaling, keep_weights=True)
+        ctx.save_for_backward(*saved)
+        ctx.scaling, ctx.groups = scaling, query.shape[1] // key.shape[1]
         ctx.graphs, ctx.shapes = graphs, (query.shape, key.shape)
-        return _unstacked(output, query.shape)
+        return output
 
     @staticmethod
     def backward(ctx, grad_output):
         query_shape, key_shape = ctx.shapes
+        query, key, value, output, *weights = ctx.saved_tensors
         grad_stacked = _stacked(grad_output, key_shape[1])
-        grad_query, grad_key, grad_value = ctx.graphs.backward_graph(*ctx.saved_tensors, grad_stacked, ctx.scaling,
-                                                                     ctx.groups, ctx.blocks)
+        grad_query, grad_key, grad_value = ctx.graphs.backward_graph(query, key, value, output, tuple(weights),
+                                                                     grad_stacked, ctx.scaling, ctx.groups)
         return (_unstacked(grad_query, query_shape), _unstacked(grad_key, key_shape),
                 _unstacked(grad_value, key_shape), None, None)
 
