@@ -211,8 +211,8 @@ def use_elementwise_kernels(preference_model: PreferenceModel, norm_kernel: Elem
         log.info("model.mlp_kernel: %d gated MLPs' activations compiled",
                  compile_gated_mlps(preference_model.backbone))
     if attention_kernel == ElementwiseKernel.compiled:
-        log.info("model.attention_kernel: %d attention modules' bf16 attention compiled",
-                 compile_attention(preference_model.backbone))
+        log.info("model.attention_kernel: %d attention modules' bf16 attention compiled, %d their rotary embedding",
+                 *compile_attention(preference_model.backbone))
 
 
 def _head_class(spec: ModelSpec) -> type[PreferenceHead | BiEncoderHead]:

@@ -101,6 +101,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from lmsys.modeling.rotary import compile_rotary
+
 CPU_SDPA = "lmsys_sdpa_cpu"
 FLOAT32_MAX_ROW = 512  # the bf16 crossover measured above
 
@@ -337,14 +339,15 @@ def process_compiled_attention() -> CompiledCausalAttention:
     return CompiledCausalAttention()
 
 
-def compile_attention(model: torch.nn.Module) -> int:
+def compile_attention(model: torch.nn.Module) -> tuple[int, int]:
     """Give every attention module of `model` (a family's *Attention with q_proj) the compiled causal attention, which
-    cpu_sdpa then uses for bf16 training; returns how many. The module tree and parameters are unchanged."""
+    cpu_sdpa then uses in bf16, and the compiled rotary embedding (lmsys.modeling.rotary); returns how many modules
+    have each. The module tree and parameters are unchanged."""
     modules = [module for module in model.modules() if type(module).__name__.endswith("Attention")
                and isinstance(getattr(module, "q_proj", None), torch.nn.Module)]
     for module in modules:  # not a submodule: names and checkpoints stay the family's
         module.__dict__["compiled_attention"] = process_compiled_attention()
-    return len(modules)
+    return len(modules), sum(compile_rotary(module) for module in modules)
 
 
 def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

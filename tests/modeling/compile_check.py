@@ -22,6 +22,7 @@ from lmsys.data.dataset import encode_split
 from lmsys.data.io import pairs_from_frame
 from lmsys.modeling.gated_mlp import CompiledGatedMLP
 from lmsys.modeling.losses import soft_cross_entropy
+from lmsys.modeling.rotary import CompiledRotary
 
 CPU = torch.device("cpu")
 UPDATES = 3
@@ -53,6 +54,7 @@ def curve(model_dir: Path, **model_kwargs) -> dict:
             "norms": len(norms), "norms_compiled": sum(norm._compiled_call_impl is not None for norm in norms),
             "mlps": len(mlps), "mlps_compiled": sum(isinstance(mlp, CompiledGatedMLP) for mlp in mlps),
             "attention_compiled": sum("compiled_attention" in module.__dict__ for module in model.modules()),
+            "rotary_compiled": sum(isinstance(module, CompiledRotary) for module in model.modules()),
             "unique_graphs": counters["stats"]["unique_graphs"]}
 
 

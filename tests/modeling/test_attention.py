@@ -492,3 +492,59 @@ def test_a_bf16_model_with_compiled_attention_agrees_with_the_float32_kernel(tin
     for summary in (max, statistics.median):
         eager, compiled = summary(errors["eager"].values()), summary(errors["compiled"].values())
         assert compiled <= max(1.5 * eager, 0.01) and compiled <= 0.15, (summary.__name__, eager, compiled)
+
+
+# --- the rotary embedding compiled with the attention ----------------------------------------------------------------
+
+
+def tiny_llama_attention():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         intermediate_size=128)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    module = LlamaAttention(config, 0).to(torch.bfloat16)
+    hidden = torch.randn(2, 40, 64, dtype=torch.bfloat16)
+    return module, hidden, LlamaRotaryEmbedding(config)(hidden, torch.arange(40)[None].expand(2, 40))
+
+
+def test_the_rotary_embedding_is_compiled_without_gradients_only():
+    """compile_rotary: the module's class becomes a subclass whose forward runs the family's code with its
+    apply_rotary_pos_emb compiled where no gradient is recorded (one graph made; the output within bf16 rounding of
+    eager's, ~1e-2 of values ~1) and the family's own function where one is (output and the input's gradient equal to
+    eager's bit for bit); the parameters' names unchanged; a second call changes nothing."""
+    from lmsys.modeling.rotary import CompiledRotary, compile_rotary
+
+    module, hidden, position_embeddings = tiny_llama_attention()
+    names = [name for name, _ in module.named_parameters()]
+
+    def outputs():
+        with torch.no_grad():
+            inference = module(hidden, position_embeddings, None)[0].float()
+        inputs = hidden.clone().requires_grad_(True)
+        output = module(inputs, position_embeddings, None)[0]
+        output.float().square().sum().backward()
+        return inference, output.detach().float(), inputs.grad.float()
+
+    eager = outputs()
+    counters.clear()
+    assert compile_rotary(module) and compile_rotary(module)
+    assert isinstance(module, CompiledRotary) and type(module).__mro__[2].__name__ == "LlamaAttention"
+    compiled = outputs()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert [name for name, _ in module.named_parameters()] == names
+    assert 0 < (compiled[0] - eager[0]).abs().max() <= 1e-2 * eager[0].abs().max()  # rounded otherwise: compiled
+    assert torch.equal(compiled[1], eager[1]) and torch.equal(compiled[2], eager[2])
+
+
+def test_a_forward_without_the_rotary_function_keeps_its_class():
+    from lmsys.modeling.rotary import compile_rotary
+
+    class Plain(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    module = Plain()
+    assert not compile_rotary(module) and type(module) is Plain

@@ -164,4 +164,4 @@ def test_a_run_logs_and_records_the_choice(tiny_models, arena_files, tmp_path):
     assert "compute dtype auto on cpu: bfloat16 (cache;" in log
     assert "model.norm_kernel: 5 RMSNorm modules compiled" in log and (run_dir / "checkpoint").is_dir()
     assert "model.mlp_kernel: 2 gated MLPs' activations compiled" in log
-    assert "model.attention_kernel: 2 attention modules' bf16 attention compiled" in log
+    assert "model.attention_kernel: 2 attention modules' bf16 attention compiled, 2 their rotary embedding" in log
