@@ -22,12 +22,14 @@ from lmsys.data.batching import collate
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import pairs_from_frame
 from lmsys.modeling.attention import (
+    COMPILED_FORWARD_MAX_KEYS,
     CPU_SDPA,
     FLOAT32_MAX_ROW,
     QUERY_BLOCKS,
     CompiledCausalAttention,
     Float32Backward,
     attention_kernel,
+    bf16_kernel,
     causal_attention_backward,
     causal_attention_forward,
     cpu_sdpa,
@@ -548,3 +550,18 @@ def test_a_forward_without_the_rotary_function_keeps_its_class():
 
     module = Plain()
     assert not compile_rotary(module) and type(module) is Plain
+
+
+def test_the_bf16_kernel_by_gradients_and_keys():
+    """With gradients the compiled attention (or Float32Backward) up to FLOAT32_MAX_ROW keys; without, the compiled
+    forward up to COMPILED_FORWARD_MAX_KEYS (beyond 512: a tree's continuing sequence and its pad tail); torch's sdpa
+    (None) beyond, in float32, with dropout, or without gradients and the compiled attention."""
+    compiled = CompiledCausalAttention()
+    module, plain = SimpleNamespace(compiled_attention=compiled), SimpleNamespace()
+    query = torch.zeros(1, 1, 2, 4, dtype=torch.bfloat16)
+    assert FLOAT32_MAX_ROW < 600 <= COMPILED_FORWARD_MAX_KEYS < 700
+    with torch.no_grad():
+        assert bf16_kernel(module, query, 0.0, 600) is compiled and bf16_kernel(module, query, 0.0, 700) is None
+        assert bf16_kernel(plain, query, 0.0, 100) is None and bf16_kernel(module, query.float(), 0.0, 100) is None
+    assert bf16_kernel(module, query, 0.0, FLOAT32_MAX_ROW) is compiled and bf16_kernel(module, query, 0.0, 600) is None
+    assert bf16_kernel(plain, query, 0.0, 100) == Float32Backward.apply and bf16_kernel(module, query, 0.1, 100) is None
