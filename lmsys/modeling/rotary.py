@@ -46,7 +46,7 @@ def _compiled(function: types.FunctionType):
 
 @functools.cache
 def _rotary_class(cls: type) -> type | None:
-    forward = cls.__dict__.get("forward", getattr(cls, "forward", None))
+    forward = getattr(cls, "forward", None)
     if not isinstance(forward, types.FunctionType) or ROTARY_FUNCTION not in forward.__code__.co_names:
         return None
     function = forward.__globals__.get(ROTARY_FUNCTION)
