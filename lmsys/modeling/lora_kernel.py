@@ -55,17 +55,18 @@ class LoraLinearFunction(torch.autograd.Function):
         blocks = [p.to(x.dtype) * s for p, s in zip(b_params, scalings, strict=True)]  # (n_i, r_i): small, per call
         h = x_lora @ a.t()  # (M, R)
         y = F.linear(x, weight, bias)  # (M, N)
-        for (rows, ranks), block in zip(_spans(blocks), blocks, strict=True):
+        spans = _spans(blocks)
+        for (rows, ranks), block in zip(spans, blocks, strict=True):
             y[:, rows].addmm_(h[:, ranks], block.t())  # in place in y's columns of this projection
         ctx.save_for_backward(x_lora, weight, a, h, *blocks)
-        ctx.scalings, ctx.shared_input = scalings, x_lora is x
+        ctx.scalings, ctx.shared_input, ctx.spans = scalings, x_lora is x, spans
         ctx.param_dtypes = [p.dtype for p in lora]
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x_lora, weight, a, h, *blocks = ctx.saved_tensors
-        spans = _spans(blocks)
+        spans = ctx.spans
         g = torch.cat([dy[:, rows] @ block for (rows, _), block in zip(spans, blocks, strict=True)], dim=1)  # (M, R)
         dx = dx_lora = None
         if ctx.needs_input_grad[0]:
