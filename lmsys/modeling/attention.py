@@ -101,6 +101,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from lmsys.modeling.causal_softmax import causal_softmax, causal_softmax_op
 from lmsys.modeling.rotary import compile_rotary
 
 CPU_SDPA = "lmsys_sdpa_cpu"
@@ -196,7 +197,7 @@ def query_blocks(rows: int, length: int, keys: int | None = None) -> int:
 
 
 def causal_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
-                             groups: int, blocks: int, keep_weights: bool = False
+                             groups: int, blocks: int, keep_weights: bool = False, softmax=None
                              ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Causal attention as batched products around a float32 softmax, GQA without repeating k and v: the `groups`
     query heads of a key/value head stack into one operand, token by token (row t * g + j: token t, head j of the
@@ -206,12 +207,13 @@ def causal_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torc
     q (N, T * g, D), k and v (N, T, D), N = batch x key/value heads -> the output (N, T * g, D) in q's dtype and, with
     `keep_weights`, each block's softmax weights (N, C * g, L) as the product with v took them (q's dtype), which
     the backward takes instead of recomputing them; else (). Fewer query tokens than keys (a swap tree's continuing
-    sequence: lmsys.data.batching.swap_tree) are the keys' last ones."""
+    sequence: lmsys.data.batching.swap_tree) are the keys' last ones. `softmax`: the C++ causal softmax
+    (lmsys.modeling.causal_softmax), or None: the float32 softmax of _causal_weights, which the compiled graph fuses."""
     outputs, kept = [], []
     offset = key.shape[1] - query.shape[1] // groups  # the keys before the first query token
     for start, end in _query_block_bounds(query.shape[1] // groups, blocks):
         rows, keys = slice(start * groups, end * groups), offset + end
-        weights = _causal_weights(query[:, rows], key[:, :keys], scaling, groups, offset + start).to(query.dtype)
+        weights = _block_weights(query[:, rows], key[:, :keys], scaling, groups, offset + start, softmax)
         outputs.append(torch.matmul(weights, value[:, :keys]))  # (N, C * g, D)
         if keep_weights:
             kept.append(weights)
@@ -249,6 +251,15 @@ def _query_block_bounds(length: int, blocks: int) -> list[tuple[int, int]]:
     return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
+def _block_weights(query: torch.Tensor, key: torch.Tensor, scaling: float, groups: int, start: int,
+                   softmax=None) -> torch.Tensor:
+    """The causal softmax weights (N, C * g, L) in q's dtype of a block's query rows over its first L keys:
+    _causal_weights rounded, or `softmax` (the C++ kernel) of the bf16 scores."""
+    if softmax is None:
+        return _causal_weights(query, key, scaling, groups, start).to(query.dtype)
+    return softmax(torch.matmul(query, key.transpose(-1, -2)), scaling, groups, start)  # scores (N, C * g, L)
+
+
 def _causal_weights(query: torch.Tensor, key: torch.Tensor, scaling: float, groups: int, start: int) -> torch.Tensor:
     """The causal softmax weights (N, C * g, L) in float32 of the query rows of tokens start.. (token-major, C
     tokens) over the first L keys."""
@@ -266,9 +277,10 @@ class CompiledCausalAttention:
     keeps the weights, without it does not); a masked or non-causal call, or a row of one token (which dynamo would
     specialize into a graph of its own), goes to Float32Backward. The same arguments as Float32Backward.apply."""
 
-    def __init__(self) -> None:
+    def __init__(self, softmax=None) -> None:
         self.forward_graph = torch.compile(causal_attention_forward, dynamic=True)
         self.backward_graph = torch.compile(causal_attention_backward, dynamic=True)
+        self.softmax = softmax  # the C++ causal softmax: the forward runs eagerly around it, the graph unused
 
     def __call__(self, query, key, value, mask, scaling, causal) -> torch.Tensor:
         """Fewer query tokens than keys: the keys' last ones, causal, at least two (continues)."""
@@ -287,7 +299,11 @@ class CompiledCausalAttention:
         kv_heads = key.shape[1]
         stacked = [_stacked(tensor, kv_heads) for tensor in (query, key, value)]
         blocks = query_blocks(query.shape[0], query.shape[2], key.shape[2])
-        output, weights = self.forward_graph(*stacked, scaling, query.shape[1] // kv_heads, blocks, keep_weights)
+        groups = query.shape[1] // kv_heads
+        if self.softmax is None:
+            output, weights = self.forward_graph(*stacked, scaling, groups, blocks, keep_weights)
+        else:
+            output, weights = causal_attention_forward(*stacked, scaling, groups, blocks, keep_weights, self.softmax)
         return _unstacked(output, query.shape), (*stacked, output, *weights)
 
 
@@ -345,8 +361,9 @@ class KeptWeightsAttention(torch.autograd.Function):
 
 @functools.cache
 def process_compiled_attention() -> CompiledCausalAttention:
-    """The process's one CompiledCausalAttention: its graphs serve every model built in the process."""
-    return CompiledCausalAttention()
+    """The process's one CompiledCausalAttention: its graphs serve every model built in the process; its softmax
+    the C++ kernel where that runs (lmsys.modeling.causal_softmax)."""
+    return CompiledCausalAttention(causal_softmax if causal_softmax_op() is not None else None)
 
 
 def compile_attention(model: torch.nn.Module) -> tuple[int, int]:
