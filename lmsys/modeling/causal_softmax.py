@@ -28,7 +28,7 @@ import torch
 
 log = logging.getLogger("lmsys")
 
-NAME = "lmsys_causal_softmax_v1"  # the build's name in torch's extension cache; a new source takes a new name
+NAME = "lmsys_causal_softmax"  # the build's name in torch's extension cache (a changed source is built anew)
 # The kernel's own instruction sets, not -march=native: a build cached in a home directory shared by machines
 # of different CPUs runs on any with AVX-512 BF16 (checked before loading).
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
@@ -59,8 +59,8 @@ static inline void store_bf16(at::BFloat16* y, Floats v) {  // 16 float32 -> 16 
 // scores (N, R, L) bf16, contiguous -> weights (N, R, L) bf16: the softmax of scale * scores over the keys
 // 0 .. first + r / groups of row r (of every n), zero after them.
 torch::Tensor causal_softmax(torch::Tensor scores, double scale, int64_t groups, int64_t first) {
-  TORCH_CHECK(scores.dim() == 3 && scores.is_contiguous() && scores.scalar_type() == at::kBFloat16,
-              "causal_softmax takes contiguous (N, R, L) bf16 scores");
+  TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 3 && scores.is_contiguous() &&
+              scores.scalar_type() == at::kBFloat16, "causal_softmax takes contiguous (N, R, L) bf16 CPU scores");
   const int64_t R = scores.size(1), L = scores.size(2);
   auto weights = torch::empty_like(scores);
   const at::BFloat16* in = scores.data_ptr<at::BFloat16>();
