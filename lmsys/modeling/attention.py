@@ -51,8 +51,8 @@ those shapes, gradients within bf16 rounding of it. Evaluation, prediction and l
 CPU with a C++ compiler). The same causal attention of those rows as batched bf16 products around a causal softmax
 (CompiledCausalAttention): the C++ kernel of lmsys.modeling.causal_softmax where it runs (AVX-512 BF16; the forward
 then runs eagerly around it: 0.62 of the compiled graph's time without gradients on prediction shapes, a TTA pass
-0.91 and training updates 0.93 of the time), else the float32 softmax compiled with the products; GQA by stacking a key/value head's query heads into one operand, token by token (k and v
-are not repeated); on long rows the query tokens go in QUERY_BLOCKS blocks, each against the keys up to its last
+0.91 and training updates 0.93 of the time), else the float32 softmax compiled with the products. GQA by stacking
+a key/value head's query heads into one operand, token by token (k and v are not repeated); on long rows the query tokens go in QUERY_BLOCKS blocks, each against the keys up to its last
 token only (5/8 of the square's products and softmax, and a block's float32 scores stay in cache), short or few rows
 in one block (query_blocks); the causal mask is generated inside the loop. The forward and a hand-written backward
 are compiled, one graph each per block count. The forward keeps each block's softmax weights in bf16 (the operand

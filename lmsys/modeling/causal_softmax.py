@@ -126,6 +126,7 @@ def causal_softmax_op():
         log.warning("attention: the C++ causal softmax could not be built (%s); the compiled softmax is used",
                     str(error).splitlines()[0] if str(error) else type(error).__name__)
         return None
+    log.info("attention: the C++ causal softmax (AVX-512 BF16) is in use")
     return module.causal_softmax
 
 
