@@ -112,3 +112,21 @@ def test_no_kernel_without_avx512_bf16(monkeypatch):
         assert causal_softmax_op() is None
     finally:
         kernel_module.causal_softmax_op.cache_clear()
+
+
+def test_a_failed_build_leaves_the_graph_softmax(monkeypatch, caplog):
+    """No compiler or ninja (load_inline raises RuntimeError): one warning naming the cause, and the op is None."""
+    import torch.utils.cpp_extension
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions (pip install ninja to get it)")
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", fail)
+    kernel_module.causal_softmax_op.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="lmsys"):
+            assert causal_softmax_op() is None
+    finally:
+        kernel_module.causal_softmax_op.cache_clear()
+    assert "could not be built (Ninja is required" in caplog.text
