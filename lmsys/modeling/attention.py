@@ -32,6 +32,15 @@ backward, median of 9, the bench's micro-batch shapes):
 | 512, 481 (+31) | 46.9 | 33.3 |
 | 246+196 (+2), 244+200 (rows of several sequences: each alone) | 24.1 | 24.4 |
 
+**No pad tails** (models without a sliding window). PreferenceModel now drops the rows' pad tails before the
+backbone (model.unpad_rows): one row of the real tokens, whose projections, norms and MLPs compute no padding
+(5% of the bench's packed training tokens, 3.6% of its TTA pass's). The attention pads instead, where it batches
+the row's sequences (attend_segments): inside the compiled kernel's own copies of q, k and v (_stacked with
+`lengths`), so a micro-batch's sequences still attend in one call with no extra copy. Measured in one process
+on the bench's packed updates and TTA pass (AMD EPYC, AVX-512 BF16, 2 threads, the two taking turns): 0.97 and
+0.95 of the time of the rows with their tails. The rows above (tails joined) remain for models with a sliding
+window, where a sequence longer than the window takes the masked path, whose mask keeps to its row.
+
 **A float32 backward in bf16 training.** torch's CPU flash-attention backward is slow in bfloat16 on short rows.
 Measured on an Intel Xeon with AMX (2 threads, packed causal masks, forward + backward, median of 5; `python
 scripts/attention_bench.py` prints the table for the machine it runs on):
@@ -99,6 +108,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -284,51 +294,82 @@ class CompiledCausalAttention:
         self.backward_graph = torch.compile(causal_attention_backward, dynamic=True)
         self.softmax = softmax  # the C++ causal softmax: the forward runs eagerly around it, the graph unused
 
-    def __call__(self, query, key, value, mask, scaling, causal) -> torch.Tensor:
-        """Fewer query tokens than keys: the keys' last ones, causal, at least two (continues)."""
+    def __call__(self, query, key, value, mask, scaling, causal, lengths: tuple[int, ...] | None = None
+                 ) -> torch.Tensor:
+        """Fewer query tokens than keys: the keys' last ones, causal, at least two (continues). `lengths`: one row
+        (B = 1) of sequences of these lengths, each attended on its own, causal (attend_segments)."""
         if mask is not None or not causal or query.shape[2] <= 1:
-            if query.shape[2] != key.shape[2]:
-                raise ValueError("the compiled attention continues a prefix with 2 or more causal query tokens only")
+            if query.shape[2] != key.shape[2] or lengths is not None:
+                raise ValueError("the compiled attention continues a prefix with 2 or more causal query tokens only, "
+                                 "and attends the sequences of a row causally only")
             return Float32Backward.apply(query, key, value, mask, scaling, causal)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-            return KeptWeightsAttention.apply(query, key, value, scaling, self)
-        return self.attend(query, key, value, scaling)[0]
+            return KeptWeightsAttention.apply(query, key, value, scaling, self, lengths)
+        return self.attend(query, key, value, scaling, lengths=lengths)[0]
 
-    def attend(self, query, key, value, scaling: float, keep_weights: bool = False):
+    def attend(self, query, key, value, scaling: float, keep_weights: bool = False,
+               lengths: tuple[int, ...] | None = None):
         """(the output (B, H, T, D), what the backward needs: the stacked q, k, v, the stacked output and the kept
-        weights) of q (B, H, T, D), k and v (B, H_kv, T, D)."""
+        weights) of q (B, H, T, D), k and v (B, H_kv, T, D); with `lengths`, B = 1 and the row's sequences go
+        side by side, each padded to the longest (_stacked)."""
         kv_heads = key.shape[1]
-        stacked = [_stacked(tensor, kv_heads) for tensor in (query, key, value)]
-        blocks = query_blocks(query.shape[0], query.shape[2], key.shape[2])
+        stacked = [_stacked(tensor, kv_heads, lengths) for tensor in (query, key, value)]
+        rows, length = (query.shape[0], query.shape[2]) if lengths is None else (len(lengths), max(lengths))
+        blocks = query_blocks(rows, length, key.shape[2] if lengths is None else length)
         groups = query.shape[1] // kv_heads
         if self.softmax is None:
             output, weights = self.forward_graph(*stacked, scaling, groups, blocks, keep_weights)
         else:
             output, weights = causal_attention_forward(*stacked, scaling, groups, blocks, keep_weights, self.softmax)
-        return _unstacked(output, query.shape), (*stacked, output, *weights)
+        return _unstacked(output, query.shape, lengths), (*stacked, output, *weights)
 
 
-def _stacked(tensor: torch.Tensor, kv_heads: int) -> torch.Tensor:
+def _stacked(tensor: torch.Tensor, kv_heads: int, lengths: tuple[int, ...] | None = None) -> torch.Tensor:
     """(B, h, T, D) -> (B * H_kv, T * h / H_kv, D), token by token (causal_attention_forward's layout): always a new
     contiguous tensor, never a view, the one kind of input the graphs see (dynamo guards on a view's base, a stride
     pattern, a storage offset, requires_grad: each would be a graph of its own). One copy of q, k or v (the
-    projections lay them out as (B, T, h, D), so regrouping copies anyway)."""
+    projections lay them out as (B, T, h, D), so regrouping copies anyway).
+
+    With `lengths` (B = 1, the row's sequences in order): (S * H_kv, L * h / H_kv, D), L the longest, sequence by
+    sequence, each followed by zeros up to L: the same one copy, the padding only in this layout (a sequence's
+    padding comes after its tokens, so causal attention keeps it from them; zeros keep its products finite)."""
     batch, heads, length, dim = tensor.shape
     groups = heads // kv_heads
-    stacked = torch.empty(batch * kv_heads, length * groups, dim, dtype=tensor.dtype, device=tensor.device)
-    by_token = tensor.transpose(1, 2).reshape(batch, length, kv_heads, groups, dim)
-    stacked.view(batch, kv_heads, length, groups, dim).copy_(by_token.transpose(1, 2))
+    if lengths is None:
+        stacked = torch.empty(batch * kv_heads, length * groups, dim, dtype=tensor.dtype, device=tensor.device)
+        by_token = tensor.transpose(1, 2).reshape(batch, length, kv_heads, groups, dim)
+        stacked.view(batch, kv_heads, length, groups, dim).copy_(by_token.transpose(1, 2))
+        return stacked
+    longest = max(lengths)
+    stacked = torch.empty(len(lengths) * kv_heads, longest * groups, dim, dtype=tensor.dtype, device=tensor.device)
+    padded = stacked.view(len(lengths), kv_heads, longest, groups, dim)
+    by_token = tensor[0].transpose(0, 1).reshape(length, kv_heads, groups, dim)  # (T, H_kv, g, D)
+    start = 0
+    for i, size in enumerate(lengths):
+        padded[i, :, :size].copy_(by_token[start : start + size].transpose(0, 1))
+        padded[i, :, size:].zero_()
+        start += size
     return stacked
 
 
-def _unstacked(stacked: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def _unstacked(stacked: torch.Tensor, shape: torch.Size, lengths: tuple[int, ...] | None = None) -> torch.Tensor:
     """_stacked's inverse: (B * H_kv, T * h / H_kv, D) -> (B, h, T, D), a view of a (B, T, h, D) tensor (the layout
-    the caller's transpose makes contiguous). One copy for a query's h > H_kv; a view for k and v."""
+    the caller's transpose makes contiguous). One copy for a query's h > H_kv; a view for k and v. With `lengths`:
+    one copy of each sequence's tokens into a new (1, T, h, D) tensor, the padding left out."""
     batch, heads, length, dim = shape
-    kv_heads = stacked.shape[0] // batch
-    by_token = stacked.view(batch, kv_heads, length, heads // kv_heads, dim).transpose(1, 2)  # (B, T, H_kv, g, D)
-    return by_token.reshape(batch, length, heads, dim).transpose(1, 2)
+    kv_heads = stacked.shape[0] // (batch if lengths is None else len(lengths))
+    groups = heads // kv_heads
+    if lengths is None:
+        by_token = stacked.view(batch, kv_heads, length, groups, dim).transpose(1, 2)  # (B, T, H_kv, g, D)
+        return by_token.reshape(batch, length, heads, dim).transpose(1, 2)
+    padded = stacked.view(len(lengths), kv_heads, max(lengths), groups, dim)
+    flat = torch.empty(length, kv_heads, groups, dim, dtype=stacked.dtype, device=stacked.device)  # (T, H_kv, g, D)
+    start = 0
+    for i, size in enumerate(lengths):
+        flat[start : start + size].copy_(padded[i, :, :size].transpose(0, 1))
+        start += size
+    return flat.view(1, length, heads, dim).transpose(1, 2)
 
 
 class KeptWeightsAttention(torch.autograd.Function):
@@ -343,10 +384,10 @@ class KeptWeightsAttention(torch.autograd.Function):
     module's docstring."""
 
     @staticmethod
-    def forward(ctx, query, key, value, scaling, graphs):
-        output, saved = graphs.attend(query, key, value, scaling, keep_weights=True)
+    def forward(ctx, query, key, value, scaling, graphs, lengths=None):
+        output, saved = graphs.attend(query, key, value, scaling, keep_weights=True, lengths=lengths)
         ctx.save_for_backward(*saved)
-        ctx.scaling, ctx.groups = scaling, query.shape[1] // key.shape[1]
+        ctx.scaling, ctx.groups, ctx.lengths = scaling, query.shape[1] // key.shape[1], lengths
         ctx.graphs, ctx.shapes = graphs, (query.shape, key.shape)
         return output
 
@@ -354,11 +395,12 @@ class KeptWeightsAttention(torch.autograd.Function):
     def backward(ctx, grad_output):
         query_shape, key_shape = ctx.shapes
         query, key, value, output, *weights = ctx.saved_tensors
-        grad_stacked = _stacked(grad_output, key_shape[1])
+        lengths = ctx.lengths
+        grad_stacked = _stacked(grad_output, key_shape[1], lengths)  # zero at the padding: it reaches no gradient
         grad_query, grad_key, grad_value = ctx.graphs.backward_graph(query, key, value, output, tuple(weights),
                                                                      grad_stacked, ctx.scaling, ctx.groups)
-        return (_unstacked(grad_query, query_shape), _unstacked(grad_key, key_shape),
-                _unstacked(grad_value, key_shape), None, None)
+        return (_unstacked(grad_query, query_shape, lengths), _unstacked(grad_key, key_shape, lengths),
+                _unstacked(grad_value, key_shape, lengths), None, None, None)
 
 
 @functools.cache
@@ -394,9 +436,13 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     (torch's sdpa). `shared_prefixes` (K, 3), swap trees' (lmsys.data.batching.Batch): a segment starting at a
     listed flattened index continues the listed prefix, whose keys and values go before its own.
 
-    Rows of one segment each (most micro-batches, once pad tails join their sequence: see sequence_bounds) attend
-    in one batched call on the tensors as they are; otherwise each segment in a call of its own. (Segments of
-    similar lengths padded into batched calls measured no faster: the padding copies cost what batching saves.)
+    Rows of one segment each (packed rows that keep their pad tails, joined to their sequence: see sequence_bounds)
+    attend in one batched call on the tensors as they are. Otherwise (PreferenceModel's one row of real tokens:
+    model.unpad_rows) the segments go in calls of several, each padded to its longest (padded_groups): the
+    compiled kernel pads a row's segments inside its own copies of q, k and v (_stacked) where they make one call,
+    else they are padded here (pad_sequence); a swap tree's continuing segment goes alone. On the bench's packed
+    updates (AMD EPYC, AVX-512 BF16, 2 threads, one process, the two taking turns) the row of real tokens took
+    0.97 of the time of rows with pad tails (5% of the tokens), and a TTA pass of swap trees 0.95.
 
     The projections lay q, k and v out as (R, T, H, D), so the flattened (R * T, H, D) views and their split into
     segments are free, and the split's backward is one concatenation (slicing each segment out of the full
@@ -422,18 +468,53 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     prefixes = {} if shared_prefixes is None else {first: (start, size)
                                                    for first, start, size in shared_prefixes.tolist()}
     flat_key, flat_value = flat(key), flat(value)
-    outputs, first = [], 0
-    for q, k, v in zip(*(t.split(lengths) for t in (flat(query), flat_key, flat_value)), strict=True):  # (L, h, D)
+    pieces = [t.split(lengths) for t in (flat(query), flat_key, flat_value)]  # each segment's (L, h, D)
+    firsts = [sum(lengths[:i]) for i in range(len(lengths))]
+    outputs: list[torch.Tensor | None] = [None] * len(lengths)
+    for i, first in enumerate(firsts):  # a swap tree's continuing segment: its prefix's keys and values first
         if first in prefixes:
             start, size = prefixes[first]
+            q, k, v = (piece[i] for piece in pieces)
             k = torch.cat([flat_key[start : start + size], k])  # (P + L, h, D)
             v = torch.cat([flat_value[start : start + size], v])
-            outputs.append(attend_continuing(heads_first(q), heads_first(k), heads_first(v), dropout, scaling,
-                                             kernel)[0])
-        else:
-            outputs.append(attend(heads_first(q), heads_first(k), heads_first(v))[0])  # (L, H, D)
-        first += len(q)
+            outputs[i] = attend_continuing(heads_first(q), heads_first(k), heads_first(v), dropout, scaling,
+                                           kernel)[0]
+    plain = [i for i, first in enumerate(firsts) if first not in prefixes]
+    groups = padded_groups([lengths[i] for i in plain])
+    if rows == 1 and len(groups) == 1 and len(plain) == len(lengths) and isinstance(kernel, CompiledCausalAttention):
+        # one row of sequences in one call, padded inside the kernel's own copies (_stacked)
+        return kernel(query, key, value, None, scaling, True, tuple(lengths)).transpose(1, 2)
+    for group in groups:
+        members = [plain[j] for j in group]
+        if len(members) == 1:
+            outputs[members[0]] = attend(*(heads_first(piece[members[0]]) for piece in pieces))[0]  # (L, H, D)
+            continue
+        padded = [pad_sequence([piece[i] for i in members], batch_first=True).transpose(1, 2)  # (G, h, L_max, D)
+                  for piece in pieces]
+        batch = attend(*padded)  # (G, L_max, H, D)
+        for j, i in enumerate(members):
+            outputs[i] = batch[j, : lengths[i]]
     return torch.cat(outputs).view(rows, length, heads, dim)
+
+
+PADDING_WASTE = 2.0  # a padded call's attention against its segments' own, at most (padded_groups)
+
+
+def padded_groups(lengths: list[int]) -> list[list[int]]:
+    """Indices of segments attended in one call, padded to the call's longest: the segments longest first, each
+    group while its padded square products (members x longest^2) stay within PADDING_WASTE of the members' own
+    (sum of length^2). Padding costs attention only (the tokens' projections are computed unpadded:
+    model.unpad_rows); one call instead of one per segment saves the per-call work of every layer."""
+    groups: list[list[int]] = []
+    own = 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] ** 2 <= PADDING_WASTE * (own + lengths[i] ** 2):
+            groups[-1].append(i)
+            own += lengths[i] ** 2
+        else:
+            groups.append([i])
+            own = lengths[i] ** 2
+    return groups
 
 
 def attend_continuing(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,

@@ -45,21 +45,27 @@ class PreferenceModel(nn.Module):
                 and getattr(config, "attn_logit_softcapping", None) is None
                 and (not self.sliding_window or longest <= self.sliding_window))
 
-    def _packed_bounds(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-                       last_tokens: torch.Tensor, shared_prefixes: torch.Tensor | None) -> dict:
+    def _packed_bounds(self, position_ids: torch.Tensor, last_tokens: torch.Tensor | None,
+                       shared_prefixes: torch.Tensor | None) -> dict:
         """For CPU_SDPA (lmsys/modeling/attention.py), which attends each packed sequence on its own: the packed
         sequences' cumulative lengths over the flattened rows, as flash attention's varlen kwargs name them, each
-        row's pad tail joined to its last sequence (the pooled tokens are the sequences' last); with swap trees a
-        tree's second sequence is a segment of its own, passed with its shared prefix (`shared_prefixes`)."""
-        if attention_mask is not None or position_ids is None or not self.passes_sequence_bounds:
-            if shared_prefixes is not None:
-                raise ValueError("swap trees (shared_prefixes) need packed rows on the lmsys CPU sdpa kernel")
-            return {}
+        row's pad tail (where rows keep them: `last_tokens`) joined to its last sequence (the pooled tokens are the
+        sequences' last); with swap trees a tree's second sequence is a segment of its own, passed with its shared
+        prefix (`shared_prefixes`)."""
         bounds = sequence_bounds(position_ids, last_tokens, self.sliding_window)
         if shared_prefixes is None:
             return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds}
         bounds = torch.cat([bounds, shared_prefixes[:, 0].to(bounds)]).unique(sorted=True)  # (S + K + 1,)
         return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "shared_prefixes": shared_prefixes}
+
+    def _attends_sequences(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                           shared_prefixes: torch.Tensor | None) -> bool:
+        """Whether the backbone attends these packed rows sequence by sequence (CPU_SDPA, given the bounds)."""
+        if attention_mask is None and position_ids is not None and self.passes_sequence_bounds:
+            return True
+        if shared_prefixes is not None:
+            raise ValueError("swap trees (shared_prefixes) need packed rows on the lmsys CPU sdpa kernel")
+        return False
 
     def forward(
         self,
@@ -74,15 +80,22 @@ class PreferenceModel(nn.Module):
             # an encoder has no cache (and its forward no use_cache); pool the first real token of each row
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (R, T, H)
             pool_cols = attention_mask.int().argmax(dim=1)[pool_rows]  # (N,) first 1 of each row, either padding side
-        else:
-            rows, width = input_ids.shape
+        elif self._attends_sequences(attention_mask, position_ids, shared_prefixes):
+            width = input_ids.shape[1]
             last_tokens = pool_rows * width + pool_cols  # (N * S,) flattened index of each sequence's last token
-            if self.pooled_tail is not None:
-                self.pooled_tail.select(last_tokens, (rows, width))
-            hidden = self.backbone(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                **self._packed_bounds(attention_mask, position_ids, last_tokens, shared_prefixes),
-            ).last_hidden_state  # (R, T, H)
+            tails = last_tokens  # the rows' pad tails, each joined to its row's last sequence
+            # Without a sliding window, one row of the real tokens (unpad_rows). With one, the rows stay: a sequence
+            # longer than the window takes the masked path, whose mask keeps to its row.
+            if not self.sliding_window:
+                input_ids, position_ids, last_tokens, shared_prefixes = unpad_rows(
+                    input_ids, position_ids, last_tokens, shared_prefixes)
+                pool_rows, pool_cols, tails = torch.zeros_like(last_tokens), last_tokens, None
+            hidden = self._decoder_states(input_ids, position_ids, last_tokens,
+                                          **self._packed_bounds(position_ids, tails, shared_prefixes))
+        else:
+            width = input_ids.shape[1]
+            hidden = self._decoder_states(input_ids, position_ids, pool_rows * width + pool_cols,
+                                          attention_mask=attention_mask)
         # With the backbone split over devices (device_map) the last hidden state lives on the last one.
         pooled = hidden[pool_rows.to(hidden.device), pool_cols.to(hidden.device)]  # (N * S, H)
         head_weight = next(self.head.parameters(), None)  # None: a parameter-free head (tests)
@@ -90,3 +103,31 @@ class PreferenceModel(nn.Module):
         if getattr(self.head, "sequences_per_pair", 1) == 2:
             return self.head(pooled[0::2], pooled[1::2])  # (N, H) of (prompt, A) and of (prompt, B) -> (N, C)
         return self.head(pooled)  # (N, C)
+
+    def _decoder_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, last_tokens: torch.Tensor,
+                        **kwargs) -> torch.Tensor:
+        """The backbone's last hidden state (R, T, H) of a decoder; `last_tokens` (N * S,) the flattened indices of
+        the pooled tokens, which the pooled tail computes alone."""
+        if self.pooled_tail is not None:
+            self.pooled_tail.select(last_tokens, tuple(input_ids.shape))
+        return self.backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                             **kwargs).last_hidden_state
+
+
+def unpad_rows(input_ids: torch.Tensor, position_ids: torch.Tensor, last_tokens: torch.Tensor,
+               shared_prefixes: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Packed rows (R, T) as one row (1, M) of their real tokens, in order: each row's pad tail (after its last
+    pooled token) dropped, so that no projection, norm or MLP computes it; the attention, sequence by sequence,
+    pads a call's sequences to its longest where it batches them (attention.attend_segments).
+    Returns input_ids and position_ids (1, M), the pooled tokens' flattened indices (N * S,) and the swap trees'
+    `shared_prefixes` (K, 3) with their two token indices, in the new row."""
+    rows, width = input_ids.shape
+    row_end = torch.full((rows,), -1, dtype=last_tokens.dtype, device=last_tokens.device).scatter_reduce(
+        0, last_tokens // width, last_tokens % width, "amax")  # (R,) each row's last real column
+    real = (torch.arange(width, device=input_ids.device) <= row_end[:, None]).view(-1)  # (R * T,)
+    new_index = real.cumsum(0) - 1  # (R * T,) each real token's index in the new row
+    if shared_prefixes is not None:
+        shared_prefixes = torch.stack([new_index[shared_prefixes[:, 0]], new_index[shared_prefixes[:, 1]],
+                                       shared_prefixes[:, 2]], dim=1)
+    return (input_ids.reshape(-1)[real][None], position_ids.reshape(-1)[real][None], new_index[last_tokens],
+            shared_prefixes)

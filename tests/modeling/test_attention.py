@@ -28,11 +28,14 @@ from lmsys.modeling.attention import (
     QUERY_BLOCKS,
     CompiledCausalAttention,
     Float32Backward,
+    _stacked,
+    _unstacked,
     attention_kernel,
     bf16_kernel,
     causal_attention_backward,
     causal_attention_forward,
     cpu_sdpa,
+    padded_groups,
     query_blocks,
     sequence_bounds,
 )
@@ -565,3 +568,60 @@ def test_the_bf16_kernel_by_gradients_and_keys():
         assert bf16_kernel(plain, query, 0.0, 100) is None and bf16_kernel(module, query.float(), 0.0, 100) is None
     assert bf16_kernel(module, query, 0.0, FLOAT32_MAX_ROW) is compiled and bf16_kernel(module, query, 0.0, 600) is None
     assert bf16_kernel(plain, query, 0.0, 100) == Float32Backward.apply and bf16_kernel(module, query, 0.1, 100) is None
+
+
+# --- one row of real tokens (model.unpad_rows): its sequences padded only inside the attention -------------------
+
+
+def test_padded_groups_bound_the_padding_of_a_call():
+    # longest first; a group grows while members x longest^2 <= PADDING_WASTE (2) x the members' own squares
+    assert padded_groups([7, 12, 3, 18]) == [[3, 1, 0], [2]]  # 4 x 18^2 = 1296 > 2 x 526: the 3 goes alone
+    assert padded_groups([10, 12, 9, 9]) == [[1, 0, 2, 3]]
+    assert padded_groups([5]) == [[0]] and padded_groups([]) == []
+
+
+def test_stacking_a_row_of_sequences_pads_each_with_zeros_and_unstacks_back():
+    tensor = torch.randn(1, 10, 4, 3).transpose(1, 2)  # (1, h=4, T=10, D=3), as the projections lay it out
+    stacked = _stacked(tensor, 2, (4, 6))  # 2 sequences x 2 kv heads, up to 6 tokens x 2 heads of a group
+    assert stacked.shape == (4, 12, 3) and stacked.is_contiguous()
+    padded = stacked.view(2, 2, 6, 2, 3)  # (S, H_kv, L, g, D)
+    assert torch.equal(padded[0, :, 4:], torch.zeros(2, 2, 2, 3))  # the first sequence's 2 padding tokens
+    # token 5 (the second sequence's second), head 3 = kv head 1, head 1 of its group
+    assert torch.equal(padded[1, 1, 1, 1], tensor[0, 3, 5])
+    assert torch.equal(_unstacked(stacked, tensor.shape, (4, 6)), tensor)
+
+
+ONE_ROW = {"one_call": [10, 12, 9, 9], "two_calls": [7, 12, 3, 18]}  # padded_groups: one group; two
+
+
+@pytest.mark.parametrize("lengths", ONE_ROW.values(), ids=ONE_ROW.keys())
+@pytest.mark.parametrize("kernel", ["sdpa_float32", "compiled_bf16"])
+def test_one_row_of_sequences_attends_each_alone_with_gradients(compiled_module, monkeypatch, kernel, lengths):
+    """A row of sequences with no pad tail (PreferenceModel's unpadded row): each sequence's output and q, k, v
+    gradients as float64 sdpa over that sequence alone; float32 to float rounding, the compiled bf16 kernel within
+    bf16 rounding, padding the sequences in its own copies (_stacked with lengths) where they make one call."""
+    dtype = torch.float32 if kernel == "sdpa_float32" else torch.bfloat16
+    module = GQA if kernel == "sdpa_float32" else compiled_module
+    query, key, value = (t[:1].to(dtype).requires_grad_(True) for t in qkv(seed=12, length=40))
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    stacked_lengths = []
+    original = _stacked
+    monkeypatch.setattr("lmsys.modeling.attention._stacked",
+                        lambda t, kv, lens=None: stacked_lengths.append(lens) or original(t, kv, lens))
+    output, _ = cpu_sdpa(module, query, key, value, None, scaling=0.25, cu_seq_lens_q=bounds)  # (1, 40, H, D)
+    weights = torch.linspace(-1.0, 1.0, output.numel()).view_as(output)
+    (output.double() * weights.double()).sum().backward()
+    if kernel == "compiled_bf16":
+        one_call = len(padded_groups(lengths)) == 1
+        assert (tuple(lengths) in stacked_lengths) == one_call  # one call padded inside the kernel; else not
+    start = 0
+    for length in lengths:
+        tokens = slice(start, start + length)
+        alone = [t.detach()[:, :, tokens].double().requires_grad_(True) for t in (query, key, value)]
+        expected, _ = sdpa_attention_forward(GQA, *alone, None, scaling=0.25, is_causal=True)  # (1, L, H, D)
+        (expected * weights[:, tokens].double()).sum().backward()
+        for ours, theirs in zip([output[:, tokens], *(t.grad[:, :, tokens] for t in (query, key, value))],
+                                [expected, *(t.grad for t in alone)], strict=True):
+            tolerance = 1e-5 if dtype == torch.float32 else 0.02 * float(theirs.detach().abs().max())
+            torch.testing.assert_close(ours.detach().double(), theirs.detach(), atol=tolerance, rtol=0)
+        start += length

@@ -21,7 +21,7 @@ from lmsys.modeling.backbone import fold_into_dense
 from lmsys.modeling.checkpoint import ADAPTER_FILES, HEAD_FILE, CheckpointError, ModelSpec, read_spec, save_checkpoint
 from lmsys.modeling.families import FamilyError, check_family, resolve_attention
 from lmsys.modeling.heads import PreferenceHead
-from lmsys.modeling.model import PreferenceModel
+from lmsys.modeling.model import PreferenceModel, unpad_rows
 from lmsys.modeling.model_facts import read_model_facts
 
 CPU = torch.device("cpu")
@@ -111,6 +111,23 @@ def test_packed_pooling_reads_the_end_of_each_segment(row_tokens):
         n = len(ex.ids)
         assert batch.input_ids[row, col - n + 1 : col + 1].tolist() == ex.ids.tolist()
         assert batch.position_ids[row, col - n + 1 : col + 1].tolist() == list(range(n))
+
+
+def test_unpadded_rows_keep_every_real_token_in_order():
+    # row 0: a 3-token sequence, then a swap tree (2-token prefix + 1, continued by 2 more), no tail;
+    # row 1: a 4-token sequence and a 4-token pad tail
+    input_ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 0, 0, 0, 0]])
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 2, 3], [0, 1, 2, 3, 0, 1, 2, 3]])
+    last_tokens = torch.tensor([2, 5, 7, 11])  # flattened: row 0 columns 2, 5 and 7; row 1 column 3
+    shared = torch.tensor([[6, 3, 2]])  # the tree's second rest starts at column 6 and continues columns 3..4
+    ids, positions, last, prefixes = unpad_rows(input_ids, position_ids, last_tokens, shared)
+    assert ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 2, 2, 3, 0, 1, 2, 3]]
+    assert last.tolist() == [2, 5, 7, 11] and prefixes.tolist() == [[6, 3, 2]]
+    # the tail in the first row moves the second row's indices
+    input_ids[0, 7], position_ids[0, 7] = 0, 0
+    ids, positions, last, prefixes = unpad_rows(input_ids, position_ids, torch.tensor([2, 5, 6, 11]), shared)
+    assert ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12]] and last.tolist() == [2, 5, 6, 10]
 
 
 # --- the real models -----------------------------------------------------------------------------------------------
