@@ -115,9 +115,11 @@ def _time_training(config, spec, split, model, accelerator, pad_id) -> dict:
     seconds = time.perf_counter() - start
     batches = [collate(mb, settings.batching) for update in timed for mb in update.micro_batches]
     real_tokens = sum(b.n_real_tokens for b in batches)
+    # the tokens the backbone computes: packed rows' pad tails are dropped first where the model does so
+    computed = real_tokens if settings.batching.packed and getattr(model, "drops_pad_tails", False) else sum(
+        b.input_ids.numel() for b in batches)
     return {"train_seconds": seconds, "train_updates": len(timed), "train_real_tokens": real_tokens,
-            "train_real_tokens_per_s": real_tokens / seconds,
-            "train_padding_share": 1.0 - real_tokens / sum(b.input_ids.numel() for b in batches)}
+            "train_real_tokens_per_s": real_tokens / seconds, "train_padding_share": 1.0 - real_tokens / computed}
 
 
 def _time_prediction(config, spec, split, model, accelerator, pad_id, mode: str) -> dict:

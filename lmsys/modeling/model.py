@@ -58,6 +58,13 @@ class PreferenceModel(nn.Module):
         bounds = torch.cat([bounds, shared_prefixes[:, 0].to(bounds)]).unique(sorted=True)  # (S + K + 1,)
         return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "shared_prefixes": shared_prefixes}
 
+    @property
+    def drops_pad_tails(self) -> bool:
+        """Whether packed rows become one row of their real tokens before the backbone (unpad_rows): on CPU_SDPA
+        without a sliding window. With one, the rows stay: a sequence longer than the window takes the masked path,
+        whose mask keeps to its row."""
+        return self.passes_sequence_bounds and not self.first_token_pooling and not self.sliding_window
+
     def _attends_sequences(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
                            shared_prefixes: torch.Tensor | None) -> bool:
         """Whether the backbone attends these packed rows sequence by sequence (CPU_SDPA, given the bounds)."""
@@ -84,9 +91,7 @@ class PreferenceModel(nn.Module):
             width = input_ids.shape[1]
             last_tokens = pool_rows * width + pool_cols  # (N * S,) flattened index of each sequence's last token
             tails = last_tokens  # the rows' pad tails, each joined to its row's last sequence
-            # Without a sliding window, one row of the real tokens (unpad_rows). With one, the rows stay: a sequence
-            # longer than the window takes the masked path, whose mask keeps to its row.
-            if not self.sliding_window:
+            if self.drops_pad_tails:
                 input_ids, position_ids, last_tokens, shared_prefixes = unpad_rows(
                     input_ids, position_ids, last_tokens, shared_prefixes)
                 pool_rows, pool_cols, tails = torch.zeros_like(last_tokens), last_tokens, None
