@@ -428,42 +428,33 @@ def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
-                    dropout: float, scaling: float | None, kernel=None,
-                    shared_prefixes: torch.Tensor | None = None) -> torch.Tensor:
+def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int], dropout: float,
+                    scaling: float | None, kernel=None, shared_prefixes: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each packed segment on its own; `lengths` tile the flattened rows in order.
     query (R, H, T, D), key/value (R, H_kv, T, D) -> (R, T, H, D). `kernel`: bf16_kernel's, or None
     (torch's sdpa). `shared_prefixes` (K, 3), swap trees' (lmsys.data.batching.Batch): a segment starting at a
     listed flattened index continues the listed prefix, whose keys and values go before its own.
 
-    Rows of one segment each (packed rows that keep their pad tails, joined to their sequence: see sequence_bounds)
-    attend in one batched call on the tensors as they are. Otherwise (PreferenceModel's one row of real tokens:
-    model.unpad_rows) the segments go in calls of several, each padded to its longest (padded_groups): the
-    compiled kernel pads a row's segments inside its own copies of q, k and v (_stacked) where they make one call,
-    else they are padded here (pad_sequence); a swap tree's continuing segment goes alone. On the bench's packed
-    updates (AMD EPYC, AVX-512 BF16, 2 threads, one process, the two taking turns) the row of real tokens took
-    0.97 of the time of rows with pad tails (5% of the tokens), and a TTA pass of swap trees 0.95.
+    Rows of one segment each (rows keeping their pad tails: sequence_bounds) attend in one call on the tensors as
+    they are. Otherwise (a row of real tokens: model.unpad_rows) in calls of several segments padded to their
+    longest (padded_groups), inside the compiled kernel's own copies (_stacked) where one call takes the row,
+    else by pad_sequence; a swap tree's continuing segment alone (see the module's docstring).
 
-    The projections lay q, k and v out as (R, T, H, D), so the flattened (R * T, H, D) views and their split into
-    segments are free, and the split's backward is one concatenation (slicing each segment out of the full
-    tensors would allocate a zero-filled full-size gradient per segment)."""
+    The flattened (R * T, H, D) views of q, k and v (laid out (R, T, H, D)) and their split are free, the split's
+    backward one concatenation (slicing segments out would zero-fill a full-size gradient per segment)."""
     rows, heads, length, dim = query.shape
-    gqa = heads != key.shape[1]
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # (B, h, L, D) -> (B, L, H, D)
         if kernel is not None:  # bf16: bf16_kernel
             return kernel(q, k, v, None, scaling, q.shape[2] > 1).transpose(1, 2)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=q.shape[2] > 1,
-                                              enable_gqa=gqa).transpose(1, 2)
+                                              enable_gqa=heads != key.shape[1]).transpose(1, 2)
 
     if len(lengths) == rows and shared_prefixes is None:  # every row one segment
         return attend(query, key, value)
 
-    def flat(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.transpose(1, 2).reshape(rows * length, tensor.shape[1], dim)  # (R * T, h, D)
-
-    def heads_first(piece: torch.Tensor) -> torch.Tensor:
-        return piece.transpose(0, 1).unsqueeze(0)  # (1, h, L, D): sdpa's flash kernel takes 4-D inputs only
+    def flat(tensor: torch.Tensor) -> torch.Tensor:  # (R * T, h, D)
+        return tensor.transpose(1, 2).reshape(rows * length, tensor.shape[1], dim)
 
     prefixes = {} if shared_prefixes is None else {first: (start, size)
                                                    for first, start, size in shared_prefixes.tolist()}
@@ -475,26 +466,34 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         if first in prefixes:
             start, size = prefixes[first]
             q, k, v = (piece[i] for piece in pieces)
-            k = torch.cat([flat_key[start : start + size], k])  # (P + L, h, D)
-            v = torch.cat([flat_value[start : start + size], v])
-            outputs[i] = attend_continuing(heads_first(q), heads_first(k), heads_first(v), dropout, scaling,
-                                           kernel)[0]
+            k, v = (torch.cat([whole[start : start + size], own]) for whole, own in ((flat_key, k), (flat_value, v)))
+            outputs[i] = attend_continuing(*map(_heads_first, (q, k, v)), dropout, scaling, kernel)[0]  # (L, H, D)
     plain = [i for i, first in enumerate(firsts) if first not in prefixes]
-    groups = padded_groups([lengths[i] for i in plain])
+    groups = [[plain[j] for j in group] for group in padded_groups([lengths[i] for i in plain])]
     if rows == 1 and len(groups) == 1 and len(plain) == len(lengths) and isinstance(kernel, CompiledCausalAttention):
         # one row of sequences in one call, padded inside the kernel's own copies (_stacked)
         return kernel(query, key, value, None, scaling, True, tuple(lengths)).transpose(1, 2)
-    for group in groups:
-        members = [plain[j] for j in group]
-        if len(members) == 1:
-            outputs[members[0]] = attend(*(heads_first(piece[members[0]]) for piece in pieces))[0]  # (L, H, D)
-            continue
-        padded = [pad_sequence([piece[i] for i in members], batch_first=True).transpose(1, 2)  # (G, h, L_max, D)
-                  for piece in pieces]
-        batch = attend(*padded)  # (G, L_max, H, D)
-        for j, i in enumerate(members):
-            outputs[i] = batch[j, : lengths[i]]
+    for members in groups:
+        for i, output in zip(members, _attend_padded([[piece[i] for i in members] for piece in pieces], attend),
+                             strict=True):
+            outputs[i] = output
     return torch.cat(outputs).view(rows, length, heads, dim)
+
+
+def _heads_first(piece: torch.Tensor) -> torch.Tensor:
+    """A segment's (L, h, D) as (1, h, L, D): sdpa's flash kernel takes 4-D inputs only."""
+    return piece.transpose(0, 1).unsqueeze(0)
+
+
+def _attend_padded(segments: list[list[torch.Tensor]], attend) -> list[torch.Tensor]:
+    """The outputs (L_i, H, D) of `attend` on segments' q, k and v (each a list of (L_i, h, D)) in one call, each
+    padded to the longest after its tokens (causal: no token sees its padding)."""
+    queries, keys, values = segments
+    if len(queries) == 1:
+        return [attend(_heads_first(queries[0]), _heads_first(keys[0]), _heads_first(values[0]))[0]]
+    padded = [pad_sequence(pieces, batch_first=True).transpose(1, 2) for pieces in segments]  # (G, h, L_max, D)
+    batch = attend(*padded)  # (G, L_max, H, D)
+    return [batch[j, : len(q)] for j, q in enumerate(queries)]
 
 
 PADDING_WASTE = 2.0  # a padded call's attention against its segments' own, at most (padded_groups)
