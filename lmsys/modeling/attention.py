@@ -37,8 +37,8 @@ backbone (model.unpad_rows): one row of the real tokens, whose projections, norm
 (5% of the bench's packed training tokens, 3.6% of its TTA pass's). The attention pads instead, where it batches
 the row's sequences (attend_segments): inside the compiled kernel's own copies of q, k and v (_stacked with
 `lengths`), so a micro-batch's sequences still attend in one call with no extra copy. Measured in one process
-on the bench's packed updates and TTA pass (AMD EPYC, AVX-512 BF16, 2 threads, the two taking turns): 0.97 and
-0.95 of the time of the rows with their tails. The rows above (tails joined) remain for models with a sliding
+on the bench's packed updates and TTA pass (AMD EPYC, AVX-512 BF16, 2 threads, the two taking turns, two runs
+each): 0.970-0.985 and 0.947-0.986 of the time of the rows with their tails, the TTA probabilities equal to the bit. The rows above (tails joined) remain for models with a sliding
 window, where a sequence longer than the window takes the masked path, whose mask keeps to its row.
 
 **A float32 backward in bf16 training.** torch's CPU flash-attention backward is slow in bfloat16 on short rows.
