@@ -105,6 +105,7 @@ path (a soft cap, a position bias, a sliding window shorter than a sequence) ref
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -460,7 +461,7 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                                    for first, start, size in shared_prefixes.tolist()}
     flat_key, flat_value = flat(key), flat(value)
     pieces = [t.split(lengths) for t in (flat(query), flat_key, flat_value)]  # each segment's (L, h, D)
-    firsts = [sum(lengths[:i]) for i in range(len(lengths))]
+    firsts = list(itertools.accumulate(lengths[:-1], initial=0))  # each segment's first flattened index
     outputs: list[torch.Tensor | None] = [None] * len(lengths)
     for i, first in enumerate(firsts):  # a swap tree's continuing segment: its prefix's keys and values first
         if first in prefixes:
@@ -553,14 +554,20 @@ def sequence_bounds(position_ids: torch.Tensor, last_tokens: torch.Tensor | None
     starts = torch.nonzero(flat == 0).flatten()
     if last_tokens is not None and len(starts) > 1:
         width = position_ids.shape[-1]
-        last_real = torch.full((position_ids.shape[0],), -1, dtype=starts.dtype).scatter_reduce(
-            0, last_tokens // width, last_tokens.to(starts.dtype), "amax")  # (R,) -1 where a row has none
+        last_real = rows_last_tokens(last_tokens.to(starts.dtype), position_ids.shape[0], width)
         ends = torch.cat([starts[1:], starts.new_tensor([flat.numel()])])
         tail = (starts % width != 0) & (starts > last_real[starts // width])
         if max_length:
             tail &= ends - torch.cat([starts[:1], starts[:-1]]) <= max_length  # the joined segment's length
         starts = starts[~tail]
     return torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+
+
+def rows_last_tokens(last_tokens: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """(R,) the flattened index of each row's last pooled token among `last_tokens` (N * S,) over rows of `width`
+    tokens; -1 where a row has none. What follows it in its row is the row's pad tail."""
+    return torch.full((rows,), -1, dtype=last_tokens.dtype, device=last_tokens.device).scatter_reduce(
+        0, last_tokens // width, last_tokens, "amax")
 
 
 AttentionInterface.register(CPU_SDPA, cpu_sdpa)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmsys.modeling.attention import CPU_SDPA, sequence_bounds
+from lmsys.modeling.attention import CPU_SDPA, rows_last_tokens, sequence_bounds
 from lmsys.modeling.heads import BiEncoderHead, PreferenceHead
 from lmsys.modeling.pooled_tail import PooledTail
 
@@ -45,14 +45,14 @@ class PreferenceModel(nn.Module):
                 and getattr(config, "attn_logit_softcapping", None) is None
                 and (not self.sliding_window or longest <= self.sliding_window))
 
-    def _packed_bounds(self, position_ids: torch.Tensor, last_tokens: torch.Tensor | None,
+    def _packed_bounds(self, position_ids: torch.Tensor, tails: torch.Tensor | None,
                        shared_prefixes: torch.Tensor | None) -> dict:
         """For CPU_SDPA (lmsys/modeling/attention.py), which attends each packed sequence on its own: the packed
         sequences' cumulative lengths over the flattened rows, as flash attention's varlen kwargs name them, each
-        row's pad tail (where rows keep them: `last_tokens`) joined to its last sequence (the pooled tokens are the
-        sequences' last); with swap trees a tree's second sequence is a segment of its own, passed with its shared
-        prefix (`shared_prefixes`)."""
-        bounds = sequence_bounds(position_ids, last_tokens, self.sliding_window)
+        row's pad tail joined to its last sequence where rows keep them (`tails`: the pooled tokens' flattened
+        indices, the sequences' last; None: no tails); with swap trees a tree's second sequence is a segment of
+        its own, passed with its shared prefix (`shared_prefixes`)."""
+        bounds = sequence_bounds(position_ids, tails, self.sliding_window)
         if shared_prefixes is None:
             return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds}
         bounds = torch.cat([bounds, shared_prefixes[:, 0].to(bounds)]).unique(sorted=True)  # (S + K + 1,)
@@ -127,9 +127,8 @@ def unpad_rows(input_ids: torch.Tensor, position_ids: torch.Tensor, last_tokens:
     Returns input_ids and position_ids (1, M), the pooled tokens' flattened indices (N * S,) and the swap trees'
     `shared_prefixes` (K, 3) with their two token indices, in the new row."""
     rows, width = input_ids.shape
-    row_end = torch.full((rows,), -1, dtype=last_tokens.dtype, device=last_tokens.device).scatter_reduce(
-        0, last_tokens // width, last_tokens % width, "amax")  # (R,) each row's last real column
-    real = (torch.arange(width, device=input_ids.device) <= row_end[:, None]).view(-1)  # (R * T,)
+    row_end = rows_last_tokens(last_tokens, rows, width) - torch.arange(rows, device=input_ids.device) * width
+    real = (torch.arange(width, device=input_ids.device) <= row_end[:, None]).view(-1)  # (R * T,): up to row_end
     new_index = real.cumsum(0) - 1  # (R * T,) each real token's index in the new row
     if shared_prefixes is not None:
         shared_prefixes = torch.stack([new_index[shared_prefixes[:, 0]], new_index[shared_prefixes[:, 1]],
