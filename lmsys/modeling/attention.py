@@ -494,7 +494,10 @@ def _attend_padded(segments: list[list[torch.Tensor]], attend) -> list[torch.Ten
         return [attend(_heads_first(queries[0]), _heads_first(keys[0]), _heads_first(values[0]))[0]]
     padded = [pad_sequence(pieces, batch_first=True).transpose(1, 2) for pieces in segments]  # (G, h, L_max, D)
     batch = attend(*padded)  # (G, L_max, H, D)
-    return [batch[j, : len(q)] for j, q in enumerate(queries)]
+    # unbound first: the backward of batch[j, :L] zero-fills a whole (G, L_max, H, D) gradient per segment and sums
+    # them; unbind's backward stacks the pieces' gradients once. Same bits; measured 0.91 of the call's forward +
+    # backward time (float32, 8 sequences of 187-246 tokens, AMD EPYC with AVX2, 2 threads, median of 10)
+    return [output[: len(q)] for output, q in zip(batch.unbind(0), queries, strict=True)]
 
 
 PADDING_WASTE = 2.0  # a padded call's attention against its segments' own, at most (padded_groups)
