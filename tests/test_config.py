@@ -69,7 +69,7 @@ def test_the_defaults_of_the_embedded_configs():
     for seed_config in ("conf_r_gemma_m110", "conf_r_gemma_m205", "conf_r_llama_m205"):  # what their headers say
         config = validated_config(compose_config(seed_config))
         assert config.trainer.swap_augmentation.value == "full" and config.trainer.eval_tta, seed_config
-    # the CPU defaults measured on real pairs (README: Auto-J -> PandaLM transfer beats the swap-symmetric prior)
+    # the CPU defaults measured on real pairs (docs/measurements.md: Auto-J -> PandaLM transfer beats the swap-symmetric prior)
     for embedded in ("conf_r_llama_smol", "conf_r_gemma_270m"):
         config = validated_config(compose_config(embedded))
         assert config.trainer.swap_augmentation.value == "random" and config.trainer.eval_tta, embedded

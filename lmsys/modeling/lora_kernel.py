@@ -15,7 +15,7 @@ input on 4-bit bases (q, k and v; gate and up) are computed as one product each 
 
 Layers it does not compute (the peft forward runs for them): DoRA and other variants, several active adapters,
 per-call adapter names, merged or disabled adapters, an int8 base (its outlier decomposition is its own).
-`auto`: dense on CPU, where it measured faster (the README's benchmark); peft on GPU, where a dense copy of a
+`auto`: dense on CPU, where it measured faster (docs/measurements.md); peft on GPU, where a dense copy of a
 9B base would undo the 4-bit memory saving, under FSDP (each rank holds a shard of the 4-bit weight, which only
 FSDP's own all-gather inside peft's forward makes whole; `dense` there fails at start-up), and with
 `model.torch_compile=true`, which compiles peft's layers (the dense kernel's per-shape autograd function would

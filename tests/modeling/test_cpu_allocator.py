@@ -1,6 +1,6 @@
 """keep_freed_memory: set once per process on glibc, never over the user's own malloc variables, and set by
 build_model for a CPU model. Each case in a fresh interpreter (mallopt holds for the whole process). Its effect
-(page faults and tokens/s of a real training step) is measured in the README, not timed here."""
+(page faults and tokens/s of a real training step) is measured in docs/measurements.md, not timed here."""
 
 from __future__ import annotations
 
