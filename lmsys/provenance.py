@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 def git_state() -> dict:
     def git(*args: str) -> str | None:
         try:
-            done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+            done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10,
+                                  check=False)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return done.stdout.strip() if done.returncode == 0 else None

@@ -93,7 +93,7 @@ def check_compatible(first: Ingredient, other: Ingredient) -> None:
     for name in (ADAPTER_WEIGHTS, HEAD_FILE):
         mine, theirs = tensor_shapes(first.path / name), tensor_shapes(other.path / name)
         if mine != theirs:
-            key = sorted(set(mine.items()) ^ set(theirs.items()))[0][0]
+            key = min(set(mine.items()) ^ set(theirs.items()))[0]
             raise CheckpointError(f"{other.path}: {name} tensor {key} is {theirs.get(key, 'absent')}, but "
                                   f"{first.path} has {mine.get(key, 'absent')}")
 
@@ -122,7 +122,8 @@ def _shown(value: object) -> str:
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """name -> shape of every tensor of a safetensors file, read from its header (no tensor is loaded)."""
     with safe_open(str(path), framework="pt") as handle:
-        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        # safe_open's handle has keys() and no __iter__
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
 
 
 def weighted_average(paths: list[Path], weights: list[float]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -132,7 +133,7 @@ def weighted_average(paths: list[Path], weights: list[float]) -> tuple[dict[str,
     dtypes: dict[str, torch.dtype] = {}
     for path, weight in zip(paths, weights, strict=True):
         with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (safe_open: keys(), no __iter__)
                 tensor = handle.get_tensor(key)
                 dtypes.setdefault(key, tensor.dtype)
                 term = tensor.to(torch.float64) * weight

@@ -117,7 +117,7 @@ def check_inputs(config: WarmupConfig) -> Selection:
 
 def trainer_args(config: WarmupConfig, output_dir: str, dtype: torch.dtype):
     """TRL's SFTConfig / DPOConfig from ours; checkpoints are not saved (the merged model is the result)."""
-    common = dict(
+    common = dict(  # noqa: C408 (the TRL configs' keyword arguments, read as such)
         output_dir=output_dir, max_steps=config.max_steps or -1, num_train_epochs=1,
         learning_rate=config.lr or DEFAULT_LR[config.stage.value], per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum, max_length=config.max_length,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tiny import WORDS, arena_frame, save_llama_1b  # noqa: E402
+from tiny import WORDS, arena_frame, save_llama_1b
 
 
 def long_pairs(n: int, seed: int = 0):

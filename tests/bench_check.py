@@ -36,7 +36,7 @@ def main(out_dir: Path) -> int:
     model = tiny.save_tiny_model("llama", out_dir / "llama")
     for name, extra in COMMANDS.items():
         done = subprocess.run(bench_command(model, train, *extra), cwd=REPO, capture_output=True, text=True,
-                              timeout=900)
+                              timeout=900, check=False)
         (out_dir / f"{name}.txt").write_text(done.stdout)
         if done.returncode != 0:
             print(f"bench command {name!r} exited {done.returncode}:\n{done.stderr[-3000:]}", file=sys.stderr)

@@ -25,16 +25,16 @@ for _variable, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")
                           ("LMSYS_AUTO_CPU_DTYPE", "float32")):
     os.environ.setdefault(_variable, _value)
 
-import torch  # noqa: E402 (after the thread and offline variables above are set)
+import torch  # after the thread and offline variables above are set
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-from lmsys.config import register_configs  # noqa: E402 (after the thread and offline variables above are set)
+from lmsys.config import register_configs  # likewise
 
 register_configs()
 
-import background  # noqa: E402 (after the thread and offline variables above are set)
-import tiny  # noqa: E402 (after the thread and offline variables above are set)
+import background  # likewise
+import tiny
 
 
 def pytest_configure(config) -> None:

@@ -49,7 +49,7 @@ def test_each_job_of_the_sweep_is_its_own_submitit_job_and_a_full_run(sweeps):
         run_dir = sweeps.two_jobs / f"seed{seed}"
         assert read_metrics(run_dir)["updates"] == 2
         assert (run_dir / "checkpoint" / "head.safetensors").is_file()
-        assert "seed: %d" % seed in (run_dir / "config.yaml").read_text()
+        assert f"seed: {seed}" in (run_dir / "config.yaml").read_text()
 
 
 def test_the_summary_is_written_when_the_jobs_finish_and_leaves_out_earlier_runs(sweeps):

@@ -74,7 +74,7 @@ def test_the_ensemble_takes_a_cross_encoder_beside_a_decoder(deberta_run, tiny_m
     out = tmp_path / "ensemble"
     command = [sys.executable, "-m", "lmsys.ensemble", "--oof", str(deberta_run / "oof.csv"),
                str(llama_dir / "oof.csv"), "--out", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     saved = json.loads((out / "weights.json").read_text())
     assert saved["models"] == [str(deberta_run / "oof.csv"), str(llama_dir / "oof.csv")]

@@ -183,7 +183,7 @@ def test_entry_point_trains_both_formats_with_full_swap(tiny_models, arena_files
         "model.max_length=128", "trainer.max_tokens=512", "trainer.batch_size=2", "trainer.grad_accum=1",
         "data.formats=[pab,papb]", "trainer.swap_augmentation=full", "trainer.eval_tta=true",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=400)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=400, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     assert read_spec(run_dir / "checkpoint").input_formats == tuple(BOTH)
     metrics = json.loads((run_dir / "metrics.json").read_text())

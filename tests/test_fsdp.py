@@ -10,15 +10,26 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file
-from entry_runs import ENTRY, REPO, entry_env, finish, read_metrics, read_metrics_log, read_oof, start, start_entry
-from entry_runs import tiny_overrides, torchrun_command
 from ddp_worker import load_config
+from entry_runs import (
+    ENTRY,
+    REPO,
+    entry_env,
+    finish,
+    read_metrics,
+    read_metrics_log,
+    read_oof,
+    start,
+    start_entry,
+    tiny_overrides,
+    torchrun_command,
+)
+from safetensors.torch import load_file
 from test_ddp import single_process_probs
 from tiny import arena_frame
 
-from lmsys.cluster import accelerate_env
 from lmsys.builders import build_encoders, build_loop_settings, build_spec, build_splits, build_tokenizer
+from lmsys.cluster import accelerate_env
 from lmsys.data.dataset import encode_split
 from lmsys.modeling.checkpoint import read_spec
 from lmsys.runs import STATE_DIR

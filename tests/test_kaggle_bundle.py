@@ -93,8 +93,8 @@ def test_bundle_installs_offline_and_writes_a_valid_submission(bundle, tmp_path)
                              "--out", str(tmp_path / "out" / "submission.csv")], capture_output=True, text=True,
                             env=env, cwd=tmp_path, check=False, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    located = subprocess.run([str(python), "-c", "import lmsys, lmsys_bundle_probe; print(lmsys.__file__); "
-                              "print(lmsys_bundle_probe.__file__)"], capture_output=True, text=True, env=env,
+    located = subprocess.run([str(python), "-c", ("import lmsys, lmsys_bundle_probe; print(lmsys.__file__); "
+                              "print(lmsys_bundle_probe.__file__)")], capture_output=True, text=True, env=env,
                              cwd=tmp_path, check=True).stdout.split()
     assert all(path.startswith(str(venv)) for path in located)  # both from the bundle's wheels, in the virtualenv
     sub = pd.read_csv(tmp_path / "out" / "submission.csv")

@@ -61,7 +61,7 @@ def test_join_of_three_folds_holds_every_training_id_once(three_folds, tmp_path)
     inputs = pd.concat([pd.read_csv(run / "oof.csv", dtype={"id": str}) for run in three_folds.runs])
     pd.testing.assert_frame_equal(joined, inputs.set_index("id").loc[joined["id"]].reset_index())  # values intact
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # atomic write, nothing left over
-    ids, probs, targets = load_oof([str(out)])  # the ensembling command reads it as it stands
+    ids, _probs, targets = load_oof([str(out)])  # the ensembling command reads it as it stands
     assert list(ids) == list(joined["id"]) and targets.argmax(1).tolist() == joined["label"].tolist()
 
 

@@ -42,6 +42,6 @@ def head_tail(tokens: list[int], budget: int, text_head_share: float, ellipsis: 
     if budget <= len(ellipsis):
         return tokens[:budget]
     keep = budget - len(ellipsis)
-    n_head = int(round(keep * text_head_share))
+    n_head = round(keep * text_head_share)
     n_tail = keep - n_head
     return tokens[:n_head] + ellipsis + (tokens[len(tokens) - n_tail :] if n_tail else [])

@@ -40,8 +40,8 @@ from omegaconf import MISSING
 
 from lmsys.cli import CommandError, one_line, parse_config, run_command
 from lmsys.config import ConfigError
-from lmsys.modeling.model_facts import read_model_facts
 from lmsys.modeling.checkpoint import SPEC_FILE, read_spec
+from lmsys.modeling.model_facts import read_model_facts
 from lmsys.prediction_config import PredictConfig
 from lmsys.runs import write_file
 

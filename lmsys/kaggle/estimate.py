@@ -175,9 +175,9 @@ def report_lines(result: dict) -> list[str]:
         return (f"{result[f'hours_{key}']:.2f} h ({'fits' if result[f'fits_{key}'] else 'does NOT fit'} "
                 f"{result['limit_hours']} h); largest max_length that fits: {length if length else 'none'}")
 
-    return [f"{result['rows']} rows on {result['processes']} process(es) at max_length {result['max_length']}, "
+    return [(f"{result['rows']} rows on {result['processes']} process(es) at max_length {result['max_length']}, "
             f"from {result['sample']} timed pairs ({result['sample_pairs_per_second']} pairs/s, model load "
-            f"{result['load_seconds']} s):",
+            f"{result['load_seconds']} s):"),
             f"  without TTA: {fit(False)}", f"  with TTA:    {fit(True)}",
             f"  (no sample pair is truncated from max_length {result['untruncated_max_length']} on: a larger one "
             "costs the same)"

@@ -40,10 +40,10 @@ from sklearn.model_selection import StratifiedGroupKFold
 from lmsys.data.io import DataError, pairs_to_frame
 from lmsys.data.schema import Pair, swap_pair
 from lmsys.data.split import prompt_group
+from lmsys.output_paths import check_output_paths
 from lmsys.prep.config import PrepareConfig
 from lmsys.prep.report import LengthCounter, markdown_table, tokenizer_counter, word_counter, write_report
 from lmsys.prep.sources import SourceFormat, SourceRows, read_source
-from lmsys.output_paths import check_output_paths
 from lmsys.runs import RunDir
 
 OUTPUT_FILES = ("train.parquet", "unlabeled.parquet", "duplicates.csv", "rejects.csv", "report.md")

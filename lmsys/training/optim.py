@@ -48,5 +48,5 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: 
 def warmup_cosine_scheduler(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float, min_lr_ratio: float
 ) -> LambdaLR:
-    warmup_steps = int(math.ceil(warmup_ratio * total_steps))
+    warmup_steps = math.ceil(warmup_ratio * total_steps)
     return LambdaLR(optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, min_lr_ratio))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 
 import torch
+from typing_extensions import Self  # typing.Self needs Python 3.11; torch depends on typing_extensions
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _DEFAULTS = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
@@ -23,7 +24,7 @@ class GracefulStop:
         self._previous = {}
         self._outer: GracefulStop | None = None
 
-    def __enter__(self) -> GracefulStop:
+    def __enter__(self) -> Self:
         global _active
         for sig in _SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)

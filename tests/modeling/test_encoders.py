@@ -4,9 +4,10 @@ truncation, first-token pooling whatever the padding side, LoRA on DeBERTa-v2's 
 from __future__ import annotations
 
 import pytest
-import torch
 import tiny
+import torch
 
+from lmsys.builders import build_encoders
 from lmsys.config import (
     Attention,
     ConfigError,
@@ -25,7 +26,6 @@ from lmsys.data.formatting import PairEncoder
 from lmsys.data.io import pairs_from_frame
 from lmsys.data.schema import Pair
 from lmsys.data.templates import chat_markers
-from lmsys.builders import build_encoders
 from lmsys.modeling.families import FamilyError, resolve_attention
 
 CPU = torch.device("cpu")

@@ -14,9 +14,9 @@ from torch import nn
 from lmsys.builders import build_encoders, build_model
 from lmsys.config import Attention, ComputeDtype, Family, HeadInit, HeadType, PaddingSide
 from lmsys.data.batching import Example, collate, collate_packed, collate_padded, last_token_index
-from lmsys.modeling.attention import CPU_SDPA
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import pairs_from_frame
+from lmsys.modeling.attention import CPU_SDPA
 from lmsys.modeling.backbone import fold_into_dense
 from lmsys.modeling.checkpoint import ADAPTER_FILES, HEAD_FILE, CheckpointError, ModelSpec, read_spec, save_checkpoint
 from lmsys.modeling.families import FamilyError, check_family, resolve_attention

@@ -17,8 +17,8 @@ from lmsys.data.io import pairs_from_frame
 from lmsys.data.schema import Pair, swap_abt, swap_pair
 from lmsys.data.templates import CHAT_MARKERS
 from lmsys.evaluation.predict_loop import SplitPredictions
-from lmsys.training.plan import epoch_plan
 from lmsys.modeling.losses import LossWeights
+from lmsys.training.plan import epoch_plan
 from lmsys.training.settings import LoopSettings
 
 PACKED = Batching(packed=True, max_tokens=64, row_tokens=32, batch_size=4, pad_id=0, padding_side=PaddingSide.left)
