@@ -38,6 +38,7 @@ from lmsys.config import Quantization, TrainConfig
 from lmsys.roofline import ProjectionShapes, rate_around
 
 N_CLASSES = 3  # the peer is the LMSYS three-class model
+REENTRANT = {"use_reentrant": True}  # the typical peer's checkpointing, as peft's recipe runs it by default
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,11 @@ def build_peer_model(config: TrainConfig, attention: str, pad_id: int, dtype: to
     model.config.pad_token_id = pad_id
     model.config.use_cache = False
     if variant.kbit_recipe and config.model.quantization != Quantization.none:
-        model = prepare_model_for_kbit_training(model)  # use_gradient_checkpointing=True, its default
+        # use_gradient_checkpointing=True, its default; reentrant as torch's checkpoint does when not told (said
+        # explicitly: torch warns that it will require the argument)
+        model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs=REENTRANT)
     elif variant.kbit_recipe:  # an unquantized base: what the recipe does for checkpointing, without the casts
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=REENTRANT)
         model.enable_input_require_grads()
     lora = config.lora
     return get_peft_model(model, LoraConfig(
