@@ -98,7 +98,7 @@ def test_first_token_pooling_whatever_the_padding_side(deberta):
         left = model(**collate_padded(examples, pad, PaddingSide.left).model_inputs(CPU))
         right = model(**collate_padded(examples, pad, PaddingSide.right).model_inputs(CPU))
         # the head reads the [CLS] position's hidden state
-        ids = torch.tensor([examples[0].ids], dtype=torch.long)
+        ids = torch.as_tensor(examples[0].ids, dtype=torch.long)[None]
         cls = model.head(model.backbone(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[:, 0])
     torch.testing.assert_close(left, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)

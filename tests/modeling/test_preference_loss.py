@@ -49,7 +49,7 @@ def test_a_student_trained_only_on_the_kl_term_moves_to_the_teacher():
     weights = LossWeights(ce_weight=0.0, kl_weight=1.0, kl_temperature=2.0)
     gaps = []
     for _ in range(300):
-        gaps.append(float((F.softmax(student, -1) - F.softmax(teacher, -1)).abs().max()))
+        gaps.append((F.softmax(student, -1) - F.softmax(teacher, -1)).abs().max().item())
         optimizer.zero_grad()
         preference_loss(student, targets, teacher, weights).backward()  # the labels have no weight
         optimizer.step()
