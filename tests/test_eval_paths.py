@@ -55,7 +55,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_models, tmp_path):
         model, spec, tokenizer = build_preference_model(tiny_models["llama"], "llama", seed=4, head_init_std=0.5,
                                                         gradient_checkpointing=checkpointing)
         model.train()
-        assert model.backbone.is_gradient_checkpointing == checkpointing
+        assert model.backbone.is_activation_checkpointing == checkpointing
         split = encode_split(pairs, build_encoders(spec, tokenizer))
         batch = collate(split.forward, batching(True, tokenizer.pad_token_id, spec.padding_side, 128))
         loss = soft_cross_entropy(model(**batch.model_inputs(torch.device("cpu"))), batch.targets)
