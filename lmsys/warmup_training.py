@@ -24,7 +24,7 @@ from lmsys.config import LoraConfig
 from lmsys.data.io import DataError, read_pairs
 from lmsys.data.schema import Pair
 from lmsys.logs import setup_logging
-from lmsys.modeling.backbone import quantization_config, resolve_dtype
+from lmsys.modeling.backbone import peft_quietly, quantization_config, resolve_dtype
 from lmsys.runs import write_file, write_json
 from lmsys.warmup import DEFAULT_LR, MARKER, Stage, WarmupConfig
 
@@ -160,7 +160,8 @@ def merge_into_base(config: WarmupConfig, adapter_dir: Path):
         config.model_path, dtype=getattr(torch, config.merge_dtype.value), trust_remote_code=config.trust_remote_code,
         use_safetensors=True,
     )
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    with peft_quietly():
+        return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
 def save_result(config: WarmupConfig, model, selection: Selection, history: list[dict]) -> Path:

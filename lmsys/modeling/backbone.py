@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -100,7 +103,8 @@ def add_lora(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), use_dora=use_dora,
         bias="none", task_type="FEATURE_EXTRACTION",
     )
-    return get_peft_model(backbone, config)
+    with peft_quietly():
+        return get_peft_model(backbone, config)
 
 
 def _require_targets(backbone: PreTrainedModel, target_modules: list[str]) -> None:
@@ -125,7 +129,18 @@ def make_trainable(backbone: PreTrainedModel, gradient_checkpointing: bool) -> P
 
 def load_adapter(backbone: PreTrainedModel, adapter_dir: str | Path, trainable: bool) -> PeftModel:
     backbone.config.use_cache = False
-    return PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=trainable)
+    with peft_quietly():
+        return PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=trainable)
+
+
+@contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Without the FutureWarning that peft's PeftModel raises by reading transformers' deprecated
+    `is_gradient_checkpointing` (peft 0.21 with transformers 5): printed by every command that builds or loads an
+    adapter, about code the user cannot change. Every other warning passes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def fold_into_dense(model: torch.nn.Module) -> int:
