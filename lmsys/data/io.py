@@ -171,7 +171,7 @@ def _parse_turns(cell: object, name: str, row_id: str, column: str, plain_text: 
         try:
             turns = json.loads(cell)
         except json.JSONDecodeError as err:
-            raise DataError(f"{where}: malformed JSON ({err.msg} at char {err.pos}): {cell[:80]!r}") from err
+            raise DataError(f"{where}: malformed JSON ({err.msg}: char {err.pos}): {cell[:80]!r}") from err
         if not isinstance(turns, list):
             raise DataError(f"{where}: expected a JSON list of strings, got {type(turns).__name__}")
     else:

@@ -249,6 +249,7 @@ def test_a_language_column_does_not_make_malformed_json_plain_text(tmp_path, lab
     with pytest.raises(DataError, match="malformed JSON") as err:
         read_pairs(path, require_labels=False)
     assert_names(err, path, row_id=103, column="response_b")
+    assert "(Unterminated string starting at: char 1): '[\"unterminated'" in str(err.value)  # json's words, once
 
 
 def test_a_wsdm_test_file_without_winner_is_plain_text(tmp_path):
