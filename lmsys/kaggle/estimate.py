@@ -13,8 +13,10 @@ The cost model. A pair of n tokens costs n * (1 + n / w) units, w being the mode
 in the row width; flash/flex attention: w = infinity). The measured pass gives seconds per unit; a full run costs
 load + rows * (tokenize per pair + units per pair * seconds per unit) / processes, where units per pair is the
 sample's mean at the checkpoint's max_length, or at another max_length L from the sample re-encoded (truncated)
-at L. TTA runs the same lengths a second time, so its prediction part is twice the no-TTA one. `processes`: the
-rows are dealt to that many data-parallel processes (two T4s: 2), each loading its own model.
+at L. TTA runs the same lengths a second time, so its prediction part is twice the no-TTA one: so it is on GPU;
+on CPU, where `share_prefixes` computes a pair's shared prefix once, a TTA pass costs less and the projection is an
+upper bound. `processes`: the rows are dealt to that many data-parallel processes (two T4s: 2), each loading its
+own model.
 """
 
 from __future__ import annotations
