@@ -1,6 +1,6 @@
 """Weighted ensemble of several runs' out-of-fold predictions, with an optional temperature.
 
-    python -m lmsys.ensemble --oof runs/a/oof.csv runs/b/oof.csv --out ens [--temperature] \
+    python -m lmsys.ensemble --oof runs/a/oof.csv runs/b/oof.csv --out ens [--temperature] \\
         [--submissions runs/a/submission.csv runs/b/submission.csv]
     python -m lmsys.ensemble --weights ens/weights.json --submissions a.csv b.csv --out ens2 [--oof a.csv b.csv]
 

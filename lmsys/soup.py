@@ -1,6 +1,6 @@
 """LoRA soup: the weighted average of several checkpoints' adapters and heads, as one checkpoint.
 
-    python -m lmsys.soup checkpoints=[RUN1/checkpoint,RUN2/checkpoint,...] output_dir=DIR \
+    python -m lmsys.soup checkpoints=[RUN1/checkpoint,RUN2/checkpoint,...] output_dir=DIR \\
         [weights=[0.5,0.3,0.2]] [overwrite=true]
     python -m lmsys.predict checkpoint=DIR data.test_path=test.csv output=submission.csv
 

@@ -32,3 +32,22 @@ def test_a_typo_is_one_line_naming_the_schema(command):
     typo = subprocess.run([sys.executable, "-m", command, "tyop=1"], capture_output=True, text=True, check=False)
     assert typo.returncode == 2
     assert typo.stderr.strip().splitlines()[-1] == f"error: Key 'tyop' not in '{COMMANDS[command]}'"
+
+
+def test_no_docstring_loses_a_line_to_a_backslash():
+    """A usage line ending in a single backslash inside a docstring joins the next line in the help a command prints
+    (its module docstring): each docstring has as many lines as its source."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    joined = []
+    for path in sorted([*root.glob("lmsys/**/*.py"), *root.glob("scripts/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+                doc = body[0].value
+                text = doc.value if isinstance(doc, ast.Constant) else None
+                if isinstance(text, str) and text.count("\n") != doc.end_lineno - doc.lineno:
+                    joined.append(f"{path.relative_to(root)}:{doc.lineno}")
+    assert joined == []
