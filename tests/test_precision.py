@@ -46,6 +46,7 @@ def test_prequantized_exports_are_smaller_and_load_as_saved(setup):
         assert saved["load_in_4bit" if q == "nf4" else "load_in_8bit"] is True
 
 
+@pytest.mark.filterwarnings("error:You passed `quantization_config`")  # a pre-quantized export loads as saved
 def test_merged_export_quantized_on_load_equals_prequantized(setup, tmp_path):
     for q in ("nf4", "int8"):
         on_load = probs_of(setup, setup["none"], tmp_path, quantization=q)

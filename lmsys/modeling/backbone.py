@@ -16,6 +16,7 @@ from transformers import AutoModel, BitsAndBytesConfig, PreTrainedModel
 from lmsys.config import ComputeDtype, ConfigError, Quantization
 from lmsys.modeling.attention import attention_kernel
 from lmsys.modeling.compute_dtype import auto_dtype
+from lmsys.modeling.precision import saved_quantization
 
 log = logging.getLogger("lmsys")
 
@@ -60,15 +61,20 @@ def load_backbone(
 ) -> PreTrainedModel:
     """The transformer without its LM head (AutoModel), weights from safetensors only; on `device`, or split over
     devices by `device_map` (module name -> device, see lmsys.modeling.precision.plan_device_map)."""
-    model = AutoModel.from_pretrained(
-        str(path),
-        quantization_config=quantization_config(quantization, double_quant, dtype, quant_storage),
-        dtype=dtype,
-        attn_implementation=attention_kernel(attn_implementation, dtype, device),
-        device_map=device_map or {"": device},
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
-    )
+    with warnings.catch_warnings():
+        if quantization != Quantization.none and saved_quantization(path) is not None:
+            # a pre-quantized export: transformers loads it with its config.json's quantization_config (the one
+            # asked for: predict_quantization) and warns that ours is ignored; it still needs ours to load
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+        model = AutoModel.from_pretrained(
+            str(path),
+            quantization_config=quantization_config(quantization, double_quant, dtype, quant_storage),
+            dtype=dtype,
+            attn_implementation=attention_kernel(attn_implementation, dtype, device),
+            device_map=device_map or {"": device},
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
     keep_cpu_4bit_layout(model)
     set_4bit_compute_dtype(model, dtype)
     return model
