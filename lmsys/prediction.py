@@ -107,8 +107,9 @@ def load_prediction_model(
     """The frozen model as prediction runs it: quantized per the spec, placed (or split), dense weights folded."""
     model = build_model(spec, None, None, accelerator.device, adapter_dir=checkpoint,
                         device_map=prediction_device_map(checkpoint, spec, settings, accelerator))
-    if use_dense_weights(settings.dense_weights, accelerator.device):
-        log.info("folded the adapter into %d dense projections", fold_into_dense(model))
+    folded = fold_into_dense(model) if use_dense_weights(settings.dense_weights, accelerator.device) else 0
+    if folded:  # none in a merged, unquantized export: nothing to fold
+        log.info("folded the adapter into %d dense projections", folded)
     dtype = resolve_dtype(spec.compute_dtype, accelerator.device, checkpoint if spec.merged else spec.base_model_path)
     kernel = resolve_elementwise_kernel("kernels", settings.kernels, accelerator.device, dtype, False, False)
     use_elementwise_kernels(model, kernel, kernel, kernel)

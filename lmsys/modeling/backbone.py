@@ -15,7 +15,7 @@ from transformers import AutoModel, BitsAndBytesConfig, PreTrainedModel
 
 from lmsys.config import ComputeDtype, ConfigError, Quantization
 from lmsys.modeling.attention import attention_kernel
-from lmsys.modeling.compute_dtype import auto_dtype
+from lmsys.modeling.compute_dtype import auto_dtype, warn_if_bf16_is_slower
 from lmsys.modeling.precision import saved_quantization
 
 log = logging.getLogger("lmsys")
@@ -25,9 +25,12 @@ DTYPES = {ComputeDtype.float32: torch.float32, ComputeDtype.bfloat16: torch.bflo
 
 def resolve_dtype(requested: ComputeDtype, device: torch.device, model_dir: str | Path) -> torch.dtype:
     """auto: bfloat16 on GPU; on CPU the faster of float32 and bfloat16 on this machine (a cached probe; without
-    AVX-512 BF16 or AMX bf16 matmuls are many times slower, with them 2-3x faster)."""
+    AVX-512 BF16 or AMX bf16 matmuls are many times slower, with them 2-3x faster). An explicit bfloat16 on CPU is
+    kept, with a warning where the same probe finds it slower than float32."""
     if requested == ComputeDtype.auto:
         return DTYPES[ComputeDtype(auto_dtype(device, model_dir).dtype)]
+    if requested == ComputeDtype.bfloat16 and device.type == "cpu":
+        warn_if_bf16_is_slower(model_dir)
     return DTYPES[requested]
 
 

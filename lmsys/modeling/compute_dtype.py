@@ -33,6 +33,7 @@ PROBE_TOKENS = 256  # rows of the probe's products: a packed micro-batch is a fe
 PROBE_REPEATS = 3
 CANDIDATES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _chosen: dict[str, DtypeChoice] = {}  # per process: the probe or the cache is read once per key
+_warned: set[str] = set()  # keys whose explicit bf16 was warned about (warn_if_bf16_is_slower)
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,9 @@ def auto_dtype(device: torch.device, model_dir: str | Path, refresh: bool = Fals
     return choose_cpu_dtype(ProjectionShapes.from_model_dir(model_dir), refresh)
 
 
-def choose_cpu_dtype(shapes: ProjectionShapes, refresh: bool = False) -> DtypeChoice:
-    """The cached choice for this machine and these shapes, or a new probe (refresh=True: always a new probe).
+def choose_cpu_dtype(shapes: ProjectionShapes, refresh: bool = False, announce: bool = True) -> DtypeChoice:
+    """The cached choice for this machine and these shapes, or a new probe (refresh=True: always a new probe);
+    logged unless `announce` is False.
     Under several processes (DDP on CPU) the main process probes first and the others read its cached result, so
     every rank computes in the same dtype and the probe does not share the cores with its own copies."""
     from accelerate import PartialState
@@ -78,10 +80,30 @@ def choose_cpu_dtype(shapes: ProjectionShapes, refresh: bool = False) -> DtypeCh
             choice = DtypeChoice(faster(gflops), "probe", gflops, key)
             if PartialState().is_main_process:
                 _write_cache(key, choice)
-    log.info("compute dtype auto on cpu: %s (%s; matmul GFLOP/s on the model's projections: %s)", choice.dtype,
-             choice.source, ", ".join(f"{name} {rate:.0f}" for name, rate in choice.gflops.items()))
+    if announce:
+        log.info("compute dtype auto on cpu: %s (%s; matmul GFLOP/s on the model's projections: %s)", choice.dtype,
+                 choice.source, rates_text(choice.gflops))
     _chosen[key] = choice
     return choice
+
+
+def rates_text(gflops: dict[str, float]) -> str:
+    return ", ".join(f"{name} {rate:.0f}" for name, rate in gflops.items())
+
+
+def warn_if_bf16_is_slower(model_dir: str | Path) -> None:
+    """An explicit bf16 on CPU is kept, with one warning where this machine's bf16 matmuls are slower than its
+    fp32 ones (no AVX-512 BF16 or AMX: bf16 is emulated, ~40x slower on the AVX2 EPYC of docs/measurements.md). A
+    bf16 export predicted on such a CPU meets this. The probe is auto's, cached per machine; pinned: no probe."""
+    if os.environ.get(PIN_VARIABLE):
+        return
+    choice = choose_cpu_dtype(ProjectionShapes.from_model_dir(model_dir), announce=False)
+    gflops = choice.gflops
+    if gflops["bfloat16"] < gflops["float32"] and choice.key not in _warned:
+        _warned.add(choice.key)  # once a process: a prediction resolves its dtype in several places
+        log.warning("compute dtype bfloat16 as configured, on a CPU where bf16 matmuls are %.0fx slower than "
+                    "float32's (matmul GFLOP/s on the model's projections: %s): compute_dtype=auto or float32 is "
+                    "faster here", gflops["float32"] / gflops["bfloat16"], rates_text(gflops))
 
 
 def measure_rates(shapes: ProjectionShapes) -> dict[str, float]:

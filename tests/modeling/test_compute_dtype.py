@@ -76,6 +76,26 @@ def test_auto_on_cpu_picks_the_faster_dtype_and_logs_it(tiny_models, unpinned, m
     assert len(probed) == 1
 
 
+@pytest.mark.parametrize("rates,warned", [({"float32": 140.0, "bfloat16": 3.0}, True),  # AVX2 only
+                                          ({"float32": 150.0, "bfloat16": 370.0}, False)])  # AVX-512 BF16
+def test_explicit_bf16_on_a_cpu_where_it_is_slower_is_kept_with_one_warning(tiny_models, unpinned, monkeypatch,
+                                                                           caplog, rates, warned):
+    probed = force_rates(monkeypatch, rates)
+    monkeypatch.setattr(compute_dtype, "_warned", set())
+    with caplog.at_level(logging.INFO, logger="lmsys"):
+        assert resolve_dtype(ComputeDtype.bfloat16, CPU, tiny_models["llama"]) == torch.bfloat16
+        assert resolve_dtype(ComputeDtype.bfloat16, CPU, tiny_models["llama"]) == torch.bfloat16  # cached: no probe
+    assert len(probed) == 1 and "compute dtype auto" not in caplog.text  # auto's probe, not auto's line
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    slower = ("compute dtype bfloat16 as configured, on a CPU where bf16 matmuls are 47x slower than float32's (matmul "
+              "GFLOP/s on the model's projections: float32 140, bfloat16 3): compute_dtype=auto or float32 is faster "
+              "here")
+    assert warnings == ([slower] if warned else [])  # once a process
+    monkeypatch.setenv(compute_dtype.PIN_VARIABLE, "float32")  # pinned (the test suite): no probe, no warning
+    monkeypatch.setattr(compute_dtype, "_chosen", {})
+    assert resolve_dtype(ComputeDtype.bfloat16, CPU, tiny_models["llama"]) == torch.bfloat16 and len(probed) == 1
+
+
 def test_the_choice_is_cached_per_machine_and_thread_count(tiny_models, unpinned, monkeypatch):
     probed = force_rates(monkeypatch, {"float32": 100.0, "bfloat16": 300.0})
     first = compute_dtype.auto_dtype(CPU, tiny_models["llama"])
