@@ -33,7 +33,7 @@ PROBE_TOKENS = 256  # rows of the probe's products: a packed micro-batch is a fe
 PROBE_REPEATS = 3
 CANDIDATES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _chosen: dict[str, DtypeChoice] = {}  # per process: the probe or the cache is read once per key
-_warned: set[str] = set()  # keys whose explicit bf16 was warned about (warn_if_bf16_is_slower)
+_warned: set[str] = set()  # keys whose explicit bf16 was checked (warn_if_bf16_is_slower)
 
 
 @dataclass(frozen=True)
@@ -80,10 +80,10 @@ def choose_cpu_dtype(shapes: ProjectionShapes, refresh: bool = False, announce: 
             choice = DtypeChoice(faster(gflops), "probe", gflops, key)
             if PartialState().is_main_process:
                 _write_cache(key, choice)
-    if announce:
+    if announce:  # remembered once announced: auto's first call in a process logs its choice
         log.info("compute dtype auto on cpu: %s (%s; matmul GFLOP/s on the model's projections: %s)", choice.dtype,
                  choice.source, rates_text(choice.gflops))
-    _chosen[key] = choice
+        _chosen[key] = choice
     return choice
 
 
@@ -97,10 +97,12 @@ def warn_if_bf16_is_slower(model_dir: str | Path) -> None:
     bf16 export predicted on such a CPU meets this. The probe is auto's, cached per machine; pinned: no probe."""
     if os.environ.get(PIN_VARIABLE):
         return
-    choice = choose_cpu_dtype(ProjectionShapes.from_model_dir(model_dir), announce=False)
-    gflops = choice.gflops
-    if gflops["bfloat16"] < gflops["float32"] and choice.key not in _warned:
-        _warned.add(choice.key)  # once a process: a prediction resolves its dtype in several places
+    shapes = ProjectionShapes.from_model_dir(model_dir)
+    if machine_key(shapes) in _warned:
+        return
+    _warned.add(machine_key(shapes))  # once a process: a prediction resolves its dtype in several places
+    gflops = choose_cpu_dtype(shapes, announce=False).gflops
+    if gflops["bfloat16"] < gflops["float32"]:
         log.warning("compute dtype bfloat16 as configured, on a CPU where bf16 matmuls are %.0fx slower than "
                     "float32's (matmul GFLOP/s on the model's projections: %s): compute_dtype=auto or float32 is "
                     "faster here", gflops["float32"] / gflops["bfloat16"], rates_text(gflops))

@@ -86,6 +86,9 @@ def test_explicit_bf16_on_a_cpu_where_it_is_slower_is_kept_with_one_warning(tiny
         assert resolve_dtype(ComputeDtype.bfloat16, CPU, tiny_models["llama"]) == torch.bfloat16
         assert resolve_dtype(ComputeDtype.bfloat16, CPU, tiny_models["llama"]) == torch.bfloat16  # cached: no probe
     assert len(probed) == 1 and "compute dtype auto" not in caplog.text  # auto's probe, not auto's line
+    with caplog.at_level(logging.INFO, logger="lmsys"):
+        resolve_dtype(ComputeDtype.auto, CPU, tiny_models["llama"])  # auto later in the process: still logged
+    assert "compute dtype auto on cpu: " in caplog.text and len(probed) == 1  # from the cache the probe wrote
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     slower = ("compute dtype bfloat16 as configured, on a CPU where bf16 matmuls are 47x slower than float32's (matmul "
               "GFLOP/s on the model's projections: float32 140, bfloat16 3): compute_dtype=auto or float32 is faster "
