@@ -122,8 +122,8 @@ def _shown(value: object) -> str:
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """name -> shape of every tensor of a safetensors file, read from its header (no tensor is loaded)."""
     with safe_open(str(path), framework="pt") as handle:
-        # safe_open's handle has keys() and no __iter__
-        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+        keys = handle.keys()  # safe_open's handle has keys() and no __iter__
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in keys}
 
 
 def weighted_average(paths: list[Path], weights: list[float]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -133,7 +133,7 @@ def weighted_average(paths: list[Path], weights: list[float]) -> tuple[dict[str,
     dtypes: dict[str, torch.dtype] = {}
     for path, weight in zip(paths, weights, strict=True):
         with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open: keys(), no __iter__)
+            for key in handle.keys():  # noqa: SIM118 (safe_open's handle has keys() and no __iter__)
                 tensor = handle.get_tensor(key)
                 dtypes.setdefault(key, tensor.dtype)
                 term = tensor.to(torch.float64) * weight

@@ -98,9 +98,10 @@ def warn_if_bf16_is_slower(model_dir: str | Path) -> None:
     if os.environ.get(PIN_VARIABLE):
         return
     shapes = ProjectionShapes.from_model_dir(model_dir)
-    if machine_key(shapes) in _warned:
+    key = machine_key(shapes)
+    if key in _warned:
         return
-    _warned.add(machine_key(shapes))  # once a process: a prediction resolves its dtype in several places
+    _warned.add(key)  # once a process: a prediction resolves its dtype in several places
     gflops = choose_cpu_dtype(shapes, announce=False).gflops
     if gflops["bfloat16"] < gflops["float32"]:
         log.warning("compute dtype bfloat16 as configured, on a CPU where bf16 matmuls are %.0fx slower than "
