@@ -1,17 +1,17 @@
-"""Throughput benchmark: training updates and TTA prediction, each mode in its own process (so that peak RSS is its
-own), after a warm-up, against the matmul roofline of this machine. The modes (`bench.modes`, all by default):
-`padded`, a typical padded loop (random order, a fixed number of pairs per micro-batch; prediction of the file in
-its order, then of the swapped file); `padded_grouped`, the framework with packing off (length-grouped order,
-sorted prediction); `packed`, the framework's default; `hf_trainer_typical` and `hf_trainer_strong`, the HF
-Trainer peer (lmsys/bench_peer.py). The roofline (lmsys/roofline.py): the matmul rate of the model's projections
-in each mode's compute dtype, over 4 x the projection weights a trained token (6 x with gradient checkpointing).
+"""Throughput benchmark: training updates and prediction (single pass and TTA), each mode in its own process (so that
+peak RSS is its own), after a warm-up, against the matmul roofline of this machine. The modes (`bench.modes`, all by
+default): `padded`, a typical padded loop (random order, a fixed number of pairs per micro-batch; prediction of the
+file in its order, then of the swapped file); `padded_grouped`, the framework with packing off (length-grouped
+order, sorted prediction); `packed`, the framework's default; `hf_trainer_typical` and `hf_trainer_strong`, the HF
+Trainer peer (lmsys/bench_peer.py). The roofline (lmsys/roofline.py): the matmul rate of the model's projections in
+each mode's compute dtype, over 4 x the projection weights a trained token (6 x with gradient checkpointing).
 
     python -m lmsys.bench --config-name conf_r_llama_smol data.train_path=FILE bench.n_pairs=64 [bench.repeats=3]
 
 Each mode's roofline is the matmul rate measured in its own process just before and after its timed training (the
 machine's speed drifts between minutes). With bench.repeats=N the modes run N interleaved rounds: the table shows
-medians, then every round's values. Prints a table (packed over each baseline in the last columns) and, last, one
-JSON line.
+medians, then every round's values. Prints a table (packed over each baseline in the last columns, like for like,
+and packed's TTA rate over each baseline's single pass in a row of its own) and, last, one JSON line.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def load_config(config_name: str, overrides: list[str]) -> TrainConfig:
 
 
 def measure(config: TrainConfig, mode: str) -> dict:
-    """Train over the pairs once (after warm-up updates) and predict them with TTA, in one batching mode."""
+    """Train over the pairs once (after warm-up updates) and predict them, in a single pass and with TTA, in one
+    batching mode."""
     from lmsys import builders
     from lmsys.data.dataset import encode_split
     from lmsys.data.io import read_pairs
@@ -123,10 +124,11 @@ def _time_training(config, spec, split, model, accelerator, pad_id) -> dict:
 
 
 def _time_prediction(config, spec, split, model, accelerator, pad_id, mode: str) -> dict:
-    """packed / padded_grouped: the predict command's path (sorted, token budgets, adapter folded into dense
-    weights on CPU) with and without packing.
-    padded: the usual TTA loop, the file in its order in batches of `bench.predict_batch_size` pairs, then the
-    swapped file the same way."""
+    """A single pass (the pairs as they are) and a TTA pass (both orientations), each timed on its own.
+    packed / padded_grouped: the predict command's path (sorted, token budgets, adapter folded into dense weights on
+    CPU; with TTA, swap trees where packed) with and without packing.
+    padded: the usual loop, the file in its order in batches of `bench.predict_batch_size` pairs (with TTA, then
+    the swapped file the same way)."""
     from lmsys import builders
     from lmsys.data.batching import collate, micro_batches
     from lmsys.evaluation.predict_loop import predict_split
@@ -137,21 +139,23 @@ def _time_prediction(config, spec, split, model, accelerator, pad_id, mode: str)
     if mode != "padded" and use_dense_weights(None, accelerator.device):
         fold_into_dense(model)  # what the predict command does by default, as it loads the model (not timed)
 
-    def predict(pairs: EncodedSplit) -> None:
+    def predict(pairs: EncodedSplit, tta: bool) -> float:
+        start = time.perf_counter()
         if mode == "padded":
             model.eval()
             with torch.inference_mode():
-                for group in micro_batches(pairs.forward + pairs.swapped, batching):
+                for group in micro_batches(pairs.forward + pairs.swapped if tta else pairs.forward, batching):
                     model(**collate(group, batching).model_inputs(accelerator.device))
         else:
-            predict_split(model, pairs, True, batching, accelerator, show_progress=False)
+            predict_split(model, pairs, tta, batching, accelerator, show_progress=False)
+        return time.perf_counter() - start
 
     if config.bench.warmup_pairs:  # untimed: compiles the inference graphs
-        predict(first_pairs(split, config.bench.warmup_pairs))
-    start = time.perf_counter()
-    predict(split)
-    seconds = time.perf_counter() - start
-    return {"predict_seconds": seconds, "predict_pairs_per_s": len(split) / seconds}
+        for tta in (False, True):
+            predict(first_pairs(split, config.bench.warmup_pairs), tta)
+    single, both = predict(split, False), predict(split, True)
+    return {"predict_single_seconds": single, "predict_single_pairs_per_s": len(split) / single,
+            "predict_seconds": both, "predict_pairs_per_s": len(split) / both}
 
 
 def first_pairs(split: EncodedSplit, n: int) -> EncodedSplit:
@@ -182,8 +186,11 @@ ROWS = [("train real tokens/s", "train_real_tokens_per_s", 1), ("matmul GFLOP/s 
         ("roofline tokens/s", "train_roofline_tokens_per_s", 1),
         ("% of roofline", "train_roofline_fraction", 100), ("train seconds", "train_seconds", 1),
         ("train padding share %", "train_padding_share", 100), ("predict pairs/s (TTA)", "predict_pairs_per_s", 1),
-        ("predict pairs/s (1 pass)", "predict_single_pairs_per_s", 1), ("predict seconds", "predict_seconds", 1),
+        ("predict pairs/s (1 pass)", "predict_single_pairs_per_s", 1), ("predict seconds (TTA)", "predict_seconds", 1),
         ("peak RSS MB", "peak_rss_mb", 1)]
+# a row of ratios only, after the 1-pass row: packed's TTA rate over each baseline's single pass (what TTA costs
+# against a baseline that predicts each pair once)
+TTA_OVER_SINGLE = "packed TTA / their 1 pass"
 BASELINES = ("padded", "hf_trainer_typical", "hf_trainer_strong")  # what packed is compared with, a column each
 JSON_KEYS = ("train_real_tokens_per_s", "train_roofline_fraction", "predict_pairs_per_s", "predict_single_pairs_per_s",
              "peak_rss_mb")
@@ -207,40 +214,43 @@ def mean_rates(results: dict[str, dict]) -> dict[str, float]:
 
 
 def report(results: dict[str, dict], config: TrainConfig, roofline: Roofline) -> dict:
-    """The table (each mode a column, then packed over each baseline; in the 1-pass row, packed's TTA rate over
-    the baseline's single-pass rate) and the values of the JSON line."""
+    """The table (each mode a column, then packed over each baseline, like for like; after the 1-pass row, packed's
+    TTA rate over each baseline's single pass) and the values of the JSON line."""
     modes = list(results)
     baselines = [m for m in BASELINES if m in results and "packed" in results]
     width = max(14, *(len(m) for m in modes))
     print(f"\n{config.bench.n_pairs} pairs of {config.data.train_path}, max_length {config.model.max_length}, "
           f"{config.trainer.batch_size * config.trainer.grad_accum} pairs/update (padded: {config.trainer.batch_size} "
-          f"per micro-batch; packed: {config.trainer.max_tokens} tokens per micro-batch), torch threads {torch.get_num_threads()}")
+          f"per micro-batch; packed: {config.trainer.max_tokens} tokens per micro-batch), "
+          f"torch threads {torch.get_num_threads()}")
     gflops = mean_rates(results)
     print(roofline.describe(gflops))
-    print(f"| {'metric':<24} | " + " | ".join(f"{m:>{width}}" for m in modes) + " | "
+    print(f"| {'metric':<26} | " + " | ".join(f"{m:>{width}}" for m in modes) + " | "
           + " | ".join(f"packed/{m}" for m in baselines) + " |")
-    print(f"|{'-' * 26}|" + "|".join("-" * (width + 2) for _ in modes) + "|"
+    print(f"|{'-' * 28}|" + "|".join("-" * (width + 2) for _ in modes) + "|"
           + "|".join("-" * (len(m) + 9) for m in baselines) + "|")
     dtypes = [results[m]["compute_dtype"] + (" +ckpt" if results[m]["gradient_checkpointing"] else "") for m in modes]
-    print(f"| {'compute dtype':<24} | " + " | ".join(f"{d:>{width}}" for d in dtypes) + " | "
-          + " | ".join(" " * (len(m) + 7) for m in baselines) + " |")
+    _print_row("compute dtype", [f"{d:>{width}}" for d in dtypes], [" " * (len(m) + 7) for m in baselines])
     for label, key, scale in ROWS:
-        cells = [results[m].get(key) for m in modes]
-        if all(c is None for c in cells):  # e.g. the peer's single-pass row when no peer ran
-            continue
-        digits = 2 if max(c * scale for c in cells if c is not None) < 10 else 1
-        ratios = [_ratio(results, key, m) for m in baselines]
-        print(f"| {label:<24} | " + " | ".join(_cell(c, scale, digits, width) for c in cells) + " | "
-              + " | ".join(_cell(r, 1, 2, len(m) + 7) for r, m in zip(ratios, baselines, strict=True)) + " |")
-    values = {f"{key}_{mode}": round(results[mode][key], 3) for mode in modes for key in JSON_KEYS
-              if key in results[mode]}
+        cells = [results[m][key] for m in modes]
+        digits = 2 if max(c * scale for c in cells) < 10 else 1
+        _print_row(label, [_cell(c, scale, digits, width) for c in cells],
+                   [_cell(_ratio(results, key, key, m), 1, 2, len(m) + 7) for m in baselines])
+        if key == "predict_single_pairs_per_s" and baselines:
+            _print_row(TTA_OVER_SINGLE, [_cell(None, 1, 2, width) for _ in modes],
+                       [_cell(_ratio(results, "predict_pairs_per_s", key, m), 1, 2, len(m) + 7) for m in baselines])
+    values = {f"{key}_{mode}": round(results[mode][key], 3) for mode in modes for key in JSON_KEYS}
     return {**values, **{f"matmul_gflops_{name}": round(rate, 1) for name, rate in gflops.items()}}
 
 
-def _ratio(results: dict[str, dict], key: str, baseline: str) -> float | None:
-    ours = results["packed"]["predict_pairs_per_s" if key == "predict_single_pairs_per_s" else key]
-    theirs = results[baseline].get(key)
-    return ours / theirs if theirs else None
+def _print_row(label: str, cells: list[str], ratios: list[str]) -> None:
+    print(f"| {label:<26} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+
+
+def _ratio(results: dict[str, dict], ours: str, theirs: str, baseline: str) -> float | None:
+    """packed's `ours` over the baseline's `theirs` (None where that is 0, e.g. a padding share)."""
+    denominator = results[baseline][theirs]
+    return results["packed"][ours] / denominator if denominator else None
 
 
 def _cell(value: float | None, scale: float, digits: int, width: int) -> str:
@@ -293,18 +303,21 @@ def median_result(results: list[dict]) -> dict:
 
 
 def print_rounds(rounds: list[dict[str, dict]]) -> None:
-    """The spread: every round's training tokens/s, fraction of the roofline and TTA pairs/s per mode, and packed
-    over each baseline within the same round (the runs closest in time)."""
+    """The spread: every round's training tokens/s, fraction of the roofline and prediction pairs/s per mode, and
+    packed over each baseline within the same round (the runs closest in time)."""
     print(f"\n{len(rounds)} rounds (each cell above is the median):")
     for key, label, scale in (("train_real_tokens_per_s", "train real tokens/s", 1),
                               ("train_roofline_fraction", "% of roofline", 100),
-                              ("predict_pairs_per_s", "predict pairs/s (TTA)", 1)):
+                              ("predict_pairs_per_s", "predict pairs/s (TTA)", 1),
+                              ("predict_single_pairs_per_s", "predict pairs/s (1 pass)", 1)):
         for mode in rounds[0]:
             print(f"  {label} {mode}: " + ", ".join(f"{r[mode][key] * scale:.2f}" for r in rounds))
     for baseline in (m for m in BASELINES if m in rounds[0] and "packed" in rounds[0]):
-        ratios = [r["packed"]["train_real_tokens_per_s"] / r[baseline]["train_real_tokens_per_s"] for r in rounds]
-        print(f"  train packed/{baseline}: " + ", ".join(f"{x:.2f}" for x in ratios)
-              + f" (median {statistics.median(ratios):.2f})")
+        for label, ours, theirs in (("train packed", "train_real_tokens_per_s", "train_real_tokens_per_s"),
+                                    ("packed TTA", "predict_pairs_per_s", "predict_single_pairs_per_s")):
+            ratios = [r["packed"][ours] / r[baseline][theirs] for r in rounds]
+            print(f"  {label}/{baseline}{' 1 pass' if ours != theirs else ''}: " + ", ".join(f"{x:.2f}" for x in ratios)
+                  + f" (median {statistics.median(ratios):.2f})")
 
 
 if __name__ == "__main__":

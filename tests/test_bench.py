@@ -15,8 +15,9 @@ from lmsys.roofline import ProjectionShapes
 OURS = ("padded", "padded_grouped", "packed")
 PEERS = ("hf_trainer_typical", "hf_trainer_strong")
 KEYS = [f"{metric}_{mode}" for mode in OURS + PEERS
-        for metric in ("train_real_tokens_per_s", "train_roofline_fraction", "predict_pairs_per_s", "peak_rss_mb")]
-KEYS += [f"predict_single_pairs_per_s_{mode}" for mode in PEERS] + ["matmul_gflops_float32"]
+        for metric in ("train_real_tokens_per_s", "train_roofline_fraction", "predict_pairs_per_s",
+                       "predict_single_pairs_per_s", "peak_rss_mb")]
+KEYS += ["matmul_gflops_float32"]
 
 
 def cells(table: list[str], label: str) -> list[str]:
@@ -37,8 +38,8 @@ def bench_output(bench_run) -> dict[str, list[str]]:
 
 
 def test_one_mode_prints_its_rows_only(bench_output):
-    """Without a peer there is no single-pass prediction row (a row with no cell at all is left out). Two rounds: the
-    cells are the medians and each round's values are listed."""
+    """Without a baseline there are no ratio columns and no row of packed's TTA over a baseline's single pass. Two
+    rounds: the cells are the medians and each round's values are listed."""
     lines = bench_output["packed"]
     rounds = next(line for line in lines if line.startswith("  train real tokens/s packed: "))
     per_round = [float(value) for value in rounds.split(": ")[1].split(", ")]
@@ -46,10 +47,13 @@ def test_one_mode_prints_its_rows_only(bench_output):
     table = [line for line in lines if line.startswith("| ")]
     assert [cell.strip() for cell in table[0].split("|")[2:-1] if cell.strip()] == ["packed"]  # no ratio columns
     assert float(cells(table, "train real tokens/s")[0]) == pytest.approx(sum(per_round) / 2, abs=0.06)
-    assert not any(line.startswith("| predict pairs/s (1 pass)") for line in table)
+    assert not any(line.startswith("| packed TTA / their 1 pass") for line in table)
+    single = [float(value) for value in next(
+        line for line in lines if line.startswith("  predict pairs/s (1 pass) packed: ")).split(": ")[1].split(", ")]
+    assert float(cells(table, "predict pairs/s (1 pass)")[0]) == pytest.approx(sum(single) / 2, abs=0.06)
     assert sorted(json.loads(lines[-1])) == sorted(
         [f"{metric}_packed" for metric in ("train_real_tokens_per_s", "train_roofline_fraction", "predict_pairs_per_s",
-                                           "peak_rss_mb")] + ["matmul_gflops_float32"])
+                                           "predict_single_pairs_per_s", "peak_rss_mb")] + ["matmul_gflops_float32"])
 
 
 def test_bench_prints_a_table_and_one_json_line(bench_run, bench_output):
@@ -65,11 +69,18 @@ def test_bench_prints_a_table_and_one_json_line(bench_run, bench_output):
     assert cells(table, "compute dtype")[:5] == ["float32"] * 3 + ["float32 +ckpt", "float32"]
     padding = dict(zip(OURS, map(float, cells(table, "train padding share %")), strict=False))
     assert padding["padded"] > padding["padded_grouped"] > padding["packed"] == 0.0  # pad tails dropped (unpad_rows)
-    # packed over each baseline, from the modes' own cells (the 1-pass row: packed's TTA rate over the single pass)
+    # packed over each baseline, like for like, from the modes' own cells; then packed's TTA over their single pass
     speed = dict(zip(header, map(float, cells(table, "train real tokens/s")), strict=True))
     assert abs(speed["packed/hf_trainer_strong"] - speed["packed"] / speed["hf_trainer_strong"]) < 0.02
-    single = cells(table, "predict pairs/s (1 pass)")
-    assert single[:3] == ["-"] * 3 and single[5] == "-" and float(single[6]) > 0
+    tta = dict(zip(header, map(float, cells(table, "predict pairs/s (TTA)")), strict=True))
+    single = dict(zip(header, map(float, cells(table, "predict pairs/s (1 pass)")), strict=True))
+    tta_over_single = dict(zip(header, cells(table, "packed TTA / their 1 pass"), strict=True))
+    assert [tta_over_single[mode] for mode in OURS + PEERS] == ["-"] * 5
+    for baseline in ("padded", *PEERS):  # the cells are rounded: within 2%
+        like_for_like = single["packed"] / single[baseline]
+        assert single[f"packed/{baseline}"] == pytest.approx(like_for_like, rel=0.02, abs=0.01)
+        tta_cost = tta["packed"] / single[baseline]
+        assert float(tta_over_single[f"packed/{baseline}"]) == pytest.approx(tta_cost, rel=0.02, abs=0.01)
     # each mode's limit is the matmul rate measured around its own training over 4 (6 with checkpointing) FLOPs a
     # projection weight and token
     params = ProjectionShapes.from_model_dir(bench_run / "llama").matmul_params()
