@@ -10,6 +10,7 @@ import background
 import pytest
 from bench_check import COMMANDS
 
+from lmsys.bench import _cell, _ratio
 from lmsys.roofline import ProjectionShapes
 
 OURS = ("padded", "padded_grouped", "packed")
@@ -89,3 +90,12 @@ def test_bench_prints_a_table_and_one_json_line(bench_run, bench_output):
     for mode in OURS + PEERS:
         flops = (6 if mode == "hf_trainer_typical" else 4) * params
         assert limit[mode] == pytest.approx(gflops[mode] * 1e9 / flops, rel=0.02)
+
+
+def test_a_ratio_over_a_zero_baseline_is_left_out():
+    """A baseline cell of 0 (a padding share of a batch without pads) gives no ratio ('-'), not a division error."""
+    results = {"packed": {"train_padding_share": 0.0, "predict_pairs_per_s": 3.0},
+               "padded": {"train_padding_share": 0.0, "predict_single_pairs_per_s": 2.0}}
+    assert _ratio(results, "train_padding_share", "train_padding_share", "padded") is None
+    assert _cell(None, 1, 2, 6) == "     -"
+    assert _ratio(results, "predict_pairs_per_s", "predict_single_pairs_per_s", "padded") == 1.5
