@@ -24,7 +24,7 @@ from lmsys.config import LoraConfig
 from lmsys.data.io import DataError, read_pairs
 from lmsys.data.schema import Pair
 from lmsys.logs import setup_logging
-from lmsys.modeling.backbone import peft_quietly, quantization_config, resolve_dtype
+from lmsys.modeling.backbone import checkpointing_renames_quietly, quantization_config, resolve_dtype
 from lmsys.runs import write_file, write_json
 from lmsys.warmup import DEFAULT_LR, MARKER, Stage, WarmupConfig
 
@@ -121,7 +121,9 @@ def trainer_args(config: WarmupConfig, output_dir: str, dtype: torch.dtype):
         output_dir=output_dir, max_steps=config.max_steps or -1, num_train_epochs=1,
         learning_rate=config.lr or DEFAULT_LR[config.stage.value], per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum, max_length=config.max_length,
-        gradient_checkpointing=config.gradient_checkpointing, logging_steps=config.logging_steps,
+        # transformers 5's name; TRL's configs default the deprecated alias `gradient_checkpointing` to True, which
+        # warns unless this is set (TRL reads the alias, which mirrors it)
+        activation_checkpointing=config.gradient_checkpointing, logging_steps=config.logging_steps,
         save_strategy="no", report_to="none", seed=config.seed, bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16, model_init_kwargs={"dtype": dtype}, trust_remote_code=config.trust_remote_code,
         truncation_mode="keep_start", disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available(),
@@ -141,14 +143,16 @@ def train_adapter(config: WarmupConfig, selection: Selection, work_dir: Path) ->
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(config.compute_dtype, device, config.model_path)
     trainer_class = SFTTrainer if config.stage == Stage.sft else DPOTrainer
-    trainer = trainer_class(
-        model=config.model_path, args=trainer_args(config, str(work_dir / "trainer"), dtype),
-        train_dataset=Dataset.from_list(selection.examples),
-        processing_class=build_tokenizer(config.model_path, config.trust_remote_code),
-        peft_config=peft_config(config.lora),
-        quantization_config=quantization_config(config.quantization, config.double_quant, dtype),
-    )
-    trainer.train()
+    # TRL wraps the model with peft, and DPO's reference pass switches checkpointing off and on by the old names
+    with checkpointing_renames_quietly():
+        trainer = trainer_class(
+            model=config.model_path, args=trainer_args(config, str(work_dir / "trainer"), dtype),
+            train_dataset=Dataset.from_list(selection.examples),
+            processing_class=build_tokenizer(config.model_path, config.trust_remote_code),
+            peft_config=peft_config(config.lora),
+            quantization_config=quantization_config(config.quantization, config.double_quant, dtype),
+        )
+        trainer.train()
     trainer.model.save_pretrained(work_dir / "adapter")
     return trainer.state.log_history
 
@@ -160,7 +164,7 @@ def merge_into_base(config: WarmupConfig, adapter_dir: Path):
         config.model_path, dtype=getattr(torch, config.merge_dtype.value), trust_remote_code=config.trust_remote_code,
         use_safetensors=True,
     )
-    with peft_quietly():
+    with checkpointing_renames_quietly():
         return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 

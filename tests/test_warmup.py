@@ -14,8 +14,13 @@ from tiny import arena_frame, model_settings
 from lmsys.builders import build_model
 from lmsys.config import LoraConfig
 from lmsys.data.schema import Pair
-from lmsys.warmup import MARKER, Stage, main
-from lmsys.warmup_training import select_examples, winning_side
+from lmsys.warmup import MARKER, Stage, WarmupConfig, WarmupDataConfig, main
+from lmsys.warmup_training import select_examples, trainer_args, winning_side
+
+# transformers 5 renamed the checkpointing switch and peft reads the old name: both warn, about no code of ours
+GRADIENT_CHECKPOINTING_DEPRECATED = "error:`gradient_checkpointing` is deprecated:FutureWarning"
+PEFT_READS_THE_OLD_NAME = "error:`is_gradient_checkpointing` is deprecated:FutureWarning"
+TRL_CALLS_THE_OLD_NAMES = "error:`gradient_checkpointing_(enable|disable)` is deprecated:FutureWarning"
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +86,26 @@ def test_sft_result_loads_as_a_base_and_differs(setup, tmp_path):
     assert not any("embed_tokens" in k or "norm" in k for k in changed)  # LoRA touched only the projections
 
 
+@pytest.mark.filterwarnings(GRADIENT_CHECKPOINTING_DEPRECATED)
+@pytest.mark.parametrize("stage", list(Stage))
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_trl_config_takes_the_checkpointing_switch_by_its_current_name(tmp_path, stage, checkpointing):
+    """TRL's configs default the deprecated `gradient_checkpointing` to True; ours sets transformers 5's
+    `activation_checkpointing`, which the old name (what TRL reads) mirrors, without the deprecation warning."""
+    config = WarmupConfig(stage=stage, model_path="unused", output_dir=str(tmp_path),
+                          data=WarmupDataConfig(train_path="unused"), gradient_checkpointing=checkpointing)
+    args = trainer_args(config, str(tmp_path / "trainer"), torch.float32)
+    assert args.activation_checkpointing is checkpointing and args.gradient_checkpointing is checkpointing
+
+
+@pytest.mark.filterwarnings(GRADIENT_CHECKPOINTING_DEPRECATED)
+@pytest.mark.filterwarnings(PEFT_READS_THE_OLD_NAME)
+@pytest.mark.filterwarnings(TRL_CALLS_THE_OLD_NAMES)
 def test_dpo_loss_falls_and_margin_grows(setup, tmp_path):
-    record = warmup(setup, tmp_path / "dpo", "dpo", **{"data.max_pairs": 3, "max_steps": 6, "lr": 5e-3})
+    """With gradient checkpointing, which DPO's reference pass switches off and on, and none of the deprecation
+    warnings transformers 5 raises when peft and TRL use the old names."""
+    record = warmup(setup, tmp_path / "dpo", "dpo",
+                    **{"data.max_pairs": 3, "max_steps": 6, "lr": 5e-3, "gradient_checkpointing": "true"})
     assert record["rows"]["used"] == 2 and record["rows"]["skipped_ties"] == 1
     loss, margin = losses(record), losses(record, "rewards/margins")
     assert loss[0] == pytest.approx(0.6931, abs=1e-3)  # log 2: the policy starts as the reference

@@ -112,7 +112,7 @@ def add_lora(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), use_dora=use_dora,
         bias="none", task_type="FEATURE_EXTRACTION",
     )
-    with peft_quietly():
+    with checkpointing_renames_quietly():
         return get_peft_model(backbone, config)
 
 
@@ -138,17 +138,21 @@ def make_trainable(backbone: PreTrainedModel, gradient_checkpointing: bool) -> P
 
 def load_adapter(backbone: PreTrainedModel, adapter_dir: str | Path, trainable: bool) -> PeftModel:
     backbone.config.use_cache = False
-    with peft_quietly():
+    with checkpointing_renames_quietly():
         return PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=trainable)
 
 
+DEPRECATED_CHECKPOINTING_NAMES = r"`(is_gradient_checkpointing|gradient_checkpointing_(enable|disable))` is deprecated"
+
+
 @contextmanager
-def peft_quietly() -> Iterator[None]:
-    """Without the FutureWarning that peft's PeftModel raises by reading transformers' deprecated
-    `is_gradient_checkpointing` (peft 0.21 with transformers 5): printed by every command that builds or loads an
-    adapter, about code the user cannot change. Every other warning passes."""
+def checkpointing_renames_quietly() -> Iterator[None]:
+    """Without the FutureWarnings transformers 5 raises when peft (0.21) and TRL (1.16) call its checkpointing API
+    by the old names (`is_gradient_checkpointing`, `gradient_checkpointing_enable` / `_disable`): printed by every
+    command that builds or loads an adapter, and by DPO's reference pass, about code the user cannot change. Every
+    other warning passes."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=DEPRECATED_CHECKPOINTING_NAMES, category=FutureWarning)
         yield
 
 

@@ -18,7 +18,7 @@ from lmsys.data.batching import Example, collate, collate_packed, collate_padded
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import pairs_from_frame
 from lmsys.modeling.attention import CPU_SDPA
-from lmsys.modeling.backbone import fold_into_dense, peft_quietly
+from lmsys.modeling.backbone import checkpointing_renames_quietly, fold_into_dense
 from lmsys.modeling.checkpoint import ADAPTER_FILES, HEAD_FILE, CheckpointError, ModelSpec, read_spec, save_checkpoint
 from lmsys.modeling.families import FamilyError, check_family, resolve_attention
 from lmsys.modeling.heads import PreferenceHead
@@ -343,14 +343,17 @@ def test_mistral_packed_rows_apply_the_sliding_window(tiny_models, arena_pairs, 
 
 
 def test_building_an_adapter_prints_no_peft_deprecation_and_other_warnings_pass(tiny_models):
-    """peft reads transformers' deprecated is_gradient_checkpointing when it wraps a model: not the user's to fix, so
-    not printed; any other warning raised inside the same block still is."""
+    """peft reads transformers' deprecated is_gradient_checkpointing when it wraps a model (and TRL calls the old
+    gradient_checkpointing_enable / _disable): not the user's to fix, so not printed; any other warning raised inside
+    the same block still is."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = build(tiny_models, "llama", "llama", "nf4")[0]
-        with peft_quietly():
+        with checkpointing_renames_quietly():
+            model.backbone.gradient_checkpointing_enable()
+            model.backbone.gradient_checkpointing_disable()
             warnings.warn("another deprecation", FutureWarning, stacklevel=1)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())  # a real 4-bit LoRA model was built
     messages = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
     assert "another deprecation" in messages
-    assert not [m for m in messages if "is_gradient_checkpointing" in m]
+    assert not [m for m in messages if "gradient_checkpointing" in m]
