@@ -17,7 +17,7 @@ from lmsys.data.schema import Pair
 from lmsys.warmup import MARKER, Stage, WarmupConfig, WarmupDataConfig, main
 from lmsys.warmup_training import select_examples, trainer_args, winning_side
 
-# transformers 5 renamed the checkpointing switch and peft reads the old name: both warn, about no code of ours
+# transformers 5 renamed its checkpointing switch and methods; the old names, as TRL and peft still use them, warn
 GRADIENT_CHECKPOINTING_DEPRECATED = "error:`gradient_checkpointing` is deprecated:FutureWarning"
 PEFT_READS_THE_OLD_NAME = "error:`is_gradient_checkpointing` is deprecated:FutureWarning"
 TRL_CALLS_THE_OLD_NAMES = "error:`gradient_checkpointing_(enable|disable)` is deprecated:FutureWarning"
