@@ -313,11 +313,11 @@ def print_rounds(rounds: list[dict[str, dict]]) -> None:
         for mode in rounds[0]:
             print(f"  {label} {mode}: " + ", ".join(f"{r[mode][key] * scale:.2f}" for r in rounds))
     for baseline in (m for m in BASELINES if m in rounds[0] and "packed" in rounds[0]):
-        for label, ours, theirs in (("train packed", "train_real_tokens_per_s", "train_real_tokens_per_s"),
-                                    ("packed TTA", "predict_pairs_per_s", "predict_single_pairs_per_s")):
+        for label, ours, theirs in ((f"train packed/{baseline}", "train_real_tokens_per_s", "train_real_tokens_per_s"),
+                                    (f"packed TTA/{baseline} 1 pass", "predict_pairs_per_s",
+                                     "predict_single_pairs_per_s")):
             ratios = [r["packed"][ours] / r[baseline][theirs] for r in rounds]
-            print(f"  {label}/{baseline}{' 1 pass' if ours != theirs else ''}: " + ", ".join(f"{x:.2f}" for x in ratios)
-                  + f" (median {statistics.median(ratios):.2f})")
+            print(f"  {label}: " + ", ".join(f"{x:.2f}" for x in ratios) + f" (median {statistics.median(ratios):.2f})")
 
 
 if __name__ == "__main__":
