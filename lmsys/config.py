@@ -148,7 +148,8 @@ class DataConfig:
                 "combined with data.valid_path (pass data.valid_path=null)")
 
 
-OptimizerName = choices("OptimizerName", "adamw adamw_8bit")
+# stable_adamw: AdamW with per-tensor update clipping (torch-optimi's StableAdamW, used by the LMSYS 2nd place)
+OptimizerName = choices("OptimizerName", "adamw adamw_8bit stable_adamw")
 
 
 @dataclass
@@ -162,6 +163,9 @@ class OptimizerConfig:
     eps: float = 1e-8
     warmup_ratio: float = 0.02
     min_lr_ratio: float = 0.1  # cosine decays to this share of the peak
+    # carry each update's rounding error into the next (torch-optimi): without it, weights stored in bf16 (full
+    # fine-tuning in bf16) lose every update below half their rounding step; None: on exactly for such weights
+    kahan_summation: bool | None = None
 
     def __post_init__(self) -> None:
         require(self.lr > 0 and self.head_lr > 0, "optimizer.lr and optimizer.head_lr must be positive")
@@ -169,6 +173,9 @@ class OptimizerConfig:
         require(0.0 <= self.warmup_ratio < 1.0, "optimizer.warmup_ratio must be in [0, 1)")
         require(0.0 <= self.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio must be in [0, 1]")
         require(len(self.betas) == 2, "optimizer.betas needs two values")
+        require(not (self.kahan_summation and self.name == OptimizerName.adamw_8bit),
+                "optimizer.kahan_summation=true needs optimizer.name=adamw or stable_adamw (bitsandbytes' 8-bit "
+                "AdamW keeps no compensation)")
 
 
 @dataclass

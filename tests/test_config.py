@@ -143,6 +143,14 @@ def test_a_broken_rule_fails_at_start_up(override, message):
         validated_config(cfg)
 
 
+def test_kahan_summation_needs_an_optimizer_that_keeps_a_compensation():
+    cfg = compose_config("conf_r_llama_smol", ("optimizer.name=adamw_8bit", "optimizer.kahan_summation=true"))
+    with pytest.raises(ConfigError, match="optimizer.kahan_summation=true needs optimizer.name=adamw or stable_adamw"):
+        validated_config(cfg)
+    for name in ("adamw", "stable_adamw"):
+        validated_config(compose_config("conf_r_llama_smol", (f"optimizer.name={name}", "optimizer.kahan_summation=true")))
+
+
 def test_the_dense_lora_kernel_is_not_compiled():
     cfg = compose_config("conf_r_llama_smol", ("model.torch_compile=true", "model.lora_kernel=dense"))
     with pytest.raises(ConfigError, match="model.torch_compile=true compiles peft's LoRA layers"):

@@ -1,6 +1,7 @@
 """FSDP on CPU: two gloo processes train a tiny Llama under torch FSDP2 with the settings of
-conf/accelerate/fsdp_qlora.yaml (4-bit NF4 weights sharded) and fsdp_full.yaml (full fine-tuning), and must follow
-the loss curve of one unsharded process, save checkpoints that one process reads back, and resume exactly."""
+conf/accelerate/fsdp_qlora.yaml (4-bit NF4 weights sharded) and fsdp_full.yaml (full fine-tuning, also in bf16 with
+Kahan-summed AdamW), and must follow the loss curve of one unsharded process, save checkpoints that one process reads
+back, and resume exactly."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ STATE_AT = 3  # the state left in the run dir, which the resumed run starts from
 N_VALID = 7
 LAUNCHER = REPO / "tests" / "fsdp_cpu_launch.py"
 FULL = ("model.finetune=full", "model.quantization=none")
+FULL_BF16 = (*FULL, "model.compute_dtype=bfloat16")  # bf16 weights: optimizer.kahan_summation's default turns it on
 
 
 def fsdp_env(config_name: str) -> dict[str, str]:
@@ -56,15 +58,17 @@ def start_fsdp(config_name: str, args: list[str], log: Path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_models) -> SimpleNamespace:
-    """QLoRA and full fine-tuning, each as one plain process and as two FSDP processes (all four at once), then
-    the FSDP QLoRA run resumed from its state at update STATE_AT in a fresh dir."""
+    """QLoRA and full fine-tuning, each as one plain process and as two FSDP processes, and full fine-tuning of bf16
+    weights under FSDP (all five at once); then the FSDP QLoRA and bf16 runs resumed from their states at update
+    STATE_AT in fresh dirs."""
     root = tmp_path_factory.mktemp("fsdp")
     arena_frame(27, seed=13).to_csv(root / "train.csv", index=False)
     arena_frame(N_VALID, seed=14, start_id=300).to_csv(root / "valid.csv", index=False)
     base = tiny_overrides(tiny_models["llama"], root / "train.csv", root / "valid.csv", trainer__max_tokens=128,
                           trainer__max_steps=UPDATES, trainer__state_frequency=STATE_AT, trainer__grad_accum=1,
                           trainer__eval_max_tokens=128, seed=3)
-    dirs = {name: root / name for name in ("single_lora", "fsdp_lora", "single_full", "fsdp_full", "resumed")}
+    dirs = {name: root / name for name in ("single_lora", "fsdp_lora", "single_full", "fsdp_full", "resumed",
+                                           "fsdp_bf16", "resumed_bf16")}
     single = ["trainer.batch_size=8"]  # the same 8 pairs per update as 2 ranks x 4
     started = [
         (start_entry([*base, *single, f"hydra.run.dir={dirs['single_lora']}"], root / "single_lora.log"), "single_lora"),
@@ -73,13 +77,20 @@ def runs(tmp_path_factory, tiny_models) -> SimpleNamespace:
          "single_full"),
         (start_fsdp("fsdp_full", [*base, *FULL, f"hydra.run.dir={dirs['fsdp_full']}"], root / "fsdp_full.log"),
          "fsdp_full"),
+        (start_fsdp("fsdp_full", [*base, *FULL_BF16, f"hydra.run.dir={dirs['fsdp_bf16']}"], root / "fsdp_bf16.log"),
+         "fsdp_bf16"),
     ]
     for process, name in started:
         finish(process, root / f"{name}.log")
-    dirs["resumed"].mkdir()
-    shutil.copytree(dirs["fsdp_lora"] / STATE_DIR, dirs["resumed"] / STATE_DIR)
-    resume = start_fsdp("fsdp_qlora", [*base, "resume=true", f"hydra.run.dir={dirs['resumed']}"], root / "resumed.log")
-    finish(resume, root / "resumed.log")
+    resumes = []
+    for name, source, config_name, extra in (("resumed", "fsdp_lora", "fsdp_qlora", ()),
+                                             ("resumed_bf16", "fsdp_bf16", "fsdp_full", FULL_BF16)):
+        dirs[name].mkdir()
+        shutil.copytree(dirs[source] / STATE_DIR, dirs[name] / STATE_DIR)
+        resumes.append(start_fsdp(config_name, [*base, *extra, "resume=true", f"hydra.run.dir={dirs[name]}"],
+                                  root / f"{name}.log"))
+    for process, name in zip(resumes, ("resumed", "resumed_bf16"), strict=True):
+        finish(process, root / f"{name}.log")
     return SimpleNamespace(valid=root / "valid.csv", overrides=[*base, "trainer.batch_size=4"], **dirs)
 
 
@@ -146,15 +157,27 @@ def test_the_ranks_run_unequal_micro_batch_counts(runs):
     assert any(a != b for a, b in counts), counts
 
 
-def test_fsdp_resume_continues_like_the_uninterrupted_run(runs):
-    """The state saved under FSDP (full trainable weights, optimizer state gathered to rank 0) restores into the
-    shards of a new FSDP run, which then computes update 4 as the uninterrupted run did."""
-    resumed, uninterrupted = train_losses(runs.resumed), train_losses(runs.fsdp_lora)
+@pytest.mark.parametrize("resumed_name,run_name", [("resumed", "fsdp_lora"), ("resumed_bf16", "fsdp_bf16")])
+def test_fsdp_resume_continues_like_the_uninterrupted_run(runs, resumed_name, run_name):
+    """The state saved under FSDP (full trainable weights, optimizer state gathered to rank 0: for bf16 weights with
+    their Kahan compensation) restores into the shards of a new FSDP run, which then computes update 4 as the
+    uninterrupted run did."""
+    resumed_dir, run_dir = getattr(runs, resumed_name), getattr(runs, run_name)
+    resumed, uninterrupted = train_losses(resumed_dir), train_losses(run_dir)
     assert sorted(resumed) == list(range(STATE_AT + 1, UPDATES + 1))
     np.testing.assert_allclose(resumed[UPDATES], uninterrupted[UPDATES], rtol=0, atol=1e-6)
-    assert read_metrics(runs.resumed)["best"]["log_loss"] == pytest.approx(
-        read_metrics(runs.fsdp_lora)["best"]["log_loss"], abs=1e-6)
-    np.testing.assert_allclose(probs(runs.resumed), probs(runs.fsdp_lora), rtol=0, atol=1e-6)
+    assert read_metrics(resumed_dir)["best"]["log_loss"] == pytest.approx(
+        read_metrics(run_dir)["best"]["log_loss"], abs=1e-6)
+    np.testing.assert_allclose(probs(resumed_dir), probs(run_dir), rtol=0, atol=1e-6)
+
+
+def test_bf16_weights_train_with_kahan_summation_under_fsdp(runs):
+    """Full fine-tuning of bf16 weights picks the Kahan-summed AdamW by default, under FSDP as in one process, and
+    its updates reach the saved backbone."""
+    log_text = (runs.fsdp_bf16 / "train.log").read_text()
+    assert log_text.count("optimizer: optimi.AdamW, Kahan summation on (trainable weights in bfloat16, float32") == 1
+    spec = read_spec(runs.fsdp_bf16 / "checkpoint")
+    assert trained_change(runs.fsdp_bf16 / "checkpoint", Path(spec.base_model_path), "full") > 1e-4
 
 
 def test_only_rank_zero_wrote_the_fsdp_run(runs):

@@ -1,14 +1,23 @@
-"""Optimizer parameter groups (head lr, LoRA-B multiplier, no decay on norms and biases) and the lr schedule."""
+"""Optimizer parameter groups (head lr, LoRA-B multiplier, no decay on norms and biases), the optimizer and the lr
+schedule."""
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from lmsys.config import OptimizerName
+
+log = logging.getLogger("lmsys")
+
+# weights stored in these dtypes (full fine-tuning in bf16) lose every AdamW update below half their rounding step
+# (bf16: 2^-9 of the weight) unless the rounding error is carried over to the next step (Kahan summation)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def parameter_groups(
@@ -29,12 +38,36 @@ def parameter_groups(
     ]
 
 
-def create_optimizer(groups: list[dict], name: OptimizerName, betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
+def create_optimizer(groups: list[dict], name: OptimizerName, betas: tuple[float, float], eps: float,
+                     kahan_summation: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW (torch's), 8-bit AdamW (bitsandbytes') or StableAdamW; with Kahan-summed updates (torch-optimi's AdamW or
+    StableAdamW, as the LMSYS 2nd place trained bf16 weights) where `kahan_summation` is true, or where it is None
+    and a trainable weight is stored in bf16/fp16. Each group keeps its own lr and weight decay."""
+    dtypes = {p.dtype for group in groups for p in group["params"]}
+    low_precision = _names(dtype for dtype in dtypes if dtype in LOW_PRECISION)
+    kahan = name != OptimizerName.adamw_8bit and (bool(low_precision) if kahan_summation is None else kahan_summation)
+    if low_precision and not kahan:
+        remedy = ("optimizer.name=adamw keeps them" if name == OptimizerName.adamw_8bit
+                  else "optimizer.kahan_summation=true keeps them")
+        log.warning("optimizer.name=%s updates weights stored in %s without Kahan summation: updates below half a "
+                    "weight's rounding step are lost (%s)", name.value, low_precision, remedy)
     if name == OptimizerName.adamw_8bit:
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, betas=betas, eps=eps)
-    return torch.optim.AdamW(groups, betas=betas, eps=eps)
+    if not kahan and name == OptimizerName.adamw:
+        return torch.optim.AdamW(groups, betas=betas, eps=eps)
+    import optimi
+
+    optimizer_class = optimi.StableAdamW if name == OptimizerName.stable_adamw else optimi.AdamW
+    log.info("optimizer: optimi.%s, Kahan summation %s (trainable weights in %s; it compensates bf16/fp16 ones)",
+             optimizer_class.__name__, "on" if kahan else "off", _names(dtypes))
+    # every group sets its own lr and weight_decay; decay stays lr-coupled, as in torch's AdamW
+    return optimizer_class(groups, lr=groups[0]["lr"], betas=betas, eps=eps, kahan_sum=kahan)
+
+
+def _names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(sorted(str(dtype).removeprefix("torch.") for dtype in dtypes))
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
