@@ -226,7 +226,8 @@ def build_accelerator(config: TrainConfig, run_dir: str | Path) -> Accelerator:
 def build_optimizer(optimizer: OptimizerConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     groups = parameter_groups(model, optimizer.lr, optimizer.head_lr, optimizer.lora_b_lr_multiplier,
                               optimizer.weight_decay)
-    return create_optimizer(groups, optimizer.name, tuple(optimizer.betas), optimizer.eps, optimizer.kahan_summation)
+    return create_optimizer(groups, optimizer.name, tuple(optimizer.betas), optimizer.eps, optimizer.kahan_summation,
+                            fsdp_requested())
 
 
 def build_scheduler(optimizer: OptimizerConfig, torch_optimizer: torch.optim.Optimizer, total: int):

@@ -39,10 +39,12 @@ def parameter_groups(
 
 
 def create_optimizer(groups: list[dict], name: OptimizerName, betas: tuple[float, float], eps: float,
-                     kahan_summation: bool | None = None) -> torch.optim.Optimizer:
+                     kahan_summation: bool | None = None, sharded: bool = False) -> torch.optim.Optimizer:
     """AdamW (torch's), 8-bit AdamW (bitsandbytes') or StableAdamW; with Kahan-summed updates (torch-optimi's AdamW or
     StableAdamW, as the LMSYS 2nd place trained bf16 weights) where `kahan_summation` is true, or where it is None
-    and a trainable weight is stored in bf16/fp16. Each group keeps its own lr and weight decay."""
+    and a trainable weight is stored in bf16/fp16. Each group keeps its own lr and weight decay. `sharded`: the
+    parameters will be FSDP's DTensors, which torch-optimi's Triton kernels (its GPU default) cannot take: its
+    foreach path then (the one tested under FSDP)."""
     dtypes = {p.dtype for group in groups for p in group["params"]}
     low_precision = _names(dtype for dtype in dtypes if dtype in LOW_PRECISION)
     kahan = name != OptimizerName.adamw_8bit and (bool(low_precision) if kahan_summation is None else kahan_summation)
@@ -63,7 +65,8 @@ def create_optimizer(groups: list[dict], name: OptimizerName, betas: tuple[float
     log.info("optimizer: optimi.%s, Kahan summation %s (trainable weights in %s; it compensates bf16/fp16 ones)",
              optimizer_class.__name__, "on" if kahan else "off", _names(dtypes))
     # every group sets its own lr and weight_decay; decay stays lr-coupled, as in torch's AdamW
-    return optimizer_class(groups, lr=groups[0]["lr"], betas=betas, eps=eps, kahan_sum=kahan)
+    return optimizer_class(groups, lr=groups[0]["lr"], betas=betas, eps=eps, kahan_sum=kahan,
+                           triton=False if sharded else None)
 
 
 def _names(dtypes: Iterable[torch.dtype]) -> str:

@@ -1,5 +1,6 @@
 """CUDA checks of what the CPU suite cannot cover: NF4 QLoRA training per family and compute dtype, packed ==
-padded logits per attention kernel, 8-bit AdamW, swap-TTA symmetry of prediction. Tiny random models."""
+padded logits per attention kernel, 8-bit AdamW, Kahan-summed AdamW, swap-TTA symmetry of prediction. Tiny random
+models."""
 
 from __future__ import annotations
 
@@ -79,6 +80,29 @@ def test_adamw_8bit_trains_on_cuda(tiny_models, pairs):
     model, encoder = cuda_model(tiny_models["llama"], "llama")
     losses = train_losses(model, batch_of(encoder, pairs, True), OptimizerName.adamw_8bit)
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("sharded", [False, True])  # optimi's Triton kernels (its CUDA default), its foreach path
+def test_kahan_summation_keeps_bf16_updates_on_cuda(sharded):
+    """Small AdamW updates of bf16 weights: kept with the compensation (each path within 5% of the float32 run's
+    movement), rounded away without it."""
+    generator = torch.Generator().manual_seed(0)
+    start = (torch.randn(96, 64, generator=generator) * 0.02).to(CUDA)
+    inputs = torch.randn(256, 64, generator=generator).to(CUDA)
+    targets = torch.randn(256, 96, generator=generator).to(CUDA)
+    finals = {}
+    for dtype, kahan in ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, False)):
+        weight = torch.nn.Parameter(start.to(dtype, copy=True))
+        optimizer = create_optimizer([{"params": [weight], "lr": 1e-5, "weight_decay": 0.0}], OptimizerName.adamw,
+                                     (0.9, 0.999), 1e-8, kahan, sharded)
+        for _ in range(150):
+            optimizer.zero_grad()
+            ((inputs.to(dtype) @ weight.T).float() - 0.1 * targets).pow(2).mean().backward()
+            optimizer.step()
+        finals[(dtype, kahan)] = weight.detach().float()
+    moved = (finals[(torch.float32, None)] - start).abs().mean()
+    assert (finals[(torch.bfloat16, None)] - finals[(torch.float32, None)]).abs().mean() < 0.05 * moved
+    assert (finals[(torch.bfloat16, False)] - finals[(torch.float32, None)]).abs().mean() > 0.5 * moved
 
 
 KERNELS = [("llama", "sdpa", "float32", 1e-4), ("gemma2", "eager", "float32", 1e-4),

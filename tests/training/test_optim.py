@@ -141,6 +141,15 @@ def test_the_compensation_survives_a_state_dict_round_trip():
     assert torch.equal(twin, weight)
 
 
+def test_sharded_parameters_take_the_foreach_path():
+    """FSDP's DTensors: torch-optimi must not pick its Triton kernels (its CUDA default, which take plain tensors)."""
+    for sharded, triton in ((True, False), (False, None)):  # None: optimi decides at the first step
+        weight = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+        optimizer = create_optimizer([{"params": [weight], "lr": 1e-3}], OptimizerName.adamw, (0.9, 0.999), 1e-8,
+                                     None, sharded)
+        assert optimizer.param_groups[0]["triton"] is triton
+
+
 def test_the_choice_is_logged_and_a_loss_of_updates_warned_about(caplog):
     weight = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
     head = torch.nn.Parameter(torch.zeros(4))
