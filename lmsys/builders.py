@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -243,7 +244,8 @@ def build_loop_settings(config: TrainConfig, spec: ModelSpec, n_train: int, worl
         swap=trainer.swap_augmentation,
         group_by_length=trainer.group_by_length,
         batching=build_train_batching(config, spec, pad_id),
-        max_grad_norm=trainer.max_grad_norm,
+        # no clipping: the norm is still measured (and logged); scaling by min(1, inf / norm) = 1 leaves the gradients
+        max_grad_norm=math.inf if trainer.max_grad_norm is None else trainer.max_grad_norm,
         eval_frequency=trainer.eval_frequency,
         patience=trainer.patience,
         log_frequency=trainer.log_frequency,

@@ -212,7 +212,7 @@ class TrainerConfig:
     eval_max_tokens: int = 8192
     group_by_length: bool = True  # shuffle in length-sorted buckets (less padding, fuller token budgets)
     swap_augmentation: SwapMode = SwapMode.none
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0  # null: no clipping (as the LMSYS 2nd place trained); the norm is still logged
     eval_frequency: int = 0  # updates between evaluations; 0 evaluates only at the end
     patience: int | None = None  # evaluations without improvement before stopping
     eval_tta: bool = False
@@ -224,7 +224,8 @@ class TrainerConfig:
         require(self.epochs > 0, "trainer.epochs must be positive")
         require(self.max_steps is None or self.max_steps >= 0, "trainer.max_steps must be >= 0")
         require(self.batch_size >= 1 and self.grad_accum >= 1, "trainer.batch_size and grad_accum must be >= 1")
-        require(self.max_grad_norm > 0, "trainer.max_grad_norm must be positive")
+        require(self.max_grad_norm is None or self.max_grad_norm > 0,
+                "trainer.max_grad_norm must be positive, or null for no clipping")
         require(self.eval_frequency >= 0, "trainer.eval_frequency must be >= 0")
         require(self.state_frequency >= 0, "trainer.state_frequency must be >= 0")
         require(self.eval_max_tokens > 0 and self.max_tokens > 0, "trainer.max_tokens and eval_max_tokens must be > 0")

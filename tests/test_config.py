@@ -143,6 +143,10 @@ def test_a_broken_rule_fails_at_start_up(override, message):
         validated_config(cfg)
 
 
+def test_clipping_is_switched_off_by_null():
+    assert validated_config(compose_config("conf_r_llama_smol", ("trainer.max_grad_norm=null",))).trainer.max_grad_norm is None
+
+
 def test_kahan_summation_needs_an_optimizer_that_keeps_a_compensation():
     cfg = compose_config("conf_r_llama_smol", ("optimizer.name=adamw_8bit", "optimizer.kahan_summation=true"))
     with pytest.raises(ConfigError, match="optimizer.kahan_summation=true needs optimizer.name=adamw or stable_adamw"):
