@@ -103,7 +103,8 @@ def _time_training(config, spec, split, model, accelerator, pad_id) -> dict:
     settings = builders.build_loop_settings(config, spec, len(split), 1, pad_id)
     optimizer = builders.build_optimizer(config.optimizer, model)
     scheduler = builders.build_scheduler(config.optimizer, optimizer, settings.total_updates)
-    recipe = TrainingRecipe(accelerator, model, optimizer, scheduler, settings, split)
+    recipe = TrainingRecipe(accelerator, model, optimizer, scheduler, settings, split,
+                            grad_scaler=builders.build_grad_scaler(config.model, accelerator.device))
     warmup, timed = epoch_plan(split, 1, settings, 0, 1), epoch_plan(split, 0, settings, 0, 1)
     model.train()
     for update in warmup[: config.bench.warmup_updates]:

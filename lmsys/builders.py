@@ -53,6 +53,7 @@ from lmsys.modeling.precision import predict_quantization
 from lmsys.modeling.warm_start import load_warm_start
 from lmsys.prediction_config import InferenceConfig
 from lmsys.training.distributed import fsdp_requested, quant_storage_dtype
+from lmsys.training.loss_scaling import grad_scaler_for
 from lmsys.training.optim import create_optimizer, parameter_groups, warmup_cosine_scheduler
 from lmsys.training.settings import LoopSettings, total_updates
 
@@ -222,6 +223,10 @@ def _head_class(spec: ModelSpec) -> type[PreferenceHead | BiEncoderHead]:
 
 def build_accelerator(config: TrainConfig, run_dir: str | Path) -> Accelerator:
     return Accelerator(log_with="wandb" if config.use_wandb else None, project_dir=str(run_dir))
+
+
+def build_grad_scaler(model: ModelConfig, device: torch.device) -> torch.amp.GradScaler:
+    return grad_scaler_for(model.compute_dtype, device.type, fsdp_requested())
 
 
 def build_optimizer(optimizer: OptimizerConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -35,6 +35,7 @@ from lmsys.provenance import run_info
 from lmsys.runs import RunDir
 from lmsys.tracking import Tracker, start_wandb
 from lmsys.training.distributed import full_trainable_state, lockstep_count
+from lmsys.training.loss_scaling import no_loss_scaling
 from lmsys.training.plan import Update, iterate_updates
 from lmsys.training.settings import LoopSettings
 from lmsys.training.signals import GracefulStop, StopRequested
@@ -71,6 +72,7 @@ class TrainingRecipe:
     validation: ValidationSet | None = None  # only `update` works without it and `outputs`
     outputs: RunOutputs | None = None
     state: LoopState = field(default_factory=LoopState)
+    grad_scaler: torch.amp.GradScaler = field(default_factory=no_loss_scaling)  # enabled for float16 compute only
 
     @classmethod
     def setup(cls, config: TrainConfig, run_path: Path, resolved_yaml: str) -> TrainingRecipe:
@@ -80,6 +82,7 @@ class TrainingRecipe:
         if config.model.init_from:
             check_warm_start(spec, config.lora, config.model.init_from)
         accelerator = builders.build_accelerator(config, run_path)
+        grad_scaler = builders.build_grad_scaler(config.model, accelerator.device)
         run = open_run_dir(run_path, config, accelerator, resolved_yaml)
         log.info("run dir %s; %d train pairs, %d valid pairs", run_path, len(train_pairs), len(valid_pairs))
         set_seed(config.seed)
@@ -92,25 +95,35 @@ class TrainingRecipe:
                                                 tokenizer.pad_token_id)
         scheduler = builders.build_scheduler(config.optimizer, optimizer, settings.total_updates)
         model, optimizer = accelerator.prepare(model, optimizer)
-        state = restore_state(run_path, accelerator.unwrap_model(model), optimizer, scheduler) if config.resume else None
+        state = (restore_state(run_path, accelerator.unwrap_model(model), optimizer, scheduler, grad_scaler)
+                 if config.resume else None)
         if config.use_wandb:
             start_wandb(accelerator, config.wandb, OmegaConf.to_container(OmegaConf.structured(config)), run_path)
         validation = builders.build_validation(config, spec, valid_split, tokenizer.pad_token_id)
         outputs = RunOutputs(run, Tracker(accelerator, run, config.use_wandb), spec, tokenizer)
         return cls(accelerator, model, optimizer, scheduler, settings, train_split, validation, outputs,
-                   state or LoopState())
+                   state or LoopState(), grad_scaler)
 
     @property
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
     def update(self, update: Update) -> UpdateStats:
-        """One optimizer update: forward/backward of every micro-batch, clip, step, schedule, zero-grad."""
+        """One optimizer update: forward/backward of every micro-batch, unscale (float16), clip, step, schedule,
+        zero-grad."""
+        scaler = self.grad_scaler
+        scale = scaler.get_scale() if scaler.is_enabled() else None
         loss = self.accumulate_gradients(update)
+        scaler.unscale_(self.optimizer)  # float16: the true gradients, before they are clipped and logged
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        scaler.step(self.optimizer)  # float16: skipped when a gradient overflowed
+        scaler.update()
+        if scale is not None and scaler.get_scale() < scale:  # the schedule counts the steps taken
+            log.warning("update %d: float16 gradients overflowed at loss scale %g: step skipped, scale now %g",
+                        self.state.step + 1, scale, scaler.get_scale())
+        else:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return UpdateStats(loss, lr, float(grad_norm))
 
@@ -133,7 +146,7 @@ class TrainingRecipe:
                 logits = self.model(**batch.model_inputs(accelerator.device))
                 loss_sum = preference_loss(logits, batch.targets.to(accelerator.device),
                                            _on(batch.teacher_logits, accelerator.device), settings.loss, reduction="sum")
-                accelerator.backward(loss_sum * (scale if k < n_real else 0.0))
+                accelerator.backward(self.grad_scaler.scale(loss_sum * (scale if k < n_real else 0.0)))
             if k < n_real:
                 total += loss_sum.detach()
         return float(accelerator.reduce(total, reduction="sum")) / update.n_examples
@@ -157,7 +170,8 @@ class TrainingRecipe:
                                                           trainable))
 
     def save_state(self) -> None:
-        save_training_state(self.outputs.run, self.unwrapped, self.optimizer, self.scheduler, self.state)
+        save_training_state(self.outputs.run, self.unwrapped, self.optimizer, self.scheduler, self.state,
+                            self.grad_scaler)
 
     def train(self) -> LoopState:
         """Updates until the plan ends, patience runs out or a signal arrives; evaluations keep the best."""

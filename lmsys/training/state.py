@@ -42,8 +42,10 @@ class LoopState:
     history: list[dict] = field(default_factory=list)
 
 
-def save_training_state(run: RunDir, model: torch.nn.Module, optimizer, scheduler, loop: LoopState) -> None:
-    """Write the state next to the previous one and swap it in only once complete."""
+def save_training_state(run: RunDir, model: torch.nn.Module, optimizer, scheduler, loop: LoopState,
+                        grad_scaler: torch.amp.GradScaler | None = None) -> None:
+    """Write the state next to the previous one and swap it in only once complete (with float16 compute, the loss
+    scale too)."""
     weights = full_trainable_state(model)  # gathered on every rank (FSDP: a collective); only the main process writes
     optimizer_blob = optimizer_state(model, optimizer)
     payload = {"loop": asdict(loop), "scheduler": scheduler.state_dict(), "python_rng": random.getstate()}
@@ -51,7 +53,8 @@ def save_training_state(run: RunDir, model: torch.nn.Module, optimizer, schedule
     def produce(directory: Path) -> None:
         directory.mkdir(parents=True)
         save_file(weights, str(directory / WEIGHTS_FILE))
-        torch.save({"optimizer": optimizer_blob, "torch_rng": torch.get_rng_state(),
+        torch.save({"optimizer": optimizer_blob, "grad_scaler": grad_scaler.state_dict() if grad_scaler else {},
+                    "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    directory / OPTIMIZER_FILE)
         (directory / LOOP_FILE).write_text(json.dumps(payload, default=_jsonable))
@@ -67,18 +70,21 @@ def find_state(run_path: Path) -> Path | None:
     return None
 
 
-def restore_state(run_path: Path, model: torch.nn.Module, optimizer, scheduler) -> LoopState | None:
-    """The run dir's latest state loaded into the model, optimizer and scheduler; None when it holds none."""
+def restore_state(run_path: Path, model: torch.nn.Module, optimizer, scheduler,
+                  grad_scaler: torch.amp.GradScaler | None = None) -> LoopState | None:
+    """The run dir's latest state loaded into the model, optimizer, scheduler (and loss scale); None when it holds
+    none."""
     directory = find_state(run_path)
     if directory is None:
         log.warning("resume=true but %s holds no training state: starting from the beginning", run_path)
         return None
-    state = load_training_state(directory, model, optimizer, scheduler)
+    state = load_training_state(directory, model, optimizer, scheduler, grad_scaler)
     log.info("resumed from %s at update %d (best log loss %.4f)", directory, state.step, state.best_score)
     return state
 
 
-def load_training_state(directory: Path, model: torch.nn.Module, optimizer, scheduler) -> LoopState:
+def load_training_state(directory: Path, model: torch.nn.Module, optimizer, scheduler,
+                        grad_scaler: torch.amp.GradScaler | None = None) -> LoopState:
     weights = load_file(str(directory / WEIGHTS_FILE))
     params = dict(model.named_parameters())
     missing = [name for name in weights if name not in params]
@@ -87,6 +93,8 @@ def load_training_state(directory: Path, model: torch.nn.Module, optimizer, sche
     load_full_state(model, weights)
     blobs = torch.load(directory / OPTIMIZER_FILE, weights_only=True)
     load_optimizer_state(model, optimizer, blobs["optimizer"])
+    if grad_scaler is not None and grad_scaler.is_enabled() and blobs.get("grad_scaler"):
+        grad_scaler.load_state_dict(blobs["grad_scaler"])
     torch.set_rng_state(blobs["torch_rng"])
     if blobs["cuda_rng"]:
         torch.cuda.set_rng_state_all(blobs["cuda_rng"])
