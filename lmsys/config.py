@@ -79,6 +79,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         require(self.finetune == FineTune.lora or self.quantization == Quantization.none,
                 "model.finetune=full trains every weight: it needs model.quantization=none")
+        # float16 weights would need float32 master copies to unscale their gradients into (loss scaling)
+        require(self.finetune == FineTune.lora or self.compute_dtype != ComputeDtype.float16,
+                "model.finetune=full with model.compute_dtype=float16 is not supported (float16 weights cannot take "
+                "loss-scaled updates): use bfloat16 (Kahan-summed AdamW) or float32")
         require(self.num_classes in (2, 3), "model.num_classes must be 3 (A, B, tie) or 2 (A, B)")
         require(self.max_length >= 32, "model.max_length must be at least 32")
         require(0.0 <= self.head_dropout < 1.0, "model.head_dropout must be in [0, 1)")

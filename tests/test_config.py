@@ -136,9 +136,11 @@ def test_a_wrong_value_fails(override):
     ("data.max_train_pairs=0", "data.max_train_pairs must be >= 1"),
     ("data.max_valid_pairs=-3", "data.max_valid_pairs must be >= 1"),
     ("data.valid_fold=0", "data.valid_fold .* cannot be combined with data.valid_path"),  # data/default sets valid_path
+    ("model.finetune=full model.quantization=none model.compute_dtype=float16",
+     "model.finetune=full with model.compute_dtype=float16 is not supported"),
 ])
 def test_a_broken_rule_fails_at_start_up(override, message):
-    cfg = compose_config("conf_r_llama_smol", (override,))
+    cfg = compose_config("conf_r_llama_smol", tuple(override.split()))
     with pytest.raises(ConfigError, match=message):
         validated_config(cfg)
 
