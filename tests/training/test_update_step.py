@@ -1,8 +1,12 @@
-"""Dynamic loss scaling for float16 compute through `TrainingRecipe.update` on a tiny NF4 model with SGD (whose step
-is the gradient itself): float16 steps follow float32's with the scaler, an overflow skips the step and backs the
-scale off, the scale survives a resume, and FSDP refuses float16 training."""
+"""What `TrainingRecipe.update` does to the gradients between backward and the step, on a tiny NF4 model with SGD
+(whose step is the gradient itself; Adam would normalise a scaled or clipped gradient away):
+
+- clipping: trainer.max_grad_norm, or null for none (the LMSYS 2nd place trained without);
+- dynamic loss scaling for float16 compute: float16 steps follow float32's with the scaler, an overflow skips the
+  step and backs the scale off, the scale survives a resume, and FSDP refuses float16 training."""
 
 import logging
+import math
 
 import pytest
 import tiny
@@ -23,8 +27,9 @@ from lmsys.training.state import LoopState, restore_state, save_training_state
 N_PAIRS = 16
 
 
-def recipe_for(tiny_models, dtype: ComputeDtype, grad_scaler: torch.amp.GradScaler) -> TrainingRecipe:
-    """All N_PAIRS pairs in each update, no clipping, SGD at lr 1 (the step is the gradient)."""
+def recipe_for(tiny_models, dtype: ComputeDtype, grad_scaler: torch.amp.GradScaler,
+               max_grad_norm: float | None = None) -> TrainingRecipe:
+    """All N_PAIRS pairs in each update, SGD at lr 1 (the step is the gradient)."""
     torch.manual_seed(0)
     model, spec, tokenizer = tiny.build_preference_model(tiny_models["llama"], "llama", "nf4", compute_dtype=dtype)
     tiny.perturb(model)  # nonzero LoRA-B, so that LoRA-A has gradients
@@ -33,7 +38,7 @@ def recipe_for(tiny_models, dtype: ComputeDtype, grad_scaler: torch.amp.GradScal
     config = TrainConfig(model=ModelConfig(path=str(tiny_models["llama"]), family=Family.llama, max_length=128),
                          data=DataConfig(train_path="mem.csv"),
                          trainer=TrainerConfig(max_steps=2, batch_size=N_PAIRS, max_tokens=N_PAIRS * 128,
-                                               max_grad_norm=None))
+                                               max_grad_norm=max_grad_norm))
     settings = build_loop_settings(config, spec, len(split), 1, tokenizer.pad_token_id)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     return TrainingRecipe(Accelerator(cpu=True), model, optimizer, warmup_cosine_scheduler(optimizer, 2, 0.0, 1.0),
@@ -46,6 +51,30 @@ def first_update(recipe: TrainingRecipe) -> tuple[dict[str, torch.Tensor], float
     before = {name: p.detach().clone() for name, p in trainable.items()}
     stats = recipe.update(next(iterate_updates(recipe.train_split, recipe.settings, 0, 1)))
     return {name: before[name] - p.detach() for name, p in trainable.items()}, stats.grad_norm
+
+
+def clipped_update(tiny_models, max_grad_norm: float | None) -> tuple[dict[str, torch.Tensor], float]:
+    return first_update(recipe_for(tiny_models, ComputeDtype.float32, torch.amp.GradScaler("cpu", enabled=False),
+                                   max_grad_norm))
+
+
+def test_null_leaves_the_gradient_whole_and_a_norm_clips_it(tiny_models):
+    unclipped, norm = clipped_update(tiny_models, None)
+    assert norm > 0.2 and math.isfinite(norm)
+    total = torch.cat([step.flatten() for step in unclipped.values()]).norm()
+    assert float(total) == pytest.approx(norm, rel=1e-4)  # the whole gradient was the step
+    far_above, norm_far_above = clipped_update(tiny_models, 1e6)
+    assert norm_far_above == norm and all(torch.equal(far_above[k], unclipped[k]) for k in unclipped)
+    clipped, norm_clipped = clipped_update(tiny_models, 0.1 * norm)
+    assert norm_clipped == pytest.approx(norm)  # the norm before clipping is what is logged
+    for name, step in clipped.items():
+        torch.testing.assert_close(step, 0.1 * unclipped[name], rtol=1e-3, atol=1e-7)
+
+
+def test_a_norm_must_be_positive():
+    for value in (0.0, -1.0):
+        with pytest.raises(ConfigError, match="trainer.max_grad_norm must be positive, or null for no clipping"):
+            TrainerConfig(max_grad_norm=value)
 
 
 def test_float16_steps_follow_float32_with_the_gradients_unscaled(tiny_models):
