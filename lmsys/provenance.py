@@ -8,7 +8,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-PACKAGES = ("lmsys", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "hydra-core", "wandb")
+PACKAGES = ("lmsys", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "torch-optimi", "hydra-core", "wandb")
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -92,7 +92,7 @@ def test_run_info_records_code_packages_and_command(sweep):
     assert re.fullmatch(r"[0-9a-f]{40}", commit)
     assert git("merge-base", "--is-ancestor", commit, "HEAD").returncode == 0  # others may commit meanwhile
     assert isinstance(info["git"]["dirty"], bool)
-    for package in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "hydra-core", "wandb"):
+    for package in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "torch-optimi", "hydra-core", "wandb"):
         assert info["packages"][package] == version(package)
     command = info["command"]
     assert command[1].endswith("lmsys/code/train_r_llama.py")
