@@ -50,7 +50,7 @@ from lmsys.modeling.losses import LossWeights
 from lmsys.modeling.model import PreferenceModel
 from lmsys.modeling.model_facts import read_model_facts
 from lmsys.modeling.precision import predict_quantization
-from lmsys.modeling.warm_start import load_warm_start
+from lmsys.modeling.warm_start import load_warm_start, warm_start_backbone
 from lmsys.prediction_config import InferenceConfig
 from lmsys.training.distributed import fsdp_requested, quant_storage_dtype
 from lmsys.training.loss_scaling import grad_scaler_for
@@ -163,8 +163,11 @@ def build_model(
     elementwise = None if model is None else {
         option: resolve_elementwise_kernel(f"model.{option}", getattr(model, option), device, dtype, fsdp_requested(),
                                            model.torch_compile) for option in ELEMENTWISE_OPTIONS}
+    # a merged checkpoint's own backbone: predicting it, or a full fine-tuning run warm-started from it
+    warm_backbone = warm_start_backbone(model.init_from) if adapter_dir is None and model is not None else None
+    backbone_dir = adapter_dir if spec.merged else warm_backbone or spec.base_model_path
     backbone = load_backbone(
-        adapter_dir if spec.merged else spec.base_model_path, spec.quantization, spec.double_quant, dtype,
+        backbone_dir, spec.quantization, spec.double_quant, dtype,
         spec.attn_implementation.value, device, spec.trust_remote_code, quant_storage_dtype(dtype), device_map,
     )
     if adapter_dir is not None:

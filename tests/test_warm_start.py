@@ -1,6 +1,7 @@
 """Warm starts (`model.init_from`) and two-class runs (`model.num_classes=2`, `data.ties`): the warm-started model
-predicts exactly as its source checkpoint, mismatches fail before a model loads, a 3-class head starts a 2-class
-run with its A and B rows, and a 2-class model predicts WSDM submissions with exact swap symmetry."""
+predicts exactly as its source checkpoint (an adapter for a LoRA run, a merged checkpoint for full fine-tuning),
+mismatches fail before a model loads, a 3-class head starts a 2-class run with its A and B rows, and a 2-class model
+predicts WSDM submissions with exact swap symmetry."""
 
 import json
 from dataclasses import replace
@@ -15,14 +16,27 @@ from entry_runs import read_oof, run_entry, tiny_overrides
 from test_predict import make_checkpoint, swapped_frame
 
 from lmsys.builders import build_encoders, build_model, build_prediction_spec, build_spec, build_splits
-from lmsys.config import ConfigError, DataConfig, Family, HeadType, LoraConfig, ModelConfig, Ties, TrainConfig
+from lmsys.cli import parse_config
+from lmsys.config import (
+    ConfigError,
+    DataConfig,
+    Family,
+    FineTune,
+    HeadType,
+    LoraConfig,
+    ModelConfig,
+    Quantization,
+    Ties,
+    TrainConfig,
+)
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import DataError, read_pairs
 from lmsys.evaluation.predict_loop import predict_split
-from lmsys.modeling.checkpoint import load_head_state, save_checkpoint
+from lmsys.merging import run_export
+from lmsys.modeling.checkpoint import load_head_state, read_spec, save_checkpoint
 from lmsys.modeling.warm_start import check_warm_start
 from lmsys.prediction import predict_checkpoint, submission_frame
-from lmsys.prediction_config import PredictConfig
+from lmsys.prediction_config import ExportConfig, PredictConfig
 
 CPU = torch.device("cpu")
 LORA = LoraConfig(r=8, alpha=16, dropout=0.0)  # the shape of make_checkpoint's adapter
@@ -31,6 +45,14 @@ LORA = LoraConfig(r=8, alpha=16, dropout=0.0)  # the shape of make_checkpoint's 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, tiny_models):
     return make_checkpoint(tmp_path_factory.mktemp("warm") / "checkpoint", tiny_models["llama"])
+
+
+@pytest.fixture(scope="module")
+def merged_source(tmp_path_factory, source):
+    """The adapter source merged into a float32 base: what a full fine-tuning run's checkpoint is (backbone + head)."""
+    out = tmp_path_factory.mktemp("merged") / "checkpoint"
+    run_export(parse_config(ExportConfig, [f"checkpoint={source}", f"output_dir={out}", "dtype=float32"]))
+    return out
 
 
 def model_config(tiny_models, **extra) -> ModelConfig:
@@ -71,6 +93,33 @@ def test_update_zero_of_a_warm_started_run_equals_the_source_predictions(tiny_mo
                                Accelerator(cpu=True)).combined("prob")
     ours = oof.loc[[pair.id for pair in pairs], ["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy()
     np.testing.assert_allclose(ours, probs, atol=1e-5)
+
+
+FULL = {"finetune": FineTune.full, "quantization": Quantization.none}
+
+
+def test_a_full_fine_tuning_run_starts_from_a_merged_checkpoint(tiny_models, arena_files, merged_source):
+    """Its backbone is the checkpoint's (loaded in place of model.path's), every weight trains, the head is the
+    checkpoint's: it predicts as the checkpoint does."""
+    pairs = read_pairs(arena_files["valid"], require_labels=True)
+    spec = build_spec(model_config(tiny_models, **FULL), DataConfig(train_path="unused"), packing=True)
+    check_warm_start(spec, LORA, str(merged_source), FineTune.full)
+    reference = build_model(read_spec(merged_source), None, None, CPU, adapter_dir=merged_source)
+    warm = build_model(spec, model_config(tiny_models, init_from=str(merged_source), **FULL), None, CPU)
+    assert all(p.requires_grad for p in warm.backbone.parameters())
+    ours, theirs = logits(warm, spec, pairs, merged_source), logits(reference, spec, pairs, merged_source)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    fresh = build_model(spec, model_config(tiny_models, **FULL), None, CPU)
+    assert np.abs(logits(fresh, spec, pairs, merged_source) - theirs).max() > 1e-2
+
+
+def test_a_checkpoint_of_the_other_kind_is_refused(tiny_models, source, merged_source):
+    full = build_spec(model_config(tiny_models, **FULL), DataConfig(train_path="unused"), packing=True)
+    with pytest.raises(ConfigError, match="model.finetune=full starts from a merged checkpoint .* not an adapter"):
+        check_warm_start(full, LORA, str(source), FineTune.full)
+    lora = build_spec(model_config(tiny_models), DataConfig(train_path="unused"), packing=True)
+    with pytest.raises(ConfigError, match="a merged checkpoint .* starts only a model.finetune=full run"):
+        check_warm_start(lora, LORA, str(merged_source))
 
 
 def test_warm_start_mismatches_fail_naming_the_difference(tiny_models, source):

@@ -80,7 +80,7 @@ class TrainingRecipe:
         train_pairs, valid_pairs = builders.build_splits(config)
         spec = builders.build_spec(config.model, config.data, config.trainer.packing)
         if config.model.init_from:
-            check_warm_start(spec, config.lora, config.model.init_from)
+            check_warm_start(spec, config.lora, config.model.init_from, config.model.finetune)
         accelerator = builders.build_accelerator(config, run_path)
         grad_scaler = builders.build_grad_scaler(config.model, accelerator.device)
         run = open_run_dir(run_path, config, accelerator, resolved_yaml)
