@@ -75,6 +75,10 @@ def test_the_defaults_of_the_embedded_configs():
         assert config.trainer.swap_augmentation.value == "random" and config.trainer.eval_tta, embedded
         assert config.model.head_init == HeadInit.normal and config.model.head_init_std == 0.002, embedded
         assert config.optimizer.head_lr == 3e-4, embedded
+    tascj = validated_config(compose_config("conf_r_gemma_full_s1"))  # the 2nd place's stage 1, as its header says
+    assert (tascj.model.finetune.value, tascj.model.quantization.value, tascj.model.head.value) == ("full", "none", "mlp")
+    assert tascj.optimizer.kahan_summation and tascj.trainer.max_grad_norm is None
+    assert [f.value for f in tascj.data.formats] == ["pab", "papb"] and tascj.trainer.swap_augmentation.value == "full"
     bi = validated_config(compose_config("conf_r_llama_smol_bi"))  # swap-equivariant: swapping changes nothing
     assert bi.trainer.swap_augmentation.value == "none" and not bi.trainer.eval_tta
 
