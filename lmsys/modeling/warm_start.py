@@ -22,22 +22,12 @@ def check_warm_start(spec: ModelSpec, lora: LoraConfig, checkpoint: str, finetun
     checkpoint, a full fine-tuning run from an unquantized merged one."""
     source = read_spec(checkpoint)
     _check_kind(source, finetune, checkpoint)
-    if source.merged:
-        adapter, lora_checks = {}, []
-    else:
-        adapter = json.loads((Path(checkpoint) / ADAPTER_FILES[0]).read_text())
-        lora_checks = [
-            ("lora.r", adapter.get("r"), lora.r),
-            ("lora.alpha", adapter.get("lora_alpha"), lora.alpha),
-            ("lora.target_modules", sorted(adapter.get("target_modules") or []), sorted(lora.target_modules)),
-            ("lora.use_dora", bool(adapter.get("use_dora")), lora.use_dora),
-        ]
     checks = [
         ("family", source.family.value, spec.family.value),
         ("base model", (source.facts, Path(source.base_model_path).name), (spec.facts, Path(spec.base_model_path).name)),
         ("head", source.head.value, spec.head.value),
         ("architecture", source.architecture.value, spec.architecture.value),
-        *lora_checks,
+        *([] if source.merged else _lora_checks(checkpoint, lora)),
     ]
     for name, theirs, ours in checks:
         if theirs != ours:
@@ -45,6 +35,16 @@ def check_warm_start(spec: ModelSpec, lora: LoraConfig, checkpoint: str, finetun
     if source.num_classes < spec.num_classes:
         raise ConfigError(f"model.init_from={checkpoint}: a {source.num_classes}-class head cannot start a "
                           f"{spec.num_classes}-class run")
+
+
+def _lora_checks(checkpoint: str, lora: LoraConfig) -> list[tuple[str, object, object]]:
+    adapter = json.loads((Path(checkpoint) / ADAPTER_FILES[0]).read_text())
+    return [
+        ("lora.r", adapter.get("r"), lora.r),
+        ("lora.alpha", adapter.get("lora_alpha"), lora.alpha),
+        ("lora.target_modules", sorted(adapter.get("target_modules") or []), sorted(lora.target_modules)),
+        ("lora.use_dora", bool(adapter.get("use_dora")), lora.use_dora),
+    ]
 
 
 def _check_kind(source: ModelSpec, finetune: FineTune, checkpoint: str) -> None:
