@@ -184,7 +184,7 @@ def build_model(
                                  model.head_init_std, spec.num_classes)
     preference_model = PreferenceModel(peft_model, head.to(device), spec.first_token_pooling)
     if adapter_dir is None and model.init_from:
-        load_warm_start(preference_model, model.init_from)
+        load_warm_start(preference_model, model.init_from, backbone_loaded=warm_backbone is not None)
     if model is not None:
         _use_kernels(preference_model, model.torch_compile, lora_kernel, **elementwise)
     return preference_model

@@ -64,10 +64,10 @@ def warm_start_backbone(init_from: str | None) -> str | None:
     return init_from if init_from and read_spec(init_from).merged else None
 
 
-def load_warm_start(model: torch.nn.Module, checkpoint: str) -> None:
-    """The checkpoint's LoRA weights into the run's (trainable) adapter (a merged checkpoint's backbone was loaded
-    whole: warm_start_backbone) and its head into the run's head."""
-    if not read_spec(checkpoint).merged:
+def load_warm_start(model: torch.nn.Module, checkpoint: str, backbone_loaded: bool) -> None:
+    """The checkpoint's LoRA weights into the run's (trainable) adapter, unless its whole backbone was loaded already
+    (`backbone_loaded`: a merged checkpoint, warm_start_backbone), and its head into the run's head."""
+    if not backbone_loaded:
         adapter = load_file(str(Path(checkpoint) / ADAPTER_FILES[1]))
         loaded = set_peft_model_state_dict(model.backbone, adapter)
         if loaded.unexpected_keys:
