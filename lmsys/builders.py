@@ -54,7 +54,12 @@ from lmsys.modeling.warm_start import load_warm_start, warm_start_backbone
 from lmsys.prediction_config import InferenceConfig
 from lmsys.training.distributed import fsdp_requested, quant_storage_dtype
 from lmsys.training.loss_scaling import grad_scaler_for
-from lmsys.training.optim import create_optimizer, parameter_groups, warmup_cosine_scheduler
+from lmsys.training.optim import (
+    check_sharded_optimizer,
+    create_optimizer,
+    parameter_groups,
+    warmup_cosine_scheduler,
+)
 from lmsys.training.settings import LoopSettings, total_updates
 
 log = logging.getLogger("lmsys")
@@ -230,6 +235,10 @@ def build_accelerator(config: TrainConfig, run_dir: str | Path) -> Accelerator:
 
 def build_grad_scaler(model: ModelConfig, device: torch.device) -> torch.amp.GradScaler:
     return grad_scaler_for(model.compute_dtype, device.type, fsdp_requested())
+
+
+def check_optimizer(optimizer: OptimizerConfig) -> None:
+    check_sharded_optimizer(optimizer.name, fsdp_requested())
 
 
 def build_optimizer(optimizer: OptimizerConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from lmsys.config import OptimizerName
+from lmsys.config import ConfigError, OptimizerName
 
 log = logging.getLogger("lmsys")
 
@@ -43,8 +43,9 @@ def create_optimizer(groups: list[dict], name: OptimizerName, betas: tuple[float
     """AdamW (torch's), 8-bit AdamW (bitsandbytes') or StableAdamW; with Kahan-summed updates (torch-optimi's AdamW or
     StableAdamW, as the LMSYS 2nd place trained bf16 weights) where `kahan_summation` is true, or where it is None
     and a trainable weight is stored in bf16/fp16. Each group keeps its own lr and weight decay. `sharded`: the
-    parameters will be FSDP's DTensors, which torch-optimi's Triton kernels (its GPU default) cannot take: its
-    foreach path then (the one tested under FSDP)."""
+    parameters will be FSDP's DTensors, which take torch-optimi's per-tensor loop only (its Triton kernels, the CUDA
+    default, take plain tensors; its foreach path calls `_foreach_copy_`, which DTensor cannot shard in torch 2.13).
+    On DTensors each tensor's reductions (StableAdamW's update RMS) cover the whole tensor, not a rank's shard."""
     dtypes = {p.dtype for group in groups for p in group["params"]}
     low_precision = _names(dtype for dtype in dtypes if dtype in LOW_PRECISION)
     kahan = name != OptimizerName.adamw_8bit and (bool(low_precision) if kahan_summation is None else kahan_summation)
@@ -66,7 +67,15 @@ def create_optimizer(groups: list[dict], name: OptimizerName, betas: tuple[float
              optimizer_class.__name__, "on" if kahan else "off", _names(dtypes))
     # every group sets its own lr and weight_decay; decay stays lr-coupled, as in torch's AdamW
     return optimizer_class(groups, lr=groups[0]["lr"], betas=betas, eps=eps, kahan_sum=kahan,
-                           triton=False if sharded else None)
+                           **({"triton": False, "foreach": False} if sharded else {}))
+
+
+def check_sharded_optimizer(name: OptimizerName, sharded: bool) -> None:
+    """Checked before any model loads: bitsandbytes' 8-bit AdamW fails at the first step on FSDP's DTensors (its
+    kernel takes plain tensors only)."""
+    if sharded and name == OptimizerName.adamw_8bit:
+        raise ConfigError("optimizer.name=adamw_8bit cannot step FSDP's sharded parameters (bitsandbytes' 8-bit "
+                          "kernels take no DTensors): use optimizer.name=adamw or stable_adamw under FSDP")
 
 
 def _names(dtypes: Iterable[torch.dtype]) -> str:

@@ -83,6 +83,7 @@ class TrainingRecipe:
             check_warm_start(spec, config.lora, config.model.init_from, config.model.finetune)
         accelerator = builders.build_accelerator(config, run_path)
         grad_scaler = builders.build_grad_scaler(config.model, accelerator.device)
+        builders.check_optimizer(config.optimizer)
         run = open_run_dir(run_path, config, accelerator, resolved_yaml)
         log.info("run dir %s; %d train pairs, %d valid pairs", run_path, len(train_pairs), len(valid_pairs))
         set_seed(config.seed)
