@@ -1,7 +1,7 @@
 """FSDP on CPU: two gloo processes train a tiny Llama under torch FSDP2 with the settings of
-conf/accelerate/fsdp_qlora.yaml (4-bit NF4 weights sharded) and fsdp_full.yaml (full fine-tuning, also in bf16 with
-Kahan-summed AdamW), and must follow the loss curve of one unsharded process, save checkpoints that one process reads
-back, and resume exactly."""
+conf/accelerate/fsdp_qlora.yaml (4-bit NF4 weights sharded, gradient checkpointing on, as its command runs it) and
+fsdp_full.yaml (full fine-tuning, also in bf16 with Kahan-summed AdamW), and must follow the loss curve of one
+unsharded process, save checkpoints that one process reads back, and resume exactly."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ STATE_AT = 3  # the state left in the run dir, which the resumed run starts from
 N_VALID = 7
 LAUNCHER = REPO / "tests" / "fsdp_cpu_launch.py"
 FULL = ("model.finetune=full", "model.quantization=none")
+CHECKPOINTING = ("model.gradient_checkpointing=true",)  # as fsdp_qlora.yaml's command runs it; recomputation is exact
 FULL_BF16 = (*FULL, "model.compute_dtype=bfloat16")  # bf16 weights: optimizer.kahan_summation's default turns it on
 
 
@@ -72,7 +73,8 @@ def runs(tmp_path_factory, tiny_models) -> SimpleNamespace:
     single = ["trainer.batch_size=8"]  # the same 8 pairs per update as 2 ranks x 4
     started = [
         (start_entry([*base, *single, f"hydra.run.dir={dirs['single_lora']}"], root / "single_lora.log"), "single_lora"),
-        (start_fsdp("fsdp_qlora", [*base, f"hydra.run.dir={dirs['fsdp_lora']}"], root / "fsdp_lora.log"), "fsdp_lora"),
+        (start_fsdp("fsdp_qlora", [*base, *CHECKPOINTING, f"hydra.run.dir={dirs['fsdp_lora']}"],
+                    root / "fsdp_lora.log"), "fsdp_lora"),
         (start_entry([*base, *single, *FULL, f"hydra.run.dir={dirs['single_full']}"], root / "single_full.log"),
          "single_full"),
         (start_fsdp("fsdp_full", [*base, *FULL, f"hydra.run.dir={dirs['fsdp_full']}"], root / "fsdp_full.log"),
@@ -83,7 +85,7 @@ def runs(tmp_path_factory, tiny_models) -> SimpleNamespace:
     for process, name in started:
         finish(process, root / f"{name}.log")
     resumes = []
-    for name, source, config_name, extra in (("resumed", "fsdp_lora", "fsdp_qlora", ()),
+    for name, source, config_name, extra in (("resumed", "fsdp_lora", "fsdp_qlora", CHECKPOINTING),
                                              ("resumed_bf16", "fsdp_bf16", "fsdp_full", FULL_BF16)):
         dirs[name].mkdir()
         shutil.copytree(dirs[source] / STATE_DIR, dirs[name] / STATE_DIR)
