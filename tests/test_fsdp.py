@@ -69,7 +69,7 @@ def runs(tmp_path_factory, tiny_models) -> SimpleNamespace:
                           trainer__max_steps=UPDATES, trainer__state_frequency=STATE_AT, trainer__grad_accum=1,
                           trainer__eval_max_tokens=128, seed=3)
     dirs = {name: root / name for name in ("single_lora", "fsdp_lora", "single_full", "fsdp_full", "resumed",
-                                           "fsdp_bf16", "resumed_bf16")}
+                                           "fsdp_bf16", "resumed_bf16", "resumed_single")}
     single = ["trainer.batch_size=8"]  # the same 8 pairs per update as 2 ranks x 4
     started = [
         (start_entry([*base, *single, f"hydra.run.dir={dirs['single_lora']}"], root / "single_lora.log"), "single_lora"),
@@ -86,12 +86,13 @@ def runs(tmp_path_factory, tiny_models) -> SimpleNamespace:
         finish(process, root / f"{name}.log")
     resumes = []
     for name, source, config_name, extra in (("resumed", "fsdp_lora", "fsdp_qlora", CHECKPOINTING),
-                                             ("resumed_bf16", "fsdp_bf16", "fsdp_full", FULL_BF16)):
+                                             ("resumed_bf16", "fsdp_bf16", "fsdp_full", FULL_BF16),
+                                             ("resumed_single", "fsdp_lora", None, (*single, *CHECKPOINTING))):
         dirs[name].mkdir()
         shutil.copytree(dirs[source] / STATE_DIR, dirs[name] / STATE_DIR)
-        resumes.append(start_fsdp(config_name, [*base, *extra, "resume=true", f"hydra.run.dir={dirs[name]}"],
-                                  root / f"{name}.log"))
-    for process, name in zip(resumes, ("resumed", "resumed_bf16"), strict=True):
+        args, log = [*base, *extra, "resume=true", f"hydra.run.dir={dirs[name]}"], root / f"{name}.log"
+        resumes.append((start_entry(args, log) if config_name is None else start_fsdp(config_name, args, log), name))
+    for process, name in resumes:
         finish(process, root / f"{name}.log")
     return SimpleNamespace(valid=root / "valid.csv", overrides=[*base, "trainer.batch_size=4"], **dirs)
 
@@ -171,6 +172,17 @@ def test_fsdp_resume_continues_like_the_uninterrupted_run(runs, resumed_name, ru
     assert read_metrics(resumed_dir)["best"]["log_loss"] == pytest.approx(
         read_metrics(run_dir)["best"]["log_loss"], abs=1e-6)
     np.testing.assert_allclose(probs(resumed_dir), probs(run_dir), rtol=0, atol=1e-6)
+
+
+def test_a_state_saved_by_fsdp_ranks_resumes_in_one_process(runs):
+    """The training state is one format whatever the launch (optimizer state keyed by parameter names): the FSDP
+    QLoRA run's state at update 3, resumed by one process with the same 8 pairs per update (batch_size 8 instead of
+    2 ranks x 4), computes update 4 and the evaluation as the FSDP run did, within FSDP's distance to one process."""
+    resumed, uninterrupted = train_losses(runs.resumed_single), train_losses(runs.fsdp_lora)
+    assert sorted(resumed) == list(range(STATE_AT + 1, UPDATES + 1))
+    np.testing.assert_allclose(resumed[UPDATES], uninterrupted[UPDATES], rtol=0, atol=1e-4)
+    assert (runs.resumed_single / "run_info.json").read_text().count('"num_processes": 1') == 1
+    np.testing.assert_allclose(probs(runs.resumed_single), probs(runs.fsdp_lora), rtol=0, atol=1e-4)
 
 
 def test_bf16_weights_train_with_kahan_summation_under_fsdp(runs):

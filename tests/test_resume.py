@@ -4,6 +4,7 @@ state save; each resumed run must end exactly where an uninterrupted run ends.""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ from lmsys import runs
 from lmsys.config import Quantization
 from lmsys.modeling.backbone import load_backbone
 from lmsys.runs import RunDir
-from lmsys.training.state import LOOP_FILE, STATE_DIR, find_state
+from lmsys.training.state import LOOP_FILE, STATE_DIR, check_resumable, find_state
 
 UPDATES = 6  # 48 pairs, 8 per update: one epoch
 OLD_STATE = f".{STATE_DIR}.old"
@@ -147,6 +148,31 @@ def test_resume_after_sigterm_matches_uninterrupted_run(resumed):
     assert_same_results(resumed.stopped, resumed.baseline)
 
 
+def test_a_resume_under_another_plan_is_refused(resumed, overrides, tmp_path):
+    """Another seed and half the pairs per update would continue another run (pairs skipped or trained twice):
+    one `error:` line naming both, with the batch that keeps the saved pairs per update, exit 2, and the run's own
+    files as they were."""
+    run_dir = tmp_path / "baseline_copy"
+    shutil.copytree(resumed.baseline, run_dir)
+    (run_dir / runs.FINISHED_MARKER).unlink()  # as if stopped after its last state
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
+    log = tmp_path / "refused.log"
+    process = start_entry([*overrides, f"hydra.run.dir={run_dir}", "resume=true", "seed=12", "trainer.grad_accum=1"],
+                          log)
+    process.wait(timeout=300)
+    output = log.read_text()
+    assert process.returncode == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in output
+    assert f"resume=true: {run_dir} was trained with another plan" in errors[0]
+    assert "seed: 11 in the state, 12 now" in errors[0]
+    assert "pairs per update (trainer.batch_size x trainer.grad_accum x processes): 8 in the state, 4 now" in errors[0]
+    assert "with 1 process, trainer.batch_size x trainer.grad_accum = 8 keeps 8 pairs per update" in errors[0]
+    after = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file() and path.name != "train.log"}
+    assert after == {name: content for name, content in before.items() if name != "train.log"}
+    assert loop_step(run_dir / STATE_DIR) == UPDATES
+
+
 def test_evaluation_leaves_the_4bit_base_weights_unchanged(tiny_models):
     """Training after an evaluation must compute what it computes without one (else no resume is exact)."""
     backbone = load_backbone(tiny_models["llama"], Quantization.nf4, True, torch.float32, "sdpa", torch.device("cpu"),
@@ -207,3 +233,11 @@ def test_save_after_a_kill_before_the_old_state_was_removed(tmp_path):
     assert loop_step(find_state(tmp_path)) == 2
     assert not (tmp_path / OLD_STATE).exists()
 
+
+
+def test_a_state_saved_without_a_plan_resumes_with_a_warning(tmp_path, caplog):
+    """States written before plans were recorded (their loop.json has none) still resume, unchecked, and say so."""
+    save_state(RunDir(tmp_path, is_main=True), 2)
+    with caplog.at_level(logging.WARNING, logger="lmsys"):
+        check_resumable(tmp_path, {"seed": 11}, 1)
+    assert "records no plan (saved by an older lmsys): resuming without checking the config" in caplog.text

@@ -64,22 +64,28 @@ def _inner(optimizer):
 
 
 def optimizer_state(model: torch.nn.Module, optimizer) -> dict:
-    """The optimizer's state_dict; under FSDP gathered in full to rank 0 (other ranks get an empty dict)."""
-    if not is_sharded(model):
-        return optimizer.state_dict()
+    """The optimizer's state_dict keyed by parameter names, whatever the launch (so a state saved by FSDP ranks
+    resumes in one process or under DDP, and the other way round); under FSDP gathered in full to rank 0 (other
+    ranks get an empty dict)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=is_sharded(model))
     return get_optimizer_state_dict(model, _inner(optimizer), options=options)
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None:
-    if not is_sharded(model):
+    """A name-keyed state into this launch's optimizer (under FSDP broadcast from rank 0 into the shards); one keyed
+    by position (saved by lmsys before 2026-12-05) only as saved, into the same launch layout."""
+    if all(isinstance(index, int) for group in state["param_groups"] for index in group["params"]):
         optimizer.load_state_dict(state)
+        return
+    if not state["state"]:  # nothing per parameter (a stateless optimizer): its groups' lr and settings only
+        for group, saved in zip(_inner(optimizer).param_groups, state["param_groups"], strict=True):
+            group.update({key: value for key, value in saved.items() if key != "params"})
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=is_sharded(model))
     set_optimizer_state_dict(model, _inner(optimizer), optim_state_dict=state, options=options)
 
 

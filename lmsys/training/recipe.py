@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,7 +39,7 @@ from lmsys.training.loss_scaling import no_loss_scaling
 from lmsys.training.plan import Update, iterate_updates
 from lmsys.training.settings import LoopSettings
 from lmsys.training.signals import GracefulStop, StopRequested
-from lmsys.training.state import LoopState, restore_state, save_training_state
+from lmsys.training.state import LoopState, check_resumable, restore_state, run_plan, save_training_state
 
 log = logging.getLogger("lmsys")
 
@@ -59,6 +59,7 @@ class RunOutputs:
     tracker: Tracker
     spec: ModelSpec
     tokenizer: object
+    plan: dict = field(default_factory=dict)  # recorded in the training state (lmsys.training.state.run_plan)
 
 
 @dataclass
@@ -84,16 +85,20 @@ class TrainingRecipe:
         accelerator = builders.build_accelerator(config, run_path)
         grad_scaler = builders.build_grad_scaler(config.model, accelerator.device)
         builders.check_optimizer(config.optimizer)
-        run = open_run_dir(run_path, config, accelerator, resolved_yaml)
+        run = open_run_dir(run_path, config, accelerator)
         log.info("run dir %s; %d train pairs, %d valid pairs", run_path, len(train_pairs), len(valid_pairs))
         set_seed(config.seed)
         tokenizer = builders.build_tokenizer(config.model.path, config.model.trust_remote_code)
         encoders = builders.build_encoders(spec, tokenizer)
         train_split, valid_split = encode_split(train_pairs, encoders), encode_split(valid_pairs, encoders)
-        model = builders.build_model(spec, config.model, config.lora, accelerator.device)
-        optimizer = builders.build_optimizer(config.optimizer, model)
         settings = builders.build_loop_settings(config, spec, len(train_split), accelerator.num_processes,
                                                 tokenizer.pad_token_id)
+        plan = run_plan(settings, asdict(config.optimizer), train_split, valid_split)
+        if config.resume:
+            check_resumable(run_path, plan, accelerator.num_processes)
+        record_run(run, config, accelerator, resolved_yaml)
+        model = builders.build_model(spec, config.model, config.lora, accelerator.device)
+        optimizer = builders.build_optimizer(config.optimizer, model)
         scheduler = builders.build_scheduler(config.optimizer, optimizer, settings.total_updates)
         model, optimizer = accelerator.prepare(model, optimizer)
         state = (restore_state(run_path, accelerator.unwrap_model(model), optimizer, scheduler, grad_scaler)
@@ -101,7 +106,7 @@ class TrainingRecipe:
         if config.use_wandb:
             start_wandb(accelerator, config.wandb, OmegaConf.to_container(OmegaConf.structured(config)), run_path)
         validation = builders.build_validation(config, spec, valid_split, tokenizer.pad_token_id)
-        outputs = RunOutputs(run, Tracker(accelerator, run, config.use_wandb), spec, tokenizer)
+        outputs = RunOutputs(run, Tracker(accelerator, run, config.use_wandb), spec, tokenizer, plan)
         return cls(accelerator, model, optimizer, scheduler, settings, train_split, validation, outputs,
                    state or LoopState(), grad_scaler)
 
@@ -172,7 +177,7 @@ class TrainingRecipe:
 
     def save_state(self) -> None:
         save_training_state(self.outputs.run, self.unwrapped, self.optimizer, self.scheduler, self.state,
-                            self.grad_scaler)
+                            self.grad_scaler, self.outputs.plan)
 
     def train(self) -> LoopState:
         """Updates until the plan ends, patience runs out or a signal arrives; evaluations keep the best."""
@@ -285,17 +290,21 @@ def _eval_due(step: int, settings: LoopSettings) -> bool:
     return periodic or step == settings.total_updates
 
 
-def open_run_dir(run_path: Path, config: TrainConfig, accelerator, resolved_yaml: str) -> RunDir:
-    """Claim the run dir (refusing another run's), start the log and record the config and provenance."""
+def open_run_dir(run_path: Path, config: TrainConfig, accelerator) -> RunDir:
+    """Claim the run dir (refusing another run's) and start the log."""
     run = RunDir(run_path, accelerator.is_main_process)
     run.claim(config.overwrite, config.resume)
     accelerator.wait_for_everyone()
     setup_logging(accelerator.is_main_process, run.path / "train.log")
+    return run
+
+
+def record_run(run: RunDir, config: TrainConfig, accelerator, resolved_yaml: str) -> None:
+    """The config and provenance, once the run is known to go ahead (a refused resume keeps the run's own)."""
     run.write_text("config.yaml", resolved_yaml)
     dtype = dtype_record(config.model.compute_dtype.value, accelerator.device, config.model.path)  # every rank
     run.write_json("run_info.json", {**run_info(accelerator.num_processes, accelerator.distributed_type.value),
                                      "compute_dtype": dtype})
-    return run
 
 
 def release(accelerator) -> None:

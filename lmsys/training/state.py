@@ -3,18 +3,22 @@ base), optimizer, scheduler, RNG states and the loop's counters; written atomica
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import random
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmsys.data.dataset import EncodedSplit
 from lmsys.runs import STATE_DIR, RunDir
 from lmsys.training.distributed import full_trainable_state, load_full_state, load_optimizer_state, optimizer_state
+from lmsys.training.settings import LoopSettings
 
 log = logging.getLogger("lmsys")
 
@@ -42,13 +46,70 @@ class LoopState:
     history: list[dict] = field(default_factory=list)
 
 
+PAIRS_PER_UPDATE = "pairs per update (trainer.batch_size x trainer.grad_accum x processes)"
+
+
+def run_plan(settings: LoopSettings, optimizer: dict, train: EncodedSplit, validation: EncodedSplit | None) -> dict:
+    """What fixes a run's sequence of updates and what they optimise, as stored in its training state. A resumed run
+    must agree on all of it, or it would continue another run: pairs skipped or trained twice, an lr schedule of
+    another length, the config's lrs silently replaced by the loaded optimizer's and scheduler's. The process count
+    is not part of it: the plan of updates is global (lmsys.training.plan), so another number of GPUs resumes
+    exactly when the pairs per update stay the same."""
+    plan = {
+        "seed": settings.seed,
+        PAIRS_PER_UPDATE: settings.pairs_per_update,
+        "updates (training pairs, trainer.epochs, trainer.max_steps)": settings.total_updates,
+        "trainer.swap_augmentation": settings.swap.value,
+        "trainer.group_by_length": settings.group_by_length,
+        "loss": asdict(settings.loss),
+        "optimizer": optimizer,
+        "training pairs": split_digest(train),
+        "validation pairs": None if validation is None else split_digest(validation),
+    }
+    return json.loads(json.dumps(plan, default=_jsonable))  # as it reads back from loop.json
+
+
+def split_digest(split: EncodedSplit) -> str:
+    """The pairs in their order with their targets, teacher logits and every format's token ids: another data file,
+    max_length, truncation or data.formats changes it."""
+    digest = hashlib.blake2b(digest_size=12)
+    for pair in split.pairs:
+        digest.update(f"{pair.id}\x00{pair.target}\x00{pair.teacher_logits}\x00".encode())
+    for examples in split.forward_by_format:
+        for example in examples:
+            digest.update(example.ids.tobytes())
+    return f"{len(split)} pairs, digest {digest.hexdigest()}"
+
+
+def check_resumable(run_path: Path, plan: dict, processes: int) -> None:
+    """Before any model loads: the state that `resume=true` would continue was saved under this plan."""
+    directory = find_state(run_path)
+    if directory is None:
+        return
+    saved = json.loads((directory / LOOP_FILE).read_text()).get("plan")
+    if not saved:
+        log.warning("%s records no plan (saved by an older lmsys): resuming without checking the config", directory)
+        return
+    changed = [f"{key}: {saved.get(key)} in the state, {value} now" for key, value in plan.items()
+               if saved.get(key) != value]
+    if not changed:
+        return
+    saved_pairs = saved.get(PAIRS_PER_UPDATE)
+    if saved_pairs != plan[PAIRS_PER_UPDATE] and isinstance(saved_pairs, int) and saved_pairs % processes == 0:
+        changed.append(f"with {processes} process{'es' if processes > 1 else ''}, trainer.batch_size x "
+                       f"trainer.grad_accum = {saved_pairs // processes} keeps {saved_pairs} pairs per update")
+    raise ResumeError(f"resume=true: {run_path} was trained with another plan, so it cannot continue as the same run: "
+                      f"{'; '.join(changed)}. Restore those settings, or pass overwrite=true to start again")
+
+
 def save_training_state(run: RunDir, model: torch.nn.Module, optimizer, scheduler, loop: LoopState,
-                        grad_scaler: torch.amp.GradScaler | None = None) -> None:
+                        grad_scaler: torch.amp.GradScaler | None = None, plan: dict | None = None) -> None:
     """Write the state next to the previous one and swap it in only once complete (with float16 compute, the loss
-    scale too)."""
+    scale too; `plan`: what check_resumable compares)."""
     weights = full_trainable_state(model)  # gathered on every rank (FSDP: a collective); only the main process writes
     optimizer_blob = optimizer_state(model, optimizer)
-    payload = {"loop": asdict(loop), "scheduler": scheduler.state_dict(), "python_rng": random.getstate()}
+    payload = {"loop": asdict(loop), "scheduler": scheduler.state_dict(), "python_rng": random.getstate(),
+               "plan": plan or {}}
 
     def produce(directory: Path) -> None:
         directory.mkdir(parents=True)
@@ -107,6 +168,8 @@ def load_training_state(directory: Path, model: torch.nn.Module, optimizer, sche
 def _jsonable(value: object) -> object:
     if isinstance(value, tuple):
         return list(value)
+    if isinstance(value, Enum):
+        return value.value
     raise TypeError(f"cannot store {type(value).__name__} in the training state")
 
 

@@ -272,3 +272,33 @@ def test_warmup_cosine_function():
     assert warmup_cosine(55, 100, 10, 0.1) == pytest.approx(0.55)
     assert warmup_cosine(100, 100, 10, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(150, 100, 10, 0.1) == pytest.approx(0.1)  # past the end: stays on the floor
+
+
+def test_the_saved_optimizer_state_is_keyed_by_names_and_positional_ones_still_load():
+    """One format for every launch (FSDP ranks, DDP, one process): the state names each parameter; a state saved by
+    lmsys before that (keyed by position) still loads into the same layout."""
+    from lmsys.training.distributed import load_optimizer_state, optimizer_state
+
+    def stepped(model: torch.nn.Module) -> torch.optim.Optimizer:
+        optimizer = create_optimizer(parameter_groups(model, 1e-2, 1e-3, 2.0, 0.01), OptimizerName.adamw, (0.9, 0.99),
+                                     1e-8)
+        for step in range(1, 3):
+            for param in model.parameters():
+                param.grad = torch.full_like(param, 0.1 * step)
+            optimizer.step()
+        return optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    optimizer = stepped(model)
+    saved = optimizer_state(model, optimizer)
+    model.zero_grad(set_to_none=True)  # as on resume: a fresh model, no gradients yet
+    assert sorted(saved["state"]) == ["0.bias", "0.weight", "1.bias", "1.weight"]
+    for state in (saved, optimizer.state_dict()):
+        fresh = create_optimizer(parameter_groups(model, 1e-2, 1e-3, 2.0, 0.01), OptimizerName.adamw, (0.9, 0.99),
+                                 1e-8)
+        load_optimizer_state(model, fresh, state)
+        for param in model.parameters():
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(fresh.state[param][key], optimizer.state[param][key]), key
+        assert [g["lr"] for g in fresh.param_groups] == [g["lr"] for g in optimizer.param_groups]
