@@ -4,6 +4,8 @@ trackers) when it is on."""
 from __future__ import annotations
 
 import json
+import secrets
+import string
 from pathlib import Path
 
 from lmsys.config import WandbConfig
@@ -34,10 +36,16 @@ class Tracker:
         self.run.append_line(METRICS_LOG, json.dumps({"step": step, name: rows}))
 
 
-def start_wandb(accelerator, wandb: WandbConfig, config: dict, run_path: Path) -> None:
-    """wandb through accelerate's trackers, with the resolved config; the run named after the run dir."""
+def start_wandb(accelerator, wandb: WandbConfig, config: dict, run_path: Path, run_id: str) -> None:
+    """wandb through accelerate's trackers, with the resolved config; the run named after the run dir. `run_id`
+    (kept in the training state) makes a resumed run continue the same wandb run instead of starting another."""
     accelerator.init_trackers(
         wandb.project, config=config,
         init_kwargs={"wandb": {"mode": wandb.mode, "entity": wandb.entity, "name": wandb.name or run_path.name,
-                               "tags": wandb.tags, "dir": str(run_path)}},
+                               "tags": wandb.tags, "dir": str(run_path), "id": run_id, "resume": "allow"}},
     )
+
+
+def new_wandb_run_id() -> str:
+    """wandb's id format (8 of a-z0-9), drawn without touching the seeded random streams of the run."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))

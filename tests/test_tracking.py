@@ -4,6 +4,7 @@ log that every run writes, and no secret from the environment in any file of a r
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,9 @@ from entry_runs import entry_env, finish, read_metrics, read_metrics_log, start_
 from tiny import arena_frame
 from wandb.proto.wandb_internal_pb2 import Record
 
+from lmsys.training.state import LOOP_FILE, STATE_DIR
+
+WANDB_ON = ("use_wandb=true", "wandb.mode=offline")
 SECRETS = {"WANDB_API_KEY": "sk-secret-123456", "KAGGLE_KEY": "kg-secret-654321"}
 UPDATES = 2
 # The .wandb transaction log: a 7-byte file header, then LevelDB-log records in 32 KiB blocks, each with a 7-byte
@@ -34,13 +38,25 @@ def tracked(tmp_path_factory, tiny_models) -> SimpleNamespace:
     overrides = tiny_overrides(tiny_models["llama"], root / "train.csv", root / "valid.csv", trainer__max_steps=UPDATES)
     on, off = root / "wandb_on", root / "wandb_off"
     processes = [
-        (start_entry([*overrides, "use_wandb=true", "wandb.mode=offline", f"hydra.run.dir={on}"], root / "on.log", env),
-         root / "on.log"),
+        (start_entry([*overrides, *WANDB_ON, "trainer.state_frequency=1", f"hydra.run.dir={on}"], root / "on.log",
+                     env), root / "on.log"),
         (start_entry([*overrides, f"hydra.run.dir={off}"], root / "off.log", env), root / "off.log"),
     ]
     for process, log in processes:
         finish(process, log)
-    return SimpleNamespace(on=on, off=off, wandb_dir=wandb_dir)
+    return SimpleNamespace(on=on, off=off, wandb_dir=wandb_dir, overrides=overrides, env=env)
+
+
+@pytest.fixture(scope="module")
+def resumed_on(tracked, tmp_path_factory) -> Path:
+    """The wandb run resumed from its state at update 2 (a copy of its dir, as if stopped before its end)."""
+    root = tmp_path_factory.mktemp("tracking_resumed")
+    run_dir, log = root / "run", root / "resumed.log"
+    shutil.copytree(tracked.on, run_dir)
+    (run_dir / "metrics.json").unlink()
+    finish(start_entry([*tracked.overrides, *WANDB_ON, "resume=true", f"hydra.run.dir={run_dir}"], log, tracked.env),
+           log)
+    return run_dir
 
 
 def wandb_records(path: Path) -> Iterator[Record]:
@@ -114,6 +130,16 @@ def test_metrics_log_is_written_whether_or_not_wandb_is_on(tracked, wandb):
     assert logged(run_dir, "eval/log_loss") == {UPDATES: read_metrics(run_dir)["best"]["log_loss"]}
     assert logged(run_dir, "eval/subsets")[UPDATES]  # the per-subset table, as rows
     assert (run_dir / "wandb").exists() == (wandb == "on")
+
+
+def test_a_resumed_run_continues_its_wandb_run(tracked, resumed_on):
+    """The wandb run id is part of the training state: the resumed process logs into the same wandb run (its
+    offline directory carries the same id) instead of starting a second one."""
+    run_id = json.loads((tracked.on / STATE_DIR / LOOP_FILE).read_text())["loop"]["wandb_run_id"]
+    assert len(run_id) >= 8
+    offline_runs = sorted(path.name for path in (resumed_on / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and all(name.endswith(f"-{run_id}") for name in offline_runs), offline_runs
+    assert read_metrics(resumed_on)["best"] == read_metrics(tracked.on)["best"]
 
 
 def test_tracking_does_not_change_training(tracked):

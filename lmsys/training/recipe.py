@@ -33,7 +33,7 @@ from lmsys.modeling.losses import preference_loss
 from lmsys.modeling.warm_start import check_warm_start
 from lmsys.provenance import run_info
 from lmsys.runs import RunDir
-from lmsys.tracking import Tracker, start_wandb
+from lmsys.tracking import Tracker, new_wandb_run_id, start_wandb
 from lmsys.training.distributed import full_trainable_state, lockstep_count
 from lmsys.training.loss_scaling import no_loss_scaling
 from lmsys.training.plan import Update, iterate_updates
@@ -102,13 +102,15 @@ class TrainingRecipe:
         scheduler = builders.build_scheduler(config.optimizer, optimizer, settings.total_updates)
         model, optimizer = accelerator.prepare(model, optimizer)
         state = (restore_state(run_path, accelerator.unwrap_model(model), optimizer, scheduler, grad_scaler)
-                 if config.resume else None)
+                 if config.resume else None) or LoopState()
         if config.use_wandb:
-            start_wandb(accelerator, config.wandb, OmegaConf.to_container(OmegaConf.structured(config)), run_path)
+            state.wandb_run_id = state.wandb_run_id or new_wandb_run_id()
+            start_wandb(accelerator, config.wandb, OmegaConf.to_container(OmegaConf.structured(config)), run_path,
+                        state.wandb_run_id)
         validation = builders.build_validation(config, spec, valid_split, tokenizer.pad_token_id)
         outputs = RunOutputs(run, Tracker(accelerator, run, config.use_wandb), spec, tokenizer, plan)
-        return cls(accelerator, model, optimizer, scheduler, settings, train_split, validation, outputs,
-                   state or LoopState(), grad_scaler)
+        return cls(accelerator, model, optimizer, scheduler, settings, train_split, validation, outputs, state,
+                   grad_scaler)
 
     @property
     def unwrapped(self) -> torch.nn.Module:

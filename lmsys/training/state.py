@@ -42,6 +42,7 @@ class LoopState:
     stopped_early: bool = False
     interrupted: bool = False
     eval_pending: bool = False  # a stop abandoned the evaluation of `step`: a resumed run runs it first
+    wandb_run_id: str = ""  # with use_wandb: the wandb run a resumed run continues
     best_metrics: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
 
