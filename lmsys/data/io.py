@@ -9,12 +9,18 @@ How the text cells are read is decided once per file (`plain_text_schema`), from
   and a cell that is not one, e.g. `["unterminated`, is an error;
 - no label columns (a test file): JSON lists when any text cell is one (then every cell must be), else plain text
   (a WSDM test file). Other columns, such as `language`, never change the rule.
+
+A JSON string may escape half of a UTF-16 surrogate pair (`"\\ud83d"`: a cut emoji), which decodes to a code point
+that no UTF-8 text can hold and that tokenizers refuse; such a half becomes U+FFFD, with one warning per file, so
+that every row still trains or gets its prediction.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +33,9 @@ WSDM_WINNERS = {"model_a": (1.0, 0.0, 0.0), "model_b": (0.0, 1.0, 0.0)}
 META_COLUMNS = ("source", "language", "model_a", "model_b", "fold", "original_source")
 PROB_TOLERANCE = 1e-4
 TEACHER_COLUMN = "teacher_logits"  # a teacher's logits of the (A, B) orientation, beside the labels
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs: any surrogate left is a lone half
+
+log = logging.getLogger("lmsys")
 
 
 class DataError(ValueError):
@@ -89,14 +98,31 @@ def pairs_from_frame(
     plain_text = plain_text_schema(frame) if plain_text is None else plain_text
     has_labels = _has_label_columns(frame)
     has_teacher = TEACHER_COLUMN in frame.columns
-    pairs = []
+    pairs, repaired = [], []
     for row_id, row in zip(ids, frame.to_dict("records"), strict=True):
-        texts = [_parse_turns(row[col], name, row_id, col, plain_text) for col in TEXT_COLUMNS]
+        texts = [_repaired(_parse_turns(row[col], name, row_id, col, plain_text), repaired,
+                           f"row id={row_id} column '{col}'") for col in TEXT_COLUMNS]
         target = _parse_target(row, name, row_id) if has_labels else None
         meta = {key: row[key] for key in META_COLUMNS if key in row and not _is_missing(row[key])}
         teacher = _parse_teacher_logits(row[TEACHER_COLUMN], name, row_id) if has_teacher else None
         pairs.append(Pair(row_id, *texts, target=target, meta=meta, teacher_logits=teacher))
+    _warn_repaired(name, repaired)
     return pairs
+
+
+def _warn_repaired(name: str, repaired: list[str]) -> None:
+    if repaired:
+        log.warning("%s: %d text cell%s held lone UTF-16 surrogates (half of a cut emoji or other character), "
+                    "replaced by U+FFFD; the first: %s", name, len(repaired), "s" if len(repaired) > 1 else "",
+                    repaired[0])
+
+
+def _repaired(turns: tuple[str, ...], repaired: list[str], where: str) -> tuple[str, ...]:
+    """`turns` with every lone surrogate replaced by U+FFFD; `where` noted in `repaired` when one was."""
+    if not any(LONE_SURROGATE.search(turn) for turn in turns):
+        return turns
+    repaired.append(where)
+    return tuple(LONE_SURROGATE.sub("\ufffd", turn) for turn in turns)
 
 
 def _parse_teacher_logits(cell: object, name: str, row_id: str) -> tuple[float, ...]:
@@ -293,10 +319,12 @@ def read_prompts(path: str | Path) -> list[tuple[str, tuple[str, ...]]]:
         raise DataError(f"{path}: missing column 'prompt'; found {list(frame.columns)}")
     ids = frame["id"].astype(str).tolist() if "id" in frame.columns else [str(i) for i in range(len(frame))]
     _check_unique_ids(ids, str(path))
-    prompts = []
+    prompts, repaired = [], []
     for row_id, cell in zip(ids, frame["prompt"].tolist(), strict=True):
-        turns = _parse_turns(cell, str(path), row_id, "prompt", plain_text=True)
+        turns = _repaired(_parse_turns(cell, str(path), row_id, "prompt", plain_text=True), repaired,
+                          f"row id={row_id} column 'prompt'")
         if not any(turn.strip() for turn in turns):
             raise DataError(f"{path}: row id={row_id} column 'prompt': every turn is empty")
         prompts.append((row_id, turns))
+    _warn_repaired(str(path), repaired)
     return prompts

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import tiny
 
-from lmsys.data.io import DataError, read_pairs
+from lmsys.data.io import DataError, read_pairs, read_prompts
 from lmsys.data.schema import Pair, swap_abt, swap_pair
 
 
@@ -281,3 +281,29 @@ def test_non_utf8_text_names_the_file_offset_and_line(tmp_path):
     path.write_bytes(text[:offset] + "é".encode("latin-1") + text[offset:])
     with pytest.raises(DataError, match=rf"{path}: not UTF-8 text: byte 0xe9 at byte offset {offset} \(line 3\)"):
         read_pairs(path, require_labels=True)
+
+
+def test_lone_surrogates_become_the_replacement_character(tmp_path, caplog):
+    """JSON can escape half of a UTF-16 surrogate pair (a cut emoji); json.loads yields a code point that UTF-8, and
+    so the tokenizers, refuse. Such halves become U+FFFD with one warning per file; whole pairs and other text are
+    kept as they were."""
+    frame = tiny.arena_frame(3)
+    frame.loc[1, "prompt"] = '["cut \\ud83d emoji", "kept \\ud83d\\ude00 pair"]'
+    frame.loc[2, "response_b"] = '["\\udc00 tail"]'
+    path = write_csv(tmp_path, frame)
+    with caplog.at_level("WARNING", logger="lmsys"):
+        pairs = read_pairs(path, require_labels=True)
+    assert pairs[1].prompts == ("cut \ufffd emoji", "kept \U0001F600 pair")
+    assert pairs[2].responses_b == ("\ufffd tail",)
+    assert pairs[0].prompts == tuple(json.loads(frame.loc[0, "prompt"]))
+    assert caplog.text.count("lone UTF-16 surrogates") == 1
+    assert f"{path}: 2 text cells held lone UTF-16 surrogates" in caplog.text
+    assert "the first: row id=1 column 'prompt'" in caplog.text
+    tokenizer = tiny.build_tokenizer(add_bos=True)
+    assert all(tokenizer(turn)["input_ids"] for pair in pairs for turn in pair.prompts + pair.responses_b)
+    with pytest.raises(TypeError):  # what the tokenizer does with the raw half: the reason for the repair
+        tokenizer("cut \ud83d emoji")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lmsys"):  # generation's prompts (python -m lmsys.generate) too
+        prompts = read_prompts(path)
+    assert prompts[1][1] == pairs[1].prompts and "1 text cell held lone UTF-16 surrogates" in caplog.text
