@@ -1,4 +1,6 @@
-"""LoRA soup: the weighted average of several checkpoints' adapters and heads, as one checkpoint.
+"""Soups: the weighted average of several checkpoints' weights, as one checkpoint. LoRA checkpoints average their
+adapters and heads; merged checkpoints (full fine-tuning runs, or unquantized exports) their whole backbones and
+heads, as fold models of the LMSYS 2nd place's full fine-tuning would be.
 
     python -m lmsys.soup checkpoints=[RUN1/checkpoint,RUN2/checkpoint,...] output_dir=DIR \\
         [weights=[0.5,0.3,0.2]] [overwrite=true]
@@ -8,12 +10,13 @@ The checkpoints must be interchangeable: the same base model (path and config fa
 (adapter_config.json: rank, alpha, target modules, DoRA/rsLoRA, patterns), head type and tensor shapes, and every
 input setting of the spec (template, max_length, input format, truncation settings); the first mismatch fails,
 naming the checkpoint and the field, before anything is written. How a checkpoint is run (quantization,
-compute dtype, attention kernel) may differ; the soup keeps the first checkpoint's. Each tensor of
-adapter_model.safetensors and head.safetensors is averaged on its own (LoRA A and B separately: the mean of
-the updates B_i A_i would not be a rank-r adapter), with the weights (default equal; non-negative, normalised to sum to 1). The output is a
-complete checkpoint (spec, adapter config and tokenizer copied from the first, soup.json recording the inputs
-and weights): `python -m lmsys.predict` and `python -m lmsys.export` read it like any run's checkpoint, and
-so will warm starts (`model.init_from`).
+compute dtype, attention kernel) may differ; the soup keeps the first checkpoint's. Merged checkpoints must hold the
+same weight files (the same shards) and be unquantized (a pre-quantized export's packed 4/8-bit codes cannot be
+averaged: soup before exporting). Each tensor is averaged on its own (LoRA A and B separately: the mean of the
+updates B_i A_i would not be a rank-r adapter), with the weights (default equal; non-negative, normalised to sum to
+1), one tensor at a time across the inputs. The output is a complete checkpoint (spec, adapter config or model
+config, and tokenizer copied from the first, soup.json recording the inputs and weights): `python -m lmsys.predict`
+and `python -m lmsys.export` read it like any run's checkpoint, and so will warm starts (`model.init_from`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import dataclasses
 import json
 import logging
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +38,7 @@ from lmsys.cli import run_command
 from lmsys.config import ConfigError, require
 from lmsys.logs import setup_logging
 from lmsys.modeling.checkpoint import ADAPTER_FILES, HEAD_FILE, SPEC_FILE, CheckpointError, ModelSpec, read_spec
+from lmsys.modeling.precision import saved_quantization
 from lmsys.runs import write_file
 
 log = logging.getLogger("lmsys")
@@ -72,7 +77,11 @@ class Ingredient:
 def read_ingredient(path: Path) -> Ingredient:
     spec = read_spec(path)  # names any missing file
     if spec.merged:
-        raise CheckpointError(f"{path}: a merged checkpoint has no adapter to average; soup the adapter checkpoints")
+        stored = saved_quantization(path)
+        if stored is not None:
+            raise CheckpointError(f"{path}: its weights are stored quantized ({stored.value}), which cannot be "
+                                  f"averaged; soup the unquantized checkpoints, then export the soup quantized")
+        return Ingredient(path, spec, {})
     try:
         adapter_config = json.loads((path / ADAPTER_CONFIG).read_text())
     except json.JSONDecodeError as err:
@@ -90,12 +99,23 @@ def check_compatible(first: Ingredient, other: Ingredient) -> None:
         mine, theirs = _adapter_value(first.adapter_config, key), _adapter_value(other.adapter_config, key)
         if mine != theirs:
             raise CheckpointError(f"{other.path}: {ADAPTER_CONFIG} {key} is {theirs!r}, but {first.path} has {mine!r}")
-    for name in (ADAPTER_WEIGHTS, HEAD_FILE):
+    if weight_files(first) != weight_files(other):
+        raise CheckpointError(f"{other.path}: weight files {list(weight_files(other))}, but {first.path} has "
+                              f"{list(weight_files(first))}; a soup averages the same files")
+    for name in weight_files(first):
         mine, theirs = tensor_shapes(first.path / name), tensor_shapes(other.path / name)
         if mine != theirs:
             key = min(set(mine.items()) ^ set(theirs.items()))[0]
             raise CheckpointError(f"{other.path}: {name} tensor {key} is {theirs.get(key, 'absent')}, but "
                                   f"{first.path} has {mine.get(key, 'absent')}")
+
+
+def weight_files(ingredient: Ingredient) -> tuple[str, ...]:
+    """What a soup averages: an adapter checkpoint's adapter and head; a merged one's backbone (in however many
+    shards save_pretrained wrote it) and head."""
+    if not ingredient.spec.merged:
+        return ADAPTER_WEIGHTS, HEAD_FILE
+    return tuple(sorted(path.name for path in ingredient.path.glob("*.safetensors")))
 
 
 def _differences(mine: object, theirs: object, prefix: str = "") -> list[tuple[str, object, object]]:
@@ -128,19 +148,21 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def weighted_average(paths: list[Path], weights: list[float]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """sum_i weights[i] * tensors_i for every tensor name, summed in float64 and stored in the first file's dtypes
-    (so the soup of N copies of one checkpoint is that checkpoint to the bit); and the first file's metadata."""
-    total: dict[str, torch.Tensor] = {}
-    dtypes: dict[str, torch.dtype] = {}
-    for path, weight in zip(paths, weights, strict=True):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open's handle has keys() and no __iter__)
+    (so the soup of N copies of one checkpoint is that checkpoint to the bit); and the first file's metadata. One
+    tensor at a time across the files: beyond the output, memory holds one tensor in float64."""
+    averaged: dict[str, torch.Tensor] = {}
+    with ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(path), framework="pt")) for path in paths]
+        for key in handles[0].keys():  # noqa: SIM118 (safe_open's handle has keys() and no __iter__)
+            total, dtype = None, None
+            for handle, weight in zip(handles, weights, strict=True):
                 tensor = handle.get_tensor(key)
-                dtypes.setdefault(key, tensor.dtype)
+                dtype = dtype or tensor.dtype
                 term = tensor.to(torch.float64) * weight
-                total[key] = term if key not in total else total[key] + term
-    with safe_open(str(paths[0]), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    return {key: value.to(dtypes[key]).contiguous() for key, value in total.items()}, metadata
+                total = term if total is None else total.add_(term)
+            averaged[key] = total.to(dtype).contiguous()
+        metadata = handles[0].metadata() or {}
+    return averaged, metadata
 
 
 def normalised_weights(weights: list[float] | None, n: int) -> list[float]:
@@ -170,9 +192,11 @@ def make_soup(checkpoints: list[Path], weights: list[float] | None, output_dir: 
     weights = normalised_weights(weights, len(checkpoints))
     first = checkpoints[0]
 
+    files = weight_files(ingredients[0])
+
     def produce(tmp: Path) -> None:
-        shutil.copytree(first, tmp)  # spec, adapter config, tokenizer of the first
-        for name in (ADAPTER_WEIGHTS, HEAD_FILE):
+        shutil.copytree(first, tmp, ignore=shutil.ignore_patterns(*files))  # spec, configs, tokenizer of the first
+        for name in files:
             tensors, metadata = weighted_average([path / name for path in checkpoints], weights)
             save_file(tensors, str(tmp / name), metadata=metadata)
         record = {"checkpoints": [str(path.resolve()) for path in checkpoints], "weights": weights}

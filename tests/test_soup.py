@@ -20,7 +20,7 @@ from test_predict import make_checkpoint
 from tiny import arena_frame
 
 from lmsys.builders import build_prediction_spec
-from lmsys.config import ComputeDtype, ConfigError
+from lmsys.config import ComputeDtype, ConfigError, Quantization
 from lmsys.data.io import read_pairs
 from lmsys.merging import export_merged
 from lmsys.modeling.checkpoint import HEAD_FILE, SPEC_FILE, CheckpointError, read_spec
@@ -101,6 +101,53 @@ def test_the_soup_is_a_checkpoint_that_export_reads(checkpoints, tmp_path):
     assert read_spec(soup) == read_spec(checkpoints["a"])
     merged = export_merged(soup, tmp_path / "merged", ComputeDtype.float32, overwrite=False)
     assert read_spec(merged).merged
+
+
+@pytest.fixture(scope="module")
+def merged(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """The two adapter checkpoints exported merged and unquantized: what full fine-tuning runs save."""
+    root = tmp_path_factory.mktemp("soup_merged")
+    return {name: export_merged(path, root / name, ComputeDtype.float32, overwrite=False)
+            for name, path in checkpoints.items()}
+
+
+def merged_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return {f"{path.name}/{key}": value for path in sorted(checkpoint.glob("*.safetensors"))
+            for key, value in load_file(str(path)).items()}
+
+
+def test_soup_of_merged_checkpoints_averages_the_whole_backbone(merged, pairs, tmp_path):
+    """Full fine-tuning's checkpoints: every backbone and head tensor is the weighted average, the soup predicts
+    unlike either input, and a soup of copies predicts exactly as the checkpoint."""
+    a, b = merged["a"], merged["b"]
+    soup = make_soup([a, b], [1.0, 3.0], tmp_path / "soup", overwrite=False)
+    ta, tb, ts = merged_tensors(a), merged_tensors(b), merged_tensors(soup)
+    assert ts.keys() == ta.keys() and len(ts) > 20 and read_spec(soup).merged
+    changed = [key for key in ts if not torch.equal(ta[key], tb[key])]
+    assert any("q_proj" in key for key in changed) and any(key.startswith(HEAD_FILE) for key in changed)
+    for key in ts:
+        expected = (0.25 * ta[key].double() + 0.75 * tb[key].double()).to(ta[key].dtype)
+        torch.testing.assert_close(ts[key], expected, rtol=0, atol=0, msg=key)
+    la, lb, ls = logits(a, pairs), logits(b, pairs), logits(soup, pairs)
+    assert np.abs(ls - la).max() > 1e-3 and np.abs(ls - lb).max() > 1e-3
+    copies = make_soup([a, copy_of(a, tmp_path / "copy")], None, tmp_path / "copies", overwrite=False)
+    np.testing.assert_array_equal(logits(copies, pairs), la)
+
+
+def test_merged_and_adapter_or_quantized_checkpoints_are_refused(checkpoints, merged, tmp_path):
+    with pytest.raises(CheckpointError, match=rf"^{merged['b']}: lmsys_checkpoint.json field merged is True"):
+        make_soup([checkpoints["a"], merged["b"]], None, tmp_path / "soup", overwrite=False)
+    quantized = export_merged(checkpoints["b"], tmp_path / "nf4", ComputeDtype.float32, overwrite=False,
+                              quantization=Quantization.nf4)
+    with pytest.raises(CheckpointError, match=rf"^{quantized}: its weights are stored quantized \(nf4\)"):
+        make_soup([merged["a"], quantized], None, tmp_path / "soup", overwrite=False)
+    resharded = copy_of(merged["b"], tmp_path / "resharded")  # as save_pretrained writes a sharded backbone
+    shard = (resharded / "model.safetensors").rename(resharded / "model-00001-of-00001.safetensors")
+    index = {"metadata": {}, "weight_map": dict.fromkeys(load_file(str(shard)), shard.name)}
+    (resharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"^{resharded}: weight files \['head.safetensors', 'model-00001"):
+        make_soup([merged["a"], resharded], None, tmp_path / "soup", overwrite=False)
+    assert not (tmp_path / "soup").exists()
 
 
 @pytest.mark.parametrize(("changes", "message"), [

@@ -54,8 +54,8 @@ def run_plan(settings: LoopSettings, optimizer: dict, train: EncodedSplit, valid
     """What fixes a run's sequence of updates and what they optimise, as stored in its training state. A resumed run
     must agree on all of it, or it would continue another run: pairs skipped or trained twice, an lr schedule of
     another length, the config's lrs silently replaced by the loaded optimizer's and scheduler's. The process count
-    is not part of it: the plan of updates is global (lmsys.training.plan), so another number of GPUs resumes
-    exactly when the pairs per update stay the same."""
+    is not part of it: the plan of updates is global (lmsys.training.plan), so another number of GPUs continues the
+    same run when the pairs per update stay the same (up to float reduction order and dropout draws)."""
     plan = {
         "seed": settings.seed,
         PAIRS_PER_UPDATE: settings.pairs_per_update,
@@ -153,7 +153,9 @@ def load_training_state(directory: Path, model: torch.nn.Module, optimizer, sche
     if missing or len(weights) != sum(p.requires_grad for p in params.values()):
         raise ResumeError(f"{directory}: trainable parameters do not match this model (e.g. {missing[:3]})")
     load_full_state(model, weights)
-    blobs = torch.load(directory / OPTIMIZER_FILE, weights_only=True)
+    # onto the CPU: rank 0 saved its GPU tensors as cuda:0's, where every rank would otherwise load its copy; the
+    # optimizer (or torch.distributed.checkpoint, under FSDP) moves each state tensor to its parameter's device
+    blobs = torch.load(directory / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
     load_optimizer_state(model, optimizer, blobs["optimizer"])
     if grad_scaler is not None and grad_scaler.is_enabled() and blobs.get("grad_scaler"):
         grad_scaler.load_state_dict(blobs["grad_scaler"])
