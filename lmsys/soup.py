@@ -53,7 +53,7 @@ ADAPTER_FIELDS = ("peft_type", "r", "lora_alpha", "target_modules", "use_dora", 
 
 @dataclass
 class SoupConfig:
-    checkpoints: list[str] = MISSING  # checkpoint dirs (RUN/checkpoint) of runs on one base model and LoRA shape
+    checkpoints: list[str] = MISSING  # checkpoint dirs (RUN/checkpoint) of runs on one base model (and LoRA shape)
     output_dir: str = MISSING  # the soup checkpoint to create
     weights: list[float] | None = None  # one per checkpoint, >= 0, normalised to sum to 1; None: equal weights
     overwrite: bool = False  # replace output_dir when it holds an earlier checkpoint
