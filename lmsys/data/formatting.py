@@ -69,7 +69,9 @@ class PairEncoder:
     def tokenize(self, pairs: list[Pair]) -> list[PairTokens]:
         """Tokenize every turn of every pair in one batched call."""
         texts = [text for pair in pairs for text in (*pair.prompts, *pair.responses_a, *pair.responses_b)]
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        # verbose=False: texts longer than the model's context are cut later, token by token (head and tail), so
+        # transformers' "sequence length is longer than ... will result in indexing errors" would only mislead
+        ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
         out, pos = [], 0
         for pair in pairs:
             sizes = (len(pair.prompts), len(pair.responses_a), len(pair.responses_b))

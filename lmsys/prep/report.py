@@ -42,7 +42,7 @@ def tokenizer_counter(path: str) -> LengthCounter:
     def count(texts: list[str]) -> list[int]:
         lengths = []
         for start in range(0, len(texts), TOKENIZE_CHUNK):
-            ids = tokenizer(texts[start : start + TOKENIZE_CHUNK], add_special_tokens=False)["input_ids"]
+            ids = tokenizer(texts[start : start + TOKENIZE_CHUNK], add_special_tokens=False, verbose=False)["input_ids"]
             lengths += [len(row) for row in ids]
         return lengths
 

@@ -4,6 +4,8 @@ The expected strings are written out by hand from lmsys/data/formatting.py (the 
 the turn separators, the template markers), not copied from the encoder's output.
 """
 
+import logging
+
 import pytest
 import tiny
 
@@ -224,3 +226,27 @@ def test_every_family_golden(tiny_models, kind, fmt, body):
     spec = build_spec(model, data, packing=True)
     [enc] = build_encoders(spec, build_tokenizer(tiny_models[kind], False))
     assert encode_text(enc, SINGLE) == opening + body + closing
+
+
+def test_texts_longer_than_the_context_tokenize_without_transformers_indexing_warning():
+    """A turn longer than the model's context is cut later, token by token; transformers' warning that such a
+    sequence "will result in indexing errors" would only mislead, so the encoder tokenizes without it."""
+    long_turn, warning = "word " * 400, "longer than the specified maximum sequence length"
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)  # transformers' loggers do not reach the root's
+    try:
+        control = tiny.build_tokenizer(add_bos=False)
+        control.model_max_length = 128
+        control(long_turn, add_special_tokens=False)  # what the warning looks like (once per tokenizer)
+        assert any(warning in record.getMessage() for record in records)
+        records.clear()
+        tokenizer = tiny.build_tokenizer(add_bos=False)
+        tokenizer.model_max_length = 128
+        enc = encoder(tokenizer, Template.chatml, InputFormat.pab, max_length=128)
+        [tokens] = enc.tokenize([Pair("1", (long_turn,), ("a",), ("b",))])
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert len(tokens.prompts[0]) > 128 and len(enc.sequences(tokens, swapped=False)[0]) <= 128
+    assert not [record for record in records if warning in record.getMessage()]
