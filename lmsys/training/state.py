@@ -50,7 +50,7 @@ class LoopState:
 PAIRS_PER_UPDATE = "pairs per update (trainer.batch_size x trainer.grad_accum x processes)"
 
 
-def run_plan(settings: LoopSettings, optimizer: dict, train: EncodedSplit, validation: EncodedSplit | None) -> dict:
+def run_plan(settings: LoopSettings, optimizer: dict, train: EncodedSplit, validation: EncodedSplit) -> dict:
     """What fixes a run's sequence of updates and what they optimise, as stored in its training state. A resumed run
     must agree on all of it, or it would continue another run: pairs skipped or trained twice, an lr schedule of
     another length, the config's lrs silently replaced by the loaded optimizer's and scheduler's. The process count
@@ -65,7 +65,7 @@ def run_plan(settings: LoopSettings, optimizer: dict, train: EncodedSplit, valid
         "loss": asdict(settings.loss),
         "optimizer": optimizer,
         "training pairs": split_digest(train),
-        "validation pairs": None if validation is None else split_digest(validation),
+        "validation pairs": split_digest(validation),
     }
     return json.loads(json.dumps(plan, default=_jsonable))  # as it reads back from loop.json
 
