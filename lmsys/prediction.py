@@ -29,15 +29,15 @@ from lmsys.builders import (
 from lmsys.config import InputFormat
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import read_pairs
-from lmsys.data.schema import TARGET_COLUMNS, Pair
+from lmsys.data.schema import Pair
 from lmsys.evaluation.predict_loop import SplitPredictions, predict_split
 from lmsys.logs import setup_logging
 from lmsys.modeling.backbone import fold_into_dense, resolve_dtype
-from lmsys.modeling.checkpoint import ModelSpec
+from lmsys.modeling.checkpoint import CheckpointError, ModelSpec
 from lmsys.modeling.compile import resolve_elementwise_kernel
 from lmsys.modeling.precision import check_finite_logits, parse_max_memory, plan_device_map
 from lmsys.prediction_config import InferenceConfig, PredictConfig, PseudoLabelConfig
-from lmsys.runs import write_file
+from lmsys.submission import kaggle_submission, probability_table, write_table
 from lmsys.training.signals import GracefulStop, StopRequested
 
 log = logging.getLogger("lmsys")
@@ -67,6 +67,9 @@ def run_prediction(config: PredictConfig) -> Path:
                                       config.checkpoint if spec.merged else spec.base_model_path))
     probs = predictions.combined(config.tta_mode.value)
     write_table(submission_frame(pairs, probs), config.output, accelerator.is_main_process)
+    if config.probs_output:
+        write_table(probability_table([pair.id for pair in pairs], normalised(probs, pairs)), config.probs_output,
+                    accelerator.is_main_process)
     if config.logits_output:
         write_table(logits_frame(pairs, predictions, spec.input_formats), config.logits_output,
                     accelerator.is_main_process)
@@ -79,7 +82,7 @@ def run_prediction(config: PredictConfig) -> Path:
 
 def run_pseudo_labels(config: PseudoLabelConfig) -> None:
     accelerator, pairs, specs = prediction_inputs(config.checkpoints, config)  # every checkpoint checked first
-    probs = np.zeros((len(pairs), 3))  # (N, 3) running sum over checkpoints
+    probs = np.zeros((len(pairs), shared_num_classes(config.checkpoints, specs)))  # (N, C) sum over checkpoints
     for checkpoint, spec in zip(config.checkpoints, specs, strict=True):
         log.info("pseudo-labelling %d pairs with %s", len(pairs), checkpoint)
         probs += predict_checkpoint(checkpoint, spec, pairs, config, accelerator).combined(config.tta_mode.value)
@@ -87,6 +90,15 @@ def run_pseudo_labels(config: PseudoLabelConfig) -> None:
     accelerator.wait_for_everyone()
     log.info("wrote %s (%d pairs, mean of %d checkpoint(s))", config.output, len(pairs), len(specs))
 
+
+def shared_num_classes(checkpoints: list[str], specs: list[ModelSpec]) -> int:
+    """The class count every checkpoint's head predicts; a mix of 3-class (A, B, tie) and 2-class (A, B) heads is
+    refused before a model loads (their probabilities cannot be averaged)."""
+    for checkpoint, spec in zip(checkpoints, specs, strict=True):
+        if spec.num_classes != specs[0].num_classes:
+            raise CheckpointError(f"checkpoints={checkpoint} predicts {spec.num_classes} classes, {checkpoints[0]} "
+                                  f"{specs[0].num_classes}: pseudo-label with checkpoints of one kind")
+    return specs[0].num_classes
 
 
 def predict_checkpoint(
@@ -149,15 +161,8 @@ def normalised(probs: np.ndarray, pairs: list[Pair]) -> np.ndarray:
 
 
 def submission_frame(pairs: list[Pair], probs: np.ndarray) -> pd.DataFrame:
-    """The Kaggle submission, one row per input pair in input order: LMSYS `id, winner_model_a, winner_model_b,
-    winner_tie` probabilities, or for a two-class model WSDM's `id, winner` (model_a / model_b)."""
-    probs = normalised(probs, pairs)
-    ids = [pair.id for pair in pairs]
-    if probs.shape[1] == 2:
-        return pd.DataFrame({"id": ids, "winner": np.where(probs[:, 0] >= probs[:, 1], "model_a", "model_b")})
-    frame = pd.DataFrame(probs, columns=list(TARGET_COLUMNS))
-    frame.insert(0, "id", ids)
-    return frame
+    """The Kaggle submission, one row per input pair in input order (`lmsys.submission.kaggle_submission`)."""
+    return kaggle_submission([pair.id for pair in pairs], normalised(probs, pairs))
 
 
 def logits_frame(pairs: list[Pair], predictions: SplitPredictions, formats: tuple[InputFormat, ...]) -> pd.DataFrame:
@@ -183,13 +188,3 @@ def pseudo_label_frame(pairs: list[Pair], probs: np.ndarray) -> pd.DataFrame:
         "label": [[*row, 0.0][:3] for row in normalised(probs, pairs)],
         "source": "pseudo",
     })
-
-
-def write_table(frame: pd.DataFrame, path: str | Path, is_main: bool) -> None:
-    """Atomic write by the main process only; the suffix picks CSV or parquet."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        write_file(path, lambda tmp: frame.to_parquet(tmp, index=False), is_main)
-    else:
-        write_file(path, lambda tmp: frame.to_csv(tmp, index=False), is_main)
-

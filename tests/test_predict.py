@@ -40,9 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SYMMETRY_TOLERANCE = 1e-5  # the issue's bound on |P_A(file) - P_B(swapped file)|; we get exactly 0
 
 
-def make_checkpoint(directory: Path, base: Path, seed: int = 0, r: int = 8) -> Path:
+def make_checkpoint(directory: Path, base: Path, seed: int = 0, r: int = 8, num_classes: int = 3) -> Path:
     """A checkpoint of a tiny Llama whose LoRA and head are random (not near zero), so the adapter matters."""
-    model_cfg = ModelConfig(path=str(base), family=Family.llama, max_length=128, head_init_std=0.5)
+    model_cfg = ModelConfig(path=str(base), family=Family.llama, max_length=128, head_init_std=0.5,
+                            num_classes=num_classes)
     spec = build_spec(model_cfg, DataConfig(train_path="unused"), packing=True)
     torch.manual_seed(seed)
     model = build_model(spec, model_cfg, LoraConfig(r=r, alpha=16, dropout=0.0), torch.device("cpu"))

@@ -90,6 +90,24 @@ def test_pseudo_label_cli_refusals(setup, tmp_path):
     assert not (tmp_path / "o.parquet").exists()
 
 
+def test_pseudo_labels_of_two_class_checkpoints(setup, tmp_path):
+    """WSDM's pseudo-label stage: two-class heads average to (A, B, 0) labels; a mix of two- and three-class heads
+    is refused before a model loads."""
+    first = make_checkpoint(tmp_path / "two_first", setup["base"], seed=2, num_classes=2)
+    second = make_checkpoint(tmp_path / "two_second", setup["base"], seed=3, num_classes=2)
+    out = tmp_path / "two.parquet"
+    pseudo_label_main([f"checkpoints=[{first},{second}]", f"data.test_path={setup['unlabelled']}",
+                       f"output={out}", "show_progress=false"])
+    labels = np.array([p.target for p in read_pairs(out, require_labels=True)])  # (N, 3)
+    expected = (tta_probs(first, setup["unlabelled"]) + tta_probs(second, setup["unlabelled"])) / 2  # (N, 2)
+    assert expected.shape == (12, 2) and np.abs(expected[:, 0] - 0.5).max() > 1e-3
+    assert np.abs(labels[:, :2] - expected).max() <= 1e-9 and (labels[:, 2] == 0).all()
+    with pytest.raises(CheckpointError, match=f"checkpoints={first} predicts 2 classes, {setup['first']} 3"):
+        pseudo_label_main([f"checkpoints=[{setup['first']},{first}]", f"data.test_path={setup['unlabelled']}",
+                           f"output={tmp_path / 'mixed.parquet'}", "show_progress=false"])
+    assert not (tmp_path / "mixed.parquet").exists()
+
+
 def test_pseudo_label_output_never_replaces_an_input(setup, tmp_path):
     unlabelled = tmp_path / "unlabelled.parquet"
     pd.read_csv(setup["unlabelled"]).to_parquet(unlabelled)
