@@ -5,11 +5,15 @@
     python -m lmsys.ensemble --weights ens/weights.json --submissions a.csv b.csv --out ens2 [--oof a.csv b.csv]
 
 Weights are non-negative, sum to 1 and minimise the OOF log loss of the weighted mean of probabilities; the
-temperature T maps the ensemble p to softmax(log(p) / T).
+temperature T maps the ensemble p to softmax(log(p) / T). Files are CSV or parquet (`python -m lmsys.oof join`'s
+output included), rows matched by id. Three-class files hold (A, B, tie) probabilities; two-class (WSDM) runs'
+oof.csv and `predict probs_output=` files hold (A, B), and their ensemble's submission is WSDM's `id, winner`.
 
-Every file is validated before anything is fitted or written (a `DataError` naming the file, the column and the
-ids): ids present; probabilities finite, non-negative and summing to 1 within 1e-4 per row; `label` one of the
-classes 0 (A), 1 (B), 2 (tie); soft targets valid probabilities too. A weight fit that does not converge fails.
+Every file is validated before anything is fitted or written (one `error:` line naming the file, the column and the
+ids, exit status 2): ids present; probabilities finite, non-negative and summing to 1 within 1e-4 per row; `label`
+one of the classes 0 (A), 1 (B), 2 (tie); soft targets valid probabilities too; every OOF file's targets the same.
+--out is a directory that must not be, hold or lie inside an input; weights.json and submission.csv are written
+into it atomically. A weight fit that does not converge fails.
 """
 
 from __future__ import annotations
@@ -23,28 +27,33 @@ import pandas as pd
 from scipy.optimize import minimize
 from scipy.special import softmax
 
+from lmsys.cli import command_errors
 from lmsys.config import ConfigError
-from lmsys.data.io import PROB_TOLERANCE, DataError
-from lmsys.data.schema import TARGET_COLUMNS
+from lmsys.data.io import PROB_TOLERANCE, DataError, read_table
+from lmsys.data.schema import TARGET_COLUMNS, class_columns
 from lmsys.evaluation.metrics import accuracy, clip_probs, log_loss
+from lmsys.output_paths import check_output_paths
+from lmsys.runs import write_json
+from lmsys.submission import kaggle_submission, write_table
 
 SOFT_TARGET_COLUMNS = ("target_a", "target_b", "target_tie")
 # Bounds on log T: beyond them the ensemble is either uniform or one-hot, so nothing is lost.
 LOG_TEMPERATURE_BOUNDS = (np.log(0.05), np.log(20.0))
-CLASSES = (0, 1, 2)  # label values: A wins, B wins, tie
+CLASSES = (0, 1, 2)  # label values: A wins, B wins, tie (a two-class model's: A wins, B wins)
+CLASS_NAMES = {2: "A, B", 3: "A, B, tie"}
 
 
 def combine(prob_list: list[np.ndarray], weights: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Weighted mean of the models' (N, 3) probabilities, then temperature scaling; rows sum to 1."""
-    stacked = np.stack([np.asarray(p, dtype=np.float64) for p in prob_list])  # (M, N, 3)
-    mixed = np.tensordot(np.asarray(weights, dtype=np.float64), stacked, axes=1)  # (N, 3)
+    """Weighted mean of the models' (N, C) probabilities, then temperature scaling; rows sum to 1."""
+    stacked = np.stack([np.asarray(p, dtype=np.float64) for p in prob_list])  # (M, N, C)
+    mixed = np.tensordot(np.asarray(weights, dtype=np.float64), stacked, axes=1)  # (N, C)
     return softmax(np.log(clip_probs(mixed)) / temperature, axis=1)
 
 
 def fit_ensemble_weights(
     prob_list: list[np.ndarray], targets: np.ndarray, fit_temperature: bool = False
 ) -> tuple[np.ndarray, float]:
-    """Simplex weights (M,) and temperature minimising the log loss of `combine` against (N, 3) `targets`.
+    """Simplex weights (M,) and temperature minimising the log loss of `combine` against (N, C) `targets`.
 
     SLSQP on the simplex (bounds plus an equality constraint) can put a weight exactly at 0, unlike a softmax
     parametrisation; the temperature is optimised jointly as log T so it stays positive.
@@ -92,16 +101,31 @@ def _align(reference_ids: np.ndarray, frame: pd.DataFrame, path: str) -> pd.Data
     return frame.set_index("id").loc[reference_ids].reset_index()
 
 
-def _read_csv(path: str, required: tuple[str, ...]) -> pd.DataFrame:
-    # Ids stay strings so "007" and 7 never collide and the submission echoes them verbatim.
-    frame = pd.read_csv(path, dtype={"id": str})
-    absent = [column for column in required if column not in frame]
-    if absent:
-        raise DataError(f"{path}: missing columns {absent}")
-    blank = frame["id"].isna() | (frame["id"].str.strip() == "")
+def _read(path: str) -> pd.DataFrame:
+    """A CSV or parquet table (`read_table`: ids stay strings, so "007", 7 and "NA" are ids as written)."""
+    frame = read_table(path)
+    if "id" not in frame:
+        raise DataError(f"{path}: missing column 'id'")
+    frame["id"] = frame["id"].astype(str)
+    blank = frame["id"].str.strip() == ""
     if blank.any():
         raise DataError(f"{path}: data row {int(np.flatnonzero(blank)[0])} (counting from 0) column 'id': missing id")
     return frame
+
+
+def _probability_columns(frame: pd.DataFrame, path: str, expected: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The file's (A, B, tie) or two-class (A, B) probability columns, which must be `expected` when given."""
+    if "winner" in frame and TARGET_COLUMNS[0] not in frame:
+        raise DataError(f"{path}: holds a two-class model's submission (id, winner): hard labels cannot be averaged; "
+                        f"ensemble its probabilities (python -m lmsys.predict ... probs_output=FILE)")
+    columns = class_columns(frame.columns)
+    absent = [column for column in columns if column not in frame]
+    if absent:
+        raise DataError(f"{path}: missing columns {absent}")
+    if expected is not None and columns != expected:
+        raise DataError(f"{path}: probability columns {list(columns)}, the first file's {list(expected)} (a two-class "
+                        f"and a three-class model cannot be ensembled)")
+    return columns
 
 
 def _examples(ids: pd.Series, bad: np.ndarray) -> str:
@@ -109,7 +133,7 @@ def _examples(ids: pd.Series, bad: np.ndarray) -> str:
 
 
 def checked_probabilities(frame: pd.DataFrame, columns: tuple[str, ...], path: str) -> np.ndarray:
-    """(N, 3) float64 probabilities of `columns`: every value a finite non-negative number, every row summing to 1
+    """(N, C) float64 probabilities of `columns`: every value a finite non-negative number, every row summing to 1
     within PROB_TOLERANCE (nothing is silently clipped or renormalised)."""
     values = frame[list(columns)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
     where = f"{path}: columns {list(columns)}"
@@ -126,40 +150,54 @@ def checked_probabilities(frame: pd.DataFrame, columns: tuple[str, ...], path: s
     return values
 
 
-def _targets(frame: pd.DataFrame, path: str) -> np.ndarray:
-    """Soft targets when the file carries them, else one-hot of the hard label; (N, 3)."""
-    if all(column in frame for column in SOFT_TARGET_COLUMNS):
-        return checked_probabilities(frame, SOFT_TARGET_COLUMNS, path)
+def _targets(frame: pd.DataFrame, path: str, n_classes: int) -> np.ndarray:
+    """Soft targets when the file carries them, else one-hot of the hard label; (N, C)."""
+    soft = SOFT_TARGET_COLUMNS[:n_classes]
+    if all(column in frame for column in soft):
+        return checked_probabilities(frame, soft, path)
     if "label" not in frame:
-        raise DataError(f"{path}: needs a 'label' column or soft targets {SOFT_TARGET_COLUMNS}")
+        raise DataError(f"{path}: needs a 'label' column or soft targets {soft}")
     labels = pd.to_numeric(frame["label"], errors="coerce").to_numpy(np.float64)
-    bad = ~np.isin(labels, CLASSES)
+    bad = ~np.isin(labels, CLASSES[:n_classes])
     if bad.any():
-        raise DataError(f"{path}: column 'label': expected one of {list(CLASSES)} (A, B, tie) in "
-                        f"{_examples(frame['id'], bad)}, got {frame['label'][bad].head(5).tolist()}")
-    return np.eye(3)[labels.astype(int)]
+        raise DataError(f"{path}: column 'label': expected one of {list(CLASSES[:n_classes])} "
+                        f"({CLASS_NAMES[n_classes]}) in {_examples(frame['id'], bad)}, "
+                        f"got {frame['label'][bad].head(5).tolist()}")
+    return np.eye(n_classes)[labels.astype(int)]
 
 
-def _load_aligned(paths: list[str]) -> tuple[np.ndarray, list[pd.DataFrame]]:
-    """Ids in the first file's order and every file's frame reordered to them, each file's probabilities checked."""
-    frames = [_read_csv(path, ("id", *TARGET_COLUMNS)) for path in paths]
+def _load_aligned(paths: list[str], columns: tuple[str, ...] | None = None
+                  ) -> tuple[np.ndarray, list[np.ndarray], list[pd.DataFrame]]:
+    """Ids in the first file's order, every file's (N, C) probabilities and frame reordered to them; each file's
+    columns are `columns` (default: the first file's) and its probabilities checked."""
+    frames = [_read(path) for path in paths]
+    columns = columns or _probability_columns(frames[0], paths[0], None)
     for frame, path in zip(frames, paths, strict=True):
-        checked_probabilities(frame, TARGET_COLUMNS, path)
+        checked_probabilities(frame, _probability_columns(frame, path, columns), path)
     ids = frames[0]["id"].to_numpy()
-    return ids, [_align(ids, frame, path) for frame, path in zip(frames, paths)]
+    frames = [_align(ids, frame, path) for frame, path in zip(frames, paths, strict=True)]
+    return ids, [frame[list(columns)].to_numpy(np.float64) for frame in frames], frames
 
 
 def load_oof(paths: list[str]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-    """Ids (in the first file's order), each model's (N, 3) probabilities, and the first file's (N, 3) targets."""
-    ids, frames = _load_aligned(paths)
-    probs = [frame[list(TARGET_COLUMNS)].to_numpy(np.float64) for frame in frames]
-    return ids, probs, _targets(frames[0], paths[0])
+    """Ids (in the first file's order), each model's (N, C) probabilities, and the (N, C) targets, which every file
+    that carries targets must agree on (they were fitted against the same labels)."""
+    ids, probs, frames = _load_aligned(paths)
+    n_classes = probs[0].shape[1]
+    targets = _targets(frames[0], paths[0], n_classes)
+    for frame, path in zip(frames[1:], paths[1:]):
+        if "label" in frame or SOFT_TARGET_COLUMNS[0] in frame:
+            differs = np.abs(_targets(frame, path, n_classes) - targets).max(axis=1) > PROB_TOLERANCE
+            if differs.any():
+                raise DataError(f"{path}: targets differ from {paths[0]}'s in {_examples(frames[0]['id'], differs)} "
+                                f"(out-of-fold files of other training data?)")
+    return ids, probs, targets
 
 
-def load_submissions(paths: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Ids (in the first file's order) and each submission's (N, 3) probabilities aligned to them."""
-    ids, frames = _load_aligned(paths)
-    return ids, [frame[list(TARGET_COLUMNS)].to_numpy(np.float64) for frame in frames]
+def load_submissions(paths: list[str], columns: tuple[str, ...] | None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Ids (in the first file's order) and each submission's (N, C) probabilities aligned to them."""
+    ids, probs, _frames = _load_aligned(paths, columns)
+    return ids, probs
 
 
 def score_table(
@@ -176,13 +214,7 @@ def score_table(
     return pd.DataFrame(rows)
 
 
-def write_submission(ids: np.ndarray, probs: np.ndarray, path: Path) -> None:
-    frame = pd.DataFrame(probs, columns=list(TARGET_COLUMNS))
-    frame.insert(0, "id", ids)
-    frame.to_csv(path, index=False)
-
-
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lmsys.ensemble", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--oof", nargs="+", help="oof.csv of each run (id, winner_*, label or target_*)")
@@ -198,53 +230,71 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def save_weights(path: Path, models: list[str], weights: np.ndarray, temperature: float, table: pd.DataFrame) -> None:
+def weights_record(models: list[str], weights: np.ndarray, temperature: float, table: pd.DataFrame) -> dict:
     ensemble = table.iloc[-1]
-    path.write_text(json.dumps({
+    return {
         "models": list(models),
         "weights": weights.tolist(),
         "temperature": temperature,
         "oof_log_loss": float(ensemble["log_loss"]),
         "oof_accuracy": float(ensemble["accuracy"]),
-    }, indent=2))
+    }
 
 
 def load_weights(path: str) -> tuple[np.ndarray, float]:
-    saved = json.loads(Path(path).read_text())
-    weights, temperature = np.asarray(saved["weights"], dtype=np.float64), float(saved["temperature"])
-    if not (np.isfinite(weights).all() and (weights >= 0).all() and abs(weights.sum() - 1.0) <= PROB_TOLERANCE):
+    try:
+        saved = json.loads(Path(path).read_text())
+        weights, temperature = np.asarray(saved["weights"], dtype=np.float64), float(saved["temperature"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: not a weights.json of python -m lmsys.ensemble ({type(err).__name__}: {err})") from err
+    if not (weights.ndim == 1 and np.isfinite(weights).all() and (weights >= 0).all()
+            and abs(weights.sum() - 1.0) <= PROB_TOLERANCE):
         raise DataError(f"{path}: 'weights' must be non-negative and sum to 1, got {weights.tolist()}")
     if not (np.isfinite(temperature) and temperature > 0):
         raise DataError(f"{path}: 'temperature' must be positive, got {temperature}")
     return weights, temperature
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = _parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def check_paths(args: argparse.Namespace) -> None:
+    """--out is a directory that neither is nor holds nor lies inside an input; counts agree with the weights."""
+    inputs = {f"--oof[{k}]": path for k, path in enumerate(args.oof or [])}
+    inputs |= {f"--submissions[{k}]": path for k, path in enumerate(args.submissions or [])}
+    inputs["--weights"] = args.weights
+    check_output_paths(inputs, {"--out": args.out}, directory_outputs=frozenset({"--out"}))
+    if args.oof and args.submissions and len(args.oof) != len(args.submissions):
+        raise ConfigError(f"{len(args.submissions)} --submissions for {len(args.oof)} --oof files (one per model)")
 
+
+def run_ensemble(args: argparse.Namespace) -> None:
+    """Every input read and checked, the weights fitted or loaded, then the outputs written (atomically)."""
+    check_paths(args)
     oof = load_oof(args.oof) if args.oof is not None else None
     if args.weights is None:
         weights, temperature = fit_ensemble_weights(oof[1], oof[2], fit_temperature=args.temperature)
     else:
         weights, temperature = load_weights(args.weights)
-
+    for flag, files in (("--oof", args.oof), ("--submissions", args.submissions)):
+        if files is not None and len(files) != len(weights):
+            raise ConfigError(f"{len(weights)} weights for {len(files)} {flag} files")
+    columns = TARGET_COLUMNS[: oof[1][0].shape[1]] if oof is not None else None
+    submissions = load_submissions(args.submissions, columns) if args.submissions is not None else None
+    out = Path(args.out)
     if oof is not None:
-        if len(weights) != len(args.oof):
-            raise ConfigError(f"{len(weights)} weights for {len(args.oof)} --oof files")
         table = score_table(args.oof, oof[1], oof[2], weights, temperature)
         print(table.to_string(index=False, float_format=lambda v: f"{v:.5f}"))
         if args.weights is None:
-            save_weights(out / "weights.json", args.oof, weights, temperature, table)
+            write_json(out / "weights.json", weights_record(args.oof, weights, temperature, table))
             print(f"wrote {out / 'weights.json'}")
-
-    if args.submissions is not None:
-        if len(args.submissions) != len(weights):
-            raise ConfigError(f"{len(args.submissions)} --submissions for {len(weights)} weights")
-        ids, sub_probs = load_submissions(args.submissions)
-        write_submission(ids, combine(sub_probs, weights, temperature), out / "submission.csv")
+    if submissions is not None:
+        ids, sub_probs = submissions
+        write_table(kaggle_submission(list(ids), combine(sub_probs, weights, temperature)), out / "submission.csv")
         print(f"wrote {out / 'submission.csv'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with command_errors():
+        run_ensemble(args)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,13 @@ import pandas as pd
 
 from lmsys.cli import command_errors
 from lmsys.data.io import DataError, read_table
-from lmsys.data.schema import TARGET_COLUMNS
+from lmsys.data.schema import class_columns
 from lmsys.evaluation.predict_loop import LOGIT_COLUMNS, SWAPPED_LOGIT_COLUMNS
 from lmsys.logs import setup_logging
 from lmsys.runs import write_file
 
 log = logging.getLogger("lmsys")
 OOF_FILE = "oof.csv"
-REQUIRED_COLUMNS = ("id", *TARGET_COLUMNS, "label", *LOGIT_COLUMNS)
 OUTPUT_SUFFIXES = (".csv", ".parquet")
 
 
@@ -38,14 +37,17 @@ def read_run_oof(run_dir: Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{run_dir}: no {OOF_FILE} (not a run dir, or the run never finished an evaluation)")
     frame = read_table(path)
-    missing = [col for col in REQUIRED_COLUMNS if col not in frame.columns]
+    width = len(class_columns(frame.columns))  # 2 in a two-class run's oof.csv
+    required = ("id", *class_columns(frame.columns), "label", *LOGIT_COLUMNS[:width])
+    missing = [col for col in required if col not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing} (an oof.csv written before oof files carried logits?)")
-    swapped = [col for col in SWAPPED_LOGIT_COLUMNS if col in frame.columns]
-    if swapped and len(swapped) < len(SWAPPED_LOGIT_COLUMNS):
-        raise DataError(f"{path}: only {swapped} of the swapped logit columns {list(SWAPPED_LOGIT_COLUMNS)}")
+    expected_swapped = SWAPPED_LOGIT_COLUMNS[:width]
+    swapped = [col for col in expected_swapped if col in frame.columns]
+    if swapped and len(swapped) < len(expected_swapped):
+        raise DataError(f"{path}: only {swapped} of the swapped logit columns {list(expected_swapped)}")
     frame["id"] = frame["id"].astype(str)
-    return frame[[*REQUIRED_COLUMNS, *swapped]]
+    return frame[[*required, *swapped]]
 
 
 def join_oof(run_dirs: list[Path], train: Path | None = None) -> pd.DataFrame:

@@ -87,7 +87,10 @@ class InferenceConfig:
 @dataclass
 class PredictConfig(InferenceConfig):
     checkpoint: str = MISSING  # a run's checkpoint/ directory (adapter + head + spec), or an exported merged one
-    output: str = MISSING  # the Kaggle submission CSV: id, winner_model_a, winner_model_b, winner_tie
+    output: str = MISSING  # the Kaggle submission CSV: id, winner_model_a, winner_model_b, winner_tie (WSDM: id, winner)
+    # .csv or .parquet: id and the class probabilities the submission was made from (what the ensemble averages; a
+    # two-class model's submission holds only its argmax)
+    probs_output: str | None = None
     # .csv or .parquet: raw logits of both orientations, per id (the first format's; with several formats also each
     # format's, in columns suffixed _<format>)
     logits_output: str | None = None
@@ -96,13 +99,14 @@ class PredictConfig(InferenceConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.output.endswith(".csv"), "output (the Kaggle submission) must end in .csv")
-        require(self.logits_output is None or self.logits_output.endswith(TABLE_SUFFIXES),
-                 "logits_output must end in .csv or .parquet")
+        for key in ("probs_output", "logits_output"):
+            require(getattr(self, key) is None or getattr(self, key).endswith(TABLE_SUFFIXES),
+                    f"{key} must end in .csv or .parquet")
         require(self.pseudo_label_output is None or self.pseudo_label_output.endswith(".parquet"),
                  "pseudo_label_output must end in .parquet")
         check_output_paths(
             {"data.test_path": self.data.test_path, "checkpoint": self.checkpoint, "base_model_path": self.base_model_path},
-            {"output": self.output, "logits_output": self.logits_output,
+            {"output": self.output, "probs_output": self.probs_output, "logits_output": self.logits_output,
              "pseudo_label_output": self.pseudo_label_output},
         )
 

@@ -8,12 +8,18 @@ import pandas as pd
 import pytest
 from scipy.special import softmax
 
+from lmsys.config import ConfigError
 from lmsys.data.io import DataError
-from lmsys.ensemble import combine, fit_ensemble_weights, load_oof, main
+from lmsys.ensemble import combine, fit_ensemble_weights, load_oof, main, parse_args, run_ensemble
 from lmsys.evaluation.metrics import log_loss
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["winner_model_a", "winner_model_b", "winner_tie"]
+
+
+def ensemble(argv: list[str]) -> None:
+    """`python -m lmsys.ensemble` with its errors raised rather than printed."""
+    run_ensemble(parse_args(argv))
 
 
 def sample_labels(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
@@ -120,7 +126,7 @@ def test_mismatched_ids_error(tmp_path: Path) -> None:
     first = write_oof(tmp_path / "a.csv", np.array([1, 2, 3]), probs, labels)
     second = write_oof(tmp_path / "b.csv", np.array([1, 2, 4]), probs, labels)
     with pytest.raises(ValueError, match=r"b\.csv.*1 missing.*'3'.*1 extra.*'4'"):
-        main(["--oof", str(first), str(second), "--out", str(tmp_path / "out")])
+        ensemble(["--oof", str(first), str(second), "--out", str(tmp_path / "out")])
 
 
 def valid_oof(path: Path) -> pd.DataFrame:
@@ -148,13 +154,13 @@ def test_invalid_oof_files_are_named(tmp_path: Path, column, row, value, message
     bad = tmp_path / "bad.csv"
     frame.to_csv(bad, index=False)
     with pytest.raises(DataError, match=rf"{bad}: .*{message}"):
-        main(["--oof", str(bad), str(good), "--out", str(tmp_path / "out")])
+        ensemble(["--oof", str(bad), str(good), "--out", str(tmp_path / "out")])
     if column != "label":  # the second file is checked as well, and a submission like an OOF file
         with pytest.raises(DataError, match=rf"{bad}: .*{message}"):
-            main(["--oof", str(good), str(bad), "--out", str(tmp_path / "out")])
+            ensemble(["--oof", str(good), str(bad), "--out", str(tmp_path / "out")])
         with pytest.raises(DataError, match=rf"{bad}: .*{message}"):
-            main(["--oof", str(good), str(good), "--submissions", str(good), str(bad), "--out", str(tmp_path / "o")])
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+            ensemble(["--oof", str(good), str(good), "--submissions", str(good), str(bad), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()  # nothing created before the checks
 
 
 def test_invalid_soft_targets_are_named(tmp_path: Path) -> None:
@@ -175,3 +181,81 @@ def test_a_fit_that_does_not_converge_fails(monkeypatch) -> None:
     models, _, targets = mixture_case(2_000)
     with pytest.raises(DataError, match="did not converge"):
         fit_ensemble_weights(models, targets)
+
+
+def test_errors_are_one_line_with_exit_status_2(tmp_path: Path, capsys) -> None:
+    probs, labels = np.full((3, 3), 1 / 3), np.array([0, 1, 2])
+    first = write_oof(tmp_path / "a.csv", np.array([1, 2, 3]), probs, labels)
+    second = write_oof(tmp_path / "b.csv", np.array([1, 2, 4]), probs, labels)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--oof", str(first), str(second), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {second}: id set differs from the first file: 1 missing (e.g. ['3']), 1 extra (e.g. ['4'])\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_output_never_replaces_an_input(tmp_path: Path) -> None:
+    probs, labels = np.full((3, 3), 1 / 3), np.array([0, 1, 2])
+    oof = write_oof(tmp_path / "oof.csv", np.array([1, 2, 3]), probs, labels)
+    (tmp_path / "ens").mkdir()
+    sub = write_submission(tmp_path / "ens" / "submission.csv", np.array(["x"]), np.array([[0.2, 0.3, 0.5]]))
+    before = sub.read_bytes()
+    with pytest.raises(ConfigError, match=r"--out=.*ens contains the input --submissions\[0\]"):
+        ensemble(["--oof", str(oof), "--submissions", str(sub), "--out", str(tmp_path / "ens")])
+    with pytest.raises(ConfigError, match=r"--out=.*oof.csv is an existing file, not a directory"):
+        ensemble(["--oof", str(oof), "--out", str(oof)])
+    assert sub.read_bytes() == before and list((tmp_path / "ens").iterdir()) == [sub]
+    with pytest.raises(ConfigError, match="2 --submissions for 1 --oof files"):
+        ensemble(["--oof", str(oof), "--submissions", str(sub), str(sub), "--out", str(tmp_path / "other")])
+
+
+def test_oof_files_must_share_their_labels(tmp_path: Path) -> None:
+    probs = np.full((3, 3), 1 / 3)
+    first = write_oof(tmp_path / "a.csv", np.array([1, 2, 3]), probs, np.array([0, 1, 2]))
+    second = write_oof(tmp_path / "b.csv", np.array([3, 2, 1]), probs, np.array([2, 1, 1]))  # id 1: 1, not 0
+    with pytest.raises(DataError, match=rf"{second}: targets differ from {first}'s in 1 row\(s\), e.g. ids \['1'\]"):
+        load_oof([str(first), str(second)])
+
+
+def test_the_parquet_of_oof_join_reads_with_ids_as_written(tmp_path: Path) -> None:
+    frame = valid_oof(tmp_path / "unused.csv").assign(id=["NA", "007", "null"])
+    frame.to_parquet(tmp_path / "oof.parquet")
+    frame.to_csv(tmp_path / "oof.csv", index=False)
+    for path in ("oof.parquet", "oof.csv"):
+        ids, probs, targets = load_oof([str(tmp_path / path)])
+        assert list(ids) == ["NA", "007", "null"] and targets.argmax(1).tolist() == [0, 2, 1]
+        np.testing.assert_allclose(probs[0], frame[COLUMNS].to_numpy())
+
+
+def test_two_class_models_ensemble_into_a_wsdm_submission(tmp_path: Path) -> None:
+    """WSDM: (A, B) OOF files, labels 0/1, probability tables of the test pairs (predict's probs_output) in, and
+    WSDM's `id, winner` out; a hard-label submission or a three-class file among them is refused."""
+    rng = np.random.default_rng(5)
+    models = [rng.dirichlet(np.ones(2), size=400) for _ in range(2)]
+    labels = (rng.random(400) < models[0][:, 1]).astype(int)  # drawn from the first model
+    oofs = []
+    for m, probs in enumerate(models):
+        frame = pd.DataFrame(probs, columns=COLUMNS[:2]).assign(label=labels)
+        frame.insert(0, "id", [f"r{i}" for i in range(400)])
+        frame.to_csv(tmp_path / f"oof{m}.csv", index=False)
+        oofs.append(str(tmp_path / f"oof{m}.csv"))
+    test = [np.array([[0.9, 0.1], [0.2, 0.8], [0.45, 0.55]]), np.array([[0.1, 0.9], [0.3, 0.7], [0.6, 0.4]])]
+    subs = [tmp_path / f"probs{m}.csv" for m in range(2)]
+    for path, probs in zip(subs, test):
+        pd.DataFrame(probs, columns=COLUMNS[:2]).assign(id=["t0", "t1", "t2"]).to_csv(path, index=False)
+    ensemble(["--oof", *oofs, "--submissions", *map(str, subs), "--out", str(tmp_path / "ens")])
+    weights = json.loads((tmp_path / "ens" / "weights.json").read_text())["weights"]
+    assert weights[0] > 0.8
+    submission = pd.read_csv(tmp_path / "ens" / "submission.csv")
+    mixed = weights[0] * test[0] + weights[1] * test[1]
+    assert list(submission.columns) == ["id", "winner"] and submission["id"].tolist() == ["t0", "t1", "t2"]
+    assert submission["winner"].tolist() == np.where(mixed[:, 0] >= mixed[:, 1], "model_a", "model_b").tolist()
+    hard = tmp_path / "wsdm.csv"
+    submission.to_csv(hard, index=False)
+    with pytest.raises(DataError, match=rf"{hard}: holds a two-class model's submission \(id, winner\)"):
+        ensemble(["--oof", *oofs, "--submissions", str(subs[0]), str(hard), "--out", str(tmp_path / "e2")])
+    three = write_oof(tmp_path / "three.csv", np.array([f"r{i}" for i in range(400)]), np.full((400, 3), 1 / 3),
+                      labels)
+    with pytest.raises(DataError, match=r"three.csv: probability columns .*winner_tie'\], the first file's"):
+        ensemble(["--oof", oofs[0], str(three), "--out", str(tmp_path / "e3")])

@@ -26,18 +26,19 @@ from lmsys.sweep import SUMMARY_FILE
 FOLDS, SEED = (0, 1), 5
 
 
-def fake_fold_run(root: Path, fold: int, ids: list[int], swapped: bool = True) -> Path:
-    """A run dir holding only an oof.csv as save_best writes it, with distinct made-up numbers per id."""
+def fake_fold_run(root: Path, fold: int, ids: list[int], swapped: bool = True, classes: int = 3) -> Path:
+    """A run dir holding only an oof.csv as save_best writes it, with distinct made-up numbers per id ((A, B, tie)
+    columns, or a two-class run's (A, B))."""
     run_dir = root / f"fold{fold}_seed1"
     run_dir.mkdir(parents=True)
     rng = np.random.default_rng(fold)
-    logits = rng.normal(size=(len(ids), 3))
-    frame = pd.DataFrame(softmax(logits), columns=list(TARGET_COLUMNS))
+    logits = rng.normal(size=(len(ids), classes))
+    frame = pd.DataFrame(softmax(logits), columns=list(TARGET_COLUMNS[:classes]))
     frame.insert(0, "id", [str(i) for i in ids])
-    frame["label"] = [i % 3 for i in ids]
-    frame[list(LOGIT_COLUMNS)] = logits
+    frame["label"] = [i % classes for i in ids]
+    frame[list(LOGIT_COLUMNS[:classes])] = logits
     if swapped:
-        frame[list(SWAPPED_LOGIT_COLUMNS)] = logits + 0.5
+        frame[list(SWAPPED_LOGIT_COLUMNS[:classes])] = logits + 0.5
     frame.to_csv(run_dir / "oof.csv", index=False)
     return run_dir
 
@@ -63,6 +64,22 @@ def test_join_of_three_folds_holds_every_training_id_once(three_folds, tmp_path)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # atomic write, nothing left over
     ids, _probs, targets = load_oof([str(out)])  # the ensembling command reads it as it stands
     assert list(ids) == list(joined["id"]) and targets.argmax(1).tolist() == joined["label"].tolist()
+
+
+def test_join_of_two_class_folds_feeds_the_ensemble(tmp_path):
+    """A WSDM (two-class) fold sweep's oof.csv files have no tie columns: they join, and the ensemble reads them."""
+    train = tmp_path / "train.csv"
+    arena_frame(6).to_csv(train, index=False)
+    runs = [fake_fold_run(tmp_path / "runs", k, ids, classes=2) for k, ids in enumerate([[0, 2, 4], [1, 3, 5]])]
+    out = tmp_path / "oof.parquet"
+    main(["join", *map(str, runs), "--out", str(out), "--train", str(train)])
+    joined = pd.read_parquet(out)
+    assert list(joined.columns) == ["id", *TARGET_COLUMNS[:2], "label", *LOGIT_COLUMNS[:2], *SWAPPED_LOGIT_COLUMNS[:2]]
+    assert list(joined["id"]) == [str(i) for i in range(6)]
+    _ids, probs, targets = load_oof([str(out)])
+    assert probs[0].shape == (6, 2) and targets.tolist() == np.eye(2)[[i % 2 for i in range(6)]].tolist()
+    with pytest.raises(DataError, match="differ from"):  # a three-class fold among them
+        join_oof([*runs, fake_fold_run(tmp_path / "three", 2, [6, 7])])
 
 
 def test_join_without_train_file_keeps_run_order_and_writes_parquet(three_folds, tmp_path):

@@ -35,8 +35,8 @@ from lmsys.evaluation.predict_loop import predict_split
 from lmsys.merging import run_export
 from lmsys.modeling.checkpoint import load_head_state, read_spec, save_checkpoint
 from lmsys.modeling.warm_start import check_warm_start
-from lmsys.prediction import predict_checkpoint, submission_frame
-from lmsys.prediction_config import ExportConfig, PredictConfig
+from lmsys.prediction import predict_checkpoint, run_prediction, submission_frame
+from lmsys.prediction_config import ExportConfig, PredictConfig, PredictDataConfig
 
 CPU = torch.device("cpu")
 LORA = LoraConfig(r=8, alpha=16, dropout=0.0)  # the shape of make_checkpoint's adapter
@@ -190,3 +190,10 @@ def test_a_two_class_model_writes_wsdm_submissions_with_exact_swap_symmetry(tiny
     frame = submission_frame(read_pairs(test, False), probs["test"])
     assert list(frame.columns) == ["id", "winner"] and set(frame.winner) <= {"model_a", "model_b"}
     assert json.dumps(list(frame.id)) == json.dumps([str(i) for i in range(10)])
+    # the command: the submission holds the argmax, probs_output the probabilities the ensemble averages
+    run_prediction(PredictConfig(checkpoint=str(checkpoint), output=str(tmp_path / "sub.csv"), show_progress=False,
+                                 probs_output=str(tmp_path / "probs.parquet"), data=PredictDataConfig(str(test))))
+    written = pd.read_parquet(tmp_path / "probs.parquet")
+    assert list(written.columns) == ["id", "winner_model_a", "winner_model_b"]
+    np.testing.assert_allclose(written[["winner_model_a", "winner_model_b"]].to_numpy(), probs["test"], atol=1e-6)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "sub.csv", dtype={"id": str}), frame)

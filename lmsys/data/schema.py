@@ -9,6 +9,12 @@ import numpy as np
 TARGET_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
 
 
+def class_columns(columns) -> tuple[str, ...]:
+    """The probability columns of a table with these columns: all of TARGET_COLUMNS, or (A, B) for a two-class
+    (WSDM) model's table, which has no `winner_tie`."""
+    return TARGET_COLUMNS if TARGET_COLUMNS[2] in columns else TARGET_COLUMNS[:2]
+
+
 @dataclass(frozen=True)
 class Pair:
     """One battle: the conversation turns and, when labelled, the (A, B, tie) target probabilities ((A, B) in a
