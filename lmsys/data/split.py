@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 
@@ -39,16 +40,31 @@ def split_train_valid(
     return [pairs[i] for i in train_idx], [pairs[i] for i in valid_idx]
 
 
+def fold_of(pair: Pair, source: str) -> int | None:
+    """The pair's `fold` as an int (a whole float such as parquet's 1.0 included); None when the cell is empty."""
+    value = pair.meta.get("fold")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and number == int(number)):
+        raise DataError(f"{source}: row id={pair.id} column 'fold': {value!r} is not a whole number")
+    return int(number)
+
+
 def _split_by_fold(pairs: list[Pair], valid_fold: int, source: str) -> tuple[list[Pair], list[Pair]]:
-    missing = [pair.id for pair in pairs if "fold" not in pair.meta]
-    if len(missing) == len(pairs):
+    if all("fold" not in pair.meta for pair in pairs):
         raise DataError(f"{source}: data.valid_fold={valid_fold} needs a 'fold' column, and the file has none "
                         f"(add one with python -m lmsys.prepare, or validate on a file with data.valid_path)")
+    folds = [fold_of(pair, source) for pair in pairs]
+    missing = [pair.id for pair, fold in zip(pairs, folds, strict=True) if fold is None]
     if missing:
         raise DataError(f"{source}: row id={missing[0]} column 'fold': no value, but data.valid_fold={valid_fold} "
                         f"splits by it ({len(missing)} row(s) without one)")
-    folds = sorted({int(pair.meta["fold"]) for pair in pairs})
-    valid = [pair for pair in pairs if int(pair.meta["fold"]) == valid_fold]
+    valid = [pair for pair, fold in zip(pairs, folds, strict=True) if fold == valid_fold]
     if not valid:
-        raise DataError(f"{source}: data.valid_fold={valid_fold}: no row has that fold (the 'fold' column holds {folds})")
-    return [pair for pair in pairs if int(pair.meta["fold"]) != valid_fold], valid
+        raise DataError(f"{source}: data.valid_fold={valid_fold}: no row has that fold (the 'fold' column holds "
+                        f"{sorted(set(folds))})")
+    return [pair for pair, fold in zip(pairs, folds, strict=True) if fold != valid_fold], valid

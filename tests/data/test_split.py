@@ -84,6 +84,24 @@ def test_fold_column_missing(tmp_path):
         splits_of(DataConfig(train_path=str(tmp_path / "gap.parquet"), valid_fold=1))
 
 
+@pytest.mark.parametrize(("value", "shown"), [("x", "'x'"), ("0.5", "0.5"), ("1e400", "inf")])
+def test_a_fold_that_is_not_a_whole_number_is_named(tmp_path, value, shown):
+    """A cut or typed-over fold would otherwise stop with int()'s traceback, or (0.5) silently count as fold 0."""
+    frame = tiny.arena_frame(6)
+    frame["fold"] = ["0", "1", value, "0", "1", "0"]
+    frame.to_csv(tmp_path / "folds.csv", index=False)
+    with pytest.raises(DataError, match=rf"folds.csv: row id=2 column 'fold': {shown} is not a whole number"):
+        splits_of(DataConfig(train_path=str(tmp_path / "folds.csv"), valid_fold=0))
+    frame["fold"] = [0, 1, "", 0, 1, 0]  # a blank cell is a missing value, not a parse error
+    frame.to_csv(tmp_path / "blank.csv", index=False)
+    with pytest.raises(DataError, match=r"blank.csv: row id=2 column 'fold': no value"):
+        splits_of(DataConfig(train_path=str(tmp_path / "blank.csv"), valid_fold=0))
+    frame["fold"] = [0.0, 1.0, 1.0, 0.0, 1.0, 0.0]  # whole floats, as a parquet column with gaps stores them
+    frame.to_parquet(tmp_path / "floats.parquet")
+    _train, valid = splits_of(DataConfig(train_path=str(tmp_path / "floats.parquet"), valid_fold=1))
+    assert [p.id for p in valid] == ["1", "2", "4"]
+
+
 def test_valid_fold_and_valid_path_contradict():
     with pytest.raises(ConfigError, match="data.valid_fold .* cannot be combined with data.valid_path"):
         DataConfig(train_path="train.csv", valid_path="valid.csv", valid_fold=0)
