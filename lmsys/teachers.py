@@ -46,23 +46,40 @@ class TeachersConfig:
 def teacher_logits(path: str, ids: list[str]) -> np.ndarray:
     """(N, C) one teacher's logits in the order of `ids`, the mean of its orientations."""
     frame = read_table(path)
+    columns, swapped = _logit_columns(frame, path)
     frame["id"] = frame["id"].astype(str)
-    columns = [f"logit_{c}" for c in CLASSES if f"logit_{c}" in frame.columns]
-    if len(columns) < 2:
-        raise DataError(f"{path}: no logit columns (need logit_a, logit_b[, logit_tie]); found {list(frame.columns)}")
     duplicated = frame["id"][frame["id"].duplicated()].tolist()
     if duplicated:
         raise DataError(f"{path}: row id={duplicated[0]} column 'id': duplicate id ({len(duplicated)} in all)")
     _check_same_ids(path, set(frame["id"]), ids)
     frame = frame.set_index("id").loc[ids]
     logits = frame[columns].to_numpy(np.float64)
-    swapped = [f"swapped_{c}" for c in columns]
-    if all(c in frame.columns for c in swapped):
+    if swapped:
         logits = (logits + frame[swapped].to_numpy(np.float64)) / 2
     if not np.isfinite(logits).all():
         bad = [i for i, row in zip(ids, logits, strict=True) if not np.isfinite(row).all()]
         raise DataError(f"{path}: row id={bad[0]}: non-finite logits ({len(bad)} rows)")
     return logits
+
+
+def _logit_columns(frame: pd.DataFrame, path: str) -> tuple[list[str], list[str]]:
+    """The (A, B[, tie]) logit columns and their swapped_ twins (empty without TTA); a partial set fails, naming
+    what is missing (a file without logit_b would otherwise pass its tie logit off as B's)."""
+    classes = CLASSES if "logit_tie" in frame.columns else CLASSES[:2]
+    columns = [f"logit_{c}" for c in classes]
+    swapped = [f"swapped_{c}" for c in columns]
+    _require_columns(frame, path, ["id", *columns], "")
+    present = [c for c in swapped if c in frame.columns]
+    if present:
+        _require_columns(frame, path, swapped, " (the swapped logits: all of them, or none)")
+    return columns, swapped if present else []
+
+
+def _require_columns(frame: pd.DataFrame, path: str, needed: list[str], why: str) -> None:
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}{why}; a teacher file holds id, logit_a, logit_b"
+                        f"[, logit_tie] (found {list(frame.columns)})")
 
 
 def _check_same_ids(path: str, found: set[str], ids: list[str]) -> None:

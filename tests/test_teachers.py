@@ -66,6 +66,22 @@ def test_teacher_ids_must_match_the_training_ids(train_file, tmp_path):
     assert not (tmp_path / "o.parquet").exists()
 
 
+@pytest.mark.parametrize(("drop", "message"), [
+    (["logit_b"], r"missing column\(s\) \['logit_b'\];"),  # its tie logit would have been read as B's
+    (["swapped_logit_tie"], r"missing column\(s\) \['swapped_logit_tie'\] \(the swapped logits: all of them"),
+    (["id"], r"missing column\(s\) \['id'\];"),
+])
+def test_a_teacher_file_with_part_of_its_columns_is_refused(train_file, tmp_path, drop, message):
+    ids = [str(i) for i in range(8)]
+    full = logits_file(tmp_path / "full.csv", ids, np.ones((8, 3)), np.zeros((8, 3)))
+    partial = tmp_path / "partial.csv"
+    pd.read_csv(full).drop(columns=drop).to_csv(partial, index=False)
+    with pytest.raises(DataError, match=rf"{partial}: {message}"):
+        attach_teachers(parse_config(TeachersConfig, [f"train={train_file}", f"logits=[{partial}]",
+                                                      f"output={tmp_path / 'o.parquet'}"]))
+    assert not (tmp_path / "o.parquet").exists()
+
+
 def test_a_student_trained_on_the_kl_term_moves_to_its_teacher(tiny_models, train_file, tmp_path):
     """20 updates of KL-only distillation on the tiny NF4 model: the student's probabilities approach the teacher's
     (which disagree with the labels, so the labels cannot be what it learns)."""
