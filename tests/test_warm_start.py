@@ -4,6 +4,7 @@ mismatches fail before a model loads, a 3-class head starts a 2-class run with i
 predicts WSDM submissions with exact swap symmetry."""
 
 import json
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -32,11 +33,13 @@ from lmsys.config import (
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import DataError, read_pairs
 from lmsys.evaluation.predict_loop import predict_split
+from lmsys.logs import held_records
 from lmsys.merging import run_export
 from lmsys.modeling.checkpoint import load_head_state, read_spec, save_checkpoint
 from lmsys.modeling.warm_start import check_warm_start
 from lmsys.prediction import predict_checkpoint, run_prediction, submission_frame
 from lmsys.prediction_config import ExportConfig, PredictConfig, PredictDataConfig
+from lmsys.training.recipe import TrainingRecipe, release
 
 CPU = torch.device("cpu")
 LORA = LoraConfig(r=8, alpha=16, dropout=0.0)  # the shape of make_checkpoint's adapter
@@ -168,6 +171,31 @@ def test_ties_in_a_two_class_run_error_drop_or_split(tmp_path, tiny_models):
     assert len(train) == 8 and all(len(pair.target) == 2 and max(pair.target) == 1.0 for pair in train)
     train, _ = build_splits(replace(config, data=replace(config.data, ties=Ties.split)))
     assert len(train) == 12 and [pair.target for pair in train if pair.id == "2"] == [(0.5, 0.5)]
+
+
+def test_dropped_ties_are_counted_in_the_run_log(tmp_path, tiny_models):
+    """The count is logged while the data is read, before the run dir (and its train.log) exists: it reaches both."""
+    path = wsdm_file(tmp_path / "train.csv", 12, with_ties=True)  # every third row is a tie
+    config = TrainConfig(model=model_config(tiny_models, num_classes=2),
+                         data=DataConfig(train_path=str(path), valid_path=str(path), ties=Ties.drop))
+    recipe = TrainingRecipe.setup(config, tmp_path / "run", "ties: {}\n")
+    release(recipe.accelerator)
+    lines = (tmp_path / "run" / "train.log").read_text().splitlines()
+    dropped = [line for line in lines if "dropped 4 tied row(s) of 12 (data.ties=drop)" in line]
+    assert len(dropped) == 2 and "train.csv" in dropped[0]  # the training and the validation file
+    assert lines.index(dropped[1]) < next(i for i, line in enumerate(lines) if "8 train pairs, 8 valid pairs" in line)
+
+
+def test_records_held_before_the_log_exists_are_printed_on_an_error(caplog):
+    logger = logging.getLogger("lmsys")
+    with caplog.at_level(logging.INFO, "lmsys"), pytest.raises(DataError, match="bad row"), held_records():
+        logger.info("read 3 rows")
+        assert not caplog.records  # held
+        raise DataError("bad row")
+    assert [record.getMessage() for record in caplog.records] == ["read 3 rows"]
+    with held_records() as held:
+        logger.info("kept")
+    assert [record.getMessage() for record in held.records] == ["kept"]
 
 
 def test_a_two_class_model_writes_wsdm_submissions_with_exact_swap_symmetry(tiny_models, tmp_path):

@@ -26,7 +26,7 @@ from lmsys.data.batching import collate
 from lmsys.data.dataset import EncodedSplit, encode_split
 from lmsys.evaluation.metrics import save_reliability_diagram
 from lmsys.evaluation.validation import Evaluation, ValidationSet, evaluate, oof_frame, targets_of
-from lmsys.logs import setup_logging
+from lmsys.logs import held_records, setup_logging
 from lmsys.modeling.checkpoint import ModelSpec, save_checkpoint
 from lmsys.modeling.compute_dtype import dtype_record
 from lmsys.modeling.losses import preference_loss
@@ -78,7 +78,8 @@ class TrainingRecipe:
     @classmethod
     def setup(cls, config: TrainConfig, run_path: Path, resolved_yaml: str) -> TrainingRecipe:
         """Data checked before the run dir is claimed, and the run dir claimed before any model loads."""
-        train_pairs, valid_pairs = builders.build_splits(config)
+        with held_records() as early_records:  # logged again once the run's log exists (open_run_dir)
+            train_pairs, valid_pairs = builders.build_splits(config)
         spec = builders.build_spec(config.model, config.data, config.trainer.packing)
         if config.model.init_from:
             check_warm_start(spec, config.lora, config.model.init_from, config.model.finetune)
@@ -86,6 +87,7 @@ class TrainingRecipe:
         grad_scaler = builders.build_grad_scaler(config.model, accelerator.device)
         builders.check_optimizer(config.optimizer)
         run = open_run_dir(run_path, config, accelerator)
+        early_records.replay()
         log.info("run dir %s; %d train pairs, %d valid pairs", run_path, len(train_pairs), len(valid_pairs))
         set_seed(config.seed)
         tokenizer = builders.build_tokenizer(config.model.path, config.model.trust_remote_code)
