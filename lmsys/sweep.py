@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from lmsys.runs import FINISHED_MARKER, write_json
 
 SUMMARY_FILE = "sweep_summary.json"
+RUN_NAME_KEYS = ("seed", "data.valid_fold")  # what a run dir's default name holds (lmsys.config.run_name)
+DEFAULT_SUBDIR = "${run_name:${data.valid_fold},${seed}}"  # conf/run_layout.yaml's hydra.sweep.subdir
 
 
 class SweepError(ValueError):
@@ -97,9 +100,63 @@ class SweepSummaryCallback(Callback):
             return
         summary = summarize(run_dirs)
         main = is_main_process()
+        if main:
+            keep_earlier_summary(sweep_dir / SUMMARY_FILE)
         write_json(sweep_dir / SUMMARY_FILE, summary, main)
         if main:
             print(format_table(summary), flush=True)
+
+
+def keep_earlier_summary(path: Path) -> Path | None:
+    """An earlier multirun's summary in the same sweep dir (e.g. `-m seed=3` after `-m seed=1,2`) moved aside to
+    sweep_summary.<its time>.json rather than replaced; returns where it went."""
+    if not path.is_file():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    for attempt in range(1000):
+        kept = path.with_name(f"{path.stem}.{stamp}{f'-{attempt}' if attempt else ''}{path.suffix}")
+        if not kept.exists():
+            path.rename(kept)
+            return kept
+    raise SweepError(f"{path}: too many earlier summaries named {path.stem}.{stamp}*")
+
+
+class DistinctRunDirs(Callback):
+    """Fails a multirun before its first job when the jobs would share run dirs: the default layout names a run
+    dir by `data.valid_fold` and `seed` only (`run_name`), so a sweep over anything else (`-m optimizer.lr=1e-4,3e-4`)
+    needs its own `hydra.sweep.subdir`. Otherwise the second job finds the first one's finished run and stops
+    (or, with overwrite=true, replaces it)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
+        unnamed = [key for key in swept_keys(config) if key not in RUN_NAME_KEYS]
+        if unnamed and subdir == DEFAULT_SUBDIR:
+            print(f"error: -m varies {', '.join(unnamed)}, but each job's dir is named by data.valid_fold and seed "
+                  f"only, so the jobs would write the same dir; name them apart with hydra.sweep.subdir, e.g. "
+                  f"'hydra.sweep.subdir=\"{subdir_naming(config, unnamed)}\"'", file=sys.stderr)
+            raise SystemExit(2)
+
+
+def subdir_naming(config: DictConfig, keys: list[str]) -> str:
+    """A sweep subdir that names each job by `keys` as well (a config group by its chosen option's name); quoted
+    on the command line, since Hydra reads the comma in run_name's arguments as a sweep."""
+    parts = []
+    for key in keys:
+        is_group = OmegaConf.is_config(OmegaConf.select(config, key, throw_on_missing=False))
+        parts.append(f"{key.rsplit('.', 1)[-1]}=${{hydra:runtime.choices.{key}}}" if is_group
+                     else f"{key.rsplit('.', 1)[-1]}=${{{key}}}")
+    return "_".join([*parts, DEFAULT_SUBDIR])
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    """The keys (or config groups) a multirun gives several values: sweeps on the command line
+    (`optimizer.lr=1e-4,3e-4`, `range(...)`, `choice(...)`) and in `hydra.sweeper.params`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    overrides = [*config.hydra.overrides.task, *(f"{key}={value}" for key, value in params.items())]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return sorted({override.key_or_group for override in parsed if override.is_sweep_override()})
 
 
 def finished_since(sweep_dir: Path, since: float) -> list[Path]:

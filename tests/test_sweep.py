@@ -4,9 +4,11 @@ dirs, and reproducibility (the same config and seed twice give the same metrics)
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,9 +16,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from entry_runs import REPO, entry_env, finish, read_metrics, read_oof, start_entry, tiny_overrides
+from omegaconf import OmegaConf
 from tiny import arena_frame
 
-from lmsys.sweep import SUMMARY_FILE, main, summarize
+from lmsys.sweep import SUMMARY_FILE, keep_earlier_summary, main, summarize, swept_keys
 
 SEEDS = (1, 2)
 
@@ -124,3 +127,38 @@ def test_summary_command_rejects_an_unfinished_run(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "seed4: no metrics.json" in capsys.readouterr().err
 
+
+
+def test_a_sweep_over_a_key_the_dir_names_lack_fails_before_its_first_job(tmp_path):
+    """Run dirs are named by fold and seed: two jobs that differ in lr would share one (the second stopped by the
+    first's finished run, or replacing it with overwrite=true). The refusal names the keys and a subdir that works."""
+    sweep_dir = tmp_path / "sweep"
+    done = subprocess.run([sys.executable, str(REPO / "lmsys/code/train_r_llama.py"), "--config-name",
+                           "conf_r_llama_smol", "-m", "optimizer.lr=1e-4,3e-4", "optimizer=adamw_cpu,adamw_kahan_tascj",
+                           "seed=1,2", f"hydra.sweep.dir={sweep_dir}"],
+                          capture_output=True, text=True, env=entry_env(), timeout=120, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "error: -m varies optimizer, optimizer.lr, but each job's dir is named by data.valid_fold and seed only, so "
+        "the jobs would write the same dir; name them apart with hydra.sweep.subdir, e.g. 'hydra.sweep.subdir=\""
+        "optimizer=${hydra:runtime.choices.optimizer}_lr=${optimizer.lr}_${run_name:${data.valid_fold},${seed}}\"'")
+    assert not sweep_dir.exists()
+
+
+def test_swept_keys_come_from_the_command_line_and_the_sweeper_params():
+    config = OmegaConf.create({"hydra": {"overrides": {"task": ["seed=1,2", "trainer.max_steps=4", "lora.r=range(8,17,8)"]},
+                                         "sweeper": {"params": {"optimizer.lr": "1e-4,3e-4", "lora.alpha": "32"}}}})
+    assert swept_keys(config) == ["lora.r", "optimizer.lr", "seed"]
+
+
+def test_an_earlier_sweeps_summary_is_kept_beside_the_new_one(tmp_path):
+    path = tmp_path / SUMMARY_FILE
+    assert keep_earlier_summary(path) is None
+    path.write_text('{"n": 2}')
+    os.utime(path, (1_700_000_000, 1_700_000_000))
+    kept = keep_earlier_summary(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(1_700_000_000))
+    assert kept == tmp_path / f"sweep_summary.{stamp}.json" and kept.read_text() == '{"n": 2}' and not path.exists()
+    path.write_text('{"n": 1}')
+    os.utime(path, (1_700_000_000, 1_700_000_000))  # the same second: a suffix, nothing replaced
+    assert keep_earlier_summary(path).name == f"sweep_summary.{stamp}-1.json" and kept.read_text() == '{"n": 2}'
