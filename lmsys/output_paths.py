@@ -12,12 +12,14 @@ The rules, for `inputs` (files or directories the command reads) and `outputs` (
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from lmsys.config import ConfigError
 
 PathLike = str | Path
+SPEC_FILE = "lmsys_checkpoint.json"  # a checkpoint's spec (lmsys.modeling.checkpoint reads and writes it)
 
 
 def check_output_paths(
@@ -76,3 +78,23 @@ def _check_against_input(key: str, output: Path, is_directory: bool, input_key: 
         raise ConfigError(f"{key}={output} lies inside the input {input_key}={source}; write it elsewhere")
     if is_directory and _inside(source, output):
         raise ConfigError(f"{key}={output} contains the input {input_key}={source}; choose another {key}")
+
+
+def base_model_inputs(checkpoints: dict[str, PathLike], base_model_path: PathLike | None) -> dict[str, Path | None]:
+    """The base model directories a command reads, as inputs for `check_output_paths`: `base_model_path` when
+    given, else the one each adapter checkpoint's spec names (a merged checkpoint reads none)."""
+    if base_model_path is not None:
+        return {"base_model_path": Path(base_model_path)}
+    return {f"the base model of {key}": recorded_base_model(checkpoint) for key, checkpoint in checkpoints.items()}
+
+
+def recorded_base_model(checkpoint: PathLike) -> Path | None:
+    """The base model directory an adapter checkpoint's spec names (a relative one, as in a Kaggle bundle, from
+    the checkpoint); None for a merged checkpoint or an unreadable spec (reading the spec reports that later)."""
+    try:
+        spec = json.loads((Path(checkpoint) / SPEC_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(spec, dict) or spec.get("merged") or not isinstance(spec.get("base_model_path"), str):
+        return None
+    return Path(checkpoint) / spec["base_model_path"]  # an absolute path replaces the checkpoint's

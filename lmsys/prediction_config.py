@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from lmsys.config import Attention, ComputeDtype, ElementwiseKernel, InputFormat, Quantization, TtaMode, require
-from lmsys.output_paths import check_output_paths
+from lmsys.output_paths import base_model_inputs, check_output_paths
 
 TABLE_SUFFIXES = (".csv", ".parquet")
 
@@ -105,7 +105,8 @@ class PredictConfig(InferenceConfig):
         require(self.pseudo_label_output is None or self.pseudo_label_output.endswith(".parquet"),
                  "pseudo_label_output must end in .parquet")
         check_output_paths(
-            {"data.test_path": self.data.test_path, "checkpoint": self.checkpoint, "base_model_path": self.base_model_path},
+            {"data.test_path": self.data.test_path, "checkpoint": self.checkpoint,
+             **base_model_inputs({"checkpoint": self.checkpoint}, self.base_model_path)},
             {"output": self.output, "probs_output": self.probs_output, "logits_output": self.logits_output,
              "pseudo_label_output": self.pseudo_label_output},
         )
@@ -121,8 +122,8 @@ class PseudoLabelConfig(InferenceConfig):
         require(len(self.checkpoints) > 0, "checkpoints must name at least one checkpoint")
         require(self.output.endswith(".parquet"), "output must end in .parquet")
         inputs = {f"checkpoints[{i}]": path for i, path in enumerate(self.checkpoints)}
-        check_output_paths({"data.test_path": self.data.test_path, "base_model_path": self.base_model_path, **inputs},
-                           {"output": self.output})
+        check_output_paths({"data.test_path": self.data.test_path, **inputs,
+                            **base_model_inputs(inputs, self.base_model_path)}, {"output": self.output})
 
 
 @dataclass
@@ -139,5 +140,6 @@ class ExportConfig:
     def __post_init__(self) -> None:
         require(self.quantization != Quantization.fp4,
                 f"quantization={self.quantization.value}: export saves none, nf4 or int8")
-        check_output_paths({"checkpoint": self.checkpoint, "base_model_path": self.base_model_path},
+        check_output_paths({"checkpoint": self.checkpoint,
+                            **base_model_inputs({"checkpoint": self.checkpoint}, self.base_model_path)},
                            {"output_dir": self.output_dir}, directory_outputs=frozenset({"output_dir"}))

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -23,7 +24,14 @@ from test_predict import make_checkpoint
 from tiny import arena_frame
 
 from lmsys.data.schema import TARGET_COLUMNS
-from lmsys.kaggle.bundle import INFERENCE_PACKAGES, REPO_ROOT, BundleError, compatible_platforms, read_pins
+from lmsys.kaggle.bundle import (
+    INFERENCE_PACKAGES,
+    REPO_ROOT,
+    BundleError,
+    compatible_platforms,
+    copy_base_model,
+    read_pins,
+)
 from lmsys.kaggle.bundle import main as bundle_main
 from lmsys.kaggle.inference import find_test_file, predict_command
 from lmsys.modeling.checkpoint import SPEC_FILE
@@ -130,6 +138,39 @@ def test_missing_base_or_checkpoint_files_named(bundle, tmp_path, capsys):
             bundle_main([f"checkpoint={checkpoint}", *args])
         assert named in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_overwrite_replaces_only_a_bundle(bundle, tmp_path, capsys):
+    """Not the run dir around the checkpoint (which holds it), not a user's folder; an earlier bundle, yes."""
+    root = bundle["root"]
+    (root / "run" / "oof.csv").write_text("mine")
+    user_dir = tmp_path / "mine"
+    user_dir.mkdir()
+    (user_dir / "keep.txt").write_text("mine")
+    args = [f"requirements={root / 'requirements.txt'}", f"wheelhouse={root / 'wheelhouse'}",
+            "inference_packages=[lmsys-bundle-probe]", "skip_packages=[]", "overwrite=true"]
+    for output_dir, message in ((root / "run", "contains the input checkpoint"),
+                                (user_dir, "is not a bundle (no bundle.json); overwrite=true replaces only a bundle")):
+        with pytest.raises(SystemExit) as exited:
+            bundle_main([f"checkpoint={bundle['checkpoint']}", f"output_dir={output_dir}", *args])
+        assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert (root / "run" / "oof.csv").read_text() == "mine" and (user_dir / "keep.txt").read_text() == "mine"
+    assert (bundle["checkpoint"] / SPEC_FILE).is_file()
+    earlier = tmp_path / "earlier"
+    shutil.copytree(bundle["bundle"], earlier)
+    (earlier / "stale.txt").write_text("from the earlier bundle")
+    bundle_main([f"checkpoint={bundle['checkpoint']}", f"output_dir={earlier}", *args])
+    assert (earlier / "bundle.json").is_file() and not (earlier / "stale.txt").exists()
+
+
+def test_the_base_models_subfolders_stay_behind(tmp_path):
+    base = tmp_path / "base"
+    (base / "merged").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "merged/model.safetensors", "x.gguf"):
+        (base / name).write_text(name)
+    copy_base_model(base, tmp_path / "copy")
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["config.json", "model.safetensors",
+                                                                     "tokenizer.json"]
 
 
 def test_inference_script_launches_one_process_per_gpu_and_finds_test_csv(bundle, tmp_path):

@@ -34,7 +34,7 @@ from lmsys.modeling.checkpoint import SPEC_FILE, CheckpointError, read_spec, sav
 from lmsys.modeling.compile import cpp_compiler_found
 from lmsys.modeling.gated_mlp import CompiledGatedMLP
 from lmsys.prediction import load_prediction_model, predict_checkpoint, run_prediction
-from lmsys.prediction_config import PredictConfig
+from lmsys.prediction_config import ExportConfig, PredictConfig, PseudoLabelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SYMMETRY_TOLERANCE = 1e-5  # the issue's bound on |P_A(file) - P_B(swapped file)|; we get exactly 0
@@ -315,6 +315,23 @@ def test_output_inside_the_checkpoint_is_refused(checkpoint, test_files, monkeyp
         run_prediction(predict_cfg(checkpoint=checkpoint, **{"data.test_path": test_files["test"]},
                                    output=checkpoint / "submission.csv"))
     assert not (checkpoint / "submission.csv").exists()
+
+
+def test_outputs_inside_the_base_model_the_checkpoint_names_are_refused(checkpoint, test_files, tiny_models,
+                                                                         monkeypatch):
+    """The base model is an input whether it is named on the command line or only in the checkpoint's spec."""
+    monkeypatch.setattr("lmsys.prediction.predict_checkpoint", _must_not_load)
+    base = tiny_models["llama"]
+    with pytest.raises(ConfigError, match=rf"output={base / 'sub.csv'} lies inside the input the base model of "
+                                          rf"checkpoint={base}"):
+        run_prediction(predict_cfg(checkpoint=checkpoint, **{"data.test_path": test_files["test"]},
+                                   output=base / "sub.csv"))
+    with pytest.raises(ConfigError, match=r"output_dir=.*merged lies inside the input the base model of checkpoint"):
+        parse_config(ExportConfig, [f"checkpoint={checkpoint}", f"output_dir={base / 'merged'}"])
+    with pytest.raises(ConfigError, match=r"output=.*p.parquet lies inside the input the base model of checkpoints"):
+        parse_config(PseudoLabelConfig, [f"checkpoints=[{checkpoint}]", f"data.test_path={test_files['test']}",
+                                         f"output={base / 'p.parquet'}"])
+    assert not (base / "sub.csv").exists() and not (base / "merged").exists()
 
 
 # --- a checkpoint whose base model moved (item 10) -----------------------------------------------------------------

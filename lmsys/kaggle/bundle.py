@@ -42,6 +42,7 @@ from lmsys.cli import CommandError, one_line, parse_config, run_command
 from lmsys.config import ConfigError
 from lmsys.modeling.checkpoint import SPEC_FILE, read_spec
 from lmsys.modeling.model_facts import read_model_facts
+from lmsys.output_paths import base_model_inputs, check_output_paths
 from lmsys.prediction_config import PredictConfig
 from lmsys.runs import write_file
 
@@ -57,6 +58,7 @@ KAGGLE_IMAGE_PACKAGES = ["torch", "numpy", "pandas", "pyarrow", "scikit-learn", 
                          "sentencepiece"]
 BASE_MODEL_SKIP = ("*.gguf", "*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", ".git*", "original")  # safetensors only
 BUNDLE_BASE = "base_model"
+MANIFEST = "bundle.json"
 
 
 class BundleError(CommandError):
@@ -179,13 +181,23 @@ def copy_checkpoint(checkpoint: Path, target: Path) -> dict[str, str]:
         if not base.is_absolute():
             base = (checkpoint / base).resolve()
         read_model_facts(base)  # a directory without config.json fails here, named
-        shutil.copytree(base, target / BUNDLE_BASE, ignore=shutil.ignore_patterns(*BASE_MODEL_SKIP))
+        copy_base_model(base, target / BUNDLE_BASE)
         if not list((target / BUNDLE_BASE).glob("*.safetensors")):
             raise BundleError(f"{base}: no safetensors weights in the base model directory")
         relocated = dataclasses.replace(spec, base_model_path=f"../{BUNDLE_BASE}")
         (target / "checkpoint" / SPEC_FILE).write_text(relocated.to_json())
         origin["base_model"] = str(base)
     return origin
+
+
+def copy_base_model(base: Path, target: Path) -> None:
+    """The model directory's own files (config, tokenizer, safetensors weights), not its subfolders: a
+    Transformers model reads none, and one may hold anything (another export, onnx/, original/)."""
+    skipped = set(shutil.ignore_patterns(*BASE_MODEL_SKIP)(str(base), [p.name for p in base.iterdir()]))
+    target.mkdir()
+    for path in sorted(base.iterdir()):
+        if path.is_file() and path.name not in skipped:
+            shutil.copy2(path, target / path.name)
 
 
 def notebook() -> dict:
@@ -202,10 +214,7 @@ def notebook() -> dict:
 
 def write_bundle(config: BundleConfig) -> Path:
     checkpoint, output_dir = Path(config.checkpoint), Path(config.output_dir)
-    if output_dir.exists() and not config.overwrite:
-        raise FileExistsError(f"{output_dir} exists; choose another output_dir or pass overwrite=true")
-    if output_dir.resolve() == checkpoint.resolve() or checkpoint.resolve() in output_dir.resolve().parents:
-        raise BundleError(f"output_dir={output_dir} must be outside the checkpoint {checkpoint}")
+    check_bundle_output(config, checkpoint, output_dir)
     read_spec(checkpoint)  # before anything is built or downloaded
     pins = read_pins(Path(config.requirements), config.inference_packages, config.skip_packages) + config.extra_pins
 
@@ -219,10 +228,24 @@ def write_bundle(config: BundleConfig) -> Path:
         build_lmsys_wheel(wheel_dir)
         shutil.copy2(Path(__file__).with_name("inference.py"), tmp / "inference.py")
         (tmp / "inference.ipynb").write_text(json.dumps(notebook(), indent=1) + "\n")
-        (tmp / "bundle.json").write_text(json.dumps(manifest(tmp, config, pins, origin), indent=2) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest(tmp, config, pins, origin), indent=2) + "\n")
 
     write_file(output_dir, produce)
     return output_dir
+
+
+def check_bundle_output(config: BundleConfig, checkpoint: Path, output_dir: Path) -> None:
+    """output_dir is not, does not hold and does not lie inside what the bundle is made of (the checkpoint, its base
+    model, the requirements, the wheelhouse); an existing one is replaced only with overwrite=true, and only when it
+    is a bundle (never another directory: the run dir around a checkpoint, a user's folder)."""
+    inputs = {"checkpoint": checkpoint, **base_model_inputs({"checkpoint": checkpoint}, None),
+              "requirements": config.requirements, "wheelhouse": config.wheelhouse}
+    check_output_paths(inputs, {"output_dir": output_dir}, directory_outputs=frozenset({"output_dir"}))
+    if output_dir.exists() and not config.overwrite:
+        raise FileExistsError(f"{output_dir} exists; choose another output_dir or pass overwrite=true")
+    if output_dir.exists() and not (output_dir / MANIFEST).is_file():
+        raise BundleError(f"output_dir={output_dir} is not a bundle (no {MANIFEST}); overwrite=true replaces only a "
+                          f"bundle, never another directory")
 
 
 def manifest(bundle: Path, config: BundleConfig, pins: list[str], origin: dict[str, str]) -> dict:
@@ -245,7 +268,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 def run_bundle(config: BundleConfig) -> Path:
     output_dir = write_bundle(config)
-    sizes = json.loads((output_dir / "bundle.json").read_text())["bytes"]
+    sizes = json.loads((output_dir / MANIFEST).read_text())["bytes"]
     parts = ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in sizes.items())
     print(f"wrote {output_dir} ({sum(sizes.values()) / 2**20:.1f} MiB: {parts}); upload it as one Kaggle dataset")
     return output_dir

@@ -26,12 +26,12 @@ from lmsys.config import (
 )
 from lmsys.modeling.families import FAMILIES
 from lmsys.modeling.model_facts import ModelFacts, read_model_facts
+from lmsys.output_paths import SPEC_FILE
 
 # 2: the base model's facts (ModelFacts) replace model_type and hidden_size; 3: input_formats (a tuple, the formats
 # the run trained on) replaces input_format; 4: architecture (a version-3 spec reads as a cross-encoder's)
 FORMAT_VERSION = 4
 READABLE_VERSIONS = (3, FORMAT_VERSION)
-SPEC_FILE = "lmsys_checkpoint.json"
 HEAD_FILE = "head.safetensors"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MERGED_FILES = ("config.json", "model.safetensors")  # a sharded save has model.safetensors.index.json instead
