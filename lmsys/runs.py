@@ -123,10 +123,15 @@ def write_file(target: Path, produce: Callable[[Path], None], is_main: bool = Tr
         if target.exists() and target.is_dir() != tmp.is_dir():
             kinds = ("directory", "file") if target.is_dir() else ("file", "directory")
             raise RunDirError(f"{target} is an existing {kinds[0]}; refusing to replace it with a {kinds[1]}")
+        if tmp.is_file():  # one atomic rename replaces a file; nothing beside it is touched
+            os.replace(tmp, target)
+            return target
+        # A directory cannot be renamed over a non-empty one: the old one steps aside first, as .<name>.old (which a
+        # resume reads when a kill came between the two renames: lmsys.training.state)
         old = target.with_name(f".{target.name}.old")
         _remove(old)  # left by a kill after the last swap; `target` is complete, so it is the one to keep
         if target.exists():
-            os.replace(target, old) if target.is_file() else target.rename(old)
+            target.rename(old)
         os.replace(tmp, target)
         _remove(old)
     finally:

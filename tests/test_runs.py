@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmsys.runs import RUN_MARKER, RunDir, RunDirError
+from lmsys.runs import RUN_MARKER, RunDir, RunDirError, write_file
 
 
 def test_write_refuses_to_replace_a_directory_with_a_file(tmp_path):
@@ -41,6 +41,17 @@ def finished_run(path):
     run.write("checkpoint", lambda p: (p.mkdir(), (p / "head.safetensors").write_bytes(b"w")))
     run.write_json("metrics.json", {"best": {}})
     return run
+
+
+def test_replacing_a_file_leaves_its_neighbours_alone(tmp_path):
+    """A file is replaced by one rename: a user's `.<name>.old` beside it (file or folder) is not ours to remove."""
+    (tmp_path / ".sub.csv.old").mkdir()
+    (tmp_path / ".sub.csv.old" / "precious.txt").write_text("mine")
+    (tmp_path / "sub.csv").write_text("first")
+    write_file(tmp_path / "sub.csv", lambda tmp: tmp.write_text("second"))
+    assert (tmp_path / "sub.csv").read_text() == "second"
+    assert (tmp_path / ".sub.csv.old" / "precious.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".sub.csv.old", "sub.csv"]  # no temporary left
 
 
 def test_overwrite_removes_only_what_a_run_wrote(tmp_path):
