@@ -7,8 +7,9 @@ How the text cells are read is decided once per file (`plain_text_schema`), from
   read as that list);
 - Kaggle label columns (`winner_model_*`) or `label`: every cell is a JSON list of turns (or a list, in parquet),
   and a cell that is not one, e.g. `["unterminated`, is an error;
-- no label columns (a test file): JSON lists when any text cell is one (then every cell must be), else plain text
-  (a WSDM test file). Other columns, such as `language`, never change the rule.
+- no label columns (a test file): JSON lists when most text cells are (then every cell must be one: a Kaggle
+  test file), else plain text (a WSDM test file, whose answers may include a JSON list of strings, read as that
+  list as in the WSDM train schema). Other columns, such as `language`, never change the rule.
 
 A JSON string may escape half of a UTF-16 surrogate pair (`"\\ud83d"`: a cut emoji), which decodes to a code point
 that no UTF-8 text can hold and that tokenizers refuse; such a half becomes U+FFFD, with one warning per file, so
@@ -141,9 +142,10 @@ def plain_text_schema(frame: pd.DataFrame) -> bool:
         return True
     if _has_label_columns(frame):
         return False
-    cells = (cell for column in TEXT_COLUMNS if column in frame.columns for cell in frame[column])
-    return not any(isinstance(cell, (list, tuple, np.ndarray)) or (isinstance(cell, str) and _is_json_turn_list(cell))
-                   for cell in cells)
+    cells = [cell for column in TEXT_COLUMNS if column in frame.columns for cell in frame[column]
+             if isinstance(cell, (str, list, tuple, np.ndarray))]
+    as_lists = sum(not isinstance(cell, str) or _is_json_turn_list(cell) for cell in cells)
+    return 2 * as_lists <= len(cells)  # a WSDM answer may itself be a JSON list of strings: the majority decides
 
 
 def _check_present_ids(ids: pd.Series, name: str) -> None:

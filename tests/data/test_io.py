@@ -260,6 +260,18 @@ def test_a_wsdm_test_file_without_winner_is_plain_text(tmp_path):
     assert [p.target for p in pairs] == [None] * 3
 
 
+def test_a_wsdm_test_file_with_a_json_looking_answer_stays_plain_text(tmp_path):
+    """One answer that is itself a JSON list of strings ("give me a JSON array") does not make the whole file a
+    Kaggle one, in which every plain cell would then be malformed JSON."""
+    path = tmp_path / "wsdm_test.parquet"
+    frame = wsdm_frame().drop(columns=["winner", "model_a", "model_b"])
+    frame.loc[2, "response_a"] = '["apple", "banana", "cherry"]'
+    frame.to_parquet(path)
+    pairs = read_pairs(path, require_labels=False)
+    assert pairs[1].prompts == ("[not json] plain text",) and pairs[0].responses_a == ("4",) and len(pairs) == 3
+    assert pairs[2].responses_a == ("apple", "banana", "cherry")  # read as that list, as in the WSDM train schema
+
+
 # --- ids and encodings (items 8, 11) -------------------------------------------------------------------------------
 
 
