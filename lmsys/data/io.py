@@ -108,7 +108,19 @@ def pairs_from_frame(
         teacher = _parse_teacher_logits(row[TEACHER_COLUMN], name, row_id) if has_teacher else None
         pairs.append(Pair(row_id, *texts, target=target, meta=meta, teacher_logits=teacher))
     _warn_repaired(name, repaired)
+    _warn_uneven_turns(name, pairs)
     return pairs
+
+
+def _warn_uneven_turns(name: str, pairs: list[Pair]) -> None:
+    """Conversations whose prompt and responses differ in turn count: formatting pads the shorter ones with empty
+    turns (lmsys.data.formatting); said once per file, since a cut or merged conversation may be a data error."""
+    uneven = [p for p in pairs if len({len(p.prompts), len(p.responses_a), len(p.responses_b)}) > 1]
+    if uneven:
+        first = uneven[0]
+        log.warning("%s: %d row(s) whose prompt and responses differ in their number of turns, the shorter padded "
+                    "with empty turns; the first: row id=%s (prompt %d, response_a %d, response_b %d turns)", name,
+                    len(uneven), first.id, len(first.prompts), len(first.responses_a), len(first.responses_b))
 
 
 def _warn_repaired(name: str, repaired: list[str]) -> None:

@@ -319,3 +319,20 @@ def test_lone_surrogates_become_the_replacement_character(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="lmsys"):  # generation's prompts (python -m lmsys.generate) too
         prompts = read_prompts(path)
     assert prompts[1][1] == pairs[1].prompts and "1 text cell held lone UTF-16 surrogates" in caplog.text
+
+
+def test_conversations_of_uneven_turn_counts_are_read_with_one_warning(tmp_path, caplog):
+    frame = tiny.arena_frame(4, labelled=False)
+    frame.loc[1, "response_a"] = json.dumps(["one", "two", "three"])
+    frame.loc[3, "prompt"] = json.dumps(["p1", "p2"])
+    path = write_csv(tmp_path, frame)
+    with caplog.at_level("WARNING", logger="lmsys"):
+        pairs = read_pairs(path, require_labels=False)
+    assert len(pairs) == 4 and pairs[1].responses_a == ("one", "two", "three")
+    assert caplog.text.count("differ in their number of turns") == 1
+    assert (f"{path}: 2 row(s) whose prompt and responses differ in their number of turns, the shorter padded with "
+            f"empty turns; the first: row id=1 (prompt 1, response_a 3, response_b 1 turns)") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lmsys"):
+        read_pairs(write_csv(tmp_path, tiny.arena_frame(4, labelled=False), "even.csv"), require_labels=False)
+    assert "number of turns" not in caplog.text
