@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.metadata
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from packaging.requirements import Requirement
 from test_predict import make_checkpoint
 from tiny import arena_frame
 
@@ -30,6 +34,7 @@ from lmsys.kaggle.bundle import (
     BundleError,
     compatible_platforms,
     copy_base_model,
+    dependency_pin,
     read_pins,
 )
 from lmsys.kaggle.bundle import main as bundle_main
@@ -43,11 +48,13 @@ OFFLINE = {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_NO_INDEX": "1", "H
            "HTTP_PROXY": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def probe_wheel(directory: Path) -> Path:
-    """A minimal pure-Python wheel (PEP 427), written by hand: a package and the RECORD that pip checks."""
-    name, version = PROBE
+def probe_wheel(directory: Path, name: str = PROBE[0], version: str = PROBE[1], requires: tuple[str, ...] = ()) -> Path:
+    """A minimal pure-Python wheel (PEP 427), written by hand: a package, its requirements and the RECORD that pip
+    checks."""
+    metadata = "".join([f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+                        *(f"Requires-Dist: {requirement}\n" for requirement in requires)])
     files = {f"{name}/__init__.py": b"MARK = 'probe'\n",
-             f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+             f"{name}-{version}.dist-info/METADATA": metadata.encode(),
              f"{name}-{version}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
     record = f"{name}-{version}.dist-info/RECORD"
     lines = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}"
@@ -60,16 +67,42 @@ def probe_wheel(directory: Path) -> Path:
     return wheel
 
 
+def probe_sdist(directory: Path, name: str, version: str) -> Path:
+    """A source distribution only (no wheel), as antlr4-python3-runtime 4.9.3 publishes: the bundle builds it."""
+    files = {"pyproject.toml": (f'[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+                                f'[project]\nname = "{name}"\nversion = "{version}"\n'),
+             "PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{name}/__init__.py": "MARK = 'built'\n"}
+    archive_path = directory / f"{name}-{version}.tar.gz"
+    with tarfile.open(archive_path, "w:gz") as archive:
+        for path, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{name}-{version}/{path}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return archive_path
+
+
+# The probe's requirements: a dependency (the newest of its two wheels fits, none is installed here), one on a
+# skipped package (numpy: the image's), an extra's and another Python's (neither is followed).
+PROBE_REQUIRES = ("lmsys-bundle-dep>=0.2", "numpy>=1", 'pytest; extra == "test"',
+                  'lmsys-bundle-never; python_version < "3"')
+SKIP = "skip_packages=[numpy]"
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, tiny_models) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("kaggle")
     checkpoint = make_checkpoint(root / "run" / "checkpoint", tiny_models["llama"], seed=4)
     (root / "wheelhouse").mkdir()
-    probe_wheel(root / "wheelhouse")
+    probe_wheel(root / "wheelhouse", requires=PROBE_REQUIRES)
+    probe_wheel(root / "wheelhouse", "lmsys_bundle_dep", "0.1")
+    probe_wheel(root / "wheelhouse", "lmsys_bundle_dep", "0.2", requires=("lmsys-bundle-probe", "lmsys-bundle-sdist"))
+    probe_sdist(root / "wheelhouse", "lmsys_bundle_sdist", "0.3")
     (root / "requirements.txt").write_text("lmsys-bundle-probe==0.1\nlmsys-bundle-missing==9.9\n")
     out = bundle_main([f"checkpoint={checkpoint}", f"output_dir={root / 'bundle'}", f"python_version={PYTHON_VERSION}",
                        f"requirements={root / 'requirements.txt'}", f"wheelhouse={root / 'wheelhouse'}",
-                       "inference_packages=[lmsys-bundle-probe]", "skip_packages=[]",
+                       "inference_packages=[lmsys-bundle-probe]", SKIP,
                        "predict_args=[max_tokens=512,show_progress=false]"])
     return {"root": root, "checkpoint": checkpoint, "bundle": out}
 
@@ -79,14 +112,16 @@ def test_bundle_layout_and_relocated_base(bundle):
     assert sorted(p.name for p in out.iterdir()) == ["base_model", "bundle.json", "checkpoint", "inference.ipynb",
                                                      "inference.py", "wheels"]
     wheels = sorted(p.name for p in (out / "wheels").iterdir())
-    assert wheels == ["lmsys-0.1.0-py3-none-any.whl", "lmsys_bundle_probe-0.1-py3-none-any.whl"]
+    assert wheels == ["lmsys-0.1.0-py3-none-any.whl", "lmsys_bundle_dep-0.2-py3-none-any.whl",
+                      "lmsys_bundle_probe-0.1-py3-none-any.whl", "lmsys_bundle_sdist-0.3-py3-none-any.whl"]
     spec = json.loads((out / "checkpoint" / SPEC_FILE).read_text())
     assert spec["base_model_path"] == "../base_model" and (out / "base_model" / "model.safetensors").is_file()
     with zipfile.ZipFile(out / "wheels" / wheels[0]) as archive:  # the sources of this checkout, nothing else
         assert "lmsys/predict.py" in archive.namelist() and "lmsys/kaggle/inference.py" in archive.namelist()
     assert json.loads((out / "inference.ipynb").read_text())["nbformat"] == 4
     manifest = json.loads((out / "bundle.json").read_text())
-    assert manifest["pins"] == ["lmsys-bundle-probe==0.1"] and manifest["bytes"]["base_model"] > 0
+    assert manifest["pins"] == ["lmsys-bundle-probe==0.1", "lmsys-bundle-dep>=0.2", "lmsys-bundle-sdist"]
+    assert manifest["bytes"]["base_model"] > 0
     assert not list(bundle["root"].glob(".bundle*"))  # the atomic write left no temporary directory
 
 
@@ -101,10 +136,11 @@ def test_bundle_installs_offline_and_writes_a_valid_submission(bundle, tmp_path)
                              "--out", str(tmp_path / "out" / "submission.csv")], capture_output=True, text=True,
                             env=env, cwd=tmp_path, check=False, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    located = subprocess.run([str(python), "-c", ("import lmsys, lmsys_bundle_probe; print(lmsys.__file__); "
-                              "print(lmsys_bundle_probe.__file__)")], capture_output=True, text=True, env=env,
-                             cwd=tmp_path, check=True).stdout.split()
-    assert all(path.startswith(str(venv)) for path in located)  # both from the bundle's wheels, in the virtualenv
+    modules = ("lmsys", "lmsys_bundle_probe", "lmsys_bundle_dep", "lmsys_bundle_sdist")
+    files = ", ".join(f"{module}.__file__" for module in modules)
+    located = subprocess.run([str(python), "-c", f"import {', '.join(modules)}; print({files})"],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout.split()
+    assert len(located) == 4 and all(path.startswith(str(venv)) for path in located)  # all from the bundle's wheels
     sub = pd.read_csv(tmp_path / "out" / "submission.csv")
     assert list(sub.columns) == ["id", *TARGET_COLUMNS] and list(sub.id) == list(frame.id)
     probs = sub[list(TARGET_COLUMNS)].to_numpy()
@@ -116,7 +152,7 @@ def test_pin_without_wheel_fails_naming_the_package(bundle, capsys):
     with pytest.raises(SystemExit) as exited:
         bundle_main([f"checkpoint={bundle['checkpoint']}", f"output_dir={root / 'failed'}",
                      f"requirements={root / 'requirements.txt'}", f"wheelhouse={root / 'wheelhouse'}",
-                     "inference_packages=[lmsys-bundle-probe,lmsys-bundle-missing]", "skip_packages=[]"])
+                     "inference_packages=[lmsys-bundle-probe,lmsys-bundle-missing]", SKIP])
     err = capsys.readouterr().err.strip()
     assert exited.value.code == 2 and len(err.splitlines()) == 1
     assert err.startswith("error: lmsys-bundle-missing==9.9: no wheel for python 3.11 on manylinux_2_35_x86_64")
@@ -148,7 +184,7 @@ def test_overwrite_replaces_only_a_bundle(bundle, tmp_path, capsys):
     user_dir.mkdir()
     (user_dir / "keep.txt").write_text("mine")
     args = [f"requirements={root / 'requirements.txt'}", f"wheelhouse={root / 'wheelhouse'}",
-            "inference_packages=[lmsys-bundle-probe]", "skip_packages=[]", "overwrite=true"]
+            "inference_packages=[lmsys-bundle-probe]", SKIP, "overwrite=true"]
     for output_dir, message in ((root / "run", "contains the input checkpoint"),
                                 (user_dir, "is not a bundle (no bundle.json); overwrite=true replaces only a bundle")):
         with pytest.raises(SystemExit) as exited:
@@ -161,6 +197,13 @@ def test_overwrite_replaces_only_a_bundle(bundle, tmp_path, capsys):
     (earlier / "stale.txt").write_text("from the earlier bundle")
     bundle_main([f"checkpoint={bundle['checkpoint']}", f"output_dir={earlier}", *args])
     assert (earlier / "bundle.json").is_file() and not (earlier / "stale.txt").exists()
+
+
+def test_a_dependency_is_pinned_at_the_version_installed_here_when_it_fits():
+    installed = importlib.metadata.version("pandas")
+    assert dependency_pin(Requirement("pandas>=1")) == f"pandas=={installed}"
+    assert dependency_pin(Requirement("pandas>=999")) == "pandas>=999"
+    assert dependency_pin(Requirement("lmsys-not-installed<2,>=1")) == "lmsys-not-installed<2,>=1"
 
 
 def test_the_base_models_subfolders_stay_behind(tmp_path):

@@ -9,34 +9,42 @@ DIR/
                    adapter checkpoint's spec points at ../base_model, wherever Kaggle mounts the dataset
   base_model/      the base model directory of an adapter checkpoint (Kaggle has no hub)
   wheels/          the lmsys wheel (`pip wheel --no-deps`) and, for python_version and platform, the wheels of the
-                   requirements.txt pins that inference imports, less skip_packages (already in Kaggle's image)
+                   requirements.txt pins that inference imports and of their dependencies, less skip_packages
+                   (already in Kaggle's image)
   inference.py     installs wheels/ with `pip install --no-index --find-links`, then runs `python -m lmsys.predict`
   inference.ipynb  a one-cell notebook that runs inference.py
   bundle.json      what was packed: pins, sizes, predict_args
 
-Wheels are downloaded with `pip download --only-binary=:all: --no-deps` one pin at a time, so a pin without a
-wheel for the platform fails naming that package. A manylinux platform stands for every older glibc too (PEP 600:
-manylinux_2_35 accepts manylinux_2_34 ... manylinux_2_17 = manylinux2014, manylinux2010, manylinux1); the default
-is Kaggle's image (Ubuntu 22.04, glibc 2.35; bitsandbytes ships manylinux_2_24 wheels only, which
-platform=manylinux2014_x86_64 alone would refuse). `wheelhouse=DIR` downloads from DIR only (no index: offline).
-Their own dependencies are not downloaded (that would pull torch and its CUDA wheels): inference.py installs the
-wheels with pip resolving against the image, and pip names any dependency the image lacks; add it with
-`extra_pins=[name==version]`.
+Wheels are downloaded with `pip download --only-binary=:all: --no-deps` one at a time (a package that publishes
+only a source distribution is built here, kept when pure Python), so a pin without a wheel for the platform fails
+naming that package; then, transitively, the dependencies each wheel declares (at the
+version installed here when it fits, else the newest that does), less skip_packages and what only they need:
+torch is skipped with its dependencies (its CUDA wheels are the image's). A manylinux platform stands for every
+older glibc too (PEP 600: manylinux_2_35 accepts manylinux_2_34 ... manylinux_2_17 = manylinux2014, manylinux2010,
+manylinux1); the default is Kaggle's image (Ubuntu 22.04, glibc 2.35; bitsandbytes ships manylinux_2_24 wheels
+only, which platform=manylinux2014_x86_64 alone would refuse). `wheelhouse=DIR` downloads from DIR only (no index:
+offline). inference.py installs the wheels with pip resolving against the image and the bundle only;
+`extra_pins=[name==version]` adds a package by hand.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import email.parser
+import importlib.metadata
 import json
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import MISSING
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
 
 from lmsys.cli import CommandError, one_line, parse_config, run_command
 from lmsys.config import ConfigError
@@ -136,18 +144,82 @@ def compatible_platforms(platform: str) -> list[str]:
     return tags + [f"{alias}_{arch}" for alias, minor in LEGACY_MANYLINUX.items() if minor <= glibc]
 
 
-def download_wheel(pin: str, wheel_dir: Path, config: BundleConfig) -> None:
+def download_wheels(pins: list[str], wheel_dir: Path, config: BundleConfig) -> list[str]:
+    """The pins' wheels and, transitively, their dependencies' (the Requires-Dist of each downloaded wheel, for
+    python_version on Linux), less skip_packages and what only they need: what `pip install --no-index` needs
+    beside Kaggle's image. Returns every pin downloaded, the given ones first."""
+    skipped = {canonical(name) for name in config.skip_packages}
+    queue, done = list(pins), {}
+    while queue:
+        pin = queue.pop(0)
+        name = canonical(Requirement(pin).name)
+        if name in done or name in skipped:
+            continue
+        done[name] = pin
+        wheel = download_wheel(pin, wheel_dir, config)
+        queue += [dependency_pin(req) for req in wheel_requirements(wheel, config.python_version)
+                  if canonical(req.name) not in done and canonical(req.name) not in skipped]
+    return list(done.values())
+
+
+def wheel_requirements(wheel: Path, python_version: str) -> list[Requirement]:
+    """The wheel's unconditional requirements (no extras) whose markers hold for Linux and `python_version`."""
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = next(name for name in archive.namelist() if name.endswith(".dist-info/METADATA"))
+        message = email.parser.Parser().parsestr(archive.read(metadata).decode("utf-8"))
+    environment = {**default_environment(), "python_version": python_version,
+                   "python_full_version": f"{python_version}.0", "sys_platform": "linux", "platform_system": "Linux",
+                   "extra": ""}
+    requirements = [Requirement(line) for line in message.get_all("Requires-Dist") or []]
+    return [req for req in requirements if req.marker is None or req.marker.evaluate(environment)]
+
+
+def dependency_pin(requirement: Requirement) -> str:
+    """The version installed here (the one lmsys runs and is tested with) when it satisfies the requirement, else
+    the requirement itself (pip then takes the newest wheel that does)."""
+    try:
+        installed = importlib.metadata.version(requirement.name)
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed is not None and requirement.specifier.contains(installed, prereleases=True):
+        return f"{requirement.name}=={installed}"
+    return f"{requirement.name}{requirement.specifier}"
+
+
+def download_wheel(pin: str, wheel_dir: Path, config: BundleConfig) -> Path:
+    """One wheel, `--no-deps` (download_wheels follows the dependencies); returns its path."""
     platforms = [arg for tag in compatible_platforms(config.platform) for arg in ("--platform", tag)]
-    command = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--no-deps", "--disable-pip-version-check",
-               "--python-version", config.python_version, *platforms, "-d", str(wheel_dir), pin]
-    if config.wheelhouse:
-        command += ["--no-index", "--find-links", config.wheelhouse]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")] or ["(no message)"]
-        raise BundleError(f"{pin}: no wheel for python {config.python_version} on {config.platform}"
-                          f"{' in ' + config.wheelhouse if config.wheelhouse else ''} ({errors[-1]}); "
-                          f"pick a version that has one, or skip_packages=[..., {pin.split('==')[0]}] if the image has it")
+    with tempfile.TemporaryDirectory(dir=wheel_dir) as fresh:
+        command = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--no-deps",
+                   "--disable-pip-version-check", "--python-version", config.python_version, *platforms, "-d", fresh,
+                   pin]
+        if config.wheelhouse:
+            command += ["--no-index", "--find-links", config.wheelhouse]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0 and not build_pure_wheel(pin, Path(fresh), config):
+            errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")] or ["(no message)"]
+            raise BundleError(f"{pin}: no wheel for python {config.python_version} on {config.platform}"
+                              f"{' in ' + config.wheelhouse if config.wheelhouse else ''} ({errors[-1]}); pick a "
+                              f"version that has one, or skip_packages=[..., {Requirement(pin).name}] if the image "
+                              f"has it")
+        (wheel,) = Path(fresh).glob("*.whl")
+        return Path(shutil.move(wheel, wheel_dir / wheel.name))
+
+
+def build_pure_wheel(pin: str, directory: Path, config: BundleConfig) -> bool:
+    """A wheel built here from the source distribution of a package that publishes no wheel (hydra's
+    antlr4-python3-runtime 4.9.3), kept only when it is pure Python (`-none-any`: it runs on any platform)."""
+    with tempfile.TemporaryDirectory() as build_dir:
+        command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                   "--disable-pip-version-check", "-w", build_dir, pin]
+        if config.wheelhouse:
+            command += ["--no-index", "--find-links", config.wheelhouse]
+        if subprocess.run(command, capture_output=True, text=True, check=False).returncode != 0:
+            return False
+        pure = [wheel for wheel in Path(build_dir).glob("*.whl") if wheel.name.endswith("-none-any.whl")]
+        for wheel in pure:
+            shutil.move(wheel, directory / wheel.name)
+        return bool(pure)
 
 
 def build_lmsys_wheel(wheel_dir: Path) -> Path:
@@ -223,12 +295,11 @@ def write_bundle(config: BundleConfig) -> Path:
         origin = copy_checkpoint(checkpoint, tmp)
         wheel_dir = tmp / "wheels"
         wheel_dir.mkdir()
-        for pin in pins:
-            download_wheel(pin, wheel_dir, config)
+        downloaded = download_wheels(pins, wheel_dir, config)
         build_lmsys_wheel(wheel_dir)
         shutil.copy2(Path(__file__).with_name("inference.py"), tmp / "inference.py")
         (tmp / "inference.ipynb").write_text(json.dumps(notebook(), indent=1) + "\n")
-        (tmp / MANIFEST).write_text(json.dumps(manifest(tmp, config, pins, origin), indent=2) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest(tmp, config, downloaded, origin), indent=2) + "\n")
 
     write_file(output_dir, produce)
     return output_dir
