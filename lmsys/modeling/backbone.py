@@ -157,8 +157,8 @@ def checkpointing_renames_quietly() -> Iterator[None]:
 
 
 def fold_into_dense(model: torch.nn.Module) -> int:
-    """For prediction: replace each LoRA-wrapped 4-bit projection by a dense linear layer whose weight is the
-    dequantized base plus the LoRA update, in the base's compute dtype. The same function as before (the 4-bit
+    """For prediction: replace each LoRA-wrapped 4-bit (or unquantized) projection by a dense linear layer whose
+    weight is the dequantized base plus the LoRA update, in the base's compute dtype. The same function as before (the 4-bit
     path dequantizes to that dtype on every call), computed as one matmul instead of a dequantization, a matmul
     and two LoRA matmuls per call, for full-precision weight memory (bf16: 2 bytes per parameter). The model can no
     longer train or save an adapter. Layers it cannot fold (see `unfoldable_reason`) are left as they are, named in
@@ -174,8 +174,11 @@ def fold_into_dense(model: torch.nn.Module) -> int:
             left.setdefault(reason, []).append(name)
             continue
         base = module.base_layer
-        dtype = base.compute_dtype or torch.float32
-        weight = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(torch.float32)
+        if isinstance(base, bnb.nn.Linear4bit):
+            dtype = base.compute_dtype or torch.float32
+            weight = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(torch.float32)
+        else:  # an unquantized base (quantization=none): its own weights, in their dtype
+            dtype, weight = base.weight.dtype, base.weight.data.to(torch.float32)
         for adapter in module.active_adapters:
             weight += module.get_delta_weight(adapter).to(torch.float32)
         dense = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
@@ -196,12 +199,12 @@ def fold_into_dense(model: torch.nn.Module) -> int:
 
 def unfoldable_reason(module) -> str | None:
     """Why fold_into_dense leaves a LoRA layer as it is (None: it folds it). DoRA rescales each output row by a
-    magnitude over the norm of base + delta, which is no plain delta to add; an int8 (LLM.int8) or unquantized
-    base is left to its own kernels (the int8 one keeps its outlier decomposition; export merges unquantized ones)."""
+    magnitude over the norm of base + delta, which is no plain delta to add; an int8 (LLM.int8) base is left to
+    its own kernels (they keep its outlier decomposition)."""
     if any(module.use_dora.get(adapter, False) for adapter in module.active_adapters):
         return "DoRA (its magnitude rescaling is not a plain weight delta)"
     if isinstance(module.base_layer, bnb.nn.Linear8bitLt):
         return "int8 base (Linear8bitLt keeps its int8 weights and outlier decomposition)"
-    if not isinstance(module.base_layer, bnb.nn.Linear4bit):
-        return f"{type(module.base_layer).__name__} base (only 4-bit bases are dequantized and folded)"
+    if not isinstance(module.base_layer, (bnb.nn.Linear4bit, torch.nn.Linear)):
+        return f"{type(module.base_layer).__name__} base (only 4-bit and unquantized bases are folded)"
     return None
