@@ -229,6 +229,13 @@ def test_inference_script_launches_one_process_per_gpu_and_finds_test_csv(bundle
     (tmp_path / "lmsys-chatbot-arena").mkdir()
     (tmp_path / "lmsys-chatbot-arena" / "test.csv").write_text("id\n")
     assert find_test_file(tmp_path) == tmp_path / "lmsys-chatbot-arena" / "test.csv"
+    wsdm = tmp_path / "wsdm" / "competitions" / "wsdm-cup-multilingual-chatbot-arena"
+    wsdm.mkdir(parents=True)
+    (wsdm / "test.parquet").write_text("")
+    assert find_test_file(tmp_path / "wsdm") == wsdm / "test.parquet"
+    (tmp_path / "lmsys-chatbot-arena" / "test.parquet").write_text("")
+    with pytest.raises(SystemExit, match="expected exactly one"):  # two candidates: --test decides
+        find_test_file(tmp_path)
 
 
 def test_manylinux_platform_accepts_older_glibc_tags():

@@ -4,7 +4,7 @@ installing it, and runs with the interpreter that starts it.
 
     python inference.py [--test PATH] [--out PATH] [--skip-install] [key=value ...]
 
---test defaults to the only */test.csv under /kaggle/input (the competition's), --out to
+--test defaults to the only */test.csv or */test.parquet under /kaggle/input (the competition's: LMSYS, WSDM), --out to
 /kaggle/working/submission.csv; key=value arguments go to `python -m lmsys.predict` after those the bundle was
 built with (bundle.json: predict_args). With two or more GPUs and no device_map, one process runs per GPU
 (`accelerate launch`), each predicting its share of the rows.
@@ -39,10 +39,13 @@ def install(wheel_dir: Path) -> None:
 
 
 def find_test_file(input_dir: Path) -> Path:
-    found = sorted(input_dir.glob("*/test.csv")) + sorted(input_dir.glob("competitions/*/test.csv"))
+    """The competition's test file: LMSYS's test.csv or WSDM's test.parquet, mounted at /kaggle/input/<slug>/ or
+    /kaggle/input/competitions/<slug>/."""
+    found = sorted(path for pattern in ("*/test.csv", "*/test.parquet", "competitions/*/test.csv",
+                                        "competitions/*/test.parquet") for path in input_dir.glob(pattern))
     if len(found) != 1:
-        raise SystemExit(f"error: expected exactly one */test.csv under {input_dir}, found {[str(p) for p in found]}; "
-                         "add the competition to the notebook or pass --test PATH")
+        raise SystemExit(f"error: expected exactly one */test.csv or */test.parquet under {input_dir}, found "
+                         f"{[str(p) for p in found]}; add the competition to the notebook or pass --test PATH")
     return found[0]
 
 
