@@ -30,6 +30,13 @@ class MergeDtype(str, Enum):
     bfloat16 = "bfloat16"
 
 
+class BaseWeights(str, Enum):
+    """The base weights export merges the adapter into."""
+
+    original = "original"  # the base model's own weights (the adapter was trained on their 4-bit rounding)
+    as_trained = "as_trained"  # their nf4/fp4 round trip, the weights the 4-bit checkpoint computes with
+
+
 @dataclass
 class PredictDataConfig:
     test_path: str = MISSING  # Kaggle test.csv (no model/winner columns needed), train-schema CSV or parquet
@@ -134,6 +141,9 @@ class ExportConfig:
     # none: save the merged weights in `dtype`; nf4|int8: save them quantized by bitsandbytes (~0.5 / 1 byte per
     # parameter), loaded as they are at predict time
     quantization: Quantization = Quantization.none
+    # as_trained: predictions as the 4-bit checkpoint's (what validation measured), not as the adapter's on the
+    # unrounded base
+    base_weights: BaseWeights = BaseWeights.original
     overwrite: bool = False  # replace output_dir when it holds a checkpoint (never another kind of directory)
     base_model_path: str | None = None  # as for predict: where the base model is now, if it moved
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ from lmsys.config import ComputeDtype, ConfigError, Quantization
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import read_pairs
 from lmsys.evaluation.predict_loop import predict_split
-from lmsys.merging import run_export
+from lmsys.merging import round_base_weights, run_export
 from lmsys.modeling.checkpoint import ADAPTER_FILES, SPEC_FILE, CheckpointError, ModelSpec, read_spec
 from lmsys.prediction import load_prediction_model
 from lmsys.prediction_config import ExportConfig, PredictConfig
@@ -106,20 +107,6 @@ def test_merged_predictions_match_adapter_on_unquantized_base(setup, dtype):
     assert np.abs(merged - adapter).max() <= MERGE_TOLERANCE[dtype]
 
 
-def round_to_nf4(model: torch.nn.Module, double_quant: bool) -> list[str]:
-    """Replace every base projection weight of a float backbone by its NF4 round trip, quantized as transformers
-    quantizes a checkpoint it loads in 4 bits (bitsandbytes' quantize_4bit, blocks of 64); LoRA weights stay.
-    Returns the names of the projections rounded."""
-    rounded = []
-    for name, module in model.backbone.named_modules():
-        if isinstance(module, torch.nn.Linear) and "lora_" not in name:
-            packed, state = bnb.functional.quantize_4bit(module.weight.data, blocksize=64, quant_type="nf4",
-                                                         compress_statistics=double_quant)
-            module.weight.data.copy_(bnb.functional.dequantize_4bit(packed, state))
-            rounded.append(name.removesuffix(".base_layer"))
-    return rounded
-
-
 def test_merge_gap_is_exactly_the_nf4_rounding_of_the_base(setup):
     """The 4-bit checkpoint's logits are those of the same adapter and head on a float32 base whose projections
     are NF4-rounded; the merged export equals them on the unrounded base. So the whole gap between the merged
@@ -132,7 +119,7 @@ def test_merge_gap_is_exactly_the_nf4_rounding_of_the_base(setup):
     float_spec = dataclasses.replace(spec, quantization=Quantization.none)
     float_model = load_prediction_model(cfg.checkpoint, float_spec, cfg, Accelerator())
     unrounded = model_logits(float_model, cfg, float_spec, setup["test"])
-    rounded_layers = round_to_nf4(float_model, spec.double_quant)
+    rounded_layers = round_base_weights(float_model.backbone, spec.quantization, spec.double_quant)
     rounded = model_logits(float_model, cfg, float_spec, setup["test"])
     four_bit_layers = [name.removesuffix(".base_layer") for name, module in four_bit_model.backbone.named_modules()
                        if isinstance(module, bnb.nn.Linear4bit)]
@@ -145,6 +132,10 @@ def test_merge_gap_is_exactly_the_nf4_rounding_of_the_base(setup):
     assert np.abs(merged - unrounded).max() <= MERGE_TOLERANCE["float32"]
     assert np.abs(folded - rounded).max() <= MERGE_TOLERANCE["float32"]
     assert np.abs(four_bit - merged).max() > MERGE_TOLERANCE["float32"]  # the rounding is what separates them
+    as_trained = logits_of(export_main([f"checkpoint={setup['checkpoint']}", "dtype=float32",
+                                        f"output_dir={setup['root'] / 'as_trained'}", "base_weights=as_trained"]),
+                           setup["test"])
+    assert np.abs(as_trained - four_bit).max() <= MERGE_TOLERANCE["float32"]  # predicts as validation measured
 
 
 def test_predict_cli_on_merged_checkpoint(setup, tmp_path):
@@ -187,3 +178,13 @@ def test_incomplete_merged_checkpoint_names_the_weights(setup, tmp_path):
     with pytest.raises(CheckpointError, match="incomplete merged checkpoint, missing.*model.safetensors"):
         read_spec(broken)
     assert json.loads((broken / SPEC_FILE).read_text())["merged"] is True
+
+
+def test_as_trained_base_weights_need_a_four_bit_checkpoint(setup, tmp_path):
+    int8 = tmp_path / "int8"
+    shutil.copytree(setup["checkpoint"], int8)
+    spec = json.loads((int8 / SPEC_FILE).read_text())
+    (int8 / SPEC_FILE).write_text(json.dumps({**spec, "quantization": "int8"}))
+    with pytest.raises(CheckpointError, match="base_weights=as_trained rounds a 4-bit .* this checkpoint's base is int8"):
+        export_main([f"checkpoint={int8}", f"output_dir={tmp_path / 'out'}", "base_weights=as_trained"])
+    assert not (tmp_path / "out").exists()
