@@ -116,6 +116,19 @@ def test_a_full_fine_tuning_run_starts_from_a_merged_checkpoint(tiny_models, are
     assert np.abs(logits(fresh, spec, pairs, merged_source) - theirs).max() > 1e-2
 
 
+def test_a_run_over_the_run_dir_holding_its_warm_start_is_refused(tiny_models, arena_files, tmp_path):
+    """overwrite=true would have removed the earlier run's checkpoint/ (the warm start) before the model loaded."""
+    run_dir = tmp_path / "seed0"
+    checkpoint = make_checkpoint(run_dir / "checkpoint", tiny_models["llama"])
+    (run_dir / "lmsys_run.txt").write_text("")
+    before = sorted(p.name for p in checkpoint.iterdir())
+    config = TrainConfig(model=model_config(tiny_models, init_from=str(checkpoint)), lora=LORA, overwrite=True,
+                         data=DataConfig(train_path=str(arena_files["train"]), valid_path=str(arena_files["valid"])))
+    with pytest.raises(ConfigError, match=rf"the run dir={run_dir} contains the input model.init_from={checkpoint}"):
+        TrainingRecipe.setup(config, run_dir, "warm: {}\n")
+    assert sorted(p.name for p in checkpoint.iterdir()) == before
+
+
 def test_a_checkpoint_of_the_other_kind_is_refused(tiny_models, source, merged_source):
     full = build_spec(model_config(tiny_models, **FULL), DataConfig(train_path="unused"), packing=True)
     with pytest.raises(ConfigError, match="model.finetune=full starts from a merged checkpoint .* not an adapter"):

@@ -31,6 +31,7 @@ from lmsys.modeling.checkpoint import ModelSpec, save_checkpoint
 from lmsys.modeling.compute_dtype import dtype_record
 from lmsys.modeling.losses import preference_loss
 from lmsys.modeling.warm_start import check_warm_start
+from lmsys.output_paths import check_output_paths
 from lmsys.provenance import run_info
 from lmsys.runs import RunDir
 from lmsys.tracking import Tracker, new_wandb_run_id, start_wandb
@@ -295,7 +296,10 @@ def _eval_due(step: int, settings: LoopSettings) -> bool:
 
 
 def open_run_dir(run_path: Path, config: TrainConfig, accelerator) -> RunDir:
-    """Claim the run dir (refusing another run's) and start the log."""
+    """Claim the run dir (refusing another run's, and one that holds or lies inside an input) and start the log."""
+    inputs = {"model.path": config.model.path, "model.init_from": config.model.init_from,
+              "data.train_path": config.data.train_path, "data.valid_path": config.data.valid_path}
+    check_output_paths(inputs, {"the run dir": run_path}, directory_outputs=frozenset({"the run dir"}))
     run = RunDir(run_path, accelerator.is_main_process)
     run.claim(config.overwrite, config.resume)
     accelerator.wait_for_everyone()
