@@ -19,6 +19,7 @@ from lmsys.data.io import DataError, read_prompts
 from lmsys.generate import Engine, GenerateConfig, Sampling, model_name
 from lmsys.logs import setup_logging
 from lmsys.modeling.backbone import resolve_dtype
+from lmsys.output_paths import check_output_paths
 from lmsys.runs import write_file
 
 log = logging.getLogger("lmsys")
@@ -165,8 +166,8 @@ def check_inputs(config: GenerateConfig) -> tuple[list[tuple[str, tuple[str, ...
     """Everything that can be wrong, found before a model is loaded: the prompts, the output path, the engine,
     each model directory and its chat template. Returns the prompts and the tokenizers."""
     output = Path(config.output)
-    if output.resolve() == Path(config.prompts).resolve():
-        raise CommandError("output must differ from the prompts file")
+    check_output_paths({"prompts": config.prompts, **{f"models[{k}]": path for k, path in enumerate(config.models)}},
+                       {"output": output})
     if output.exists() and not config.overwrite:
         raise CommandError(f"{output} exists; choose another output or pass overwrite=true")
     if config.engine == Engine.vllm and importlib.util.find_spec("vllm") is None:

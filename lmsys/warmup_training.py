@@ -25,6 +25,7 @@ from lmsys.data.io import DataError, read_pairs
 from lmsys.data.schema import Pair
 from lmsys.logs import setup_logging
 from lmsys.modeling.backbone import checkpointing_renames_quietly, quantization_config, resolve_dtype
+from lmsys.output_paths import check_output_paths
 from lmsys.runs import write_file, write_json
 from lmsys.warmup import DEFAULT_LR, MARKER, Stage, WarmupConfig
 
@@ -97,8 +98,8 @@ def check_inputs(config: WarmupConfig) -> Selection:
     output, model = Path(config.output_dir), Path(config.model_path)
     if not (model / "config.json").is_file():
         raise CommandError(f"model_path: {model} is not a model directory (no config.json)")
-    if output.resolve() == model.resolve():
-        raise CommandError("output_dir must differ from model_path")
+    check_output_paths({"model_path": model, "data.train_path": config.data.train_path}, {"output_dir": output},
+                       directory_outputs=frozenset({"output_dir"}))
     if output.exists() and not (config.overwrite and (output / MARKER).is_file()):
         raise CommandError(f"output_dir: {output} exists; choose another, or pass overwrite=true to replace an "
                            f"earlier warm-up result (a directory holding {MARKER})")

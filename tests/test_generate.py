@@ -150,6 +150,18 @@ def test_bad_input_fails_in_one_line_before_loading(setup, tmp_path, capsys, ove
     assert failed.value.code == 2 and message in err and len(err.splitlines()) == 1
 
 
+def test_an_output_inside_a_model_or_over_a_directory_is_refused_before_loading(setup, tmp_path, capsys):
+    (tmp_path / "dir.parquet").mkdir()
+    models = f"models=[{setup['models'][0]},{setup['models'][1]}]"
+    for output, message in ((Path(setup["models"][1]) / "pairs.parquet", "lies inside the input models[1]"),
+                            (tmp_path / "dir.parquet", "is an existing directory")):
+        with pytest.raises(SystemExit) as failed:
+            main([f"prompts={setup['prompts']}", models, f"output={output}", "overwrite=true"])
+        err = capsys.readouterr().err.strip()
+        assert failed.value.code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (Path(setup["models"][1]) / "pairs.parquet").exists()
+
+
 def test_bad_prompt_names_file_row_and_column(setup, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     pd.DataFrame({"id": ["x1", "x2"], "prompt": ["fine", ""]}).to_csv(bad, index=False)

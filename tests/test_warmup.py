@@ -128,7 +128,15 @@ def test_bad_inputs_fail_before_training(setup, tmp_path, capsys):
     frame = arena_frame(3)
     frame[["winner_model_a", "winner_model_b", "winner_tie"]] = [0, 0, 1]
     frame.to_csv(ties, index=False)
+    earlier = tmp_path / "earlier"  # an earlier warm-up result that now also holds the training data
+    earlier.mkdir()
+    (earlier / MARKER).write_text("")
+    held = earlier / "train.csv"
+    held.write_bytes(Path(setup["train"]).read_bytes())
     cases = [
+        ({"output_dir": earlier, "overwrite": "true", "data.train_path": held},
+         f"output_dir={earlier} contains the input data.train_path={held}"),
+        ({"output_dir": Path(setup["base"]) / "warm"}, "lies inside the input model_path"),
         ({"data.train_path": unlabelled}, f"{unlabelled}: no label columns"),
         ({"output_dir": tmp_path / "someone_elses", "overwrite": "true"}, "exists"),
         ({"model_path": setup["plain"]}, "no chat template"),
@@ -143,7 +151,7 @@ def test_bad_inputs_fail_before_training(setup, tmp_path, capsys):
             main([f"{k}={v}" for k, v in args.items()])
         err = capsys.readouterr().err.strip()
         assert failed.value.code == 2 and message in err and len(err.splitlines()) == 1, (override, err)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and held.is_file() and not (Path(setup["base"]) / "warm").exists()
 
 
 def test_help_exits_zero(capsys):
