@@ -17,6 +17,7 @@ from lmsys.config import (
     Architecture,
     DataConfig,
     ElementwiseKernel,
+    Family,
     FineTune,
     HeadInit,
     InputFormat,
@@ -42,7 +43,7 @@ from lmsys.modeling.backbone import add_lora, load_adapter, load_backbone, make_
 from lmsys.modeling.checkpoint import ModelSpec, load_head_state, read_spec, with_base_model
 from lmsys.modeling.compile import compile_layers, compile_norms, resolve_elementwise_kernel
 from lmsys.modeling.cpu_allocator import keep_freed_memory
-from lmsys.modeling.families import check_family, resolve_attention, resolve_template
+from lmsys.modeling.families import FAMILIES, check_family, resolve_attention, resolve_template
 from lmsys.modeling.gated_mlp import compile_gated_mlps
 from lmsys.modeling.heads import BiEncoderHead, PreferenceHead
 from lmsys.modeling.lora_kernel import resolve_lora_kernel, use_lora_kernel
@@ -117,8 +118,14 @@ def build_prediction_spec(checkpoint: str, settings: InferenceConfig) -> ModelSp
         max_length=settings.max_length or spec.max_length,
         input_formats=_prediction_formats(checkpoint, spec.input_formats, settings.formats),
         compute_dtype=settings.compute_dtype or spec.compute_dtype,
-        attn_implementation=resolve_attention(spec.family, spec.model_type, attention, settings.packing),
+        attn_implementation=resolve_attention(spec.family, spec.model_type, attention,
+                                              inference_packing(settings, spec.family)),
     )
+
+
+def inference_packing(settings: InferenceConfig, family: Family) -> bool:
+    """`packing` as given, else padding-free rows except for an encoder (bidirectional attention spans a row)."""
+    return settings.packing if settings.packing is not None else not FAMILIES[family].encoder
 
 
 def _prediction_formats(checkpoint: str, trained: tuple[InputFormat, ...],
@@ -299,7 +306,7 @@ def build_validation(config: TrainConfig, spec: ModelSpec, split: EncodedSplit, 
 
 def build_inference_batching(settings: InferenceConfig, spec: ModelSpec, pad_id: int) -> Batching:
     # Rows at most one sequence wide by default: sdpa/eager attention costs the square of the row width.
-    return Batching(settings.packing, settings.max_tokens, settings.row_tokens or spec.max_length,
+    return Batching(inference_packing(settings, spec.family), settings.max_tokens, settings.row_tokens or spec.max_length,
                     settings.batch_size, pad_id, spec.padding_side, spec.attention_width)
 
 

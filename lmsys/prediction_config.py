@@ -55,7 +55,7 @@ class InferenceConfig:
     # the input formats to predict in, their probabilities averaged (each format with its own swap TTA); None: the
     # checkpoint's (its data.formats); a format it was not trained on is allowed, with a warning
     formats: list[InputFormat] | None = None
-    packing: bool = True  # padding-free rows, length-sorted
+    packing: bool | None = None  # padding-free rows, length-sorted (None: packed, but padded for an encoder)
     max_tokens: int = 8192  # packed: tokens per micro-batch
     row_tokens: int | None = None  # packed: tokens per row; None: the checkpoint's max_length (raise it with flash)
     batch_size: int = 8  # padded: pairs per micro-batch

@@ -59,7 +59,7 @@ def test_predict_from_the_deberta_checkpoint_is_exactly_swap_symmetric(deberta_r
         for name, path in paths.items():
             out = tmp_path / f"{name}_{tta}.csv"
             run_prediction(predict_cfg(checkpoint=deberta_run / "checkpoint", **{"data.test_path": path},
-                                       output=out, tta=tta, packing=False, show_progress=False))
+                                       output=out, tta=tta, show_progress=False))  # padded: the encoder's default
             subs[name, tta] = pd.read_csv(out)[PROBS].to_numpy()
     mirrored = subs["swapped", True][:, [1, 0, 2]]
     assert np.abs(subs["test", True] - mirrored).max() <= 1e-6
