@@ -23,6 +23,7 @@ from lmsys.cli import CommandError
 from lmsys.config import LoraConfig
 from lmsys.data.io import DataError, read_pairs
 from lmsys.data.schema import Pair
+from lmsys.data.truncation import head_tail, water_fill
 from lmsys.logs import setup_logging
 from lmsys.modeling.backbone import checkpointing_renames_quietly, quantization_config, resolve_dtype
 from lmsys.output_paths import check_output_paths
@@ -40,10 +41,11 @@ class Selection:
     ties: int = 0  # argmax = tie
     uncertain: int = 0  # soft labels whose winner beats the loser by less than data.label_margin
     identical: int = 0  # both responses the same text: nothing to prefer
+    shortened: int = 0  # examples whose texts were cut (head + tail) to fit max_length
 
     def counts(self) -> dict[str, int]:
         return {"used": len(self.examples), "skipped_ties": self.ties, "skipped_uncertain": self.uncertain,
-                "skipped_identical": self.identical}
+                "skipped_identical": self.identical, "shortened": self.shortened}
 
 
 def winning_side(target: tuple[float, float, float], margin: float) -> str:
@@ -103,7 +105,8 @@ def check_inputs(config: WarmupConfig) -> Selection:
     if output.exists() and not (config.overwrite and (output / MARKER).is_file()):
         raise CommandError(f"output_dir: {output} exists; choose another, or pass overwrite=true to replace an "
                            f"earlier warm-up result (a directory holding {MARKER})")
-    if build_tokenizer(model, config.trust_remote_code).chat_template is None:
+    tokenizer = build_tokenizer(model, config.trust_remote_code)
+    if tokenizer.chat_template is None:
         raise CommandError(f"model_path: {model} has no chat template (the warm-up trains on conversations)")
     try:
         pairs = read_pairs(config.data.train_path, require_labels=True)[: config.data.max_pairs]
@@ -113,7 +116,66 @@ def check_inputs(config: WarmupConfig) -> Selection:
     if not selection.examples:
         raise CommandError(f"{config.data.train_path}: no usable rows for {config.stage.value} "
                            f"({selection.counts()})")
+    fit_examples(selection, tokenizer, config.max_length)
     return selection
+
+
+ELLIPSIS = " [...] "
+TEMPLATE_SLACK = 4  # tokens kept free: a text's tokens may merge differently with the markers around it
+
+
+def fit_examples(selection: Selection, tokenizer, max_length: int) -> None:
+    """Cut the texts of every example longer than max_length (head + tail of each text, the budget water-filled
+    over the texts), in place: TRL keeps only the start of a long example, cutting away the answer the loss is on,
+    and then drops the example. A DPO pair's shared user turns are cut alike in both conversations."""
+    for k, example in enumerate(selection.examples):
+        conversations = _conversations(example)
+        overhead = max(_chat_length(tokenizer, messages) - sum(map(_text_length(tokenizer), messages))
+                       for messages in conversations)
+        if overhead + TEMPLATE_SLACK >= max_length:
+            raise CommandError(f"max_length={max_length} leaves no room for text after the chat template's "
+                               f"{overhead} tokens; raise max_length")
+        budget = max_length - overhead - TEMPLATE_SLACK
+        while max(_chat_length(tokenizer, messages) for messages in conversations) > max_length:
+            conversations = _cut(conversations, tokenizer, budget)
+            budget -= TEMPLATE_SLACK  # a rare re-merge at a cut: shrink until it fits
+        if conversations != _conversations(example):
+            selection.examples[k] = _rebuilt(example, conversations)
+            selection.shortened += 1
+
+
+def _conversations(example: dict) -> list[list[dict]]:
+    if "completion" in example:
+        return [example["prompt"] + example["completion"]]
+    return [example["chosen"], example["rejected"]]
+
+
+def _rebuilt(example: dict, conversations: list[list[dict]]) -> dict:
+    if "completion" in example:
+        return {"prompt": conversations[0][:-1], "completion": conversations[0][-1:]}
+    return {"chosen": conversations[0], "rejected": conversations[1]}
+
+
+def _chat_length(tokenizer, messages: list[dict]) -> int:
+    return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+
+def _text_length(tokenizer):
+    return lambda message: len(tokenizer(message["content"], add_special_tokens=False)["input_ids"])
+
+
+def _cut(conversations: list[list[dict]], tokenizer, budget: int) -> list[list[dict]]:
+    """Every conversation's texts within `budget` tokens in all: the user turns (the same in every conversation)
+    and, per turn, the longest answer share it by water-filling; each text keeps its head and tail."""
+    tokens = [[tokenizer(m["content"], add_special_tokens=False)["input_ids"] for m in messages]
+              for messages in conversations]
+    demands = [max(len(texts[i]) for texts in tokens if i < len(texts)) for i in range(max(map(len, tokens)))]
+    allocation = water_fill(demands, [1.0] * len(demands), budget)
+    ellipsis = tokenizer(ELLIPSIS, add_special_tokens=False)["input_ids"]
+    return [[{**message, "content": tokenizer.decode(head_tail(text, allocation[i], 0.5, ellipsis))
+              if len(text) > allocation[i] else message["content"]}
+             for i, (message, text) in enumerate(zip(messages, texts, strict=True))]
+            for messages, texts in zip(conversations, tokens, strict=True)]
 
 
 def trainer_args(config: WarmupConfig, output_dir: str, dtype: torch.dtype):
@@ -153,9 +215,19 @@ def train_adapter(config: WarmupConfig, selection: Selection, work_dir: Path) ->
             peft_config=peft_config(config.lora),
             quantization_config=quantization_config(config.quantization, config.double_quant, dtype),
         )
+        check_kept(len(trainer.train_dataset), selection)
         trainer.train()
     trainer.model.save_pretrained(work_dir / "adapter")
     return trainer.state.log_history
+
+
+def check_kept(kept: int, selection: Selection) -> None:
+    """TRL drops examples it truncated to nothing to learn from; fit_examples should leave none, so say so if not."""
+    dropped = len(selection.examples) - kept
+    if kept == 0:
+        raise CommandError(f"TRL dropped all {dropped} examples after truncating them; raise max_length")
+    if dropped:
+        log.warning("TRL dropped %d of %d examples after truncating them", dropped, len(selection.examples))
 
 
 def merge_into_base(config: WarmupConfig, adapter_dir: Path):

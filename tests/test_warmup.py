@@ -11,11 +11,12 @@ import torch
 from test_generate import chat_model
 from tiny import arena_frame, model_settings
 
-from lmsys.builders import build_model
+from lmsys.builders import build_model, build_tokenizer
+from lmsys.cli import CommandError
 from lmsys.config import LoraConfig
 from lmsys.data.schema import Pair
 from lmsys.warmup import MARKER, Stage, WarmupConfig, WarmupDataConfig, main
-from lmsys.warmup_training import select_examples, trainer_args, winning_side
+from lmsys.warmup_training import fit_examples, select_examples, trainer_args, winning_side
 
 # transformers 5 renamed its checkpointing switch and methods; the old names, as TRL and peft still use them, warn
 GRADIENT_CHECKPOINTING_DEPRECATED = "error:`gradient_checkpointing` is deprecated:FutureWarning"
@@ -60,7 +61,8 @@ def test_examples_from_rows():
         Pair("5", ("q",), ("same",), ("same",), (1.0, 0.0, 0.0)),
     ]
     sft = select_examples(pairs, Stage.sft, 0.1)
-    assert sft.counts() == {"used": 2, "skipped_ties": 1, "skipped_uncertain": 1, "skipped_identical": 1}
+    assert sft.counts() == {"used": 2, "skipped_ties": 1, "skipped_uncertain": 1, "skipped_identical": 1,
+                            "shortened": 0}
     user, bot = (lambda text: {"role": "user", "content": text}), (lambda text: {"role": "assistant", "content": text})
     assert sft.examples == [
         {"prompt": [user("q")], "completion": [bot("good")]},
@@ -73,7 +75,8 @@ def test_examples_from_rows():
 
 def test_sft_result_loads_as_a_base_and_differs(setup, tmp_path):
     record = warmup(setup, tmp_path / "sft", "sft")
-    assert record["rows"] == {"used": 8, "skipped_ties": 4, "skipped_uncertain": 0, "skipped_identical": 0}
+    assert record["rows"] == {"used": 8, "skipped_ties": 4, "skipped_uncertain": 0, "skipped_identical": 0,
+                              "shortened": 0}
     assert len(losses(record)) == 3
     weights = {}
     for name, path in (("base", setup["base"]), ("warm", tmp_path / "sft")):
@@ -84,6 +87,28 @@ def test_sft_result_loads_as_a_base_and_differs(setup, tmp_path):
     changed = [k for k in weights["base"] if not torch.equal(weights["base"][k], weights["warm"][k])]
     assert any("q_proj" in k for k in changed) and any("down_proj" in k for k in changed)
     assert not any("embed_tokens" in k or "norm" in k for k in changed)  # LoRA touched only the projections
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+def test_long_examples_are_cut_to_max_length_keeping_every_answer(setup, stage):
+    """TRL keeps only the start of a long example, cutting away the answer, then drops it (0 examples: a crash);
+    texts are cut head + tail instead, a DPO pair's user turn alike in both conversations."""
+    long = [Pair(str(i), ("question " * 150 + f"q{i}",), ("answer a " * 120 + "end a",), ("answer b " * 90 + "end b",),
+                 target=(1.0, 0.0, 0.0)) for i in range(3)]
+    selection = select_examples(long, stage, 0.0)
+    tokenizer = build_tokenizer(setup["base"], False)
+    fit_examples(selection, tokenizer, 128)
+    assert selection.shortened == 3
+    for example in selection.examples:
+        conversations = ([example["prompt"] + example["completion"]] if stage == Stage.sft
+                         else [example["chosen"], example["rejected"]])
+        for messages in conversations:
+            assert len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]) <= 128
+            assert messages[-1]["content"].startswith("answer") and messages[-1]["content"].endswith("end a" if
+                   messages is conversations[0] else "end b") and " [...] " in messages[-1]["content"]
+        assert len({messages[0]["content"] for messages in conversations}) == 1  # the user turn cut alike
+    with pytest.raises(CommandError, match="max_length=8 leaves no room"):
+        fit_examples(select_examples(long, stage, 0.0), tokenizer, 8)
 
 
 @pytest.mark.filterwarnings(GRADIENT_CHECKPOINTING_DEPRECATED)
