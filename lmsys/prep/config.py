@@ -4,6 +4,7 @@ misspelled or unknown option fails at once."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import MISSING
 
@@ -33,3 +34,6 @@ class PrepareConfig:
         require(
             self.sources is None or all(name.strip() for name in self.sources), "sources must not hold empty names"
         )
+        require(self.tokenizer_path is None or Path(self.tokenizer_path).is_dir(),
+                f"tokenizer_path={self.tokenizer_path} is not a local directory (a model dir with its tokenizer; "
+                f"nothing is downloaded)")

@@ -68,6 +68,7 @@ def prepare(config: PrepareConfig) -> pd.DataFrame:
     check_output_paths({**{f"inputs[{i}]": path for i, path in enumerate(config.inputs)},
                         "tokenizer_path": config.tokenizer_path},
                        {"output_dir": output_dir}, directory_outputs=frozenset({"output_dir"}))
+    counter = tokenizer_counter(config.tokenizer_path) if config.tokenizer_path else word_counter()  # checked first
     names = config.sources or [Path(path).stem for path in config.inputs]
     inputs = [read_source(path, name, config.seed, config.strict) for path, name in zip(config.inputs, names)]
     kept, duplicates = remove_duplicates(inputs)
@@ -83,7 +84,6 @@ def prepare(config: PrepareConfig) -> pd.DataFrame:
         duplicates.to_csv(staging / "duplicates.csv", index=False)
         frame = _write_parquets(kept, config.k_folds, config.seed, staging)
         accounting = input_accounting(inputs, duplicates, kept)
-        counter = tokenizer_counter(config.tokenizer_path) if config.tokenizer_path else word_counter()
         notes = _notes(config, inputs, kept, counter)
         write_report(staging, frame, accounting, duplicates, notes, counter, config.max_length)
         publish(staging, output_dir)

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from lmsys.cli import CommandError, one_line
+
 TEXT_COLUMNS = ("prompt", "response_a", "response_b")
 CLASS_NAMES = ("A", "B", "tie")
 # The truncation estimate adds this many tokens for the instruction and the chat-template markers around the texts.
@@ -37,7 +39,10 @@ def tokenizer_counter(path: str) -> LengthCounter:
     # The tokenizer alone: lmsys.builders would also import torch and the model stack, which a report does not need.
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise CommandError(f"tokenizer_path={path}: no tokenizer there ({one_line(err)})") from err
 
     def count(texts: list[str]) -> list[int]:
         lengths = []

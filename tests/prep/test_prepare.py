@@ -14,6 +14,7 @@ import pytest
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from lmsys.cli import CommandError
 from lmsys.config import ConfigError
 from lmsys.data.io import DataError, read_pairs
 from lmsys.data.split import prompt_group
@@ -259,6 +260,18 @@ def test_report_counts_tokens_with_a_tokenizer(tmp_path):
     report = (out / "report.md").read_text()
     assert f"tokens of the tokenizer in {tokenizer_dir}" in report
     assert "| response_b | 6 | 6 | 6 | 6 |" in report
+
+
+def test_a_tokenizer_path_without_a_local_tokenizer_fails_before_the_data_work(tmp_path, monkeypatch):
+    """Checked first and locally only: a Hub id or a typo must not start a download, nor fail after the data work."""
+    train = write_csv(tmp_path / "train.csv", distinct_rows(4))
+    with pytest.raises(ConfigError, match="tokenizer_path=HuggingFaceTB/SmolLM2-135M is not a local directory"):
+        run(tmp_path, [train], tokenizer_path="HuggingFaceTB/SmolLM2-135M")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr("lmsys.prep.prepare.read_source", lambda *args: pytest.fail("the data was read first"))
+    with pytest.raises(CommandError, match=f"tokenizer_path={tmp_path / 'empty'}: no tokenizer there"):
+        run(tmp_path, [train], tokenizer_path=str(tmp_path / "empty"))
+    assert not (tmp_path / "out").exists()
 
 
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
