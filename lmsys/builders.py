@@ -72,12 +72,24 @@ def build_splits(config: TrainConfig) -> tuple[list[Pair], list[Pair]]:
     train = to_classes(read_pairs(data.train_path, require_labels=True), num_classes, data.ties, data.train_path)
     if data.valid_path:
         valid = to_classes(read_pairs(data.valid_path, require_labels=True), num_classes, data.ties, data.valid_path)
+        warn_shared_ids(train, valid, data.train_path, data.valid_path)
     else:
         train, valid = split_train_valid(train, data.valid_fold, data.valid_fraction, data.split_seed,
                                          f"data.train_path={data.train_path}")
     if build_loss_weights(config.loss).needs_teacher:
         require_teachers(train, data.train_path)
     return train[: data.max_train_pairs], valid[: data.max_valid_pairs]
+
+
+def warn_shared_ids(train: list[Pair], valid: list[Pair], train_path: str, valid_path: str) -> None:
+    """Pairs in both files make the validation score partly in-sample: said once (a deliberate check on training
+    data stays possible)."""
+    train_ids = {pair.id for pair in train}
+    shared = [pair.id for pair in valid if pair.id in train_ids]
+    if shared:
+        log.warning("%d of the %d validation pairs (%s) are also in data.train_path=%s by id, e.g. %s: the "
+                    "validation score is not out of sample", len(shared), len(valid), valid_path, train_path,
+                    shared[:3])
 
 
 def build_spec(model: ModelConfig, data: DataConfig, packing: bool) -> ModelSpec:

@@ -331,6 +331,8 @@ def read_prompts(path: str | Path) -> list[tuple[str, tuple[str, ...]]]:
     frame = read_table(path)
     if "prompt" not in frame.columns:
         raise DataError(f"{path}: missing column 'prompt'; found {list(frame.columns)}")
+    if "id" in frame.columns:
+        _check_present_ids(frame["id"], str(path))  # a blank id would reach the pairs, which training refuses
     ids = frame["id"].astype(str).tolist() if "id" in frame.columns else [str(i) for i in range(len(frame))]
     _check_unique_ids(ids, str(path))
     prompts, repaired = [], []

@@ -336,3 +336,11 @@ def test_conversations_of_uneven_turn_counts_are_read_with_one_warning(tmp_path,
     with caplog.at_level("WARNING", logger="lmsys"):
         read_pairs(write_csv(tmp_path, tiny.arena_frame(4, labelled=False), "even.csv"), require_labels=False)
     assert "number of turns" not in caplog.text
+
+
+def test_a_prompt_file_with_a_blank_id_names_the_row(tmp_path):
+    """Generated pairs carry the prompt's id: a blank one would be refused only later, by training or predict."""
+    path = tmp_path / "prompts.csv"
+    pd.DataFrame({"id": ["p1", ""], "prompt": ["hello", "world"]}).to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"prompts.csv: data row 1 \(counting from 0\) column 'id': missing id"):
+        read_prompts(path)

@@ -132,3 +132,17 @@ def test_too_few_rows_to_split_is_a_data_error(n, fraction):
     with pytest.raises(DataError, match=rf"{n} pair\(s\) with {n} distinct prompt\(s\) cannot be split.*"
                                         rf"valid_fraction={fraction}"):
         split_train_valid(pairs, None, fraction, 0)
+
+
+def test_validation_pairs_that_are_also_training_pairs_are_counted(tmp_path, caplog):
+    tiny.arena_frame(8).to_csv(tmp_path / "train.csv", index=False)
+    tiny.arena_frame(4, start_id=6).to_csv(tmp_path / "valid.csv", index=False)  # ids 6..9: 6 and 7 are shared
+    with caplog.at_level("WARNING", logger="lmsys"):
+        splits_of(DataConfig(train_path=str(tmp_path / "train.csv"), valid_path=str(tmp_path / "valid.csv")))
+    assert (f"2 of the 4 validation pairs ({tmp_path / 'valid.csv'}) are also in data.train_path="
+            f"{tmp_path / 'train.csv'} by id, e.g. ['6', '7']: the validation score is not out of sample") in caplog.text
+    caplog.clear()
+    tiny.arena_frame(4, start_id=100).to_csv(tmp_path / "disjoint.csv", index=False)
+    with caplog.at_level("WARNING", logger="lmsys"):
+        splits_of(DataConfig(train_path=str(tmp_path / "train.csv"), valid_path=str(tmp_path / "disjoint.csv")))
+    assert "not out of sample" not in caplog.text
