@@ -318,7 +318,8 @@ def build_validation(config: TrainConfig, spec: ModelSpec, split: EncodedSplit, 
 
 def build_inference_batching(settings: InferenceConfig, spec: ModelSpec, pad_id: int) -> Batching:
     # Rows at most one sequence wide by default: sdpa/eager attention costs the square of the row width.
-    return Batching(inference_packing(settings, spec.family), settings.max_tokens, settings.row_tokens or spec.max_length,
+    return Batching(inference_packing(settings, spec.family), settings.max_tokens,
+                    settings.row_tokens or spec.max_length,
                     settings.batch_size, pad_id, spec.padding_side, spec.attention_width)
 
 

@@ -246,7 +246,8 @@ def load_weights(path: str) -> tuple[np.ndarray, float]:
         saved = json.loads(Path(path).read_text())
         weights, temperature = np.asarray(saved["weights"], dtype=np.float64), float(saved["temperature"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{path}: not a weights.json of python -m lmsys.ensemble ({type(err).__name__}: {err})") from err
+        raise DataError(f"{path}: not a weights.json of python -m lmsys.ensemble "
+                        f"({type(err).__name__}: {err})") from err
     if not (weights.ndim == 1 and np.isfinite(weights).all() and (weights >= 0).all()
             and abs(weights.sum() - 1.0) <= PROB_TOLERANCE):
         raise DataError(f"{path}: 'weights' must be non-negative and sum to 1, got {weights.tolist()}")

@@ -40,9 +40,9 @@ def merge_adapter(checkpoint: Path, spec: ModelSpec, dtype: ComputeDtype, base_w
 
 
 def round_base_weights(backbone: torch.nn.Module, quantization: Quantization, double_quant: bool) -> list[str]:
-    """Replace every base projection weight (each nn.Linear but LoRA's) by its `quantization` (nf4 or fp4) round trip, quantized as
-    transformers quantizes a model it loads in 4 bits (bitsandbytes' quantize_4bit, blocks of 64, from the weights in
-    their load dtype). Returns the names of the projections rounded."""
+    """Replace every base projection weight (each nn.Linear but LoRA's) by its `quantization` (nf4 or fp4) round
+    trip, quantized as transformers quantizes a model it loads in 4 bits (bitsandbytes' quantize_4bit, blocks of
+    64, from the weights in their load dtype). Returns the names of the projections rounded."""
     rounded = []
     with torch.no_grad():
         for name, module in backbone.named_modules():

@@ -94,7 +94,8 @@ class InferenceConfig:
 @dataclass
 class PredictConfig(InferenceConfig):
     checkpoint: str = MISSING  # a run's checkpoint/ directory (adapter + head + spec), or an exported merged one
-    output: str = MISSING  # the Kaggle submission CSV: id, winner_model_a, winner_model_b, winner_tie (WSDM: id, winner)
+    # the Kaggle submission CSV: id, winner_model_a, winner_model_b, winner_tie (WSDM: id, winner)
+    output: str = MISSING
     # .csv or .parquet: id and the class probabilities the submission was made from (what the ensemble averages; a
     # two-class model's submission holds only its argmax)
     probs_output: str | None = None

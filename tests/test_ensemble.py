@@ -159,7 +159,8 @@ def test_invalid_oof_files_are_named(tmp_path: Path, column, row, value, message
         with pytest.raises(DataError, match=rf"{bad}: .*{message}"):
             ensemble(["--oof", str(good), str(bad), "--out", str(tmp_path / "out")])
         with pytest.raises(DataError, match=rf"{bad}: .*{message}"):
-            ensemble(["--oof", str(good), str(good), "--submissions", str(good), str(bad), "--out", str(tmp_path / "o")])
+            ensemble(["--oof", str(good), str(good), "--submissions", str(good), str(bad),
+                      "--out", str(tmp_path / "o")])
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()  # nothing created before the checks
 
 

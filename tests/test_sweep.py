@@ -146,7 +146,8 @@ def test_a_sweep_over_a_key_the_dir_names_lack_fails_before_its_first_job(tmp_pa
 
 
 def test_swept_keys_come_from_the_command_line_and_the_sweeper_params():
-    config = OmegaConf.create({"hydra": {"overrides": {"task": ["seed=1,2", "trainer.max_steps=4", "lora.r=range(8,17,8)"]},
+    task = ["seed=1,2", "trainer.max_steps=4", "lora.r=range(8,17,8)"]
+    config = OmegaConf.create({"hydra": {"overrides": {"task": task},
                                          "sweeper": {"params": {"optimizer.lr": "1e-4,3e-4", "lora.alpha": "32"}}}})
     assert swept_keys(config) == ["lora.r", "optimizer.lr", "seed"]
 

@@ -158,11 +158,11 @@ def checkpointing_renames_quietly() -> Iterator[None]:
 
 def fold_into_dense(model: torch.nn.Module) -> int:
     """For prediction: replace each LoRA-wrapped 4-bit (or unquantized) projection by a dense linear layer whose
-    weight is the dequantized base plus the LoRA update, in the base's compute dtype. The same function as before (the 4-bit
-    path dequantizes to that dtype on every call), computed as one matmul instead of a dequantization, a matmul
-    and two LoRA matmuls per call, for full-precision weight memory (bf16: 2 bytes per parameter). The model can no
-    longer train or save an adapter. Layers it cannot fold (see `unfoldable_reason`) are left as they are, named in
-    a warning. Returns the number of layers folded."""
+    weight is the dequantized base plus the LoRA update, in the base's compute dtype. The same function as before
+    (the 4-bit path dequantizes to that dtype on every call), computed as one matmul instead of a dequantization,
+    a matmul and two LoRA matmuls per call, for full-precision weight memory (bf16: 2 bytes per parameter). The
+    model can no longer train or save an adapter. Layers it cannot fold (see `unfoldable_reason`) are left as they
+    are, named in a warning. Returns the number of layers folded."""
     from peft.tuners.lora import LoraLayer
 
     folded, left = 0, {}

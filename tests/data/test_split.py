@@ -140,7 +140,8 @@ def test_validation_pairs_that_are_also_training_pairs_are_counted(tmp_path, cap
     with caplog.at_level("WARNING", logger="lmsys"):
         splits_of(DataConfig(train_path=str(tmp_path / "train.csv"), valid_path=str(tmp_path / "valid.csv")))
     assert (f"2 of the 4 validation pairs ({tmp_path / 'valid.csv'}) are also in data.train_path="
-            f"{tmp_path / 'train.csv'} by id, e.g. ['6', '7']: the validation score is not out of sample") in caplog.text
+            f"{tmp_path / 'train.csv'} by id, e.g. ['6', '7']: the validation score is not out of sample"
+            ) in caplog.text
     caplog.clear()
     tiny.arena_frame(4, start_id=100).to_csv(tmp_path / "disjoint.csv", index=False)
     with caplog.at_level("WARNING", logger="lmsys"):
