@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +31,15 @@ from scipy.special import softmax
 from lmsys.cli import command_errors
 from lmsys.config import ConfigError
 from lmsys.data.io import PROB_TOLERANCE, DataError, read_table
-from lmsys.data.schema import TARGET_COLUMNS, class_columns
+from lmsys.data.schema import SOFT_TARGET_COLUMNS, TARGET_COLUMNS, class_columns
 from lmsys.evaluation.metrics import accuracy, clip_probs, log_loss
 from lmsys.output_paths import check_output_paths
 from lmsys.runs import write_json
 from lmsys.submission import kaggle_submission, write_table
 
-SOFT_TARGET_COLUMNS = ("target_a", "target_b", "target_tie")
 # Bounds on log T: beyond them the ensemble is either uniform or one-hot, so nothing is lost.
-LOG_TEMPERATURE_BOUNDS = (np.log(0.05), np.log(20.0))
+LOWEST_T, HIGHEST_T = 0.05, 20.0
+LOG_TEMPERATURE_BOUNDS = (np.log(LOWEST_T), np.log(HIGHEST_T))
 CLASSES = (0, 1, 2)  # label values: A wins, B wins, tie (a two-class model's: A wins, B wins)
 CLASS_NAMES = {2: "A, B", 3: "A, B, tie"}
 
@@ -281,6 +282,9 @@ def run_ensemble(args: argparse.Namespace) -> None:
     submissions = load_submissions(args.submissions, columns) if args.submissions is not None else None
     out = Path(args.out)
     if oof is not None:
+        if args.weights is None and args.temperature and not (LOWEST_T * 1.001 < temperature < HIGHEST_T / 1.001):
+            print(f"warning: the fitted temperature {temperature:.4g} sits at its bound ({LOWEST_T:g} to "
+                  f"{HIGHEST_T:g}): the OOF predictions are nearly uninformative or already one-hot", file=sys.stderr)
         table = score_table(args.oof, oof[1], oof[2], weights, temperature)
         print(table.to_string(index=False, float_format=lambda v: f"{v:.5f}"))
         if args.weights is None:

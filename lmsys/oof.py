@@ -17,11 +17,13 @@ import argparse
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from lmsys.cli import command_errors
-from lmsys.data.io import DataError, read_table
-from lmsys.data.schema import class_columns
+from lmsys.data.io import DataError, read_pairs, read_table
+from lmsys.data.labels import without_unscored_ties
+from lmsys.data.schema import SOFT_TARGET_COLUMNS, class_columns
 from lmsys.evaluation.predict_loop import LOGIT_COLUMNS, SWAPPED_LOGIT_COLUMNS
 from lmsys.logs import setup_logging
 from lmsys.runs import write_file
@@ -42,12 +44,23 @@ def read_run_oof(run_dir: Path) -> pd.DataFrame:
     missing = [col for col in required if col not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing} (an oof.csv written before oof files carried logits?)")
-    expected_swapped = SWAPPED_LOGIT_COLUMNS[:width]
-    swapped = [col for col in expected_swapped if col in frame.columns]
-    if swapped and len(swapped) < len(expected_swapped):
-        raise DataError(f"{path}: only {swapped} of the swapped logit columns {list(expected_swapped)}")
+    optional = [_all_or_none(frame, path, names[:width]) for names in (SOFT_TARGET_COLUMNS, SWAPPED_LOGIT_COLUMNS)]
     frame["id"] = frame["id"].astype(str)
-    return frame[[*required, *swapped]]
+    numbers = [*required[1 : 1 + width], *required[2 + width :], *optional[0], *optional[1]]
+    bad = ~np.isfinite(frame[numbers].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64))
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise DataError(f"{path}: row id={frame['id'].iloc[row]} column '{numbers[column]}': not a finite number "
+                        f"({frame[numbers[column]].iloc[row]!r})")
+    return frame[[*required, *optional[0], *optional[1]]]
+
+
+def _all_or_none(frame: pd.DataFrame, path: Path, names: tuple[str, ...]) -> list[str]:
+    """Soft targets (a run validated on soft labels) or swapped logits (one with TTA): all of them, or none."""
+    present = [name for name in names if name in frame.columns]
+    if present and len(present) < len(names):
+        raise DataError(f"{path}: only {present} of the columns {list(names)}")
+    return present
 
 
 def join_oof(run_dirs: list[Path], train: Path | None = None) -> pd.DataFrame:
@@ -65,6 +78,9 @@ def join_oof(run_dirs: list[Path], train: Path | None = None) -> pd.DataFrame:
     if train is None:
         return joined
     train_ids = read_table(train)["id"].astype(str).tolist()
+    if "winner_tie" not in joined.columns and any(row_id not in owners for row_id in train_ids):
+        train_ids = [pair.id for pair in without_unscored_ties(read_pairs(train, require_labels=True), set(owners),
+                                                               str(train))]
     _check_covers(train, train_ids, owners)
     return joined.set_index("id").loc[train_ids].reset_index()
 
@@ -85,8 +101,8 @@ def _check_covers(train: Path, train_ids: list[str], owners: dict[str, Path]) ->
     """Every training id in exactly one fold, and no oof id from outside the training file."""
     missing = [row_id for row_id in train_ids if row_id not in owners]
     if missing:
-        raise DataError(f"{train}: row id={missing[0]} is in no run's {OOF_FILE} ({len(missing)} of "
-                        f"{len(train_ids)} training ids are; join the runs of every fold)")
+        raise DataError(f"{train}: row id={missing[0]} is in no run's {OOF_FILE} ({len(missing)} of the "
+                        f"{len(train_ids)} training ids are in none; join the runs of every fold)")
     known = set(train_ids)
     extra = [row_id for row_id in owners if row_id not in known]
     if extra:

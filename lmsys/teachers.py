@@ -23,6 +23,8 @@ from omegaconf import MISSING
 from lmsys.cli import run_command
 from lmsys.config import require
 from lmsys.data.io import DataError, pairs_to_frame, read_pairs, read_table
+from lmsys.data.labels import without_unscored_ties
+from lmsys.data.schema import Pair
 from lmsys.logs import setup_logging
 from lmsys.runs import write_file
 
@@ -53,13 +55,14 @@ def teacher_logits(path: str, ids: list[str]) -> np.ndarray:
         raise DataError(f"{path}: row id={duplicated[0]} column 'id': duplicate id ({len(duplicated)} in all)")
     _check_same_ids(path, set(frame["id"]), ids)
     frame = frame.set_index("id").loc[ids]
-    logits = frame[columns].to_numpy(np.float64)
-    if swapped:
-        logits = (logits + frame[swapped].to_numpy(np.float64)) / 2
-    if not np.isfinite(logits).all():
-        bad = [i for i, row in zip(ids, logits, strict=True) if not np.isfinite(row).all()]
-        raise DataError(f"{path}: row id={bad[0]}: non-finite logits ({len(bad)} rows)")
-    return logits
+    values = frame[columns + swapped].apply(pd.to_numeric, errors="coerce")  # '' or 'abc' in a CSV: NaN
+    bad = ~np.isfinite(values.to_numpy(np.float64))
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise DataError(f"{path}: row id={ids[row]} column '{values.columns[column]}': not a finite number "
+                        f"({frame[values.columns[column]].iloc[row]!r}; {int(bad.any(axis=1).sum())} row(s))")
+    logits = values[columns].to_numpy(np.float64)
+    return (logits + values[swapped].to_numpy(np.float64)) / 2 if swapped else logits
 
 
 def _logit_columns(frame: pd.DataFrame, path: str) -> tuple[list[str], list[str]]:
@@ -92,7 +95,7 @@ def _check_same_ids(path: str, found: set[str], ids: list[str]) -> None:
 
 def attach_teachers(config: TeachersConfig) -> Path:
     setup_logging()
-    pairs = read_pairs(config.train, require_labels=True)
+    pairs = two_class_scored(read_pairs(config.train, require_labels=True), config.logits, config.train)
     ids = [pair.id for pair in pairs]
     per_teacher = [teacher_logits(path, ids) for path in config.logits]
     widths = {logits.shape[1] for logits in per_teacher}
@@ -104,6 +107,15 @@ def attach_teachers(config: TeachersConfig) -> Path:
     write_file(Path(config.output), lambda tmp: frame.to_parquet(tmp, index=False))
     log.info("wrote %s: %d rows with the mean logits of %d teacher(s)", config.output, len(pairs), len(per_teacher))
     return Path(config.output)
+
+
+def two_class_scored(pairs: list[Pair], logit_files: list[str], train: str) -> list[Pair]:
+    """Without the tied rows that two-class teachers (data.ties=drop) never scored; every pair otherwise."""
+    frames = [read_table(path) for path in logit_files]
+    if any("logit_tie" in frame.columns or "id" not in frame.columns for frame in frames):
+        return pairs
+    scored = set.intersection(*(set(frame["id"].astype(str)) for frame in frames))
+    return without_unscored_ties(pairs, scored, train)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -260,3 +260,13 @@ def test_two_class_models_ensemble_into_a_wsdm_submission(tmp_path: Path) -> Non
                       labels)
     with pytest.raises(DataError, match=r"three.csv: probability columns .*winner_tie'\], the first file's"):
         ensemble(["--oof", oofs[0], str(three), "--out", str(tmp_path / "e3")])
+
+
+def test_a_temperature_at_its_bound_is_said(tmp_path: Path, capsys) -> None:
+    """Uninformative OOF predictions (labels drawn independently of them) push T to its upper bound."""
+    rng = np.random.default_rng(9)
+    probs = rng.dirichlet(np.ones(3) * 0.3, size=600)
+    oof = write_oof(tmp_path / "oof.csv", np.arange(600), probs, rng.integers(0, 3, size=600))
+    ensemble(["--oof", str(oof), "--out", str(tmp_path / "ens"), "--temperature"])
+    assert json.loads((tmp_path / "ens" / "weights.json").read_text())["temperature"] == pytest.approx(20.0, rel=1e-3)
+    assert "warning: the fitted temperature 20 sits at its bound (0.05 to 20)" in capsys.readouterr().err

@@ -17,9 +17,10 @@ from entry_runs import entry_env, finish, read_metrics, start_entry, tiny_overri
 from tiny import arena_frame
 
 from lmsys.data.io import DataError
-from lmsys.data.schema import TARGET_COLUMNS, swap_abt
+from lmsys.data.schema import SOFT_TARGET_COLUMNS, TARGET_COLUMNS, Pair, swap_abt
 from lmsys.ensemble import load_oof
-from lmsys.evaluation.predict_loop import LOGIT_COLUMNS, SWAPPED_LOGIT_COLUMNS, softmax
+from lmsys.evaluation.predict_loop import LOGIT_COLUMNS, SWAPPED_LOGIT_COLUMNS, SplitPredictions, softmax
+from lmsys.evaluation.validation import Evaluation, oof_frame
 from lmsys.oof import join_oof, main
 from lmsys.sweep import SUMMARY_FILE
 
@@ -102,7 +103,8 @@ def test_a_training_id_in_no_fold_fails_naming_it(three_folds, capsys, tmp_path)
         main(["join", *map(str, three_folds.runs[:2]), "--out", str(out), "--train", str(three_folds.train)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {three_folds.train}: row id=2 is in no run's oof.csv (4 of 12 training ids")
+    assert err.startswith(f"error: {three_folds.train}: row id=2 is in no run's oof.csv (4 of the 12 training ids "
+                          f"are in none")
     assert not out.exists()
 
 
@@ -193,3 +195,53 @@ def test_a_fold_sweep_without_a_fold_column_fails_before_any_model_loads(tmp_pat
     assert "Traceback" not in text
     # Hydra makes the job's dir; no run claimed it (config.yaml, train.log are written right after the data checks)
     assert not [path for path in (tmp_path / "sweep").glob("fold*/**/*") if path.is_file()]
+
+
+def test_oof_rows_of_soft_targets_carry_them():
+    """A run validated on soft targets (data.ties=split, pseudo-labels) scores against them: oof.csv says so, since
+    `label` is only their argmax (a 0.5 / 0.5 tie would read as an A win)."""
+    pairs = [Pair("t", ("q",), ("a",), ("b",), target=(0.5, 0.5)), Pair("h", ("q",), ("a",), ("b",), target=(0.0, 1.0))]
+    logits = np.array([[0.2, -0.1], [0.0, 1.0]])
+    evaluation = Evaluation({}, softmax(logits), SplitPredictions([logits], None))
+    frame = oof_frame(SimpleNamespace(pairs=pairs), evaluation)
+    assert list(frame.columns) == ["id", *TARGET_COLUMNS[:2], "label", *SOFT_TARGET_COLUMNS[:2], *LOGIT_COLUMNS[:2]]
+    assert frame[list(SOFT_TARGET_COLUMNS[:2])].to_numpy().tolist() == [[0.5, 0.5], [0.0, 1.0]]
+    hard = oof_frame(SimpleNamespace(pairs=pairs[1:]), Evaluation({}, softmax(logits[1:]), SplitPredictions(
+        [logits[1:]], None)))
+    assert SOFT_TARGET_COLUMNS[0] not in hard.columns
+
+
+def test_join_keeps_soft_targets_and_the_ensemble_fits_to_them(tmp_path):
+    runs = [fake_fold_run(tmp_path / "runs", k, ids, classes=2) for k, ids in enumerate([[0, 2], [1, 3]])]
+    for run in runs:
+        frame = pd.read_csv(run / "oof.csv")
+        frame.insert(4, "target_a", 0.5)
+        frame.insert(5, "target_b", 0.5)
+        frame.to_csv(run / "oof.csv", index=False)
+    out = tmp_path / "oof.csv"
+    main(["join", *map(str, runs), "--out", str(out)])
+    assert {"target_a", "target_b"} <= set(pd.read_csv(out).columns)
+    _ids, _probs, targets = load_oof([str(out)])
+    assert targets.tolist() == [[0.5, 0.5]] * 4  # not the labels' one-hot
+
+
+def test_a_two_class_join_leaves_out_the_ties_that_data_ties_drop_never_validated(tmp_path, caplog):
+    train = tmp_path / "train.csv"
+    arena_frame(9).to_csv(train, index=False)  # labels cycle A, B, tie: ids 2, 5, 8 are ties
+    runs = [fake_fold_run(tmp_path / "runs", k, ids, classes=2) for k, ids in enumerate([[0, 3, 6], [1, 4, 7]])]
+    with caplog.at_level("WARNING", logger="lmsys"):
+        joined = join_oof(runs, train)
+    assert list(joined["id"]) == ["0", "1", "3", "4", "6", "7"]
+    assert ("3 tied row(s) have no two-class prediction (data.ties=drop left them out), e.g. ['2', '5', '8']"
+            in caplog.text)
+    with pytest.raises(DataError, match=r"row id=1 is in no run's oof.csv \(6 of the 9 training ids are in none"):
+        join_oof(runs[:1], train)  # a missing fold still fails: not every absent row is a tie
+
+
+def test_a_cell_that_is_not_a_number_is_named(three_folds, tmp_path):
+    frame = pd.read_csv(three_folds.runs[1] / "oof.csv", dtype={"id": str})
+    frame["logit_b"] = frame["logit_b"].astype(object)
+    frame.loc[2, "logit_b"] = ""
+    frame.to_csv(three_folds.runs[1] / "oof.csv", index=False)
+    with pytest.raises(DataError, match=rf"{three_folds.runs[1] / 'oof.csv'}: row id=7 column 'logit_b': not a finite"):
+        join_oof(three_folds.runs)

@@ -82,6 +82,34 @@ def test_a_teacher_file_with_part_of_its_columns_is_refused(train_file, tmp_path
     assert not (tmp_path / "o.parquet").exists()
 
 
+def test_a_logit_cell_that_is_not_a_number_is_named(train_file, tmp_path):
+    ids = [str(i) for i in range(8)]
+    path = tmp_path / "t.csv"
+    frame = pd.read_csv(logits_file(path, ids, np.ones((8, 3)), np.zeros((8, 3))), dtype={"id": str})
+    frame["swapped_logit_tie"] = frame["swapped_logit_tie"].astype(object)
+    frame.loc[5, "swapped_logit_tie"] = "abc"
+    frame.to_csv(path, index=False)
+    with pytest.raises(DataError, match=rf"{path}: row id=5 column 'swapped_logit_tie': not a finite number \('abc'"):
+        attach_teachers(parse_config(TeachersConfig, [f"train={train_file}", f"logits=[{path}]",
+                                                      f"output={tmp_path / 'o.parquet'}"]))
+
+
+def test_two_class_teachers_leave_out_the_ties_they_never_scored(train_file, tmp_path, capsys):
+    """A two-class teacher sweep with data.ties=drop validated no tied row; the student drops them all the same."""
+    scored = [str(i) for i in range(8) if i % 3 != 2]  # arena_frame's labels cycle A, B, tie
+    two = pd.DataFrame({"id": scored, "logit_a": 1.0, "logit_b": -1.0})
+    two.to_csv(tmp_path / "two.csv", index=False)
+    out = tmp_path / "o.parquet"
+    attach_teachers(parse_config(TeachersConfig, [f"train={train_file}", f"logits=[{tmp_path / 'two.csv'}]",
+                                                  f"output={out}"]))
+    assert [pair.id for pair in read_pairs(out, require_labels=True)] == scored
+    assert "2 tied row(s) have no two-class prediction" in capsys.readouterr().err
+    two.drop(index=0).to_csv(tmp_path / "short.csv", index=False)  # a scored row missing as well: still an error
+    with pytest.raises(DataError, match=r"3 missing"):
+        attach_teachers(parse_config(TeachersConfig, [f"train={train_file}", f"logits=[{tmp_path / 'short.csv'}]",
+                                                      f"output={tmp_path / 'o2.parquet'}"]))
+
+
 def test_a_student_trained_on_the_kl_term_moves_to_its_teacher(tiny_models, train_file, tmp_path):
     """20 updates of KL-only distillation on the tiny NF4 model: the student's probabilities approach the teacher's
     (which disagree with the labels, so the labels cannot be what it learns)."""

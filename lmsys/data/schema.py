@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 TARGET_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
+SOFT_TARGET_COLUMNS = ("target_a", "target_b", "target_tie")  # an oof table's targets when they are not one-hot
 
 
 def class_columns(columns) -> tuple[str, ...]:
