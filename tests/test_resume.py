@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import tiny
 import torch
 from entry_runs import finish, read_metrics, read_metrics_log, read_oof, start_entry, tiny_overrides
 from tiny import arena_frame
@@ -22,7 +23,7 @@ from lmsys import runs
 from lmsys.config import Quantization
 from lmsys.modeling.backbone import load_backbone
 from lmsys.runs import RunDir
-from lmsys.training.state import LOOP_FILE, STATE_DIR, check_resumable, find_state
+from lmsys.training.state import LOOP_FILE, STATE_DIR, check_resumable, find_state, weights_fingerprint
 
 UPDATES = 6  # 48 pairs, 8 per update: one epoch
 OLD_STATE = f".{STATE_DIR}.old"
@@ -157,8 +158,10 @@ def test_a_resume_under_another_plan_is_refused(resumed, overrides, tmp_path):
     (run_dir / runs.FINISHED_MARKER).unlink()  # as if stopped after its last state
     before = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
     log = tmp_path / "refused.log"
-    process = start_entry([*overrides, f"hydra.run.dir={run_dir}", "resume=true", "seed=12", "trainer.grad_accum=1"],
-                          log)
+    other_base = tiny.save_tiny_model("llama", tmp_path / "other_base", seed=5)  # the same shapes, other weights
+    changed = [f"model.path={other_base}" if arg.startswith("model.path=") else arg for arg in overrides]
+    process = start_entry([*changed, f"hydra.run.dir={run_dir}", "resume=true", "seed=12", "trainer.grad_accum=1",
+                           "lora.alpha=8"], log)
     process.wait(timeout=300)
     output = log.read_text()
     assert process.returncode == 2, output[-3000:]
@@ -168,6 +171,8 @@ def test_a_resume_under_another_plan_is_refused(resumed, overrides, tmp_path):
     assert "seed: 11 in the state, 12 now" in errors[0]
     assert "pairs per update (trainer.batch_size x trainer.grad_accum x processes): 8 in the state, 4 now" in errors[0]
     assert "with 1 process, trainer.batch_size x trainer.grad_accum = 8 keeps 8 pairs per update" in errors[0]
+    assert "model.path weights: 1 weight file(s), digest" in errors[0]  # the adapter would continue on another base
+    assert "'alpha': 32" in errors[0] and "'alpha': 8" in errors[0]  # and at another scale
     after = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file() and path.name != "train.log"}
     assert after == {name: content for name, content in before.items() if name != "train.log"}
     assert loop_step(run_dir / STATE_DIR) == UPDATES
@@ -241,3 +246,11 @@ def test_a_state_saved_without_a_plan_resumes_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lmsys"):
         check_resumable(tmp_path, {"seed": 11}, 1)
     assert "records no plan (saved by an older lmsys): resuming without checking the config" in caplog.text
+
+
+def test_the_weights_fingerprint_follows_content_not_path(tiny_models, tmp_path):
+    same = tmp_path / "copy"
+    shutil.copytree(tiny_models["llama"], same)
+    other = tiny.save_tiny_model("llama", tmp_path / "other", seed=5)
+    assert weights_fingerprint(str(same)) == weights_fingerprint(str(tiny_models["llama"]))
+    assert weights_fingerprint(str(other)) != weights_fingerprint(str(tiny_models["llama"]))

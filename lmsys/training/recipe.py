@@ -40,7 +40,14 @@ from lmsys.training.loss_scaling import no_loss_scaling
 from lmsys.training.plan import Update, iterate_updates
 from lmsys.training.settings import LoopSettings
 from lmsys.training.signals import GracefulStop, StopRequested
-from lmsys.training.state import LoopState, check_resumable, restore_state, run_plan, save_training_state
+from lmsys.training.state import (
+    LoopState,
+    check_resumable,
+    model_plan,
+    restore_state,
+    run_plan,
+    save_training_state,
+)
 
 log = logging.getLogger("lmsys")
 
@@ -96,7 +103,8 @@ class TrainingRecipe:
         train_split, valid_split = encode_split(train_pairs, encoders), encode_split(valid_pairs, encoders)
         settings = builders.build_loop_settings(config, spec, len(train_split), accelerator.num_processes,
                                                 tokenizer.pad_token_id)
-        plan = run_plan(settings, asdict(config.optimizer), train_split, valid_split)
+        plan = run_plan(settings, asdict(config.optimizer), train_split, valid_split,
+                        model_plan(config.model, config.lora))
         if config.resume:
             check_resumable(run_path, plan, accelerator.num_processes)
         record_run(run, config, accelerator, resolved_yaml)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmsys.config import FineTune, LoraConfig, ModelConfig
 from lmsys.data.dataset import EncodedSplit
 from lmsys.runs import STATE_DIR, RunDir
 from lmsys.training.distributed import full_trainable_state, load_full_state, load_optimizer_state, optimizer_state
@@ -50,7 +51,8 @@ class LoopState:
 PAIRS_PER_UPDATE = "pairs per update (trainer.batch_size x trainer.grad_accum x processes)"
 
 
-def run_plan(settings: LoopSettings, optimizer: dict, train: EncodedSplit, validation: EncodedSplit) -> dict:
+def run_plan(settings: LoopSettings, optimizer: dict, train: EncodedSplit, validation: EncodedSplit,
+             model: dict) -> dict:
     """What fixes a run's sequence of updates and what they optimise, as stored in its training state. A resumed run
     must agree on all of it, or it would continue another run: pairs skipped or trained twice, an lr schedule of
     another length, the config's lrs silently replaced by the loaded optimizer's and scheduler's. The process count
@@ -66,8 +68,39 @@ def run_plan(settings: LoopSettings, optimizer: dict, train: EncodedSplit, valid
         "optimizer": optimizer,
         "training pairs": split_digest(train),
         "validation pairs": split_digest(validation),
+        **model,
     }
     return json.loads(json.dumps(plan, default=_jsonable))  # as it reads back from loop.json
+
+
+def model_plan(model: ModelConfig, lora: LoraConfig) -> dict:
+    """What the trained weights are applied to and how: the base model's (and a warm start's) weight files by their
+    content, not their path (a run moved to another machine resumes), the quantization of the base, the LoRA shape
+    and scale, the head. Kernels and the compute dtype are left out: they compute the same function."""
+    return {
+        "model.path weights": weights_fingerprint(model.path),
+        "model.init_from weights": weights_fingerprint(model.init_from) if model.init_from else None,
+        **{f"model.{key}": getattr(model, key) for key in RESUMED_MODEL_KEYS},
+        "lora": asdict(lora) if model.finetune == FineTune.lora else None,
+    }
+
+
+RESUMED_MODEL_KEYS = ("quantization", "double_quant", "head", "head_dropout", "num_classes", "finetune", "architecture")
+FINGERPRINT_BYTES = 1 << 20
+
+
+def weights_fingerprint(directory: str) -> str:
+    """Each safetensors file's name and size, with a digest of its first and last MiB (the header with every
+    tensor's name and shape, and weights): another model, or other weights of the same shape, differ; reading a 9B
+    model's shards costs a few MiB."""
+    digest, files = hashlib.blake2b(digest_size=12), sorted(Path(directory).glob("*.safetensors"))
+    for path in files:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            digest.update(f"{path.name}\x00{size}\x00".encode() + handle.read(FINGERPRINT_BYTES))
+            handle.seek(max(0, size - FINGERPRINT_BYTES))
+            digest.update(handle.read(FINGERPRINT_BYTES))
+    return f"{len(files)} weight file(s), digest {digest.hexdigest()}"
 
 
 def split_digest(split: EncodedSplit) -> str:
@@ -91,8 +124,8 @@ def check_resumable(run_path: Path, plan: dict, processes: int) -> None:
     if not saved:
         log.warning("%s records no plan (saved by an older lmsys): resuming without checking the config", directory)
         return
-    changed = [f"{key}: {saved.get(key)} in the state, {value} now" for key, value in plan.items()
-               if saved.get(key) != value]
+    changed = [f"{key}: {saved[key]} in the state, {value} now" for key, value in plan.items()
+               if key in saved and saved[key] != value]  # a state saved before a key was planned: unchecked
     if not changed:
         return
     saved_pairs = saved.get(PAIRS_PER_UPDATE)
