@@ -37,7 +37,15 @@ from safetensors.torch import save_file
 from lmsys.cli import run_command
 from lmsys.config import ConfigError, require
 from lmsys.logs import setup_logging
-from lmsys.modeling.checkpoint import ADAPTER_FILES, HEAD_FILE, SPEC_FILE, CheckpointError, ModelSpec, read_spec
+from lmsys.modeling.checkpoint import (
+    ADAPTER_FILES,
+    HEAD_FILE,
+    SPEC_FILE,
+    CheckpointError,
+    ModelSpec,
+    read_spec,
+    weights_fingerprint,
+)
 from lmsys.modeling.precision import saved_quantization
 from lmsys.runs import write_file
 
@@ -92,6 +100,8 @@ def read_ingredient(path: Path) -> Ingredient:
 def check_compatible(first: Ingredient, other: Ingredient) -> None:
     """The first difference between two checkpoints that makes averaging them meaningless, named."""
     for name, mine, theirs in _differences(first.spec, other.spec):
+        if name == "base_model_path" and same_base_weights(first, other):
+            continue  # the same base model files at another path (another machine's mount)
         if name.split(".")[0] not in RUNTIME_FIELDS:
             raise CheckpointError(f"{other.path}: {SPEC_FILE} field {name} is {_shown(theirs)}, but {first.path} "
                                   f"has {_shown(mine)}; a soup needs checkpoints of one base model and input layout")
@@ -108,6 +118,14 @@ def check_compatible(first: Ingredient, other: Ingredient) -> None:
             key = min(set(mine.items()) ^ set(theirs.items()))[0]
             raise CheckpointError(f"{other.path}: {name} tensor {key} is {theirs.get(key, 'absent')}, but "
                                   f"{first.path} has {mine.get(key, 'absent')}")
+
+
+def same_base_weights(first: Ingredient, other: Ingredient) -> bool:
+    """Whether two adapter checkpoints' base models, named by different paths, hold the same weight files."""
+    bases = [ingredient.path / ingredient.spec.base_model_path for ingredient in (first, other)]  # absolute replaces
+    if first.spec.merged or not all((base / "config.json").is_file() for base in bases):
+        return False
+    return weights_fingerprint(str(bases[0])) == weights_fingerprint(str(bases[1]))
 
 
 def weight_files(ingredient: Ingredient) -> tuple[str, ...]:

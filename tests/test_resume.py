@@ -22,8 +22,9 @@ from tiny import arena_frame
 from lmsys import runs
 from lmsys.config import Quantization
 from lmsys.modeling.backbone import load_backbone
+from lmsys.modeling.checkpoint import weights_fingerprint
 from lmsys.runs import RunDir
-from lmsys.training.state import LOOP_FILE, STATE_DIR, check_resumable, find_state, weights_fingerprint
+from lmsys.training.state import LOOP_FILE, STATE_DIR, check_resumable, find_state
 
 UPDATES = 6  # 48 pairs, 8 per update: one epoch
 OLD_STATE = f".{STATE_DIR}.old"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny
 import torch
 from accelerate import Accelerator
 from entry_runs import entry_env
@@ -164,11 +165,15 @@ def test_spec_mismatch_fails_naming_the_checkpoint_and_field(checkpoints, tmp_pa
     assert not (tmp_path / "soup").exists()
 
 
-def test_a_different_base_model_fails(checkpoints, tiny_models, tmp_path):
-    base = shutil.copytree(tiny_models["llama"], tmp_path / "other_base")  # same architecture, another model
+def test_a_different_base_model_fails_and_the_same_files_elsewhere_pass(checkpoints, tiny_models, tmp_path):
+    """Bases are compared by their weight files: fold runs trained where the model sits at another path soup."""
+    base = tiny.save_tiny_model("llama", tmp_path / "other_base", seed=5)  # same architecture, other weights
     other = make_checkpoint(tmp_path / "other", base, seed=1)
     with pytest.raises(CheckpointError, match=rf"^{other}: lmsys_checkpoint.json field base_model_path is '{base}'"):
         make_soup([checkpoints["a"], other], None, tmp_path / "soup", overwrite=False)
+    moved = make_checkpoint(tmp_path / "moved", shutil.copytree(tiny_models["llama"], tmp_path / "copy"), seed=1)
+    soup = make_soup([checkpoints["a"], moved], None, tmp_path / "soup", overwrite=False)
+    assert read_spec(soup).base_model_path == read_spec(checkpoints["a"]).base_model_path  # the first's
 
 
 def test_a_different_lora_rank_fails(checkpoints, tiny_models, tmp_path):

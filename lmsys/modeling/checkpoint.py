@@ -5,6 +5,7 @@ A merged checkpoint (`python -m lmsys.export`) holds the full backbone weights i
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -228,3 +229,20 @@ def load_head_state(directory: str | Path) -> dict[str, torch.Tensor]:
 
 def _has_adapter(model) -> bool:
     return hasattr(model.backbone, "peft_config")
+
+
+FINGERPRINT_BYTES = 1 << 20
+
+
+def weights_fingerprint(directory: str) -> str:
+    """Each safetensors file's name and size, with a digest of its first and last MiB (the header with every
+    tensor's name and shape, and weights): another model, or other weights of the same shape, differ; reading a 9B
+    model's shards costs a few MiB."""
+    digest, files = hashlib.blake2b(digest_size=12), sorted(Path(directory).glob("*.safetensors"))
+    for path in files:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            digest.update(f"{path.name}\x00{size}\x00".encode() + handle.read(FINGERPRINT_BYTES))
+            handle.seek(max(0, size - FINGERPRINT_BYTES))
+            digest.update(handle.read(FINGERPRINT_BYTES))
+    return f"{len(files)} weight file(s), digest {digest.hexdigest()}"

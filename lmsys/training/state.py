@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from lmsys.config import FineTune, LoraConfig, ModelConfig
 from lmsys.data.dataset import EncodedSplit
+from lmsys.modeling.checkpoint import weights_fingerprint
 from lmsys.runs import STATE_DIR, RunDir
 from lmsys.training.distributed import full_trainable_state, load_full_state, load_optimizer_state, optimizer_state
 from lmsys.training.settings import LoopSettings
@@ -86,21 +87,6 @@ def model_plan(model: ModelConfig, lora: LoraConfig) -> dict:
 
 
 RESUMED_MODEL_KEYS = ("quantization", "double_quant", "head", "head_dropout", "num_classes", "finetune", "architecture")
-FINGERPRINT_BYTES = 1 << 20
-
-
-def weights_fingerprint(directory: str) -> str:
-    """Each safetensors file's name and size, with a digest of its first and last MiB (the header with every
-    tensor's name and shape, and weights): another model, or other weights of the same shape, differ; reading a 9B
-    model's shards costs a few MiB."""
-    digest, files = hashlib.blake2b(digest_size=12), sorted(Path(directory).glob("*.safetensors"))
-    for path in files:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            digest.update(f"{path.name}\x00{size}\x00".encode() + handle.read(FINGERPRINT_BYTES))
-            handle.seek(max(0, size - FINGERPRINT_BYTES))
-            digest.update(handle.read(FINGERPRINT_BYTES))
-    return f"{len(files)} weight file(s), digest {digest.hexdigest()}"
 
 
 def split_digest(split: EncodedSplit) -> str:
