@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
+from lmsys.cli import one_line
 from lmsys.config import Family, register_configs
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -43,10 +49,42 @@ def train_entry(family: Family | None, script: str) -> None:
     default = DEFAULT_CONFIGS[family] if family is not None else DEFAULT_CONFIGS[Family.llama]
 
     def task(cfg: DictConfig) -> float:
+        restore_hydra_errors()
         if family is not None:
             check_entry_family(cfg, family, script)
         from lmsys.train import run_training
 
         return run_training(cfg)["best"]["log_loss"]
 
-    hydra.main(config_path=CONF_DIR, config_name=default, version_base="1.3")(task)()
+    with config_errors():
+        hydra.main(config_path=CONF_DIR, config_name=default, version_base="1.3")(task)()
+
+
+USER_SET_FULL_ERROR = "HYDRA_FULL_ERROR" in os.environ
+
+
+@contextmanager
+def config_errors() -> Iterator[None]:
+    """A config that does not compose (a typo in a key, a value of the wrong type, an unknown config name) as one
+    `error:` line and exit status 2, like every other command's bad input. Hydra prints such errors itself, over
+    several lines, and exits 1, unless HYDRA_FULL_ERROR makes it raise them: set here until the task starts (then
+    restored, so the task's own errors are reported as before), unless the user set it."""
+    if USER_SET_FULL_ERROR:
+        yield
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except (HydraException, OmegaConfBaseException) as err:
+        if "HYDRA_FULL_ERROR" not in os.environ:  # raised by the task, after restore_hydra_errors
+            raise
+        cause = f": {one_line(err.__cause__)}" if err.__cause__ is not None else ""
+        print(f"error: {one_line(err).rstrip('.')}{cause}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        restore_hydra_errors()
+
+
+def restore_hydra_errors() -> None:
+    if not USER_SET_FULL_ERROR:
+        os.environ.pop("HYDRA_FULL_ERROR", None)

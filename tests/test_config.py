@@ -1,6 +1,9 @@
 """Every experiment config composes against the schema; typos, wrong types and broken rules fail at compose time."""
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lmsys.config import ConfigError, Family, HeadInit, Quantization, TrainConfig, validated_config
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
 EXPERIMENTS = sorted(path.stem for path in CONF_DIR.glob("conf_r_*.yaml"))
 
 
@@ -115,6 +119,23 @@ def test_a_fold_is_part_of_the_run_dir():
 def test_a_typo_override_fails(override):
     with pytest.raises((ConfigCompositionException, OmegaConfBaseException)):
         validated_config(compose_config("conf_r_llama_smol", (override,)))
+
+
+def test_the_entry_point_reports_a_config_that_does_not_compose_in_one_line():
+    """As every command reports bad input: one `error:` line naming the key, exit 2 (Hydra's own report is several
+    lines and exit 1); with HYDRA_FULL_ERROR=1 Hydra's full report stays available."""
+    entry = [sys.executable, str(REPO / "lmsys" / "code" / "train_r_llama.py"), "--config-name", "conf_r_llama_smol"]
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    cases = {"trainer.eval_frequncy=5": "error: Could not override 'trainer.eval_frequncy': trainer.eval_frequncy: "
+                                        "Key 'eval_frequncy' not in 'TrainerConfig'",
+             "trainer.max_steps=abc": "error: Error merging override trainer.max_steps=abc: trainer.max_steps: Value "
+                                      "'abc' of type 'str' could not be converted to Integer"}
+    for override, line in cases.items():
+        done = subprocess.run([*entry, override], capture_output=True, text=True, env=env, timeout=120, check=False)
+        assert (done.returncode, done.stderr) == (2, line + "\n")
+    full = subprocess.run([*entry, "trainer.eval_frequncy=5"], capture_output=True, text=True, timeout=120,
+                          env={**env, "HYDRA_FULL_ERROR": "1"}, check=False)
+    assert full.returncode == 1 and "Traceback" in full.stderr
 
 
 @pytest.mark.parametrize("override", [
