@@ -17,11 +17,10 @@ import argparse
 import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from lmsys.cli import command_errors
-from lmsys.data.io import DataError, read_pairs, read_table
+from lmsys.data.io import DataError, finite_values, read_pairs, read_table
 from lmsys.data.labels import without_unscored_ties
 from lmsys.data.schema import SOFT_TARGET_COLUMNS, class_columns
 from lmsys.evaluation.predict_loop import LOGIT_COLUMNS, SWAPPED_LOGIT_COLUMNS
@@ -46,12 +45,8 @@ def read_run_oof(run_dir: Path) -> pd.DataFrame:
         raise DataError(f"{path}: missing column(s) {missing} (an oof.csv written before oof files carried logits?)")
     optional = [_all_or_none(frame, path, names[:width]) for names in (SOFT_TARGET_COLUMNS, SWAPPED_LOGIT_COLUMNS)]
     frame["id"] = frame["id"].astype(str)
-    numbers = [*required[1 : 1 + width], *required[2 + width :], *optional[0], *optional[1]]
-    bad = ~np.isfinite(frame[numbers].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64))
-    if bad.any():
-        row, column = np.argwhere(bad)[0]
-        raise DataError(f"{path}: row id={frame['id'].iloc[row]} column '{numbers[column]}': not a finite number "
-                        f"({frame[numbers[column]].iloc[row]!r})")
+    numbers = [*required[1 : 1 + width], *required[2 + width :], *optional[0], *optional[1]]  # all but id, label
+    finite_values(frame, numbers, frame["id"].tolist(), path)
     return frame[[*required, *optional[0], *optional[1]]]
 
 

@@ -22,7 +22,7 @@ from omegaconf import MISSING
 
 from lmsys.cli import run_command
 from lmsys.config import require
-from lmsys.data.io import DataError, pairs_to_frame, read_pairs, read_table
+from lmsys.data.io import DataError, finite_values, pairs_to_frame, read_pairs, read_table
 from lmsys.data.labels import without_unscored_ties
 from lmsys.data.schema import Pair
 from lmsys.logs import setup_logging
@@ -55,14 +55,9 @@ def teacher_logits(path: str, ids: list[str]) -> np.ndarray:
         raise DataError(f"{path}: row id={duplicated[0]} column 'id': duplicate id ({len(duplicated)} in all)")
     _check_same_ids(path, set(frame["id"]), ids)
     frame = frame.set_index("id").loc[ids]
-    values = frame[columns + swapped].apply(pd.to_numeric, errors="coerce")  # '' or 'abc' in a CSV: NaN
-    bad = ~np.isfinite(values.to_numpy(np.float64))
-    if bad.any():
-        row, column = np.argwhere(bad)[0]
-        raise DataError(f"{path}: row id={ids[row]} column '{values.columns[column]}': not a finite number "
-                        f"({frame[values.columns[column]].iloc[row]!r}; {int(bad.any(axis=1).sum())} row(s))")
-    logits = values[columns].to_numpy(np.float64)
-    return (logits + values[swapped].to_numpy(np.float64)) / 2 if swapped else logits
+    values = finite_values(frame, columns + swapped, ids, path)  # (N, C) or, with the swapped pass, (N, 2C)
+    width = len(columns)
+    return (values[:, :width] + values[:, width:]) / 2 if swapped else values
 
 
 def _logit_columns(frame: pd.DataFrame, path: str) -> tuple[list[str], list[str]]:

@@ -68,6 +68,18 @@ def read_table(path: str | Path) -> pd.DataFrame:
     return frame
 
 
+def finite_values(frame: pd.DataFrame, columns: list[str], ids: list[str], path: str | Path) -> np.ndarray:
+    """(N, len(columns)) float64 of a table's number columns, rows named by `ids`: a cell that is not a finite
+    number ('' or 'abc' in a CSV, NaN) fails naming the file, the first such row's id and its column."""
+    values = frame[columns].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise DataError(f"{path}: row id={ids[row]} column '{columns[column]}': not a finite number "
+                        f"({frame[columns[column]].iloc[row]!r}; {int(bad.any(axis=1).sum())} row(s))")
+    return values
+
+
 def _encoding_error(path: Path) -> EncodingError:
     """Where the first byte that is not UTF-8 is: pandas' own offset counts from the start of a read chunk."""
     data = path.read_bytes()
