@@ -38,16 +38,17 @@ def read_run_oof(run_dir: Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{run_dir}: no {OOF_FILE} (not a run dir, or the run never finished an evaluation)")
     frame = read_table(path)
-    width = len(class_columns(frame.columns))  # 2 in a two-class run's oof.csv
-    required = ("id", *class_columns(frame.columns), "label", *LOGIT_COLUMNS[:width])
+    probs = list(class_columns(frame.columns))  # (A, B) in a two-class run's oof.csv
+    logits = list(LOGIT_COLUMNS[: len(probs)])
+    required = ["id", *probs, "label", *logits]
     missing = [col for col in required if col not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing} (an oof.csv written before oof files carried logits?)")
-    optional = [_all_or_none(frame, path, names[:width]) for names in (SOFT_TARGET_COLUMNS, SWAPPED_LOGIT_COLUMNS)]
+    targets = _all_or_none(frame, path, SOFT_TARGET_COLUMNS[: len(probs)])
+    swapped = _all_or_none(frame, path, SWAPPED_LOGIT_COLUMNS[: len(probs)])
     frame["id"] = frame["id"].astype(str)
-    numbers = [*required[1 : 1 + width], *required[2 + width :], *optional[0], *optional[1]]  # all but id, label
-    finite_values(frame, numbers, frame["id"].tolist(), path)
-    return frame[[*required, *optional[0], *optional[1]]]
+    finite_values(frame, [*probs, *logits, *targets, *swapped], frame["id"].tolist(), path)
+    return frame[[*required, *targets, *swapped]]
 
 
 def _all_or_none(frame: pd.DataFrame, path: Path, names: tuple[str, ...]) -> list[str]:

@@ -45,9 +45,9 @@ class TeachersConfig:
         require(Path(self.output).resolve() not in inputs, "output must not be one of the input files")
 
 
-def teacher_logits(path: str, ids: list[str]) -> np.ndarray:
-    """(N, C) one teacher's logits in the order of `ids`, the mean of its orientations."""
-    frame = read_table(path)
+def teacher_logits(frame: pd.DataFrame, path: str, ids: list[str]) -> np.ndarray:
+    """(N, C) one teacher's logits (its file `path` read as `frame`) in the order of `ids`, the mean of its
+    orientations."""
     columns, swapped = _logit_columns(frame, path)
     frame["id"] = frame["id"].astype(str)
     duplicated = frame["id"][frame["id"].duplicated()].tolist()
@@ -90,9 +90,10 @@ def _check_same_ids(path: str, found: set[str], ids: list[str]) -> None:
 
 def attach_teachers(config: TeachersConfig) -> Path:
     setup_logging()
-    pairs = two_class_scored(read_pairs(config.train, require_labels=True), config.logits, config.train)
+    frames = [read_table(path) for path in config.logits]  # each teacher file read once
+    pairs = two_class_scored(read_pairs(config.train, require_labels=True), frames, config.train)
     ids = [pair.id for pair in pairs]
-    per_teacher = [teacher_logits(path, ids) for path in config.logits]
+    per_teacher = [teacher_logits(frame, path, ids) for frame, path in zip(frames, config.logits, strict=True)]
     widths = {logits.shape[1] for logits in per_teacher}
     if len(widths) > 1:
         raise DataError(f"teachers disagree on the number of classes: {sorted(widths)} ({config.logits})")
@@ -104,9 +105,9 @@ def attach_teachers(config: TeachersConfig) -> Path:
     return Path(config.output)
 
 
-def two_class_scored(pairs: list[Pair], logit_files: list[str], train: str) -> list[Pair]:
-    """Without the tied rows that two-class teachers (data.ties=drop) never scored; every pair otherwise."""
-    frames = [read_table(path) for path in logit_files]
+def two_class_scored(pairs: list[Pair], frames: list[pd.DataFrame], train: str) -> list[Pair]:
+    """Without the tied rows that two-class teachers (their files read as `frames`; data.ties=drop) never scored;
+    every pair otherwise."""
     if any("logit_tie" in frame.columns or "id" not in frame.columns for frame in frames):
         return pairs
     scored = set.intersection(*(set(frame["id"].astype(str)) for frame in frames))

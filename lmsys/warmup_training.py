@@ -130,6 +130,8 @@ def fit_examples(selection: Selection, tokenizer, max_length: int) -> None:
     and then drops the example. A DPO pair's shared user turns are cut alike in both conversations."""
     for k, example in enumerate(selection.examples):
         conversations = _conversations(example)
+        if max(_chat_length(tokenizer, messages) for messages in conversations) <= max_length:
+            continue  # most examples: one template pass each
         overhead = max(_chat_length(tokenizer, messages) - sum(map(_text_length(tokenizer), messages))
                        for messages in conversations)
         if overhead + TEMPLATE_SLACK >= max_length:
