@@ -176,7 +176,9 @@ class OptimizerConfig:
         require(self.lora_b_lr_multiplier > 0, "optimizer.lora_b_lr_multiplier must be positive")
         require(0.0 <= self.warmup_ratio < 1.0, "optimizer.warmup_ratio must be in [0, 1)")
         require(0.0 <= self.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio must be in [0, 1]")
-        require(len(self.betas) == 2, "optimizer.betas needs two values")
+        require(len(self.betas) == 2 and all(0.0 <= beta < 1.0 for beta in self.betas),
+                "optimizer.betas needs two values in [0, 1)")
+        require(self.eps >= 0 and self.weight_decay >= 0, "optimizer.eps and optimizer.weight_decay must be >= 0")
         require(not (self.kahan_summation and self.name == OptimizerName.adamw_8bit),
                 "optimizer.kahan_summation=true needs optimizer.name=adamw or stable_adamw (bitsandbytes' 8-bit "
                 "AdamW keeps no compensation)")
@@ -232,6 +234,7 @@ class TrainerConfig:
                 "trainer.max_grad_norm must be positive, or null for no clipping")
         require(self.eval_frequency >= 0, "trainer.eval_frequency must be >= 0")
         require(self.state_frequency >= 0, "trainer.state_frequency must be >= 0")
+        require(self.log_frequency >= 1, "trainer.log_frequency must be >= 1")
         require(self.eval_max_tokens > 0 and self.max_tokens > 0, "trainer.max_tokens and eval_max_tokens must be > 0")
         require(self.patience is None or self.patience >= 1, "trainer.patience must be >= 1")
 

@@ -14,7 +14,7 @@ from tiny import arena_frame
 from lmsys.config import validated_config
 from lmsys.evaluation.validation import evaluate
 from lmsys.modeling.checkpoint import HEAD_FILE
-from lmsys.training.recipe import TrainingRecipe, release
+from lmsys.training.recipe import TrainingRecipe, release, warn_idle_patience
 
 SCRIPTED_LOG_LOSS = {1: 1.0, 2: 0.5, 3: 0.7, 4: 0.9, 5: 0.1, 6: 0.1}  # 5 and 6 would win: they must never run
 
@@ -57,3 +57,18 @@ def test_patience_stops_the_run_and_the_best_checkpoint_survives(config, tmp_pat
         key = next(k for k in best if name.endswith(k))
         torch.testing.assert_close(tensor, best[key], rtol=0, atol=0)
     assert any((saved[name] - last[next(k for k in last if name.endswith(k))]).abs().max() > 1e-6 for name in saved)
+
+
+@pytest.mark.parametrize("eval_frequency,total_updates,patience,warned", [
+    (0, 10, 1, True),  # one evaluation, at the end
+    (50, 10, 1, True),  # the period is longer than the run
+    (3, 10, 4, True),  # evaluations at 3, 6, 9 and 10: four, never five
+    (3, 10, 3, False),
+    (3, 9, 2, False),
+])
+def test_patience_that_cannot_stop_the_run_is_said(eval_frequency, total_updates, patience, warned, caplog):
+    settings = type("Settings", (), {"eval_frequency": eval_frequency, "total_updates": total_updates,
+                                     "patience": patience})()
+    with caplog.at_level("WARNING", logger="lmsys"):
+        warn_idle_patience(settings)
+    assert any(f"trainer.patience={patience} cannot stop this run" in r.getMessage() for r in caplog.records) == warned

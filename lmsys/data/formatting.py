@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import zip_longest
 
-from lmsys.config import InputFormat
+from lmsys.config import ConfigError, InputFormat
 from lmsys.data.schema import Pair
 from lmsys.data.templates import ChatMarkers
 from lmsys.data.truncation import head_tail, water_fill
@@ -65,6 +65,18 @@ class PairEncoder:
         self._user_prefix = markers.user_prefix
         self._assistant_prefix = markers.assistant_prefix
         self._ellipsis = self._tok(ELLIPSIS)
+        self._check_fits()
+
+    def _check_fits(self) -> None:
+        """max_length must hold the layout's markers and a token of each text: found when the encoder is built
+        (before a run dir is claimed or a model loads), not on the first pair."""
+        layout = self._layout(1)
+        n_texts = len({piece.part for piece in layout if isinstance(piece, Slot)})
+        needed = self._length(layout, []) + n_texts
+        if self.max_length < needed:
+            raise ConfigError(f"max_length {self.max_length} cannot hold the {self.input_format.value} layout with "
+                              f"this tokenizer: its markers take {needed - n_texts} tokens and each of its {n_texts} "
+                              f"texts needs one; use max_length >= {needed}")
 
     def tokenize(self, pairs: list[Pair]) -> list[PairTokens]:
         """Tokenize every turn of every pair in one batched call."""

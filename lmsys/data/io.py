@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,19 +54,37 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if path.suffix == ".parquet":
-        frame = pd.read_parquet(path)
-    elif path.suffix == ".csv":
         try:
-            frame = pd.read_csv(path, keep_default_na=False, na_values=[], dtype={"id": str})
-        except pd.errors.EmptyDataError as err:
-            raise DataError(f"{path}: the file is empty") from err
-        except UnicodeDecodeError as err:
-            raise _encoding_error(path) from err
+            frame = pd.read_parquet(path)
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError: not parquet, cut short
+            raise DataError(f"{path}: not a readable parquet file ({err})") from err
+    elif path.suffix == ".csv":
+        frame = _read_csv(path)
     else:
         raise DataError(f"{path}: unsupported file type '{path.suffix}' (use .csv or .parquet)")
     if frame.empty:
         raise DataError(f"{path}: the file has no rows")
     return frame
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """Every cell as written (no NA guessing, ids as strings); a row with more fields than the header fails."""
+    # index_col=False: when every data row has more fields than the header (a trailing comma), pandas would take the
+    # first column(s) as the index and shift every column left, ids included; it warns instead, made an error here
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, keep_default_na=False, na_values=[], dtype={"id": str}, index_col=False)
+    except pd.errors.EmptyDataError as err:
+        raise DataError(f"{path}: the file is empty") from err
+    except UnicodeDecodeError as err:
+        raise _encoding_error(path) from err
+    except pd.errors.ParserError as err:  # e.g. "Expected 4 fields in line 3, saw 5"
+        raise DataError(f"{path}: not a valid CSV table: {str(err).strip()}") from err
+    except pd.errors.ParserWarning as err:
+        header = pd.read_csv(path, nrows=0).columns
+        raise DataError(f"{path}: the data rows have more fields than the header's {len(header)} columns (a "
+                        f"trailing comma at the end of each row?)") from err
 
 
 def finite_values(frame: pd.DataFrame, columns: list[str], ids: list[str], path: str | Path) -> np.ndarray:
@@ -111,17 +130,30 @@ def pairs_from_frame(
     plain_text = plain_text_schema(frame) if plain_text is None else plain_text
     has_labels = _has_label_columns(frame)
     has_teacher = TEACHER_COLUMN in frame.columns
-    pairs, repaired = [], []
+    pairs, repaired, missing = [], [], []
     for row_id, row in zip(ids, frame.to_dict("records"), strict=True):
-        texts = [_repaired(_parse_turns(row[col], name, row_id, col, plain_text), repaired,
+        cells = {col: _present_text(row[col], plain_text, missing, f"row id={row_id} column '{col}'")
+                 for col in TEXT_COLUMNS}
+        texts = [_repaired(_parse_turns(cells[col], name, row_id, col, plain_text), repaired,
                            f"row id={row_id} column '{col}'") for col in TEXT_COLUMNS]
         target = _parse_target(row, name, row_id) if has_labels else None
         meta = {key: row[key] for key in META_COLUMNS if key in row and not _is_missing(row[key])}
         teacher = _parse_teacher_logits(row[TEACHER_COLUMN], name, row_id) if has_teacher else None
         pairs.append(Pair(row_id, *texts, target=target, meta=meta, teacher_logits=teacher))
     _warn_repaired(name, repaired)
+    if missing:
+        log.warning("%s: %d text cell(s) missing (null), read as empty text like a Kaggle file's null turn; the "
+                    "first: %s", name, len(missing), missing[0])
     _warn_uneven_turns(name, pairs)
     return pairs
+
+
+def _present_text(cell: object, plain_text: bool, missing: list[str], where: str) -> object:
+    """A plain-text file's missing cell (a parquet null) as empty text, noted in `missing`; other cells as they are."""
+    if plain_text and _is_missing(cell):
+        missing.append(where)
+        return ""
+    return cell
 
 
 def _warn_uneven_turns(name: str, pairs: list[Pair]) -> None:
@@ -243,7 +275,8 @@ def _is_json_turn_list(cell: str) -> bool:
         turns = json.loads(cell)
     except json.JSONDecodeError:
         return False
-    return isinstance(turns, list) and all(t is None or isinstance(t, str) for t in turns)
+    # `[]` is no list of turns (a conversation has at least one): in plain text it is an answer, e.g. an empty array
+    return isinstance(turns, list) and bool(turns) and all(t is None or isinstance(t, str) for t in turns)
 
 
 def _parse_target(row: dict, name: str, row_id: str) -> tuple[float, float, float]:

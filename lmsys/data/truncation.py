@@ -9,7 +9,8 @@ def water_fill(demands: list[int], weights: list[float], budget: int) -> list[in
     """Split `budget` tokens so that part i gets min(demand_i, level * weight_i), all of it used if needed.
 
     Parts that need less than their weighted share give the rest to the others; the result never exceeds a
-    demand, sums to min(budget, sum(demands)), and is deterministic (leftover tokens go to the earliest parts).
+    demand, sums to min(budget, sum(demands)), and is deterministic (leftover tokens go to the largest remainders,
+    ties to the latest parts).
     """
     if sum(demands) <= budget:
         return list(demands)
@@ -25,7 +26,9 @@ def water_fill(demands: list[int], weights: list[float], budget: int) -> list[in
             for i in active:
                 alloc[i] += floors[i]
             leftover = remaining - sum(floors.values())
-            for i in active[:leftover]:
+            # the largest remainders get the leftover tokens, ties to the later part: response B keeps a token before
+            # A (B is never cut away while every part can have one) and a part's last turn before its earlier ones
+            for i in sorted(active, key=lambda i: (shares[i] - floors[i], i), reverse=True)[:leftover]:
                 alloc[i] += 1
             return alloc
         for i in satisfied:

@@ -94,15 +94,16 @@ class TrainingRecipe:
         accelerator = builders.build_accelerator(config, run_path)
         grad_scaler = builders.build_grad_scaler(config.model, accelerator.device)
         builders.check_optimizer(config.optimizer)
+        tokenizer = builders.build_tokenizer(config.model.path, config.model.trust_remote_code)
+        encoders = builders.build_encoders(spec, tokenizer)  # checks that max_length holds the layout
         run = open_run_dir(run_path, config, accelerator)
         early_records.replay()
         log.info("run dir %s; %d train pairs, %d valid pairs", run_path, len(train_pairs), len(valid_pairs))
         set_seed(config.seed)
-        tokenizer = builders.build_tokenizer(config.model.path, config.model.trust_remote_code)
-        encoders = builders.build_encoders(spec, tokenizer)
         train_split, valid_split = encode_split(train_pairs, encoders), encode_split(valid_pairs, encoders)
         settings = builders.build_loop_settings(config, spec, len(train_split), accelerator.num_processes,
                                                 tokenizer.pad_token_id)
+        warn_idle_patience(settings)
         plan = run_plan(settings, asdict(config.optimizer), train_split, valid_split,
                         model_plan(config.model, config.lora))
         if config.resume:
@@ -301,6 +302,16 @@ def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | Non
 def _eval_due(step: int, settings: LoopSettings) -> bool:
     periodic = settings.eval_frequency > 0 and step % settings.eval_frequency == 0
     return periodic or step == settings.total_updates
+
+
+def warn_idle_patience(settings: LoopSettings) -> None:
+    """Early stopping needs patience + 1 evaluations to ever stop a run: say so when the plan has fewer."""
+    if settings.patience is None:
+        return
+    evaluations = max(1, sum(_eval_due(step, settings) for step in range(1, settings.total_updates + 1)))
+    if evaluations <= settings.patience:
+        log.warning("trainer.patience=%d cannot stop this run: it evaluates %d time(s) (trainer.eval_frequency=%d over "
+                    "%d updates)", settings.patience, evaluations, settings.eval_frequency, settings.total_updates)
 
 
 def open_run_dir(run_path: Path, config: TrainConfig, accelerator) -> RunDir:

@@ -129,15 +129,15 @@ def test_fixed_token_count_of_the_pab_gemma_layout(chars_bos):
 
 def test_pab_gemma_truncated_golden(chars_bos):
     # Budget 60 for demands P=30, A=108, B=5 with weights 0.2/0.4/0.4: B (5 <= 24) is kept whole; the remaining 55
-    # go 1:2 to P and A: 18.33 and 36.67 -> floors 18 + 36, the leftover token to the earliest part: P 19, A 36.
-    # Each keeps head and tail around " [...] " (7 tokens): P keeps 12 = 6 + 6; A keeps 29 = round(14.5) = 14 + 15.
+    # go 1:2 to P and A: 18.33 and 36.67 -> floors 18 + 36, the leftover token to the larger remainder: P 18, A 37.
+    # Each keeps head and tail around " [...] " (7 tokens): P keeps 11 = round(5.5) = 6 + 5; A keeps 30 = 15 + 15.
     pair = Pair("3", ("What is the capital of France?",), (LONG_A,), ("Rome.",))
     enc = encoder(chars_bos, Template.gemma, InputFormat.pab, max_length=FIXED_PAB_GEMMA + 60)
     expected = (
         "<bos><start_of_turn>user\n"
         "Which response better answers the conversation: A, B, or is it a tie?\n\n"
-        "# Prompt\nWhat i [...] rance?"
-        "\n\n# Response A\nParis is the c [...] of the country."
+        "# Prompt\nWhat i [...] ance?"
+        "\n\n# Response A\nParis is the ca [...] of the country."
         "\n\n# Response B\nRome."
         "<end_of_turn>\n<start_of_turn>model\n"
     )
@@ -152,13 +152,13 @@ def test_pab_truncated_keeps_first_and_last_turns(chars_bos):
     enc = encoder(chars_bos, Template.gemma, InputFormat.pab, max_length=FIXED_PAB_GEMMA + 60)
     text = chars_bos.decode(enc.encode(enc.tokenize([pair])[0]), skip_special_tokens=False)
     # Budget 60 minus 3 "\n---\n" separators (15) = 45 for P=4, A=80, B=4: P and B whole, A gets 37, shared by its
-    # two turns as 19 + 18 (the leftover token to the first). Around the 7-token ellipsis, 19 keeps 12 = 6 + 6 and
-    # 18 keeps 11 = round(5.5) = 6 from the head + 5 from the tail.
+    # two turns as 18 + 19 (the leftover token to the last). Around the 7-token ellipsis, 18 keeps 11 = round(5.5) = 6
+    # from the head + 5 from the tail and 19 keeps 12 = 6 + 6.
     expected = (
         "<bos><start_of_turn>user\n"
         "Which response better answers the conversation: A, B, or is it a tie?\n\n"
         "# Prompt\np1\n---\np4"
-        "\n\n# Response A\na1a1a1 [...] a1a1a1\n---\na4a4a4 [...] 4a4a4"
+        "\n\n# Response A\na1a1a1 [...] 1a1a1\n---\na4a4a4 [...] a4a4a4"
         "\n\n# Response B\nb1\n---\nb4"
         "<end_of_turn>\n<start_of_turn>model\n"
     )

@@ -344,3 +344,68 @@ def test_a_prompt_file_with_a_blank_id_names_the_row(tmp_path):
     pd.DataFrame({"id": ["p1", ""], "prompt": ["hello", "world"]}).to_csv(path, index=False)
     with pytest.raises(DataError, match=r"prompts.csv: data row 1 \(counting from 0\) column 'id': missing id"):
         read_prompts(path)
+
+
+# --- malformed tables: one error naming the file, never shifted columns or a traceback ---------------------------
+
+
+def test_a_trailing_comma_on_every_row_fails_instead_of_shifting_the_columns(tmp_path):
+    """pandas takes the first column as the index when every data row has one field more than the header: the
+    ids would be lost and the prompt read as the id, without a word."""
+    path = tmp_path / "test.csv"
+    path.write_text("id,prompt,response_a,response_b\n101,hello there,world,there,\n102,second,foo,bar,\n")
+    with pytest.raises(DataError, match="more fields than the header's 4 columns") as err:
+        read_pairs(path, require_labels=False)
+    assert_names(err, path)
+
+
+def test_a_ragged_csv_names_the_line(tmp_path):
+    path = tmp_path / "test.csv"
+    path.write_text('id,prompt,response_a,response_b\n1,"[""a""]","[""b""]","[""c""]"\n'
+                    '2,"[""a""]","[""b""]","[""c""]",oops\n')
+    with pytest.raises(DataError, match="Expected 4 fields in line 3, saw 5") as err:
+        read_pairs(path, require_labels=False)
+    assert_names(err, path)
+
+
+@pytest.mark.parametrize("content", [b"", b"id,prompt\n1,2\n"])
+def test_a_file_that_is_no_parquet_fails_in_one_line(tmp_path, content):
+    path = tmp_path / "test.parquet"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match="not a readable parquet file") as err:
+        read_pairs(path, require_labels=False)
+    assert_names(err, path)
+
+
+def test_a_plain_text_answer_that_is_an_empty_json_array_is_text(tmp_path):
+    """`[]` is a legitimate WSDM answer ("give me an empty JSON array"), not an empty list of turns."""
+    path = tmp_path / "wsdm.parquet"
+    frame = wsdm_frame()
+    frame.loc[0, "response_a"] = "[]"
+    frame.to_parquet(path)
+    pairs = read_pairs(path, require_labels=True)
+    assert pairs[0].responses_a == ("[]",) and len(pairs) == 3
+    frame.drop(columns=["winner", "model_a", "model_b"]).to_parquet(path)
+    assert read_pairs(path, require_labels=False)[0].responses_a == ("[]",)
+
+
+def test_a_kaggle_cell_that_is_an_empty_list_still_fails(tmp_path):
+    frame = tiny.arena_frame(4, start_id=10)
+    frame.loc[2, "response_a"] = "[]"
+    path = write_csv(tmp_path, frame)
+    with pytest.raises(DataError, match="empty list of turns") as err:
+        read_pairs(path, require_labels=True)
+    assert_names(err, path, row_id=12, column="response_a")
+
+
+def test_a_null_plain_text_cell_is_empty_text_with_one_warning(tmp_path, caplog):
+    path = tmp_path / "wsdm.parquet"
+    frame = wsdm_frame()
+    frame.loc[1, "response_b"] = None
+    frame.loc[2, "prompt"] = None
+    frame.to_parquet(path)
+    with caplog.at_level("WARNING", logger="lmsys"):
+        pairs = read_pairs(path, require_labels=True)
+    assert pairs[1].responses_b == ("",) and pairs[2].prompts == ("",) and len(pairs) == 3
+    warnings = [r.getMessage() for r in caplog.records if "missing (null)" in r.getMessage()]
+    assert len(warnings) == 1 and "2 text cell(s)" in warnings[0] and "row id=w2 column 'response_b'" in warnings[0]

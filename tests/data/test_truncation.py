@@ -5,7 +5,7 @@ import random
 import pytest
 import tiny
 
-from lmsys.config import InputFormat, Template
+from lmsys.config import ConfigError, InputFormat, Template
 from lmsys.data.formatting import PairEncoder
 from lmsys.data.schema import Pair
 from lmsys.data.templates import CHAT_MARKERS
@@ -38,9 +38,12 @@ def test_water_fill_properties():
 
 
 def test_water_fill_examples():
-    assert water_fill([30, 108, 5], [0.2, 0.4, 0.4], 60) == [19, 36, 5]
+    assert water_fill([30, 108, 5], [0.2, 0.4, 0.4], 60) == [18, 37, 5]  # remainders 0.33, 0.67
     assert water_fill([10, 10], [1.0, 1.0], 100) == [10, 10]
-    assert water_fill([1000, 1000], [1.0, 1.0], 11) == [6, 5]  # the leftover token goes to the earliest part
+    assert water_fill([1000, 1000], [1.0, 1.0], 11) == [5, 6]  # an even split's leftover goes to the last part
+    assert water_fill([1000, 1000, 1000], [0.2, 0.4, 0.4], 2) == [0, 1, 1]  # B (then A) before the prompt
+    assert water_fill([1000, 1000, 1000], [0.2, 0.4, 0.4], 469) == [94, 187, 188]  # the largest remainder first
+    assert water_fill([1000, 1000, 1000], [1.0, 1.0, 1.0], 1) == [0, 0, 1]  # a part's last turn keeps a token
     assert water_fill([0, 1000, 3], [0.2, 0.4, 0.4], 50) == [0, 47, 3]
     assert water_fill([5, 5], [1.0, 1.0], 0) == [0, 0]
 
@@ -156,5 +159,6 @@ def test_papb_markers_of_many_turns_fall_back_to_fewer_turns(tokenizer):
     text = tokenizer.decode(enc.encode(enc.tokenize([pair])[0]))
     assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= two_turns - 1
     assert "<p0>" in text and "<a0>" in text and "<b0>" in text and "<p2>" not in text and "<p1>" not in text
-    with pytest.raises(ValueError, match="cannot hold the papb markers"):
-        make_encoder(tokenizer, InputFormat.papb, one_turn - 1).encode(enc.tokenize([pair])[0])
+    with pytest.raises(ConfigError, match=f"cannot hold the papb layout.*use max_length >= {one_turn + 4}"):
+        make_encoder(tokenizer, InputFormat.papb, one_turn + 3)  # when built: markers, and a token per text
+    make_encoder(tokenizer, InputFormat.papb, one_turn + 4)
