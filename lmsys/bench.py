@@ -32,6 +32,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from hydra import compose, initialize_config_dir
 
+from lmsys.cli import command_errors
 from lmsys.config import (
     PEER_MODES,
     Architecture,
@@ -42,6 +43,7 @@ from lmsys.config import (
     require,
     validated_config,
 )
+from lmsys.entry import config_errors
 from lmsys.roofline import ProjectionShapes, Roofline, rate_around
 
 if TYPE_CHECKING:
@@ -271,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-name", required=True)
     args, overrides = parser.parse_known_args(argv)
-    config = load_config(args.config_name, overrides)
+    with command_errors(), config_errors():  # a typo, a wrong type, a broken rule: one `error:` line, exit 2
+        config = load_config(args.config_name, overrides)
     if config.bench.mode:
         if config.bench.mode in PEER_MODES:
             from lmsys.bench_peer import measure_peer as measure_mode  # transformers' Trainer: only its children

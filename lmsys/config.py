@@ -235,6 +235,7 @@ class TrainerConfig:
         require(self.eval_frequency >= 0, "trainer.eval_frequency must be >= 0")
         require(self.state_frequency >= 0, "trainer.state_frequency must be >= 0")
         require(self.log_frequency >= 1, "trainer.log_frequency must be >= 1")
+        require(self.row_tokens is None or self.row_tokens >= 1, "trainer.row_tokens must be >= 1 or unset (null)")
         require(self.eval_max_tokens > 0 and self.max_tokens > 0, "trainer.max_tokens and eval_max_tokens must be > 0")
         require(self.patience is None or self.patience >= 1, "trainer.patience must be >= 1")
 

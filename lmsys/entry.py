@@ -75,9 +75,14 @@ def config_errors() -> Iterator[None]:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         yield
-    except (HydraException, OmegaConfBaseException) as err:
+    except (HydraException, OmegaConfBaseException, FileExistsError, NotADirectoryError) as err:
+        # Hydra creates the run dir before the task: hydra.run.dir=<an existing file> fails there
         if "HYDRA_FULL_ERROR" not in os.environ:  # raised by the task, after restore_hydra_errors
             raise
+        if isinstance(err, OSError):
+            print(f"error: the run dir (hydra.run.dir, or a multirun's hydra.sweep.dir) cannot be created: "
+                  f"{err.filename}: {err.strerror} (a file is in the way)", file=sys.stderr)
+            raise SystemExit(2) from None
         cause = f": {one_line(err.__cause__)}" if err.__cause__ is not None else ""
         print(f"error: {one_line(err).rstrip('.')}{cause}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -19,6 +19,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lmsys.cli import command_errors
+from lmsys.output_paths import check_output_paths
 from lmsys.runs import FINISHED_MARKER, write_json
 
 SUMMARY_FILE = "sweep_summary.json"
@@ -36,11 +38,15 @@ def run_record(run_dir: str | Path) -> dict:
     metrics_file = path / "metrics.json"
     if not metrics_file.is_file():
         raise SweepError(f"{path}: no metrics.json (not a run dir, or the run did not finish)")
-    best = json.loads(metrics_file.read_text())["best"]
+    try:
+        best = json.loads(metrics_file.read_text())["best"]
+        best_log_loss, best_step = best["log_loss"], best["step"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise SweepError(f"{metrics_file}: not a run's metrics.json (no best log_loss and step: {err!r})") from err
     config_file = path / "config.yaml"
     config = OmegaConf.load(config_file) if config_file.is_file() else OmegaConf.create({})
     return {"run_dir": str(path), "seed": config.get("seed"), "fold": OmegaConf.select(config, "data.valid_fold"),
-            "best_log_loss": best["log_loss"], "best_step": best["step"]}
+            "best_log_loss": best_log_loss, "best_step": best_step}
 
 
 def summarize(run_dirs: list[str | Path]) -> dict:
@@ -181,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     except SweepError as err:
         parser.error(str(err))
     if args.output is not None:
+        with command_errors():  # a run's own files (metrics.json, oof.csv) are inputs, never replaced
+            check_output_paths({f"run dir {d}": d for d in args.run_dirs}, {"--output": args.output})
         write_json(args.output.resolve(), summary)
     print(format_table(summary))
 

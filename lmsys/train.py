@@ -15,12 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmsys.cli import command_errors
 from lmsys.config import validated_config
-from lmsys.training.recipe import TrainingRecipe
 
 
 def run_training(cfg: DictConfig) -> dict:
     with command_errors():
         config = validated_config(cfg)  # every __post_init__ rule; fails on ??? left unset and on unknown keys
+        from lmsys.training.recipe import TrainingRecipe  # torch, transformers, peft: after the config is checked
+
         run_path = Path(HydraConfig.get().runtime.output_dir)
         recipe = TrainingRecipe.setup(config, run_path, OmegaConf.to_yaml(cfg, resolve=True))
     state = recipe.train()

@@ -99,3 +99,17 @@ def test_a_ratio_over_a_zero_baseline_is_left_out():
     assert _ratio(results, "train_padding_share", "train_padding_share", "padded") is None
     assert _cell(None, 1, 2, 6) == "     -"
     assert _ratio(results, "predict_pairs_per_s", "predict_single_pairs_per_s", "padded") == 1.5
+
+
+@pytest.mark.parametrize("override,line", [
+    ("trainer.eval_frequncy=5", ("error: Could not override 'trainer.eval_frequncy': trainer.eval_frequncy: Key "
+                                 "'eval_frequncy' not in 'TrainerConfig'")),
+    ("bench.repeats=0", "error: bench.repeats must be >= 1"),
+])
+def test_a_bad_bench_config_is_one_error_line(override, line, capsys):
+    """As the training entry points: a typo or a broken rule was a 60-line traceback and exit 1."""
+    from lmsys.bench import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config-name", "conf_r_llama_smol", override])
+    assert (exit_info.value.code, capsys.readouterr().err) == (2, line + "\n")

@@ -210,12 +210,13 @@ def test_the_two_sequences_of_a_pair_golden_strings():
 
 def test_each_sequence_is_truncated_on_its_own():
     """One token per character: [CLS] prompt [SEP] response [SEP] in 30 tokens leaves 27 for the texts, shared
-    0.2 : 0.8 by water-filling (6 for the prompt, 21 for the response: head 7 + ' [...] ' + tail 7); the short
+    0.2 : 0.8 by water-filling (5.4 and 21.6: 5 for the prompt, 22 for the response, head 8 + ' [...] ' + tail 7,
+    the leftover token to the larger remainder); the short
     response's sequence keeps the whole prompt."""
     tokenizer = tiny.build_char_tokenizer(False, tuple(tiny.ENCODER_TOKENS))
     encoder = ResponseEncoder(tokenizer, chat_markers(Template.sep, tokenizer), InputFormat.pab, 30, 0.2, 1, 1, 0.5)
     pair = Pair("1", ("abcdefghij",), ("0123456789ABCDEFGHIJKLMNOPQRST",), ("short",))
-    assert sequence_texts(encoder, pair) == ["[CLS]abcdef[SEP]0123456 [...] NOPQRST[SEP]",
+    assert sequence_texts(encoder, pair) == ["[CLS]abcde[SEP]01234567 [...] NOPQRST[SEP]",
                                              "[CLS]abcdefghij[SEP]short[SEP]"]
     papb = ResponseEncoder(tokenizer, chat_markers(Template.sep, tokenizer), InputFormat.papb, 128, 0.2, 1, 1, 0.5)
     assert sequence_texts(papb, MULTI) == ["[CLS]hello[SEP]hi there[SEP]and 2 plus 2?[SEP]4[SEP]",

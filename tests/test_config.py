@@ -14,7 +14,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lmsys.config import ConfigError, Family, HeadInit, Quantization, TrainConfig, validated_config
+from lmsys.config import ConfigError, Family, HeadInit, Quantization, Template, TrainConfig, validated_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -163,7 +163,8 @@ def test_a_wrong_value_fails(override):
     ("data.valid_fold=0", "data.valid_fold .* cannot be combined with data.valid_path"),  # data/default sets valid_path
     ("model.finetune=full model.quantization=none model.compute_dtype=float16",
      "model.finetune=full with model.compute_dtype=float16 is not supported"),
-    ("trainer.log_frequency=0", r"trainer.log_frequency must be >= 1"),  # a modulo by zero after update 1 before
+    ("trainer.log_frequency=0", r"trainer.log_frequency must be >= 1"),
+    ("trainer.row_tokens=0", r"trainer.row_tokens must be >= 1"),  # silently the default before  # a modulo by zero after update 1 before
     ("optimizer.betas=[1.5,0.9]", r"optimizer.betas needs two values in \[0, 1\)"),  # torch refused it after loading
     ("optimizer.betas=[0.9,1.0]", r"optimizer.betas needs two values in \[0, 1\)"),
     ("optimizer.eps=-1", "optimizer.eps and optimizer.weight_decay must be >= 0"),
@@ -241,3 +242,52 @@ def test_the_qwen_and_mistral_experiments(name, family, hub_name, path):
     # the header says full swap and swap TTA: the values agree
     assert config.trainer.swap_augmentation.value == "full" and config.trainer.eval_tta
     assert config.model.gradient_checkpointing and config.data.valid_fold == 0
+
+
+def test_a_run_dir_that_a_file_is_in_the_way_of_fails_in_one_line(tmp_path):
+    """Hydra creates the run dir before the task runs: a file there was a 27-line FileExistsError traceback."""
+    (tmp_path / "results.csv").write_text("x\n")
+    entry = [sys.executable, str(REPO / "lmsys" / "code" / "train_r_llama.py"), "--config-name", "conf_r_llama_smol"]
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    for run_dir, reason in (("results.csv", "File exists"), ("results.csv/seed0", "Not a directory")):
+        done = subprocess.run([*entry, f"hydra.run.dir={tmp_path / run_dir}"], capture_output=True, text=True,
+                              env=env, timeout=120, check=False)
+        line = (f"error: the run dir (hydra.run.dir, or a multirun's hydra.sweep.dir) cannot be created: "
+                f"{tmp_path / run_dir}: {reason} (a file is in the way)\n")
+        assert (done.returncode, done.stderr) == (2, line)
+
+
+def test_python_m_lmsys_train_checks_the_config_before_importing_torch():
+    done = subprocess.run([sys.executable, "-c", "import sys, lmsys.train; print('torch' in sys.modules)"],
+                          capture_output=True, text=True, timeout=120, check=True, cwd=REPO)
+    assert done.stdout == "False\n"
+
+
+@pytest.mark.parametrize("family,template,accepted", [
+    (Family.deberta, Template.chatml, False), (Family.llama, Template.sep, False), (Family.deberta, Template.sep, True),
+    (Family.llama, Template.chatml, True), (Family.deberta, Template.auto, True),
+])
+def test_the_template_fits_the_family(family, template, accepted):
+    """A decoder with the sep layout failed after the run dir was claimed; an encoder with a chat template trained
+    silently on its markers read as plain text."""
+    from lmsys.modeling.families import FamilyError, resolve_template
+
+    if accepted:
+        assert resolve_template(family, template) in (template, Template.sep)
+    else:
+        with pytest.raises(FamilyError, match=f"model.template={template.value} does not fit the {family.value}"):
+            resolve_template(family, template)
+
+
+def test_flash_attention_without_its_package_fails_before_the_model_loads(monkeypatch):
+    """transformers said so only when the model loaded, after the run dir was claimed."""
+    import importlib.util
+
+    from lmsys.config import Attention
+    from lmsys.modeling.families import FamilyError, resolve_attention
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    with pytest.raises(FamilyError, match="flash_attention_2 needs the flash-attn package .* to sdpa here"):
+        resolve_attention(Family.llama, "llama", Attention.flash_attention_2, packing=True)
+    assert resolve_attention(Family.llama, "llama", Attention.sdpa, packing=True) == Attention.sdpa

@@ -129,6 +129,27 @@ def test_summary_command_rejects_an_unfinished_run(tmp_path, capsys):
 
 
 
+@pytest.mark.parametrize("target", ["seed1/metrics.json", "seed1/oof.csv", "seed1"])
+def test_the_summary_command_never_writes_over_a_run(tmp_path, capsys, target):
+    runs = [fake_run(tmp_path, "seed1", 1.0, 1), fake_run(tmp_path, "seed2", 1.2, 2)]
+    (runs[0] / "oof.csv").write_text("id\n1\n")
+    before = {path: path.read_bytes() for run in runs for path in run.iterdir()}
+    with pytest.raises(SystemExit) as exit_info:
+        main([*map(str, runs), "--output", str(tmp_path / target)])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: --output=")
+    assert {path: path.read_bytes() for run in runs for path in run.iterdir()} == before
+    main([*map(str, runs), "--output", str(tmp_path / "summary.json")])  # beside the runs: written
+    assert json.loads((tmp_path / "summary.json").read_text())["best_log_loss"]["n"] == 2
+
+
+def test_the_summary_command_names_a_metrics_file_that_is_not_a_runs(tmp_path, capsys):
+    run = fake_run(tmp_path, "seed1", 1.0, 1)
+    (run / "metrics.json").write_text(json.dumps({"runs": []}))  # e.g. a sweep summary written over it
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run)])
+    assert exit_info.value.code == 2 and "seed1/metrics.json: not a run's metrics.json" in capsys.readouterr().err
+
+
 def test_a_sweep_over_a_key_the_dir_names_lack_fails_before_its_first_job(tmp_path):
     """Run dirs are named by fold and seed: two jobs that differ in lr would share one (the second stopped by the
     first's finished run, or replacing it with overwrite=true). The refusal names the keys and a subdir that works."""

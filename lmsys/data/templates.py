@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmsys.config import Template
+from lmsys.config import ConfigError, Template
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,6 @@ def chat_markers(template: Template, tokenizer) -> ChatMarkers:
     [CLS] prompt [SEP] A [SEP] B [SEP]."""
     if template == Template.sep:
         if not (tokenizer.cls_token and tokenizer.sep_token):
-            raise ValueError("template sep needs a tokenizer with cls and sep tokens")
+            raise ConfigError("model.template=sep needs a tokenizer with cls and sep tokens (an encoder's)")
         return ChatMarkers(tokenizer.cls_token, tokenizer.sep_token, tokenizer.sep_token)
     return CHAT_MARKERS[template]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from lmsys.config import Attention, Family, Template
@@ -47,7 +48,16 @@ def check_family(family: Family, model_type: str, where: str) -> FamilySpec:
 
 
 def resolve_template(family: Family, template: Template) -> Template:
-    return FAMILIES[family].template if template == Template.auto else template
+    """The family's template for `auto`; `sep` ([CLS] prompt [SEP] A [SEP] B [SEP]) is the encoders' layout only,
+    and an encoder reads no chat template."""
+    spec = FAMILIES[family]
+    if template == Template.auto:
+        return spec.template
+    if (template == Template.sep) != spec.encoder:
+        kind = "an encoder: it reads the sep layout" if spec.encoder else "a decoder: it reads a chat template"
+        raise FamilyError(f"model.template={template.value} does not fit the {family.value} family, {kind} "
+                          f"(model.template=auto gives {spec.template.value})")
+    return template
 
 
 def resolve_attention(family: Family, model_type: str, requested: Attention, packing: bool) -> Attention:
@@ -66,4 +76,8 @@ def resolve_attention(family: Family, model_type: str, requested: Attention, pac
             f"model.attn_implementation={requested.value} mixes packed pairs for {model_type}; "
             f"use {safe.value} (or trainer.packing=false)"
         )
+    if requested == Attention.flash_attention_2 and importlib.util.find_spec("flash_attn") is None:
+        # transformers says so only when the model loads, after the run dir is claimed
+        raise FamilyError(f"attention flash_attention_2 needs the flash-attn package (CUDA GPUs): set "
+                          f"model.attn_implementation (predict: attn_implementation) to {safe.value} here")
     return requested
