@@ -61,7 +61,10 @@ class PairEncoder:
         self._separator = markers.separator
         # [bos] where the model wants one; none for the separator layout, whose user_prefix is the cls token
         self._special_prefix = [] if self._separator else tokenizer("", add_special_tokens=True)["input_ids"]
-        self._marker_cache: dict[str, list[int]] = {}
+        self._marker_cache: dict[tuple[str, bool], list[int]] = {}
+        # chat layouts: texts and markers tokenized as they read inside the sequence (see `_continued`); an
+        # encoder's sep layout reads each text as a segment of its own, as its tokenizer's pair encoding does
+        self._lead = None if self._separator else _prefix_lead(tokenizer)
         self._user_prefix = markers.user_prefix
         self._assistant_prefix = markers.assistant_prefix
         self._ellipsis = self._tok(ELLIPSIS)
@@ -81,9 +84,7 @@ class PairEncoder:
     def tokenize(self, pairs: list[Pair]) -> list[PairTokens]:
         """Tokenize every turn of every pair in one batched call."""
         texts = [text for pair in pairs for text in (*pair.prompts, *pair.responses_a, *pair.responses_b)]
-        # verbose=False: texts longer than the model's context are cut later, token by token (head and tail), so
-        # transformers' "sequence length is longer than ... will result in indexing errors" would only mislead
-        ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+        ids = self._continued(texts)
         out, pos = [], 0
         for pair in pairs:
             sizes = (len(pair.prompts), len(pair.responses_a), len(pair.responses_b))
@@ -114,8 +115,8 @@ class PairEncoder:
             raise ValueError(f"max_length {self.max_length} cannot hold the {self.input_format.value} markers")
         parts = self._truncate(parts, weights, budget)
         ids = list(self._special_prefix)
-        for piece in layout:
-            ids += self._tok(piece) if isinstance(piece, str) else parts[piece.part][piece.turn]
+        for index, piece in enumerate(layout):
+            ids += self._tok(piece, first=index == 0) if isinstance(piece, str) else parts[piece.part][piece.turn]
         return ids
 
     def _parts(self, prompts, responses_a, responses_b) -> tuple[list[list[list[int]]], list[float]]:
@@ -156,7 +157,8 @@ class PairEncoder:
         return layout + [self._assistant_prefix]
 
     def _length(self, layout: list[str | Slot], parts: list[list[list[int]]]) -> int:
-        fixed = sum(len(self._tok(piece)) for piece in layout if isinstance(piece, str))
+        fixed = sum(len(self._tok(piece, first=index == 0)) for index, piece in enumerate(layout)
+                    if isinstance(piece, str))
         return len(self._special_prefix) + fixed + sum(len(t) for part in parts for t in part)
 
     def _fit_turns(self, parts: list[list[list[int]]]) -> tuple[list[list[list[int]]], list[str | Slot]]:
@@ -177,10 +179,37 @@ class PairEncoder:
             truncated.append([head_tail(t, b, self.text_head_share, self._ellipsis) for t, b in zip(part, turn_budgets)])
         return truncated
 
-    def _tok(self, text: str) -> list[int]:
-        if text not in self._marker_cache:
-            self._marker_cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self._marker_cache[text]
+    def _tok(self, text: str, first: bool = False) -> list[int]:
+        """A marker's ids: the layout's first piece opens the sequence; every other piece continues it."""
+        key = (text, first)
+        if key not in self._marker_cache:
+            self._marker_cache[key] = (self.tokenizer(text, add_special_tokens=False)["input_ids"] if first else
+                                       self._continued([text])[0])
+        return self._marker_cache[key]
+
+    def _continued(self, texts: list[str]) -> list[list[int]]:
+        """The ids of texts that continue a sequence, as the tokenizer reads them inside the whole string. A
+        SentencePiece tokenizer such as Mistral's starts every text it tokenizes alone with '▁' (a space), which
+        the chat template's string has not after a newline: such texts are tokenized after "\n", whose ids are
+        then dropped."""
+        if not texts:
+            return []
+        # verbose=False: texts longer than the model's context are cut later, token by token (head and tail), so
+        # transformers' "sequence length is longer than ... will result in indexing errors" would only mislead
+        if self._lead is None:
+            return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        lead = self._lead
+        ids = self.tokenizer(["\n" + text for text in texts], add_special_tokens=False, verbose=False)["input_ids"]
+        return [row[len(lead):] if row[:len(lead)] == lead else
+                self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+                for row, text in zip(ids, texts, strict=True)]
+
+
+def _prefix_lead(tokenizer) -> list[int] | None:
+    """The ids of "\n" when the tokenizer adds a prefix space to a text tokenized alone (what "ab" gives alone
+    differs from what it gives after "\n"), else None (byte-level BPE, Gemma's SentencePiece)."""
+    lead, joined, alone = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("\n", "\nab", "ab"))
+    return lead if joined[:len(lead)] == lead and joined[len(lead):] != alone else None
 
 
 class ResponseEncoder(PairEncoder):

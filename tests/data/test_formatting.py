@@ -5,6 +5,7 @@ the turn separators, the template markers), not copied from the encoder's output
 """
 
 import logging
+from string import ascii_lowercase, digits
 
 import pytest
 import tiny
@@ -250,3 +251,40 @@ def test_texts_longer_than_the_context_tokenize_without_transformers_indexing_wa
         logging.getLogger("transformers").removeHandler(handler)
     assert len(tokens.prompts[0]) > 128 and len(enc.sequences(tokens, swapped=False)[0]) <= 128
     assert not [record for record in records if warning in record.getMessage()]
+
+
+# --- SentencePiece tokenizers (Mistral's): a text tokenized alone starts with '▁', inside the sequence it does not -
+
+
+def metaspace_tokenizer(prepend_scheme: str):
+    """One token per character behind a Metaspace pre-tokenizer, as Mistral v0.3's SentencePiece tokenizer: every
+    text it tokenizes alone gets a leading '▁' (a space)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(INTRO + "# Prompt Response Conversation with User Assistant A B\n-[.]+?" + ascii_lowercase
+                       + digits) - {" "})
+    vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "▁", *chars])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=False)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=False)
+    tok.add_special_tokens(["<s>", "</s>", "[INST]", "[/INST]"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("prepend_scheme", ["first", "always"])
+@pytest.mark.parametrize("fmt", [InputFormat.pab, InputFormat.papb])
+def test_sentencepiece_texts_and_markers_read_as_in_the_whole_string(prepend_scheme, fmt):
+    """Each text and marker was tokenized alone, so a SentencePiece tokenizer put a space token before every one:
+    `# Prompt\\n what is 2+2?` where Mistral's template writes `# Prompt\\nwhat is 2+2?` (checked against
+    mistral_common's v3 encoding with the real Mistral v0.3 tokenizer model: equal ids, 5-7 tokens fewer)."""
+    tokenizer = metaspace_tokenizer(prepend_scheme)
+    encoder = PairEncoder(tokenizer, CHAT_MARKERS[Template.mistral], fmt, 512, 0.2, 1, 1, 0.5)
+    pair = Pair("1", ("what is 2+2?", "and?"), ("four", "\n\nfive"), (" 4", "[]"))
+    ids = encoder.encode(encoder.tokenize([pair])[0])
+    inst, end = tokenizer.convert_tokens_to_ids(["[INST]", "[/INST]"])
+    assert ids[0] == inst and ids[-1] == end
+    content = tokenizer.decode(ids[1:-1])
+    assert "\nwhat is 2+2?\n" in content and "\n what" not in content and "\n 4\n" in content  # " 4" as written
+    # the whole string's ids: [INST], the content as one text (its first word after the template's space), [/INST]
+    assert ids == [inst, *tokenizer(content, add_special_tokens=False)["input_ids"], end]
