@@ -58,6 +58,15 @@ def train_entry(family: Family | None, script: str) -> None:
 
     with config_errors():
         hydra.main(config_path=CONF_DIR, config_name=default, version_base="1.3")(task)()
+    close_process_group()
+
+
+def close_process_group() -> None:
+    """The process group every job of this process shared (lmsys.training.recipe.TrainingRecipe.finish), closed
+    once they are done; torch only if a job imported it."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 USER_SET_FULL_ERROR = "HYDRA_FULL_ERROR" in os.environ

@@ -79,11 +79,13 @@ def ddp(ddp_data) -> SimpleNamespace:
                          root / "single.log", env, root)
     worker = start(torchrun_command(REPO / "tests" / "ddp_worker.py", [str(worker_out), *ddp_data.overrides]),
                    root / "worker.log", env, root)
-    finish(run, root / "run.log")
-    finish(single, root / "single.log")
-    finish(worker, root / "worker.log")
+    sweep_args = ["--config-name", "conf_r_llama_smol", "-m", *ddp_data.overrides, "trainer.max_steps=1",
+                  f"hydra.sweep.dir={root / 'sweep'}", "seed=1,2"]
+    sweep = start(torchrun_command(ENTRY, sweep_args), root / "sweep.log", env, root)
+    for process, log in ((run, "run.log"), (single, "single.log"), (worker, "worker.log"), (sweep, "sweep.log")):
+        finish(process, root / log)
     return SimpleNamespace(
-        cwd=cwd, run_dir=(cwd / RUN_SUBDIR).resolve(), single_dir=single_dir,
+        cwd=cwd, run_dir=(cwd / RUN_SUBDIR).resolve(), single_dir=single_dir, sweep_dir=root / "sweep",
         worker=json.loads(worker_out.read_text()),
         ranks=[json.loads((reports / f"rank{rank}.json").read_text()) for rank in (0, 1)],
     )
@@ -94,6 +96,15 @@ def test_run_is_distributed_over_two_processes(ddp):
     assert info["num_processes"] == 2
     assert info["distributed_type"] == "MULTI_CPU"
     assert read_metrics(ddp.run_dir)["updates"] == 3
+
+
+def test_a_seed_sweep_runs_every_job_over_two_processes(ddp):
+    """`-m seed=1,2` under torchrun: the second job failed at its first collective (the first job's end had
+    destroyed the process group that accelerate's kept state took for alive)."""
+    for seed in (1, 2):
+        info = json.loads((ddp.sweep_dir / f"seed{seed}" / "run_info.json").read_text())
+        assert info["num_processes"] == 2 and read_metrics(ddp.sweep_dir / f"seed{seed}")["updates"] == 1
+    assert json.loads((ddp.sweep_dir / "sweep_summary.json").read_text())["best_log_loss"]["n"] == 2
 
 
 def test_evaluation_gathers_each_valid_pair_exactly_once(ddp):

@@ -277,7 +277,11 @@ class TrainingRecipe:
     def finish(self) -> dict:
         """metrics.json (the mark of a finished run) and the closing line; the process freed for a sweep's next job."""
         self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
+        # the trackers end here, the process group not: accelerate's end_training would destroy it, and a sweep's
+        # next job under torchrun would fail at its first collective (creating it again races between the ranks);
+        # the entry point closes it when the process's jobs are done
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
         state = self.state
         summary = {
             "best": {"step": state.best_step, **state.best_metrics},
@@ -335,7 +339,8 @@ def record_run(run: RunDir, config: TrainConfig, accelerator, resolved_yaml: str
 
 
 def release(accelerator) -> None:
-    """Free the process for the next job of a sweep: accelerator state, trackers, cached memory."""
+    """Free the process for the next job of a sweep: accelerator state, trackers, cached memory. The process state
+    and its process group stay for the next job (see `finish`)."""
     del accelerator
     AcceleratorState._reset_state()
     gc.collect()
