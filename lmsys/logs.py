@@ -11,7 +11,9 @@ from pathlib import Path
 FORMAT, DATE_FORMAT = "%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"
 
 
-def setup_logging(is_main: bool = True, log_file: Path | None = None) -> logging.Logger:
+def setup_logging(is_main: bool = True, log_file: Path | None = None, waits: bool = False) -> logging.Logger:
+    """`waits`: the log file is written from `start_log_file` on (the records before kept for it), so that a run
+    refused after its log was set up (a resume under another plan) leaves its train.log as it was."""
     logger = logging.getLogger("lmsys")
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     for handler in logger.handlers:
@@ -20,10 +22,36 @@ def setup_logging(is_main: bool = True, log_file: Path | None = None) -> logging
     logger.propagate = False
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if is_main and log_file is not None:
-        handlers.append(logging.FileHandler(log_file))
+        handlers.append(WaitingFileHandler(log_file, waits))
     for handler in handlers:
         logger.addHandler(formatted(handler))
     return logger
+
+
+def start_log_file() -> None:
+    """Write the records a waiting log file kept, and every later one, to the file."""
+    for handler in logging.getLogger("lmsys").handlers:
+        if isinstance(handler, WaitingFileHandler):
+            handler.start()
+
+
+class WaitingFileHandler(logging.FileHandler):
+    """A log file opened at its first write, which waits for `start` when `waits`."""
+
+    def __init__(self, path: Path, waits: bool) -> None:
+        super().__init__(path, delay=True)
+        self.waiting: list[logging.LogRecord] | None = [] if waits else None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.waiting is None:
+            super().emit(record)
+        else:
+            self.waiting.append(record)
+
+    def start(self) -> None:
+        waiting, self.waiting = self.waiting or [], None
+        for record in waiting:
+            super().emit(record)
 
 
 def formatted(handler: logging.Handler) -> logging.Handler:

@@ -143,6 +143,8 @@ def test_resume_after_sigterm_finishes_the_run(resumed):
     assert metrics["updates"] == UPDATES
     assert [h["step"] for h in metrics["history"]] == [3, 6]  # the evaluation before the stop came from the state
     assert logged_train_steps(resumed.stopped) == list(range(1, UPDATES + 1))  # stopped at a boundary: none repeated
+    log = (resumed.stopped / "train.log").read_text()
+    assert log.count(" INFO run dir ") == 2 and "best validation log loss" in log  # the resumed session's log kept
 
 
 def test_resume_after_sigterm_matches_uninterrupted_run(resumed):
@@ -174,8 +176,8 @@ def test_a_resume_under_another_plan_is_refused(resumed, overrides, tmp_path):
     assert "with 1 process, trainer.batch_size x trainer.grad_accum = 8 keeps 8 pairs per update" in errors[0]
     assert "model.path weights: 1 weight file(s), digest" in errors[0]  # the adapter would continue on another base
     assert "'alpha': 32" in errors[0] and "'alpha': 8" in errors[0]  # and at another scale
-    after = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file() and path.name != "train.log"}
-    assert after == {name: content for name, content in before.items() if name != "train.log"}
+    after = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
+    assert after == before  # train.log too: a refused resume's records reach stderr, not the run's log
     assert loop_step(run_dir / STATE_DIR) == UPDATES
 
 

@@ -26,7 +26,7 @@ from lmsys.data.batching import collate
 from lmsys.data.dataset import EncodedSplit, encode_split
 from lmsys.evaluation.metrics import save_reliability_diagram
 from lmsys.evaluation.validation import Evaluation, ValidationSet, evaluate, oof_frame, targets_of
-from lmsys.logs import held_records, setup_logging
+from lmsys.logs import held_records, setup_logging, start_log_file
 from lmsys.modeling.checkpoint import ModelSpec, save_checkpoint
 from lmsys.modeling.compute_dtype import dtype_record
 from lmsys.modeling.losses import preference_loss
@@ -326,12 +326,14 @@ def open_run_dir(run_path: Path, config: TrainConfig, accelerator) -> RunDir:
     run = RunDir(run_path, accelerator.is_main_process)
     run.claim(config.overwrite, config.resume)
     accelerator.wait_for_everyone()
-    setup_logging(accelerator.is_main_process, run.path / "train.log")
+    # a resume's log file waits for record_run: a resume refused under another plan leaves train.log as it was
+    setup_logging(accelerator.is_main_process, run.path / "train.log", waits=config.resume)
     return run
 
 
 def record_run(run: RunDir, config: TrainConfig, accelerator, resolved_yaml: str) -> None:
     """The config and provenance, once the run is known to go ahead (a refused resume keeps the run's own)."""
+    start_log_file()
     run.write_text("config.yaml", resolved_yaml)
     dtype = dtype_record(config.model.compute_dtype.value, accelerator.device, config.model.path)  # every rank
     run.write_json("run_info.json", {**run_info(accelerator.num_processes, accelerator.distributed_type.value),
