@@ -15,6 +15,8 @@ from transformers import AutoTokenizer
 from lmsys.config import (
     ELEMENTWISE_OPTIONS,
     Architecture,
+    Attention,
+    ConfigError,
     DataConfig,
     ElementwiseKernel,
     Family,
@@ -39,7 +41,14 @@ from lmsys.data.split import split_train_valid
 from lmsys.data.templates import chat_markers
 from lmsys.evaluation.validation import ValidationSet
 from lmsys.modeling.attention import compile_attention
-from lmsys.modeling.backbone import add_lora, load_adapter, load_backbone, make_trainable, resolve_dtype
+from lmsys.modeling.backbone import (
+    add_lora,
+    check_lora_targets,
+    load_adapter,
+    load_backbone,
+    make_trainable,
+    resolve_dtype,
+)
 from lmsys.modeling.checkpoint import ModelSpec, load_head_state, read_spec, with_base_model
 from lmsys.modeling.compile import compile_layers, compile_norms, resolve_elementwise_kernel
 from lmsys.modeling.cpu_allocator import keep_freed_memory
@@ -258,6 +267,19 @@ def build_grad_scaler(model: ModelConfig, device: torch.device) -> torch.amp.Gra
 
 def check_optimizer(optimizer: OptimizerConfig) -> None:
     check_sharded_optimizer(optimizer.name, fsdp_requested())
+
+
+def check_training_attention(spec: ModelSpec, device: torch.device) -> None:
+    """FlexAttention has no backward pass on CPU (torch raises at the first update, after the model loaded)."""
+    if spec.attn_implementation == Attention.flex_attention and device.type == "cpu":
+        raise ConfigError("model.attn_implementation=flex_attention cannot train on CPU (torch's FlexAttention has no "
+                          "backward there); use sdpa")
+
+
+def check_lora(model: ModelConfig, lora: LoraConfig) -> None:
+    """The LoRA targets against the model's skeleton, before the run dir is claimed (full fine-tuning has none)."""
+    if model.finetune == FineTune.lora:
+        check_lora_targets(model.path, model.trust_remote_code, lora.target_modules)
 
 
 def build_optimizer(optimizer: OptimizerConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

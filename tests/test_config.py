@@ -291,3 +291,18 @@ def test_flash_attention_without_its_package_fails_before_the_model_loads(monkey
     with pytest.raises(FamilyError, match="flash_attention_2 needs the flash-attn package .* to sdpa here"):
         resolve_attention(Family.llama, "llama", Attention.flash_attention_2, packing=True)
     assert resolve_attention(Family.llama, "llama", Attention.sdpa, packing=True) == Attention.sdpa
+
+
+def test_flex_attention_cannot_train_on_cpu():
+    """torch's FlexAttention has no CPU backward: the first update failed, after the model loaded."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lmsys.builders import check_training_attention
+    from lmsys.config import Attention
+
+    with pytest.raises(ConfigError, match="flex_attention cannot train on CPU"):
+        check_training_attention(SimpleNamespace(attn_implementation=Attention.flex_attention), torch.device("cpu"))
+    check_training_attention(SimpleNamespace(attn_implementation=Attention.flex_attention), torch.device("cuda"))
+    check_training_attention(SimpleNamespace(attn_implementation=Attention.sdpa), torch.device("cpu"))

@@ -105,7 +105,7 @@ def add_lora(
 ) -> PeftModel:
     """Freeze the backbone and wrap it with trainable LoRA adapters."""
     if gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     backbone.config.use_cache = False
     _require_targets(backbone, target_modules)
     config = LoraConfig(
@@ -116,22 +116,37 @@ def add_lora(
         return get_peft_model(backbone, config)
 
 
-def _require_targets(backbone: PreTrainedModel, target_modules: list[str]) -> None:
-    """Name the model's linear layers when none of lora.target_modules is among them (the default names decoder
-    projections; DeBERTa-v2 calls its own query_proj, key_proj, value_proj, dense)."""
-    linear_names = {name.rsplit(".", 1)[-1] for name, module in backbone.named_modules()
-                    if isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
-    if not linear_names & set(target_modules):
+def _require_targets(backbone: torch.nn.Module, target_modules: list[str]) -> None:
+    """Every entry of lora.target_modules names linear layers of the model, as peft matches them (a module's name or
+    its dotted tail): a misspelt one was dropped without a word. The default names decoder projections; DeBERTa-v2
+    calls its own query_proj, key_proj, value_proj, dense."""
+    linear = [name for name, module in backbone.named_modules()
+              if isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+    unmatched = [target for target in target_modules
+                 if not any(name == target or name.endswith(f".{target}") for name in linear)]
+    if unmatched:
         raise ConfigError(
-            f"lora.target_modules={list(target_modules)}: none is a linear layer of this {backbone.config.model_type} "
-            f"model (it has {sorted(linear_names)})"
+            f"lora.target_modules: {unmatched} {'is not a linear layer' if len(unmatched) == 1 else 'are not linear layers'}"
+            f" of this {backbone.config.model_type} model (it has {sorted({name.rsplit('.', 1)[-1] for name in linear})})"
         )
+
+
+def check_lora_targets(model_path: str | Path, trust_remote_code: bool, target_modules: list[str]) -> None:
+    """`_require_targets` on the model's skeleton (no weights, meta device), before a run dir is claimed."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
+    with init_empty_weights(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        skeleton = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    _require_targets(skeleton, target_modules)
 
 
 def make_trainable(backbone: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
     """Full fine-tuning: every backbone weight trains (model.finetune=full; the backbone is not quantized)."""
     if gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     backbone.config.use_cache = False
     return backbone.requires_grad_(True)
 

@@ -94,6 +94,8 @@ class TrainingRecipe:
         accelerator = builders.build_accelerator(config, run_path)
         grad_scaler = builders.build_grad_scaler(config.model, accelerator.device)
         builders.check_optimizer(config.optimizer)
+        builders.check_lora(config.model, config.lora)
+        builders.check_training_attention(spec, accelerator.device)
         tokenizer = builders.build_tokenizer(config.model.path, config.model.trust_remote_code)
         encoders = builders.build_encoders(spec, tokenizer)  # checks that max_length holds the layout
         run = open_run_dir(run_path, config, accelerator)

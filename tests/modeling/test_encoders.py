@@ -108,9 +108,21 @@ def test_first_token_pooling_whatever_the_padding_side(deberta):
 
 
 def test_decoder_lora_targets_on_an_encoder_fail_naming_its_layers(tiny_models):
-    with pytest.raises(ConfigError, match=r"lora.target_modules=.*q_proj.*none is a linear layer of this deberta-v2 "
-                                          r"model \(it has \['dense', 'key_proj', 'query_proj', 'value_proj'\]\)"):
+    with pytest.raises(ConfigError, match=r"lora.target_modules: \['q_proj', .*'down_proj'\] are not linear layers of "
+                                          r"this deberta-v2 model \(it has \['dense', 'key_proj', 'query_proj', "
+                                          r"'value_proj'\]\)"):
         tiny.build_preference_model(tiny_models["deberta_v2"], "deberta", packing=False)
+
+
+def test_a_misspelt_lora_target_fails_before_the_model_loads(tiny_models):
+    """`[q_proj, o_prj]` trained q_proj alone without a word (peft drops a name that matches nothing); found on the
+    model's skeleton from its config.json, before the run dir is claimed."""
+    from lmsys.modeling.backbone import check_lora_targets
+
+    with pytest.raises(ConfigError, match=r"lora.target_modules: \['o_prj'\] is not a linear layer of this llama "
+                                          r"model \(it has \['down_proj', 'gate_proj', 'k_proj', 'o_proj'"):
+        check_lora_targets(tiny_models["llama"], False, ["q_proj", "o_prj"])
+    check_lora_targets(tiny_models["llama"], False, ["q_proj", "self_attn.o_proj"])  # a dotted tail, as peft reads it
 
 
 def test_packing_is_refused_for_encoders():
