@@ -171,4 +171,5 @@ def test_stage_two_trains_on_the_soft_labels_at_the_distill_temperature(setup, t
         "loss.distill_temperature=2.0")))
     loss, expected = first_update_check(config, tmp_path / "stage2", soft)
     assert loss == pytest.approx(expected["soft"], abs=1e-5)
-    assert abs(expected["soft"] - expected["hard"]) > 1e-3 and abs(expected["soft"] - expected["t1"]) > 1e-3
+    # each alternative 10x the tolerance above away at least (soft vs hard measured 4.5e-4 apart)
+    assert abs(expected["soft"] - expected["hard"]) > 1e-4 and abs(expected["soft"] - expected["t1"]) > 1e-4

@@ -190,8 +190,8 @@ class PairEncoder:
     def _continued(self, texts: list[str]) -> list[list[int]]:
         """The ids of texts that continue a sequence, as the tokenizer reads them inside the whole string. A
         SentencePiece tokenizer such as Mistral's starts every text it tokenizes alone with '▁' (a space), which
-        the chat template's string has not after a newline: such texts are tokenized after "\n", whose ids are
-        then dropped."""
+        the chat template's string has not after a newline: such texts are tokenized after a newline, whose ids
+        are then dropped."""
         if not texts:
             return []
         # verbose=False: texts longer than the model's context are cut later, token by token (head and tail), so
@@ -206,8 +206,8 @@ class PairEncoder:
 
 
 def _prefix_lead(tokenizer) -> list[int] | None:
-    """The ids of "\n" when the tokenizer adds a prefix space to a text tokenized alone (what "ab" gives alone
-    differs from what it gives after "\n"), else None (byte-level BPE, Gemma's SentencePiece)."""
+    """The ids of a newline when the tokenizer adds a prefix space to a text tokenized alone (what "ab" gives
+    alone differs from what it gives after a newline), else None (byte-level BPE, Gemma's SentencePiece)."""
     lead, joined, alone = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("\n", "\nab", "ab"))
     return lead if joined[:len(lead)] == lead and joined[len(lead):] != alone else None
 

@@ -47,10 +47,11 @@ def test_compiled_mlps_give_the_eager_logits_and_loss_curve_in_bfloat16():
     assert compiled["names"] == eager["names"]
     torch.testing.assert_close(compiled["logits"], eager["logits"], atol=5e-3, rtol=0)
     # 3 updates at lr 1e-2 amplify bf16 roundings: the loss curves are held to float32's (eager bf16 ended 3e-3 from
-    # it, the compiled MLPs 6e-3, 9e-3 apart from each other; a step between updates is 0.1-0.14)
+    # it, the compiled MLPs 6e-3, 9e-3 apart from each other; with the pairs truncated as since Dec 5's sixth session
+    # the compiled MLPs 1.1e-2 and the attention 1.0e-2; a step between updates is 0.1-0.14)
     float32 = results["eager"]["losses"]
-    torch.testing.assert_close(eager["losses"], float32, atol=1e-2, rtol=0)
-    torch.testing.assert_close(compiled["losses"], float32, atol=1e-2, rtol=0)
+    torch.testing.assert_close(eager["losses"], float32, atol=2e-2, rtol=0)
+    torch.testing.assert_close(compiled["losses"], float32, atol=2e-2, rtol=0)
 
 
 def test_compiled_attention_gives_the_eager_logits_and_loss_curve_in_bfloat16():
@@ -65,4 +66,4 @@ def test_compiled_attention_gives_the_eager_logits_and_loss_curve_in_bfloat16():
     assert compiled["names"] == eager["names"]
     torch.testing.assert_close(compiled["logits"], eager["logits"], atol=5e-3, rtol=0)
     # as for the MLPs: the loss curves held to float32's
-    torch.testing.assert_close(compiled["losses"], results["eager"]["losses"], atol=1e-2, rtol=0)
+    torch.testing.assert_close(compiled["losses"], results["eager"]["losses"], atol=2e-2, rtol=0)
