@@ -163,8 +163,8 @@ def test_a_wrong_value_fails(override):
     ("data.valid_fold=0", "data.valid_fold .* cannot be combined with data.valid_path"),  # data/default sets valid_path
     ("model.finetune=full model.quantization=none model.compute_dtype=float16",
      "model.finetune=full with model.compute_dtype=float16 is not supported"),
-    ("trainer.log_frequency=0", r"trainer.log_frequency must be >= 1"),
-    ("trainer.row_tokens=0", r"trainer.row_tokens must be >= 1"),  # silently the default before  # a modulo by zero after update 1 before
+    ("trainer.log_frequency=0", r"trainer.log_frequency must be >= 1"),  # a modulo by zero after update 1 before
+    ("trainer.row_tokens=0", r"trainer.row_tokens must be >= 1"),  # silently the default before
     ("optimizer.betas=[1.5,0.9]", r"optimizer.betas needs two values in \[0, 1\)"),  # torch refused it after loading
     ("optimizer.betas=[0.9,1.0]", r"optimizer.betas needs two values in \[0, 1\)"),
     ("optimizer.eps=-1", "optimizer.eps and optimizer.weight_decay must be >= 0"),

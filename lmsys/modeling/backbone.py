@@ -125,10 +125,10 @@ def _require_targets(backbone: torch.nn.Module, target_modules: list[str]) -> No
     unmatched = [target for target in target_modules
                  if not any(name == target or name.endswith(f".{target}") for name in linear)]
     if unmatched:
-        raise ConfigError(
-            f"lora.target_modules: {unmatched} {'is not a linear layer' if len(unmatched) == 1 else 'are not linear layers'}"
-            f" of this {backbone.config.model_type} model (it has {sorted({name.rsplit('.', 1)[-1] for name in linear})})"
-        )
+        verb = "is not a linear layer" if len(unmatched) == 1 else "are not linear layers"
+        short_names = sorted({name.rsplit(".", 1)[-1] for name in linear})
+        raise ConfigError(f"lora.target_modules: {unmatched} {verb} of this {backbone.config.model_type} model (it has "
+                          f"{short_names})")
 
 
 def check_lora_targets(model_path: str | Path, trust_remote_code: bool, target_modules: list[str]) -> None:
