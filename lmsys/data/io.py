@@ -132,10 +132,11 @@ def pairs_from_frame(
     has_teacher = TEACHER_COLUMN in frame.columns
     pairs, repaired, missing = [], [], []
     for row_id, row in zip(ids, frame.to_dict("records"), strict=True):
-        cells = {col: _present_text(row[col], plain_text, missing, f"row id={row_id} column '{col}'")
-                 for col in TEXT_COLUMNS}
-        texts = [_repaired(_parse_turns(cells[col], name, row_id, col, plain_text), repaired,
-                           f"row id={row_id} column '{col}'") for col in TEXT_COLUMNS]
+        texts = []
+        for col in TEXT_COLUMNS:
+            where = f"row id={row_id} column '{col}'"
+            cell = _present_text(row[col], plain_text, missing, where)
+            texts.append(_repaired(_parse_turns(cell, name, row_id, col, plain_text), repaired, where))
         target = _parse_target(row, name, row_id) if has_labels else None
         meta = {key: row[key] for key in META_COLUMNS if key in row and not _is_missing(row[key])}
         teacher = _parse_teacher_logits(row[TEACHER_COLUMN], name, row_id) if has_teacher else None

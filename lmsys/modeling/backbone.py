@@ -16,6 +16,7 @@ from transformers import AutoModel, BitsAndBytesConfig, PreTrainedModel
 from lmsys.config import ComputeDtype, ConfigError, Quantization
 from lmsys.modeling.attention import attention_kernel
 from lmsys.modeling.compute_dtype import auto_dtype, warn_if_bf16_is_slower
+from lmsys.modeling.model_facts import model_skeleton
 from lmsys.modeling.precision import saved_quantization
 
 log = logging.getLogger("lmsys")
@@ -133,14 +134,7 @@ def _require_targets(backbone: torch.nn.Module, target_modules: list[str]) -> No
 
 def check_lora_targets(model_path: str | Path, trust_remote_code: bool, target_modules: list[str]) -> None:
     """`_require_targets` on the model's skeleton (no weights, meta device), before a run dir is claimed."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
-    with init_empty_weights(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        skeleton = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
-    _require_targets(skeleton, target_modules)
+    _require_targets(model_skeleton(model_path, trust_remote_code), target_modules)
 
 
 def make_trainable(backbone: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:

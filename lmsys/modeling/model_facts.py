@@ -35,6 +35,17 @@ class ModelFacts:
         return asdict(self)
 
 
+def model_skeleton(path: str | Path, trust_remote_code: bool = False):
+    """The model (AutoModel: no LM head) built from its config.json on the meta device: its modules and their
+    shapes, no weights read or allocated."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        return AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def read_model_facts(path: str | Path) -> ModelFacts:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():

@@ -64,13 +64,11 @@ def plan_device_map(
     (an upper bound for a quantized model, whose weights are smaller): `auto` fills the first device then the next,
     `balanced` gives each device about the same share. No weights are read (the model is built on the meta device).
     Devices are GPU indices (or "cpu"); `max_memory` defaults to what each visible GPU has free."""
-    from accelerate import init_empty_weights
     from accelerate.utils import get_balanced_memory, infer_auto_device_map
-    from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    with init_empty_weights():
-        model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    from lmsys.modeling.model_facts import model_skeleton
+
+    model = model_skeleton(model_dir, trust_remote_code)
     no_split = list(model._no_split_modules or [])
     if mode == "balanced":
         max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
