@@ -30,7 +30,7 @@ from scipy.special import softmax
 
 from lmsys.cli import command_errors
 from lmsys.config import ConfigError
-from lmsys.data.io import PROB_TOLERANCE, DataError, read_table
+from lmsys.data.io import PROB_TOLERANCE, DataError, check_present_ids, read_table
 from lmsys.data.schema import SOFT_TARGET_COLUMNS, TARGET_COLUMNS, class_columns
 from lmsys.evaluation.metrics import accuracy, clip_probs, log_loss
 from lmsys.output_paths import check_output_paths
@@ -107,10 +107,8 @@ def _read(path: str) -> pd.DataFrame:
     frame = read_table(path)
     if "id" not in frame:
         raise DataError(f"{path}: missing column 'id'")
+    check_present_ids(frame["id"], path)  # a null id in a parquet file, an empty one in a CSV file
     frame["id"] = frame["id"].astype(str)
-    blank = frame["id"].str.strip() == ""
-    if blank.any():
-        raise DataError(f"{path}: data row {int(np.flatnonzero(blank)[0])} (counting from 0) column 'id': missing id")
     return frame
 
 
@@ -228,6 +226,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("give --oof to fit weights, or --weights to apply existing ones")
     if args.weights is not None and args.submissions is None:
         parser.error("--weights needs --submissions to apply them to")
+    if args.weights is not None and args.temperature:
+        parser.error("--temperature fits a temperature with the weights; --weights applies the weights.json's own")
     return args
 
 

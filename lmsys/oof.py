@@ -20,11 +20,12 @@ from pathlib import Path
 import pandas as pd
 
 from lmsys.cli import command_errors
-from lmsys.data.io import DataError, finite_values, read_pairs, read_table
+from lmsys.data.io import DataError, check_present_ids, finite_values, read_pairs, read_table
 from lmsys.data.labels import without_unscored_ties
 from lmsys.data.schema import SOFT_TARGET_COLUMNS, class_columns
 from lmsys.evaluation.predict_loop import LOGIT_COLUMNS, SWAPPED_LOGIT_COLUMNS
 from lmsys.logs import setup_logging
+from lmsys.output_paths import check_outside_runs
 from lmsys.runs import write_file
 
 log = logging.getLogger("lmsys")
@@ -46,6 +47,7 @@ def read_run_oof(run_dir: Path) -> pd.DataFrame:
         raise DataError(f"{path}: missing column(s) {missing} (an oof.csv written before oof files carried logits?)")
     targets = _all_or_none(frame, path, SOFT_TARGET_COLUMNS[: len(probs)])
     swapped = _all_or_none(frame, path, SWAPPED_LOGIT_COLUMNS[: len(probs)])
+    check_present_ids(frame["id"], path)
     frame["id"] = frame["id"].astype(str)
     finite_values(frame, [*probs, *logits, *targets, *swapped], frame["id"].tolist(), path)
     return frame[[*required, *targets, *swapped]]
@@ -67,8 +69,8 @@ def join_oof(run_dirs: list[Path], train: Path | None = None) -> pd.DataFrame:
     for run_dir, frame in zip(run_dirs, frames, strict=True):
         if list(frame.columns) != list(frames[0].columns):
             raise DataError(f"{run_dir / OOF_FILE}: columns {list(frame.columns)} differ from "
-                            f"{run_dirs[0] / OOF_FILE}'s {list(frames[0].columns)} (evaluate every fold with the "
-                            f"same trainer.eval_tta)")
+                            f"{run_dirs[0] / OOF_FILE}'s {list(frames[0].columns)} "
+                            f"({_column_difference(frames[0].columns, frame.columns)})")
     owners = _id_owners(run_dirs, frames)
     joined = pd.concat(frames, ignore_index=True)
     if train is None:
@@ -79,6 +81,12 @@ def join_oof(run_dirs: list[Path], train: Path | None = None) -> pd.DataFrame:
                                                                str(train))]
     _check_covers(train, train_ids, owners)
     return joined.set_index("id").loc[train_ids].reset_index()
+
+
+def _column_difference(first: pd.Index, other: pd.Index) -> str:
+    if list(class_columns(first)) != list(class_columns(other)):
+        return "a two-class run and a three-class one: join the folds of one model"
+    return "evaluate every fold with the same trainer.eval_tta and the same kind of labels"
 
 
 def _id_owners(run_dirs: list[Path], frames: list[pd.DataFrame]) -> dict[str, Path]:
@@ -114,13 +122,14 @@ def write_joined(frame: pd.DataFrame, out: Path) -> None:
 
 
 def check_output(out: Path, run_dirs: list[Path], train: Path | None) -> None:
-    """The joined file never replaces one of its inputs."""
+    """The joined file never replaces one of its inputs, nor goes into a run's directory."""
     if out.suffix not in OUTPUT_SUFFIXES:
         raise DataError(f"--out {out}: must end in .csv or .parquet")
     inputs = [run_dir / OOF_FILE for run_dir in run_dirs] + ([train] if train is not None else [])
     clash = [path for path in inputs if path.resolve() == out.resolve()]
     if clash:
         raise DataError(f"--out {out} is one of the inputs ({clash[0]}); choose another file")
+    check_outside_runs("--out", out)
 
 
 def run_join(run_dirs: list[Path], out: Path, train: Path | None) -> pd.DataFrame:

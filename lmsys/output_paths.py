@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from lmsys.config import ConfigError
+from lmsys.runs import RunDir
 
 PathLike = str | Path
 SPEC_FILE = "lmsys_checkpoint.json"  # a checkpoint's spec (lmsys.modeling.checkpoint reads and writes it)
@@ -78,6 +79,17 @@ def _check_against_input(key: str, output: Path, is_directory: bool, input_key: 
         raise ConfigError(f"{key}={output} lies inside the input {input_key}={source}; write it elsewhere")
     if is_directory and _inside(source, output):
         raise ConfigError(f"{key}={output} contains the input {input_key}={source}; choose another {key}")
+
+
+def check_outside_runs(key: str, output: PathLike) -> None:
+    """Raise `ConfigError` when an output of a command that reads run dirs (a sweep summary, joined oof files)
+    would go into a run's directory: a run dir holds only what its run wrote (a summary written over its
+    metrics.json or oof.csv unmakes the run for every later summary, join and ensemble)."""
+    path = _resolved(output)
+    for directory in path.parents:
+        if RunDir(directory, is_main=False).is_run():
+            raise ConfigError(f"{key}={path} lies inside the run dir {directory}, which holds only its run's "
+                              f"files; write it beside the runs")
 
 
 def base_model_inputs(checkpoints: dict[str, PathLike], base_model_path: PathLike | None) -> dict[str, Path | None]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -71,8 +72,10 @@ class SoupConfig:
         if self.weights is not None:
             require(len(self.weights) == len(self.checkpoints),
                     f"weights has {len(self.weights)} values for {len(self.checkpoints)} checkpoints")
-            require(all(w >= 0 for w in self.weights), f"weights must be non-negative, got {self.weights}")
+            require(all(math.isfinite(w) and w >= 0 for w in self.weights),
+                    f"weights must be finite and non-negative, got {self.weights}")
             require(sum(self.weights) > 0, "weights must not all be zero")
+            require(math.isfinite(sum(self.weights)), f"weights overflow when summed: {self.weights}")
 
 
 @dataclass(frozen=True)
@@ -217,12 +220,21 @@ def make_soup(checkpoints: list[Path], weights: list[float] | None, output_dir: 
         for name in files:
             tensors, metadata = weighted_average([path / name for path in checkpoints], weights)
             save_file(tensors, str(tmp / name), metadata=metadata)
+        (tmp / SPEC_FILE).write_text(spec_from(first, ingredients[0].spec).to_json())
         record = {"checkpoints": [str(path.resolve()) for path in checkpoints], "weights": weights}
         (tmp / SOUP_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
     write_file(output_dir, produce)
     return output_dir
 
+
+
+def spec_from(checkpoint: Path, spec: ModelSpec) -> ModelSpec:
+    """The first checkpoint's spec for the soup, its base model named absolute: a relative one (a Kaggle bundle's
+    `../base_model`) is read from the checkpoint holding it, and the soup lies elsewhere."""
+    if spec.merged or Path(spec.base_model_path).is_absolute():
+        return spec
+    return dataclasses.replace(spec, base_model_path=str((checkpoint / spec.base_model_path).resolve()))
 
 
 def run_soup(config: SoupConfig) -> Path:

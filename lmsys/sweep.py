@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -16,11 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from lmsys.cli import command_errors
-from lmsys.output_paths import check_output_paths
+from lmsys.cli import CommandError, command_errors, one_line
+from lmsys.output_paths import check_output_paths, check_outside_runs
 from lmsys.runs import FINISHED_MARKER, write_json
 
 SUMMARY_FILE = "sweep_summary.json"
@@ -28,8 +31,8 @@ RUN_NAME_KEYS = ("seed", "data.valid_fold")  # what a run dir's default name hol
 DEFAULT_SUBDIR = "${run_name:${data.valid_fold},${seed}}"  # conf/run_layout.yaml's hydra.sweep.subdir
 
 
-class SweepError(ValueError):
-    """A run dir that cannot be summarized (missing or unfinished run)."""
+class SweepError(CommandError):
+    """A run dir that cannot be summarized (missing, unfinished or malformed run; a run given twice)."""
 
 
 def run_record(run_dir: str | Path) -> dict:
@@ -38,21 +41,47 @@ def run_record(run_dir: str | Path) -> dict:
     metrics_file = path / "metrics.json"
     if not metrics_file.is_file():
         raise SweepError(f"{path}: no metrics.json (not a run dir, or the run did not finish)")
-    try:
-        best = json.loads(metrics_file.read_text())["best"]
-        best_log_loss, best_step = best["log_loss"], best["step"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise SweepError(f"{metrics_file}: not a run's metrics.json (no best log_loss and step: {err!r})") from err
-    config_file = path / "config.yaml"
-    config = OmegaConf.load(config_file) if config_file.is_file() else OmegaConf.create({})
+    best_log_loss, best_step = _best(metrics_file)
+    config = _run_config(path / "config.yaml")
     return {"run_dir": str(path), "seed": config.get("seed"), "fold": OmegaConf.select(config, "data.valid_fold"),
             "best_log_loss": best_log_loss, "best_step": best_step}
+
+
+def _best(metrics_file: Path) -> tuple[float, int]:
+    """The best evaluation's log loss (a finite number) and update (an integer) of a run's metrics.json."""
+    try:
+        best = json.loads(metrics_file.read_text())["best"]
+        log_loss, step = best["log_loss"], best["step"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise SweepError(f"{metrics_file}: not a run's metrics.json (no best log_loss and step: {err!r})") from err
+    is_number = isinstance(log_loss, int | float) and not isinstance(log_loss, bool)
+    if not (is_number and math.isfinite(log_loss)) or not isinstance(step, int) or isinstance(step, bool):
+        raise SweepError(f"{metrics_file}: best log_loss {log_loss!r} and step {step!r} are not a finite number "
+                         f"and an integer")
+    return float(log_loss), step
+
+
+def _run_config(config_file: Path) -> DictConfig:
+    """The run's config.yaml (only seed and data.valid_fold are read); an empty one where a run has none."""
+    if not config_file.is_file():
+        return OmegaConf.create({})
+    try:
+        config = OmegaConf.load(config_file)
+        seed, fold = config.get("seed"), OmegaConf.select(config, "data.valid_fold")
+    except (yaml.YAMLError, OmegaConfBaseException, AttributeError) as err:
+        raise SweepError(f"{config_file}: not a run's config.yaml ({one_line(err)})") from err
+    return OmegaConf.create({"seed": seed, "data": {"valid_fold": fold}})
 
 
 def summarize(run_dirs: list[str | Path]) -> dict:
     if not run_dirs:
         raise SweepError("no run dirs to summarize")
     runs = [run_record(d) for d in run_dirs]
+    seen = set()
+    for run in runs:  # counted twice, a run would weigh twice in the mean and shrink the spread
+        if run["run_dir"] in seen:
+            raise SweepError(f"{run['run_dir']} is given twice; name each run once")
+        seen.add(run["run_dir"])
     losses = [run["best_log_loss"] for run in runs]
     return {
         "runs": runs,
@@ -182,14 +211,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dirs", nargs="+", help="run dirs, each with metrics.json")
     parser.add_argument("--output", type=Path, help=f"also write the summary as JSON here (like {SUMMARY_FILE})")
     args = parser.parse_args(argv)
-    try:
+    with command_errors():
         summary = summarize(args.run_dirs)
-    except SweepError as err:
-        parser.error(str(err))
-    if args.output is not None:
-        with command_errors():  # a run's own files (metrics.json, oof.csv) are inputs, never replaced
+        if args.output is not None:  # a run's own files (metrics.json, oof.csv) are never replaced
             check_output_paths({f"run dir {d}": d for d in args.run_dirs}, {"--output": args.output})
-        write_json(args.output.resolve(), summary)
+            check_outside_runs("--output", args.output)
+            write_json(args.output.resolve(), summary)
     print(format_table(summary))
 
 

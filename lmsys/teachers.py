@@ -22,7 +22,7 @@ from omegaconf import MISSING
 
 from lmsys.cli import run_command
 from lmsys.config import require
-from lmsys.data.io import DataError, finite_values, pairs_to_frame, read_pairs, read_table
+from lmsys.data.io import DataError, check_present_ids, finite_values, pairs_to_frame, read_pairs, read_table
 from lmsys.data.labels import without_unscored_ties
 from lmsys.data.schema import Pair
 from lmsys.logs import setup_logging
@@ -49,6 +49,7 @@ def teacher_logits(frame: pd.DataFrame, path: str, ids: list[str]) -> np.ndarray
     """(N, C) one teacher's logits (its file `path` read as `frame`) in the order of `ids`, the mean of its
     orientations."""
     columns, swapped = _logit_columns(frame, path)
+    check_present_ids(frame["id"], path)
     frame["id"] = frame["id"].astype(str)
     duplicated = frame["id"][frame["id"].duplicated()].tolist()
     if duplicated:

@@ -184,6 +184,30 @@ def test_a_fit_that_does_not_converge_fails(monkeypatch) -> None:
         fit_ensemble_weights(models, targets)
 
 
+@pytest.mark.parametrize("missing", [None, float("nan")])
+def test_a_missing_id_in_a_parquet_file_is_named(tmp_path: Path, missing) -> None:
+    """A parquet id cell can be null (a CSV one only empty): it would be written as a submission row without id."""
+    frame = valid_oof(tmp_path / "good.csv").astype({"id": object})
+    frame.loc[1, "id"] = missing
+    bad = tmp_path / "bad.parquet"
+    frame.to_parquet(bad, index=False)
+    for argv in (["--oof", str(bad), str(tmp_path / "good.csv")],
+                 ["--oof", str(tmp_path / "good.csv"), "--submissions", str(bad)]):
+        with pytest.raises(DataError, match=rf"^{bad}: data row 1 \(counting from 0\) column 'id': missing id$"):
+            ensemble([*argv, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_temperature_with_given_weights_is_refused(tmp_path: Path, capsys) -> None:
+    """--weights applies the temperature its weights.json holds: a --temperature beside it would do nothing."""
+    good = tmp_path / "good.csv"
+    valid_oof(good)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--weights", str(tmp_path / "w.json"), "--submissions", str(good), "--temperature", "--out",
+              str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "--weights applies the weights.json's own" in capsys.readouterr().err
+
+
 def test_errors_are_one_line_with_exit_status_2(tmp_path: Path, capsys) -> None:
     probs, labels = np.full((3, 3), 1 / 3), np.array([0, 1, 2])
     first = write_oof(tmp_path / "a.csv", np.array([1, 2, 3]), probs, labels)

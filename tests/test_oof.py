@@ -126,6 +126,24 @@ def test_the_output_never_replaces_an_input(three_folds):
     assert exit_info.value.code == 2
 
 
+def test_the_output_never_goes_into_another_run(three_folds, tmp_path, capsys):
+    other = fake_fold_run(tmp_path / "other", 7, [40, 41])
+    (other / "lmsys_run.txt").write_text("a run\n")
+    before = (other / "oof.csv").read_bytes()
+    for target in (other / "oof.csv", other / "joined.csv"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["join", *map(str, three_folds.runs), "--out", str(target)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.startswith(f"error: --out={target} lies inside the run dir {other}")
+    assert (other / "oof.csv").read_bytes() == before and not (other / "joined.csv").exists()
+
+
+def test_two_and_three_class_folds_do_not_mix(three_folds, tmp_path):
+    two_class = fake_fold_run(tmp_path / "two", 3, [20, 21], classes=2)
+    with pytest.raises(DataError, match="a two-class run and a three-class one"):
+        join_oof([*three_folds.runs, two_class])
+
+
 def test_a_dir_without_oof_fails(tmp_path):
     with pytest.raises(DataError, match=rf"{tmp_path}: no oof.csv"):
         join_oof([tmp_path])

@@ -176,6 +176,17 @@ def test_a_different_base_model_fails_and_the_same_files_elsewhere_pass(checkpoi
     assert read_spec(soup).base_model_path == read_spec(checkpoints["a"]).base_model_path  # the first's
 
 
+def test_a_base_model_named_relative_to_its_checkpoint_is_named_absolute_in_the_soup(checkpoints, tmp_path):
+    """A Kaggle bundle's checkpoint names its base as `../base_model`, read from the checkpoint; the soup lies
+    elsewhere, so the relative name would point nowhere (or at another model) from there."""
+    shutil.copytree(read_spec(checkpoints["a"]).base_model_path, tmp_path / "bundle" / "base_model")
+    bundled = copy_of(checkpoints["a"], tmp_path / "bundle" / "checkpoint", base_model_path="../base_model")
+    soup = make_soup([bundled, bundled], None, tmp_path / "soups" / "soup", overwrite=False)
+    assert read_spec(soup).base_model_path == str((tmp_path / "bundle" / "base_model").resolve())
+    assert read_spec(soup).to_json().replace(read_spec(soup).base_model_path, "B") == \
+        read_spec(bundled).to_json().replace("../base_model", "B")  # nothing else of the spec changed
+
+
 def test_a_different_lora_rank_fails(checkpoints, tiny_models, tmp_path):
     other = make_checkpoint(tmp_path / "r4", tiny_models["llama"], seed=1, r=4)
     with pytest.raises(CheckpointError, match=rf"^{other}: adapter_config.json r is 4, but {checkpoints['a']} has 8"):
@@ -216,7 +227,8 @@ def test_output_dir_rules(checkpoints, tmp_path):
 
 def test_weights_are_checked_by_the_schema():
     for weights, message in (([1.0], "1 values for 2 checkpoints"), ([1.0, -0.5], "non-negative"),
-                             ([0.0, 0.0], "not all be zero")):
+                             ([0.0, 0.0], "not all be zero"), ([1.0, float("inf")], "finite and non-negative"),
+                             ([1e308, 1e308], "overflow when summed")):
         with pytest.raises(ConfigError, match=message):
             SoupConfig(checkpoints=["a", "b"], output_dir="out", weights=weights)
 

@@ -150,6 +150,49 @@ def test_the_summary_command_names_a_metrics_file_that_is_not_a_runs(tmp_path, c
     assert exit_info.value.code == 2 and "seed1/metrics.json: not a run's metrics.json" in capsys.readouterr().err
 
 
+def test_the_summary_command_never_writes_into_another_run(tmp_path, capsys):
+    """A run dir not summarized is still a run: a summary named its metrics.json would unmake it."""
+    runs = [fake_run(tmp_path, "seed1", 1.0, 1), fake_run(tmp_path, "seed2", 1.2, 2)]
+    other = fake_run(tmp_path, "seed3", 0.8, 3)
+    (other / "lmsys_run.txt").write_text("a run\n")
+    before = (other / "metrics.json").read_bytes()
+    for target in ("metrics.json", "summary.json", "sub/summary.json"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*map(str, runs), "--output", str(other / target)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.startswith(f"error: --output={other / target} lies inside the run dir {other}")
+    assert (other / "metrics.json").read_bytes() == before and sorted(p.name for p in other.iterdir()) == [
+        "config.yaml", "lmsys_run.txt", "metrics.json"]
+
+
+def test_a_run_given_twice_is_refused(tmp_path, capsys):
+    run = fake_run(tmp_path, "seed1", 1.0, 1)
+    other = fake_run(tmp_path, "seed2", 1.2, 2)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run), str(other), f"{run}/", str(tmp_path / "seed2" / ".." / "seed1")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {run.resolve()} is given twice; name each run once\n"
+
+
+@pytest.mark.parametrize(("metrics", "config", "message"), [
+    ({"best": {"step": 3, "log_loss": "0.8"}}, "seed: 1\n", "best log_loss '0.8' and step 3 are not"),
+    ({"best": {"step": 3, "log_loss": None}}, "seed: 1\n", "best log_loss None"),
+    ({"best": {"step": 3, "log_loss": float("nan")}}, "seed: 1\n", "best log_loss nan"),
+    ({"best": {"step": 2.5, "log_loss": 0.7}}, "seed: 1\n", "and step 2.5 are not"),
+    ({"best": {"step": 3, "log_loss": 0.7}}, "seed: [1\n", "config.yaml: not a run's config.yaml"),
+    ({"best": {"step": 3, "log_loss": 0.7}}, "seed: ${nowhere}\n", "config.yaml: not a run's config.yaml"),
+])
+def test_a_malformed_run_is_one_error_line(tmp_path, capsys, metrics, config, message):
+    run = fake_run(tmp_path, "seed1", 1.0, 1)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "config.yaml").write_text(config)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: {run}") and message in err and len(
+        err.splitlines()) == 1
+
+
 def test_a_sweep_over_a_key_the_dir_names_lack_fails_before_its_first_job(tmp_path):
     """Run dirs are named by fold and seed: two jobs that differ in lr would share one (the second stopped by the
     first's finished run, or replacing it with overwrite=true). The refusal names the keys and a subdir that works."""

@@ -124,7 +124,7 @@ def pairs_from_frame(
     text cells are read (None: decided from this frame, see `plain_text_schema`; a caller validating a file row
     by row passes the whole file's decision)."""
     _check_columns(frame, name, require_labels)
-    _check_present_ids(frame["id"], name)
+    check_present_ids(frame["id"], name)
     ids = frame["id"].astype(str).tolist()
     _check_unique_ids(ids, name)
     plain_text = plain_text_schema(frame) if plain_text is None else plain_text
@@ -205,7 +205,7 @@ def plain_text_schema(frame: pd.DataFrame) -> bool:
     return 2 * as_lists <= len(cells)  # a WSDM answer may itself be a JSON list of strings: the majority decides
 
 
-def _check_present_ids(ids: pd.Series, name: str) -> None:
+def check_present_ids(ids: pd.Series, name: str) -> None:
     """No row without an id: the submission would get a row with an empty id."""
     blank = ids.isna() | (ids.astype(str).str.strip() == "")
     if blank.any():
@@ -378,7 +378,7 @@ def read_prompts(path: str | Path) -> list[tuple[str, tuple[str, ...]]]:
     if "prompt" not in frame.columns:
         raise DataError(f"{path}: missing column 'prompt'; found {list(frame.columns)}")
     if "id" in frame.columns:
-        _check_present_ids(frame["id"], str(path))  # a blank id would reach the pairs, which training refuses
+        check_present_ids(frame["id"], str(path))  # a blank id would reach the pairs, which training refuses
     ids = frame["id"].astype(str).tolist() if "id" in frame.columns else [str(i) for i in range(len(frame))]
     _check_unique_ids(ids, str(path))
     prompts, repaired = [], []
