@@ -70,7 +70,7 @@ class WarmupConfig:
     lr: float | None = None
     batch_size: int = 4
     grad_accum: int = 1
-    max_length: int = 1024  # tokens of prompt + response; longer ones are cut at the end
+    max_length: int = 1024  # tokens of prompt + response; a longer example keeps each text's head and tail
     beta: float = 0.1  # dpo: strength of the pull towards the reference
     gradient_checkpointing: bool = False
     logging_steps: int = 10

@@ -160,9 +160,14 @@ def make_ids_unique(kept: list[Entry]) -> list[Entry]:
     counts = Counter(entry.pair.id for entry in renamed)
     repeated = next((row_id for row_id, n in counts.items() if n > 1), None)
     if repeated is not None:
-        files = sorted({entry.file for entry in renamed if entry.pair.id == repeated})
-        raise DataError(f"{', '.join(files)}: row id={repeated} column 'id': the same id in inputs with the same "
-                        f"source name; give them distinct names with sources=[...]")
+        holders = [entry for entry in renamed if entry.pair.id == repeated]
+        files = ", ".join(sorted({entry.file for entry in holders}))
+        if any(entry.id_prefixed for entry in holders):  # the prefix made an id that a row already has
+            raise DataError(f"{files}: row id={repeated} column 'id': a row's own id, and the id given to a row "
+                            f"whose id several sources share (`<source>:<id>`); an input whose ids already carry "
+                            f"source prefixes (an earlier prepared output?) goes with none of its sources")
+        raise DataError(f"{files}: row id={repeated} column 'id': the same id in inputs with the same source name; "
+                        f"give them distinct names with sources=[...]")
     return renamed
 
 

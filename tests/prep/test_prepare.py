@@ -229,6 +229,17 @@ def test_ids_shared_by_two_sources_get_a_prefix(tmp_path):
     assert "prefix `<source>:`" in (out / "report.md").read_text()
 
 
+def test_a_prefixed_id_that_a_row_already_has_is_named_as_such(tmp_path):
+    """An earlier prepared output (ids `kaggle:0`, ...) prepared again with one of its sources: the prefix given to
+    id 0 is a row's own id, which distinct source names cannot fix, so the error does not advise them."""
+    first = write_csv(tmp_path / "kaggle.csv", distinct_rows(3))
+    again = pd.read_csv(write_csv(tmp_path / "v1.csv", distinct_rows(3, prefix="v1 "))).assign(id=["kaggle:0", "0", "5"])
+    again.to_csv(tmp_path / "v1.csv", index=False)
+    with pytest.raises(DataError, match=r"row id=kaggle:0 column 'id': a row's own id, and the id given to a row") as err:
+        run(tmp_path, [first, tmp_path / "v1.csv"])
+    assert "sources=" not in str(err.value) and not (tmp_path / "out").exists()
+
+
 def test_report_tables_and_histograms_in_words(tmp_path):
     rows = [*distinct_rows(6), kaggle_row("m", ["one two", "three"], ["four", "five"], ["six", "seven"], "a")]
     out, _ = run(tmp_path, [write_csv(tmp_path / "train.csv", rows)], max_length=70)
