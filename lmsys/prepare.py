@@ -1,5 +1,6 @@
 """Prepare training data from many sources: `python -m lmsys.prepare inputs=[FILE,...] output_dir=DIR
-[sources=[NAME,...]] [k_folds=5] [seed=0] [strict=true] [tokenizer_path=DIR] [max_length=1600]`.
+[sources=[NAME,...]] [k_folds=5] [seed=0] [strict=true] [tokenizer_path=DIR] [max_length=1600]
+[folds_from=EARLIER/train.parquet]`.
 
 One train.parquet (with source and prompt-grouped stratified folds), unlabeled.parquet, duplicates.csv,
 rejects.csv (lenient mode) and report.md; see lmsys/prep/prepare.py for every output.

@@ -21,6 +21,9 @@ class PrepareConfig:
     strict: bool = True  # false (lenient): skip bad rows, listing each with its reason in rejects.csv
     tokenizer_path: str | None = None  # local model dir for the length report; without it, words are counted
     max_length: int = 1600  # the training max_length whose truncation share the report gives
+    # an earlier train.parquet (of this command) whose folds are kept: a pair whose prompt is there keeps that
+    # prompt's fold, only new prompts are assigned, so out-of-fold files of runs on both versions stay comparable
+    folds_from: str | None = None
 
     def __post_init__(self) -> None:
         require(len(self.inputs) > 0, "inputs must name at least one file")

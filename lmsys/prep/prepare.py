@@ -2,7 +2,8 @@
 
 Options (`key=value`; schema `PrepareConfig` in lmsys/prep/config.py): `sources=[NAME,...]` (one per
 input; default: each file's stem), `k_folds=5`, `seed=0`, `strict=true` (false = lenient: bad rows are skipped and
-listed in rejects.csv), `tokenizer_path=DIR` (lengths in the family's tokens), `max_length=1600`.
+listed in rejects.csv), `tokenizer_path=DIR` (lengths in the family's tokens), `max_length=1600`,
+`folds_from=EARLIER/train.parquet` (keep its prompts' folds).
 Input formats: see lmsys/prep/sources.py.
 
 Written to output_dir, which must not contain an input (files of an earlier run there are replaced, other files
@@ -10,7 +11,8 @@ are left alone; all outputs are written beside it first and moved in only when t
 - train.parquet: every labelled row that survives de-duplication; `id, prompt, response_a, response_b` (lists of
   turns), `label` (0/1/2, or three probabilities on every row when any row has soft labels), `source`, `fold`
   (0..k_folds-1: stratified by source and label, grouped by prompt so no prompt is in two folds), and `language`,
-  `model_a`, `model_b`, `original_source` when an input has them. Train with
+  `model_a`, `model_b`, `original_source` when an input has them; with `folds_from=EARLIER/train.parquet` a pair
+  whose prompt is in that file keeps its fold there, and only new prompts are assigned (stratified, grouped). Train with
   `data.train_path=DIR/train.parquet data.valid_fold=K`.
 - unlabeled.parquet (when an input has no labels, e.g. Kaggle test.csv): the same columns without label and fold,
   for prediction and the pseudo-label step.
@@ -37,9 +39,9 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from lmsys.data.io import DataError, pairs_to_frame
+from lmsys.data.io import DataError, pairs_to_frame, read_pairs
 from lmsys.data.schema import Pair, swap_pair
-from lmsys.data.split import prompt_group
+from lmsys.data.split import fold_of, prompt_group
 from lmsys.output_paths import check_output_paths
 from lmsys.prep.config import PrepareConfig
 from lmsys.prep.report import LengthCounter, markdown_table, tokenizer_counter, word_counter, write_report
@@ -66,9 +68,10 @@ def prepare(config: PrepareConfig) -> pd.DataFrame:
     """
     output_dir = Path(config.output_dir)
     check_output_paths({**{f"inputs[{i}]": path for i, path in enumerate(config.inputs)},
-                        "tokenizer_path": config.tokenizer_path},
+                        "tokenizer_path": config.tokenizer_path, "folds_from": config.folds_from},
                        {"output_dir": output_dir}, directory_outputs=frozenset({"output_dir"}))
     counter = tokenizer_counter(config.tokenizer_path) if config.tokenizer_path else word_counter()  # checked first
+    kept_folds = earlier_folds(config.folds_from, config.k_folds) if config.folds_from else {}
     names = config.sources or [Path(path).stem for path in config.inputs]
     inputs = [read_source(path, name, config.seed, config.strict) for path, name in zip(config.inputs, names)]
     kept, duplicates = remove_duplicates(inputs)
@@ -82,9 +85,9 @@ def prepare(config: PrepareConfig) -> pd.DataFrame:
             pd.DataFrame([vars(reject) for reject in rejects], columns=["file", "row_id", "column", "reason"]).to_csv(
                 staging / "rejects.csv", index=False)
         duplicates.to_csv(staging / "duplicates.csv", index=False)
-        frame = _write_parquets(kept, config.k_folds, config.seed, staging)
+        frame = _write_parquets(kept, FoldPlan(config.k_folds, config.seed, kept_folds), staging)
         accounting = input_accounting(inputs, duplicates, kept)
-        notes = _notes(config, inputs, kept, counter)
+        notes = _notes(config, inputs, kept, counter) + _fold_notes(config.folds_from, kept_folds, kept)
         write_report(staging, frame, accounting, duplicates, notes, counter, config.max_length)
         publish(staging, output_dir)
     return accounting
@@ -171,9 +174,46 @@ def make_ids_unique(kept: list[Entry]) -> list[Entry]:
     return renamed
 
 
-def assign_folds(pairs: list[Pair], k_folds: int, seed: int) -> np.ndarray:
-    """Fold of each pair: stratified by source and label (small strata pooled), grouped by prompt."""
+class FoldPlan(NamedTuple):
+    """How folds are assigned: `kept` maps a prompt group to its fold in an earlier output (folds_from)."""
+
+    k_folds: int
+    seed: int
+    kept: dict[str, int]
+
+
+def earlier_folds(path: str, k_folds: int) -> dict[str, int]:
+    """prompt group -> fold of an earlier train.parquet (`folds_from`): every row with a fold in 0..k_folds-1, and
+    one fold per prompt (as this command writes them)."""
+    folds: dict[str, int] = {}
+    for pair in read_pairs(path, require_labels=False):
+        fold = fold_of(pair, path)
+        if fold is None or not 0 <= fold < k_folds:
+            raise DataError(f"{path}: row id={pair.id} column 'fold': {fold!r} is not a fold of k_folds={k_folds} "
+                            f"(folds_from needs a train.parquet of this command with the same k_folds)")
+        group = prompt_group(pair)
+        if folds.setdefault(group, fold) != fold:
+            raise DataError(f"{path}: row id={pair.id} column 'fold': {fold}, but its prompt is in fold {folds[group]} "
+                            f"too (folds_from needs each prompt in one fold)")
+    return folds
+
+
+def assign_folds(pairs: list[Pair], plan: FoldPlan) -> np.ndarray:
+    """Fold of each pair: its prompt's fold in `plan.kept`, else split among the new prompts (`split_folds`)."""
     groups = [prompt_group(pair) for pair in pairs]
+    folds = np.array([plan.kept.get(group, -1) for group in groups], dtype=int)
+    new = np.flatnonzero(folds < 0)
+    if len(new) == 0:
+        return folds
+    new_groups = [groups[i] for i in new]
+    if plan.kept and len(set(new_groups)) < plan.k_folds:  # too few new prompts to stratify: fill the smallest folds
+        return _fill_smallest_folds(folds, new_groups, new, plan.k_folds)
+    folds[new] = split_folds([pairs[i] for i in new], new_groups, plan.k_folds, plan.seed)
+    return folds
+
+
+def split_folds(pairs: list[Pair], groups: list[str], k_folds: int, seed: int) -> np.ndarray:
+    """Folds stratified by source and label (small strata pooled), grouped by prompt."""
     if len(set(groups)) < k_folds:
         raise DataError(f"k_folds={k_folds} but the labelled rows hold only {len(set(groups))} distinct prompts")
     strata = [f"{pair.meta['source']}|{pair.label}" for pair in pairs]
@@ -187,11 +227,23 @@ def assign_folds(pairs: list[Pair], k_folds: int, seed: int) -> np.ndarray:
     return folds
 
 
-def _write_parquets(kept: list[Entry], k_folds: int, seed: int, output_dir: Path) -> pd.DataFrame:
+def _fill_smallest_folds(folds: np.ndarray, new_groups: list[str], new: np.ndarray, k_folds: int) -> np.ndarray:
+    """Each new prompt (in order of appearance) to the fold holding the fewest pairs so far, ties to the lower."""
+    sizes = np.bincount(folds[folds >= 0], minlength=k_folds)
+    placed: dict[str, int] = {}
+    for row, group in zip(new, new_groups, strict=True):
+        if group not in placed:
+            placed[group] = int(np.argmin(sizes))
+        folds[row] = placed[group]
+        sizes[folds[row]] += 1
+    return folds
+
+
+def _write_parquets(kept: list[Entry], plan: FoldPlan, output_dir: Path) -> pd.DataFrame:
     """Write train.parquet (with folds) and unlabeled.parquet; return what the report needs, one row per pair."""
     labelled = [entry.pair for entry in kept if entry.pair.target is not None]
     unlabeled = [entry.pair for entry in kept if entry.pair.target is None]
-    folds = assign_folds(labelled, k_folds, seed) if labelled else np.empty(0, dtype=int)
+    folds = assign_folds(labelled, plan) if labelled else np.empty(0, dtype=int)
     if labelled:
         pairs_to_frame(labelled).assign(fold=folds).to_parquet(output_dir / "train.parquet", index=False)
     if unlabeled:
@@ -237,6 +289,16 @@ def _notes(config: PrepareConfig, inputs: list[SourceRows], kept: list[Entry], c
     notes.append(f"Lengths are counted in {counter.unit}" + (
         "" if config.tokenizer_path else " (no tokenizer_path given; model tokens are usually more numerous)") + ".")
     return notes
+
+
+def _fold_notes(folds_from: str | None, kept_folds: dict[str, int], kept: list[Entry]) -> list[str]:
+    if not folds_from:
+        return []
+    labelled = [entry.pair for entry in kept if entry.pair.target is not None]
+    same = sum(prompt_group(pair) in kept_folds for pair in labelled)
+    note = (f"Folds from `{folds_from}`: {same} of the {len(labelled)} labelled pairs have a prompt there and keep "
+            f"its fold; the other {len(labelled) - same} were assigned folds.")
+    return [note]
 
 
 def run_prepare(config: PrepareConfig) -> pd.DataFrame:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,55 @@ def test_folds_group_prompts_and_stratify_labels(tmp_path):
     assert folds_of_prompt.groupby("group")["fold"].nunique().max() == 1
     per_fold = pd.crosstab(folds_of_prompt["fold"], folds_of_prompt["label"])
     assert per_fold.shape == (5, 3) and (per_fold.max() - per_fold.min()).max() <= 2
+
+
+def fold_by_prompt(path: Path) -> dict[str, int]:
+    return {pair.prompts[0]: pair.meta["fold"] for pair in read_pairs(path, require_labels=True)}
+
+
+def test_folds_from_an_earlier_output_keep_every_earlier_prompt_in_its_fold(tmp_path):
+    """v2 = v1's source + a new one: without folds_from the folds are re-drawn; with it every v1 prompt keeps its
+    fold (also for a new pair on a v1 prompt), and the new prompts are spread stratified over all folds."""
+    winners = ("a", "b", "tie")
+    first = write_csv(tmp_path / "first.csv", [kaggle_row(f"{i}", [f"prompt {i}"], [f"a {i}"], [f"b {i}"],
+                                                          winners[i % 3]) for i in range(30)])
+    extra = write_csv(tmp_path / "extra.csv", [kaggle_row(f"x{i}", [f"prompt {i}"], [f"c {i}"], [f"d {i}"],
+                                                          winners[i % 3]) for i in range(25, 60)])
+    v1, v2, redrawn = tmp_path / "v1", tmp_path / "v2", tmp_path / "redrawn"
+    prepare(PrepareConfig(inputs=[str(first)], output_dir=str(v1), k_folds=3, seed=0))
+    prepare(PrepareConfig(inputs=[str(first), str(extra)], output_dir=str(v2), k_folds=3, seed=0,
+                          folds_from=str(v1 / "train.parquet")))
+    prepare(PrepareConfig(inputs=[str(first), str(extra)], output_dir=str(redrawn), k_folds=3, seed=0))
+    before, after = fold_by_prompt(v1 / "train.parquet"), fold_by_prompt(v2 / "train.parquet")
+    assert all(after[prompt] == fold for prompt, fold in before.items())
+    assert sum(fold_by_prompt(redrawn / "train.parquet")[prompt] != fold for prompt, fold in before.items()) > 5
+    pairs = read_pairs(v2 / "train.parquet", require_labels=True)
+    assert len(pairs) == 65 and all(pair.meta["fold"] == before[pair.prompts[0]] for pair in pairs if pair.id in
+                                    {f"x{i}" for i in range(25, 30)})  # new pairs on v1 prompts
+    new_folds = Counter(after[f"prompt {i}"] for i in range(30, 60))
+    assert sorted(new_folds) == [0, 1, 2] and max(new_folds.values()) - min(new_folds.values()) <= 2
+    assert "35 of the 65 labelled pairs have a prompt there and keep its fold" in (v2 / "report.md").read_text()
+
+
+def test_a_few_new_prompts_fill_the_smallest_folds_and_bad_earlier_folds_are_named(tmp_path):
+    first = write_csv(tmp_path / "first.csv", distinct_rows(7))
+    v1, _ = run(tmp_path, [first], k_folds=3, seed=0)
+    sizes = Counter(pair.meta["fold"] for pair in read_pairs(v1 / "train.parquet", require_labels=True))
+    extra = write_csv(tmp_path / "extra.csv", distinct_rows(1, prefix="new "))
+    v2 = tmp_path / "v2"
+    prepare(PrepareConfig(inputs=[str(first), str(extra)], output_dir=str(v2), k_folds=3,
+                          folds_from=str(v1 / "train.parquet")))
+    assert fold_by_prompt(v2 / "train.parquet")["new question 0"] == min(sizes, key=lambda fold: (sizes[fold], fold))
+    with pytest.raises(DataError, match=r"train.parquet: row id=\S+ column 'fold': 2 is not a fold of k_folds=2"):
+        prepare(PrepareConfig(inputs=[str(first)], output_dir=str(tmp_path / "v3"), k_folds=2,
+                              folds_from=str(v1 / "train.parquet")))
+    split = pd.read_parquet(v1 / "train.parquet")
+    split = pd.concat([split, split.head(1).assign(id="again", fold=(split.loc[0, "fold"] + 1) % 3)])
+    split.to_parquet(tmp_path / "split.parquet", index=False)
+    with pytest.raises(DataError, match=r"split.parquet: row id=again column 'fold': \d, but its prompt is in fold"):
+        prepare(PrepareConfig(inputs=[str(first)], output_dir=str(tmp_path / "v4"), k_folds=3,
+                              folds_from=str(tmp_path / "split.parquet")))
+    assert not (tmp_path / "v3").exists() and not (tmp_path / "v4").exists()
 
 
 BAD_ROWS = [
