@@ -58,7 +58,7 @@ from lmsys.modeling.heads import BiEncoderHead, PreferenceHead
 from lmsys.modeling.lora_kernel import resolve_lora_kernel, use_lora_kernel
 from lmsys.modeling.losses import LossWeights
 from lmsys.modeling.model import PreferenceModel
-from lmsys.modeling.model_facts import read_model_facts
+from lmsys.modeling.model_facts import position_limit, read_model_facts
 from lmsys.modeling.precision import predict_quantization
 from lmsys.modeling.warm_start import load_warm_start, warm_start_backbone
 from lmsys.prediction_config import InferenceConfig
@@ -105,6 +105,7 @@ def build_spec(model: ModelConfig, data: DataConfig, packing: bool) -> ModelSpec
     """Check the model directory against the family (config.json only) and fix every choice left on auto."""
     facts = read_model_facts(model.path)
     check_family(model.family, facts.model_type, f"model.path={model.path}")
+    check_position_limit(model.max_length, model.path, "model.max_length")
     return ModelSpec(
         base_model_path=str(Path(model.path).resolve()),
         facts=facts,
@@ -133,6 +134,8 @@ def build_prediction_spec(checkpoint: str, settings: InferenceConfig) -> ModelSp
     because a checkpoint trained padded may hold one that would let packed pairs see each other."""
     spec = with_base_model(read_spec(checkpoint), checkpoint, settings.base_model_path)
     attention = settings.attn_implementation or spec.attn_implementation
+    key = "max_length" if settings.max_length else f"the checkpoint's max_length ({checkpoint})"
+    check_position_limit(settings.max_length or spec.max_length, spec.model_dir(checkpoint), key)
     return dataclasses.replace(
         spec,
         quantization=predict_quantization(checkpoint, spec, settings),
@@ -142,6 +145,15 @@ def build_prediction_spec(checkpoint: str, settings: InferenceConfig) -> ModelSp
         attn_implementation=resolve_attention(spec.family, spec.model_type, attention,
                                               inference_packing(settings, spec.family)),
     )
+
+
+def check_position_limit(max_length: int, model_dir: str | Path, key: str) -> None:
+    """A max_length past the model's positions is refused before the model loads: RoPE positions it never saw
+    (predictions silently degrade), or an index past a position-embedding table."""
+    limit = position_limit(model_dir)
+    if limit is not None and max_length > limit:
+        raise ConfigError(f"{key}={max_length} exceeds the {limit} positions of the model in {model_dir} "
+                          f"(max_position_embeddings in its config.json); use at most {limit}")
 
 
 def inference_packing(settings: InferenceConfig, family: Family) -> bool:

@@ -75,8 +75,27 @@ def parse_config(schema: type[T], argv: list[str]) -> T:
     bad = [arg for arg in argv if "=" not in arg]
     if bad:
         raise ConfigError(f"arguments are key=value, got {bad[0]!r} (see --help)")
-    merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_cli(argv))
+    merged = OmegaConf.merge(OmegaConf.structured(schema), _from_cli(argv))
     return OmegaConf.to_object(merged)
+
+
+def _from_cli(argv: list[str]):
+    """The arguments as a config; a value that is no YAML (`formats=[pab`, a list inside a list left unquoted)
+    raises ConfigError naming the argument."""
+    import yaml
+
+    from lmsys.config import ConfigError
+
+    for arg in argv:
+        try:
+            OmegaConf.from_cli([arg])
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or type(err).__name__
+            key, _, value = arg.partition("=")
+            hint = (f"; quote each setting of a list that holds brackets: {key}=['formats=[pab,papb]']"
+                    if value.startswith("[") and "=" in value else "")
+            raise ConfigError(f"{arg!r} is not key=value with a YAML value ({problem}){hint}") from err
+    return OmegaConf.from_cli(argv)
 
 
 def parse_command(schema: type[T], argv: list[str], usage: str) -> T:

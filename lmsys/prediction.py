@@ -64,7 +64,7 @@ def run_prediction(config: PredictConfig) -> Path:
             raise SystemExit(128 + (stop.received or 15)) from None  # the shell's code for death by that signal
     check_finite_logits([predictions.logits_ab, predictions.logits_ba], [pair.id for pair in pairs],
                         resolve_dtype(spec.compute_dtype, accelerator.device,
-                                      config.checkpoint if spec.merged else spec.base_model_path))
+                                      spec.model_dir(config.checkpoint)))
     probs = predictions.combined(config.tta_mode.value)
     write_table(submission_frame(pairs, probs), config.output, accelerator.is_main_process)
     if config.probs_output:
@@ -122,7 +122,7 @@ def load_prediction_model(
     folded = fold_into_dense(model) if use_dense_weights(settings.dense_weights, accelerator.device) else 0
     if folded:  # none in a merged, unquantized export: nothing to fold
         log.info("folded the adapter into %d dense projections", folded)
-    dtype = resolve_dtype(spec.compute_dtype, accelerator.device, checkpoint if spec.merged else spec.base_model_path)
+    dtype = resolve_dtype(spec.compute_dtype, accelerator.device, spec.model_dir(checkpoint))
     kernel = resolve_elementwise_kernel("kernels", settings.kernels, accelerator.device, dtype, False, False)
     use_elementwise_kernels(model, kernel, kernel, kernel)
     return model
@@ -138,7 +138,7 @@ def prediction_device_map(
     if accelerator.num_processes > 1:
         raise ValueError("device_map splits one model over the GPUs of one process; run without accelerate launch "
                          f"(got {accelerator.num_processes} processes)")
-    model_dir = checkpoint if spec.merged else spec.base_model_path
+    model_dir = spec.model_dir(checkpoint)
     dtype = resolve_dtype(spec.compute_dtype, accelerator.device, model_dir)
     device_map = plan_device_map(model_dir, settings.device_map.value, parse_max_memory(settings.max_memory), dtype,
                                  spec.trust_remote_code)

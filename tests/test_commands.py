@@ -34,6 +34,17 @@ def test_a_typo_is_one_line_naming_the_schema(command):
     assert typo.stderr.strip().splitlines()[-1] == f"error: Key 'tyop' not in '{COMMANDS[command]}'"
 
 
+@pytest.mark.parametrize(("argument", "hint"), [("formats=[pab", False), ("predict_args=[formats=[papb]]", True)])
+def test_a_value_that_is_no_yaml_is_one_line_naming_the_argument(argument, hint):
+    """OmegaConf's command-line reader raised yaml's ParserError through every command (a 30-line traceback, exit
+    1); a list of settings that holds a list is the natural way to write bundle's predict_args."""
+    done = subprocess.run([sys.executable, "-m", "lmsys.kaggle", "bundle", "checkpoint=x", "output_dir=y", argument],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith(f"error: '{argument}' is not key=value with a YAML value (expected ',' or ']'")
+    assert ("predict_args=['formats=[pab,papb]']" in done.stderr) == hint
+
+
 def test_no_docstring_loses_a_line_to_a_backslash():
     """A usage line ending in a single backslash inside a docstring joins the next line in the help a command prints
     (its module docstring): each docstring has as many lines as its source."""

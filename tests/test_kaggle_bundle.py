@@ -168,11 +168,30 @@ def test_missing_base_or_checkpoint_files_named(bundle, tmp_path, capsys):
     (broken / SPEC_FILE).write_text(json.dumps({**spec, "base_model_path": str(tmp_path / "gone")}))
     (tmp_path / "req.txt").write_text("")
     args = [f"output_dir={tmp_path / 'b'}", f"requirements={tmp_path / 'req.txt'}", "inference_packages=[]"]
-    for checkpoint, named in ((broken, f"{tmp_path / 'gone'}: not a model directory"),
+    for checkpoint, named in ((broken, (f"{tmp_path / 'gone'} is not a model directory (no config.json); pass "
+                                       f"base_model_path=DIR where the base model is now")),
                               (bundle["root"] / "run", "incomplete checkpoint, missing")):
         with pytest.raises(SystemExit):
             bundle_main([f"checkpoint={checkpoint}", *args])
         assert named in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    moved = bundle_main([f"checkpoint={broken}", *args, f"base_model_path={bundle['bundle'] / 'base_model'}"])
+    assert json.loads((moved / "checkpoint" / SPEC_FILE).read_text())["base_model_path"] == "../base_model"
+    assert json.loads((moved / "bundle.json").read_text())["origin"]["base_model"] == str(
+        (bundle["bundle"] / "base_model").resolve())
+
+
+@pytest.mark.parametrize(("setting", "named"), [
+    ("max_length=64", "max_length 64 cannot hold the pab layout"),
+    ("max_length=4096", "max_length=4096 exceeds the 1024 positions of the model"),
+])
+def test_predict_args_the_checkpoint_cannot_run_fail_here_not_on_kaggle(bundle, tmp_path, capsys, setting, named):
+    (tmp_path / "req.txt").write_text("")
+    with pytest.raises(SystemExit) as exited:
+        bundle_main([f"checkpoint={bundle['checkpoint']}", f"output_dir={tmp_path / 'b'}",
+                     f"requirements={tmp_path / 'req.txt'}", "inference_packages=[]", f"predict_args=[{setting}]"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("error: predict_args: ") and named in err
     assert not (tmp_path / "b").exists()
 
 
@@ -224,6 +243,8 @@ def test_inference_script_launches_one_process_per_gpu_and_finds_test_csv(bundle
     assert two[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "2"] and two[5:7] == ["-m", "lmsys.predict"]
     split = predict_command(bundle["bundle"], test, out, ["device_map=balanced"], n_gpus=2)
     assert split[1:3] == ["-m", "lmsys.predict"]  # one process holding the model split over both GPUs
+    unsplit = predict_command(bundle["bundle"], test, out, ["device_map=balanced", "device_map=null"], n_gpus=2)
+    assert unsplit[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "2"]  # the later device_map wins
     with pytest.raises(SystemExit, match="expected exactly one"):
         find_test_file(tmp_path)
     (tmp_path / "lmsys-chatbot-arena").mkdir()

@@ -87,3 +87,21 @@ def test_bad_test_file_fails_before_loading(setup, tmp_path, capsys, monkeypatch
         estimate_main([f"checkpoint={setup['checkpoint']}", f"data.test_path={tmp_path / 't.csv'}"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert exited.value.code == 2 and err.startswith("error: ") and "response_b" in err
+
+
+def test_estimate_refuses_several_processes_and_lengths_past_the_models_positions(setup, capsys, monkeypatch):
+    """Launched on two processes each would time its share and the projection divide by processes again; a
+    max_length past the model's 1024 positions was estimated as fitting (and the largest that fits said 1024)."""
+    monkeypatch.setattr(estimate_module, "measure", lambda *args: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as exited:
+        estimate_main([f"checkpoint={setup['checkpoint']}", f"data.test_path={setup['test']}", "max_length=2048"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("error: max_length=2048 exceeds the 1024 positions of the model")
+
+    class TwoProcesses:
+        num_processes, is_main_process = 2, True
+
+    monkeypatch.setattr(estimate_module, "Accelerator", TwoProcesses)
+    with pytest.raises(SystemExit) as exited:
+        estimate_main([f"checkpoint={setup['checkpoint']}", f"data.test_path={setup['test']}"])
+    assert exited.value.code == 2 and "estimate runs in one process (launched with 2)" in capsys.readouterr().err

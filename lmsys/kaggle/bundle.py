@@ -3,6 +3,7 @@
     python -m lmsys.kaggle bundle checkpoint=CKPT output_dir=DIR [python_version=3.11]
         [platform=manylinux_2_35_x86_64] [skip_packages=[torch,numpy,...]] [extra_pins=[name==version,...]]
         [predict_args=[quantization=int8,compute_dtype=float16]] [wheelhouse=DIR] [overwrite=true]
+        [base_model_path=DIR]
 
 DIR/
   checkpoint/      the checkpoint (adapter + head + tokenizer + spec, or a merged / pre-quantized export); an
@@ -48,8 +49,7 @@ from packaging.requirements import Requirement
 
 from lmsys.cli import CommandError, one_line, parse_config, run_command
 from lmsys.config import ConfigError
-from lmsys.modeling.checkpoint import SPEC_FILE, read_spec
-from lmsys.modeling.model_facts import read_model_facts
+from lmsys.modeling.checkpoint import SPEC_FILE, read_spec, with_base_model
 from lmsys.output_paths import base_model_inputs, check_output_paths
 from lmsys.prediction_config import PredictConfig
 from lmsys.runs import write_file
@@ -77,6 +77,7 @@ class BundleError(CommandError):
 class BundleConfig:
     checkpoint: str = MISSING  # an adapter checkpoint, a merged export or a pre-quantized export
     output_dir: str = MISSING  # the folder to create and upload as one Kaggle dataset
+    base_model_path: str | None = None  # an adapter checkpoint's base where it is now (trained where it was elsewhere)
     python_version: str = "3.11"  # of the Kaggle image
     platform: str = "manylinux_2_35_x86_64"  # Kaggle's image; older manylinux tags are accepted with it
     requirements: str = str(REPO_ROOT / "requirements.txt")  # the pins
@@ -242,17 +243,14 @@ def build_lmsys_wheel(wheel_dir: Path) -> Path:
     return next(wheel_dir.glob("lmsys-*.whl"))
 
 
-def copy_checkpoint(checkpoint: Path, target: Path) -> dict[str, str]:
-    """The checkpoint into `target/checkpoint` and an adapter checkpoint's base into `target/base_model`, the copied
-    spec re-pointed at it. Returns where each came from (for bundle.json)."""
-    spec = read_spec(checkpoint)  # names any missing file
+def copy_checkpoint(checkpoint: Path, target: Path, base_model_path: str | None) -> dict[str, str]:
+    """The checkpoint into `target/checkpoint` and an adapter checkpoint's base (the spec's, or `base_model_path`)
+    into `target/base_model`, the copied spec re-pointed at it. Returns where each came from (for bundle.json)."""
+    spec = with_base_model(read_spec(checkpoint), checkpoint, base_model_path)  # names a missing file or base
     shutil.copytree(checkpoint, target / "checkpoint", ignore=shutil.ignore_patterns(".*"))
     origin = {"checkpoint": str(checkpoint.resolve())}
     if not spec.merged:
         base = Path(spec.base_model_path)
-        if not base.is_absolute():
-            base = (checkpoint / base).resolve()
-        read_model_facts(base)  # a directory without config.json fails here, named
         copy_base_model(base, target / BUNDLE_BASE)
         if not list((target / BUNDLE_BASE).glob("*.safetensors")):
             raise BundleError(f"{base}: no safetensors weights in the base model directory")
@@ -287,12 +285,12 @@ def notebook() -> dict:
 def write_bundle(config: BundleConfig) -> Path:
     checkpoint, output_dir = Path(config.checkpoint), Path(config.output_dir)
     check_bundle_output(config, checkpoint, output_dir)
-    read_spec(checkpoint)  # before anything is built or downloaded
+    check_prediction_settings(checkpoint, config.base_model_path, config.predict_args)  # before any download
     pins = read_pins(Path(config.requirements), config.inference_packages, config.skip_packages) + config.extra_pins
 
     def produce(tmp: Path) -> None:
         tmp.mkdir()
-        origin = copy_checkpoint(checkpoint, tmp)
+        origin = copy_checkpoint(checkpoint, tmp, config.base_model_path)
         wheel_dir = tmp / "wheels"
         wheel_dir.mkdir()
         downloaded = download_wheels(pins, wheel_dir, config)
@@ -305,11 +303,28 @@ def write_bundle(config: BundleConfig) -> Path:
     return output_dir
 
 
+def check_prediction_settings(checkpoint: Path, base_model_path: str | None, args: list[str]) -> None:
+    """The checkpoint read as inference.py's lmsys.predict will read it, with predict_args: a max_length past the
+    model's positions or too short for the input layout fails here, not on Kaggle. The base model is the one the
+    bundle will carry (a base_model_path in predict_args names a Kaggle path, not checked here)."""
+    from lmsys.builders import build_encoders, build_prediction_spec, build_tokenizer
+
+    local = [arg for arg in args if not arg.startswith("base_model_path=")]
+    here = [f"base_model_path={base_model_path}"] if base_model_path else []
+    settings = parse_config(PredictConfig, [f"checkpoint={checkpoint}", "data.test_path=t.csv", "output=o.csv", *local,
+                                            *here])
+    try:
+        spec = build_prediction_spec(str(checkpoint), settings)
+        build_encoders(spec, build_tokenizer(checkpoint, spec.trust_remote_code))
+    except ConfigError as err:
+        raise ConfigError(f"predict_args: {one_line(err)}") from err
+
+
 def check_bundle_output(config: BundleConfig, checkpoint: Path, output_dir: Path) -> None:
     """output_dir is not, does not hold and does not lie inside what the bundle is made of (the checkpoint, its base
     model, the requirements, the wheelhouse); an existing one is replaced only with overwrite=true, and only when it
     is a bundle (never another directory: the run dir around a checkpoint, a user's folder)."""
-    inputs = {"checkpoint": checkpoint, **base_model_inputs({"checkpoint": checkpoint}, None),
+    inputs = {"checkpoint": checkpoint, **base_model_inputs({"checkpoint": checkpoint}, config.base_model_path),
               "requirements": config.requirements, "wheelhouse": config.wheelhouse}
     check_output_paths(inputs, {"output_dir": output_dir}, directory_outputs=frozenset({"output_dir"}))
     if output_dir.exists() and not config.overwrite:

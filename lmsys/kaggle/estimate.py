@@ -27,24 +27,25 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from accelerate import Accelerator
 from omegaconf import MISSING
 
 from lmsys.builders import build_encoders, build_inference_batching, build_prediction_spec, build_tokenizer
 from lmsys.cli import run_command
-from lmsys.config import require
+from lmsys.config import ConfigError, require
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import read_pairs
 from lmsys.evaluation.predict_loop import predict_split
 from lmsys.logs import setup_logging
 from lmsys.modeling.checkpoint import ModelSpec
+from lmsys.modeling.model_facts import position_limit
 from lmsys.prediction import load_prediction_model
 from lmsys.prediction_config import InferenceConfig
 
 log = logging.getLogger("lmsys")
 LENGTH_STEP = 128  # max_length candidates are multiples of this
+NO_POSITION_LIMIT = 8192  # the longest candidate for a model without one (DeBERTa-v3's relative positions)
 
 
 @dataclass
@@ -125,27 +126,25 @@ def units_at_length(spec: ModelSpec, tokenizer, tokens, width: float | None, len
     return pair_units(lengths, width) / len(tokens), max(lengths)
 
 
-def units_by_max_length(spec: ModelSpec, tokenizer, tokens, width: float | None) -> tuple[dict[int, float], int | None]:
+def units_by_max_length(spec: ModelSpec, tokenizer, tokens, width: float | None,
+                        limit: int) -> tuple[dict[int, float], int | None]:
     """Mean units per pair at each candidate max_length: multiples of LENGTH_STEP within the model's positions, up
     to the first at which no sample pair is truncated (a longer one costs the same), which is returned too (None:
     pairs are still truncated at the model's limit)."""
     units = {}
-    for length in range(LENGTH_STEP, max_positions(spec) + 1, LENGTH_STEP):
+    for length in range(LENGTH_STEP, limit + 1, LENGTH_STEP):
         units[length], longest = units_at_length(spec, tokenizer, tokens, width, length)
         if longest < length:
             return units, length
     return units, None
 
 
-def max_positions(spec: ModelSpec) -> int:
-    model_dir = spec.base_model_path
-    config = json.loads((Path(model_dir) / "config.json").read_text()) if Path(model_dir).is_dir() else {}
-    return int(config.get("text_config", config).get("max_position_embeddings", 8192))
-
-
 def estimate(config: EstimateConfig) -> dict:
     accelerator = Accelerator()
     setup_logging(accelerator.is_main_process)
+    if accelerator.num_processes > 1:  # each would time its share of the sample, then divide by processes again
+        raise ConfigError(f"estimate runs in one process (launched with {accelerator.num_processes}): it times one "
+                          f"process and projects several with processes=N")
     pairs = read_pairs(config.data.test_path, require_labels=False)
     spec = build_prediction_spec(config.checkpoint, config)  # the checkpoint and base checked before loading
     shuffled = random.Random(config.seed).sample(pairs, len(pairs))
@@ -155,7 +154,8 @@ def estimate(config: EstimateConfig) -> dict:
     width = spec.attention_width
     tokens = build_encoders(spec, tokenizer)[0].tokenize(sample)
     units = units_at_length(spec, tokenizer, tokens, width, spec.max_length)[0]
-    units_at, untruncated = units_by_max_length(spec, tokenizer, tokens, width)
+    limit = position_limit(spec.model_dir(config.checkpoint)) or NO_POSITION_LIMIT
+    units_at, untruncated = units_by_max_length(spec, tokenizer, tokens, width, limit)
     hours = {tta: projected_hours(measurement, units, config.rows, config.processes, tta) for tta in (False, True)}
     largest = {tta: largest_fitting_length(measurement, units_at, config.rows, config.processes, config.limit_hours,
                                            tta) for tta in (False, True)}

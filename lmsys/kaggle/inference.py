@@ -62,7 +62,9 @@ def predict_command(bundle: Path, test: Path, out: Path, args: list[str], n_gpus
     manifest = json.loads((bundle / "bundle.json").read_text())
     predict = ["-m", "lmsys.predict", f"checkpoint={bundle / 'checkpoint'}", f"data.test_path={test}",
                f"output={out}", *manifest["predict_args"], *args]
-    if n_gpus > 1 and not any(arg.startswith("device_map=") for arg in predict):
+    device_maps = [arg.partition("=")[2].strip() for arg in predict if arg.startswith("device_map=")]
+    splits_one_model = bool(device_maps) and device_maps[-1] not in ("null", "None", "~", "")  # the later wins
+    if n_gpus > 1 and not splits_one_model:
         return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n_gpus), *predict]
     return [sys.executable, *predict]
 

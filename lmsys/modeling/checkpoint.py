@@ -82,6 +82,11 @@ class ModelSpec:
         """Encoders pool their first token ([CLS]); decoders the last (the family decides, lmsys/modeling/families.py)."""
         return FAMILIES[self.family].encoder
 
+    def model_dir(self, checkpoint: str | Path) -> str:
+        """The directory whose config.json and weights the backbone loads from: a merged checkpoint itself, else
+        the base model."""
+        return str(checkpoint) if self.merged else self.base_model_path
+
     @property
     def model_type(self) -> str:
         return self.facts.model_type

@@ -46,14 +46,19 @@ def model_skeleton(path: str | Path, trust_remote_code: bool = False):
         return AutoModel.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def read_model_facts(path: str | Path) -> ModelFacts:
+def read_config(path: str | Path) -> dict:
+    """A model directory's config.json as written (the outer config of a multimodal checkpoint)."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{path}: not a model directory (no config.json); run ./setup.sh or set model.path")
     try:
-        outer = json.loads(config_file.read_text())
+        return json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise ModelLoadError(f"{config_file}: not valid JSON ({err.msg} at char {err.pos})") from err
+
+
+def read_model_facts(path: str | Path) -> ModelFacts:
+    outer = read_config(path)
     config = outer.get("text_config", outer)
     try:
         heads = config["num_attention_heads"]
@@ -67,4 +72,17 @@ def read_model_facts(path: str | Path) -> ModelFacts:
             num_hidden_layers=config.get("num_hidden_layers", 0),
         )
     except KeyError as err:
-        raise ModelLoadError(f"{config_file}: no {err.args[0]!r}; is this a decoder model directory?") from err
+        raise ModelLoadError(f"{Path(path) / 'config.json'}: no {err.args[0]!r}; is this a decoder model "
+                             f"directory?") from err
+
+
+def position_limit(path: str | Path) -> int | None:
+    """The longest sequence the model's positions cover (`max_position_embeddings`, with any rope scaling already
+    in it); None where there is no absolute limit: DeBERTa-v3 (`position_biased_input: false`, relative positions
+    only) or a config that names none."""
+    outer = read_config(path)
+    config = outer.get("text_config", outer)
+    if config.get("position_biased_input", True) is False:
+        return None
+    limit = config.get("max_position_embeddings")
+    return int(limit) if isinstance(limit, int) and limit > 0 else None

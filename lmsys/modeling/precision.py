@@ -8,13 +8,13 @@ change, so that no submission with NaNs is ever written.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lmsys.config import Quantization
+from lmsys.modeling.model_facts import read_config
 
 QUANTIZATION_OF_CONFIG = {"nf4": Quantization.nf4, "fp4": Quantization.fp4}  # bnb_4bit_quant_type -> ours
 
@@ -47,8 +47,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def saved_quantization(model_dir: str | Path) -> Quantization | None:
     """The bitsandbytes quantization a directory's weights are stored in (a pre-quantized export), else None."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    saved = config.get("quantization_config")
+    saved = read_config(model_dir).get("quantization_config")
     if not saved:
         return None
     if saved.get("load_in_8bit"):

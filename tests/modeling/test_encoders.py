@@ -125,6 +125,31 @@ def test_a_misspelt_lora_target_fails_before_the_model_loads(tiny_models):
     check_lora_targets(tiny_models["llama"], False, ["q_proj", "self_attn.o_proj"])  # a dotted tail, as peft reads it
 
 
+def test_a_max_length_past_the_models_positions_fails_except_with_relative_positions(tiny_models, tmp_path):
+    """The tiny decoders have 1024 positions: 2048 would run RoPE past anything trained (and a predict at 100000
+    was killed by the kernel after the model loaded); DeBERTa-v3 has relative positions only and reads past 512."""
+    from test_predict import make_checkpoint
+
+    from lmsys.builders import build_prediction_spec, build_spec
+    from lmsys.modeling.model_facts import position_limit
+    from lmsys.prediction_config import PredictConfig
+
+    assert position_limit(tiny_models["llama"]) == 1024 and position_limit(tiny_models["deberta_v2"]) is None
+    data = DataConfig(train_path="unused")
+    with pytest.raises(ConfigError, match=rf"^model.max_length=1025 exceeds the 1024 positions of the model in "
+                                          rf"{tiny_models['llama']} \(max_position_embeddings"):
+        build_spec(ModelConfig(path=str(tiny_models["llama"]), family=Family.llama, max_length=1025), data, True)
+    assert build_spec(ModelConfig(path=str(tiny_models["llama"]), family=Family.llama, max_length=1024), data,
+                      True).max_length == 1024
+    deberta = ModelConfig(path=str(tiny_models["deberta_v2"]), family=Family.deberta, max_length=2048,
+                          quantization="none")
+    assert build_spec(deberta, data, False).max_length == 2048
+    checkpoint = make_checkpoint(tmp_path / "checkpoint", tiny_models["llama"], seed=0)
+    with pytest.raises(ConfigError, match=r"^max_length=2048 exceeds the 1024 positions"):
+        build_prediction_spec(str(checkpoint), PredictConfig(checkpoint=str(checkpoint), output="o.csv",
+                                                             max_length=2048))
+
+
 def test_packing_is_refused_for_encoders():
     model = ModelConfig(path="unused", family=Family.deberta, quantization="none")
     with pytest.raises(ConfigError, match="model.family=deberta needs trainer.packing=false"):
