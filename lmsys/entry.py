@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,7 +70,10 @@ def close_process_group() -> None:
         distributed.destroy_process_group()
 
 
-USER_SET_FULL_ERROR = "HYDRA_FULL_ERROR" in os.environ
+# Set beside HYDRA_FULL_ERROR when lmsys sets it: a submitit job's process inherits both from the launching one
+# (where the task never runs to restore them), and must not take the variable for the user's.
+SET_BY_LMSYS = "LMSYS_SET_HYDRA_FULL_ERROR"
+USER_SET_FULL_ERROR = "HYDRA_FULL_ERROR" in os.environ and SET_BY_LMSYS not in os.environ
 
 
 @contextmanager
@@ -77,11 +81,12 @@ def config_errors() -> Iterator[None]:
     """A config that does not compose (a typo in a key, a value of the wrong type, an unknown config name) as one
     `error:` line and exit status 2, like every other command's bad input. Hydra prints such errors itself, over
     several lines, and exits 1, unless HYDRA_FULL_ERROR makes it raise them: set here until the task starts (then
-    restored, so the task's own errors are reported as before), unless the user set it."""
+    restored, so the task's own errors are reported as before), unless the user set it. A submitit job that fails
+    (its own `error:` line, status 2) or a launcher that cannot start one is one line too."""
     if USER_SET_FULL_ERROR:
         yield
         return
-    os.environ["HYDRA_FULL_ERROR"] = "1"
+    os.environ["HYDRA_FULL_ERROR"] = os.environ[SET_BY_LMSYS] = "1"
     try:
         yield
     except (HydraException, OmegaConfBaseException, FileExistsError, NotADirectoryError) as err:
@@ -95,10 +100,36 @@ def config_errors() -> Iterator[None]:
         cause = f": {one_line(err.__cause__)}" if err.__cause__ is not None else ""
         print(f"error: {one_line(err).rstrip('.')}{cause}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as err:
+        if not raised_by_submitit(err) or os.environ.get("LMSYS_DEBUG", "") not in ("", "0"):
+            raise
+        line, status = launcher_failure(err)
+        print(line, file=sys.stderr)
+        raise SystemExit(status) from None
     finally:
         restore_hydra_errors()
+
+
+def raised_by_submitit(err: BaseException) -> bool:
+    """A job's failure (submitit's own errors) or the launcher's (e.g. its RuntimeError where there is no srun)."""
+    if type(err).__module__.startswith("submitit"):
+        return True
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and f"{os.sep}submitit{os.sep}" in frames[-1].filename
+
+
+def launcher_failure(err: Exception) -> tuple[str, int]:
+    """A submitit job's failure as one line and an exit status: the job's own `error:` line (bad input, status 2)
+    from the log tail submitit puts in the message, else the failure's first line (status 1)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("error: ")]
+    if ours:
+        return ours[-1], 2
+    first = lines[0] if lines else type(err).__name__
+    return f"error: the multirun's launcher or a job failed: {first} (the jobs' logs: the sweep dir's .submitit/)", 1
 
 
 def restore_hydra_errors() -> None:
     if not USER_SET_FULL_ERROR:
         os.environ.pop("HYDRA_FULL_ERROR", None)
+        os.environ.pop(SET_BY_LMSYS, None)

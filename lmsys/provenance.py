@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -36,12 +37,25 @@ def package_versions() -> dict[str, str | None]:
     return found
 
 
+SWEEP_ID = "LMSYS_SWEEP_ID"  # set by lmsys.sweep.SweepSummaryCallback for the jobs of one multirun
+
+
 def run_info(num_processes: int, distributed_type: str) -> dict:
     return {
         "git": git_state(),
         "packages": package_versions(),
         "python": platform.python_version(),
-        "command": [sys.executable, *sys.argv],
+        "command": [sys.executable, *sys.argv],  # a multirun's whole command; a submitit job's is submitit's
+        "overrides": job_overrides(),
+        "sweep_id": os.environ.get(SWEEP_ID),
         "num_processes": num_processes,
         "distributed_type": distributed_type,
     }
+
+
+def job_overrides() -> list[str] | None:
+    """This job's own command-line overrides (`seed=2` for the second job of `-m seed=1,2`), as Hydra gives them to
+    the job; None outside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None

@@ -14,6 +14,7 @@ import os
 import statistics
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lmsys.cli import CommandError, command_errors, one_line
 from lmsys.output_paths import check_output_paths, check_outside_runs
+from lmsys.provenance import SWEEP_ID
 from lmsys.runs import FINISHED_MARKER, write_json
 
 SUMMARY_FILE = "sweep_summary.json"
-RUN_NAME_KEYS = ("seed", "data.valid_fold")  # what a run dir's default name holds (lmsys.config.run_name)
 DEFAULT_SUBDIR = "${run_name:${data.valid_fold},${seed}}"  # conf/run_layout.yaml's hydra.sweep.subdir
 
 
@@ -124,13 +125,19 @@ class SweepSummaryCallback(Callback):
 
     def __init__(self) -> None:
         self.started = 0.0
+        self.sweep_id = ""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.time()
+        # every job's run_info.json records it (submitit's jobs inherit the variable), so runs that finish in the
+        # sweep dir meanwhile but belong to another sweep or to no sweep are left out
+        self.sweep_id = os.environ[SWEEP_ID] = uuid.uuid4().hex
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ.pop(SWEEP_ID, None)
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
-        run_dirs = finished_since(sweep_dir, self.started - self.CLOCK_SKEW_S)
+        run_dirs = [run_dir for run_dir in finished_since(sweep_dir, self.started - self.CLOCK_SKEW_S)
+                    if recorded_sweep_id(run_dir) == self.sweep_id]
         if not run_dirs:
             return
         summary = summarize(run_dirs)
@@ -140,6 +147,15 @@ class SweepSummaryCallback(Callback):
         write_json(sweep_dir / SUMMARY_FILE, summary, main)
         if main:
             print(format_table(summary), flush=True)
+
+
+def recorded_sweep_id(run_dir: Path) -> str | None:
+    """The multirun a run belongs to, from its run_info.json (None: a run of no multirun, or unreadable)."""
+    try:
+        info = json.loads((run_dir / "run_info.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return info.get("sweep_id") if isinstance(info, dict) else None
 
 
 def keep_earlier_summary(path: Path) -> Path | None:
@@ -159,20 +175,35 @@ def keep_earlier_summary(path: Path) -> Path | None:
 class DistinctRunDirs(Callback):
     """Fails a multirun before its first job when the jobs would share run dirs: the default layout names a run
     dir by `data.valid_fold` and `seed` only (`run_name`), so a sweep over anything else (`-m optimizer.lr=1e-4,3e-4`)
-    needs its own `hydra.sweep.subdir`. Otherwise the second job finds the first one's finished run and stops
-    (or, with overwrite=true, replaces it)."""
+    needs its own `hydra.sweep.subdir`, which must name every swept key (or each job, as `${hydra:job.num}` does).
+    Otherwise the second job finds the first one's finished run and stops (or, with overwrite=true, replaces it)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
-        unnamed = [key for key in swept_keys(config) if key not in RUN_NAME_KEYS]
-        if unnamed and subdir == DEFAULT_SUBDIR:
-            print(f"error: -m varies {', '.join(unnamed)}, but each job's dir is named by data.valid_fold and seed "
-                  f"only, so the jobs would write the same dir; name them apart with hydra.sweep.subdir, e.g. "
-                  f"'hydra.sweep.subdir=\"{subdir_naming(config, unnamed)}\"'", file=sys.stderr)
-            raise SystemExit(2)
+        subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir"))
+        unnamed = unnamed_keys(subdir, swept_keys(config))
+        if not unnamed:
+            return
+        named_by = ("data.valid_fold and seed only" if subdir == DEFAULT_SUBDIR
+                    else f"hydra.sweep.subdir={subdir}, which names none of them")
+        suggestion = subdir_naming(config, unnamed, subdir)
+        print(f"error: -m varies {', '.join(unnamed)}, but each job's dir is named by {named_by}, so the jobs would "
+              f"write the same dir; name them apart with hydra.sweep.subdir, e.g. "
+              f"'hydra.sweep.subdir=\"{suggestion}\"'", file=sys.stderr)
+        raise SystemExit(2)
 
 
-def subdir_naming(config: DictConfig, keys: list[str]) -> str:
+JOB_UNIQUE = ("job.num", "job.id", "job.override_dirname")  # Hydra's ${hydra:job.num} and the like: one per job
+
+
+def unnamed_keys(subdir: str, swept: list[str]) -> list[str]:
+    """The swept keys that the sweep subdir does not name (a config group by its choice); none when it names each
+    job apart by itself."""
+    if any(token in subdir for token in JOB_UNIQUE):
+        return []
+    return [key for key in swept if f"{{{key}}}" not in subdir and f"choices.{key}}}" not in subdir]
+
+
+def subdir_naming(config: DictConfig, keys: list[str], base: str) -> str:
     """A sweep subdir that names each job by `keys` as well (a config group by its chosen option's name); quoted
     on the command line, since Hydra reads the comma in run_name's arguments as a sweep."""
     parts = []
@@ -180,7 +211,7 @@ def subdir_naming(config: DictConfig, keys: list[str]) -> str:
         is_group = OmegaConf.is_config(OmegaConf.select(config, key, throw_on_missing=False))
         parts.append(f"{key.rsplit('.', 1)[-1]}=${{hydra:runtime.choices.{key}}}" if is_group
                      else f"{key.rsplit('.', 1)[-1]}=${{{key}}}")
-    return "_".join([*parts, DEFAULT_SUBDIR])
+    return "_".join([*parts, base])
 
 
 def swept_keys(config: DictConfig) -> list[str]:

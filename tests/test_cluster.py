@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,11 +33,26 @@ def sweeps(tmp_path_factory, tiny_models) -> SimpleNamespace:
     os.utime(stale / "metrics.json", (1e9, 1e9))  # finished long before this sweep
     launcher = ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]
     jobs = start_entry(["-m", "seed=1,2", *launcher, *overrides, f"hydra.sweep.dir={two_jobs}"], root / "jobs.log")
+    other = fake_finished_run(two_jobs / "other", 0.7)  # another sweep's run, or a plain run, finishing meanwhile
     tasks = start_entry(["-m", "seed=3", *launcher, "hydra.launcher.tasks_per_node=2", *overrides,
                          f"hydra.sweep.dir={two_tasks}"], root / "tasks.log", entry_env(ACCELERATE_USE_CPU="true"))
+    bad = start_entry(["-m", "seed=4", *launcher, *overrides, f"data.train_path={root / 'missing.csv'}",
+                       f"hydra.sweep.dir={root / 'bad'}"], root / "bad.log")
     finish(jobs, root / "jobs.log")
     finish(tasks, root / "tasks.log")
-    return SimpleNamespace(two_jobs=two_jobs, two_tasks=two_tasks, log=(root / "jobs.log").read_text())
+    bad.wait(timeout=400)
+    return SimpleNamespace(two_jobs=two_jobs, two_tasks=two_tasks, log=(root / "jobs.log").read_text(), other=other,
+                           bad=SimpleNamespace(status=bad.returncode, log=(root / "bad.log").read_text()),
+                           missing=root / "missing.csv")
+
+
+def fake_finished_run(run_dir: Path, log_loss: float) -> Path:
+    """A finished run's files, its metrics.json dated an hour ahead (after any sweep's start), of no multirun."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "run_info.json").write_text(json.dumps({"sweep_id": None}))
+    (run_dir / "metrics.json").write_text(json.dumps({"best": {"step": 1, "log_loss": log_loss}}))
+    os.utime(run_dir / "metrics.json", (time.time() + 3600, time.time() + 3600))
+    return run_dir
 
 
 def submitit_jobs(sweep_dir: Path) -> list[str]:
@@ -54,10 +70,28 @@ def test_each_job_of_the_sweep_is_its_own_submitit_job_and_a_full_run(sweeps):
 
 def test_the_summary_is_written_when_the_jobs_finish_and_leaves_out_earlier_runs(sweeps):
     summary = json.loads((sweeps.two_jobs / SUMMARY_FILE).read_text())
-    assert [run["seed"] for run in summary["runs"]] == [1, 2]  # not the earlier sweep's seed9
+    assert [run["seed"] for run in summary["runs"]] == [1, 2]  # not the earlier sweep's seed9, nor `other`
+    assert len({json.loads((sweeps.two_jobs / f"seed{s}" / "run_info.json").read_text())["sweep_id"]
+                for s in (1, 2)}) == 1
     losses = [read_metrics(sweeps.two_jobs / f"seed{s}")["best"]["log_loss"] for s in (1, 2)]
     assert summary["best_log_loss"]["mean"] == pytest.approx(sum(losses) / 2, abs=1e-12)
     assert "(n=2)" in sweeps.log  # printed by the launching process
+
+
+def test_each_job_records_its_own_overrides(sweeps):
+    """A submitit job's command line is submitit's own; the job's overrides say what it ran with."""
+    for seed in (1, 2):
+        info = json.loads((sweeps.two_jobs / f"seed{seed}" / "run_info.json").read_text())
+        assert f"seed={seed}" in info["overrides"] and "seed=1,2" not in info["overrides"]
+        assert "submitit" in " ".join(info["command"])
+
+
+def test_a_jobs_bad_input_is_its_one_error_line(sweeps):
+    """The job inherited HYDRA_FULL_ERROR from the launching process (set there to read Hydra's own errors) and
+    took it for the user's: a 29-line traceback, exit 1."""
+    assert sweeps.bad.status == 2, sweeps.bad.log[-3000:]
+    assert sweeps.bad.log.strip().splitlines()[-1] == f"error: {sweeps.missing}: no such file"
+    assert "Traceback" not in sweeps.bad.log
 
 
 def test_a_job_of_two_tasks_is_one_two_process_run(sweeps):

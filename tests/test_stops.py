@@ -61,8 +61,9 @@ def start_and_signal_in_eval(root: Path, overrides: list[str], signals: list[sig
     return run_dir, log, process
 
 
-def test_sigterm_during_evaluation_stops_it_and_keeps_the_update(tmp_path, slow_eval_overrides):
-    run_dir, log, process = start_and_signal_in_eval(tmp_path, slow_eval_overrides, [signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])  # USR2: submitit's warning before a time limit
+def test_sigterm_during_evaluation_stops_it_and_keeps_the_update(tmp_path, slow_eval_overrides, sig):
+    run_dir, log, process = start_and_signal_in_eval(tmp_path, slow_eval_overrides, [sig])
     took = seconds_to_end(process)
     text = log.read_text()
     assert process.returncode == 0, text[-3000:]
@@ -91,6 +92,23 @@ def test_second_ctrl_c_raises_keyboard_interrupt_in_process():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
     assert signal.getsignal(signal.SIGINT) is before  # the handler from before is back
+
+
+def test_sigusr2_is_a_stop_request_and_submitits_handler_comes_back():
+    """submitit has SLURM send USR2 ahead of the time limit and handles it by requeueing the same command (which
+    stops at the run's state without resume=true): while training, the run saves its state instead."""
+    def submitit_handler(signum, frame):
+        raise AssertionError("submitit's handler ran during training")
+
+    before = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        with GracefulStop() as stop:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.05)
+            assert stop.received == signal.SIGUSR2 and signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler
+    finally:
+        signal.signal(signal.SIGUSR2, before)
 
 
 def test_prediction_loop_raises_only_inside_a_requested_stop():

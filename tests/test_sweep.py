@@ -19,7 +19,7 @@ from entry_runs import REPO, entry_env, finish, read_metrics, read_oof, start_en
 from omegaconf import OmegaConf
 from tiny import arena_frame
 
-from lmsys.sweep import SUMMARY_FILE, keep_earlier_summary, main, summarize, swept_keys
+from lmsys.sweep import DEFAULT_SUBDIR, SUMMARY_FILE, keep_earlier_summary, main, summarize, swept_keys, unnamed_keys
 
 SEEDS = (1, 2)
 
@@ -206,6 +206,27 @@ def test_a_sweep_over_a_key_the_dir_names_lack_fails_before_its_first_job(tmp_pa
         "error: -m varies optimizer, optimizer.lr, but each job's dir is named by data.valid_fold and seed only, so "
         "the jobs would write the same dir; name them apart with hydra.sweep.subdir, e.g. 'hydra.sweep.subdir=\""
         "optimizer=${hydra:runtime.choices.optimizer}_lr=${optimizer.lr}_${run_name:${data.valid_fold},${seed}}\"'")
+    assert not sweep_dir.exists()
+
+
+def test_a_custom_subdir_must_name_every_swept_key(tmp_path):
+    """`hydra.sweep.subdir=same` passed the check (only the default subdir was checked): job 1 trained, job 2 then
+    stopped at its finished run (or replaced it with overwrite=true)."""
+    assert unnamed_keys(DEFAULT_SUBDIR, ["data.valid_fold", "seed"]) == []
+    assert unnamed_keys("lr=${optimizer.lr}_" + DEFAULT_SUBDIR, ["optimizer.lr", "seed"]) == []
+    assert unnamed_keys("${hydra:runtime.choices.optimizer}_${seed}", ["optimizer", "seed"]) == []
+    assert unnamed_keys("run${hydra:job.num}", ["optimizer.lr", "seed"]) == []
+    assert unnamed_keys("fold${data.valid_fold}", ["data.valid_fold", "seed"]) == ["seed"]
+    sweep_dir = tmp_path / "sweep"
+    done = subprocess.run([sys.executable, str(REPO / "lmsys/code/train_r_llama.py"), "--config-name",
+                           "conf_r_llama_smol", "-m", "seed=1,2", "hydra.sweep.subdir=same",
+                           f"hydra.sweep.dir={sweep_dir}"],
+                          capture_output=True, text=True, env=entry_env(), timeout=120, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "error: -m varies seed, but each job's dir is named by hydra.sweep.subdir=same, which names none of them, so "
+        "the jobs would write the same dir; name them apart with hydra.sweep.subdir, e.g. 'hydra.sweep.subdir=\""
+        "seed=${seed}_same\"'")
     assert not sweep_dir.exists()
 
 

@@ -1,6 +1,7 @@
-"""SIGTERM/SIGINT end a run promptly on every process at once: at the next update boundary, or within an evaluation
-or prediction at the next checked micro-batch (which then raises `StopRequested`). The first signal asks; the
-handlers are then reset to the defaults, so a second SIGTERM or Ctrl-C ends the process at once."""
+"""SIGTERM/SIGINT (and SIGUSR2, which submitit has SLURM send ahead of a job's time limit) end a run promptly on
+every process at once: at the next update boundary, or within an evaluation or prediction at the next checked
+micro-batch (which then raises `StopRequested`). The first signal asks; the handlers are then reset to the defaults,
+so a second signal ends the process at once."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import signal
 import torch
 from typing_extensions import Self  # typing.Self needs Python 3.11; torch depends on typing_extensions
 
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_DEFAULTS = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+# SIGUSR2: submitit's `--signal=USR2@<signal_delay_s>`; its own handler (requeue the same command, which finds the
+# run's state and stops without resume=true) is replaced while training and restored after
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+_DEFAULTS = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler, signal.SIGUSR2: signal.SIG_DFL}
 _active: GracefulStop | None = None  # the innermost GracefulStop, for loops that do not get it passed in
 
 
