@@ -55,6 +55,7 @@ def run_prediction(config: PredictConfig) -> Path:
     accelerator, pairs, (spec,) = prediction_inputs([config.checkpoint], config)
     log.info("%d pairs from %s; checkpoint %s (%s, %s)", len(pairs), config.data.test_path, config.checkpoint,
              spec.base_model_path, "merged" if spec.merged else f"adapter on {spec.quantization.value} base")
+    warn_submission_schema(pairs, spec.num_classes, config.data.test_path)
 
     with GracefulStop() as stop:
         try:
@@ -78,6 +79,16 @@ def run_prediction(config: PredictConfig) -> Path:
     accelerator.wait_for_everyone()
     log.info("wrote %s (%d rows)", config.output, len(pairs))
     return Path(config.output)
+
+
+def warn_submission_schema(pairs: list[Pair], num_classes: int, test_path: str) -> None:
+    """WSDM test pairs (a `language` column) scored by a three-class model: its submission is LMSYS's three
+    probability columns, which WSDM's `id, winner` scoring does not read."""
+    if num_classes == 3 and pairs and all("language" in pair.meta for pair in pairs):
+        log.warning("%s looks like WSDM pairs (a language column), but the checkpoint has three classes, so the "
+                    "submission is LMSYS's id, winner_model_a, winner_model_b, winner_tie; WSDM scores id, winner: "
+                    "predict with a two-class checkpoint (model.num_classes=2), or take probs_output's larger "
+                    "of A and B", test_path)
 
 
 def run_pseudo_labels(config: PseudoLabelConfig) -> None:

@@ -238,3 +238,17 @@ def test_a_two_class_model_writes_wsdm_submissions_with_exact_swap_symmetry(tiny
     assert list(written.columns) == ["id", "winner_model_a", "winner_model_b"]
     np.testing.assert_allclose(written[["winner_model_a", "winner_model_b"]].to_numpy(), probs["test"], atol=1e-6)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "sub.csv", dtype={"id": str}), frame)
+
+
+def test_wsdm_pairs_predicted_by_a_three_class_model_are_said(caplog):
+    """Such a submission has LMSYS's three probability columns, which WSDM's id,winner scoring does not read."""
+    from lmsys.data.schema import Pair
+    from lmsys.prediction import warn_submission_schema
+
+    wsdm = [Pair(str(i), ("q",), ("a",), ("b",), meta={"language": "English"}) for i in range(3)]
+    lmsys = [Pair(str(i), ("q",), ("a",), ("b",)) for i in range(3)]
+    with caplog.at_level(logging.WARNING, logger="lmsys"):
+        for pairs, classes in ((wsdm, 2), (lmsys, 3), (wsdm, 3)):
+            warn_submission_schema(pairs, classes, "test.parquet")
+    assert [record.getMessage()[:60] for record in caplog.records] == [
+        "test.parquet looks like WSDM pairs (a language column), but "]
