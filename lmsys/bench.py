@@ -32,11 +32,12 @@ import torch
 from accelerate import Accelerator, PartialState
 from hydra import compose, initialize_config_dir
 
-from lmsys.cli import command_errors
+from lmsys.cli import CommandError, command_errors
 from lmsys.config import (
     PEER_MODES,
     Architecture,
     ComputeDtype,
+    ConfigError,
     SwapMode,
     TrainConfig,
     register_configs,
@@ -179,6 +180,9 @@ def run_child(config_name: str, overrides: list[str], mode: str) -> dict:
     command = [sys.executable, "-m", "lmsys.bench", "--config-name", config_name, *overrides, f"bench.mode={mode}"]
     done = subprocess.run(command, check=False, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
+    said = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    if done.returncode == 2 and said:  # the child's own one-line error (bad input it found)
+        raise CommandError(f"bench mode {mode}: {said[-1].removeprefix('error: ')}")
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"bench child for {mode} failed:\n{done.stderr[-3000:]}")
     print("\n".join(line for line in done.stdout.splitlines() if not line.startswith(RESULT_MARKER)), flush=True)
@@ -283,10 +287,13 @@ def main(argv: list[str] | None = None) -> None:
         print(RESULT_MARKER + json.dumps(measure_mode(config, config.bench.mode)), flush=True)
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with command_errors():
+        check_pairs(config)  # before any child: a bad file is said once, not by each mode's process
     device = PartialState().device
     refresh_dtype_probe(config, device)
-    rounds = [{mode: run_child(args.config_name, overrides, mode) for mode in config.bench.modes}
-              for _ in range(config.bench.repeats)]  # interleaved: each round runs every mode once
+    with command_errors():
+        rounds = [{mode: run_child(args.config_name, overrides, mode) for mode in config.bench.modes}
+                  for _ in range(config.bench.repeats)]  # interleaved: each round runs every mode once
     roofline = Roofline(ProjectionShapes.from_model_dir(config.model.path), config.bench.roofline_tokens,
                         torch.get_num_threads())
     for results in rounds:
@@ -296,6 +303,16 @@ def main(argv: list[str] | None = None) -> None:
     if len(rounds) > 1:
         print_rounds(rounds)
     print(json.dumps(summary))
+
+
+def check_pairs(config: TrainConfig) -> None:
+    """The training file read and checked as every mode reads it, holding at least bench.n_pairs pairs."""
+    from lmsys.data.io import read_pairs
+
+    held = len(read_pairs(config.data.train_path, require_labels=True))
+    if held < config.bench.n_pairs:
+        raise ConfigError(f"bench.n_pairs={config.bench.n_pairs}, but data.train_path={config.data.train_path} holds "
+                          f"{held} pairs")
 
 
 def median_result(results: list[dict]) -> dict:

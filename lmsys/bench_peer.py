@@ -10,8 +10,8 @@ are identical), the same max_length, micro-batch size, gradient accumulation and
 
 Both compute in `bench.peer_dtype` (auto: the faster of fp32 and bf16 on this CPU, as for our modes; bf16 on
 CUDA), with `bf16=True` in TrainingArguments when that is bf16, as QLoRA scripts set it. Counted like our modes:
-real (non-pad) tokens trained per second after `bench.warmup_updates` updates, the matmul rate just before and after
-its training, padding share, peak RSS; prediction
+real (non-pad) tokens trained per second in one epoch (every pair once) after `bench.warmup_updates` updates (at
+most an epoch's), the matmul rate just before and after its training, padding share, peak RSS; prediction
 with Trainer.predict in batches of `bench.predict_batch_size` pairs, single pass (A, B) and TTA (A, B then B, A).
 """
 
@@ -77,9 +77,8 @@ def measure_peer(config: TrainConfig, mode: str) -> dict:
         clock = StepClock()
         trainer.add_callback(clock)
         trainer.remove_callback(PrinterCallback)  # its end-of-training summary would interleave with the table
-        _, gflops = rate_around(trainer.train, ProjectionShapes.from_model_dir(config.model.path), dtype,
-                                config.bench.roofline_tokens, device)
-        train = trainer.counted(clock, config.bench.warmup_updates)
+        gflops = train_peer(trainer, config, len(split), dtype, device)
+        train = trainer.counted(clock)
         predict = _time_prediction(trainer, split, config.bench.warmup_pairs)
     return {**train, **predict, "train_matmul_gflops": gflops,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -117,16 +116,31 @@ def build_peer_model(config: TrainConfig, attention: str, pad_id: int, dtype: to
     ))
 
 
+def train_peer(trainer: _CountingTrainer, config: TrainConfig, n_pairs: int, dtype: torch.dtype,
+               device: torch.device) -> float:
+    """The warm-up updates (at most an epoch's, as our modes'), then one whole epoch, timed: every pair once, as in
+    our modes' timed epoch (a window of updates running on into a second epoch would count some pairs twice and
+    others not at all). Returns the matmul rate measured around the timed epoch."""
+    pairs_per_update = config.trainer.batch_size * config.trainer.grad_accum
+    warmup = min(config.bench.warmup_updates, -(-n_pairs // pairs_per_update))
+    if warmup:
+        trainer.args.max_steps = warmup
+        trainer.train()
+    trainer.args.max_steps = -1  # num_train_epochs=1
+    trainer.micro_batches.clear()
+    _, gflops = rate_around(trainer.train, ProjectionShapes.from_model_dir(config.model.path), dtype,
+                            config.bench.roofline_tokens, device)
+    return gflops
+
+
 def peer_arguments(config: TrainConfig, variant: PeerVariant, n_pairs: int, dtype: torch.dtype, device: torch.device,
                    output_dir: str) -> TrainingArguments:
-    """One pass over the pairs after the warm-up updates (the step count runs into a second epoch to make up for
-    them); nothing saved, logged or evaluated during training."""
+    """One epoch over the pairs (`train_peer` runs the warm-up first); nothing saved, logged or evaluated during
+    training."""
     trainer, optimizer = config.trainer, config.optimizer
-    pairs_per_update = trainer.batch_size * trainer.grad_accum
-    updates = -(-n_pairs // pairs_per_update)  # as many as our modes' timed epoch
     return TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=trainer.batch_size,
-        gradient_accumulation_steps=trainer.grad_accum, max_steps=config.bench.warmup_updates + updates,
+        gradient_accumulation_steps=trainer.grad_accum, num_train_epochs=1,
         learning_rate=optimizer.lr, weight_decay=optimizer.weight_decay, warmup_steps=optimizer.warmup_ratio,
         max_grad_norm=trainer.max_grad_norm, train_sampling_strategy=variant.sampling,
         bf16=dtype == torch.bfloat16, use_cpu=device.type == "cpu", per_device_eval_batch_size=config.bench.predict_batch_size,
@@ -151,6 +165,7 @@ class StepClock(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.begin = time.perf_counter()
+        self.update_ends = []  # the timed call's alone
 
     def on_step_end(self, args, state, control, **kwargs):
         self.update_ends.append(time.perf_counter())
@@ -168,13 +183,12 @@ class _CountingTrainer(Trainer):
         self.micro_batches.append((self.state.global_step, int(mask.sum()), mask.numel()))
         return super().training_step(model, inputs, num_items_in_batch)
 
-    def counted(self, clock: StepClock, warmup: int) -> dict:
-        ends = clock.update_ends
-        start = ends[warmup - 1] if warmup > 0 else clock.begin
-        seconds = ends[-1] - start
-        timed = [(real, total) for update, real, total in self.micro_batches if update >= warmup]
+    def counted(self, clock: StepClock) -> dict:
+        """The last `train` call's updates: tokens and seconds from its start to its last update's end."""
+        seconds = clock.update_ends[-1] - clock.begin
+        timed = [(real, total) for _, real, total in self.micro_batches]
         real_tokens = sum(real for real, _ in timed)
-        return {"train_seconds": seconds, "train_updates": len(ends) - warmup, "train_real_tokens": real_tokens,
+        return {"train_seconds": seconds, "train_updates": len(clock.update_ends), "train_real_tokens": real_tokens,
                 "train_real_tokens_per_s": real_tokens / seconds,
                 "train_padding_share": 1.0 - real_tokens / sum(total for _, total in timed)}
 

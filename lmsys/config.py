@@ -280,7 +280,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         require(self.n_pairs >= 1 and self.warmup_updates >= 0 and self.warmup_pairs >= 0,
                 "bench.n_pairs >= 1, bench.warmup_updates >= 0 and bench.warmup_pairs >= 0")
-        require(all(m in BENCH_MODES for m in self.modes), f"bench.modes: some of {', '.join(BENCH_MODES)}")
+        require(all(m in BENCH_MODES for m in self.modes) and 0 < len(set(self.modes)) == len(self.modes),
+                f"bench.modes: one or more of {', '.join(BENCH_MODES)}, each once, got {self.modes}")
         require(self.roofline_tokens >= 1, "bench.roofline_tokens must be >= 1")
         require(self.repeats >= 1, "bench.repeats must be >= 1")
 

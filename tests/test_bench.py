@@ -8,6 +8,7 @@ from pathlib import Path
 
 import background
 import pytest
+import tiny
 from bench_check import COMMANDS
 
 from lmsys.bench import _cell, _ratio
@@ -113,3 +114,22 @@ def test_a_bad_bench_config_is_one_error_line(override, line, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--config-name", "conf_r_llama_smol", override])
     assert (exit_info.value.code, capsys.readouterr().err) == (2, line + "\n")
+
+
+@pytest.mark.parametrize("override,start", [
+    ("bench.modes=[]", "error: bench.modes: one or more of"),
+    ("bench.modes=[packed,packed]", "error: bench.modes: one or more of"),
+    ("bench.n_pairs=17", "error: bench.n_pairs=17, but data.train_path="),
+    ("data.train_path=/nonexistent.csv", "error: /nonexistent.csv: no such file"),
+])
+def test_bad_modes_and_data_are_one_error_line_before_any_mode_runs(override, start, capsys, tmp_path, monkeypatch):
+    """An empty mode list crashed the table; more pairs than the file holds ran on the file's, the header saying
+    the number asked for; a bad file was a traceback from each mode's process."""
+    from lmsys import bench
+
+    tiny.arena_frame(16, seed=5).to_csv(tmp_path / "train.csv", index=False)
+    monkeypatch.setattr(bench, "run_child", lambda *args: pytest.fail("a mode ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--config-name", "conf_r_llama_smol", f"data.train_path={tmp_path / 'train.csv'}", override])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(start) and len(err.splitlines()) == 1
