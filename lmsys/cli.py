@@ -10,6 +10,7 @@ Training (`python -m lmsys.train`, `lmsys/code/train_r_*.py`) and the bench comp
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib
 import os
 import sys
@@ -47,6 +48,10 @@ def debugging() -> bool:
     return os.environ.get("LMSYS_DEBUG", "") not in ("", "0") or os.environ.get("HYDRA_FULL_ERROR", "") == "1"
 
 
+# A file system that refuses a write: full, read-only, over quota, or not ours to write (the user's to fix).
+STORAGE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM)
+
+
 @contextmanager
 def command_errors() -> Iterator[None]:
     """Turn an expected error into `error: <message>` on stderr and exit status 2."""
@@ -56,6 +61,13 @@ def command_errors() -> Iterator[None]:
         if debugging():
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as err:
+        if err.errno not in STORAGE_ERRORS or debugging():
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where} (nothing half-written is left: every output is written "
+              f"atomically)", file=sys.stderr)
         raise SystemExit(2) from None
 
 

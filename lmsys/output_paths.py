@@ -7,7 +7,8 @@ also by identity, so `./a.csv`, `a.csv`, a symlink to it and a hard link all cou
 The rules, for `inputs` (files or directories the command reads) and `outputs` (what it creates):
 - no two outputs are the same path;
 - no output is an input, lies inside an input directory, or (for a directory output) contains an input;
-- a file output is not an existing directory, and a directory output is not an existing file.
+- a file output is not an existing directory, and a directory output is not an existing file;
+- the nearest existing directory of every output is writable.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def check_output_paths(
     for key, output in given_outputs.items():
         is_directory = key in directory_outputs
         _check_kind(key, output, is_directory)
+        _check_writable(key, output)
         for input_key, source in given_inputs.items():
             _check_against_input(key, output, is_directory, input_key, source)
 
@@ -70,6 +72,15 @@ def _check_kind(key: str, output: Path, is_directory: bool) -> None:
         raise ConfigError(f"{key}={output} is an existing directory; name a file (it would replace the directory)")
     if is_directory and output.exists() and not output.is_dir():
         raise ConfigError(f"{key}={output} is an existing file, not a directory")
+
+
+def _check_writable(key: str, output: Path) -> None:
+    """The nearest existing directory of the output takes new files (not a read-only file system, nor another
+    user's): found before any model loads, not at the write after hours of work."""
+    existing = next(path for path in (output, *output.parents) if path.exists())
+    directory = existing if existing.is_dir() else existing.parent
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={output}: {directory} is not writable (a read-only file system, or another user's)")
 
 
 def _check_against_input(key: str, output: Path, is_directory: bool, input_key: str, source: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -40,9 +41,10 @@ class RunDir:
         finished = (self.path / FINISHED_MARKER).exists()
         unfinished = any((self.path / name).exists() for name in (STATE_DIR, f".{STATE_DIR}.old"))
         if finished and not overwrite:
+            resumed = " (resume=true continues an unfinished run; this one's results are in metrics.json)"
             raise RunDirError(
-                f"{self.path} already holds a finished run; choose another hydra.run.dir or seed, or pass "
-                f"overwrite=true"
+                f"{self.path} already holds a finished run{resumed if resume else ''}; choose another hydra.run.dir "
+                f"or seed, or pass overwrite=true"
             )
         if unfinished and not (resume or overwrite):
             raise RunDirError(
@@ -60,6 +62,7 @@ class RunDir:
             )
         if overwrite or killed:
             self._remove_run_files()
+        self.remove_temporaries()
         self.path.mkdir(parents=True, exist_ok=True)
         self.write_text(RUN_MARKER, MARKER_TEXT)
 
@@ -79,13 +82,22 @@ class RunDir:
             )
 
     def _remove_run_files(self) -> None:
-        """What a run wrote (the entries of RUN_ENTRIES and the temporaries of their atomic writes), nothing else."""
+        """What a run wrote (the entries of RUN_ENTRIES and the temporaries of their atomic writes), nothing else:
+        the marker and the other evidence of a run last, so that a kill midway leaves a directory still known as a
+        run's, which overwrite=true (or resume=true) cleans up again."""
         if not self.path.is_dir():
             return
-        for name in RUN_ENTRIES:
+        evidence = (*LEGACY_RUN_EVIDENCE, RUN_MARKER)
+        for name in [*(n for n in RUN_ENTRIES if n not in evidence), *evidence]:
+            remove_temporaries(self.path, name)
             _remove(self.path / name)
-            for leftover in self.path.glob(f".{name}.*"):
-                _remove(leftover)
+
+    def remove_temporaries(self) -> None:
+        """The temporaries of the run's atomic writes that a kill left behind (hidden `.<name>.<8 chars>`), e.g.
+        before a resume; the state's `.state.old` stays (a resume may need it)."""
+        if self.is_main and self.path.is_dir():
+            for name in RUN_ENTRIES:
+                remove_temporaries(self.path, name, keep_old=True)
 
     def write(self, name: str, produce: Callable[[Path], None]) -> Path | None:
         """Atomically create file or directory `name` of the run dir (see `write_file`)."""
@@ -117,6 +129,7 @@ def write_file(target: Path, produce: Callable[[Path], None], is_main: bool = Tr
         return None
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(target.parent, target.name, keep_old=True)  # an earlier write's, killed before its cleanup
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)) / target.name
     try:
         produce(tmp)
@@ -129,14 +142,24 @@ def write_file(target: Path, produce: Callable[[Path], None], is_main: bool = Tr
         # A directory cannot be renamed over a non-empty one: the old one steps aside first, as .<name>.old (which a
         # resume reads when a kill came between the two renames: lmsys.training.state)
         old = target.with_name(f".{target.name}.old")
-        _remove(old)  # left by a kill after the last swap; `target` is complete, so it is the one to keep
         if target.exists():
+            _remove(old)  # left by a kill after the last swap; `target` is complete, so it is the one to keep
             target.rename(old)
+        # without `target`, a kill came between the two renames: `old` is the only complete copy until tmp is in
         os.replace(tmp, target)
         _remove(old)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
     return target
+
+
+def remove_temporaries(directory: Path, name: str, keep_old: bool = False) -> None:
+    """`write_file`'s temporaries of `directory/name` that a kill left: `.<name>.<8 chars of mkdtemp>` and, unless
+    `keep_old`, `.<name>.old`; never another file whose name merely starts alike (a user's `.<name>.bak`)."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.(?:[a-z0-9_]{{8}}{'' if keep_old else '|old'})")
+    for path in directory.glob(f".{name}.*"):
+        if pattern.fullmatch(path.name):
+            _remove(path)
 
 
 def _remove(path: Path) -> None:

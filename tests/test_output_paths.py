@@ -36,3 +36,33 @@ def test_distinct_outputs_beside_their_inputs_pass_and_unset_ones_are_skipped(tm
     (tmp_path / "test.csv").write_text("id\n")
     check_output_paths({"data.test_path": tmp_path / "test.csv", "base_model_path": None},
                        {"output": tmp_path / "sub.csv", "logits_output": tmp_path / "l.csv", "pseudo_label_output": None})
+
+
+def test_an_output_under_a_directory_that_takes_no_files_is_refused_before_the_work(tmp_path, monkeypatch):
+    """predict on a read-only mount ran the whole prediction and then failed at the write with a traceback."""
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    real_access = os.access
+
+    def access(path, mode):  # root may write anywhere but on a read-only mount, which CI cannot make
+        return False if str(path) == str(readonly) else real_access(path, mode)
+
+    monkeypatch.setattr(os, "access", access)
+    for output in (readonly / "sub.csv", readonly / "new" / "deeper" / "sub.csv"):
+        with pytest.raises(ConfigError, match=rf"^output={output}: {readonly} is not writable"):
+            check_output_paths({}, {"output": output})
+    check_output_paths({}, {"output": tmp_path / "elsewhere" / "sub.csv"})
+
+
+def test_a_full_or_read_only_file_system_is_one_error_line(capsys):
+    import errno
+
+    from lmsys.cli import command_errors
+
+    for number, text in ((errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")):
+        with pytest.raises(SystemExit) as exit_info, command_errors():
+            raise OSError(number, text, "/data/out/.state.x1y2z3w4/optimizer.pt")
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.startswith(f"error: {text}: /data/out/.state.x1y2z3w4/optimizer.pt")
+    with pytest.raises(ConnectionResetError), command_errors():  # not the file system's: a traceback as before
+        raise ConnectionResetError(errno.ECONNRESET, "reset")

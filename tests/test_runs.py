@@ -57,9 +57,64 @@ def test_replacing_a_file_leaves_its_neighbours_alone(tmp_path):
 def test_overwrite_removes_only_what_a_run_wrote(tmp_path):
     finished_run(tmp_path)
     (tmp_path / "notes.md").write_text("the user's")
-    (tmp_path / ".checkpoint.abc123").mkdir()  # a temporary of a killed write
+    (tmp_path / ".checkpoint.abc_1234").mkdir()  # a temporary of a killed write (mkdtemp's 8 characters)
+    (tmp_path / ".config.yaml.bak").write_text("the user's too")  # named alike, not ours
     RunDir(tmp_path, True).claim(overwrite=True, resume=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_MARKER, "notes.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".config.yaml.bak", RUN_MARKER, "notes.md"]
+
+
+def test_a_kill_between_the_two_renames_of_a_directory_keeps_the_old_copy(tmp_path, monkeypatch):
+    """Killed between `state -> .state.old` and `tmp -> state`, then killed again in the next save: the second save
+    removed .state.old (the only complete state) before its own copy was in place, and the run restarted from 0."""
+    (tmp_path / ".state.old").mkdir()
+    (tmp_path / ".state.old" / "loop.json").write_text('{"step": 2}')
+
+    def killed(*args):
+        raise KeyboardInterrupt  # stands for SIGKILL at the rename
+
+    monkeypatch.setattr("lmsys.runs.os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_file(tmp_path / "state", lambda p: (p.mkdir(), (p / "loop.json").write_text('{"step": 3}')))
+    assert (tmp_path / ".state.old" / "loop.json").read_text() == '{"step": 2}'
+    monkeypatch.undo()
+    write_file(tmp_path / "state", lambda p: (p.mkdir(), (p / "loop.json").write_text('{"step": 3}')))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
+
+
+def test_a_kill_during_the_cleanup_leaves_a_run_that_overwrite_cleans_again(tmp_path, monkeypatch):
+    """The marker went first: killed after it, the directory was no run's and refused for good."""
+    finished_run(tmp_path)
+    removed = []
+
+    def remove_then_kill(path):
+        if len(removed) == 3:
+            raise KeyboardInterrupt
+        removed.append(path.name)
+        original(path)
+
+    original = __import__("lmsys.runs", fromlist=["_remove"])._remove
+    monkeypatch.setattr("lmsys.runs._remove", remove_then_kill)
+    with pytest.raises(KeyboardInterrupt):
+        RunDir(tmp_path, True).claim(overwrite=True, resume=False)
+    monkeypatch.undo()
+    assert RUN_MARKER not in removed and RunDir(tmp_path, True).is_run()
+    RunDir(tmp_path, True).claim(overwrite=True, resume=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_MARKER]
+
+
+def test_temporaries_a_kill_left_go_with_the_next_write_or_resume(tmp_path):
+    (tmp_path / ".sub.csv.k2j_9x0a").mkdir()  # predict killed mid-write
+    (tmp_path / ".sub.csv.k2j_9x0a" / "sub.csv").write_text("half")
+    write_file(tmp_path / "sub.csv", lambda tmp: tmp.write_text("whole"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.csv"]
+    run = RunDir(tmp_path / "run", True)
+    run.claim(overwrite=False, resume=False)
+    run.write("state", lambda p: (p.mkdir(), (p / "loop.json").write_text("{}")))
+    for leftover in (".state.a1b2c3d4", ".checkpoint.zz99yy88", ".metrics.json.q0w9e8r7"):
+        (tmp_path / "run" / leftover).mkdir()
+    (tmp_path / "run" / ".state.old").mkdir()  # a resume may need it
+    RunDir(tmp_path / "run", True).claim(overwrite=False, resume=True)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".state.old", RUN_MARKER, "state"]
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

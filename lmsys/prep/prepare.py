@@ -46,7 +46,7 @@ from lmsys.output_paths import check_output_paths
 from lmsys.prep.config import PrepareConfig
 from lmsys.prep.report import LengthCounter, markdown_table, tokenizer_counter, word_counter, write_report
 from lmsys.prep.sources import SourceFormat, SourceRows, read_source
-from lmsys.runs import RunDir
+from lmsys.runs import RunDir, remove_temporaries
 
 OUTPUT_FILES = ("train.parquet", "unlabeled.parquet", "duplicates.csv", "rejects.csv", "report.md")
 
@@ -97,6 +97,7 @@ def prepare(config: PrepareConfig) -> pd.DataFrame:
 def staging_dir(output_dir: Path) -> Iterator[Path]:
     """A temporary directory beside output_dir (the same file system, so moving a file out of it is a rename)."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(output_dir.parent, f"{output_dir.name}.staging")  # an earlier run's, killed before its cleanup
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging.", dir=output_dir.parent))
     try:
         yield staging
