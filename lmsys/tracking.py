@@ -36,6 +36,27 @@ class Tracker:
         self.run.append_line(METRICS_LOG, json.dumps({"step": step, name: rows}))
 
 
+def forget_after(run: RunDir, step: int) -> int:
+    """A resumed run's metrics.jsonl without the lines of the updates after its state (`step`), which it trains
+    again and logs anew: each update's lines once. Returns the number of lines dropped."""
+    path = run.path / METRICS_LOG
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if _step(line) <= step]
+    if len(kept) < len(lines):
+        run.write_text(METRICS_LOG, "".join(f"{line}\n" for line in kept))
+    return len(lines) - len(kept)
+
+
+def _step(line: str) -> float:
+    """A line's update; a line cut short by a kill counts as after every state (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 def start_wandb(accelerator, wandb: WandbConfig, config: dict, run_path: Path, run_id: str) -> None:
     """wandb through accelerate's trackers, with the resolved config; the run named after the run dir. `run_id`
     (kept in the training state) makes a resumed run continue the same wandb run instead of starting another."""

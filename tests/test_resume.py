@@ -126,10 +126,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(resumed):
     assert not resumed.after_kill.finished  # killed mid-way
     assert 2 <= resumed.after_kill.step < UPDATES
     assert_same_results(resumed.killed, resumed.baseline)
-    # Resumed from the saved update, not from scratch: updates up to it were trained (and logged) once only.
-    steps = logged_train_steps(resumed.killed)
-    assert set(steps) == set(range(1, UPDATES + 1))
-    assert all(steps.count(step) == 1 for step in range(1, resumed.after_kill.step + 1))
+    # Resumed from the saved update, not from scratch; the lines of the updates after it, trained again, are logged
+    # once (the killed run's own were dropped at the resume)
+    assert logged_train_steps(resumed.killed) == list(range(1, UPDATES + 1))
 
 
 def test_sigterm_saves_state_and_exits_zero(resumed):

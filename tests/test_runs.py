@@ -142,3 +142,16 @@ def test_a_killed_run_without_state_is_refused_or_restarted_with_fresh_logs(tmp_
     assert (tmp_path / "train.log").is_file()
     RunDir(tmp_path, True).claim(overwrite=False, resume=True)  # nothing to resume: a fresh start, fresh logs
     assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_MARKER]
+
+
+def test_a_resume_forgets_the_logged_lines_after_its_state(tmp_path):
+    from lmsys.tracking import METRICS_LOG, forget_after
+
+    run = RunDir(tmp_path, True)
+    for step in (1, 2, 3, 3, 4):
+        run.append_line(METRICS_LOG, f'{{"step": {step}, "train/loss": 1.0}}')
+    run.append_line(METRICS_LOG, '{"step": 5, "train/lo')  # cut short by the kill
+    assert forget_after(run, 3) == 2
+    assert [line[:10] for line in (tmp_path / METRICS_LOG).read_text().splitlines()] == ['{"step": 1', '{"step": 2',
+                                                                                          '{"step": 3', '{"step": 3']
+    assert forget_after(run, 3) == 0 and forget_after(RunDir(tmp_path / "none", True), 3) == 0

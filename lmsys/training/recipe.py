@@ -34,7 +34,7 @@ from lmsys.modeling.warm_start import check_warm_start
 from lmsys.output_paths import check_output_paths
 from lmsys.provenance import run_info
 from lmsys.runs import RunDir
-from lmsys.tracking import Tracker, new_wandb_run_id, start_wandb
+from lmsys.tracking import Tracker, forget_after, new_wandb_run_id, start_wandb
 from lmsys.training.distributed import full_trainable_state, lockstep_count
 from lmsys.training.loss_scaling import no_loss_scaling
 from lmsys.training.plan import Update, iterate_updates
@@ -117,6 +117,8 @@ class TrainingRecipe:
         model, optimizer = accelerator.prepare(model, optimizer)
         state = (restore_state(run_path, accelerator.unwrap_model(model), optimizer, scheduler, grad_scaler)
                  if config.resume else None) or LoopState()
+        if config.resume and forget_after(run, state.step):
+            log.info("metrics.jsonl: the lines after update %d, which this run trains again, dropped", state.step)
         if config.use_wandb:
             state.wandb_run_id = state.wandb_run_id or new_wandb_run_id()
             start_wandb(accelerator, config.wandb, OmegaConf.to_container(OmegaConf.structured(config)), run_path,
