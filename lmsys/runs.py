@@ -133,11 +133,13 @@ def write_file(target: Path, produce: Callable[[Path], None], is_main: bool = Tr
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)) / target.name
     try:
         produce(tmp)
+        flush_to_disk(tmp)  # a machine stopped hard after the rename must not find the name on empty blocks
         if target.exists() and target.is_dir() != tmp.is_dir():
             kinds = ("directory", "file") if target.is_dir() else ("file", "directory")
             raise RunDirError(f"{target} is an existing {kinds[0]}; refusing to replace it with a {kinds[1]}")
         if tmp.is_file():  # one atomic rename replaces a file; nothing beside it is touched
             os.replace(tmp, target)
+            flush_to_disk(target.parent)
             return target
         # A directory cannot be renamed over a non-empty one: the old one steps aside first, as .<name>.old (which a
         # resume reads when a kill came between the two renames: lmsys.training.state)
@@ -147,10 +149,23 @@ def write_file(target: Path, produce: Callable[[Path], None], is_main: bool = Tr
             target.rename(old)
         # without `target`, a kill came between the two renames: `old` is the only complete copy until tmp is in
         os.replace(tmp, target)
+        flush_to_disk(target.parent)
         _remove(old)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
     return target
+
+
+def flush_to_disk(path: Path) -> None:
+    """fsync a file, or every file of a directory and the directory itself (its entries): after a process kill
+    the page cache holds the data anyway, after a machine's hard stop only what was synced is there."""
+    paths = [path] if path.is_file() else [*sorted(path.rglob("*")), path]  # files and folders, the top one last
+    for item in paths:
+        descriptor = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def remove_temporaries(directory: Path, name: str, keep_old: bool = False) -> None:
