@@ -12,7 +12,7 @@ from pathlib import Path
 
 import hydra
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lmsys.cli import one_line
@@ -35,6 +35,9 @@ class EntryPointError(SystemExit):
 
 def check_entry_family(cfg: DictConfig, family: Family, script: str) -> None:
     """Fail in the first second when a config of another family is given to this entry point."""
+    if OmegaConf.select(cfg, "model.family") is None:  # e.g. --config-name run_layout, a part of every experiment
+        raise EntryPointError(f"the config has no model section: not an experiment config (conf/conf_r_*.yaml); "
+                              f"{script} --config-name conf_r_...")
     configured = Family(cfg.model.family)
     if configured != family:
         raise EntryPointError(
@@ -93,7 +96,7 @@ def config_errors() -> Iterator[None]:
         # Hydra creates the run dir before the task: hydra.run.dir=<an existing file> fails there
         if "HYDRA_FULL_ERROR" not in os.environ:  # raised by the task, after restore_hydra_errors
             raise
-        if isinstance(err, OSError):
+        if isinstance(err, (FileExistsError, NotADirectoryError)):  # not Hydra's MissingConfigException, an OSError
             print(f"error: the run dir (hydra.run.dir, or a multirun's hydra.sweep.dir) cannot be created: "
                   f"{err.filename}: {err.strerror} (a file is in the way)", file=sys.stderr)
             raise SystemExit(2) from None

@@ -257,6 +257,21 @@ def test_a_run_dir_that_a_file_is_in_the_way_of_fails_in_one_line(tmp_path):
         assert (done.returncode, done.stderr) == (2, line)
 
 
+@pytest.mark.parametrize("args,line", [
+    (["--config-name", "conf_r_llama_smoll"],
+     "error: Cannot find primary config 'conf_r_llama_smoll'. Check that it's in your config search path"),
+    (["--config-name", "conf_r_llama_smol", "model=smollm2_135mm"],
+     "error: In 'conf_r_llama_smol': Could not find 'model/smollm2_135mm'"),
+])
+def test_a_misspelt_config_or_option_is_named(args, line):
+    """Hydra's MissingConfigException is an OSError too: it was reported as a run dir with a file in the way
+    (`None: None`)."""
+    entry = [sys.executable, str(REPO / "lmsys" / "code" / "train_r_llama.py")]
+    env = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
+    done = subprocess.run([*entry, *args], capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert done.returncode == 2 and done.stderr.splitlines() == [line]
+
+
 def test_python_m_lmsys_train_checks_the_config_before_importing_torch():
     done = subprocess.run([sys.executable, "-c", "import sys, lmsys.train; print('torch' in sys.modules)"],
                           capture_output=True, text=True, timeout=120, check=True, cwd=REPO)
