@@ -328,7 +328,7 @@ def test_the_kaggle_estimate_counts_each_sequence_on_its_own(tiny_models, arena_
     first_untruncated = 128 * (max(lengths) // 128 + 1)  # 256 here (the longest sequence: 135 tokens)
     assert first_untruncated < 128 * (max(len(ex.ids) for ex in examples) // 128 + 1)  # both together: 265
     tokens = build_encoders(spec, tokenizer)[0].tokenize(arena_pairs)
-    units, untruncated = units_by_max_length(spec, tokenizer, tokens, 100.0)
+    units, untruncated = units_by_max_length(spec, tokenizer, tokens, 100.0, limit=1024)  # the tiny model's positions
     assert untruncated == first_untruncated
     expected = sum(n * (1 + n / 100.0) for n in lengths) / len(arena_pairs)
     assert units[first_untruncated] == pytest.approx(expected)
