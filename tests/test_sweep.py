@@ -196,17 +196,20 @@ def test_a_malformed_run_is_one_error_line(tmp_path, capsys, metrics, config, me
 def test_a_sweep_over_a_key_the_dir_names_lack_fails_before_its_first_job(tmp_path):
     """Run dirs are named by fold and seed: two jobs that differ in lr would share one (the second stopped by the
     first's finished run, or replacing it with overwrite=true). The refusal names the keys and a subdir that works."""
-    sweep_dir = tmp_path / "sweep"
-    done = subprocess.run([sys.executable, str(REPO / "lmsys/code/train_r_llama.py"), "--config-name",
-                           "conf_r_llama_smol", "-m", "optimizer.lr=1e-4,3e-4", "optimizer=adamw_cpu,adamw_kahan_tascj",
-                           "seed=1,2", f"hydra.sweep.dir={sweep_dir}"],
-                          capture_output=True, text=True, env=entry_env(), timeout=120, check=False)
-    assert done.returncode == 2
-    assert done.stderr.strip() == (
+    assert refused_sweep(tmp_path, "optimizer.lr=1e-4,3e-4", "optimizer=adamw_cpu,adamw_kahan_tascj", "seed=1,2") == (
         "error: -m varies optimizer, optimizer.lr, but each job's dir is named by data.valid_fold and seed only, so "
         "the jobs would write the same dir; name them apart with hydra.sweep.subdir, e.g. 'hydra.sweep.subdir=\""
         "optimizer=${hydra:runtime.choices.optimizer}_lr=${optimizer.lr}_${run_name:${data.valid_fold},${seed}}\"'")
-    assert not sweep_dir.exists()
+
+
+def refused_sweep(tmp_path: Path, *overrides: str) -> str:
+    """The one error line of a multirun refused before its first job (exit 2, no sweep dir made)."""
+    sweep_dir = tmp_path / "sweep"
+    done = subprocess.run([sys.executable, str(REPO / "lmsys/code/train_r_llama.py"), "--config-name",
+                           "conf_r_llama_smol", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"],
+                          capture_output=True, text=True, env=entry_env(), timeout=120, check=False)
+    assert done.returncode == 2 and not sweep_dir.exists()
+    return done.stderr.strip()
 
 
 def test_a_custom_subdir_must_name_every_swept_key(tmp_path):
@@ -217,17 +220,10 @@ def test_a_custom_subdir_must_name_every_swept_key(tmp_path):
     assert unnamed_keys("${hydra:runtime.choices.optimizer}_${seed}", ["optimizer", "seed"]) == []
     assert unnamed_keys("run${hydra:job.num}", ["optimizer.lr", "seed"]) == []
     assert unnamed_keys("fold${data.valid_fold}", ["data.valid_fold", "seed"]) == ["seed"]
-    sweep_dir = tmp_path / "sweep"
-    done = subprocess.run([sys.executable, str(REPO / "lmsys/code/train_r_llama.py"), "--config-name",
-                           "conf_r_llama_smol", "-m", "seed=1,2", "hydra.sweep.subdir=same",
-                           f"hydra.sweep.dir={sweep_dir}"],
-                          capture_output=True, text=True, env=entry_env(), timeout=120, check=False)
-    assert done.returncode == 2
-    assert done.stderr.strip() == (
+    assert refused_sweep(tmp_path, "seed=1,2", "hydra.sweep.subdir=same") == (
         "error: -m varies seed, but each job's dir is named by hydra.sweep.subdir=same, which names none of them, so "
         "the jobs would write the same dir; name them apart with hydra.sweep.subdir, e.g. 'hydra.sweep.subdir=\""
         "seed=${seed}_same\"'")
-    assert not sweep_dir.exists()
 
 
 def test_swept_keys_come_from_the_command_line_and_the_sweeper_params():

@@ -283,9 +283,10 @@ def test_a_prefixed_id_that_a_row_already_has_is_named_as_such(tmp_path):
     """An earlier prepared output (ids `kaggle:0`, ...) prepared again with one of its sources: the prefix given to
     id 0 is a row's own id, which distinct source names cannot fix, so the error does not advise them."""
     first = write_csv(tmp_path / "kaggle.csv", distinct_rows(3))
-    again = pd.read_csv(write_csv(tmp_path / "v1.csv", distinct_rows(3, prefix="v1 "))).assign(id=["kaggle:0", "0", "5"])
-    again.to_csv(tmp_path / "v1.csv", index=False)
-    with pytest.raises(DataError, match=r"row id=kaggle:0 column 'id': a row's own id, and the id given to a row") as err:
+    again = pd.read_csv(write_csv(tmp_path / "v1.csv", distinct_rows(3, prefix="v1 ")))
+    again.assign(id=["kaggle:0", "0", "5"]).to_csv(tmp_path / "v1.csv", index=False)
+    named = r"row id=kaggle:0 column 'id': a row's own id, and the id given to a row"
+    with pytest.raises(DataError, match=named) as err:
         run(tmp_path, [first, tmp_path / "v1.csv"])
     assert "sources=" not in str(err.value) and not (tmp_path / "out").exists()
 
