@@ -93,21 +93,30 @@ def parse_config(schema: type[T], argv: list[str]) -> T:
 
 def _from_cli(argv: list[str]):
     """The arguments as a config; a value that is no YAML (`formats=[pab`, a list inside a list left unquoted)
-    raises ConfigError naming the argument."""
+    raises ConfigError naming the argument (each is parsed alone only then, to find it)."""
+    import yaml
+
+    try:
+        return OmegaConf.from_cli(argv)
+    except yaml.YAMLError:
+        for arg in argv:
+            _parse_alone(arg)
+        raise
+
+
+def _parse_alone(arg: str) -> None:
     import yaml
 
     from lmsys.config import ConfigError
 
-    for arg in argv:
-        try:
-            OmegaConf.from_cli([arg])
-        except yaml.YAMLError as err:
-            problem = getattr(err, "problem", None) or type(err).__name__
-            key, _, value = arg.partition("=")
-            hint = (f"; quote each setting of a list that holds brackets: {key}=['formats=[pab,papb]']"
-                    if value.startswith("[") and "=" in value else "")
-            raise ConfigError(f"{arg!r} is not key=value with a YAML value ({problem}){hint}") from err
-    return OmegaConf.from_cli(argv)
+    try:
+        OmegaConf.from_cli([arg])
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or type(err).__name__
+        key, _, value = arg.partition("=")
+        hint = (f"; quote each setting of a list that holds brackets: {key}=['formats=[pab,papb]']"
+                if value.startswith("[") and "=" in value else "")
+        raise ConfigError(f"{arg!r} is not key=value with a YAML value ({problem}){hint}") from err
 
 
 def parse_command(schema: type[T], argv: list[str], usage: str) -> T:

@@ -43,9 +43,8 @@ def run_record(run_dir: str | Path) -> dict:
     if not metrics_file.is_file():
         raise SweepError(f"{path}: no metrics.json (not a run dir, or the run did not finish)")
     best_log_loss, best_step = _best(metrics_file)
-    config = _run_config(path / "config.yaml")
-    return {"run_dir": str(path), "seed": config.get("seed"), "fold": OmegaConf.select(config, "data.valid_fold"),
-            "best_log_loss": best_log_loss, "best_step": best_step}
+    seed, fold = _seed_and_fold(path / "config.yaml")
+    return {"run_dir": str(path), "seed": seed, "fold": fold, "best_log_loss": best_log_loss, "best_step": best_step}
 
 
 def _best(metrics_file: Path) -> tuple[float, int]:
@@ -62,16 +61,15 @@ def _best(metrics_file: Path) -> tuple[float, int]:
     return float(log_loss), step
 
 
-def _run_config(config_file: Path) -> DictConfig:
-    """The run's config.yaml (only seed and data.valid_fold are read); an empty one where a run has none."""
+def _seed_and_fold(config_file: Path) -> tuple[object, object]:
+    """The run's seed and data.valid_fold from its config.yaml (None where a run has none)."""
     if not config_file.is_file():
-        return OmegaConf.create({})
+        return None, None
     try:
         config = OmegaConf.load(config_file)
-        seed, fold = config.get("seed"), OmegaConf.select(config, "data.valid_fold")
+        return config.get("seed"), OmegaConf.select(config, "data.valid_fold")
     except (yaml.YAMLError, OmegaConfBaseException, AttributeError) as err:
         raise SweepError(f"{config_file}: not a run's config.yaml ({one_line(err)})") from err
-    return OmegaConf.create({"seed": seed, "data": {"valid_fold": fold}})
 
 
 def summarize(run_dirs: list[str | Path]) -> dict:
