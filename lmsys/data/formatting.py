@@ -165,11 +165,29 @@ class PairEncoder:
         """Keep the first k and last k turns of an over-long conversation; when the markers of those turns alone
         exceed max_length (PAPB repeats them per turn), fewer: first the last turns go, then all but the first."""
         for first, last in ((self.keep_first_turns, self.keep_last_turns), (self.keep_first_turns, 0), (1, 0)):
-            selected = [_select_turns(part, first, last) for part in parts]
+            selected = self._select_turns(parts, first, last)
             layout = self._layout(len(selected[0]))
             if self._length(layout, [[[] for _ in part] for part in selected]) <= self.max_length:
                 break
         return selected, layout
+
+    def _select_turns(self, parts: list[list[list[int]]], first: int, last: int) -> list[list[list[int]]]:
+        """Per block of the layout (pab: each part alone; papb: a prompt and its response), the first and last turns
+        whose text (the response's, in papb) is not empty: a response with empty turns (null, or fewer turns than
+        the prompt) keeps the turns it has text in. Blocks with fewer turns kept are padded with empty ones."""
+        selected: list[list[list[int]]] = [[] for _ in parts]
+        for block, key in self._turn_blocks(len(parts)):
+            positions = [i for i, turn in enumerate(parts[key]) if turn] or list(range(len(parts[key])))
+            for part in block:
+                selected[part] = [parts[part][i] for i in _select_turns(positions, first, last)]
+        n_turns = max(len(turns) for turns in selected)
+        return [turns + [[] for _ in range(n_turns - len(turns))] for turns in selected]
+
+    def _turn_blocks(self, n_parts: int) -> list[tuple[tuple[int, ...], int]]:
+        """(the parts that keep the same turns, the part whose empty turns go first)."""
+        if self.input_format == InputFormat.pab:
+            return [((part,), part) for part in range(n_parts)]
+        return [((part, part + 1), part + 1) for part in range(0, n_parts, 2)]
 
     def _truncate(self, parts: list[list[list[int]]], weights: list[float], budget: int) -> list[list[list[int]]]:
         part_budgets = water_fill([sum(len(t) for t in part) for part in parts], weights, budget)
@@ -262,10 +280,10 @@ def _joined_turns(part: int, n_turns: int) -> list[str | Slot]:
     return [piece for turn in range(n_turns) for piece in ((["\n---\n"] if turn else []) + [Slot(part, turn)])]
 
 
-def _select_turns(part: list[list[int]], first: int, last: int) -> list[list[int]]:
-    if len(part) <= first + last:
-        return part
-    return part[:first] + (part[len(part) - last :] if last else [])
+def _select_turns(positions: list[int], first: int, last: int) -> list[int]:
+    if len(positions) <= first + last:
+        return positions
+    return positions[:first] + (positions[len(positions) - last :] if last else [])
 
 
 def _pad_turns(texts: list[list[int]], n_turns: int) -> list[list[int]]:

@@ -68,13 +68,15 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
-    """Every cell as written (no NA guessing, ids as strings); a row with more fields than the header fails."""
+    """Every cell as written (no NA guessing; ids and texts as strings: an answer "007" or "2.50" is no number);
+    a row with more fields than the header fails."""
     # index_col=False: when every data row has more fields than the header (a trailing comma), pandas would take the
     # first column(s) as the index and shift every column left, ids included; it warns instead, made an error here
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            return pd.read_csv(path, keep_default_na=False, na_values=[], dtype={"id": str}, index_col=False)
+            return pd.read_csv(path, keep_default_na=False, na_values=[], dtype=dict.fromkeys(("id", *TEXT_COLUMNS), str),
+                               index_col=False)
     except pd.errors.EmptyDataError as err:
         raise DataError(f"{path}: the file is empty") from err
     except UnicodeDecodeError as err:
@@ -247,7 +249,7 @@ def _is_missing(value: object) -> bool:
 def _parse_turns(cell: object, name: str, row_id: str, column: str, plain_text: bool) -> tuple[str, ...]:
     """A cell is a JSON list of turns (Kaggle), a list/array (parquet) or, in the WSDM schema, one plain string."""
     where = f"{name}: row id={row_id} column '{column}'"
-    if plain_text and isinstance(cell, str) and not _is_json_turn_list(cell):
+    if plain_text and isinstance(cell, str) and not _is_json_turn_list(cell, allow_null=False):
         return (cell,)
 
     if isinstance(cell, (list, tuple, np.ndarray)):
@@ -269,7 +271,9 @@ def _parse_turns(cell: object, name: str, row_id: str, column: str, plain_text: 
     return tuple("" if turn is None else turn for turn in turns)
 
 
-def _is_json_turn_list(cell: str) -> bool:
+def _is_json_turn_list(cell: str, allow_null: bool = True) -> bool:
+    """A JSON list of turns: strings, or nulls where `allow_null` (Kaggle's cells hold them; in plain text a cell
+    such as `[null]` is an answer)."""
     if not cell.startswith("["):
         return False
     try:
@@ -277,7 +281,8 @@ def _is_json_turn_list(cell: str) -> bool:
     except json.JSONDecodeError:
         return False
     # `[]` is no list of turns (a conversation has at least one): in plain text it is an answer, e.g. an empty array
-    return isinstance(turns, list) and bool(turns) and all(t is None or isinstance(t, str) for t in turns)
+    return isinstance(turns, list) and bool(turns) and all((allow_null and t is None) or isinstance(t, str)
+                                                           for t in turns)
 
 
 def _parse_target(row: dict, name: str, row_id: str) -> tuple[float, float, float]:

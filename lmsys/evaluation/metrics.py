@@ -37,8 +37,14 @@ def log_loss(probs: np.ndarray, targets: np.ndarray) -> float:
 
 
 def accuracy(probs: np.ndarray, targets: np.ndarray) -> float:
+    """Share of rows whose most probable class is the target's top class, over the rows whose target has one (a
+    two-class tie, (0.5, 0.5), has none: no answer is right); NaN when no row has."""
     probs, targets = _checked(probs, targets)
-    return float((probs.argmax(axis=1) == targets.argmax(axis=1)).mean())
+    ranked = np.sort(targets, axis=1)  # (N, C)
+    decided = ranked[:, -1] > ranked[:, -2]  # (N,)
+    if not decided.any():
+        return float("nan")
+    return float((probs[decided].argmax(axis=1) == targets[decided].argmax(axis=1)).mean())
 
 
 def class_prior_log_loss(targets: np.ndarray) -> float:

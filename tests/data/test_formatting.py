@@ -167,6 +167,26 @@ def test_pab_truncated_keeps_first_and_last_turns(chars_bos):
     assert "p2" not in text and "p3" not in text and "a2" not in text and "b3" not in text
 
 
+def test_truncated_turns_are_those_a_response_has_text_in(chars_bos):
+    # B answered turn 2 only (null elsewhere, or fewer turns than the prompt): keeping turns 1 and 4 for every part
+    # showed B as two empty turns. PAB keeps each part's first and last turns with text; B's one turn is padded.
+    for b_turns in (("", "b2", "", ""), ("", "b2")):
+        pair = Pair("5", ("p1", "p2", "p3", "p4"), ("a1" * 20, "a2" * 20, "a3" * 20, "a4" * 20), b_turns)
+        enc = encoder(chars_bos, Template.gemma, InputFormat.pab, max_length=FIXED_PAB_GEMMA + 60)
+        text = chars_bos.decode(enc.encode(enc.tokenize([pair])[0]), skip_special_tokens=False)
+        assert "# Prompt\np1\n---\np4\n\n# Response A\na1a1" in text
+        assert "\n\n# Response B\nb2\n---\n<end_of_turn>" in text
+
+
+def test_papb_truncated_turns_keep_each_response_with_its_prompt_turn(chars_bos):
+    # PAPB: each conversation keeps the turns its response has text in, each with the prompt turn it answers.
+    pair = Pair("6", ("p1", "p2", "p3", "p4"), ("a1", "a2", "a3", "a4" * 30), ("b1", "", "b3", ""))
+    text = chars_bos.decode(encoder(chars_bos, Template.gemma, InputFormat.papb, max_length=260).encode(
+        encoder(chars_bos, Template.gemma, InputFormat.papb).tokenize([pair])[0]), skip_special_tokens=False)
+    assert "# Conversation with A\n## User\np1\n## Assistant\na1\n## User\np4\n## Assistant\na4a4" in text
+    assert "# Conversation with B\n## User\np1\n## Assistant\nb1\n## User\np3\n## Assistant\nb3<end" in text
+
+
 def test_null_turn_is_empty_text_never_none(tmp_path, bpe_plain):
     frame = tiny.arena_frame(1)
     frame.loc[0, "prompt"] = '["first", null]'

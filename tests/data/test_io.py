@@ -409,3 +409,26 @@ def test_a_null_plain_text_cell_is_empty_text_with_one_warning(tmp_path, caplog)
     assert pairs[1].responses_b == ("",) and pairs[2].prompts == ("",) and len(pairs) == 3
     warnings = [r.getMessage() for r in caplog.records if "missing (null)" in r.getMessage()]
     assert len(warnings) == 1 and "2 text cell(s)" in warnings[0] and "row id=w2 column 'response_b'" in warnings[0]
+
+
+def test_a_csv_whose_answers_all_look_like_numbers_keeps_them_as_written(tmp_path):
+    """pandas guessed int/float/bool for such a column ("4", "2.50", "007"): every row was refused as no list of
+    strings, or the text changed (2.50 -> 2.5, 007 -> 7)."""
+    frame = wsdm_frame()
+    frame["response_a"], frame["response_b"] = ["4", "2.50", "007"], ["True", "1e3", "-0"]
+    path = write_csv(tmp_path, frame)
+    pairs = read_pairs(path, require_labels=True)
+    assert [p.responses_a for p in pairs] == [("4",), ("2.50",), ("007",)]
+    assert [p.responses_b for p in pairs] == [("True",), ("1e3",), ("-0",)]
+    path = write_csv(tmp_path, frame.drop(columns=["winner", "model_a", "model_b"]), "test.csv")
+    assert [p.responses_a for p in read_pairs(path, require_labels=False)] == [("4",), ("2.50",), ("007",)]
+
+
+def test_a_plain_text_answer_that_is_a_json_list_with_null_is_text(tmp_path):
+    """Only a JSON list of strings is read as turns in plain text: `[null]` is an answer, not one empty turn."""
+    frame = wsdm_frame()
+    frame.loc[0, "response_a"], frame.loc[1, "response_a"] = "[null]", '["a", null]'
+    path = tmp_path / "wsdm.parquet"
+    frame.to_parquet(path)
+    pairs = read_pairs(path, require_labels=True)
+    assert pairs[0].responses_a == ("[null]",) and pairs[1].responses_a == ('["a", null]',)

@@ -59,6 +59,15 @@ def test_accuracy() -> None:
     assert accuracy(probs, one_hot(np.array([0, 1, 2, 0]))) == pytest.approx(0.75)
 
 
+def test_two_class_ties_are_left_out_of_accuracy() -> None:
+    # A (0.5, 0.5) target (data.ties=split) has no right answer: argmax counted it as A's, so the same tie scored
+    # 1 or 0 by which side the model was shown as A.
+    probs = np.array([[0.6, 0.4], [0.4, 0.6], [0.3, 0.7]])
+    targets = np.array([[0.5, 0.5], [0.5, 0.5], [0.0, 1.0]])
+    assert accuracy(probs, targets) == 1.0 and accuracy(probs[::-1, ::-1], targets[::-1, ::-1]) == 1.0
+    assert np.isnan(accuracy(probs[:2], targets[:2]))
+
+
 def test_class_prior_log_loss_known_case() -> None:
     # Prior (0.5, 0.25, 0.25): half the rows cost -log 0.5, the rest -log 0.25.
     targets = one_hot(np.array([0, 0, 1, 2]))
