@@ -25,7 +25,7 @@ from lmsys.data.labels import without_unscored_ties
 from lmsys.data.schema import SOFT_TARGET_COLUMNS, class_columns
 from lmsys.evaluation.predict_loop import LOGIT_COLUMNS, SWAPPED_LOGIT_COLUMNS
 from lmsys.logs import setup_logging
-from lmsys.output_paths import check_outside_runs
+from lmsys.output_paths import check_output_paths
 from lmsys.runs import write_file
 
 log = logging.getLogger("lmsys")
@@ -125,11 +125,8 @@ def check_output(out: Path, run_dirs: list[Path], train: Path | None) -> None:
     """The joined file never replaces one of its inputs, nor goes into a run's directory."""
     if out.suffix not in OUTPUT_SUFFIXES:
         raise DataError(f"--out {out}: must end in .csv or .parquet")
-    inputs = [run_dir / OOF_FILE for run_dir in run_dirs] + ([train] if train is not None else [])
-    clash = [path for path in inputs if path.resolve() == out.resolve()]
-    if clash:
-        raise DataError(f"--out {out} is one of the inputs ({clash[0]}); choose another file")
-    check_outside_runs("--out", out)
+    inputs = {f"{run_dir}/{OOF_FILE}": run_dir / OOF_FILE for run_dir in run_dirs}
+    check_output_paths({**inputs, "--train": train}, {"--out": out})
 
 
 def run_join(run_dirs: list[Path], out: Path, train: Path | None) -> pd.DataFrame:

@@ -8,6 +8,8 @@ The rules, for `inputs` (files or directories the command reads) and `outputs` (
 - no two outputs are the same path;
 - no output is an input, lies inside an input directory, or (for a directory output) contains an input;
 - a file output is not an existing directory, and a directory output is not an existing file;
+- no output lies inside a training run's directory (it holds only its run's files: a prediction written over its
+  oof.csv, or a summary over its metrics.json, unmakes the run for every later join, sweep and ensemble);
 - the nearest existing directory of every output is writable.
 """
 
@@ -40,6 +42,7 @@ def check_output_paths(
     for key, output in given_outputs.items():
         is_directory = key in directory_outputs
         _check_kind(key, output, is_directory)
+        check_outside_runs(key, output)
         _check_writable(key, output)
         for input_key, source in given_inputs.items():
             _check_against_input(key, output, is_directory, input_key, source)
@@ -93,9 +96,8 @@ def _check_against_input(key: str, output: Path, is_directory: bool, input_key: 
 
 
 def check_outside_runs(key: str, output: PathLike) -> None:
-    """Raise `ConfigError` when an output of a command that reads run dirs (a sweep summary, joined oof files)
-    would go into a run's directory: a run dir holds only what its run wrote (a summary written over its
-    metrics.json or oof.csv unmakes the run for every later summary, join and ensemble)."""
+    """Raise `ConfigError` when `output` would go into a training run's directory, which holds only what its run
+    wrote (the run dir itself, being a run's, is the training command's to check)."""
     path = _resolved(output)
     for directory in path.parents:
         if RunDir(directory, is_main=False).is_run():

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lmsys.cli import CommandError, command_errors, one_line
-from lmsys.output_paths import check_output_paths, check_outside_runs
+from lmsys.output_paths import check_output_paths
 from lmsys.provenance import SWEEP_ID
 from lmsys.runs import FINISHED_MARKER, write_json
 
@@ -244,7 +244,6 @@ def main(argv: list[str] | None = None) -> None:
         summary = summarize(args.run_dirs)
         if args.output is not None:  # a run's own files (metrics.json, oof.csv) are never replaced
             check_output_paths({f"run dir {d}": d for d in args.run_dirs}, {"--output": args.output})
-            check_outside_runs("--output", args.output)
             write_json(args.output.resolve(), summary)
     print(format_table(summary))
 

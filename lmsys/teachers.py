@@ -26,6 +26,7 @@ from lmsys.data.io import DataError, check_present_ids, finite_values, pairs_to_
 from lmsys.data.labels import without_unscored_ties
 from lmsys.data.schema import Pair
 from lmsys.logs import setup_logging
+from lmsys.output_paths import check_output_paths
 from lmsys.runs import write_file
 
 log = logging.getLogger("lmsys")
@@ -41,8 +42,8 @@ class TeachersConfig:
     def __post_init__(self) -> None:
         require(len(self.logits) > 0, "logits must name at least one file")
         require(self.output.endswith(".parquet"), "output must end in .parquet")
-        inputs = {Path(p).resolve() for p in (self.train, *self.logits)}
-        require(Path(self.output).resolve() not in inputs, "output must not be one of the input files")
+        check_output_paths({"train": self.train, **{f"logits[{i}]": path for i, path in enumerate(self.logits)}},
+                           {"output": self.output})
 
 
 def teacher_logits(frame: pd.DataFrame, path: str, ids: list[str]) -> np.ndarray:

@@ -66,3 +66,20 @@ def test_a_full_or_read_only_file_system_is_one_error_line(capsys):
         assert capsys.readouterr().err.startswith(f"error: {text}: /data/out/.state.x1y2z3w4/optimizer.pt")
     with pytest.raises(ConnectionResetError), command_errors():  # not the file system's: a traceback as before
         raise ConnectionResetError(errno.ECONNRESET, "reset")
+
+
+def test_no_output_of_any_command_goes_into_a_run_dir(tmp_path):
+    """predict's output=RUN/oof.csv replaced the run's out-of-fold file with a submission (sweep and oof join were
+    refused already): the rule is now every command's."""
+    from lmsys.prediction_config import PredictConfig
+    from lmsys.runs import RunDir
+
+    run = tmp_path / "run"
+    RunDir(run, is_main=True).claim(overwrite=False, resume=False)
+    for key, target in (("output", run / "oof.csv"), ("probs_output", run / "sub" / "probs.csv")):
+        settings = {"checkpoint": str(tmp_path / "ckpt"), "output": str(tmp_path / "sub.csv"), key: str(target)}
+        with pytest.raises(ConfigError, match=rf"^{key}={target} lies inside the run dir {run}, which holds only"):
+            PredictConfig(**settings)
+    with pytest.raises(ConfigError, match=rf"^output_dir={run / 'merged'} lies inside the run dir {run}"):
+        check_output_paths({}, {"output_dir": run / "merged"}, directory_outputs=frozenset({"output_dir"}))
+    check_output_paths({}, {"output": tmp_path / "beside_the_run.csv"})

@@ -87,11 +87,13 @@ def test_a_logit_cell_that_is_not_a_number_is_named(train_file, tmp_path):
     path = tmp_path / "t.csv"
     frame = pd.read_csv(logits_file(path, ids, np.ones((8, 3)), np.zeros((8, 3))), dtype={"id": str})
     frame["swapped_logit_tie"] = frame["swapped_logit_tie"].astype(object)
-    frame.loc[5, "swapped_logit_tie"] = "abc"
-    frame.to_csv(path, index=False)
-    with pytest.raises(DataError, match=rf"{path}: row id=5 column 'swapped_logit_tie': not a finite number \('abc'"):
-        attach_teachers(parse_config(TeachersConfig, [f"train={train_file}", f"logits=[{path}]",
-                                                      f"output={tmp_path / 'o.parquet'}"]))
+    for value, shown in (("abc", "'abc'"), ("1e39", "1e\\+39")):  # 1e39: inf in the float32 tensor the loss reads
+        frame.loc[5, "swapped_logit_tie"] = value
+        frame.to_csv(path, index=False)
+        with pytest.raises(DataError, match=rf"{path}: row id=5 column 'swapped_logit_tie': not a finite \(float32\) "
+                                            rf"number \({shown}"):
+            attach_teachers(parse_config(TeachersConfig, [f"train={train_file}", f"logits=[{path}]",
+                                                          f"output={tmp_path / 'o.parquet'}"]))
 
 
 def test_two_class_teachers_leave_out_the_ties_they_never_scored(train_file, tmp_path, capsys):

@@ -91,13 +91,15 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 def finite_values(frame: pd.DataFrame, columns: list[str], ids: list[str], path: str | Path) -> np.ndarray:
     """(N, len(columns)) float64 of a table's number columns, rows named by `ids`: a cell that is not a finite
-    number ('' or 'abc' in a CSV, NaN) fails naming the file, the first such row's id and its column."""
+    number ('' or 'abc' in a CSV, NaN, or past float32's range, which the model computes in) fails naming the
+    file, the first such row's id and its column."""
     values = frame[columns].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
-    bad = ~np.isfinite(values)
+    bad = ~within_float32(values)
     if bad.any():
         row, column = np.argwhere(bad)[0]
-        raise DataError(f"{path}: row id={ids[row]} column '{columns[column]}': not a finite number "
-                        f"({frame[columns[column]].iloc[row]!r}; {int(bad.any(axis=1).sum())} row(s))")
+        cell = frame[columns[column]].iloc[row]
+        raise DataError(f"{path}: row id={ids[row]} column '{columns[column]}': not a finite (float32) number "
+                        f"({getattr(cell, 'item', lambda: cell)()!r}; {int(bad.any(axis=1).sum())} row(s))")
     return values
 
 
@@ -185,13 +187,18 @@ def _repaired(turns: tuple[str, ...], repaired: list[str], where: str) -> tuple[
     return tuple(LONE_SURROGATE.sub("\ufffd", turn) for turn in turns)
 
 
+def within_float32(values: np.ndarray) -> np.ndarray:
+    """Elementwise: finite, and finite still as float32 (1e39 is inf in a float32 tensor); NaN is not."""
+    return np.abs(values) <= np.finfo(np.float32).max
+
+
 def _parse_teacher_logits(cell: object, name: str, row_id: str) -> tuple[float, ...]:
     """A teacher's logits for the (A, B) orientation: 3 (or, for a two-class run, 2) finite floats."""
     where = f"{name}: row id={row_id} column '{TEACHER_COLUMN}'"
     cell = _decoded(cell, where, "a list of 2 or 3 logits")
     values = np.asarray(cell, dtype=float) if isinstance(cell, (list, tuple, np.ndarray)) else np.array([])
-    if values.shape not in ((2,), (3,)) or not np.isfinite(values).all():
-        raise DataError(f"{where}: expected a list of 2 or 3 finite logits, got {cell!r}")
+    if values.shape not in ((2,), (3,)) or not within_float32(values).all():
+        raise DataError(f"{where}: expected a list of 2 or 3 finite (float32) logits, got {cell!r}")
     return tuple(float(v) for v in values)
 
 
@@ -354,7 +361,10 @@ def pairs_to_frame(pairs: list[Pair]) -> pd.DataFrame:
         values = [pair.meta.get(key) for pair in pairs]
         if any(value is not None for value in values):
             frame[key] = values
-    if pairs and pairs[0].teacher_logits is not None:
+    with_teacher = [pair.teacher_logits is not None for pair in pairs]
+    if any(with_teacher):
+        if not all(with_teacher):
+            raise ValueError("teacher logits on some pairs only: a student reads them for every row")
         frame[TEACHER_COLUMN] = [list(pair.teacher_logits) for pair in pairs]
     return frame
 

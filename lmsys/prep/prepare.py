@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from lmsys.data.io import DataError, pairs_to_frame, read_pairs
+from lmsys.data.io import TEACHER_COLUMN, DataError, pairs_to_frame, read_pairs
 from lmsys.data.schema import Pair, swap_pair
 from lmsys.data.split import fold_of, prompt_group
 from lmsys.output_paths import check_output_paths
@@ -74,6 +74,7 @@ def prepare(config: PrepareConfig) -> pd.DataFrame:
     kept_folds = earlier_folds(config.folds_from, config.k_folds) if config.folds_from else {}
     names = config.sources or [Path(path).stem for path in config.inputs]
     inputs = [read_source(path, name, config.seed, config.strict) for path, name in zip(config.inputs, names)]
+    check_teacher_logits(inputs)
     kept, duplicates = remove_duplicates(inputs)
     kept = make_ids_unique(kept)
     rejects = [reject for rows in inputs for reject in ([rows.skipped] if rows.skipped else []) + rows.rejects]
@@ -91,6 +92,18 @@ def prepare(config: PrepareConfig) -> pd.DataFrame:
         write_report(staging, frame, accounting, duplicates, notes, counter, config.max_length)
         publish(staging, output_dir)
     return accounting
+
+
+def check_teacher_logits(inputs: list[SourceRows]) -> None:
+    """Teacher logits come with every input or with none: a student's distillation loss reads them for every row
+    (one input's alone would be dropped, or leave rows without them)."""
+    carry = {rows.path: any(pair.teacher_logits is not None for pair in rows.pairs) for rows in inputs if rows.pairs}
+    if any(carry.values()) and not all(carry.values()):
+        with_logits = [path for path, has in carry.items() if has]
+        without = [path for path, has in carry.items() if not has]
+        raise DataError(f"{with_logits[0]}: column '{TEACHER_COLUMN}' is given, but not in {without}; prepare the "
+                        f"inputs without it, then attach the teachers' logits to train.parquet with "
+                        f"`python -m lmsys.teachers`")
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -138,6 +139,7 @@ class TrainingRecipe:
         scaler = self.grad_scaler
         scale = scaler.get_scale() if scaler.is_enabled() else None
         loss = self.accumulate_gradients(update)
+        check_finite_loss(loss, self.state.step + 1)
         scaler.unscale_(self.optimizer)  # float16: the true gradients, before they are clipped and logged
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
@@ -301,6 +303,15 @@ class TrainingRecipe:
                      state.best_metrics["log_loss"], state.best_step, state.best_metrics["prior_log_loss"])
         release(self.accelerator)
         return summary
+
+
+def check_finite_loss(loss: float, update: int) -> None:
+    """A NaN/inf loss (diverged weights, an overflow) would make every later update NaN: stop before the step, so
+    that the weights and the last saved state stay as they were. Every process holds the same reduced loss."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"update {update}: the training loss is {loss}; no step taken (the weights diverged "
+                                 f"or overflowed: lower trainer.lr, or compute in float32/bfloat16; resume=true "
+                                 f"continues from the last saved state)")
 
 
 def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -140,6 +140,21 @@ def test_pseudo_labels_keep_probabilities_and_hard_labels_become_probabilities(t
     assert all(len(label) == 3 for label in pd.read_parquet(out / "train.parquet")["label"])
 
 
+def test_teacher_logits_are_kept_from_every_input_or_refused_when_some_lack_them(tmp_path):
+    # One input with teacher logits beside one without: a traceback, or (the other order) the logits of every row
+    # silently dropped.
+    def with_logits(name: str, prefix: str) -> Path:
+        rows = [{**row, "teacher_logits": json.dumps([0.5, -0.2, 0.1])} for row in distinct_rows(4, prefix=prefix)]
+        return write_csv(tmp_path / name, rows)
+
+    out, _ = run(tmp_path, [with_logits("t1.csv", "x"), with_logits("t2.csv", "y")])
+    assert pd.read_parquet(out / "train.parquet")["teacher_logits"].map(list).tolist() == [[0.5, -0.2, 0.1]] * 8
+    plain = write_csv(tmp_path / "plain.csv", distinct_rows(4, prefix="z"))
+    for inputs in ([tmp_path / "t1.csv", plain], [plain, tmp_path / "t1.csv"]):
+        with pytest.raises(DataError, match=rf"t1.csv: column 'teacher_logits' is given, but not in \['{plain}'\]"):
+            run(tmp_path, inputs)
+
+
 def test_duplicates_in_swapped_order_removed_and_counted(tmp_path):
     first = write_csv(tmp_path / "first.csv", [
         kaggle_row("1", ["same prompt"], ["left"], ["right"], "a"),

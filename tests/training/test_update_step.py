@@ -124,3 +124,17 @@ def test_only_float16_is_scaled_and_fsdp_refuses_it():
         assert not grad_scaler_for(dtype, "cuda", True).is_enabled()
     with pytest.raises(ConfigError, match="model.compute_dtype=float16 trains with dynamic loss scaling, which FSDP"):
         grad_scaler_for(ComputeDtype.float16, "cuda", True)
+
+
+def test_a_non_finite_loss_stops_the_run_before_the_step(tiny_models):
+    # A diverged weight (or an overflow) makes the loss NaN: stepping on its gradients would make every weight NaN.
+    recipe = recipe_for(tiny_models, ComputeDtype.float32, torch.amp.GradScaler("cpu", enabled=False))
+    trainable = {name: p for name, p in recipe.model.named_parameters() if p.requires_grad}
+    diverged = next(name for name in trainable if "lora_B" in name)
+    with torch.no_grad():
+        trainable[diverged].fill_(float("inf"))
+    before = {name: p.detach().clone() for name, p in trainable.items()}
+    with pytest.raises(FloatingPointError, match=r"update 1: the training loss is nan; no step taken"):
+        recipe.update(next(iterate_updates(recipe.train_split, recipe.settings, 0, 1)))
+    assert all(torch.equal(p, before[name]) for name, p in trainable.items() if name != diverged)
+    assert recipe.scheduler.last_epoch == 0
