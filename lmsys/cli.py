@@ -82,12 +82,13 @@ def one_line(err: BaseException) -> str:
 def parse_config(schema: type[T], argv: list[str]) -> T:
     """`key=value` arguments merged into `schema` and validated (its __post_init__ rules run); raises on an
     unknown key (ConfigKeyError), a bad value (ValidationError) or a broken rule (ConfigError)."""
-    from lmsys.config import ConfigError
+    from lmsys.config import ConfigError, check_list_items
 
     bad = [arg for arg in argv if "=" not in arg]
     if bad:
         raise ConfigError(f"arguments are key=value, got {bad[0]!r} (see --help)")
     merged = OmegaConf.merge(OmegaConf.structured(schema), _from_cli(argv))
+    check_list_items(merged)
     return OmegaConf.to_object(merged)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 
 def choices(name: str, values: str) -> type[Enum]:
@@ -354,4 +354,19 @@ def validated_config(cfg: DictConfig) -> TrainConfig:
     """The schema-checked config object. Merging into the schema again also rejects keys added with `+key=`,
     which Hydra lets into the composed config and `OmegaConf.to_object` would silently drop."""
     checked = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(cfg, resolve=True))
+    check_list_items(checked)
     return OmegaConf.to_object(checked)
+
+
+def check_list_items(config: DictConfig, prefix: str = "") -> None:
+    """A list of settings holds plain values: OmegaConf lets `predict_args=[tta: false]` (a mapping, for
+    `tta=false`) or `[[a]]` into a list of strings, where the command would fail with a traceback."""
+    for key, value in config.items_ex(resolve=False):
+        if isinstance(value, DictConfig) and not (value._is_none() or value._is_missing()):
+            check_list_items(value, f"{prefix}{key}.")
+        elif isinstance(value, ListConfig) and not (value._is_none() or value._is_missing()):
+            nested = [item for item in value if isinstance(item, (DictConfig, ListConfig))]
+            if nested:
+                raise ConfigError(f"{prefix}{key}: a list of plain values, got {OmegaConf.to_container(nested[0])!r} "
+                                  f"in it (a setting is written key=value, not key: value; quote an item holding "
+                                  f"brackets)")

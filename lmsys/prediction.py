@@ -63,7 +63,7 @@ def run_prediction(config: PredictConfig) -> Path:
         except StopRequested:
             log.error("stopped by signal %s before the prediction finished: nothing written", stop.received)
             raise SystemExit(128 + (stop.received or 15)) from None  # the shell's code for death by that signal
-    check_finite_logits([predictions.logits_ab, predictions.logits_ba], [pair.id for pair in pairs],
+    check_finite_logits(predictions.all_logits, [pair.id for pair in pairs],
                         resolve_dtype(spec.compute_dtype, accelerator.device,
                                       spec.model_dir(config.checkpoint)))
     probs = predictions.combined(config.tta_mode.value)

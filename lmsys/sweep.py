@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lmsys.cli import CommandError, command_errors, one_line
 from lmsys.output_paths import check_output_paths
 from lmsys.provenance import SWEEP_ID
-from lmsys.runs import FINISHED_MARKER, write_json
+from lmsys.runs import FINISHED_MARKER, RunDir, write_json
 
 SUMMARY_FILE = "sweep_summary.json"
 DEFAULT_SUBDIR = "${run_name:${data.valid_fold},${seed}}"  # conf/run_layout.yaml's hydra.sweep.subdir
@@ -177,6 +177,7 @@ class DistinctRunDirs(Callback):
     Otherwise the second job finds the first one's finished run and stops (or, with overwrite=true, replaces it)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_sweep_dir(Path(config.hydra.sweep.dir).resolve())
         subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir"))
         unnamed = unnamed_keys(subdir, swept_keys(config))
         if not unnamed:
@@ -187,6 +188,15 @@ class DistinctRunDirs(Callback):
         print(f"error: -m varies {', '.join(unnamed)}, but each job's dir is named by {named_by}, so the jobs would "
               f"write the same dir; name them apart with hydra.sweep.subdir, e.g. "
               f"'hydra.sweep.subdir=\"{suggestion}\"'", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def check_sweep_dir(sweep_dir: Path) -> None:
+    """A sweep dir is no run's dir, nor inside one: its jobs' dirs, multirun.yaml and the summary would go in."""
+    run = next((d for d in (sweep_dir, *sweep_dir.parents) if RunDir(d, is_main=False).is_run()), None)
+    if run is not None:
+        print(f"error: hydra.sweep.dir={sweep_dir} {'is' if run == sweep_dir else 'lies inside'} the run dir {run}, "
+              f"which holds only its run's files; choose another sweep dir", file=sys.stderr)
         raise SystemExit(2)
 
 

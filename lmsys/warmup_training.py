@@ -18,7 +18,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from lmsys.builders import build_tokenizer
+from lmsys.builders import build_tokenizer, check_position_limit
 from lmsys.cli import CommandError
 from lmsys.config import LoraConfig
 from lmsys.data.io import DataError, read_pairs
@@ -100,6 +100,7 @@ def check_inputs(config: WarmupConfig) -> Selection:
     output, model = Path(config.output_dir), Path(config.model_path)
     if not (model / "config.json").is_file():
         raise CommandError(f"model_path: {model} is not a model directory (no config.json)")
+    check_position_limit(config.max_length, model, "max_length")
     check_output_paths({"model_path": model, "data.train_path": config.data.train_path}, {"output_dir": output},
                        directory_outputs=frozenset({"output_dir"}))
     if output.exists() and not (config.overwrite and (output / MARKER).is_file()):

@@ -45,6 +45,30 @@ def test_a_value_that_is_no_yaml_is_one_line_naming_the_argument(argument, hint)
     assert ("predict_args=['formats=[pab,papb]']" in done.stderr) == hint
 
 
+@pytest.mark.parametrize(("command", "argument", "shown"), [
+    (["lmsys.kaggle", "bundle", "checkpoint=x", "output_dir=y"], "predict_args=[tta: false]", "{'tta': False}"),
+    (["lmsys.kaggle", "bundle", "checkpoint=x", "output_dir=y"], "predict_args=[[formats=papb]]", "['formats=papb']"),
+    (["lmsys.prepare", "output_dir=y"], "inputs=[x: 1]", "{'x': 1}"),
+    (["lmsys.soup", "output_dir=y"], "checkpoints=[a: b, c]", "{'a': 'b'}"),
+])
+def test_a_mapping_or_a_list_inside_a_list_of_values_is_one_line(command, argument, shown):
+    """OmegaConf lets them into a list of strings: each command then failed with its own traceback (exit 1)."""
+    done = subprocess.run([sys.executable, "-m", *command, argument], capture_output=True, text=True, check=False)
+    key = argument.partition("=")[0]
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"error: {key}: a list of plain values, got {shown} in it (a setting is written "
+                                  f"key=value, not key: value")
+
+
+def test_the_training_config_refuses_them_too():
+    from test_config import compose_config
+
+    from lmsys.config import ConfigError, validated_config
+
+    with pytest.raises(ConfigError, match=r"^data.formats: a list of plain values, got \['pab'\] in it"):
+        validated_config(compose_config("conf_r_llama_smol", ("data.formats=[[pab]]",)))
+
+
 def test_no_docstring_loses_a_line_to_a_backslash():
     """A usage line ending in a single backslash inside a docstring joins the next line in the help a command prints
     (its module docstring): each docstring has as many lines as its source."""

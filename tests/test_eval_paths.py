@@ -47,6 +47,21 @@ def test_evaluation_with_tta_is_exactly_mirror_symmetric(tiny_models, tmp_path, 
     assert np.abs(probs["valid", False] - swap_abt(probs["swapped", False])).max() > 1e-3
 
 
+def test_a_model_that_gives_nan_logits_is_named_not_a_numpy_error(tiny_models, tmp_path):
+    """A diverged model's NaN logits failed deep in the calibration metrics ("'list' argument must have no
+    negative elements")."""
+    model, spec, tokenizer = build_preference_model(tiny_models["llama"], "llama")
+    with torch.no_grad():
+        next(p for name, p in model.named_parameters() if "lora_B" in name).fill_(float("nan"))
+    arena_frame(5, seed=8).to_csv(tmp_path / "valid.csv", index=False)
+    split = encode_split(read_pairs(tmp_path / "valid.csv", require_labels=True), build_encoders(spec, tokenizer))
+    settings = batching(True, tokenizer.pad_token_id, spec.padding_side, 128, max_tokens=256)
+    with pytest.raises(FloatingPointError, match=r"^non-finite logits \(inf/NaN\) for 5 of 5 pairs with "
+                                                 r"compute_dtype=float32, first ids \['0', '1', '2', '3', '4'\]: .*; "
+                                                 r"the run stops here \(its best checkpoint so far is kept\)$"):
+        evaluate(model, ValidationSet(split, settings, True, TtaMode.prob), Accelerator())
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_models, tmp_path):
     arena_frame(6, seed=9).to_csv(tmp_path / "pairs.csv", index=False)
     pairs = read_pairs(tmp_path / "pairs.csv", require_labels=True)

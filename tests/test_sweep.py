@@ -19,7 +19,17 @@ from entry_runs import REPO, entry_env, finish, read_metrics, read_oof, start_en
 from omegaconf import OmegaConf
 from tiny import arena_frame
 
-from lmsys.sweep import DEFAULT_SUBDIR, SUMMARY_FILE, keep_earlier_summary, main, summarize, swept_keys, unnamed_keys
+from lmsys.runs import RunDir
+from lmsys.sweep import (
+    DEFAULT_SUBDIR,
+    SUMMARY_FILE,
+    check_sweep_dir,
+    keep_earlier_summary,
+    main,
+    summarize,
+    swept_keys,
+    unnamed_keys,
+)
 
 SEEDS = (1, 2)
 
@@ -224,6 +234,19 @@ def test_a_custom_subdir_must_name_every_swept_key(tmp_path):
         "error: -m varies seed, but each job's dir is named by hydra.sweep.subdir=same, which names none of them, so "
         "the jobs would write the same dir; name them apart with hydra.sweep.subdir, e.g. 'hydra.sweep.subdir=\""
         "seed=${seed}_same\"'")
+
+
+def test_a_sweep_dir_is_no_run_dir_nor_inside_one(tmp_path, capsys):
+    """hydra.sweep.dir=A_RUN wrote multirun.yaml, the jobs' dirs and sweep_summary.json into a finished run's dir."""
+    run = tmp_path / "run"
+    RunDir(run, is_main=True).claim(overwrite=False, resume=False)
+    for sweep_dir, how in ((run, "is"), (run / "sweeps", "lies inside")):
+        with pytest.raises(SystemExit) as exited:
+            check_sweep_dir(sweep_dir)
+        assert exited.value.code == 2 and capsys.readouterr().err == (
+            f"error: hydra.sweep.dir={sweep_dir} {how} the run dir {run}, which holds only its run's files; choose "
+            f"another sweep dir\n")
+    check_sweep_dir(tmp_path / "sweeps")
 
 
 def test_swept_keys_come_from_the_command_line_and_the_sweeper_params():

@@ -167,6 +167,7 @@ def test_bad_inputs_fail_before_training(setup, tmp_path, capsys):
         ({"model_path": setup["plain"]}, "no chat template"),
         ({"data.train_path": ties}, "no usable rows"),
         ({"stage": "ppo"}, "stage"),
+        ({"max_length": 100000}, "max_length=100000 exceeds the "),  # the positions check training and predict make
         ({"max_stepz": 3}, "max_stepz"),
     ]
     for override, message in cases:

@@ -40,6 +40,11 @@ class SplitPredictions:
         return None if self.format_logits_ba is None else self.format_logits_ba[0]
 
     @property
+    def all_logits(self) -> list[np.ndarray]:
+        """Every format's logits of every orientation run."""
+        return [*self.format_logits_ab, *(self.format_logits_ba or [])]
+
+    @property
     def probs_ab(self) -> np.ndarray:
         """(N, C) the (A, B) orientation's probabilities, averaged over the formats."""
         return np.mean([softmax(logits) for logits in self.format_logits_ab], axis=0)

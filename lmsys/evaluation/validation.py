@@ -13,6 +13,7 @@ from lmsys.data.dataset import EncodedSplit
 from lmsys.data.schema import SOFT_TARGET_COLUMNS, TARGET_COLUMNS
 from lmsys.evaluation.metrics import evaluation_metrics
 from lmsys.evaluation.predict_loop import SplitPredictions, predict_split
+from lmsys.modeling.precision import check_finite_logits, half_dtype_of
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class Evaluation:
 def evaluate(model, validation: ValidationSet, accelerator) -> Evaluation:
     split = validation.split
     predictions = predict_split(model, split, validation.tta, validation.batching, accelerator)
+    # a diverged or overflowing model: named here, not as a numpy error deep in the calibration metrics
+    check_finite_logits(predictions.all_logits, [pair.id for pair in split.pairs], half_dtype_of(model),
+                        "the run stops here (its best checkpoint so far is kept)")
     mode = validation.tta_mode.value
     metrics = evaluation_metrics(predictions.probs_ab, targets_of(split), subset_frame(split),
                                  predictions.probs_ba_back, mode)

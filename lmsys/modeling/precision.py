@@ -23,8 +23,10 @@ class PrecisionError(FloatingPointError):
     """Non-finite predictions: the message names the first pair ids and the setting to change."""
 
 
-def check_finite_logits(logits: list[np.ndarray | None], ids: list[str], dtype: torch.dtype) -> None:
-    """Fail when any pair has an inf/NaN logit in any orientation; `logits` are (N, 3) arrays (None: not run)."""
+def check_finite_logits(logits: list[np.ndarray | None], ids: list[str], dtype: torch.dtype,
+                        outcome: str = "no submission written") -> None:
+    """Fail when any pair has an inf/NaN logit in any orientation or format; `logits` are (N, C) arrays (None: not
+    run); `outcome` says what the failure leaves."""
     bad = np.zeros(len(ids), dtype=bool)
     for array in logits:
         if array is not None:
@@ -38,7 +40,12 @@ def check_finite_logits(logits: list[np.ndarray | None], ids: list[str], dtype: 
     else:
         advice = f"the model itself produces them in {dtype_name(dtype)}; check the checkpoint's weights"
     raise PrecisionError(f"non-finite logits (inf/NaN) for {int(bad.sum())} of {len(ids)} pairs with "
-                         f"compute_dtype={dtype_name(dtype)}, first ids {first}: {advice}; no submission written")
+                         f"compute_dtype={dtype_name(dtype)}, first ids {first}: {advice}; {outcome}")
+
+
+def half_dtype_of(model: torch.nn.Module) -> torch.dtype:
+    """The 16-bit float type a model computes in (its weights outside the fp32 head are in it), else float32."""
+    return next((p.dtype for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)), torch.float32)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -209,6 +209,10 @@ def earlier_folds(path: str, k_folds: int) -> dict[str, int]:
         if folds.setdefault(group, fold) != fold:
             raise DataError(f"{path}: row id={pair.id} column 'fold': {fold}, but its prompt is in fold {folds[group]} "
                             f"too (folds_from needs each prompt in one fold)")
+    n_earlier = max(folds.values(), default=-1) + 1
+    if n_earlier < k_folds:  # the new prompts alone would fill the folds past the earlier file's
+        raise DataError(f"{path}: column 'fold': folds 0..{n_earlier - 1} only, not a train.parquet of k_folds="
+                        f"{k_folds} (folds_from needs the earlier file's k_folds: {n_earlier}?)")
     return folds
 
 

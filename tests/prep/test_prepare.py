@@ -225,6 +225,11 @@ def test_a_few_new_prompts_fill_the_smallest_folds_and_bad_earlier_folds_are_nam
     with pytest.raises(DataError, match=r"train.parquet: row id=\S+ column 'fold': 2 is not a fold of k_folds=2"):
         prepare(PrepareConfig(inputs=[str(first)], output_dir=str(tmp_path / "v3"), k_folds=2,
                               folds_from=str(v1 / "train.parquet")))
+    # more folds than the earlier file's: the new prompts alone filled folds 3 and 4 (a one-source validation fold)
+    with pytest.raises(DataError, match=r"train.parquet: column 'fold': folds 0..2 only, not a train.parquet of "
+                                        r"k_folds=5 \(folds_from needs the earlier file's k_folds: 3\?\)"):
+        prepare(PrepareConfig(inputs=[str(first), str(extra)], output_dir=str(tmp_path / "v3"), k_folds=5,
+                              folds_from=str(v1 / "train.parquet")))
     split = pd.read_parquet(v1 / "train.parquet")
     split = pd.concat([split, split.head(1).assign(id="again", fold=(split.loc[0, "fold"] + 1) % 3)])
     split.to_parquet(tmp_path / "split.parquet", index=False)
