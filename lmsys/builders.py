@@ -30,6 +30,7 @@ from lmsys.config import (
     OptimizerConfig,
     SwapMode,
     TrainConfig,
+    TtaMode,
 )
 from lmsys.data.batching import Batching
 from lmsys.data.dataset import EncodedSplit
@@ -101,8 +102,10 @@ def warn_shared_ids(train: list[Pair], valid: list[Pair], train_path: str, valid
                     shared[:3])
 
 
-def build_spec(model: ModelConfig, data: DataConfig, packing: bool) -> ModelSpec:
-    """Check the model directory against the family (config.json only) and fix every choice left on auto."""
+def build_spec(model: ModelConfig, data: DataConfig, packing: bool,
+               tta_mode: TtaMode = TtaMode.prob) -> ModelSpec:
+    """Check the model directory against the family (config.json only) and fix every choice left on auto;
+    `tta_mode` is the run's (trainer.tta_mode), which predict then combines the orientations with."""
     facts = read_model_facts(model.path)
     check_family(model.family, facts.model_type, f"model.path={model.path}")
     check_position_limit(model.max_length, model.path, "model.max_length")
@@ -126,6 +129,7 @@ def build_spec(model: ModelConfig, data: DataConfig, packing: bool) -> ModelSpec
         trust_remote_code=model.trust_remote_code,
         num_classes=model.num_classes,
         architecture=model.architecture,
+        tta_mode=tta_mode,
     )
 
 

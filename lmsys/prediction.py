@@ -66,7 +66,7 @@ def run_prediction(config: PredictConfig) -> Path:
     check_finite_logits(predictions.all_logits, [pair.id for pair in pairs],
                         resolve_dtype(spec.compute_dtype, accelerator.device,
                                       spec.model_dir(config.checkpoint)))
-    probs = predictions.combined(config.tta_mode.value)
+    probs = predictions.combined((config.tta_mode or spec.tta_mode).value)
     write_table(submission_frame(pairs, probs), config.output, accelerator.is_main_process)
     if config.probs_output:
         write_table(probability_table([pair.id for pair in pairs], normalised(probs, pairs)), config.probs_output,
@@ -96,7 +96,8 @@ def run_pseudo_labels(config: PseudoLabelConfig) -> None:
     probs = np.zeros((len(pairs), shared_num_classes(config.checkpoints, specs)))  # (N, C) sum over checkpoints
     for checkpoint, spec in zip(config.checkpoints, specs, strict=True):
         log.info("pseudo-labelling %d pairs with %s", len(pairs), checkpoint)
-        probs += predict_checkpoint(checkpoint, spec, pairs, config, accelerator).combined(config.tta_mode.value)
+        predictions = predict_checkpoint(checkpoint, spec, pairs, config, accelerator)
+        probs += predictions.combined((config.tta_mode or spec.tta_mode).value)
     write_table(pseudo_label_frame(pairs, probs / len(specs)), config.output, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     log.info("wrote %s (%d pairs, mean of %d checkpoint(s))", config.output, len(pairs), len(specs))

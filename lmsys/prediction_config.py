@@ -48,7 +48,7 @@ class InferenceConfig:
 
     data: PredictDataConfig = field(default_factory=PredictDataConfig)
     tta: bool = True  # also predict every pair with A and B swapped, map back and combine
-    tta_mode: TtaMode = TtaMode.prob
+    tta_mode: TtaMode | None = None  # prob|logit; None: the checkpoint's (its run's trainer.tta_mode)
     # with TTA, a pair's two orientations in one packed example, their common token prefix (instructions, prompt)
     # computed once, where the model attends it exactly (packed, the CPU sdpa kernel); false: two passes
     share_prefixes: bool = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -114,6 +115,25 @@ def test_tta_predictions_are_swap_symmetric(checkpoint, test_files, tmp_path):
                                output=tmp_path / "no_tta_swapped.csv", tta=False, show_progress=False))
     c, d = pd.read_csv(tmp_path / "no_tta.csv"), pd.read_csv(tmp_path / "no_tta_swapped.csv")
     assert np.abs(c.winner_model_a - d.winner_model_b).max() > 100 * SYMMETRY_TOLERANCE
+
+
+def test_predict_combines_the_orientations_as_the_run_validated_unless_told(checkpoint, test_files, tmp_path):
+    """trainer.tta_mode=logit was not in the checkpoint: predict combined in prob and so did not reproduce the
+    run's oof.csv."""
+    logit = tmp_path / "logit_checkpoint"
+    shutil.copytree(checkpoint, logit)
+    spec = json.loads((logit / SPEC_FILE).read_text())
+    assert spec["tta_mode"] == "prob"
+    (logit / SPEC_FILE).write_text(json.dumps({**spec, "tta_mode": "logit"}))
+    probs = {}
+    for name, ckpt, mode in (("default", logit, None), ("logit", checkpoint, "logit"), ("prob", logit, "prob"),
+                             ("prob_default", checkpoint, None)):
+        run_prediction(predict_cfg(checkpoint=ckpt, **{"data.test_path": test_files["test"]}, show_progress=False,
+                                   output=tmp_path / f"{name}.csv", **({"tta_mode": mode} if mode else {})))
+        probs[name] = pd.read_csv(tmp_path / f"{name}.csv")[list(TARGET_COLUMNS)].to_numpy()
+    np.testing.assert_allclose(probs["default"], probs["logit"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(probs["prob"], probs["prob_default"], rtol=0, atol=1e-12)
+    assert np.abs(probs["default"] - probs["prob"]).max() > 1e-6
 
 
 @pytest.mark.parametrize("tta_mode", ["prob", "logit"])

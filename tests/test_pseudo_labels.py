@@ -51,7 +51,7 @@ def tta_probs(checkpoint: Path, test: Path) -> np.ndarray:
     cfg = PseudoLabelConfig(checkpoints=[str(checkpoint)], output="unused.parquet", show_progress=False)
     preds = predict_checkpoint(cfg.checkpoints[0], build_prediction_spec(cfg.checkpoints[0], cfg),
                                read_pairs(test, False), cfg, Accelerator())
-    return preds.combined(cfg.tta_mode.value)
+    return preds.combined("prob")  # the checkpoints' own tta_mode (build_spec's default)
 
 
 def test_predict_writes_pseudo_labels_that_read_as_training_data(setup, tmp_path):

@@ -24,6 +24,7 @@ from lmsys.config import (
     PaddingSide,
     Quantization,
     Template,
+    TtaMode,
 )
 from lmsys.modeling.families import FAMILIES
 from lmsys.modeling.model_facts import ModelFacts, read_model_facts
@@ -75,6 +76,7 @@ class ModelSpec:
     # The LoRA adapter is merged into the backbone saved in the checkpoint itself (base_model_path is provenance).
     merged: bool = False
     architecture: Architecture = Architecture.cross_encoder  # bi_encoder: (prompt, A) and (prompt, B) apart
+    tta_mode: TtaMode = TtaMode.prob  # how its validation combined the two orientations: predict's default
     format_version: int = FORMAT_VERSION
 
     @property
@@ -127,7 +129,7 @@ class ModelSpec:
         payload["format_version"] = FORMAT_VERSION  # read as the current version (the fields added since default)
         enums = {"family": Family, "template": Template, "quantization": Quantization, "compute_dtype": ComputeDtype,
                  "attn_implementation": Attention, "head": HeadType, "padding_side": PaddingSide,
-                 "architecture": Architecture}
+                 "architecture": Architecture, "tta_mode": TtaMode}
         try:
             fields = {k: enums[k](v) if k in enums else v for k, v in payload.items()}
             fields["input_formats"] = tuple(InputFormat(v) for v in fields["input_formats"])

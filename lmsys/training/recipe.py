@@ -89,7 +89,7 @@ class TrainingRecipe:
         """Data checked before the run dir is claimed, and the run dir claimed before any model loads."""
         with held_records() as early_records:  # logged again once the run's log exists (open_run_dir)
             train_pairs, valid_pairs = builders.build_splits(config)
-        spec = builders.build_spec(config.model, config.data, config.trainer.packing)
+        spec = builders.build_spec(config.model, config.data, config.trainer.packing, config.trainer.tta_mode)
         if config.model.init_from:
             check_warm_start(spec, config.lora, config.model.init_from, config.model.finetune)
         accelerator = builders.build_accelerator(config, run_path)
