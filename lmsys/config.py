@@ -242,14 +242,16 @@ class TrainerConfig:
 
 @dataclass
 class WandbConfig:
-    project: str = "lmsys"
+    # an option left unset is wandb's environment variable's (WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE, WANDB_NAME,
+    # WANDB_TAGS, WANDB_DIR), else: project lmsys, mode online, the run dir's name, no tags, the run dir
+    project: str | None = None
     entity: str | None = None
-    mode: str = "online"  # online, offline or disabled
+    mode: str | None = None  # online, offline or disabled
     name: str | None = None
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        require(self.mode in ("online", "offline", "disabled"), "wandb.mode must be online, offline or disabled")
+        require(self.mode in (None, "online", "offline", "disabled"), "wandb.mode must be online, offline or disabled")
 
 
 PEER_MODES = ("hf_trainer_typical", "hf_trainer_strong")  # the HF Trainer peer (lmsys/bench_peer.py)

@@ -4,10 +4,12 @@ trackers) when it is on."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import string
 from pathlib import Path
 
+from lmsys.cli import CommandError, one_line
 from lmsys.config import WandbConfig
 from lmsys.runs import RunDir
 
@@ -58,13 +60,22 @@ def _step(line: str) -> float:
 
 
 def start_wandb(accelerator, wandb: WandbConfig, config: dict, run_path: Path, run_id: str) -> None:
-    """wandb through accelerate's trackers, with the resolved config; the run named after the run dir. `run_id`
-    (kept in the training state) makes a resumed run continue the same wandb run instead of starting another."""
-    accelerator.init_trackers(
-        wandb.project, config=config,
-        init_kwargs={"wandb": {"mode": wandb.mode, "entity": wandb.entity, "name": wandb.name or run_path.name,
-                               "tags": wandb.tags, "dir": str(run_path), "id": run_id, "resume": "allow"}},
-    )
+    """wandb through accelerate's trackers, with the resolved config, before the model loads (a wandb that cannot
+    start is one error line, not a traceback after minutes of loading). `run_id` (kept in the training state)
+    makes a resumed run continue the same wandb run instead of starting another."""
+    from wandb.errors import Error as WandbError
+
+    env = os.environ.get
+    try:
+        accelerator.init_trackers(
+            wandb.project or env("WANDB_PROJECT") or "lmsys", config=config,
+            init_kwargs={"wandb": {"mode": wandb.mode, "entity": wandb.entity, "tags": wandb.tags or None,
+                                   "name": wandb.name or env("WANDB_NAME") or run_path.name,
+                                   "dir": env("WANDB_DIR") or str(run_path), "id": run_id, "resume": "allow"}},
+        )
+    except WandbError as err:
+        raise CommandError(f"wandb could not start: {one_line(err)} (log in with `wandb login` or WANDB_API_KEY, or "
+                           f"run with wandb.mode=offline)") from err
 
 
 def new_wandb_run_id() -> str:

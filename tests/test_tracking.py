@@ -17,7 +17,7 @@ from wandb.proto.wandb_internal_pb2 import Record
 
 from lmsys.training.state import LOOP_FILE, STATE_DIR
 
-WANDB_ON = ("use_wandb=true", "wandb.mode=offline")
+WANDB_ON = ("use_wandb=true",)  # offline by WANDB_MODE in the environment, as wandb documents it
 SECRETS = {"WANDB_API_KEY": "sk-secret-123456", "KAGGLE_KEY": "kg-secret-654321"}
 UPDATES = 2
 # The .wandb transaction log: a 7-byte file header, then LevelDB-log records in 32 KiB blocks, each with a 7-byte
@@ -34,7 +34,7 @@ def tracked(tmp_path_factory, tiny_models) -> SimpleNamespace:
     arena_frame(7, seed=10, start_id=300).to_csv(root / "valid.csv", index=False)
     wandb_dir = root / "wandb_home"
     wandb_dir.mkdir()
-    env = entry_env(WANDB_DIR=str(wandb_dir), WANDB_MODE="offline", WANDB_SILENT="true", **SECRETS)
+    env = entry_env(WANDB_CONFIG_DIR=str(wandb_dir), WANDB_MODE="offline", WANDB_SILENT="true", **SECRETS)
     overrides = tiny_overrides(tiny_models["llama"], root / "train.csv", root / "valid.csv", trainer__max_steps=UPDATES)
     on, off = root / "wandb_on", root / "wandb_off"
     processes = [
@@ -152,3 +152,18 @@ def test_no_secret_in_any_file_of_a_run(tracked, wandb_file):
     assert wandb_file in files and len(files) > 20
     leaks = [(str(p), name) for p in files for name, secret in SECRETS.items() if secret.encode() in p.read_bytes()]
     assert leaks == []
+
+
+def test_a_wandb_that_cannot_start_is_one_error_line_before_the_model_loads(tiny_models, tmp_path):
+    """wandb.init ran after the model had loaded and its error was a traceback (WANDB_MODE was ignored, too)."""
+    arena_frame(8, seed=9).to_csv(tmp_path / "train.csv", index=False)
+    (tmp_path / "home").mkdir()  # no ~/.netrc: no API key anywhere
+    env = {key: value for key, value in entry_env(HOME=str(tmp_path / "home"), WANDB_MODE="online").items()
+           if key != "WANDB_API_KEY"}
+    overrides = tiny_overrides(tiny_models["llama"], tmp_path / "train.csv", tmp_path / "train.csv")
+    log = tmp_path / "run.log"
+    process = start_entry([*overrides, "use_wandb=true", f"hydra.run.dir={tmp_path / 'run'}"], log, env)
+    assert process.wait(timeout=120) == 2
+    lines = [line for line in log.read_text().splitlines() if line.startswith("error:")]
+    assert lines == [next(line for line in lines if line.startswith("error: wandb could not start: No API key"))]
+    assert not (tmp_path / "run" / "checkpoint").exists() and "Traceback" not in log.read_text()

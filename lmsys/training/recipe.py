@@ -48,6 +48,7 @@ from lmsys.training.state import (
     restore_state,
     run_plan,
     save_training_state,
+    saved_wandb_run_id,
 )
 
 log = logging.getLogger("lmsys")
@@ -112,6 +113,7 @@ class TrainingRecipe:
         if config.resume:
             check_resumable(run_path, plan, accelerator.num_processes)
         record_run(run, config, accelerator, resolved_yaml)
+        wandb_run_id = start_tracking(config, accelerator, run_path)
         model = builders.build_model(spec, config.model, config.lora, accelerator.device)
         optimizer = builders.build_optimizer(config.optimizer, model)
         scheduler = builders.build_scheduler(config.optimizer, optimizer, settings.total_updates)
@@ -120,10 +122,7 @@ class TrainingRecipe:
                  if config.resume else None) or LoopState()
         if config.resume and forget_after(run, state.step):
             log.info("metrics.jsonl: the lines after update %d, which this run trains again, dropped", state.step)
-        if config.use_wandb:
-            state.wandb_run_id = state.wandb_run_id or new_wandb_run_id()
-            start_wandb(accelerator, config.wandb, OmegaConf.to_container(OmegaConf.structured(config)), run_path,
-                        state.wandb_run_id)
+        state.wandb_run_id = wandb_run_id or state.wandb_run_id
         validation = builders.build_validation(config, spec, valid_split, tokenizer.pad_token_id)
         outputs = RunOutputs(run, Tracker(accelerator, run, config.use_wandb), spec, tokenizer, plan)
         return cls(accelerator, model, optimizer, scheduler, settings, train_split, validation, outputs, state,
@@ -312,6 +311,16 @@ def check_finite_loss(loss: float, update: int) -> None:
         raise FloatingPointError(f"update {update}: the training loss is {loss}; no step taken (the weights diverged "
                                  f"or overflowed: lower trainer.lr, or compute in float32/bfloat16; resume=true "
                                  f"continues from the last saved state)")
+
+
+def start_tracking(config: TrainConfig, accelerator, run_path: Path) -> str:
+    """wandb started before the model loads, continuing the saved state's wandb run on resume; its run id ('' with
+    wandb off)."""
+    if not config.use_wandb:
+        return ""
+    run_id = (saved_wandb_run_id(run_path) if config.resume else "") or new_wandb_run_id()
+    start_wandb(accelerator, config.wandb, OmegaConf.to_container(OmegaConf.structured(config)), run_path, run_id)
+    return run_id
 
 
 def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

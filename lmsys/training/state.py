@@ -151,6 +151,14 @@ def find_state(run_path: Path) -> Path | None:
     return None
 
 
+def saved_wandb_run_id(run_path: Path) -> str:
+    """The wandb run id the run dir's latest state records ('' when none), read before any model loads."""
+    directory = find_state(run_path)
+    if directory is None:
+        return ""
+    return json.loads((directory / LOOP_FILE).read_text())["loop"].get("wandb_run_id", "")
+
+
 def restore_state(run_path: Path, model: torch.nn.Module, optimizer, scheduler,
                   grad_scaler: torch.amp.GradScaler | None = None) -> LoopState | None:
     """The run dir's latest state loaded into the model, optimizer, scheduler (and loss scale); None when it holds
