@@ -63,6 +63,11 @@ def load_config(config_name: str, overrides: list[str]) -> TrainConfig:
     require(config.model.architecture == Architecture.cross_encoder or not peers,
             f"bench.modes: {', '.join(peers)} (the HF Trainer peer) is a cross-encoder; with "
             f"model.architecture=bi_encoder pass bench.modes=[padded,padded_grouped,packed]")
+    from lmsys.modeling.families import FAMILIES
+
+    require(not FAMILIES[config.model.family].encoder or "packed" not in config.bench.modes,
+            f"bench.modes: packed; the {config.model.family.value} family is an encoder, whose bidirectional "
+            f"attention cannot be packed: pass bench.modes=[padded,padded_grouped]")
     return config
 
 

@@ -133,3 +133,14 @@ def test_bad_modes_and_data_are_one_error_line_before_any_mode_runs(override, st
         bench.main(["--config-name", "conf_r_llama_smol", f"data.train_path={tmp_path / 'train.csv'}", override])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith(start) and len(err.splitlines()) == 1
+
+
+def test_an_encoder_is_not_benched_packed(capsys):
+    """DeBERTa's packed mode failed in its child process after the padded modes had run (two tracebacks)."""
+    from lmsys import bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--config-name", "conf_r_deberta_v3_large", "bench.modes=[padded,packed]"])
+    assert (exit_info.value.code, capsys.readouterr().err) == (2, (
+        "error: bench.modes: packed; the deberta family is an encoder, whose bidirectional attention cannot be "
+        "packed: pass bench.modes=[padded,padded_grouped]\n"))

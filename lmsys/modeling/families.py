@@ -60,6 +60,23 @@ def resolve_template(family: Family, template: Template) -> Template:
     return template
 
 
+SUPPORT_FLAGS = {Attention.sdpa: "_supports_sdpa", Attention.flash_attention_2: "_supports_flash_attn",
+                 Attention.flex_attention: "_supports_flex_attn"}  # transformers' model classes declare them
+
+
+def check_model_supports(model_type: str, requested: Attention, safe: Attention) -> None:
+    """A kernel the model's transformers class does not implement (DeBERTa-v2 has eager only) is refused here,
+    not by transformers once the model loads, after the run dir is claimed."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    model_class = getattr(transformers, MODEL_MAPPING_NAMES.get(model_type, ""), None)
+    if requested in SUPPORT_FLAGS and model_class is not None and not getattr(model_class, SUPPORT_FLAGS[requested],
+                                                                              True):
+        raise FamilyError(f"attention {requested.value}: transformers' {model_class.__name__} does not implement it; "
+                          f"set model.attn_implementation (predict: attn_implementation) to {safe.value}")
+
+
 def resolve_attention(family: Family, model_type: str, requested: Attention, packing: bool) -> Attention:
     """The attention kernel to load; with packing, refuse one that would let packed pairs see each other."""
     if packing and FAMILIES[family].encoder:
@@ -76,6 +93,7 @@ def resolve_attention(family: Family, model_type: str, requested: Attention, pac
             f"model.attn_implementation={requested.value} mixes packed pairs for {model_type}; "
             f"use {safe.value} (or trainer.packing=false)"
         )
+    check_model_supports(model_type, requested, safe)
     if requested == Attention.flash_attention_2 and importlib.util.find_spec("flash_attn") is None:
         # transformers says so only when the model loads, after the run dir is claimed
         raise FamilyError(f"attention flash_attention_2 needs the flash-attn package (CUDA GPUs): set "

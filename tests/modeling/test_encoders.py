@@ -158,3 +158,10 @@ def test_packing_is_refused_for_encoders():
     with pytest.raises(FamilyError, match="encoder: its bidirectional attention cannot be packed"):
         resolve_attention(Family.deberta, "deberta-v2", Attention.auto, packing=True)
     assert resolve_attention(Family.deberta, "deberta-v2", Attention.auto, packing=False) == Attention.eager
+    # DeBERTa-v2 has eager attention only: sdpa failed in transformers after the model loaded and the run dir was
+    # claimed (a traceback, and the corrected rerun refused)
+    for kernel in (Attention.sdpa, Attention.flex_attention):
+        with pytest.raises(FamilyError, match=rf"^attention {kernel.value}: transformers' DebertaV2Model does not "
+                                              rf"implement it; set model.attn_implementation .* to eager$"):
+            resolve_attention(Family.deberta, "deberta-v2", kernel, packing=False)
+    assert resolve_attention(Family.llama, "llama", Attention.sdpa, packing=False) == Attention.sdpa
