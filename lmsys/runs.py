@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import re
@@ -21,6 +23,10 @@ RUN_ENTRIES = (RUN_MARKER, "config.yaml", "run_info.json", "train.log", "metrics
                "reliability.png", "checkpoint", STATE_DIR, "wandb")
 # A directory written by an lmsys run from before RUN_MARKER existed is recognised by one of these.
 LEGACY_RUN_EVIDENCE = (FINISHED_MARKER, STATE_DIR, f".{STATE_DIR}.old", "run_info.json")
+# Locked (flock) by the process that claimed the run dir while it lives, never removed: a live run's directory is
+# refused to a second run; the kernel releases a killed run's lock.
+LOCK_FILE = ".lmsys_run.lock"
+_HELD_LOCKS: dict[Path, object] = {}  # run dir -> the open lock file of this process
 SECRET_VARIABLES = ("WANDB_API_KEY", "KAGGLE_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
@@ -38,6 +44,9 @@ class RunDir:
         (finished, unfinished with a training state, or killed before its first state) unless resuming it or told
         to overwrite it. Overwriting, or resuming a run that has no state, removes only the files a run writes,
         so the new run starts with fresh logs."""
+        if self.is_main:  # before anything is read: another process may be writing it
+            self._check_is_a_run_or_empty()
+            self._hold_lock()
         finished = (self.path / FINISHED_MARKER).exists()
         unfinished = any((self.path / name).exists() for name in (STATE_DIR, f".{STATE_DIR}.old"))
         if finished and not overwrite:
@@ -53,7 +62,6 @@ class RunDir:
             )
         if not self.is_main:
             return  # the main process alone inspects and changes the directory: it writes the marker checked below
-        self._check_is_a_run_or_empty()
         killed = self.is_run() and not finished and not unfinished
         if killed and not (resume or overwrite):
             raise RunDirError(
@@ -74,12 +82,30 @@ class RunDir:
             raise RunDirError(f"{self.path} is a file, not a run directory")
         if not self.path.exists() or self.is_run():
             return
-        foreign = sorted(entry.name for entry in self.path.iterdir())
+        foreign = sorted(entry.name for entry in self.path.iterdir() if entry.name != LOCK_FILE)
         if foreign:
             raise RunDirError(
                 f"{self.path} is not a run directory and is not empty (holds {foreign[:5]}); a run only writes "
                 f"into a new, empty or earlier run directory: choose another hydra.run.dir"
             )
+
+    def _hold_lock(self) -> None:
+        """This process's exclusive lock on the run dir until it exits; refused while another process holds it (a
+        run still going, whose files a second run or a resume would mix with or remove)."""
+        key = self.path.resolve()
+        if key in _HELD_LOCKS:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / LOCK_FILE, "a")  # noqa: SIM115 (held open while the process lives)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            handle.close()
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                return  # a file system without locks (some network mounts): the other checks still hold
+            raise RunDirError(f"{self.path} is in use by a run that is still going (another process holds its "
+                              f"{LOCK_FILE}); wait for it to end, or choose another hydra.run.dir") from None
+        _HELD_LOCKS[key] = handle
 
     def _remove_run_files(self) -> None:
         """What a run wrote (the entries of RUN_ENTRIES and the temporaries of their atomic writes), nothing else:

@@ -3,9 +3,16 @@ removes only what a run wrote, refusing any directory that is not a run's."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from lmsys.runs import RUN_MARKER, RunDir, RunDirError, write_file
+from lmsys.runs import LOCK_FILE, RUN_MARKER, RunDir, RunDirError, write_file
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_write_refuses_to_replace_a_directory_with_a_file(tmp_path):
@@ -60,7 +67,7 @@ def test_overwrite_removes_only_what_a_run_wrote(tmp_path):
     (tmp_path / ".checkpoint.abc_1234").mkdir()  # a temporary of a killed write (mkdtemp's 8 characters)
     (tmp_path / ".config.yaml.bak").write_text("the user's too")  # named alike, not ours
     RunDir(tmp_path, True).claim(overwrite=True, resume=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".config.yaml.bak", RUN_MARKER, "notes.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".config.yaml.bak", LOCK_FILE, RUN_MARKER, "notes.md"]
 
 
 def test_a_kill_between_the_two_renames_of_a_directory_keeps_the_old_copy(tmp_path, monkeypatch):
@@ -99,7 +106,7 @@ def test_a_kill_during_the_cleanup_leaves_a_run_that_overwrite_cleans_again(tmp_
     monkeypatch.undo()
     assert RUN_MARKER not in removed and RunDir(tmp_path, True).is_run()
     RunDir(tmp_path, True).claim(overwrite=True, resume=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_MARKER]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE, RUN_MARKER]
 
 
 def test_temporaries_a_kill_left_go_with_the_next_write_or_resume(tmp_path):
@@ -114,7 +121,7 @@ def test_temporaries_a_kill_left_go_with_the_next_write_or_resume(tmp_path):
         (tmp_path / "run" / leftover).mkdir()
     (tmp_path / "run" / ".state.old").mkdir()  # a resume may need it
     RunDir(tmp_path / "run", True).claim(overwrite=False, resume=True)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".state.old", RUN_MARKER, "state"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_FILE, ".state.old", RUN_MARKER, "state"]
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -141,7 +148,7 @@ def test_a_killed_run_without_state_is_refused_or_restarted_with_fresh_logs(tmp_
         RunDir(tmp_path, True).claim(overwrite=False, resume=False)
     assert (tmp_path / "train.log").is_file()
     RunDir(tmp_path, True).claim(overwrite=False, resume=True)  # nothing to resume: a fresh start, fresh logs
-    assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_MARKER]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE, RUN_MARKER]
 
 
 def test_a_resume_forgets_the_logged_lines_after_its_state(tmp_path):
@@ -155,3 +162,22 @@ def test_a_resume_forgets_the_logged_lines_after_its_state(tmp_path):
     assert [line[:10] for line in (tmp_path / METRICS_LOG).read_text().splitlines()] == ['{"step": 1', '{"step": 2',
                                                                                           '{"step": 3', '{"step": 3']
     assert forget_after(run, 3) == 0 and forget_after(RunDir(tmp_path / "none", True), 3) == 0
+
+
+def test_a_run_dir_in_use_by_a_live_process_is_refused(tmp_path):
+    """A second run (or resume=true) of a dir whose run was still training was told it had "stopped", and the
+    suggested resume removed the live run's files; a killed run's lock goes with its process."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom lmsys.runs import RunDir\n"
+        f"RunDir({str(tmp_path / 'run')!r}, True).claim(overwrite=False, resume=False)\nprint('claimed', flush=True)\n"
+        "time.sleep(60)")], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        for resume, overwrite in ((False, False), (True, False), (False, True)):
+            with pytest.raises(RunDirError, match=r"run is in use by a run that is still going .*; wait for it"):
+                RunDir(tmp_path / "run", True).claim(overwrite=overwrite, resume=resume)
+    finally:
+        holder.kill()
+        holder.wait()
+    RunDir(tmp_path / "run", True).claim(overwrite=False, resume=True)  # killed: its lock went with it
+    RunDir(tmp_path / "run", True).claim(overwrite=False, resume=True)  # this process's own claim, again
