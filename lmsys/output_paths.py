@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from lmsys.config import ConfigError
-from lmsys.runs import RunDir
+from lmsys.runs import is_run_dir
 
 PathLike = str | Path
 SPEC_FILE = "lmsys_checkpoint.json"  # a checkpoint's spec (lmsys.modeling.checkpoint reads and writes it)
@@ -100,7 +100,7 @@ def check_outside_runs(key: str, output: PathLike) -> None:
     wrote (the run dir itself, being a run's, is the training command's to check)."""
     path = _resolved(output)
     for directory in path.parents:
-        if RunDir(directory, is_main=False).is_run():
+        if is_run_dir(directory):
             raise ConfigError(f"{key}={path} lies inside the run dir {directory}, which holds only its run's "
                               f"files; write it beside the runs")
 

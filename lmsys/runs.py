@@ -34,6 +34,15 @@ class RunDirError(RuntimeError):
     """A run directory (or an output) that would be overwritten."""
 
 
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` is a run's directory (its marker, or the files of a run from before the marker)."""
+    return any((path / name).exists() for name in (RUN_MARKER, *LEGACY_RUN_EVIDENCE))
+
+
+class FinishedRun(RunDirError):
+    """resume=true on a run that has finished: nothing to do (a resumed sweep skips its finished jobs)."""
+
+
 class RunDir:
     def __init__(self, path: str | Path, is_main: bool) -> None:
         self.path = Path(path)
@@ -49,12 +58,12 @@ class RunDir:
             self._hold_lock()
         finished = (self.path / FINISHED_MARKER).exists()
         unfinished = any((self.path / name).exists() for name in (STATE_DIR, f".{STATE_DIR}.old"))
+        if finished and resume and not overwrite:
+            raise FinishedRun(f"{self.path} holds a finished run: nothing to resume (its results are in "
+                              f"{FINISHED_MARKER})")
         if finished and not overwrite:
-            resumed = " (resume=true continues an unfinished run; this one's results are in metrics.json)"
-            raise RunDirError(
-                f"{self.path} already holds a finished run{resumed if resume else ''}; choose another hydra.run.dir "
-                f"or seed, or pass overwrite=true"
-            )
+            raise RunDirError(f"{self.path} already holds a finished run; choose another hydra.run.dir or seed, or "
+                              f"pass overwrite=true")
         if unfinished and not (resume or overwrite):
             raise RunDirError(
                 f"{self.path} holds an unfinished run's training state; pass resume=true to continue it or "
@@ -75,7 +84,7 @@ class RunDir:
         self.write_text(RUN_MARKER, MARKER_TEXT)
 
     def is_run(self) -> bool:
-        return any((self.path / name).exists() for name in (RUN_MARKER, *LEGACY_RUN_EVIDENCE))
+        return is_run_dir(self.path)
 
     def _check_is_a_run_or_empty(self) -> None:
         if self.path.exists() and not self.path.is_dir():

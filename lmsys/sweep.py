@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -26,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lmsys.cli import CommandError, command_errors, one_line
 from lmsys.output_paths import check_output_paths
 from lmsys.provenance import SWEEP_ID
-from lmsys.runs import FINISHED_MARKER, RunDir, write_json
+from lmsys.runs import FINISHED_MARKER, is_run_dir, write_json
 
 SUMMARY_FILE = "sweep_summary.json"
 DEFAULT_SUBDIR = "${run_name:${data.valid_fold},${seed}}"  # conf/run_layout.yaml's hydra.sweep.subdir
@@ -113,20 +114,17 @@ def is_main_process() -> bool:
 class SweepSummaryCallback(Callback):
     """Writes the summary of a multirun's finished runs in the sweep dir when the multirun ends.
 
-    The runs are found in the sweep dir (each run dir's metrics.json written since the multirun started), not
-    collected from `on_job_end`: with the submitit launcher every job runs in its own process (or on another node),
-    and only `on_multirun_start`/`on_multirun_end` run in the launching one. Finished runs of an earlier sweep in
-    the same dir are older than this multirun and left out. On a cluster the sweep dir is on the shared filesystem.
+    The runs are found in the sweep dir (each finished run dir whose run_info.json records this multirun's id),
+    not collected from `on_job_end`: with the submitit launcher every job runs in its own process (or on another
+    node), and only `on_multirun_start`/`on_multirun_end` run in the launching one. Runs of an earlier sweep in the
+    same dir are left out, but not the finished runs that a resumed sweep (`resume=true`) finds done and skips:
+    they join it. On a cluster the sweep dir is on the shared filesystem.
     """
 
-    CLOCK_SKEW_S = 5.0  # metrics.json times come from the file server's clock
-
     def __init__(self) -> None:
-        self.started = 0.0
         self.sweep_id = ""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.started = time.time()
         # every job's run_info.json records it (submitit's jobs inherit the variable), so runs that finish in the
         # sweep dir meanwhile but belong to another sweep or to no sweep are left out
         self.sweep_id = os.environ[SWEEP_ID] = uuid.uuid4().hex
@@ -134,8 +132,7 @@ class SweepSummaryCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ.pop(SWEEP_ID, None)
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
-        run_dirs = [run_dir for run_dir in finished_since(sweep_dir, self.started - self.CLOCK_SKEW_S)
-                    if recorded_sweep_id(run_dir) == self.sweep_id]
+        run_dirs = [run_dir for run_dir in finished_runs(sweep_dir) if recorded_sweep_id(run_dir) == self.sweep_id]
         if not run_dirs:
             return
         summary = summarize(run_dirs)
@@ -183,7 +180,7 @@ class DistinctRunDirs(Callback):
         if not unnamed:
             return
         named_by = ("data.valid_fold and seed only" if subdir == DEFAULT_SUBDIR
-                    else f"hydra.sweep.subdir={subdir}, which names none of them")
+                    else f"hydra.sweep.subdir={subdir}, which does not name {', '.join(unnamed)}")
         suggestion = subdir_naming(config, unnamed, subdir)
         print(f"error: -m varies {', '.join(unnamed)}, but each job's dir is named by {named_by}, so the jobs would "
               f"write the same dir; name them apart with hydra.sweep.subdir, e.g. "
@@ -193,7 +190,7 @@ class DistinctRunDirs(Callback):
 
 def check_sweep_dir(sweep_dir: Path) -> None:
     """A sweep dir is no run's dir, nor inside one: its jobs' dirs, multirun.yaml and the summary would go in."""
-    run = next((d for d in (sweep_dir, *sweep_dir.parents) if RunDir(d, is_main=False).is_run()), None)
+    run = next((d for d in (sweep_dir, *sweep_dir.parents) if is_run_dir(d)), None)
     if run is not None:
         print(f"error: hydra.sweep.dir={sweep_dir} {'is' if run == sweep_dir else 'lies inside'} the run dir {run}, "
               f"which holds only its run's files; choose another sweep dir", file=sys.stderr)
@@ -208,7 +205,8 @@ def unnamed_keys(subdir: str, swept: list[str]) -> list[str]:
     job apart by itself."""
     if any(token in subdir for token in JOB_UNIQUE):
         return []
-    return [key for key in swept if f"{{{key}}}" not in subdir and f"choices.{key}}}" not in subdir]
+    return [key for key in swept if not re.search(rf"[{{:,]\s*{re.escape(key)}\s*[}},]", subdir)
+            and f"choices.{key}}}" not in subdir]  # ${key}, ${oc.select:key,default}, a resolver's argument
 
 
 def subdir_naming(config: DictConfig, keys: list[str], base: str) -> str:
@@ -233,9 +231,9 @@ def swept_keys(config: DictConfig) -> list[str]:
     return sorted({override.key_or_group for override in parsed if override.is_sweep_override()})
 
 
-def finished_since(sweep_dir: Path, since: float) -> list[Path]:
-    """Run dirs under `sweep_dir` whose metrics.json (written last, when a run finishes) is newer than `since`."""
-    found = [m.parent for m in sweep_dir.rglob(FINISHED_MARKER) if m.stat().st_mtime >= since]
+def finished_runs(sweep_dir: Path) -> list[Path]:
+    """Run dirs under `sweep_dir` that hold a metrics.json (written last, when a run finishes), by seed."""
+    found = [marker.parent for marker in sweep_dir.rglob(FINISHED_MARKER)]
     return sorted(found, key=lambda d: (_seed(d), str(d)))
 
 

@@ -15,15 +15,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmsys.cli import command_errors
 from lmsys.config import validated_config
+from lmsys.runs import FinishedRun
 
 
 def run_training(cfg: DictConfig) -> dict:
     with command_errors():
         config = validated_config(cfg)  # every __post_init__ rule; fails on ??? left unset and on unknown keys
-        from lmsys.training.recipe import TrainingRecipe  # torch, transformers, peft: after the config is checked
+        from lmsys.training.recipe import TrainingRecipe, skip_finished_run  # torch, transformers, peft: after
+        # the config is checked
 
         run_path = Path(HydraConfig.get().runtime.output_dir)
-        recipe = TrainingRecipe.setup(config, run_path, OmegaConf.to_yaml(cfg, resolve=True))
+        try:
+            recipe = TrainingRecipe.setup(config, run_path, OmegaConf.to_yaml(cfg, resolve=True))
+        except FinishedRun as finished:  # resume=true, e.g. a resumed sweep, and this job's run is done
+            return skip_finished_run(run_path, finished)
     state = recipe.train()
     summary = recipe.finish()
     if state.interrupted:

@@ -13,9 +13,11 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from entry_runs import REPO, entry_env, finish, read_metrics, start_entry, tiny_overrides
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from tiny import arena_frame
 
-from lmsys.sweep import SUMMARY_FILE, finished_since
+from lmsys.runs import FinishedRun
+from lmsys.sweep import SUMMARY_FILE
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +107,25 @@ def test_a_job_of_two_tasks_is_one_two_process_run(sweeps):
     assert json.loads((sweeps.two_tasks / SUMMARY_FILE).read_text())["best_log_loss"]["n"] == 1
 
 
-def test_finished_since_takes_only_runs_finished_after_the_start(tmp_path):
-    for name, mtime in (("seed1", 2e9), ("seed2", 1e9), ("nested/seed3", 2e9)):
-        (tmp_path / name).mkdir(parents=True)
-        (tmp_path / name / "metrics.json").write_text("{}")
-        os.utime(tmp_path / name / "metrics.json", (mtime, mtime))
+def test_the_summary_takes_the_runs_of_this_multirun_whenever_they_finished(tmp_path, monkeypatch, capsys):
+    """A resumed sweep (`-m seed=1,2 resume=true`) skips its finished jobs (they stopped it before): their runs,
+    finished long before, join its summary; a run of another sweep finished meanwhile does not."""
+    from lmsys.sweep import SweepSummaryCallback, finished_runs
+    from lmsys.training.recipe import skip_finished_run
+
+    callback = SweepSummaryCallback()
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    callback.on_multirun_start(config)
+    skipped, other = fake_finished_run(tmp_path / "seed1", 0.5), fake_finished_run(tmp_path / "nested" / "seed3", 0.7)
+    os.utime(skipped / "metrics.json", (1e9, 1e9))  # finished in 2001
     (tmp_path / "seed4").mkdir()  # unfinished: no metrics.json
-    assert finished_since(tmp_path, 1.5e9) == [tmp_path / "nested" / "seed3", tmp_path / "seed1"]
+    assert finished_runs(tmp_path) == [tmp_path / "nested" / "seed3", skipped]
+    assert skip_finished_run(skipped, FinishedRun(f"{skipped} holds a finished run")) == {
+        "best": {"step": 1, "log_loss": 0.5}}
+    callback.on_multirun_end(config)
+    summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    assert [run["run_dir"] for run in summary["runs"]] == [str(skipped)] and "(n=1)" in capsys.readouterr().out
+    assert json.loads((other / "run_info.json").read_text())["sweep_id"] is None
 
 
 def test_slurm_launcher_runs_one_task_per_gpu():

@@ -33,7 +33,7 @@ from lmsys.builders import build_encoders, build_loop_settings, build_spec, buil
 from lmsys.cluster import accelerate_env
 from lmsys.data.dataset import encode_split
 from lmsys.modeling.checkpoint import read_spec
-from lmsys.runs import STATE_DIR
+from lmsys.runs import LOCK_FILE, STATE_DIR
 from lmsys.training.plan import epoch_plan
 
 UPDATES = 4  # 27 pairs, 8 per update (2 ranks x 4, or 1 process x 8); the last 3 are dealt 2 + 1
@@ -198,4 +198,4 @@ def test_only_rank_zero_wrote_the_fsdp_run(runs):
     for run_dir in (runs.fsdp_lora, runs.fsdp_full):
         log_lines = (run_dir / "train.log").read_text().splitlines()
         assert sum("best validation log loss" in line for line in log_lines) == 1
-        assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp or .old leftovers
+        assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]  # no temporaries

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lmsys.runs import LOCK_FILE, RUN_MARKER, RunDir, RunDirError, write_file
+from lmsys.runs import LOCK_FILE, RUN_MARKER, FinishedRun, RunDir, RunDirError, write_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,3 +181,13 @@ def test_a_run_dir_in_use_by_a_live_process_is_refused(tmp_path):
         holder.wait()
     RunDir(tmp_path / "run", True).claim(overwrite=False, resume=True)  # killed: its lock went with it
     RunDir(tmp_path / "run", True).claim(overwrite=False, resume=True)  # this process's own claim, again
+
+
+def test_resume_of_a_finished_run_says_so_and_is_told_apart_from_a_refusal(tmp_path):
+    RunDir(tmp_path, True).claim(overwrite=False, resume=False)
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(FinishedRun, match=r"holds a finished run: nothing to resume \(its results are in metrics"):
+        RunDir(tmp_path, True).claim(overwrite=False, resume=True)
+    with pytest.raises(RunDirError, match=r"already holds a finished run; choose another hydra.run.dir") as refused:
+        RunDir(tmp_path, True).claim(overwrite=False, resume=False)
+    assert not isinstance(refused.value, FinishedRun)

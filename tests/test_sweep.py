@@ -230,8 +230,10 @@ def test_a_custom_subdir_must_name_every_swept_key(tmp_path):
     assert unnamed_keys("${hydra:runtime.choices.optimizer}_${seed}", ["optimizer", "seed"]) == []
     assert unnamed_keys("run${hydra:job.num}", ["optimizer.lr", "seed"]) == []
     assert unnamed_keys("fold${data.valid_fold}", ["data.valid_fold", "seed"]) == ["seed"]
+    assert unnamed_keys("${oc.select:optimizer.lr,1e-4}_${seed}", ["optimizer.lr", "seed"]) == []
+    assert unnamed_keys("seed_lr=${optimizer.lr}", ["optimizer.lr", "seed"]) == ["seed"]  # the word is no value
     assert refused_sweep(tmp_path, "seed=1,2", "hydra.sweep.subdir=same") == (
-        "error: -m varies seed, but each job's dir is named by hydra.sweep.subdir=same, which names none of them, so "
+        "error: -m varies seed, but each job's dir is named by hydra.sweep.subdir=same, which does not name seed, so "
         "the jobs would write the same dir; name them apart with hydra.sweep.subdir, e.g. 'hydra.sweep.subdir=\""
         "seed=${seed}_same\"'")
 

@@ -291,11 +291,13 @@ def rerun(llama_run, tiny_models, arena_files, tmp_path_factory):
     shutil.copytree(llama_run, run_dir)
     finished = tree_digest(run_dir)
     refused = run_entry("llama", "conf_r_llama_smol", tiny_models["llama"], arena_files, run_dir, timeout=120)
+    skipped = run_entry("llama", "conf_r_llama_smol", tiny_models["llama"], arena_files, run_dir, "resume=true",
+                        timeout=120)
     untouched = tree_digest(run_dir) == finished
     result = run_entry("llama", "conf_r_llama_smol", tiny_models["llama"], arena_files, run_dir, "overwrite=true",
                        "trainer.max_steps=0")
     assert result.returncode == 0, result.stderr[-4000:]
-    return {"dir": run_dir, "refused": refused, "untouched": untouched}
+    return {"dir": run_dir, "refused": refused, "skipped": skipped, "untouched": untouched}
 
 
 def tree_digest(directory: Path) -> dict[str, str]:
@@ -309,6 +311,9 @@ def test_refuses_to_overwrite_a_finished_run(rerun):
     assert "overwrite=true" in refused.stderr and str(rerun["dir"]) in refused.stderr
     assert "Loading weights" not in refused.stderr  # refused before any model is loaded
     assert rerun["untouched"]
+    # resume=true (e.g. a resumed sweep's finished job) is no error: nothing to resume, the run as it was
+    skipped = rerun["skipped"]
+    assert skipped.returncode == 0 and "holds a finished run: nothing to resume" in skipped.stderr, skipped.stderr
 
 
 def test_max_steps_0_only_evaluates_the_initial_model(rerun, llama_run, tiny_models, arena_files):

@@ -8,14 +8,16 @@ and the DDP test worker build a recipe from their own parts and call `update`, t
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
@@ -33,8 +35,8 @@ from lmsys.modeling.compute_dtype import dtype_record
 from lmsys.modeling.losses import preference_loss
 from lmsys.modeling.warm_start import check_warm_start
 from lmsys.output_paths import check_output_paths
-from lmsys.provenance import run_info
-from lmsys.runs import RunDir
+from lmsys.provenance import SWEEP_ID, run_info
+from lmsys.runs import FINISHED_MARKER, FinishedRun, RunDir
 from lmsys.tracking import Tracker, forget_after, new_wandb_run_id, start_wandb
 from lmsys.training.distributed import full_trainable_state, lockstep_count
 from lmsys.training.loss_scaling import no_loss_scaling
@@ -311,6 +313,17 @@ def check_finite_loss(loss: float, update: int) -> None:
         raise FloatingPointError(f"update {update}: the training loss is {loss}; no step taken (the weights diverged "
                                  f"or overflowed: lower trainer.lr, or compute in float32/bfloat16; resume=true "
                                  f"continues from the last saved state)")
+
+
+def skip_finished_run(run_path: Path, finished: FinishedRun) -> dict:
+    """resume=true on a finished run: its metrics as they are; in a multirun it joins the sweep's summary (its
+    run_info.json records the sweep, as a resumed run's does)."""
+    log.warning("%s; skipped", finished)
+    sweep_id, info_file = os.environ.get(SWEEP_ID), run_path / "run_info.json"
+    if sweep_id and info_file.is_file():
+        info = json.loads(info_file.read_text())
+        RunDir(run_path, PartialState().is_main_process).write_json("run_info.json", {**info, "sweep_id": sweep_id})
+    return json.loads((run_path / FINISHED_MARKER).read_text())
 
 
 def start_tracking(config: TrainConfig, accelerator, run_path: Path) -> str:

@@ -272,7 +272,10 @@ def test_family_table(tmp_path):
     assert resolve_attention(Family.gemma, "gemma2", Attention.auto, packing=True) == "eager"
     with pytest.raises(FamilyError):
         resolve_attention(Family.gemma, "gemma2", Attention.sdpa, packing=True)
-    assert resolve_attention(Family.gemma, "gemma2", Attention.sdpa, packing=False) == "sdpa"
+    # transformers' Gemma2Model has no sdpa (it refuses it at load): refused before, whatever the packing
+    with pytest.raises(FamilyError, match="transformers' Gemma2Model does not implement it"):
+        resolve_attention(Family.gemma, "gemma2", Attention.sdpa, packing=False)
+    assert resolve_attention(Family.gemma, "gemma3_text", Attention.sdpa, packing=False) == "sdpa"
     assert check_family(Family.qwen, "qwen2", "x").template.value == "chatml"  # Qwen2 and Qwen2.5
     assert check_family(Family.qwen, "qwen3", "x").template.value == "chatml"
     assert check_family(Family.mistral, "mistral", "x").template.value == "mistral"
