@@ -164,7 +164,7 @@ def test_only_rank_zero_writes_to_the_run_dir(ddp):
     hydra_dirs = {str(ddp.run_dir), *(str(d) for d in ddp.run_dir.parents)}
     assert ["os.mkdir", str(ddp.run_dir)] in rank1  # the audit sees rank 1 too
     assert [write for write in rank1 if not (write[0] == "os.mkdir" and write[1] in hydra_dirs)] == []
-    assert not [p.name for p in ddp.run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]  # no temporaries
+    assert not [p.name for p in ddp.run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]
 
 
 def test_logs_are_written_once(ddp):

@@ -198,4 +198,4 @@ def test_only_rank_zero_wrote_the_fsdp_run(runs):
     for run_dir in (runs.fsdp_lora, runs.fsdp_full):
         log_lines = (run_dir / "train.log").read_text().splitlines()
         assert sum("best validation log loss" in line for line in log_lines) == 1
-        assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]  # no temporaries
+        assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]

@@ -75,8 +75,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            return pd.read_csv(path, keep_default_na=False, na_values=[], dtype=dict.fromkeys(("id", *TEXT_COLUMNS), str),
-                               index_col=False)
+            return pd.read_csv(path, keep_default_na=False, na_values=[], index_col=False,
+                               dtype=dict.fromkeys(("id", *TEXT_COLUMNS), str))
     except pd.errors.EmptyDataError as err:
         raise DataError(f"{path}: the file is empty") from err
     except UnicodeDecodeError as err:
