@@ -1,7 +1,7 @@
 """Pseudo-label unlabelled pairs with one or several checkpoints (a stage-1 ensemble) for stage-2 training.
 
     python -m lmsys.pseudo_label checkpoints=[RUN1/checkpoint,RUN2/checkpoint] data.test_path=unlabelled.csv \\
-        output=pseudo.parquet [tta=true] [tta_mode=prob|logit]   (multi-GPU: accelerate launch -m lmsys.pseudo_label ...)
+        output=pseudo.parquet [tta=true] [tta_mode=prob|logit]    (multi-GPU: accelerate launch -m lmsys.pseudo_label)
 
 Each checkpoint's (TTA-combined) probabilities are averaged; the parquet holds id, prompt, response_a,
 response_b (lists of turns), `label` (the three A/B/tie probabilities) and source=pseudo, and is training data as
