@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -47,10 +48,12 @@ def read_run_oof(run_dir: Path) -> pd.DataFrame:
         raise DataError(f"{path}: missing column(s) {missing} (an oof.csv written before oof files carried logits?)")
     targets = _all_or_none(frame, path, SOFT_TARGET_COLUMNS[: len(probs)])
     swapped = _all_or_none(frame, path, SWAPPED_LOGIT_COLUMNS[: len(probs)])
+    # a multi-format run's logits of each format (logit_a_papb, swapped_logit_a_papb, ...), which teachers average
+    per_format = [name for name in frame.columns if re.fullmatch(r"(swapped_)?logit_(a|b|tie)_[a-z]+", name)]
     check_present_ids(frame["id"], path)
     frame["id"] = frame["id"].astype(str)
-    finite_values(frame, [*probs, *logits, *targets, *swapped], frame["id"].tolist(), path)
-    return frame[[*required, *targets, *swapped]]
+    finite_values(frame, [*probs, *logits, *targets, *swapped, *per_format], frame["id"].tolist(), path)
+    return frame[[*required, *targets, *swapped, *per_format]]
 
 
 def _all_or_none(frame: pd.DataFrame, path: Path, names: tuple[str, ...]) -> list[str]:

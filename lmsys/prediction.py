@@ -180,10 +180,7 @@ def submission_frame(pairs: list[Pair], probs: np.ndarray) -> pd.DataFrame:
 def logits_frame(pairs: list[Pair], predictions: SplitPredictions, formats: tuple[InputFormat, ...]) -> pd.DataFrame:
     """id, the first format's logits (logit_a ... swapped_logit_tie, as teacher files read them) and, with several
     formats, every format's under the same names suffixed _<format> (logit_a_papb, swapped_logit_a_papb, ...)."""
-    tables = [predictions.logits_table()]
-    if len(formats) > 1:
-        tables += [predictions.logits_table(k, f"_{fmt.value}") for k, fmt in enumerate(formats)]
-    frame = pd.concat(tables, axis=1)
+    frame = predictions.logits_columns(formats)
     frame.insert(0, "id", [pair.id for pair in pairs])
     return frame
 

@@ -48,8 +48,9 @@ class TeachersConfig:
 
 def teacher_logits(frame: pd.DataFrame, path: str, ids: list[str]) -> np.ndarray:
     """(N, C) one teacher's logits (its file `path` read as `frame`) in the order of `ids`, the mean of its
-    orientations."""
-    columns, swapped = _logit_columns(frame, path)
+    orientations and, for a teacher of several formats (columns suffixed _<format>, as a multi-format run's
+    oof.csv and predict's logits_output hold them), of its formats: what its prediction averaged."""
+    _require_columns(frame, path, ["id"], "")
     check_present_ids(frame["id"], path)
     frame["id"] = frame["id"].astype(str)
     duplicated = frame["id"][frame["id"].duplicated()].tolist()
@@ -57,18 +58,27 @@ def teacher_logits(frame: pd.DataFrame, path: str, ids: list[str]) -> np.ndarray
         raise DataError(f"{path}: row id={duplicated[0]} column 'id': duplicate id ({len(duplicated)} in all)")
     _check_same_ids(path, set(frame["id"]), ids)
     frame = frame.set_index("id").loc[ids]
-    values = finite_values(frame, columns + swapped, ids, path)  # (N, C) or, with the swapped pass, (N, 2C)
-    width = len(columns)
-    return (values[:, :width] + values[:, width:]) / 2 if swapped else values
+    per_format = []
+    for suffix in format_suffixes(frame.columns) or [""]:
+        columns, swapped = _logit_columns(frame, path, suffix)
+        values = finite_values(frame, columns + swapped, ids, path)  # (N, C) or, with the swapped pass, (N, 2C)
+        width = len(columns)
+        per_format.append((values[:, :width] + values[:, width:]) / 2 if swapped else values)
+    return np.mean(per_format, axis=0)
 
 
-def _logit_columns(frame: pd.DataFrame, path: str) -> tuple[list[str], list[str]]:
-    """The (A, B[, tie]) logit columns and their swapped_ twins (empty without TTA); a partial set fails, naming
-    what is missing (a file without logit_b would otherwise pass its tie logit off as B's)."""
-    classes = CLASSES if "logit_tie" in frame.columns else CLASSES[:2]
-    columns = [f"logit_{c}" for c in classes]
+def format_suffixes(columns) -> list[str]:
+    """The _<format> suffixes of a multi-format file's logit columns (logit_a_pab, logit_a_papb: _pab, _papb)."""
+    return sorted(name.removeprefix("logit_a") for name in columns if name.startswith("logit_a_"))
+
+
+def _logit_columns(frame: pd.DataFrame, path: str, suffix: str = "") -> tuple[list[str], list[str]]:
+    """The (A, B[, tie]) logit columns (+ `suffix`) and their swapped_ twins (empty without TTA); a partial set
+    fails, naming what is missing (a file without logit_b would otherwise pass its tie logit off as B's)."""
+    classes = CLASSES if f"logit_tie{suffix}" in frame.columns else CLASSES[:2]
+    columns = [f"logit_{c}{suffix}" for c in classes]
     swapped = [f"swapped_{c}" for c in columns]
-    _require_columns(frame, path, ["id", *columns], "")
+    _require_columns(frame, path, columns, "")
     present = [c for c in swapped if c in frame.columns]
     if present:
         _require_columns(frame, path, swapped, " (the swapped logits: all of them, or none)")

@@ -16,6 +16,7 @@ import pytest
 from entry_runs import entry_env, finish, read_metrics, start_entry, tiny_overrides
 from tiny import arena_frame
 
+from lmsys.config import InputFormat
 from lmsys.data.io import DataError
 from lmsys.data.schema import SOFT_TARGET_COLUMNS, TARGET_COLUMNS, Pair, swap_abt
 from lmsys.ensemble import load_oof
@@ -227,6 +228,23 @@ def test_oof_rows_of_soft_targets_carry_them():
     hard = oof_frame(SimpleNamespace(pairs=pairs[1:]), Evaluation({}, softmax(logits[1:]), SplitPredictions(
         [logits[1:]], None)))
     assert SOFT_TARGET_COLUMNS[0] not in hard.columns
+
+
+def test_a_multi_format_runs_oof_carries_each_formats_logits_and_the_join_keeps_them(tmp_path):
+    """The probabilities average the formats; the first format's logits alone could not reproduce them, nor make
+    the run a teacher of both formats."""
+    pairs = [Pair(str(i), ("q",), ("a",), ("b",), target=(1.0, 0.0, 0.0)) for i in range(2)]
+    pab, papb = np.array([[0.2, -0.1, 0.0], [0.0, 1.0, 0.3]]), np.array([[1.0, 0.1, -0.5], [0.4, 0.0, 0.2]])
+    predictions = SplitPredictions([pab, papb], None)
+    frame = oof_frame(SimpleNamespace(pairs=pairs), Evaluation({}, predictions.probs_ab, predictions),
+                      (InputFormat.pab, InputFormat.papb))
+    np.testing.assert_array_equal(frame[["logit_a_papb", "logit_b_papb", "logit_tie_papb"]].to_numpy(), papb)
+    np.testing.assert_array_equal(frame[list(LOGIT_COLUMNS)].to_numpy(), pab)
+    np.testing.assert_allclose(frame[list(TARGET_COLUMNS)].to_numpy(), (softmax(pab) + softmax(papb)) / 2)
+    run = tmp_path / "run"
+    run.mkdir()
+    frame.to_csv(run / "oof.csv", index=False)
+    assert "logit_tie_papb" in join_oof([run]).columns
 
 
 def test_join_keeps_soft_targets_and_the_ensemble_fits_to_them(tmp_path):

@@ -53,6 +53,24 @@ def test_teachers_are_averaged_in_logit_space_and_read_back(train_file, tmp_path
     assert [pair.target for pair in pairs] == [pair.target for pair in read_pairs(train_file, True)]
 
 
+def test_a_teacher_of_several_formats_is_the_mean_of_its_formats(train_file, tmp_path):
+    """A multi-format run predicts the mean of its formats; its first format's plain columns alone distilled only
+    that format (the per-format columns are what predict's logits_output and a multi-format oof.csv hold)."""
+    ids = [str(i) for i in range(8)]
+    rng = np.random.default_rng(1)
+    pab, pab_swapped, papb, papb_swapped = (rng.normal(size=(8, 3)) for _ in range(4))
+    frame = pd.read_csv(logits_file(tmp_path / "t.csv", ids, pab, pab_swapped), dtype={"id": str})
+    for suffix, (forward, swapped) in (("_pab", (pab, pab_swapped)), ("_papb", (papb, papb_swapped))):
+        frame[[f"logit_{c}{suffix}" for c in ("a", "b", "tie")]] = forward
+        frame[[f"swapped_logit_{c}{suffix}" for c in ("a", "b", "tie")]] = swapped
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    out = tmp_path / "with_teacher.parquet"
+    attach_teachers(parse_config(TeachersConfig, [f"train={train_file}", f"logits=[{tmp_path / 't.csv'}]",
+                                                  f"output={out}"]))
+    expected = ((pab + pab_swapped) / 2 + (papb + papb_swapped) / 2) / 2
+    np.testing.assert_allclose([pair.teacher_logits for pair in read_pairs(out, True)], expected, atol=1e-12)
+
+
 def test_teacher_ids_must_match_the_training_ids(train_file, tmp_path):
     ids = [str(i) for i in range(8)]
     short = logits_file(tmp_path / "short.csv", ids[:7], np.zeros((7, 3)))

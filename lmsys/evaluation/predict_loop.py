@@ -12,6 +12,7 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from lmsys.config import InputFormat
 from lmsys.data.batching import Batching, Example, collate, prediction_batches, swap_tree
 from lmsys.data.dataset import EncodedSplit
 from lmsys.data.schema import swap_abt
@@ -71,6 +72,15 @@ class SplitPredictions:
         if self.format_logits_ba is not None:
             frame[[c + suffix for c in SWAPPED_LOGIT_COLUMNS[:width]]] = swap_abt(self.format_logits_ba[format_index])
         return frame
+
+
+    def logits_columns(self, formats: tuple[InputFormat, ...]) -> pd.DataFrame:
+        """The first format's logits under the plain names (as teacher files read them) and, with several formats,
+        every format's under the same names suffixed _<format> (logit_a_papb, swapped_logit_a_papb, ...)."""
+        tables = [self.logits_table()]
+        if len(formats) > 1:
+            tables += [self.logits_table(k, f"_{fmt.value}") for k, fmt in enumerate(formats)]
+        return pd.concat(tables, axis=1)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

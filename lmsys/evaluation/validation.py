@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from lmsys.config import TtaMode
+from lmsys.config import InputFormat, TtaMode
 from lmsys.data.batching import Batching
 from lmsys.data.dataset import EncodedSplit
 from lmsys.data.schema import SOFT_TARGET_COLUMNS, TARGET_COLUMNS
@@ -56,13 +56,14 @@ def subset_frame(split: EncodedSplit) -> pd.DataFrame:
     })
 
 
-def oof_frame(split: EncodedSplit, evaluation: Evaluation) -> pd.DataFrame:
+def oof_frame(split: EncodedSplit, evaluation: Evaluation, formats: tuple[InputFormat, ...] = ()) -> pd.DataFrame:
     """id, the submitted probabilities, label, the targets when they are soft (target_a ...: what the evaluation
-    scored, and what the ensemble fits to), then the logits (`SplitPredictions.logits_table`): one row a pair."""
+    scored, and what the ensemble fits to), then the logits as predict's logits_output has them (with several
+    `formats`, each format's too: `SplitPredictions.logits_columns`): one row a pair."""
     frame = pd.DataFrame(evaluation.probs, columns=list(TARGET_COLUMNS[: evaluation.probs.shape[1]]))
     frame.insert(0, "id", [pair.id for pair in split.pairs])
     frame["label"] = [pair.label for pair in split.pairs]
     targets = targets_of(split)  # (N, C)
     if not np.isin(targets, (0.0, 1.0)).all():  # soft targets (ties=split, pseudo-labels): label is only their argmax
         frame[list(SOFT_TARGET_COLUMNS[: targets.shape[1]])] = targets
-    return pd.concat([frame, evaluation.predictions.logits_table()], axis=1)
+    return pd.concat([frame, evaluation.predictions.logits_columns(formats)], axis=1)

@@ -190,7 +190,8 @@ class TrainingRecipe:
     def save_best(self, evaluation: Evaluation) -> None:
         """The best evaluation's oof.csv, reliability diagram and checkpoint, each written atomically."""
         run, split = self.outputs.run, self.validation.split
-        run.write("oof.csv", lambda p: oof_frame(split, evaluation).to_csv(p, index=False))
+        run.write("oof.csv", lambda p: oof_frame(split, evaluation, self.outputs.spec.input_formats).to_csv(
+            p, index=False))
         run.write("reliability.png", lambda p: save_reliability_diagram(evaluation.probs, targets_of(split), p))
         trainable = full_trainable_state(self.unwrapped)  # on every rank: under FSDP a collective
         run.write("checkpoint", lambda p: save_checkpoint(p, self.unwrapped, self.outputs.tokenizer, self.outputs.spec,
