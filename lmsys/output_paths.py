@@ -30,11 +30,13 @@ def check_output_paths(
     inputs: dict[str, PathLike | None],
     outputs: dict[str, PathLike | None],
     directory_outputs: frozenset[str] = frozenset(),
+    run_dir_outputs: frozenset[str] = frozenset(),
 ) -> None:
     """Raise `ConfigError` naming the keys and the path when an output would replace something it must not.
 
     `inputs` and `outputs` map each config key (e.g. `data.test_path`, `output`) to its path; None entries (an
-    option left unset) are skipped. Keys in `directory_outputs` name outputs that are directories.
+    option left unset) are skipped. Keys in `directory_outputs` name outputs that are directories; those in
+    `run_dir_outputs` (training's own run dir) may be a run's directory themselves.
     """
     given_inputs = {key: _resolved(path) for key, path in inputs.items() if path is not None}
     given_outputs = {key: _resolved(path) for key, path in outputs.items() if path is not None}
@@ -42,7 +44,7 @@ def check_output_paths(
     for key, output in given_outputs.items():
         is_directory = key in directory_outputs
         _check_kind(key, output, is_directory)
-        check_outside_runs(key, output)
+        check_outside_runs(key, output, itself=is_directory and key not in run_dir_outputs)
         _check_writable(key, output)
         for input_key, source in given_inputs.items():
             _check_against_input(key, output, is_directory, input_key, source)
@@ -95,12 +97,15 @@ def _check_against_input(key: str, output: Path, is_directory: bool, input_key: 
         raise ConfigError(f"{key}={output} contains the input {input_key}={source}; choose another {key}")
 
 
-def check_outside_runs(key: str, output: PathLike) -> None:
-    """Raise `ConfigError` when `output` would go into a training run's directory, which holds only what its run
-    wrote (the run dir itself, being a run's, is the training command's to check)."""
+def check_outside_runs(key: str, output: PathLike, itself: bool = False) -> None:
+    """Raise `ConfigError` when `output` would go into a training run's directory (one with the marker every run
+    writes), which holds only what its run wrote; with `itself`, also when the output directory is one."""
     path = _resolved(output)
+    if itself and is_run_dir(path, legacy=False):
+        raise ConfigError(f"{key}={path} is the run dir of a training run, which holds only its run's files; "
+                          f"write it beside the runs")
     for directory in path.parents:
-        if is_run_dir(directory):
+        if is_run_dir(directory, legacy=False):
             raise ConfigError(f"{key}={path} lies inside the run dir {directory}, which holds only its run's "
                               f"files; write it beside the runs")
 

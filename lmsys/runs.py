@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -34,9 +35,11 @@ class RunDirError(RuntimeError):
     """A run directory (or an output) that would be overwritten."""
 
 
-def is_run_dir(path: Path) -> bool:
-    """Whether `path` is a run's directory (its marker, or the files of a run from before the marker)."""
-    return any((path / name).exists() for name in (RUN_MARKER, *LEGACY_RUN_EVIDENCE))
+def is_run_dir(path: Path, legacy: bool = True) -> bool:
+    """Whether `path` is a run's directory: its marker, or (`legacy`) the files of a run from before the marker,
+    which a directory of other tools may hold too (a metrics.json, a state/ folder)."""
+    names = (RUN_MARKER, *LEGACY_RUN_EVIDENCE) if legacy else (RUN_MARKER,)
+    return any((path / name).exists() for name in names)
 
 
 class FinishedRun(RunDirError):
@@ -116,6 +119,13 @@ class RunDir:
                               f"{LOCK_FILE}); wait for it to end, or choose another hydra.run.dir") from None
         _HELD_LOCKS[key] = handle
 
+    def forget_unstarted(self) -> None:
+        """A run that failed before its first training state (wandb could not start) leaves no run behind, so that
+        the corrected command is not refused as a killed run's."""
+        started = any((self.path / name).exists() for name in (STATE_DIR, f".{STATE_DIR}.old", FINISHED_MARKER))
+        if self.is_main and not started:
+            self._remove_run_files()
+
     def _remove_run_files(self) -> None:
         """What a run wrote (the entries of RUN_ENTRIES and the temporaries of their atomic writes), nothing else:
         the marker and the other evidence of a run last, so that a kill midway leaves a directory still known as a
@@ -151,9 +161,21 @@ class RunDir:
         return write_json(self.path / name, payload, self.is_main)
 
 
+def json_safe(value: object) -> object:
+    """NaN and inf as null (JSON has neither; Python would write the bare tokens NaN / Infinity, which strict
+    readers such as jq refuse), in nested dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def write_json(target: Path, payload: dict, is_main: bool = True) -> Path | None:
     """Atomically write `payload` as indented JSON, secrets redacted."""
-    text = redact_secrets(json.dumps(payload, indent=2, default=str) + "\n")
+    text = redact_secrets(json.dumps(json_safe(payload), indent=2, default=str) + "\n")
     return write_file(target, lambda p: p.write_text(text), is_main)
 
 

@@ -54,7 +54,7 @@ log = logging.getLogger("lmsys")
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = ADAPTER_FILES
 SOUP_RECORD = "soup.json"
 # How a checkpoint is run, not what it learned: may differ between the ingredients (the soup keeps the first's).
-RUNTIME_FIELDS = ("quantization", "double_quant", "compute_dtype", "attn_implementation")
+RUNTIME_FIELDS = ("quantization", "double_quant", "compute_dtype", "attn_implementation", "tta_mode")
 # The adapter_config.json entries that fix the LoRA update's shape and scale.
 ADAPTER_FIELDS = ("peft_type", "r", "lora_alpha", "target_modules", "use_dora", "use_rslora", "rank_pattern",
                   "alpha_pattern", "layers_to_transform", "layers_pattern", "modules_to_save", "bias")

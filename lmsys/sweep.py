@@ -190,7 +190,7 @@ class DistinctRunDirs(Callback):
 
 def check_sweep_dir(sweep_dir: Path) -> None:
     """A sweep dir is no run's dir, nor inside one: its jobs' dirs, multirun.yaml and the summary would go in."""
-    run = next((d for d in (sweep_dir, *sweep_dir.parents) if is_run_dir(d)), None)
+    run = next((d for d in (sweep_dir, *sweep_dir.parents) if is_run_dir(d, legacy=False)), None)
     if run is not None:
         print(f"error: hydra.sweep.dir={sweep_dir} {'is' if run == sweep_dir else 'lies inside'} the run dir {run}, "
               f"which holds only its run's files; choose another sweep dir", file=sys.stderr)

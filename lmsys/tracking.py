@@ -73,7 +73,7 @@ def start_wandb(accelerator, wandb: WandbConfig, config: dict, run_path: Path, r
                                    "name": wandb.name or env("WANDB_NAME") or run_path.name,
                                    "dir": env("WANDB_DIR") or str(run_path), "id": run_id, "resume": "allow"}},
         )
-    except WandbError as err:
+    except (WandbError, ValueError) as err:  # ValueError: settings wandb refuses (pydantic's, e.g. WANDB_MODE=bogus)
         raise CommandError(f"wandb could not start: {one_line(err)} (log in with `wandb login` or WANDB_API_KEY, or "
                            f"run with wandb.mode=offline)") from err
 

@@ -25,10 +25,11 @@ def run_training(cfg: DictConfig) -> dict:
         # the config is checked
 
         run_path = Path(HydraConfig.get().runtime.output_dir)
+        resolved_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         try:
-            recipe = TrainingRecipe.setup(config, run_path, OmegaConf.to_yaml(cfg, resolve=True))
+            recipe = TrainingRecipe.setup(config, run_path, resolved_yaml)
         except FinishedRun as finished:  # resume=true, e.g. a resumed sweep, and this job's run is done
-            return skip_finished_run(run_path, finished)
+            return skip_finished_run(run_path, finished, resolved_yaml)
     state = recipe.train()
     summary = recipe.finish()
     if state.interrupted:

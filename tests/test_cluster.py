@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tiny import arena_frame
 
-from lmsys.runs import FinishedRun
+from lmsys.runs import FinishedRun, RunDirError
 from lmsys.sweep import SUMMARY_FILE
 
 
@@ -120,12 +120,16 @@ def test_the_summary_takes_the_runs_of_this_multirun_whenever_they_finished(tmp_
     os.utime(skipped / "metrics.json", (1e9, 1e9))  # finished in 2001
     (tmp_path / "seed4").mkdir()  # unfinished: no metrics.json
     assert finished_runs(tmp_path) == [tmp_path / "nested" / "seed3", skipped]
-    assert skip_finished_run(skipped, FinishedRun(f"{skipped} holds a finished run")) == {
+    assert skip_finished_run(skipped, FinishedRun(f"{skipped} holds a finished run"), "seed: 1\n") == {
         "best": {"step": 1, "log_loss": 0.5}}
     callback.on_multirun_end(config)
     summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
     assert [run["run_dir"] for run in summary["runs"]] == [str(skipped)] and "(n=1)" in capsys.readouterr().out
     assert json.loads((other / "run_info.json").read_text())["sweep_id"] is None
+    # a finished run of other settings is no result of this config: resume=true refuses it rather than skip it
+    (skipped / "config.yaml").write_text("seed: 1\noptimizer:\n  lr: 0.0003\n")
+    with pytest.raises(RunDirError, match=r"finished under other settings \(optimizer.lr: 0.0003 -> 0.1\)"):
+        skip_finished_run(skipped, FinishedRun("finished"), "seed: 1\nresume: true\noptimizer:\n  lr: 0.1\n")
 
 
 def test_slurm_launcher_runs_one_task_per_gpu():

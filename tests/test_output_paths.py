@@ -83,3 +83,20 @@ def test_no_output_of_any_command_goes_into_a_run_dir(tmp_path):
     with pytest.raises(ConfigError, match=rf"^output_dir={run / 'merged'} lies inside the run dir {run}"):
         check_output_paths({}, {"output_dir": run / "merged"}, directory_outputs=frozenset({"output_dir"}))
     check_output_paths({}, {"output": tmp_path / "beside_the_run.csv"})
+
+
+
+def test_a_run_is_told_by_its_marker_and_a_run_dir_is_no_directory_output(tmp_path):
+    """A project dir holding a metrics.json or a state/ folder of another tool blocked every output under it; and
+    `ensemble --out RUN` or `prepare output_dir=RUN` wrote into a run's directory itself."""
+    from lmsys.runs import RunDir
+
+    (tmp_path / "project" / "state").mkdir(parents=True)
+    (tmp_path / "project" / "metrics.json").write_text("{}")
+    check_output_paths({}, {"output": tmp_path / "project" / "preds" / "sub.csv"})
+    run = tmp_path / "run"
+    RunDir(run, is_main=True).claim(overwrite=False, resume=False)
+    with pytest.raises(ConfigError, match=rf"^--out={run} is the run dir of a training run, which holds only"):
+        check_output_paths({}, {"--out": run}, directory_outputs=frozenset({"--out"}))
+    check_output_paths({}, {"the run dir": run}, directory_outputs=frozenset({"the run dir"}),
+                       run_dir_outputs=frozenset({"the run dir"}))  # training's own, resumed or overwritten

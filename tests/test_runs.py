@@ -3,6 +3,7 @@ removes only what a run wrote, refusing any directory that is not a run's."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -191,3 +192,14 @@ def test_resume_of_a_finished_run_says_so_and_is_told_apart_from_a_refusal(tmp_p
     with pytest.raises(RunDirError, match=r"already holds a finished run; choose another hydra.run.dir") as refused:
         RunDir(tmp_path, True).claim(overwrite=False, resume=False)
     assert not isinstance(refused.value, FinishedRun)
+
+
+
+def test_json_has_no_nan_tokens(tmp_path):
+    """A two-class validation of split ties only has no accuracy (NaN): Python wrote the bare token NaN, which
+    strict JSON readers refuse."""
+    from lmsys.runs import write_json
+
+    write_json(tmp_path / "m.json", {"accuracy": float("nan"), "subsets": [{"loss": float("inf"), "n": 2}], "ok": 1.5})
+    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=pytest.fail) == {
+        "accuracy": None, "subsets": [{"loss": None, "n": 2}], "ok": 1.5}

@@ -167,3 +167,4 @@ def test_a_wandb_that_cannot_start_is_one_error_line_before_the_model_loads(tiny
     lines = [line for line in log.read_text().splitlines() if line.startswith("error:")]
     assert lines == [next(line for line in lines if line.startswith("error: wandb could not start: No API key"))]
     assert not (tmp_path / "run" / "checkpoint").exists() and "Traceback" not in log.read_text()
+    assert not (tmp_path / "run" / "lmsys_run.txt").exists()  # no killed run left: the corrected command goes ahead

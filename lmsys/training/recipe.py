@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from lmsys import builders
+from lmsys.cli import CommandError
 from lmsys.config import TrainConfig
 from lmsys.data.batching import collate
 from lmsys.data.dataset import EncodedSplit, encode_split
@@ -36,7 +37,7 @@ from lmsys.modeling.losses import preference_loss
 from lmsys.modeling.warm_start import check_warm_start
 from lmsys.output_paths import check_output_paths
 from lmsys.provenance import SWEEP_ID, run_info
-from lmsys.runs import FINISHED_MARKER, FinishedRun, RunDir
+from lmsys.runs import FINISHED_MARKER, FinishedRun, RunDir, RunDirError
 from lmsys.tracking import Tracker, forget_after, new_wandb_run_id, start_wandb
 from lmsys.training.distributed import full_trainable_state, lockstep_count
 from lmsys.training.loss_scaling import no_loss_scaling
@@ -115,7 +116,11 @@ class TrainingRecipe:
         if config.resume:
             check_resumable(run_path, plan, accelerator.num_processes)
         record_run(run, config, accelerator, resolved_yaml)
-        wandb_run_id = start_tracking(config, accelerator, run_path)
+        try:
+            wandb_run_id = start_tracking(config, accelerator, run_path)
+        except CommandError:
+            run.forget_unstarted()
+            raise
         model = builders.build_model(spec, config.model, config.lora, accelerator.device)
         optimizer = builders.build_optimizer(config.optimizer, model)
         scheduler = builders.build_scheduler(config.optimizer, optimizer, settings.total_updates)
@@ -316,15 +321,37 @@ def check_finite_loss(loss: float, update: int) -> None:
                                  f"continues from the last saved state)")
 
 
-def skip_finished_run(run_path: Path, finished: FinishedRun) -> dict:
+def skip_finished_run(run_path: Path, finished: FinishedRun, resolved_yaml: str) -> dict:
     """resume=true on a finished run: its metrics as they are; in a multirun it joins the sweep's summary (its
-    run_info.json records the sweep, as a resumed run's does)."""
+    run_info.json records the sweep, as a resumed run's does). Refused when it was trained under other settings:
+    its results would pass for this config's."""
+    saved = run_path / "config.yaml"
+    changed = changed_settings(saved.read_text(), resolved_yaml) if saved.is_file() else []
+    if changed:
+        raise RunDirError(f"resume=true: {run_path} finished under other settings ({'; '.join(changed[:5])}), so its "
+                          f"results are not this config's; restore them, or pass overwrite=true to train it again")
     log.warning("%s; skipped", finished)
     sweep_id, info_file = os.environ.get(SWEEP_ID), run_path / "run_info.json"
     if sweep_id and info_file.is_file():
         info = json.loads(info_file.read_text())
         RunDir(run_path, PartialState().is_main_process).write_json("run_info.json", {**info, "sweep_id": sweep_id})
     return json.loads((run_path / FINISHED_MARKER).read_text())
+
+
+NOT_SETTINGS = ("resume", "overwrite", "use_wandb", "wandb")  # how a run is started and logged, not what it trains
+
+
+def changed_settings(saved_yaml: str, current_yaml: str) -> list[str]:
+    """`key: saved -> now` for every setting (dotted key) that differs between two resolved configs."""
+    saved, current = (_flat(OmegaConf.to_container(OmegaConf.create(text))) for text in (saved_yaml, current_yaml))
+    return [f"{key}: {saved.get(key)} -> {current.get(key)}" for key in sorted(saved.keys() | current.keys())
+            if key.split(".")[0] not in NOT_SETTINGS and saved.get(key) != current.get(key)]
+
+
+def _flat(tree: object, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    return {key: value for name, item in tree.items() for key, value in _flat(item, f"{prefix}{name}.").items()}
 
 
 def start_tracking(config: TrainConfig, accelerator, run_path: Path) -> str:
@@ -360,7 +387,8 @@ def open_run_dir(run_path: Path, config: TrainConfig, accelerator) -> RunDir:
     """Claim the run dir (refusing another run's, and one that holds or lies inside an input) and start the log."""
     inputs = {"model.path": config.model.path, "model.init_from": config.model.init_from,
               "data.train_path": config.data.train_path, "data.valid_path": config.data.valid_path}
-    check_output_paths(inputs, {"the run dir": run_path}, directory_outputs=frozenset({"the run dir"}))
+    check_output_paths(inputs, {"the run dir": run_path}, directory_outputs=frozenset({"the run dir"}),
+                       run_dir_outputs=frozenset({"the run dir"}))
     run = RunDir(run_path, accelerator.is_main_process)
     run.claim(config.overwrite, config.resume)
     accelerator.wait_for_everyone()
