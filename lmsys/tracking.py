@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lmsys.cli import CommandError, one_line
 from lmsys.config import WandbConfig
-from lmsys.runs import RunDir
+from lmsys.runs import RunDir, json_safe
 
 METRICS_LOG = "metrics.jsonl"
 
@@ -25,7 +25,7 @@ class Tracker:
     def log(self, values: dict, step: int) -> None:
         scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.accelerator.log(scalars, step=step)
-        self.run.append_line(METRICS_LOG, json.dumps({"step": step, **scalars}))
+        self.run.append_line(METRICS_LOG, json.dumps(json_safe({"step": step, **scalars})))
 
     def log_table(self, name: str, rows: list[dict], step: int) -> None:
         """A per-subset table: a wandb.Table when wandb is on, one JSON line always."""
@@ -35,7 +35,7 @@ class Tracker:
             columns = list(rows[0])
             table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
             self.accelerator.get_tracker("wandb").log({name: table}, step=step)
-        self.run.append_line(METRICS_LOG, json.dumps({"step": step, name: rows}))
+        self.run.append_line(METRICS_LOG, json.dumps(json_safe({"step": step, name: rows})))
 
 
 def forget_after(run: RunDir, step: int) -> int:
