@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -28,6 +27,7 @@ from lmsys.evaluation.predict_loop import LOGIT_COLUMNS, SWAPPED_LOGIT_COLUMNS
 from lmsys.logs import setup_logging
 from lmsys.output_paths import check_output_paths
 from lmsys.runs import write_file
+from lmsys.teachers import format_suffixes
 
 log = logging.getLogger("lmsys")
 OOF_FILE = "oof.csv"
@@ -49,7 +49,8 @@ def read_run_oof(run_dir: Path) -> pd.DataFrame:
     targets = _all_or_none(frame, path, SOFT_TARGET_COLUMNS[: len(probs)])
     swapped = _all_or_none(frame, path, SWAPPED_LOGIT_COLUMNS[: len(probs)])
     # a multi-format run's logits of each format (logit_a_papb, swapped_logit_a_papb, ...), which teachers average
-    per_format = [name for name in frame.columns if re.fullmatch(r"(swapped_)?logit_(a|b|tie)_[a-z]+", name)]
+    per_format = [name + suffix for suffix in format_suffixes(frame.columns)
+                  for name in (*logits, *SWAPPED_LOGIT_COLUMNS[: len(probs)]) if name + suffix in frame.columns]
     check_present_ids(frame["id"], path)
     frame["id"] = frame["id"].astype(str)
     finite_values(frame, [*probs, *logits, *targets, *swapped, *per_format], frame["id"].tolist(), path)

@@ -101,13 +101,19 @@ def check_outside_runs(key: str, output: PathLike, itself: bool = False) -> None
     """Raise `ConfigError` when `output` would go into a training run's directory (one with the marker every run
     writes), which holds only what its run wrote; with `itself`, also when the output directory is one."""
     path = _resolved(output)
-    if itself and is_run_dir(path, legacy=False):
+    run = enclosing_run(path, itself)
+    if run == path:
         raise ConfigError(f"{key}={path} is the run dir of a training run, which holds only its run's files; "
                           f"write it beside the runs")
-    for directory in path.parents:
-        if is_run_dir(directory, legacy=False):
-            raise ConfigError(f"{key}={path} lies inside the run dir {directory}, which holds only its run's "
-                              f"files; write it beside the runs")
+    if run is not None:
+        raise ConfigError(f"{key}={path} lies inside the run dir {run}, which holds only its run's files; write it "
+                          f"beside the runs")
+
+
+def enclosing_run(path: Path, itself: bool = True) -> Path | None:
+    """The training run's directory that `path` lies in (or, with `itself`, is), told by the marker every run
+    writes; None when there is none."""
+    return next((d for d in ((path,) if itself else ()) + tuple(path.parents) if is_run_dir(d, legacy=False)), None)
 
 
 def base_model_inputs(checkpoints: dict[str, PathLike], base_model_path: PathLike | None) -> dict[str, Path | None]:

@@ -25,9 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lmsys.cli import CommandError, command_errors, one_line
-from lmsys.output_paths import check_output_paths
+from lmsys.output_paths import check_output_paths, enclosing_run
 from lmsys.provenance import SWEEP_ID
-from lmsys.runs import FINISHED_MARKER, is_run_dir, write_json
+from lmsys.runs import FINISHED_MARKER, write_json
 
 SUMMARY_FILE = "sweep_summary.json"
 DEFAULT_SUBDIR = "${run_name:${data.valid_fold},${seed}}"  # conf/run_layout.yaml's hydra.sweep.subdir
@@ -190,7 +190,7 @@ class DistinctRunDirs(Callback):
 
 def check_sweep_dir(sweep_dir: Path) -> None:
     """A sweep dir is no run's dir, nor inside one: its jobs' dirs, multirun.yaml and the summary would go in."""
-    run = next((d for d in (sweep_dir, *sweep_dir.parents) if is_run_dir(d, legacy=False)), None)
+    run = enclosing_run(sweep_dir)
     if run is not None:
         print(f"error: hydra.sweep.dir={sweep_dir} {'is' if run == sweep_dir else 'lies inside'} the run dir {run}, "
               f"which holds only its run's files; choose another sweep dir", file=sys.stderr)
