@@ -37,6 +37,10 @@ class SweepError(CommandError):
     """A run dir that cannot be summarized (missing, unfinished or malformed run; a run given twice)."""
 
 
+class MixedClassCounts(SweepError):
+    """Two-class and three-class runs: each is summarized, but not together."""
+
+
 def run_record(run_dir: str | Path) -> dict:
     """One row of the summary, read from a finished run dir."""
     path = Path(run_dir).resolve()
@@ -44,8 +48,9 @@ def run_record(run_dir: str | Path) -> dict:
     if not metrics_file.is_file():
         raise SweepError(f"{path}: no metrics.json (not a run dir, or the run did not finish)")
     best_log_loss, best_step = _best(metrics_file)
-    seed, fold = _seed_and_fold(path / "config.yaml")
-    return {"run_dir": str(path), "seed": seed, "fold": fold, "best_log_loss": best_log_loss, "best_step": best_step}
+    seed, fold, num_classes = _run_settings(path / "config.yaml")
+    return {"run_dir": str(path), "seed": seed, "fold": fold, "num_classes": num_classes,
+            "best_log_loss": best_log_loss, "best_step": best_step}
 
 
 def _best(metrics_file: Path) -> tuple[float, int]:
@@ -62,13 +67,14 @@ def _best(metrics_file: Path) -> tuple[float, int]:
     return float(log_loss), step
 
 
-def _seed_and_fold(config_file: Path) -> tuple[object, object]:
-    """The run's seed and data.valid_fold from its config.yaml (None where a run has none)."""
+def _run_settings(config_file: Path) -> tuple[object, object, object]:
+    """The run's seed, data.valid_fold and model.num_classes from its config.yaml (None where a run has none)."""
     if not config_file.is_file():
-        return None, None
+        return None, None, None
     try:
         config = OmegaConf.load(config_file)
-        return config.get("seed"), OmegaConf.select(config, "data.valid_fold")
+        return (config.get("seed"), OmegaConf.select(config, "data.valid_fold"),
+                OmegaConf.select(config, "model.num_classes"))
     except (yaml.YAMLError, OmegaConfBaseException, AttributeError) as err:
         raise SweepError(f"{config_file}: not a run's config.yaml ({one_line(err)})") from err
 
@@ -82,6 +88,12 @@ def summarize(run_dirs: list[str | Path]) -> dict:
         if run["run_dir"] in seen:
             raise SweepError(f"{run['run_dir']} is given twice; name each run once")
         seen.add(run["run_dir"])
+    classes = {run["num_classes"] for run in runs if run["num_classes"] is not None}
+    if len(classes) > 1:  # a two-class log loss (at most ln 2 for a prior) and a three-class one do not average
+        two = next(run["run_dir"] for run in runs if run["num_classes"] == 2)
+        three = next(run["run_dir"] for run in runs if run["num_classes"] == 3)
+        raise MixedClassCounts(f"{two} is a two-class run and {three} a three-class one: their log losses do not "
+                         f"average; summarize the runs of one kind")
     losses = [run["best_log_loss"] for run in runs]
     return {
         "runs": runs,
@@ -135,7 +147,12 @@ class SweepSummaryCallback(Callback):
         run_dirs = [run_dir for run_dir in finished_runs(sweep_dir) if recorded_sweep_id(run_dir) == self.sweep_id]
         if not run_dirs:
             return
-        summary = summarize(run_dirs)
+        try:
+            summary = summarize(run_dirs)
+        except MixedClassCounts as err:  # e.g. -m model.num_classes=2,3: the runs are fine, a mean of them is not
+            if is_main_process():
+                print(f"warning: no {SUMMARY_FILE}: {err}", file=sys.stderr, flush=True)
+            return
         main = is_main_process()
         if main:
             keep_earlier_summary(sweep_dir / SUMMARY_FILE)
@@ -252,7 +269,10 @@ def main(argv: list[str] | None = None) -> None:
         summary = summarize(args.run_dirs)
         if args.output is not None:  # a run's own files (metrics.json, oof.csv) are never replaced
             check_output_paths({f"run dir {d}": d for d in args.run_dirs}, {"--output": args.output})
+            kept = keep_earlier_summary(args.output.resolve())
             write_json(args.output.resolve(), summary)
+            if kept is not None:
+                print(f"kept the earlier {args.output.name} as {kept.name}")
     print(format_table(summary))
 
 

@@ -23,6 +23,7 @@ from lmsys.runs import RunDir
 from lmsys.sweep import (
     DEFAULT_SUBDIR,
     SUMMARY_FILE,
+    SweepSummaryCallback,
     check_sweep_dir,
     keep_earlier_summary,
     main,
@@ -127,6 +128,36 @@ def test_summary_statistics(tmp_path):
     assert summary["best_log_loss"] == {"n": 3, "mean": pytest.approx(1.1), "std": pytest.approx(0.2)}
     assert [run["seed"] for run in summary["runs"]] == [1, 2, 3]
     assert summarize(dirs[:1])["best_log_loss"]["std"] is None  # one seed has no spread
+
+
+def test_two_class_and_three_class_runs_are_not_averaged(tmp_path, capsys):
+    """A two-class log loss (ln 2 for a prior) beside a three-class one (ln 3): refused by the command; a
+    multirun over model.num_classes=2,3 ends without a summary and with one warning, its runs kept."""
+    runs = [fake_run(tmp_path, f"seed{s}", loss, s) for s, loss in ((1, 1.05), (2, 0.66), (3, 0.68))]
+    for run, classes in zip(runs, (3, 2, 2), strict=True):
+        (run / "config.yaml").write_text(f"seed: {run.name[-1]}\nmodel:\n  num_classes: {classes}\n")
+        (run / "run_info.json").write_text(json.dumps({"sweep_id": "s1"}))
+    assert summarize(runs[1:])["best_log_loss"]["mean"] == pytest.approx(0.67)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*map(str, runs), "--output", str(tmp_path / "summary.json")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == (
+        f"error: {runs[1].resolve()} is a two-class run and {runs[0].resolve()} a three-class one: their log losses "
+        f"do not average; summarize the runs of one kind\n")
+    assert not (tmp_path / "summary.json").exists()
+    callback = SweepSummaryCallback()
+    callback.sweep_id = "s1"
+    callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert capsys.readouterr().err.startswith(f"warning: no {SUMMARY_FILE}: ") and not (tmp_path / SUMMARY_FILE).exists()
+
+
+def test_the_summary_command_keeps_an_earlier_summary(tmp_path, capsys):
+    runs = [fake_run(tmp_path, "seed1", 1.0, 1), fake_run(tmp_path, "seed2", 1.2, 2)]
+    main([*map(str, runs), "--output", str(tmp_path / SUMMARY_FILE)])
+    first = (tmp_path / SUMMARY_FILE).read_text()
+    main([str(runs[0]), "--output", str(tmp_path / SUMMARY_FILE)])
+    assert json.loads((tmp_path / SUMMARY_FILE).read_text())["best_log_loss"]["n"] == 1
+    kept = [path for path in tmp_path.glob("sweep_summary.*.json")]
+    assert len(kept) == 1 and kept[0].read_text() == first and f"as {kept[0].name}" in capsys.readouterr().out
 
 
 def test_summary_command_rejects_an_unfinished_run(tmp_path, capsys):
