@@ -17,6 +17,7 @@ import argparse
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from lmsys.cli import command_errors
@@ -69,7 +70,7 @@ def join_oof(run_dirs: list[Path], train: Path | None = None) -> pd.DataFrame:
     """The runs' oof rows, every id once; in the training file's order with `train`, else in run order."""
     if not run_dirs:
         raise DataError("no run dirs to join")
-    frames = [read_run_oof(run_dir) for run_dir in run_dirs]
+    frames = with_targets_everywhere([read_run_oof(run_dir) for run_dir in run_dirs])
     for run_dir, frame in zip(run_dirs, frames, strict=True):
         if list(frame.columns) != list(frames[0].columns):
             raise DataError(f"{run_dir / OOF_FILE}: columns {list(frame.columns)} differ from "
@@ -87,10 +88,31 @@ def join_oof(run_dirs: list[Path], train: Path | None = None) -> pd.DataFrame:
     return joined.set_index("id").loc[train_ids].reset_index()
 
 
+def with_targets_everywhere(frames: list[pd.DataFrame]) -> list[pd.DataFrame]:
+    """The soft targets (target_a ...) in every fold's rows when one fold has them: an oof.csv carries them only
+    when its targets are not all one-hot, so a two-class data.ties=split fold that drew no tie has none, and its
+    one-hot labels are its targets."""
+    full = next((frame for frame in frames if SOFT_TARGET_COLUMNS[0] in frame.columns), None)
+    if full is None:
+        return frames
+    names = [name for name in SOFT_TARGET_COLUMNS if name in full.columns]
+    completed = []
+    for frame in frames:
+        if names[0] not in frame.columns and set(frame.columns) | set(names) == set(full.columns):
+            one_hot = np.eye(len(names))[frame["label"].to_numpy(dtype=int)]  # (N, C)
+            frame = frame.assign(**dict(zip(names, one_hot.T, strict=True)))[list(full.columns)]
+        completed.append(frame)
+    return completed
+
+
 def _column_difference(first: pd.Index, other: pd.Index) -> str:
     if list(class_columns(first)) != list(class_columns(other)):
         return "a two-class run and a three-class one: join the folds of one model"
-    return "evaluate every fold with the same trainer.eval_tta and the same kind of labels"
+    if format_suffixes(first) != format_suffixes(other):
+        return "runs of other data.formats: join the folds of one model"
+    if (SWAPPED_LOGIT_COLUMNS[0] in first) != (SWAPPED_LOGIT_COLUMNS[0] in other):
+        return "evaluate every fold with the same trainer.eval_tta"
+    return "evaluate every fold on the same kind of labels"
 
 
 def _id_owners(run_dirs: list[Path], frames: list[pd.DataFrame]) -> dict[str, Path]:

@@ -103,12 +103,12 @@ def _check_same_ids(path: str, found: set[str], ids: list[str]) -> None:
 def attach_teachers(config: TeachersConfig) -> Path:
     setup_logging()
     frames = [read_table(path) for path in config.logits]  # each teacher file read once
+    widths = {3 if any(name.startswith("logit_tie") for name in frame.columns) else 2 for frame in frames}
+    if len(widths) > 1:  # before the ids: a two-class teacher lacks the ties it dropped
+        raise DataError(f"teachers disagree on the number of classes: {sorted(widths)} ({config.logits})")
     pairs = two_class_scored(read_pairs(config.train, require_labels=True), frames, config.train)
     ids = [pair.id for pair in pairs]
     per_teacher = [teacher_logits(frame, path, ids) for frame, path in zip(frames, config.logits, strict=True)]
-    widths = {logits.shape[1] for logits in per_teacher}
-    if len(widths) > 1:
-        raise DataError(f"teachers disagree on the number of classes: {sorted(widths)} ({config.logits})")
     mean = np.mean(per_teacher, axis=0)  # (N, C) averaged in logit space
     with_teachers = [replace(pair, teacher_logits=tuple(row)) for pair, row in zip(pairs, mean, strict=True)]
     frame: pd.DataFrame = pairs_to_frame(with_teachers)

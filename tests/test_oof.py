@@ -22,7 +22,7 @@ from lmsys.data.schema import SOFT_TARGET_COLUMNS, TARGET_COLUMNS, Pair, swap_ab
 from lmsys.ensemble import load_oof
 from lmsys.evaluation.predict_loop import LOGIT_COLUMNS, SWAPPED_LOGIT_COLUMNS, SplitPredictions, softmax
 from lmsys.evaluation.validation import Evaluation, oof_frame
-from lmsys.oof import join_oof, main
+from lmsys.oof import join_oof, main, read_run_oof
 from lmsys.sweep import SUMMARY_FILE
 
 FOLDS, SEED = (0, 1), 5
@@ -245,6 +245,12 @@ def test_a_multi_format_runs_oof_carries_each_formats_logits_and_the_join_keeps_
     run.mkdir()
     frame.to_csv(run / "oof.csv", index=False)
     assert "logit_tie_papb" in join_oof([run]).columns
+    one_format = tmp_path / "pab"
+    one_format.mkdir()
+    frame.drop(columns=[c for c in frame.columns if c.endswith("_papb") or c.endswith("_pab")]).assign(
+        id=["2", "3"]).to_csv(one_format / "oof.csv", index=False)
+    with pytest.raises(DataError, match="runs of other data.formats: join the folds of one model"):
+        join_oof([run, one_format])
 
 
 def test_join_keeps_soft_targets_and_the_ensemble_fits_to_them(tmp_path):
@@ -270,8 +276,24 @@ def test_a_two_class_join_leaves_out_the_ties_that_data_ties_drop_never_validate
     assert list(joined["id"]) == ["0", "1", "3", "4", "6", "7"]
     assert ("3 tied row(s) have no two-class prediction (data.ties=drop left them out), e.g. ['2', '5', '8']"
             in caplog.text)
-    with pytest.raises(DataError, match=r"row id=1 is in no run's oof.csv \(6 of the 9 training ids are in none"):
-        join_oof(runs[:1], train)  # a missing fold still fails: not every absent row is a tie
+    # a missing fold still fails, named by a row it would have scored (not by a tie no fold scores)
+    with pytest.raises(DataError, match=r"row id=1 is in no run's oof.csv \(3 of the 6 training ids are in none"):
+        join_oof(runs[:1], train)
+
+
+def test_a_split_ties_fold_that_drew_no_tie_joins_the_others(tmp_path):
+    """data.ties=split: an oof.csv carries target_* only when its targets are soft, so a fold without ties has none;
+    its one-hot labels stand in for them, and the join is the folds' rows as they were."""
+    runs = [fake_fold_run(tmp_path / "runs", k, ids, classes=2) for k, ids in enumerate([[0, 2], [1, 3]])]
+    frame = pd.read_csv(runs[1] / "oof.csv")
+    frame.insert(4, "target_a", [0.5, 0.0])
+    frame.insert(5, "target_b", [0.5, 1.0])
+    frame.to_csv(runs[1] / "oof.csv", index=False)
+    joined = join_oof(runs)
+    assert list(joined.columns) == list(read_run_oof(runs[1]).columns)
+    assert joined[["target_a", "target_b"]].to_numpy().tolist() == [[1, 0], [1, 0], [0.5, 0.5], [0, 1]]
+    assert joined["label"].tolist() == [0, 0, 1, 1]
+    assert joined["logit_a"].tolist() == [*pd.read_csv(runs[0] / "oof.csv")["logit_a"], *frame["logit_a"]]
 
 
 def test_a_cell_that_is_not_a_number_is_named(three_folds, tmp_path):

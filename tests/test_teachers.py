@@ -125,9 +125,15 @@ def test_two_class_teachers_leave_out_the_ties_they_never_scored(train_file, tmp
     assert [pair.id for pair in read_pairs(out, require_labels=True)] == scored
     assert "2 tied row(s) have no two-class prediction" in capsys.readouterr().err
     two.drop(index=0).to_csv(tmp_path / "short.csv", index=False)  # a scored row missing as well: still an error
-    with pytest.raises(DataError, match=r"3 missing"):
+    with pytest.raises(DataError, match=r"1 missing \(e.g. \['0'\]\)"):  # the scored row, not the ties
         attach_teachers(parse_config(TeachersConfig, [f"train={train_file}", f"logits=[{tmp_path / 'short.csv'}]",
                                                       f"output={tmp_path / 'o2.parquet'}"]))
+    three = pd.DataFrame({"id": [str(i) for i in range(8)], "logit_a": 1.0, "logit_b": -1.0, "logit_tie": 0.0})
+    three.to_csv(tmp_path / "three.csv", index=False)
+    for logits in (["three.csv", "two.csv"], ["two.csv", "three.csv"]):  # named as such, not as missing ties
+        with pytest.raises(DataError, match=r"^teachers disagree on the number of classes: \[2, 3\]"):
+            attach_teachers(parse_config(TeachersConfig, [f"train={train_file}", f"output={tmp_path / 'o3.parquet'}",
+                                                          f"logits=[{','.join(str(tmp_path / n) for n in logits)}]"]))
 
 
 def test_a_student_trained_on_the_kl_term_moves_to_its_teacher(tiny_models, train_file, tmp_path):

@@ -55,12 +55,15 @@ def require_teachers(pairs: list[Pair], name: str) -> None:
 
 
 def without_unscored_ties(pairs: list[Pair], scored: set[str], what: str) -> list[Pair]:
-    """The pairs a two-class model scored, when every other one is tied: a two-class k-fold run with
-    data.ties=drop never validated its tied rows, and a two-class student drops them all the same. Logged; any
-    other unscored pair is left for the caller's id check to name."""
+    """The pairs less the tied ones a two-class model never scored: a two-class k-fold run with data.ties=drop
+    never validated its tied rows, and a two-class student drops them all the same. Logged when they are all that
+    is unscored; any other unscored pair is left for the caller's id check to name (a missing fold is named by a row
+    it would have scored, not by a tie)."""
     unscored = [pair for pair in pairs if pair.id not in scored]
-    if not unscored or not all(pair.target is not None and pair.target[2] > 0 for pair in unscored):
+    ties = {pair.id for pair in unscored if pair.target is not None and pair.target[2] > 0}
+    if not ties:
         return pairs
-    log.warning("%s: %d tied row(s) have no two-class prediction (data.ties=drop left them out), e.g. %s; they are "
-                "left out here too", what, len(unscored), [pair.id for pair in unscored[:3]])
-    return [pair for pair in pairs if pair.id in scored]
+    if len(ties) == len(unscored):
+        log.warning("%s: %d tied row(s) have no two-class prediction (data.ties=drop left them out), e.g. %s; they "
+                    "are left out here too", what, len(ties), [pair.id for pair in unscored[:3]])
+    return [pair for pair in pairs if pair.id not in ties]
