@@ -12,8 +12,9 @@ oof.csv and `predict probs_output=` files hold (A, B), and their ensemble's subm
 Every file is validated before anything is fitted or written (one `error:` line naming the file, the column and the
 ids, exit status 2): ids present; probabilities finite, non-negative and summing to 1 within 1e-4 per row; `label`
 one of the classes 0 (A), 1 (B), 2 (tie); soft targets valid probabilities too; every OOF file's targets the same.
---out is a directory that must not be, hold or lie inside an input; weights.json and submission.csv are written
-into it atomically. A weight fit that does not converge fails.
+--out is a directory that must not be, hold or lie inside an input, nor hold an earlier ensemble's weights.json or
+submission.csv (--overwrite replaces them, and removes the one this call does not write); weights.json and
+submission.csv are written into it atomically. A weight fit that does not converge fails.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from lmsys.output_paths import check_output_paths
 from lmsys.runs import write_json
 from lmsys.submission import kaggle_submission, write_table
 
+OUTPUT_FILES = ("weights.json", "submission.csv")
 # Bounds on log T: beyond them the ensemble is either uniform or one-hot, so nothing is lost.
 LOWEST_T, HIGHEST_T = 0.05, 20.0
 LOG_TEMPERATURE_BOUNDS = (np.log(LOWEST_T), np.log(HIGHEST_T))
@@ -221,6 +223,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--temperature", action="store_true", help="also fit a temperature T")
     parser.add_argument("--submissions", nargs="+", help="Kaggle submission of each run, in --oof order")
     parser.add_argument("--weights", help="weights.json to apply instead of fitting")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the weights.json / submission.csv of an earlier ensemble in --out")
     args = parser.parse_args(argv)
     if args.oof is None and args.weights is None:
         parser.error("give --oof to fit weights, or --weights to apply existing ones")
@@ -257,19 +261,26 @@ def load_weights(path: str) -> tuple[np.ndarray, float]:
     return weights, temperature
 
 
-def check_paths(args: argparse.Namespace) -> None:
-    """--out is a directory that neither is nor holds nor lies inside an input; counts agree with the weights."""
+def check_paths(args: argparse.Namespace) -> list[Path]:
+    """--out is a directory that neither is nor holds nor lies inside an input, nor holds an earlier ensemble's
+    outputs unless --overwrite (returned: they go, so that the directory holds one ensemble's files); counts agree
+    with the weights."""
     inputs = {f"--oof[{k}]": path for k, path in enumerate(args.oof or [])}
     inputs |= {f"--submissions[{k}]": path for k, path in enumerate(args.submissions or [])}
     inputs["--weights"] = args.weights
     check_output_paths(inputs, {"--out": args.out}, directory_outputs=frozenset({"--out"}))
     if args.oof and args.submissions and len(args.oof) != len(args.submissions):
         raise ConfigError(f"{len(args.submissions)} --submissions for {len(args.oof)} --oof files (one per model)")
+    earlier = [Path(args.out) / name for name in OUTPUT_FILES if (Path(args.out) / name).exists()]
+    if earlier and not args.overwrite:
+        raise ConfigError(f"--out {args.out} already holds an ensemble's {' and '.join(p.name for p in earlier)}; "
+                          f"choose another --out, or pass --overwrite to replace them")
+    return earlier
 
 
 def run_ensemble(args: argparse.Namespace) -> None:
     """Every input read and checked, the weights fitted or loaded, then the outputs written (atomically)."""
-    check_paths(args)
+    earlier = check_paths(args)
     oof = load_oof(args.oof) if args.oof is not None else None
     if args.weights is None:
         weights, temperature = fit_ensemble_weights(oof[1], oof[2], fit_temperature=args.temperature)
@@ -294,6 +305,12 @@ def run_ensemble(args: argparse.Namespace) -> None:
         ids, sub_probs = submissions
         write_table(kaggle_submission(list(ids), combine(sub_probs, weights, temperature)), out / "submission.csv")
         print(f"wrote {out / 'submission.csv'}")
+    written = {"weights.json"} if oof is not None and args.weights is None else set()
+    written |= {"submission.csv"} if submissions is not None else set()
+    for path in earlier:  # --overwrite: an earlier ensemble's file that this one does not write
+        if path.name not in written:
+            path.unlink()
+            print(f"removed {path} (an earlier ensemble's)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -111,6 +111,15 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
     again = pd.read_csv(tmp_path / "again" / "submission.csv", dtype={"id": str})
     pd.testing.assert_frame_equal(again, submission)
 
+    # Another ensemble into the same --out would leave the first one's submission beside its own weights: refused,
+    # and with --overwrite the directory holds the second ensemble's files alone.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--oof", *map(str, oofs[:2]), "--out", str(out)])
+    assert exit_info.value.code == 2 and json.loads((out / "weights.json").read_text()) == saved
+    main(["--oof", *map(str, oofs[:2]), "--out", str(out), "--overwrite"])
+    assert json.loads((out / "weights.json").read_text())["models"] == [str(p) for p in oofs[:2]]
+    assert sorted(path.name for path in out.iterdir()) == ["weights.json"]
+
 
 def test_soft_targets_preferred_over_label(tmp_path: Path) -> None:
     frame = pd.DataFrame({"id": [1, 2], "winner_model_a": [0.5, 0.2], "winner_model_b": [0.3, 0.3],
