@@ -247,7 +247,7 @@ def test_a_multi_format_runs_oof_carries_each_formats_logits_and_the_join_keeps_
     assert "logit_tie_papb" in join_oof([run]).columns
     one_format = tmp_path / "pab"
     one_format.mkdir()
-    frame.drop(columns=[c for c in frame.columns if c.endswith("_papb") or c.endswith("_pab")]).assign(
+    frame.drop(columns=[c for c in frame.columns if c.endswith(("_papb", "_pab"))]).assign(
         id=["2", "3"]).to_csv(one_format / "oof.csv", index=False)
     with pytest.raises(DataError, match="runs of other data.formats: join the folds of one model"):
         join_oof([run, one_format])

@@ -147,7 +147,8 @@ def test_two_class_and_three_class_runs_are_not_averaged(tmp_path, capsys):
     callback = SweepSummaryCallback()
     callback.sweep_id = "s1"
     callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
-    assert capsys.readouterr().err.startswith(f"warning: no {SUMMARY_FILE}: ") and not (tmp_path / SUMMARY_FILE).exists()
+    assert capsys.readouterr().err.startswith(f"warning: no {SUMMARY_FILE}: ")
+    assert not (tmp_path / SUMMARY_FILE).exists()
 
 
 def test_the_summary_command_keeps_an_earlier_summary(tmp_path, capsys):
