@@ -59,7 +59,7 @@ from lmsys.modeling.heads import BiEncoderHead, PreferenceHead
 from lmsys.modeling.lora_kernel import resolve_lora_kernel, use_lora_kernel
 from lmsys.modeling.losses import LossWeights
 from lmsys.modeling.model import PreferenceModel
-from lmsys.modeling.model_facts import position_limit, read_model_facts
+from lmsys.modeling.model_facts import ModelLoadError, position_limit, read_model_facts, require_weights
 from lmsys.modeling.precision import predict_quantization
 from lmsys.modeling.warm_start import load_warm_start, warm_start_backbone
 from lmsys.prediction_config import InferenceConfig
@@ -107,6 +107,7 @@ def build_spec(model: ModelConfig, data: DataConfig, packing: bool,
     """Check the model directory against the family (config.json only) and fix every choice left on auto;
     `tta_mode` is the run's (trainer.tta_mode), which predict then combines the orientations with."""
     facts = read_model_facts(model.path)
+    require_weights(model.path, f"model.path={model.path}")
     check_family(model.family, facts.model_type, f"model.path={model.path}")
     check_position_limit(model.max_length, model.path, "model.max_length")
     return ModelSpec(
@@ -177,7 +178,16 @@ def _prediction_formats(checkpoint: str, trained: tuple[InputFormat, ...],
     return tuple(InputFormat(fmt) for fmt in requested)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spm.model", "vocab.json",
+                   "vocab.txt")
+
+
 def build_tokenizer(path: str | Path, trust_remote_code: bool):
+    """The directory's tokenizer; one without any tokenizer file is refused (transformers would build a few-token
+    tokenizer from config.json alone, and every text would encode as nearly nothing)."""
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{path}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the model's "
+                             f"tokenizer files into it")
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -19,6 +19,7 @@ from lmsys.data.io import DataError, read_prompts
 from lmsys.generate import Engine, GenerateConfig, Sampling, model_name
 from lmsys.logs import setup_logging
 from lmsys.modeling.backbone import resolve_dtype
+from lmsys.modeling.model_facts import require_weights
 from lmsys.output_paths import check_output_paths
 from lmsys.runs import write_file
 
@@ -181,8 +182,10 @@ def check_inputs(config: GenerateConfig) -> tuple[list[tuple[str, tuple[str, ...
 
 
 def _checked_tokenizer(path: str, config: GenerateConfig):
+    """The model directory's tokenizer, once config.json, the weights and the tokenizer's files are known there."""
     if not (Path(path) / "config.json").is_file():
         raise CommandError(f"models: {path} is not a model directory (no config.json)")
+    require_weights(path, f"models: {path}")
     tokenizer = build_tokenizer(path, config.trust_remote_code)
     if tokenizer.chat_template is None and not config.template_fallback:
         raise CommandError(f"models: {path} has no chat template; pass template_fallback=true to prompt it with "

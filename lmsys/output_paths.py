@@ -10,7 +10,7 @@ The rules, for `inputs` (files or directories the command reads) and `outputs` (
 - a file output is not an existing directory, and a directory output is not an existing file;
 - no output lies inside a training run's directory (it holds only its run's files: a prediction written over its
   oof.csv, or a summary over its metrics.json, unmakes the run for every later join, sweep and ensemble);
-- the nearest existing directory of every output is writable.
+- the nearest existing path above every output is a writable directory.
 """
 
 from __future__ import annotations
@@ -83,6 +83,9 @@ def _check_writable(key: str, output: Path) -> None:
     """The nearest existing directory of the output takes new files (not a read-only file system, nor another
     user's): found before any model loads, not at the write after hours of work."""
     existing = next(path for path in (output, *output.parents) if path.exists())
+    if existing != output and not existing.is_dir():
+        raise ConfigError(f"{key}={output}: {existing} is a file, so no directory can be made there; write it "
+                          f"elsewhere")
     directory = existing if existing.is_dir() else existing.parent
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}={output}: {directory} is not writable (a read-only file system, or another user's)")

@@ -26,7 +26,7 @@ from lmsys.builders import (
     build_tokenizer,
     use_elementwise_kernels,
 )
-from lmsys.config import InputFormat
+from lmsys.config import ConfigError, InputFormat
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import read_pairs
 from lmsys.data.schema import Pair
@@ -48,7 +48,13 @@ def prediction_inputs(checkpoints: list[str], settings: InferenceConfig) -> tupl
     accelerator = Accelerator()
     setup_logging(accelerator.is_main_process)
     pairs = read_pairs(settings.data.test_path, require_labels=False)
-    return accelerator, pairs, [build_prediction_spec(checkpoint, settings) for checkpoint in checkpoints]
+    specs = [build_prediction_spec(checkpoint, settings) for checkpoint in checkpoints]
+    for checkpoint, spec in zip(checkpoints, specs, strict=True):  # each layout fits its max_length: a last
+        try:  # checkpoint's must not fail after the first ones have predicted for hours
+            build_encoders(spec, build_tokenizer(checkpoint, spec.trust_remote_code))
+        except ConfigError as err:
+            raise ConfigError(f"{checkpoint}: {err}") from err
+    return accelerator, pairs, specs
 
 
 def run_prediction(config: PredictConfig) -> Path:

@@ -162,6 +162,28 @@ def test_an_output_inside_a_model_or_over_a_directory_is_refused_before_loading(
     assert not (Path(setup["models"][1]) / "pairs.parquet").exists()
 
 
+def test_a_model_without_weights_or_tokenizer_fails_before_any_model_loads(setup, tmp_path, capsys, monkeypatch):
+    """config.json alone is no model: missing weights were a traceback after the other models had answered, a
+    missing tokenizer a few-token one that answered everything with empty text."""
+    no_weights, no_tokenizer, bin_only = (shutil.copytree(setup["models"][1], tmp_path / name)
+                                          for name in ("no_weights", "no_tokenizer", "bin_only"))
+    (no_weights / "model.safetensors").unlink()
+    (bin_only / "model.safetensors").rename(bin_only / "pytorch_model.bin")
+    for path in no_tokenizer.glob("tokenizer*"):
+        path.unlink()
+    monkeypatch.setattr("lmsys.generation.AutoModelForCausalLM.from_pretrained", lambda *a, **k: 1 / 0)
+    for model, message in ((no_weights, (f"models: {no_weights}: no model.safetensors (nor "
+                                         f"model.safetensors.index.json): the weights are missing")),
+                           (bin_only, "pytorch_model.bin is not read here, save the model as safetensors"),
+                           (no_tokenizer, f"{no_tokenizer}: no tokenizer (none of tokenizer.json, ")):
+        with pytest.raises(SystemExit) as failed:
+            main([f"prompts={setup['prompts']}", f"models=[{setup['models'][0]},{model}]",
+                  f"output={tmp_path / 'o.parquet'}"])
+        err = capsys.readouterr().err.strip()
+        assert failed.value.code == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o.parquet").exists()
+
+
 def test_bad_prompt_names_file_row_and_column(setup, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     pd.DataFrame({"id": ["x1", "x2"], "prompt": ["fine", ""]}).to_csv(bad, index=False)

@@ -54,6 +54,19 @@ def test_an_output_under_a_directory_that_takes_no_files_is_refused_before_the_w
     check_output_paths({}, {"output": tmp_path / "elsewhere" / "sub.csv"})
 
 
+def test_an_output_below_an_existing_file_is_refused_before_the_work(tmp_path):
+    """output=prompts.csv/x.parquet ran every model and then failed at mkdir ("File exists", no key named)."""
+    (tmp_path / "prompts.csv").write_text("id,prompt\n")
+    for output in (tmp_path / "prompts.csv" / "x.parquet", tmp_path / "prompts.csv" / "deeper" / "x.parquet"):
+        with pytest.raises(ConfigError, match=rf"^output={output}: {tmp_path / 'prompts.csv'} is a file, so no "
+                                              rf"directory can be made there"):
+            check_output_paths({}, {"output": output})
+    with pytest.raises(ConfigError, match="is a file, so no directory"):
+        check_output_paths({}, {"output_dir": tmp_path / "prompts.csv" / "out"},
+                           directory_outputs=frozenset({"output_dir"}))
+    check_output_paths({}, {"output": tmp_path / "prompts.csv"})  # the file itself may be replaced (no input)
+
+
 def test_a_full_or_read_only_file_system_is_one_error_line(capsys):
     import errno
 

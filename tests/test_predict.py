@@ -34,6 +34,7 @@ from lmsys.evaluation.predict_loop import predict_split
 from lmsys.modeling.checkpoint import SPEC_FILE, CheckpointError, read_spec, save_checkpoint
 from lmsys.modeling.compile import cpp_compiler_found
 from lmsys.modeling.gated_mlp import CompiledGatedMLP
+from lmsys.modeling.model_facts import ModelLoadError
 from lmsys.prediction import load_prediction_model, predict_checkpoint, run_prediction
 from lmsys.prediction_config import ExportConfig, PredictConfig, PseudoLabelConfig
 
@@ -374,6 +375,11 @@ def test_moved_base_model_is_named_and_base_model_path_overrides_it(checkpoint, 
         with pytest.raises(CheckpointError, match="/kaggle/gone/llama is not a model directory.*base_model_path="):
             run_prediction(predict_cfg(checkpoint=moved, **{"data.test_path": test_files["test"]},
                                        output=tmp_path / "o.csv"))
+        weightless = shutil.copytree(tiny_models["llama"], tmp_path / "weightless")
+        (weightless / "model.safetensors").unlink()
+        with pytest.raises(ModelLoadError, match=rf"^{moved}: base_model_path= {weightless}: no model.safetensors"):
+            run_prediction(predict_cfg(checkpoint=moved, **{"data.test_path": test_files["test"]},
+                                       output=tmp_path / "o.csv", base_model_path=weightless))
         with pytest.raises(CheckpointError, match="is a gemma3_text model.*trained on a llama"):
             run_prediction(predict_cfg(checkpoint=moved, **{"data.test_path": test_files["test"]},
                                        output=tmp_path / "o.csv", base_model_path=tiny_models["gemma3"]))

@@ -3,6 +3,10 @@ training data as it stands, and the two-stage example configs compose."""
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +19,16 @@ from test_config import compose_config
 from test_predict import make_checkpoint, predict_cfg
 from tiny import arena_frame
 
-from lmsys.builders import build_prediction_spec
+from lmsys.builders import build_encoders, build_prediction_spec, build_tokenizer
 from lmsys.cli import parse_config
-from lmsys.config import ConfigError, validated_config
+from lmsys.config import ConfigError, InputFormat, validated_config
 from lmsys.data.batching import collate
 from lmsys.data.io import read_pairs
 from lmsys.data.schema import TARGET_COLUMNS, swap_abt
-from lmsys.modeling.checkpoint import CheckpointError
+from lmsys.modeling.checkpoint import SPEC_FILE, CheckpointError
 from lmsys.modeling.losses import soft_cross_entropy
 from lmsys.prediction import predict_checkpoint, run_prediction, run_pseudo_labels
-from lmsys.prediction_config import PseudoLabelConfig
+from lmsys.prediction_config import InferenceConfig, PseudoLabelConfig
 from lmsys.training.plan import iterate_updates
 from lmsys.training.recipe import TrainingRecipe, release
 
@@ -88,6 +92,28 @@ def test_pseudo_label_cli_refusals(setup, tmp_path):
         pseudo_label_main([f"checkpoints=[{setup['first']},{tmp_path / 'absent'}]",
                            f"data.test_path={setup['unlabelled']}", f"output={tmp_path / 'o.parquet'}"])
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_a_layout_the_last_checkpoint_cannot_hold_fails_before_any_prediction(setup, tmp_path, monkeypatch):
+    """max_length that holds the first checkpoint's pab layout but not the second's papb markers: the error names
+    the second checkpoint before the first has predicted (not after hours of it)."""
+    papb = tmp_path / "papb"
+    shutil.copytree(setup["second"], papb)
+    spec = json.loads((papb / SPEC_FILE).read_text())
+    (papb / SPEC_FILE).write_text(json.dumps({**spec, "input_formats": ["papb"]}))
+    needed = {}
+    for fmt in ("pab", "papb"):  # the shortest max_length that holds each layout, from the error itself
+        with pytest.raises(ConfigError, match=r"use max_length >= (\d+)") as error:
+            build_encoders(replace(build_prediction_spec(str(papb), InferenceConfig()), max_length=1,
+                                   input_formats=(InputFormat(fmt),)), build_tokenizer(papb, False))
+        needed[fmt] = int(re.search(r">= (\d+)", str(error.value)).group(1))
+    assert needed["papb"] > needed["pab"]
+    predicted = []
+    monkeypatch.setattr("lmsys.prediction.predict_checkpoint", lambda checkpoint, *_: predicted.append(checkpoint))
+    with pytest.raises(ConfigError, match=rf"^{papb}: max_length {needed['pab']} cannot hold the papb layout"):
+        pseudo_label_main([f"checkpoints=[{setup['first']},{papb}]", f"data.test_path={setup['unlabelled']}",
+                           f"output={tmp_path / 'o.parquet'}", f"max_length={needed['pab']}", "show_progress=false"])
+    assert predicted == [] and not (tmp_path / "o.parquet").exists()
 
 
 def test_pseudo_labels_of_two_class_checkpoints(setup, tmp_path):

@@ -25,12 +25,12 @@ def split_train_valid(
     n_splits = max(2, round(1.0 / valid_fraction))
     labels = np.array([pair.label for pair in pairs])
     groups = np.array([prompt_group(pair) for pair in pairs])
-    n_prompts = len(set(groups.tolist()))
-    if n_prompts < n_splits:
+    n_prompts, largest_class = len(set(groups.tolist())), int(np.bincount(labels).max())
+    if min(n_prompts, largest_class) < n_splits:  # sklearn's stratified folds need a class as large as the folds
         raise DataError(
-            f"data.train_path: {len(pairs)} pair(s) with {n_prompts} distinct prompt(s) cannot be split for "
-            f"validation with data.valid_fraction={valid_fraction} (needs at least {n_splits} distinct prompts); "
-            f"add rows, raise data.valid_fraction or give data.valid_path"
+            f"{source}: {len(pairs)} pair(s) with {n_prompts} distinct prompt(s), {largest_class} in the largest "
+            f"class, cannot be split for validation with data.valid_fraction={valid_fraction} (needs at least "
+            f"{n_splits} of both); add rows, raise data.valid_fraction or give data.valid_path"
         )
     # imported here: sklearn.model_selection takes ~2 s to import, which every run and predict would pay at start-up
     from sklearn.model_selection import StratifiedGroupKFold

@@ -27,7 +27,7 @@ from lmsys.config import (
     TtaMode,
 )
 from lmsys.modeling.families import FAMILIES
-from lmsys.modeling.model_facts import ModelFacts, read_model_facts
+from lmsys.modeling.model_facts import SHARD_INDEX, WEIGHTS_FILE, ModelFacts, read_model_facts, require_weights
 from lmsys.output_paths import SPEC_FILE
 
 # 2: the base model's facts (ModelFacts) replace model_type and hidden_size; 3: input_formats (a tuple, the formats
@@ -36,8 +36,7 @@ FORMAT_VERSION = 4
 READABLE_VERSIONS = (3, FORMAT_VERSION)
 HEAD_FILE = "head.safetensors"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-MERGED_FILES = ("config.json", "model.safetensors")  # a sharded save has model.safetensors.index.json instead
-SHARD_INDEX = "model.safetensors.index.json"
+MERGED_FILES = ("config.json", WEIGHTS_FILE)  # a sharded save has SHARD_INDEX instead
 COMMON_FILES = (SPEC_FILE, HEAD_FILE, "tokenizer_config.json")
 REQUIRED_FILES = {False: (*COMMON_FILES, *ADAPTER_FILES), True: (*COMMON_FILES, *MERGED_FILES)}  # by `merged`
 # Weight files whose safetensors header is parsed at read time: a truncated copy fails here, naming the file.
@@ -219,6 +218,7 @@ def with_base_model(spec: ModelSpec, checkpoint: str | Path, base_model_path: st
             f"{checkpoint}: {given} {spec.base_model_path} is not a model directory (no config.json); "
             f"pass base_model_path=DIR where the base model is now"
         )
+    require_weights(spec.base_model_path, f"{checkpoint}: {given} {spec.base_model_path}")
     model_type = read_model_facts(spec.base_model_path).model_type
     if model_type != spec.model_type:
         raise CheckpointError(f"{checkpoint}: {given} {spec.base_model_path} is a {model_type} model, but the "
@@ -227,7 +227,7 @@ def with_base_model(spec: ModelSpec, checkpoint: str | Path, base_model_path: st
 
 
 def _present(directory: Path, name: str) -> bool:
-    return (directory / name).is_file() or (name == "model.safetensors" and (directory / SHARD_INDEX).is_file())
+    return (directory / name).is_file() or (name == WEIGHTS_FILE and (directory / SHARD_INDEX).is_file())
 
 
 def load_head_state(directory: str | Path) -> dict[str, torch.Tensor]:

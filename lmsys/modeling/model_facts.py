@@ -10,9 +10,34 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+WEIGHTS_FILE = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"  # a sharded save's, in place of WEIGHTS_FILE
+
 
 class ModelLoadError(ValueError):
     """A model directory that is missing or cannot be used."""
+
+
+def require_weights(path: str | Path, named: str) -> None:
+    """The safetensors weights a model directory loads from (every load here passes use_safetensors=True): found
+    missing before a run dir is claimed or any model loads, not in from_pretrained's traceback. `named`: the
+    directory as the error names it (model.path=DIR)."""
+    directory = Path(path)
+    if (directory / WEIGHTS_FILE).is_file():
+        return
+    index = directory / SHARD_INDEX
+    if not index.is_file():
+        other = next((f.name for f in sorted(directory.glob("*.bin"))), None)
+        raise ModelLoadError(f"{named}: no {WEIGHTS_FILE} (nor {SHARD_INDEX}): the weights are missing"
+                             + (f"; {other} is not read here, save the model as safetensors" if other else ""))
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ModelLoadError(f"{index}: not a safetensors index (no weight_map: {err!r})") from err
+    missing = sorted(name for name in shards if not (directory / name).is_file())
+    if missing:
+        raise ModelLoadError(f"{named}: {SHARD_INDEX} names {len(missing)} shard(s) that are missing, "
+                             f"e.g. {missing[0]}")
 
 
 @dataclass(frozen=True)

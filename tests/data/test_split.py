@@ -3,6 +3,7 @@
 import random
 from collections import Counter
 
+import numpy as np
 import pandas as pd
 import pytest
 import tiny
@@ -129,9 +130,19 @@ def test_build_splits_with_a_validation_file(arena_files):
 @pytest.mark.parametrize(("n", "fraction"), [(1, 0.5), (3, 0.1), (9, 0.1)])
 def test_too_few_rows_to_split_is_a_data_error(n, fraction):
     pairs = [Pair(str(i), (f"prompt {i}",), ("a",), ("b",), (1.0, 0.0, 0.0)) for i in range(n)]
-    with pytest.raises(DataError, match=rf"{n} pair\(s\) with {n} distinct prompt\(s\) cannot be split.*"
-                                        rf"valid_fraction={fraction}"):
+    with pytest.raises(DataError, match=rf"{n} pair\(s\) with {n} distinct prompt\(s\), {n} in the largest class, "
+                                        rf"cannot be split.*valid_fraction={fraction}"):
         split_train_valid(pairs, None, fraction, 0)
+
+
+def test_a_largest_class_smaller_than_the_folds_is_a_data_error():
+    """12 distinct prompts are enough for 10 folds, but 4 pairs a class are not: sklearn's stratified folds refuse
+    (a ValueError traceback before), here one line naming the file."""
+    pairs = [Pair(str(i), (f"prompt {i}",), ("a",), ("b",), tuple(np.eye(3)[i % 3])) for i in range(12)]
+    with pytest.raises(DataError, match=r"^train.csv: 12 pair\(s\) with 12 distinct prompt\(s\), 4 in the largest "
+                                        r"class, cannot be split .* \(needs at least 10 of both\)"):
+        split_train_valid(pairs, None, 0.1, 0, "train.csv")
+    assert len(split_train_valid(pairs, None, 0.25, 0, "train.csv")[1]) == 3
 
 
 def test_validation_pairs_that_are_also_training_pairs_are_counted(tmp_path, caplog):

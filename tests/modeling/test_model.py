@@ -12,8 +12,8 @@ import tiny
 import torch
 from torch import nn
 
-from lmsys.builders import build_encoders, build_model
-from lmsys.config import Attention, ComputeDtype, Family, HeadInit, HeadType, PaddingSide
+from lmsys.builders import build_encoders, build_model, build_spec
+from lmsys.config import Attention, ComputeDtype, DataConfig, Family, HeadInit, HeadType, ModelConfig, PaddingSide
 from lmsys.data.batching import Example, collate, collate_packed, collate_padded, last_token_index
 from lmsys.data.dataset import encode_split
 from lmsys.data.io import pairs_from_frame
@@ -23,7 +23,7 @@ from lmsys.modeling.checkpoint import ADAPTER_FILES, HEAD_FILE, CheckpointError,
 from lmsys.modeling.families import FamilyError, check_family, resolve_attention
 from lmsys.modeling.heads import PreferenceHead
 from lmsys.modeling.model import PreferenceModel, unpad_rows
-from lmsys.modeling.model_facts import read_model_facts
+from lmsys.modeling.model_facts import ModelLoadError, read_model_facts
 
 CPU = torch.device("cpu")
 CASES = [
@@ -360,3 +360,27 @@ def test_building_an_adapter_prints_no_peft_deprecation_and_other_warnings_pass(
     messages = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
     assert "another deprecation" in messages
     assert not [m for m in messages if "gradient_checkpointing" in m]
+
+
+def test_a_model_dir_without_its_weights_is_refused_before_a_run_dir_is_claimed(tiny_models, tmp_path):
+    """build_spec (a run's first look at model.path, before the claim) finds the safetensors missing, a sharded
+    save's missing shard included; transformers would fail later, in a traceback, after the run dir was taken."""
+    def spec_of(path):
+        return build_spec(ModelConfig(path=str(path), family=Family.llama, max_length=128),
+                          DataConfig(train_path="unused"), packing=True)
+
+    weightless = shutil.copytree(tiny_models["llama"], tmp_path / "weightless")
+    (weightless / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=rf"^model.path={weightless}: no model.safetensors \(nor "):
+        spec_of(weightless)
+    sharded = shutil.copytree(tiny_models["llama"], tmp_path / "sharded")
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
+    weight_map = {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ModelLoadError, match=r"names 1 shard\(s\) that are missing, e.g. model-00002-of-00002"):
+        spec_of(sharded)
+    (sharded / "model-00001-of-00002.safetensors").rename(sharded / "model-00002-of-00002.safetensors")
+    with pytest.raises(ModelLoadError, match="e.g. model-00001-of-00002"):
+        spec_of(sharded)
+    assert spec_of(tiny_models["llama"]).base_model_path == str(tiny_models["llama"].resolve())
+
