@@ -87,6 +87,7 @@ def parse_config(schema: type[T], argv: list[str]) -> T:
     bad = [arg for arg in argv if "=" not in arg]
     if bad:
         raise ConfigError(f"arguments are key=value, got {bad[0]!r} (see --help)")
+    _check_read_as_written(argv)
     merged = OmegaConf.merge(OmegaConf.structured(schema), _from_cli(argv))
     check_list_items(merged)
     return OmegaConf.to_object(merged)
@@ -103,6 +104,20 @@ def _from_cli(argv: list[str]):
         for arg in argv:
             _parse_alone(arg)
         raise
+
+
+def _check_read_as_written(argv: list[str]) -> None:
+    """YAML reads ' #' (or a leading '#') as a comment and ': ' as a mapping: a path holding either would arrive
+    cut short or as a mapping, and the error would name another path. Refused with the quoting that keeps it."""
+    from lmsys.config import ConfigError
+
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if value.startswith(("[", "{", "'", '"')):
+            continue  # a list, a mapping or a quoted value: YAML as written
+        if value.startswith("#") or " #" in value or ": " in value or value.endswith(":"):
+            raise ConfigError(f"{arg!r}: YAML would read '#' as a comment or ': ' as a mapping; quote the value: "
+                              f"'{key}=\"{value}\"'")
 
 
 def _parse_alone(arg: str) -> None:

@@ -63,9 +63,10 @@ def start_wandb(accelerator, wandb: WandbConfig, config: dict, run_path: Path, r
     """wandb through accelerate's trackers, with the resolved config, before the model loads (a wandb that cannot
     start is one error line, not a traceback after minutes of loading). `run_id` (kept in the training state)
     makes a resumed run continue the same wandb run instead of starting another."""
+    from accelerate.utils import broadcast_object_list
     from wandb.errors import Error as WandbError
 
-    env = os.environ.get
+    env, error = os.environ.get, None
     try:
         accelerator.init_trackers(
             wandb.project or env("WANDB_PROJECT") or "lmsys", config=config,
@@ -73,9 +74,15 @@ def start_wandb(accelerator, wandb: WandbConfig, config: dict, run_path: Path, r
                                    "name": wandb.name or env("WANDB_NAME") or run_path.name,
                                    "dir": env("WANDB_DIR") or str(run_path), "id": run_id, "resume": "allow"}},
         )
-    except (WandbError, ValueError) as err:  # ValueError: settings wandb refuses (pydantic's, e.g. WANDB_MODE=bogus)
-        raise CommandError(f"wandb could not start: {one_line(err)} (log in with `wandb login` or WANDB_API_KEY, or "
-                           f"run with wandb.mode=offline)") from err
+    except WandbError as err:
+        error = (f"wandb could not start: {one_line(err)} (log in with `wandb login` or WANDB_API_KEY, or run with "
+                 f"wandb.mode=offline)")
+    except ValueError as err:  # settings wandb refuses (pydantic's, e.g. WANDB_MODE=bogus)
+        error = f"wandb could not start: {one_line(err)} (check the wandb.* options and the WANDB_* variables)"
+    if accelerator.num_processes > 1:  # wandb starts on the main process only: the others stop with it, rather
+        error = broadcast_object_list([error])[0]  # than load the model and fail at their first collective
+    if error is not None:
+        raise CommandError(error)
 
 
 def new_wandb_run_id() -> str:

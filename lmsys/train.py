@@ -30,8 +30,9 @@ def run_training(cfg: DictConfig) -> dict:
             recipe = TrainingRecipe.setup(config, run_path, resolved_yaml)
         except FinishedRun as finished:  # resume=true, e.g. a resumed sweep, and this job's run is done
             return skip_finished_run(run_path, finished, resolved_yaml)
-    state = recipe.train()
-    summary = recipe.finish()
+        # the run's own expected errors (a diverged loss, non-finite validation logits, a full disk) are one line too
+        state = recipe.train()
+        summary = recipe.finish()
     if state.interrupted:
         raise SystemExit(0)
     return summary

@@ -3,10 +3,15 @@ torch, transformers, peft, bitsandbytes or TRL loaded (together ~10 s to import 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
+
+from lmsys.cli import parse_config
+from lmsys.config import ConfigError
+from lmsys.prediction_config import PredictConfig
 
 COMMANDS = {"lmsys.predict": "PredictConfig", "lmsys.pseudo_label": "PseudoLabelConfig",
             "lmsys.export": "ExportConfig", "lmsys.generate": "GenerateConfig", "lmsys.warmup": "WarmupConfig"}
@@ -43,6 +48,19 @@ def test_a_value_that_is_no_yaml_is_one_line_naming_the_argument(argument, hint)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert done.stderr.startswith(f"error: '{argument}' is not key=value with a YAML value (expected ',' or ']'")
     assert ("predict_args=['formats=[pab,papb]']" in done.stderr) == hint
+
+
+def test_a_path_that_yaml_would_cut_or_map_is_refused_with_its_quoting():
+    """`data.test_path=/d/v #2/test.csv` arrived as /d/v (a comment), `/d/run: 2/t.csv` as a mapping: the errors
+    named a path the user never gave. The quoting the error shows keeps the path whole."""
+    for value in ("/d/v #2/test.csv", "/d/run: 2/test.csv", "#2.csv", "/d/run:"):
+        with pytest.raises(ConfigError, match=r"YAML would read '#' as a comment or ': ' as a mapping; quote the "
+                                              rf"value: 'data.test_path=\"{re.escape(value)}\"'"):
+            parse_config(PredictConfig, ["checkpoint=c", f"data.test_path={value}", "output=o.csv"])
+    quoted = parse_config(PredictConfig, ["checkpoint=c", 'data.test_path="/d/v #2/t.csv"', 'output="/d/run: 2.csv"'])
+    assert (quoted.data.test_path, quoted.output) == ("/d/v #2/t.csv", "/d/run: 2.csv")
+    assert parse_config(PredictConfig, ["checkpoint=c", "data.test_path=/d/v#2:x.csv", "output=o.csv"]).data.test_path \
+        == "/d/v#2:x.csv"  # no space before '#', none after ':': YAML reads them as written
 
 
 @pytest.mark.parametrize(("command", "argument", "shown"), [

@@ -235,7 +235,7 @@ def test_the_base_models_subfolders_stay_behind(tmp_path):
                                                                      "tokenizer.json"]
 
 
-def test_inference_script_launches_one_process_per_gpu_and_finds_test_csv(bundle, tmp_path):
+def test_inference_script_launches_one_process_per_gpu_and_finds_test_csv(bundle, tmp_path, capsys):
     out, test = tmp_path / "submission.csv", tmp_path / "test.csv"
     one = predict_command(bundle["bundle"], test, out, ["tta=false"], n_gpus=1)
     assert one[1:3] == ["-m", "lmsys.predict"] and one[-3:] == ["max_tokens=512", "show_progress=false", "tta=false"]
@@ -245,8 +245,10 @@ def test_inference_script_launches_one_process_per_gpu_and_finds_test_csv(bundle
     assert split[1:3] == ["-m", "lmsys.predict"]  # one process holding the model split over both GPUs
     unsplit = predict_command(bundle["bundle"], test, out, ["device_map=balanced", "device_map=null"], n_gpus=2)
     assert unsplit[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "2"]  # the later device_map wins
-    with pytest.raises(SystemExit, match="expected exactly one"):
+    with pytest.raises(SystemExit) as exited:
         find_test_file(tmp_path)
+    assert exited.value.code == 2 and capsys.readouterr().err.startswith(  # bad input: exit 2, as every command's
+        f"error: expected exactly one */test.csv or */test.parquet under {tmp_path}, found []")
     (tmp_path / "lmsys-chatbot-arena").mkdir()
     (tmp_path / "lmsys-chatbot-arena" / "test.csv").write_text("id\n")
     assert find_test_file(tmp_path) == tmp_path / "lmsys-chatbot-arena" / "test.csv"
@@ -255,8 +257,9 @@ def test_inference_script_launches_one_process_per_gpu_and_finds_test_csv(bundle
     (wsdm / "test.parquet").write_text("")
     assert find_test_file(tmp_path / "wsdm") == wsdm / "test.parquet"
     (tmp_path / "lmsys-chatbot-arena" / "test.parquet").write_text("")
-    with pytest.raises(SystemExit, match="expected exactly one"):  # two candidates: --test decides
+    with pytest.raises(SystemExit):  # two candidates: --test decides
         find_test_file(tmp_path)
+    assert "expected exactly one" in capsys.readouterr().err
 
 
 def test_manylinux_platform_accepts_older_glibc_tags():

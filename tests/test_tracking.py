@@ -11,7 +11,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from entry_runs import entry_env, finish, read_metrics, read_metrics_log, start_entry, tiny_overrides
+from entry_runs import (
+    ENTRY,
+    entry_env,
+    finish,
+    read_metrics,
+    read_metrics_log,
+    start,
+    start_entry,
+    tiny_overrides,
+    torchrun_command,
+)
 from tiny import arena_frame
 from wandb.proto.wandb_internal_pb2 import Record
 
@@ -161,10 +171,18 @@ def test_a_wandb_that_cannot_start_is_one_error_line_before_the_model_loads(tiny
     env = {key: value for key, value in entry_env(HOME=str(tmp_path / "home"), WANDB_MODE="online").items()
            if key != "WANDB_API_KEY"}
     overrides = tiny_overrides(tiny_models["llama"], tmp_path / "train.csv", tmp_path / "train.csv")
-    log = tmp_path / "run.log"
+    log, ddp_log = tmp_path / "run.log", tmp_path / "ddp.log"
     process = start_entry([*overrides, "use_wandb=true", f"hydra.run.dir={tmp_path / 'run'}"], log, env)
-    assert process.wait(timeout=120) == 2
+    # two processes: wandb starts on rank 0 alone, and rank 1 stops with it (it loaded the model and died in gloo)
+    ddp = start(torchrun_command(ENTRY, ["--config-name", "conf_r_llama_smol", *overrides, "use_wandb=true",
+                                         f"hydra.run.dir={tmp_path / 'ddp'}"]),
+                ddp_log, {**env, "WANDB_MODE": "bogus", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    assert process.wait(timeout=120) == 2 and ddp.wait(timeout=180) != 0
     lines = [line for line in log.read_text().splitlines() if line.startswith("error:")]
     assert lines == [next(line for line in lines if line.startswith("error: wandb could not start: No API key"))]
     assert not (tmp_path / "run" / "checkpoint").exists() and "Traceback" not in log.read_text()
     assert not (tmp_path / "run" / "lmsys_run.txt").exists()  # no killed run left: the corrected command goes ahead
+    ddp_lines = [line for line in ddp_log.read_text().splitlines() if line.startswith("error:")]
+    assert len(ddp_lines) == 2 and all("check the wandb.* options and the WANDB_* variables" in line
+                                       for line in ddp_lines), ddp_log.read_text()[-3000:]
+    assert "Loading weights" not in ddp_log.read_text() and "gloo" not in ddp_log.read_text()

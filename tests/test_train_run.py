@@ -5,6 +5,7 @@ the base model untouched, max_steps=0, overwrite protection, the family check)."
 import hashlib
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -399,6 +400,26 @@ def test_the_family_check_says_why(entry_family, config_name, kind, named, tiny_
     assert result.returncode == 2
     assert named in result.stderr and entry_family in result.stderr
     assert (REPO / "lmsys" / "code" / named).is_file()  # the script it names exists
+
+
+def test_a_diverged_run_and_a_model_without_weights_are_one_error_line(tiny_models, arena_files, tmp_path):
+    """A loss gone NaN mid-run (here lr 1e30) stops the run with one line, exit 2, as a setup error does (it was a
+    traceback, exit 1); a model.path without weights is refused before the run dir is claimed."""
+    weightless = shutil.copytree(tiny_models["llama"], tmp_path / "weightless")
+    (weightless / "model.safetensors").unlink()
+    diverging = ("trainer.max_steps=4", "optimizer.lr=1e30", "optimizer.head_lr=1e30", "trainer.max_grad_norm=null",
+                 "model.quantization=none")
+    diverged, refused = run_side_by_side([
+        entry_command("llama", "conf_r_llama_smol", tiny_models["llama"], arena_files, tmp_path / "nan", *diverging),
+        entry_command("llama", "conf_r_llama_smol", weightless, arena_files, tmp_path / "none")], cwd=REPO)
+    assert diverged.returncode == 2 and "Traceback" not in diverged.stderr, diverged.stderr[-3000:]
+    error = [line for line in diverged.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and re.match(r"error: update \d: the training loss is (nan|inf); no step taken", error[0])
+    assert not (tmp_path / "nan" / "metrics.json").exists()  # no finished run to pass for a result
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"error: model.path={weightless}: no model.safetensors (nor model.safetensors.index.json): the weights are "
+        f"missing")
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
 
 
 def test_a_run_dir_that_is_not_a_run_is_refused_and_kept(tiny_models, arena_files, tmp_path):

@@ -31,7 +31,7 @@ def install(wheel_dir: Path) -> None:
     pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheel_dir),
            "--disable-pip-version-check", "--quiet"]
     if len(own) != 1:
-        raise SystemExit(f"error: {wheel_dir}: expected one lmsys wheel, found {[w.name for w in own]}")
+        fail(f"{wheel_dir}: expected one lmsys wheel, found {[w.name for w in own]}")
     others = [w for w in wheels if w not in own]
     if others:
         subprocess.run([*pip, *map(str, others)], check=True)
@@ -44,9 +44,15 @@ def find_test_file(input_dir: Path) -> Path:
     found = sorted(path for pattern in ("*/test.csv", "*/test.parquet", "competitions/*/test.csv",
                                         "competitions/*/test.parquet") for path in input_dir.glob(pattern))
     if len(found) != 1:
-        raise SystemExit(f"error: expected exactly one */test.csv or */test.parquet under {input_dir}, found "
-                         f"{[str(p) for p in found]}; add the competition to the notebook or pass --test PATH")
+        fail(f"expected exactly one */test.csv or */test.parquet under {input_dir}, found {[str(p) for p in found]}; "
+             f"add the competition to the notebook or pass --test PATH")
     return found[0]
+
+
+def fail(message: str) -> None:
+    """Bad input as every lmsys command reports it: one line, exit status 2 (this script imports no lmsys)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def gpu_count() -> int:

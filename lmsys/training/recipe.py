@@ -317,8 +317,8 @@ def check_finite_loss(loss: float, update: int) -> None:
     that the weights and the last saved state stay as they were. Every process holds the same reduced loss."""
     if not math.isfinite(loss):
         raise FloatingPointError(f"update {update}: the training loss is {loss}; no step taken (the weights diverged "
-                                 f"or overflowed: lower trainer.lr, or compute in float32/bfloat16; resume=true "
-                                 f"continues from the last saved state)")
+                                 f"or overflowed): start again with a lower optimizer.lr or trainer.max_grad_norm "
+                                 f"(overwrite=true), or compute in float32/bfloat16")
 
 
 def skip_finished_run(run_path: Path, finished: FinishedRun, resolved_yaml: str) -> dict:
