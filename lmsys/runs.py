@@ -43,7 +43,10 @@ def is_run_dir(path: Path, legacy: bool = True) -> bool:
 
 
 class FinishedRun(RunDirError):
-    """resume=true on a run that has finished: nothing to do (a resumed sweep skips its finished jobs)."""
+    """resume=true on a run that has finished: nothing to do (a resumed sweep skips its finished jobs).
+    `plan_changes`: how this config's plan differs from the run's (None: not compared)."""
+
+    plan_changes: list[str] | None = None
 
 
 class RunDir:
@@ -102,8 +105,8 @@ class RunDir:
             )
 
     def _hold_lock(self) -> None:
-        """This process's exclusive lock on the run dir until it exits; refused while another process holds it (a
-        run still going, whose files a second run or a resume would mix with or remove)."""
+        """This process's exclusive lock on the run dir until its run is over (`release_lock`); refused while another
+        process holds it (a run still going, whose files a second run or a resume would mix with or remove)."""
         key = self.path.resolve()
         if key in _HELD_LOCKS:
             return
@@ -118,6 +121,13 @@ class RunDir:
             raise RunDirError(f"{self.path} is in use by a run that is still going (another process holds its "
                               f"{LOCK_FILE}); wait for it to end, or choose another hydra.run.dir") from None
         _HELD_LOCKS[key] = handle
+
+    def release_lock(self) -> None:
+        """The run is over in this process (finished, skipped, stopped or failed): the next job of an in-process
+        sweep, or a resume from another shell, may take the directory."""
+        handle = _HELD_LOCKS.pop(self.path.resolve(), None)
+        if handle is not None:
+            handle.close()  # closing the file releases its flock
 
     def forget_unstarted(self) -> None:
         """A run that failed before its first training state (wandb could not start) leaves no run behind, so that

@@ -15,27 +15,34 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmsys.cli import command_errors
 from lmsys.config import validated_config
-from lmsys.runs import FinishedRun
+from lmsys.runs import FinishedRun, RunDir
 
 
 def run_training(cfg: DictConfig) -> dict:
+    run_path = Path(HydraConfig.get().runtime.output_dir)
     with command_errors():
         config = validated_config(cfg)  # every __post_init__ rule; fails on ??? left unset and on unknown keys
-        from lmsys.training.recipe import TrainingRecipe, skip_finished_run  # torch, transformers, peft: after
-        # the config is checked
-
-        run_path = Path(HydraConfig.get().runtime.output_dir)
-        resolved_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         try:
-            recipe = TrainingRecipe.setup(config, run_path, resolved_yaml)
-        except FinishedRun as finished:  # resume=true, e.g. a resumed sweep, and this job's run is done
-            return skip_finished_run(run_path, finished, resolved_yaml)
-        # the run's own expected errors (a diverged loss, non-finite validation logits, a full disk) are one line too
-        state = recipe.train()
-        summary = recipe.finish()
-    if state.interrupted:
+            summary, interrupted = _train(config, run_path, OmegaConf.to_yaml(cfg, resolve=True))
+        finally:  # an in-process sweep's finished job frees its dir for a resume from another shell
+            RunDir(run_path, is_main=True).release_lock()
+    if interrupted:
         raise SystemExit(0)
     return summary
+
+
+def _train(config, run_path: Path, resolved_yaml: str) -> tuple[dict, bool]:
+    """The run's summary and whether a signal stopped it; the run's own expected errors (a diverged loss,
+    non-finite validation logits, a full disk) reach command_errors as a setup error does."""
+    from lmsys.training.recipe import TrainingRecipe, skip_finished_run  # torch, transformers, peft: after the
+    # config is checked
+
+    try:
+        recipe = TrainingRecipe.setup(config, run_path, resolved_yaml)
+    except FinishedRun as finished:  # resume=true, e.g. a resumed sweep, and this job's run is done
+        return skip_finished_run(run_path, finished, resolved_yaml), False
+    state = recipe.train()
+    return recipe.finish(), state.interrupted
 
 
 if __name__ == "__main__":

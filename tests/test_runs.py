@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from lmsys.config import ConfigError
 from lmsys.runs import LOCK_FILE, RUN_MARKER, FinishedRun, RunDir, RunDirError, write_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,6 +184,43 @@ def test_a_run_dir_in_use_by_a_live_process_is_refused(tmp_path):
         holder.wait()
     RunDir(tmp_path / "run", True).claim(overwrite=False, resume=True)  # killed: its lock went with it
     RunDir(tmp_path / "run", True).claim(overwrite=False, resume=True)  # this process's own claim, again
+
+
+def test_a_run_over_in_its_process_frees_its_dir(tmp_path):
+    """An in-process sweep kept every finished job's lock until the sweep ended: a resume of a finished job from
+    another shell was told its run was "still going". The lock is released when the job is over."""
+    run = RunDir(tmp_path / "run", True)
+    run.claim(overwrite=False, resume=False)
+    take_lock = [sys.executable, "-c", (
+        "import fcntl, sys\n"
+        f"handle = open({str(tmp_path / 'run' / LOCK_FILE)!r}, 'a')\n"
+        "try:\n    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(1)\n")]
+    assert subprocess.run(take_lock, check=False).returncode == 1  # held while the run goes on
+    run.release_lock()
+    run.release_lock()  # released already: nothing to do
+    assert subprocess.run(take_lock, check=False).returncode == 0
+
+
+def test_a_run_dir_inside_another_run_is_refused_and_what_hydra_made_there_goes(tmp_path):
+    """Hydra makes hydra.run.dir before the run's checks: the refusal left empty directories in the other run."""
+    from lmsys.training.recipe import open_run_dir
+
+    other = tmp_path / "other"
+    RunDir(other, True).claim(overwrite=False, resume=False)
+    (other / "checkpoint").mkdir()
+    (other / "checkpoint" / "adapter.safetensors").write_text("weights")
+    nested = other / "checkpoint" / "sub" / "deeper"
+    nested.mkdir(parents=True)  # as Hydra makes it
+    config = SimpleNamespace(model=SimpleNamespace(path=str(tmp_path / "model"), init_from=None), overwrite=False,
+                             resume=False, data=SimpleNamespace(train_path=str(tmp_path / "t.csv"), valid_path=None))
+    with pytest.raises(ConfigError, match=rf"^the run dir={nested} lies inside the run dir {other}"):
+        open_run_dir(nested, config, SimpleNamespace(is_main_process=True, num_processes=1), {})
+    assert sorted(p.name for p in (other / "checkpoint").iterdir()) == ["adapter.safetensors"]
+    (tmp_path / "mine" / "deeper").mkdir(parents=True)  # outside any run: a refusal there leaves the user's dirs
+    with pytest.raises(ConfigError):
+        open_run_dir(tmp_path / "mine" / "deeper", SimpleNamespace(**{**vars(config), "model": SimpleNamespace(
+            path=str(tmp_path / "mine"), init_from=None)}), SimpleNamespace(is_main_process=True, num_processes=1), {})
+    assert (tmp_path / "mine" / "deeper").is_dir()
 
 
 def test_resume_of_a_finished_run_says_so_and_is_told_apart_from_a_refusal(tmp_path):

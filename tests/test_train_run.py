@@ -288,17 +288,23 @@ def test_llama_run_dir_is_complete(llama_run, tiny_models, arena_files):
 def rerun(llama_run, tiny_models, arena_files, tmp_path_factory):
     """A copy of the finished llama run; a second run into it without overwrite=true, then one with it and
     trainer.max_steps=0 (the same seed: the same initial weights)."""
-    run_dir = tmp_path_factory.mktemp("rerun") / "again"
-    shutil.copytree(llama_run, run_dir)
+    root = tmp_path_factory.mktemp("rerun")
+    run_dir, resumed, same_plan, other_plan = (root / name for name in ("again", "resumed", "same_plan", "other_plan"))
+    for directory in (run_dir, resumed, same_plan, other_plan):  # one each: they run at once, and each takes its lock
+        shutil.copytree(llama_run, directory)
     finished = tree_digest(run_dir)
-    refused = run_entry("llama", "conf_r_llama_smol", tiny_models["llama"], arena_files, run_dir, timeout=120)
-    skipped = run_entry("llama", "conf_r_llama_smol", tiny_models["llama"], arena_files, run_dir, "resume=true",
-                        timeout=120)
-    untouched = tree_digest(run_dir) == finished
+    refused, skipped, same, other = run_side_by_side([entry_command(
+        "llama", "conf_r_llama_smol", tiny_models["llama"], arena_files, directory, *extra) for directory, extra in (
+            (run_dir, ()), (resumed, ("resume=true",)),
+            # the same pairs per update, another log frequency: a resume of the unfinished run would go on
+            (same_plan, ("resume=true", "trainer.batch_size=1", "trainer.grad_accum=2", "trainer.log_frequency=7")),
+            (other_plan, ("resume=true", "optimizer.lr=0.1")))], cwd=REPO)
+    untouched = all(tree_digest(directory) == finished for directory in (run_dir, resumed, same_plan, other_plan))
     result = run_entry("llama", "conf_r_llama_smol", tiny_models["llama"], arena_files, run_dir, "overwrite=true",
                        "trainer.max_steps=0")
     assert result.returncode == 0, result.stderr[-4000:]
-    return {"dir": run_dir, "refused": refused, "skipped": skipped, "untouched": untouched}
+    return {"dir": run_dir, "refused": refused, "skipped": skipped, "untouched": untouched, "same": same,
+            "other": other}
 
 
 def tree_digest(directory: Path) -> dict[str, str]:
@@ -315,6 +321,12 @@ def test_refuses_to_overwrite_a_finished_run(rerun):
     # resume=true (e.g. a resumed sweep's finished job) is no error: nothing to resume, the run as it was
     skipped = rerun["skipped"]
     assert skipped.returncode == 0 and "holds a finished run: nothing to resume" in skipped.stderr, skipped.stderr
+    # judged by the run's plan (recorded in run_info.json), as a resume of it unfinished would be
+    assert rerun["same"].returncode == 0 and "nothing to resume" in rerun["same"].stderr, rerun["same"].stderr
+    other = rerun["other"]
+    assert other.returncode == 2 and other.stderr.strip().splitlines()[-1].startswith(
+        f"error: resume=true: {rerun['dir'].parent / 'other_plan'} finished under other settings (optimizer: "), \
+        other.stderr[-3000:]
 
 
 def test_max_steps_0_only_evaluates_the_initial_model(rerun, llama_run, tiny_models, arena_files):

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from lmsys import builders
 from lmsys.cli import CommandError
-from lmsys.config import TrainConfig
+from lmsys.config import ConfigError, TrainConfig
 from lmsys.data.batching import collate
 from lmsys.data.dataset import EncodedSplit, encode_split
 from lmsys.evaluation.metrics import save_reliability_diagram
@@ -35,7 +35,7 @@ from lmsys.modeling.checkpoint import ModelSpec, save_checkpoint
 from lmsys.modeling.compute_dtype import dtype_record
 from lmsys.modeling.losses import preference_loss
 from lmsys.modeling.warm_start import check_warm_start
-from lmsys.output_paths import check_output_paths
+from lmsys.output_paths import check_output_paths, enclosing_run
 from lmsys.provenance import SWEEP_ID, run_info
 from lmsys.runs import FINISHED_MARKER, FinishedRun, RunDir, RunDirError
 from lmsys.tracking import Tracker, forget_after, new_wandb_run_id, start_wandb
@@ -48,10 +48,13 @@ from lmsys.training.state import (
     LoopState,
     check_resumable,
     model_plan,
+    plan_changes,
+    recorded_plan,
     restore_state,
     run_plan,
     save_training_state,
     saved_wandb_run_id,
+    state_plan,
 )
 
 log = logging.getLogger("lmsys")
@@ -93,29 +96,30 @@ class TrainingRecipe:
         """Data checked before the run dir is claimed, and the run dir claimed before any model loads."""
         with held_records() as early_records:  # logged again once the run's log exists (open_run_dir)
             train_pairs, valid_pairs = builders.build_splits(config)
-        spec = builders.build_spec(config.model, config.data, config.trainer.packing, config.trainer.tta_mode)
-        if config.model.init_from:
-            check_warm_start(spec, config.lora, config.model.init_from, config.model.finetune)
-        accelerator = builders.build_accelerator(config, run_path)
-        grad_scaler = builders.build_grad_scaler(config.model, accelerator.device)
-        builders.check_optimizer(config.optimizer)
-        builders.check_lora(config.model, config.lora)
-        builders.check_training_attention(spec, accelerator.device)
-        tokenizer = builders.build_tokenizer(config.model.path, config.model.trust_remote_code)
-        encoders = builders.build_encoders(spec, tokenizer)  # checks that max_length holds the layout
-        run = open_run_dir(run_path, config, accelerator)
+            spec = builders.build_spec(config.model, config.data, config.trainer.packing, config.trainer.tta_mode)
+            if config.model.init_from:
+                check_warm_start(spec, config.lora, config.model.init_from, config.model.finetune)
+            accelerator = builders.build_accelerator(config, run_path)
+            grad_scaler = builders.build_grad_scaler(config.model, accelerator.device)
+            builders.check_optimizer(config.optimizer)
+            builders.check_lora(config.model, config.lora)
+            builders.check_training_attention(spec, accelerator.device)
+            tokenizer = builders.build_tokenizer(config.model.path, config.model.trust_remote_code)
+            encoders = builders.build_encoders(spec, tokenizer)  # checks that max_length holds the layout
+            set_seed(config.seed)
+            train_split, valid_split = encode_split(train_pairs, encoders), encode_split(valid_pairs, encoders)
+            settings = builders.build_loop_settings(config, spec, len(train_split), accelerator.num_processes,
+                                                    tokenizer.pad_token_id)
+            warn_idle_patience(settings)
+            # the plan a resume must continue: known before the claim, which finds a finished run to compare with
+            plan = run_plan(settings, asdict(config.optimizer), train_split, valid_split,
+                            model_plan(config.model, config.lora))
+        run = open_run_dir(run_path, config, accelerator, plan)
         early_records.replay()
         log.info("run dir %s; %d train pairs, %d valid pairs", run_path, len(train_pairs), len(valid_pairs))
-        set_seed(config.seed)
-        train_split, valid_split = encode_split(train_pairs, encoders), encode_split(valid_pairs, encoders)
-        settings = builders.build_loop_settings(config, spec, len(train_split), accelerator.num_processes,
-                                                tokenizer.pad_token_id)
-        warn_idle_patience(settings)
-        plan = run_plan(settings, asdict(config.optimizer), train_split, valid_split,
-                        model_plan(config.model, config.lora))
         if config.resume:
             check_resumable(run_path, plan, accelerator.num_processes)
-        record_run(run, config, accelerator, resolved_yaml)
+        record_run(run, config, accelerator, resolved_yaml, plan)
         try:
             wandb_run_id = start_tracking(config, accelerator, run_path)
         except CommandError:
@@ -323,10 +327,13 @@ def check_finite_loss(loss: float, update: int) -> None:
 
 def skip_finished_run(run_path: Path, finished: FinishedRun, resolved_yaml: str) -> dict:
     """resume=true on a finished run: its metrics as they are; in a multirun it joins the sweep's summary (its
-    run_info.json records the sweep, as a resumed run's does). Refused when it was trained under other settings:
-    its results would pass for this config's."""
+    run_info.json records the sweep, as a resumed run's does). Refused when it was trained under another plan (as a
+    resume of it unfinished would be; a run whose states record none: any other setting): its results would pass
+    for this config's."""
     saved = run_path / "config.yaml"
-    changed = changed_settings(saved.read_text(), resolved_yaml) if saved.is_file() else []
+    changed = finished.plan_changes  # what a resume of the unfinished run would refuse (None: it saved no plan)
+    if changed is None:
+        changed = changed_settings(saved.read_text(), resolved_yaml) if saved.is_file() else []
     if changed:
         raise RunDirError(f"resume=true: {run_path} finished under other settings ({'; '.join(changed[:5])}), so its "
                           f"results are not this config's; restore them, or pass overwrite=true to train it again")
@@ -383,27 +390,52 @@ def warn_idle_patience(settings: LoopSettings) -> None:
                     "%d updates)", settings.patience, evaluations, settings.eval_frequency, settings.total_updates)
 
 
-def open_run_dir(run_path: Path, config: TrainConfig, accelerator) -> RunDir:
-    """Claim the run dir (refusing another run's, and one that holds or lies inside an input) and start the log."""
+def open_run_dir(run_path: Path, config: TrainConfig, accelerator, plan: dict) -> RunDir:
+    """Claim the run dir (refusing another run's, and one that holds or lies inside an input) and start the log.
+    A finished run that resume=true finds is told apart by `plan`, as an unfinished one would be resumed or not."""
     inputs = {"model.path": config.model.path, "model.init_from": config.model.init_from,
               "data.train_path": config.data.train_path, "data.valid_path": config.data.valid_path}
-    check_output_paths(inputs, {"the run dir": run_path}, directory_outputs=frozenset({"the run dir"}),
-                       run_dir_outputs=frozenset({"the run dir"}))
+    try:
+        check_output_paths(inputs, {"the run dir": run_path}, directory_outputs=frozenset({"the run dir"}),
+                           run_dir_outputs=frozenset({"the run dir"}))
+    except ConfigError:
+        remove_made_inside_a_run(run_path)
+        raise
     run = RunDir(run_path, accelerator.is_main_process)
-    run.claim(config.overwrite, config.resume)
+    try:
+        run.claim(config.overwrite, config.resume)
+    except FinishedRun as finished:  # its plan: of its last state, else the one it recorded at its start
+        saved = state_plan(run_path) or recorded_plan(run_path)
+        finished.plan_changes = plan_changes(saved, plan, accelerator.num_processes)
+        raise
     accelerator.wait_for_everyone()
     # a resume's log file waits for record_run: a resume refused under another plan leaves train.log as it was
     setup_logging(accelerator.is_main_process, run.path / "train.log", waits=config.resume)
     return run
 
 
-def record_run(run: RunDir, config: TrainConfig, accelerator, resolved_yaml: str) -> None:
-    """The config and provenance, once the run is known to go ahead (a refused resume keeps the run's own)."""
+def remove_made_inside_a_run(run_path: Path) -> None:
+    """Hydra makes hydra.run.dir before any code of ours runs: refused for lying inside another run's directory,
+    the empty directories it made there go again (that run holds only its own files)."""
+    path = run_path.resolve()
+    run = enclosing_run(path, itself=False)
+    for directory in (path, *path.parents) if run is not None else ():
+        if directory == run:
+            return
+        try:
+            directory.rmdir()  # empty ones only
+        except OSError:
+            return
+
+
+def record_run(run: RunDir, config: TrainConfig, accelerator, resolved_yaml: str, plan: dict) -> None:
+    """The config and provenance, once the run is known to go ahead (a refused resume keeps the run's own); the
+    plan, which a resume=true that finds the run finished compares with (its states may be none)."""
     start_log_file()
     run.write_text("config.yaml", resolved_yaml)
     dtype = dtype_record(config.model.compute_dtype.value, accelerator.device, config.model.path)  # every rank
     run.write_json("run_info.json", {**run_info(accelerator.num_processes, accelerator.distributed_type.value),
-                                     "compute_dtype": dtype})
+                                     "compute_dtype": dtype, "plan": plan})
 
 
 def release(accelerator) -> None:

@@ -103,23 +103,43 @@ def split_digest(split: EncodedSplit) -> str:
 
 def check_resumable(run_path: Path, plan: dict, processes: int) -> None:
     """Before any model loads: the state that `resume=true` would continue was saved under this plan."""
+    changed = plan_changes(state_plan(run_path), plan, processes)
+    if changed is None and find_state(run_path) is not None:
+        log.warning("%s records no plan (saved by an older lmsys): resuming without checking the config", run_path)
+    if changed:
+        raise ResumeError(f"resume=true: {run_path} was trained with another plan, so it cannot continue as the same "
+                          f"run: {'; '.join(changed)}. Restore those settings, or pass overwrite=true to start again")
+
+
+def state_plan(run_path: Path) -> dict | None:
+    """The plan the run dir's latest state was saved under; None without a state or with one that records none."""
     directory = find_state(run_path)
     if directory is None:
-        return
-    saved = json.loads((directory / LOOP_FILE).read_text()).get("plan")
+        return None
+    return json.loads((directory / LOOP_FILE).read_text()).get("plan") or None
+
+
+def recorded_plan(run_path: Path) -> dict | None:
+    """The plan a run recorded in its run_info.json at its start; None without one (an older run's, unreadable)."""
+    try:
+        info = json.loads((run_path / "run_info.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (info.get("plan") or None) if isinstance(info, dict) else None
+
+
+def plan_changes(saved: dict | None, plan: dict, processes: int) -> list[str] | None:
+    """How `plan` differs from a `saved` one (with a hint on the pairs per update); None when there is none."""
     if not saved:
-        log.warning("%s records no plan (saved by an older lmsys): resuming without checking the config", directory)
-        return
+        return None
     changed = [f"{key}: {saved[key]} in the state, {value} now" for key, value in plan.items()
                if key in saved and saved[key] != value]  # a state saved before a key was planned: unchecked
-    if not changed:
-        return
     saved_pairs = saved.get(PAIRS_PER_UPDATE)
-    if saved_pairs != plan[PAIRS_PER_UPDATE] and isinstance(saved_pairs, int) and saved_pairs % processes == 0:
+    other_layout = isinstance(saved_pairs, int) and saved_pairs != plan[PAIRS_PER_UPDATE]
+    if changed and other_layout and saved_pairs % processes == 0:
         changed.append(f"with {processes} process{'es' if processes > 1 else ''}, trainer.batch_size x "
                        f"trainer.grad_accum = {saved_pairs // processes} keeps {saved_pairs} pairs per update")
-    raise ResumeError(f"resume=true: {run_path} was trained with another plan, so it cannot continue as the same run: "
-                      f"{'; '.join(changed)}. Restore those settings, or pass overwrite=true to start again")
+    return changed
 
 
 def save_training_state(run: RunDir, model: torch.nn.Module, optimizer, scheduler, loop: LoopState,
