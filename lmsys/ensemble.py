@@ -271,6 +271,11 @@ def check_paths(args: argparse.Namespace) -> list[Path]:
     check_output_paths(inputs, {"--out": args.out}, directory_outputs=frozenset({"--out"}))
     if args.oof and args.submissions and len(args.oof) != len(args.submissions):
         raise ConfigError(f"{len(args.submissions)} --submissions for {len(args.oof)} --oof files (one per model)")
+    for flag, files in (("--oof", args.oof or []), ("--submissions", args.submissions or [])):
+        resolved = [Path(path).resolve() for path in files]
+        twice = next((path for k, path in enumerate(files) if resolved[k] in resolved[:k]), None)
+        if twice is not None:  # one model counted as two: the fit splits its weight, a summary weighs it twice
+            raise ConfigError(f"{flag}: {twice} is given twice; name each model's file once")
     earlier = [Path(args.out) / name for name in OUTPUT_FILES if (Path(args.out) / name).exists()]
     if earlier and not args.overwrite:
         raise ConfigError(f"--out {args.out} already holds an ensemble's {' and '.join(p.name for p in earlier)}; "

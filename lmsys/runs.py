@@ -49,6 +49,15 @@ class FinishedRun(RunDirError):
     plan_changes: list[str] | None = None
 
 
+def release_lock(path: str | Path) -> None:
+    """The run in `path` is over in this process (finished, skipped, stopped or failed): the next job of an
+    in-process sweep, or a resume from another shell, may take the directory. Nothing when this process holds
+    no lock on it (a rank other than the main one)."""
+    handle = _HELD_LOCKS.pop(Path(path).resolve(), None)
+    if handle is not None:
+        handle.close()  # closing the file releases its flock
+
+
 class RunDir:
     def __init__(self, path: str | Path, is_main: bool) -> None:
         self.path = Path(path)
@@ -105,7 +114,7 @@ class RunDir:
             )
 
     def _hold_lock(self) -> None:
-        """This process's exclusive lock on the run dir until its run is over (`release_lock`); refused while another
+        """This process's exclusive lock on the run dir until its run is over (release_lock); refused while another
         process holds it (a run still going, whose files a second run or a resume would mix with or remove)."""
         key = self.path.resolve()
         if key in _HELD_LOCKS:
@@ -121,13 +130,6 @@ class RunDir:
             raise RunDirError(f"{self.path} is in use by a run that is still going (another process holds its "
                               f"{LOCK_FILE}); wait for it to end, or choose another hydra.run.dir") from None
         _HELD_LOCKS[key] = handle
-
-    def release_lock(self) -> None:
-        """The run is over in this process (finished, skipped, stopped or failed): the next job of an in-process
-        sweep, or a resume from another shell, may take the directory."""
-        handle = _HELD_LOCKS.pop(self.path.resolve(), None)
-        if handle is not None:
-            handle.close()  # closing the file releases its flock
 
     def forget_unstarted(self) -> None:
         """A run that failed before its first training state (wandb could not start) leaves no run behind, so that

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmsys.cli import command_errors
 from lmsys.config import validated_config
-from lmsys.runs import FinishedRun, RunDir
+from lmsys.runs import FinishedRun, release_lock
 
 
 def run_training(cfg: DictConfig) -> dict:
@@ -25,7 +25,7 @@ def run_training(cfg: DictConfig) -> dict:
         try:
             summary, interrupted = _train(config, run_path, OmegaConf.to_yaml(cfg, resolve=True))
         finally:  # an in-process sweep's finished job frees its dir for a resume from another shell
-            RunDir(run_path, is_main=True).release_lock()
+            release_lock(run_path)
     if interrupted:
         raise SystemExit(0)
     return summary

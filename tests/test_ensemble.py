@@ -167,8 +167,10 @@ def test_invalid_oof_files_are_named(tmp_path: Path, column, row, value, message
     if column != "label":  # the second file is checked as well, and a submission like an OOF file
         with pytest.raises(DataError, match=rf"{bad}: .*{message}"):
             ensemble(["--oof", str(good), str(bad), "--out", str(tmp_path / "out")])
+        twin = tmp_path / "twin.csv"  # another model's file (the same file twice is refused)
+        twin.write_bytes(good.read_bytes())
         with pytest.raises(DataError, match=rf"{bad}: .*{message}"):
-            ensemble(["--oof", str(good), str(good), "--submissions", str(good), str(bad),
+            ensemble(["--oof", str(good), str(twin), "--submissions", str(good), str(bad),
                       "--out", str(tmp_path / "o")])
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()  # nothing created before the checks
 
@@ -242,6 +244,8 @@ def test_the_output_never_replaces_an_input(tmp_path: Path) -> None:
     assert sub.read_bytes() == before and list((tmp_path / "ens").iterdir()) == [sub]
     with pytest.raises(ConfigError, match="2 --submissions for 1 --oof files"):
         ensemble(["--oof", str(oof), "--submissions", str(sub), str(sub), "--out", str(tmp_path / "other")])
+    with pytest.raises(ConfigError, match=r"--oof: .*oof.csv is given twice; name each model's file once"):
+        ensemble(["--oof", str(oof), str(tmp_path / "." / "oof.csv"), "--out", str(tmp_path / "other")])
 
 
 def test_oof_files_must_share_their_labels(tmp_path: Path) -> None:

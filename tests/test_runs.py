@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from lmsys.config import ConfigError
-from lmsys.runs import LOCK_FILE, RUN_MARKER, FinishedRun, RunDir, RunDirError, write_file
+from lmsys.runs import LOCK_FILE, RUN_MARKER, FinishedRun, RunDir, RunDirError, release_lock, write_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -196,8 +196,8 @@ def test_a_run_over_in_its_process_frees_its_dir(tmp_path):
         f"handle = open({str(tmp_path / 'run' / LOCK_FILE)!r}, 'a')\n"
         "try:\n    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(1)\n")]
     assert subprocess.run(take_lock, check=False).returncode == 1  # held while the run goes on
-    run.release_lock()
-    run.release_lock()  # released already: nothing to do
+    release_lock(tmp_path / "run")
+    release_lock(tmp_path / "run")  # released already: nothing to do
     assert subprocess.run(take_lock, check=False).returncode == 0
 
 
