@@ -116,8 +116,15 @@ def _check_read_as_written(argv: list[str]) -> None:
         if value.startswith(("[", "{", "'", '"')):
             continue  # a list, a mapping or a quoted value: YAML as written
         if value.startswith("#") or " #" in value or ": " in value or value.endswith(":"):
-            raise ConfigError(f"{arg!r}: YAML would read '#' as a comment or ': ' as a mapping; quote the value: "
-                              f"'{key}=\"{value}\"'")
+            raise ConfigError(f"{arg!r}: YAML would read '#' as a comment or ': ' as a mapping; quote the value "
+                              f"(single quotes keep it as written): \"{key_value(key, value)}\"")
+
+
+def key_value(key: str, value: object) -> str:
+    """`key='value'`: an argument that `parse_config` reads back as the value written (a path with ' #', ': ' or
+    backslashes included; YAML's single quotes take no escapes but a doubled quote)."""
+    text = str(value).replace("'", "''")
+    return f"{key}='{text}'"
 
 
 def _parse_alone(arg: str) -> None:

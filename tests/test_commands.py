@@ -3,13 +3,12 @@ torch, transformers, peft, bitsandbytes or TRL loaded (together ~10 s to import 
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 
 import pytest
 
-from lmsys.cli import parse_config
+from lmsys.cli import key_value, parse_config
 from lmsys.config import ConfigError
 from lmsys.prediction_config import PredictConfig
 
@@ -52,11 +51,15 @@ def test_a_value_that_is_no_yaml_is_one_line_naming_the_argument(argument, hint)
 
 def test_a_path_that_yaml_would_cut_or_map_is_refused_with_its_quoting():
     """`data.test_path=/d/v #2/test.csv` arrived as /d/v (a comment), `/d/run: 2/t.csv` as a mapping: the errors
-    named a path the user never gave. The quoting the error shows keeps the path whole."""
-    for value in ("/d/v #2/test.csv", "/d/run: 2/test.csv", "#2.csv", "/d/run:"):
-        with pytest.raises(ConfigError, match=r"YAML would read '#' as a comment or ': ' as a mapping; quote the "
-                                              rf"value: 'data.test_path=\"{re.escape(value)}\"'"):
+    named a path the user never gave. The quoting the error shows keeps the path whole, backslashes included (YAML's
+    double quotes would read `\n` as a newline)."""
+    for value in ("/d/v #2/test.csv", "/d/run: 2/test.csv", "#2.csv", "/d/run:", r"C:\new: x\o.csv", "it's #1"):
+        with pytest.raises(ConfigError, match=r"YAML would read '#' as a comment or ': ' as a mapping; quote the value "
+                                              r"\(single quotes keep it as written\): ") as refused:
             parse_config(PredictConfig, ["checkpoint=c", f"data.test_path={value}", "output=o.csv"])
+        shown = str(refused.value).split("as written): ", 1)[1].strip('"')
+        assert shown == key_value("data.test_path", value)
+        assert parse_config(PredictConfig, ["checkpoint=c", shown, "output=o.csv"]).data.test_path == value
     quoted = parse_config(PredictConfig, ["checkpoint=c", 'data.test_path="/d/v #2/t.csv"', 'output="/d/run: 2.csv"'])
     assert (quoted.data.test_path, quoted.output) == ("/d/v #2/t.csv", "/d/run: 2.csv")
     assert parse_config(PredictConfig, ["checkpoint=c", "data.test_path=/d/v#2:x.csv", "output=o.csv"]).data.test_path \

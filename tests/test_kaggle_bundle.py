@@ -27,11 +27,13 @@ from packaging.requirements import Requirement
 from test_predict import make_checkpoint
 from tiny import arena_frame
 
+from lmsys.cli import parse_config
 from lmsys.data.schema import TARGET_COLUMNS
 from lmsys.kaggle.bundle import (
     INFERENCE_PACKAGES,
     REPO_ROOT,
     BundleError,
+    check_prediction_settings,
     compatible_platforms,
     copy_base_model,
     dependency_pin,
@@ -40,6 +42,7 @@ from lmsys.kaggle.bundle import (
 from lmsys.kaggle.bundle import main as bundle_main
 from lmsys.kaggle.inference import find_test_file, predict_command
 from lmsys.modeling.checkpoint import SPEC_FILE
+from lmsys.prediction_config import PredictConfig
 
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 PROBE = ("lmsys_bundle_probe", "0.1")
@@ -245,6 +248,11 @@ def test_inference_script_launches_one_process_per_gpu_and_finds_test_csv(bundle
     assert split[1:3] == ["-m", "lmsys.predict"]  # one process holding the model split over both GPUs
     unsplit = predict_command(bundle["bundle"], test, out, ["device_map=balanced", "device_map=null"], n_gpus=2)
     assert unsplit[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "2"]  # the later device_map wins
+    odd = predict_command(bundle["bundle"], tmp_path / "v #2: x" / "test.csv", out, [], n_gpus=1)
+    read = parse_config(PredictConfig, odd[3:])  # paths with ' #' or ': ' reach lmsys.predict as written
+    assert read.data.test_path == str(tmp_path / "v #2: x" / "test.csv") and read.output == str(out)
+    moved = shutil.copytree(bundle["checkpoint"], tmp_path / "run #3: a" / "checkpoint")
+    check_prediction_settings(moved, None, [])  # the bundle's own check reads such a checkpoint path too
     with pytest.raises(SystemExit) as exited:
         find_test_file(tmp_path)
     assert exited.value.code == 2 and capsys.readouterr().err.startswith(  # bad input: exit 2, as every command's

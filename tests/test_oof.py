@@ -279,6 +279,10 @@ def test_a_two_class_join_leaves_out_the_ties_that_data_ties_drop_never_validate
     # a missing fold still fails, named by a row it would have scored (not by a tie no fold scores)
     with pytest.raises(DataError, match=r"row id=1 is in no run's oof.csv \(3 of the 6 training ids are in none"):
         join_oof(runs[:1], train)
+    # data.ties=split scored the ties: one not scored is a gap like any other, counted with the rest
+    split = [fake_fold_run(tmp_path / "split", k, ids, classes=2) for k, ids in enumerate([[0, 2, 4], [1, 3, 5]])]
+    with pytest.raises(DataError, match=r"row id=6 is in no run's oof.csv \(3 of the 9 training ids are in none"):
+        join_oof(split, train)
 
 
 def test_a_split_ties_fold_that_drew_no_tie_joins_the_others(tmp_path):

@@ -163,7 +163,7 @@ def test_a_resume_under_another_plan_is_refused(resumed, overrides, tmp_path):
     other_base = tiny.save_tiny_model("llama", tmp_path / "other_base", seed=5)  # the same shapes, other weights
     changed = [f"model.path={other_base}" if arg.startswith("model.path=") else arg for arg in overrides]
     process = start_entry([*changed, f"hydra.run.dir={run_dir}", "resume=true", "seed=12", "trainer.grad_accum=1",
-                           "lora.alpha=8"], log)
+                           "lora.alpha=8", "trainer.max_grad_norm=0.5"], log)
     process.wait(timeout=300)
     output = log.read_text()
     assert process.returncode == 2, output[-3000:]
@@ -175,6 +175,7 @@ def test_a_resume_under_another_plan_is_refused(resumed, overrides, tmp_path):
     assert "with 1 process, trainer.batch_size x trainer.grad_accum = 8 keeps 8 pairs per update" in errors[0]
     assert "model.path weights: 1 weight file(s), digest" in errors[0]  # the adapter would continue on another base
     assert "'alpha': 32" in errors[0] and "'alpha': 8" in errors[0]  # and at another scale
+    assert "trainer.max_grad_norm: 1.0 in the state, 0.5 now" in errors[0]  # and other clipped steps
     after = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
     assert after == before  # train.log too: a refused resume's records reach stderr, not the run's log
     assert loop_step(run_dir / STATE_DIR) == UPDATES

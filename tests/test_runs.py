@@ -223,6 +223,28 @@ def test_a_run_dir_inside_another_run_is_refused_and_what_hydra_made_there_goes(
     assert (tmp_path / "mine" / "deeper").is_dir()
 
 
+def test_a_finished_run_is_skipped_only_under_its_plan_and_its_evaluation(tmp_path):
+    """resume=true on a finished run: beyond its plan (which leaves out what does not change its updates: paths
+    by content, the process layout, log frequencies), how it was evaluated decides its results too."""
+    from lmsys.training.recipe import skip_finished_run
+
+    (tmp_path / "metrics.json").write_text('{"best": {"step": 2}}')
+    (tmp_path / "config.yaml").write_text("trainer:\n  eval_tta: true\n  log_frequency: 10\n  batch_size: 4\n")
+
+    def skip(plan_changes, current):
+        finished = FinishedRun(f"{tmp_path} holds a finished run")
+        finished.plan_changes = plan_changes
+        return skip_finished_run(tmp_path, finished, current)
+
+    assert skip([], "trainer:\n  eval_tta: true\n  log_frequency: 7\n  batch_size: 2\n") == {"best": {"step": 2}}
+    with pytest.raises(RunDirError, match=r"finished under other settings \(trainer.eval_tta: True -> False\)"):
+        skip([], "trainer:\n  eval_tta: false\n  log_frequency: 10\n  batch_size: 4\n")
+    with pytest.raises(RunDirError, match=r"other settings \(seed: 1 in the run, 2 now\)"):
+        skip(["seed: 1 in the run, 2 now"], "trainer:\n  eval_tta: true\n  log_frequency: 10\n  batch_size: 4\n")
+    with pytest.raises(RunDirError, match=r"other settings \(trainer.batch_size: 4 -> 2; trainer.log_frequency"):
+        skip(None, "trainer:\n  eval_tta: true\n  log_frequency: 7\n  batch_size: 2\n")  # no plan: every setting
+
+
 def test_resume_of_a_finished_run_says_so_and_is_told_apart_from_a_refusal(tmp_path):
     RunDir(tmp_path, True).claim(overwrite=False, resume=False)
     (tmp_path / "metrics.json").write_text("{}")

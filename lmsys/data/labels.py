@@ -55,12 +55,15 @@ def require_teachers(pairs: list[Pair], name: str) -> None:
 
 
 def without_unscored_ties(pairs: list[Pair], scored: set[str], what: str) -> list[Pair]:
-    """The pairs less the tied ones a two-class model never scored: a two-class k-fold run with data.ties=drop
-    never validated its tied rows, and a two-class student drops them all the same. Logged when they are all that
-    is unscored; any other unscored pair is left for the caller's id check to name (a missing fold is named by a row
-    it would have scored, not by a tie)."""
+    """The pairs less the tied ones a two-class model never scored, when it scored no tie: a two-class k-fold run
+    with data.ties=drop never validated its tied rows, and a two-class student drops them all the same. Logged when
+    they are all that is unscored; any other unscored pair is left for the caller's id check to name (a missing
+    fold is named by a row it would have scored, not by a tie)."""
+    tied = {pair.id for pair in pairs if pair.target is not None and pair.target[2] > 0}
+    if tied & scored:  # ties were scored (data.ties=split): an unscored one is a gap like any other
+        return pairs
     unscored = [pair for pair in pairs if pair.id not in scored]
-    ties = {pair.id for pair in unscored if pair.target is not None and pair.target[2] > 0}
+    ties = {pair.id for pair in unscored if pair.id in tied}
     if not ties:
         return pairs
     if len(ties) == len(unscored):

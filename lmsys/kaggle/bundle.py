@@ -47,7 +47,7 @@ from omegaconf import MISSING
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
-from lmsys.cli import CommandError, one_line, parse_config, run_command
+from lmsys.cli import CommandError, key_value, one_line, parse_config, run_command
 from lmsys.config import ConfigError
 from lmsys.modeling.checkpoint import SPEC_FILE, read_spec, with_base_model
 from lmsys.output_paths import base_model_inputs, check_output_paths
@@ -310,9 +310,9 @@ def check_prediction_settings(checkpoint: Path, base_model_path: str | None, arg
     from lmsys.builders import build_encoders, build_prediction_spec, build_tokenizer
 
     local = [arg for arg in args if not arg.startswith("base_model_path=")]
-    here = [f"base_model_path={base_model_path}"] if base_model_path else []
-    settings = parse_config(PredictConfig, [f"checkpoint={checkpoint}", "data.test_path=t.csv", "output=o.csv", *local,
-                                            *here])
+    here = [key_value("base_model_path", base_model_path)] if base_model_path else []
+    settings = parse_config(PredictConfig, [key_value("checkpoint", checkpoint), "data.test_path=t.csv",
+                                            "output=o.csv", *local, *here])
     try:
         spec = build_prediction_spec(str(checkpoint), settings)
         build_encoders(spec, build_tokenizer(checkpoint, spec.trust_remote_code))

@@ -55,6 +55,13 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def quoted(key: str, path: Path) -> str:
+    """`key='path'`, read back by lmsys.predict as written (a local path with ' #' or ': '); lmsys.cli.key_value's
+    rule, restated here: this script imports nothing of lmsys before installing it."""
+    text = str(path).replace("'", "''")
+    return f"{key}='{text}'"
+
+
 def gpu_count() -> int:
     try:
         import torch
@@ -66,8 +73,8 @@ def gpu_count() -> int:
 def predict_command(bundle: Path, test: Path, out: Path, args: list[str], n_gpus: int) -> list[str]:
     """lmsys.predict with the bundle's predict_args then `args` (a key given twice: the later wins)."""
     manifest = json.loads((bundle / "bundle.json").read_text())
-    predict = ["-m", "lmsys.predict", f"checkpoint={bundle / 'checkpoint'}", f"data.test_path={test}",
-               f"output={out}", *manifest["predict_args"], *args]
+    predict = ["-m", "lmsys.predict", quoted("checkpoint", bundle / "checkpoint"), quoted("data.test_path", test),
+               quoted("output", out), *manifest["predict_args"], *args]
     device_maps = [arg.partition("=")[2].strip() for arg in predict if arg.startswith("device_map=")]
     splits_one_model = bool(device_maps) and device_maps[-1] not in ("null", "None", "~", "")  # the later wins
     if n_gpus > 1 and not splits_one_model:

@@ -328,12 +328,12 @@ def check_finite_loss(loss: float, update: int) -> None:
 def skip_finished_run(run_path: Path, finished: FinishedRun, resolved_yaml: str) -> dict:
     """resume=true on a finished run: its metrics as they are; in a multirun it joins the sweep's summary (its
     run_info.json records the sweep, as a resumed run's does). Refused when it was trained under another plan (as a
-    resume of it unfinished would be; a run whose states record none: any other setting): its results would pass
-    for this config's."""
+    resume of it unfinished would be) or evaluated otherwise (EVALUATION_KEYS; a run that recorded no plan: any other
+    setting): its results would pass for this config's."""
     saved = run_path / "config.yaml"
-    changed = finished.plan_changes  # what a resume of the unfinished run would refuse (None: it saved no plan)
-    if changed is None:
-        changed = changed_settings(saved.read_text(), resolved_yaml) if saved.is_file() else []
+    changed = changed_settings(saved.read_text(), resolved_yaml) if saved.is_file() else []
+    if finished.plan_changes is not None:  # what a resume of it unfinished would refuse, and how it was evaluated
+        changed = finished.plan_changes + [line for line in changed if line.split(":")[0] in EVALUATION_KEYS]
     if changed:
         raise RunDirError(f"resume=true: {run_path} finished under other settings ({'; '.join(changed[:5])}), so its "
                           f"results are not this config's; restore them, or pass overwrite=true to train it again")
@@ -346,6 +346,8 @@ def skip_finished_run(run_path: Path, finished: FinishedRun, resolved_yaml: str)
 
 
 NOT_SETTINGS = ("resume", "overwrite", "use_wandb", "wandb")  # how a run is started and logged, not what it trains
+# A finished run's results depend on them beyond its plan: which update was best, when it stopped, how it was scored.
+EVALUATION_KEYS = ("trainer.eval_frequency", "trainer.patience", "trainer.eval_tta", "trainer.tta_mode")
 
 
 def changed_settings(saved_yaml: str, current_yaml: str) -> list[str]:
@@ -405,8 +407,9 @@ def open_run_dir(run_path: Path, config: TrainConfig, accelerator, plan: dict) -
     try:
         run.claim(config.overwrite, config.resume)
     except FinishedRun as finished:  # its plan: of its last state, else the one it recorded at its start
-        saved = state_plan(run_path) or recorded_plan(run_path)
-        finished.plan_changes = plan_changes(saved, plan, accelerator.num_processes)
+        saved_state = state_plan(run_path)
+        finished.plan_changes = plan_changes(saved_state or recorded_plan(run_path), plan, accelerator.num_processes,
+                                             "in the state" if saved_state else "in the run")
         raise
     accelerator.wait_for_everyone()
     # a resume's log file waits for record_run: a resume refused under another plan leaves train.log as it was

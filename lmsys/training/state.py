@@ -65,6 +65,7 @@ def run_plan(settings: LoopSettings, optimizer: dict, train: EncodedSplit, valid
         "updates (training pairs, trainer.epochs, trainer.max_steps)": settings.total_updates,
         "trainer.swap_augmentation": settings.swap.value,
         "trainer.group_by_length": settings.group_by_length,
+        "trainer.max_grad_norm": settings.max_grad_norm,
         "loss": asdict(settings.loss),
         "optimizer": optimizer,
         "training pairs": split_digest(train),
@@ -128,11 +129,11 @@ def recorded_plan(run_path: Path) -> dict | None:
     return (info.get("plan") or None) if isinstance(info, dict) else None
 
 
-def plan_changes(saved: dict | None, plan: dict, processes: int) -> list[str] | None:
+def plan_changes(saved: dict | None, plan: dict, processes: int, where: str = "in the state") -> list[str] | None:
     """How `plan` differs from a `saved` one (with a hint on the pairs per update); None when there is none."""
     if not saved:
         return None
-    changed = [f"{key}: {saved[key]} in the state, {value} now" for key, value in plan.items()
+    changed = [f"{key}: {saved[key]} {where}, {value} now" for key, value in plan.items()
                if key in saved and saved[key] != value]  # a state saved before a key was planned: unchecked
     saved_pairs = saved.get(PAIRS_PER_UPDATE)
     other_layout = isinstance(saved_pairs, int) and saved_pairs != plan[PAIRS_PER_UPDATE]
