@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -226,7 +227,11 @@ def generate_pairs(config: GenerateConfig, prompts: list[tuple[str, tuple[str, .
 def run_generate(config: GenerateConfig) -> Path:
     setup_logging()
     prompts, tokenizers = check_inputs(config)
-    frame = generate_pairs(config, prompts, tokenizers)
+    try:
+        frame = generate_pairs(config, prompts, tokenizers)
+    except KeyboardInterrupt:  # Ctrl-C: one line, as predict's stop, not a traceback from inside generate()
+        log.error("stopped by SIGINT before the generation finished: nothing written")
+        raise SystemExit(128 + signal.SIGINT) from None
     output = Path(config.output)
     write_file(output, lambda tmp: frame.to_parquet(tmp, index=False))
     log.info("wrote %s (%d pairs from %d models)", output, len(frame), len(config.models))

@@ -100,10 +100,16 @@ def warn_submission_schema(pairs: list[Pair], num_classes: int, test_path: str) 
 def run_pseudo_labels(config: PseudoLabelConfig) -> None:
     accelerator, pairs, specs = prediction_inputs(config.checkpoints, config)  # every checkpoint checked first
     probs = np.zeros((len(pairs), shared_num_classes(config.checkpoints, specs)))  # (N, C) sum over checkpoints
-    for checkpoint, spec in zip(config.checkpoints, specs, strict=True):
-        log.info("pseudo-labelling %d pairs with %s", len(pairs), checkpoint)
-        predictions = predict_checkpoint(checkpoint, spec, pairs, config, accelerator)
-        probs += predictions.combined((config.tta_mode or spec.tta_mode).value)
+    with GracefulStop() as stop:
+        for checkpoint, spec in zip(config.checkpoints, specs, strict=True):
+            log.info("pseudo-labelling %d pairs with %s", len(pairs), checkpoint)
+            try:
+                predictions = predict_checkpoint(checkpoint, spec, pairs, config, accelerator)
+            except StopRequested:
+                log.error("stopped by signal %s before the pseudo-labels were complete: nothing written",
+                          stop.received)
+                raise SystemExit(128 + (stop.received or 15)) from None
+            probs += predictions.combined((config.tta_mode or spec.tta_mode).value)
     write_table(pseudo_label_frame(pairs, probs / len(specs)), config.output, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     log.info("wrote %s (%d pairs, mean of %d checkpoint(s))", config.output, len(pairs), len(specs))

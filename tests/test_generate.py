@@ -184,6 +184,18 @@ def test_a_model_without_weights_or_tokenizer_fails_before_any_model_loads(setup
     assert not (tmp_path / "o.parquet").exists()
 
 
+def test_ctrl_c_is_one_line_and_writes_nothing(setup, tmp_path, monkeypatch, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lmsys.generation.generate_pairs", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        run(setup, tmp_path / "o.parquet")
+    err = capsys.readouterr().err
+    assert stopped.value.code == 130 and "stopped by SIGINT before the generation finished: nothing written" in err
+    assert "Traceback" not in err and not list(tmp_path.iterdir())
+
+
 def test_bad_prompt_names_file_row_and_column(setup, tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     pd.DataFrame({"id": ["x1", "x2"], "prompt": ["fine", ""]}).to_csv(bad, index=False)

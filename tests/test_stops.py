@@ -131,12 +131,22 @@ def test_predict_signalled_exits_non_zero_and_writes_nothing(tmp_path, tiny_mode
     command = [sys.executable, "-m", "lmsys.predict", f"checkpoint={checkpoint}", f"data.test_path={test_file}",
                f"output={output}", "max_tokens=128", "show_progress=false"]
     process = start(command, log, entry_env())
+    # pseudo_label, at the same time: it had no stop of its own (a traceback, exit 1)
+    pseudo_log, pseudo = tmp_path / "pseudo.log", tmp_path / "pseudo.parquet"
+    labelling = start([sys.executable, "-m", "lmsys.pseudo_label", f"checkpoints=[{checkpoint}]",
+                       f"data.test_path={test_file}", f"output={pseudo}", "max_tokens=128", "show_progress=false"],
+                      pseudo_log, entry_env())
     wait_for(log, "pairs from", process)  # logged just before the stop handlers are installed and the model loads
+    wait_for(pseudo_log, "pseudo-labelling", labelling)
     time.sleep(1.0)
     os.kill(process.pid, signal.SIGTERM)
+    os.kill(labelling.pid, signal.SIGTERM)
     took = seconds_to_end(process)
     text = log.read_text()
     assert process.returncode == 128 + signal.SIGTERM, text[-3000:]
     assert took < STOP_WITHIN_S, f"took {took:.1f} s to stop"
     assert "nothing written" in text
     assert not output.exists() and not list(tmp_path.glob("*submission*"))
+    assert seconds_to_end(labelling) < STOP_WITHIN_S and labelling.returncode == 128 + signal.SIGTERM
+    assert "before the pseudo-labels were complete: nothing written" in pseudo_log.read_text()
+    assert "Traceback" not in pseudo_log.read_text() and not list(tmp_path.glob("*pseudo*.parquet*"))
