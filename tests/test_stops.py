@@ -131,7 +131,7 @@ def test_predict_signalled_exits_non_zero_and_writes_nothing(tmp_path, tiny_mode
     command = [sys.executable, "-m", "lmsys.predict", f"checkpoint={checkpoint}", f"data.test_path={test_file}",
                f"output={output}", "max_tokens=128", "show_progress=false"]
     process = start(command, log, entry_env())
-    # pseudo_label, at the same time: it had no stop of its own (a traceback, exit 1)
+    # pseudo_label, at the same time: it had no stop of its own (a signal killed it without a word)
     pseudo_log, pseudo = tmp_path / "pseudo.log", tmp_path / "pseudo.parquet"
     labelling = start([sys.executable, "-m", "lmsys.pseudo_label", f"checkpoints=[{checkpoint}]",
                        f"data.test_path={test_file}", f"output={pseudo}", "max_tokens=128", "show_progress=false"],
