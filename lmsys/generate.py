@@ -27,7 +27,8 @@ Keys:
                      by two different ones, drawn per prompt from `seed`, in a random A/B order
   engine             hf: transformers generate, batched with left padding (CPU or GPU); vllm: needs vllm (GPU)
   sampling           greedy, or sample with temperature and top_p
-  max_prompt_tokens  a longer rendered conversation keeps its last tokens (the end nearest the answer)
+  max_prompt_tokens  a longer rendered conversation keeps its last tokens (the end nearest the answer); at most
+                     the model's positions less max_new_tokens
   template_fallback  false: a model without a chat template is refused; true: it gets 'User: ...' /
                      'Assistant:' plain text and its answer stops at the next 'User:'
 Multi-turn prompts are answered turn by turn: turn k is generated after the model's own answers to turns 1..k-1.

@@ -20,7 +20,7 @@ from lmsys.data.io import DataError, read_prompts
 from lmsys.generate import Engine, GenerateConfig, Sampling, model_name
 from lmsys.logs import setup_logging
 from lmsys.modeling.backbone import resolve_dtype
-from lmsys.modeling.model_facts import require_weights
+from lmsys.modeling.model_facts import position_limit, require_weights
 from lmsys.output_paths import check_output_paths
 from lmsys.runs import write_file
 
@@ -45,6 +45,13 @@ def chat_messages(user_turns: tuple[str, ...], answers: list[str]) -> list[dict]
         if k < len(answers):
             messages.append({"role": "assistant", "content": answers[k]})
     return messages
+
+
+def prompt_budget(path: str, config: GenerateConfig) -> int:
+    """The prompt tokens a model answers from: max_prompt_tokens, less where the model's positions cannot hold them
+    and max_new_tokens (a longer prompt keeps its last tokens rather than run past the positions)."""
+    limit = position_limit(path)
+    return config.max_prompt_tokens if limit is None else min(config.max_prompt_tokens, limit - config.max_new_tokens)
 
 
 def render_prompt_ids(tokenizer, messages: list[dict], max_prompt_tokens: int) -> list[int]:
@@ -86,13 +93,13 @@ class HfEngine:
             path, dtype=resolve_dtype(config.compute_dtype, self.device, path), device_map={"": self.device},
             trust_remote_code=config.trust_remote_code, use_safetensors=True,
         ).eval()
-        self.tokenizer, self.config = tokenizer, config
+        self.tokenizer, self.config, self.budget = tokenizer, config, prompt_budget(path, config)
         self.tokenizer.padding_side = "left"
         self.plain = tokenizer.chat_template is None
         self.stop_ids = stop_token_ids(tokenizer, self.model.generation_config.eos_token_id)
 
     def respond(self, conversations: list[list[dict]]) -> list[str]:
-        ids = [render_prompt_ids(self.tokenizer, c, self.config.max_prompt_tokens) for c in conversations]
+        ids = [render_prompt_ids(self.tokenizer, c, self.budget) for c in conversations]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: little padding
         answers: list[str] = [""] * len(ids)
         for start in range(0, len(order), self.config.batch_size):
@@ -126,10 +133,10 @@ class VllmEngine:
     def __init__(self, path: str, tokenizer, config: GenerateConfig) -> None:
         from vllm import LLM, SamplingParams
 
-        self.tokenizer, self.config = tokenizer, config
+        self.tokenizer, self.config, self.budget = tokenizer, config, prompt_budget(path, config)
         self.plain = tokenizer.chat_template is None
         self.llm = LLM(model=path, seed=config.seed, trust_remote_code=config.trust_remote_code,
-                       max_model_len=config.max_prompt_tokens + config.max_new_tokens)
+                       max_model_len=self.budget + config.max_new_tokens)
         sample = config.sampling == Sampling.sample
         self.params = SamplingParams(
             temperature=config.temperature if sample else 0.0, top_p=config.top_p if sample else 1.0,
@@ -138,7 +145,7 @@ class VllmEngine:
         )
 
     def respond(self, conversations: list[list[dict]]) -> list[str]:
-        prompts = [{"prompt_token_ids": render_prompt_ids(self.tokenizer, c, self.config.max_prompt_tokens)}
+        prompts = [{"prompt_token_ids": render_prompt_ids(self.tokenizer, c, self.budget)}
                    for c in conversations]
         outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
         return [clean_answer(output.outputs[0].text, self.plain) for output in outputs]
@@ -187,6 +194,9 @@ def _checked_tokenizer(path: str, config: GenerateConfig):
     if not (Path(path) / "config.json").is_file():
         raise CommandError(f"models: {path} is not a model directory (no config.json)")
     require_weights(path, f"models: {path}")
+    if prompt_budget(path, config) < 1:
+        raise CommandError(f"models: {path} has {position_limit(path)} positions, which max_new_tokens="
+                           f"{config.max_new_tokens} fills without a prompt; lower max_new_tokens")
     tokenizer = build_tokenizer(path, config.trust_remote_code)
     if tokenizer.chat_template is None and not config.template_fallback:
         raise CommandError(f"models: {path} has no chat template; pass template_fallback=true to prompt it with "

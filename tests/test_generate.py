@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -14,9 +15,18 @@ from test_predict import make_checkpoint
 from transformers import AutoTokenizer
 
 from lmsys.builders import build_tokenizer
+from lmsys.cli import parse_config
 from lmsys.data.io import read_pairs
 from lmsys.generate import GenerateConfig, main
-from lmsys.generation import HfEngine, answer_conversations, draw_model_pairs, render_prompt_ids, stop_token_ids
+from lmsys.generation import (
+    HfEngine,
+    answer_conversations,
+    draw_model_pairs,
+    prompt_budget,
+    render_prompt_ids,
+    stop_token_ids,
+)
+from lmsys.modeling.model_facts import position_limit
 from lmsys.pseudo_label import main as pseudo_label_main
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -182,6 +192,21 @@ def test_a_model_without_weights_or_tokenizer_fails_before_any_model_loads(setup
         err = capsys.readouterr().err.strip()
         assert failed.value.code == 2 and err.startswith("error: ") and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_a_prompt_keeps_what_the_models_positions_hold(setup, tmp_path, capsys):
+    """max_prompt_tokens=2048 on a 1024-position model ran past its positions (transformers only warned): the prompt
+    keeps its last 1024 - max_new_tokens tokens; a max_new_tokens that fills the positions is refused."""
+    model = str(setup["models"][0])
+    config = parse_config(GenerateConfig, [f"prompts={setup['prompts']}", f"models=[{model},{setup['models'][1]}]",
+                                           "output=o.parquet", "max_new_tokens=24"])
+    assert position_limit(model) == 1024 and prompt_budget(model, config) == 1000
+    assert prompt_budget(model, replace(config, max_prompt_tokens=300)) == 300
+    with pytest.raises(SystemExit) as refused:
+        run(setup, tmp_path / "o.parquet", max_new_tokens=1024)
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and err.startswith(f"error: models: {setup['models'][0]} has 1024 positions, which "
+                                                      f"max_new_tokens=1024 fills without a prompt")
 
 
 def test_ctrl_c_is_one_line_and_writes_nothing(setup, tmp_path, monkeypatch, capsys):
