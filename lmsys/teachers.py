@@ -103,7 +103,7 @@ def _check_same_ids(path: str, found: set[str], ids: list[str]) -> None:
 def attach_teachers(config: TeachersConfig) -> Path:
     setup_logging()
     frames = [read_table(path) for path in config.logits]  # each teacher file read once
-    widths = {3 if any(name.startswith("logit_tie") for name in frame.columns) else 2 for frame in frames}
+    widths = {teacher_classes(frame) for frame in frames}
     if len(widths) > 1:  # before the ids: a two-class teacher lacks the ties it dropped
         raise DataError(f"teachers disagree on the number of classes: {sorted(widths)} ({config.logits})")
     pairs = two_class_scored(read_pairs(config.train, require_labels=True), frames, config.train)
@@ -117,10 +117,15 @@ def attach_teachers(config: TeachersConfig) -> Path:
     return Path(config.output)
 
 
+def teacher_classes(frame: pd.DataFrame) -> int:
+    """3 for a teacher file with tie logits (any format's), else 2."""
+    return 3 if any(name.startswith("logit_tie") for name in frame.columns) else 2
+
+
 def two_class_scored(pairs: list[Pair], frames: list[pd.DataFrame], train: str) -> list[Pair]:
     """Without the tied rows that two-class teachers (their files read as `frames`; data.ties=drop) never scored;
     every pair otherwise."""
-    if any("logit_tie" in frame.columns or "id" not in frame.columns for frame in frames):
+    if any(teacher_classes(frame) == 3 or "id" not in frame.columns for frame in frames):
         return pairs
     scored = set.intersection(*(set(frame["id"].astype(str)) for frame in frames))
     return without_unscored_ties(pairs, scored, train)
