@@ -12,8 +12,11 @@ against 4.58 ms at 4 x 512 tokens, 0.31 against 0.65 at 8 x 223.
 Where gradients are recorded (training), the backward is the same graph by the opposite angle (`Rotation`): the
 embedding rotates each pair of dimensions (i, i + D/2) by its position's angle, q cos + rotate_half(q) sin with cos
 and sin equal on both halves (the families' `cat(freqs, freqs)`), so its transpose is the rotation by minus the
-angle, the same function of the gradient with -sin. torch.compile of the function with its autograd backward had
-measured no faster than eager (4 x 512: 4.0-4.1 against 4.4-4.9 ms, forward + backward).
+angle, the same function of the gradient with -sin (any RoPE rotates each pair by one angle). Gradients equal to eager
+autograd's in float32 for the five families (tests/modeling/test_attention.py). On the same CPU, bf16: one layer's
+forward + backward 0.56-0.87 of eager's time at 1,771-2,048 tokens, equal at 900; the bench's training epochs 0.96
+and 0.97 of the time in two runs, taking turns in one process (docs/measurements.md). torch.compile of the function
+with its own autograd backward had measured no faster than eager (4 x 512: 4.0-4.1 against 4.4-4.9 ms).
 
 The families' attention forwards (Llama, Mistral, Qwen2, Gemma 2 and 3) call the module-level function by its name,
 so a module gets a subclass of its class whose forward is the family's own code with that one name bound to the
