@@ -318,12 +318,37 @@ class CompiledCausalAttention:
         stacked = [_stacked(tensor, kv_heads, lengths) for tensor in (query, key, value)]
         rows, length = (query.shape[0], query.shape[2]) if lengths is None else (len(lengths), max(lengths))
         blocks = query_blocks(rows, length, key.shape[2] if lengths is None else length)
-        groups = query.shape[1] // kv_heads
-        if self.softmax is None:
-            output, weights = self.forward_graph(*stacked, scaling, groups, blocks, keep_weights)
-        else:
-            output, weights = causal_attention_forward(*stacked, scaling, groups, blocks, keep_weights, self.softmax)
+        output, weights = self._forward(*stacked, scaling, query.shape[1] // kv_heads, blocks, keep_weights)
         return _unstacked(output, query.shape, lengths), (*stacked, output, *weights)
+
+    def attend_parts(self, queries: list[list[torch.Tensor]], keys: list[list[torch.Tensor]],
+                     values: list[list[torch.Tensor]], scaling: float | None, into: torch.Tensor,
+                     at: list[int]) -> None:
+        """Segments side by side in one call without gradients, each given as the parts (L_j, h, D) of its q, k and
+        v and stacked straight from them (_padded_stack: no padded copy first, no concatenation of a swap tree's
+        prefix keys with a continuing segment's own); segment i's output (L_i, H, D) is written into `into` (the
+        row's (T, H, D)) from row at[i]. Either every segment has as many keys as queries, or one segment continues
+        the keys before its queries."""
+        kv_heads, dim = keys[0][0].shape[1], keys[0][0].shape[2]
+        lengths = [sum(len(part) for part in parts) for parts in queries]
+        seen = [sum(len(part) for part in parts) for parts in keys]
+        if len(queries) > 1 and lengths != seen:
+            raise ValueError("attend_parts: several segments in one call each attend their own queries' keys only")
+        stacked = [_padded_stack(parts, kv_heads, max(sizes)) for parts, sizes in
+                   ((queries, lengths), (keys, seen), (values, seen))]
+        groups = queries[0][0].shape[1] // kv_heads
+        scaling = dim**-0.5 if scaling is None else scaling
+        output, _ = self._forward(*stacked, scaling, groups, query_blocks(len(lengths), max(lengths), max(seen)),
+                                  False)
+        padded = output.view(len(lengths), kv_heads, max(lengths), groups, dim)
+        for i, (first, size) in enumerate(zip(at, lengths, strict=True)):
+            into[first : first + size].view(size, kv_heads, groups, dim).copy_(padded[i, :, :size].transpose(0, 1))
+
+    def _forward(self, query, key, value, scaling: float, groups: int, blocks: int, keep_weights: bool):
+        """causal_attention_forward on stacked q, k, v: the compiled graph, or eager around the C++ softmax."""
+        if self.softmax is None:
+            return self.forward_graph(query, key, value, scaling, groups, blocks, keep_weights)
+        return causal_attention_forward(query, key, value, scaling, groups, blocks, keep_weights, self.softmax)
 
 
 def _stacked(tensor: torch.Tensor, kv_heads: int, lengths: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -342,15 +367,24 @@ def _stacked(tensor: torch.Tensor, kv_heads: int, lengths: tuple[int, ...] | Non
         by_token = tensor.transpose(1, 2).reshape(batch, length, kv_heads, groups, dim)
         stacked.view(batch, kv_heads, length, groups, dim).copy_(by_token.transpose(1, 2))
         return stacked
-    longest = max(lengths)
-    stacked = torch.empty(len(lengths) * kv_heads, longest * groups, dim, dtype=tensor.dtype, device=tensor.device)
-    padded = stacked.view(len(lengths), kv_heads, longest, groups, dim)
-    by_token = tensor[0].transpose(0, 1).reshape(length, kv_heads, groups, dim)  # (T, H_kv, g, D)
-    start = 0
-    for i, size in enumerate(lengths):
-        padded[i, :, :size].copy_(by_token[start : start + size].transpose(0, 1))
-        padded[i, :, size:].zero_()
-        start += size
+    return _padded_stack([[piece] for piece in tensor[0].transpose(0, 1).split(lengths)], kv_heads, max(lengths))
+
+
+def _padded_stack(segments: list[list[torch.Tensor]], kv_heads: int, longest: int) -> torch.Tensor:
+    """Segments, each the parts (L_j, h, D) of its tokens in order -> (S * H_kv, longest * h / H_kv, D): segment
+    by segment, its tokens token by token (causal_attention_forward's layout), then zeros up to `longest`. One
+    copy of each part."""
+    first = segments[0][0]
+    heads, dim = first.shape[1:]
+    groups = heads // kv_heads
+    stacked = torch.empty(len(segments) * kv_heads, longest * groups, dim, dtype=first.dtype, device=first.device)
+    padded = stacked.view(len(segments), kv_heads, longest, groups, dim)
+    for i, parts in enumerate(segments):
+        at = 0
+        for part in parts:
+            padded[i, :, at : at + len(part)].copy_(part.reshape(len(part), kv_heads, groups, dim).transpose(0, 1))
+            at += len(part)
+        padded[i, :, at:].zero_()
     return stacked
 
 
@@ -462,6 +496,10 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     flat_key, flat_value = flat(key), flat(value)
     pieces = [t.split(lengths) for t in (flat(query), flat_key, flat_value)]  # each segment's (L, h, D)
     firsts = list(itertools.accumulate(lengths[:-1], initial=0))  # each segment's first flattened index
+    if prefixes and isinstance(kernel, CompiledCausalAttention) and not torch.is_grad_enabled():
+        output = query.new_empty(rows * length, heads, dim)
+        _attend_trees(kernel, pieces, (flat_key, flat_value), firsts, prefixes, scaling, output)
+        return output.view(rows, length, heads, dim)
     outputs: list[torch.Tensor | None] = [None] * len(lengths)
     for i, first in enumerate(firsts):  # a swap tree's continuing segment: its prefix's keys and values first
         if first in prefixes:
@@ -479,6 +517,30 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              strict=True):
             outputs[i] = output
     return torch.cat(outputs).view(rows, length, heads, dim)
+
+
+def _attend_trees(kernel: CompiledCausalAttention, pieces: list[tuple[torch.Tensor, ...]],
+                  flat: tuple[torch.Tensor, torch.Tensor], firsts: list[int], prefixes: dict[int, tuple[int, int]],
+                  scaling: float | None, output: torch.Tensor) -> None:
+    """Prediction's swap trees through the compiled kernel (attend_parts), each output written into `output`
+    (T, H, D) at its segment's first index: a continuing segment alone with its prefix's keys and values first (one
+    query token: torch's sdpa, attend_continuing), the others in padded_groups' calls."""
+    for i, first in enumerate(firsts):
+        if first not in prefixes:
+            continue
+        start, size = prefixes[first]
+        q, k, v = (piece[i] for piece in pieces)
+        keys, values = ([whole[start : start + size], own] for whole, own in zip(flat, (k, v), strict=True))
+        if len(q) > 1:
+            kernel.attend_parts([[q]], [keys], [values], scaling, output, [first])
+        else:
+            output[first : first + 1] = attend_continuing(*map(_heads_first, (q, torch.cat(keys), torch.cat(values))),
+                                                          0.0, scaling, kernel)[0]
+    plain = [i for i, first in enumerate(firsts) if first not in prefixes]
+    for group in padded_groups([len(pieces[0][i]) for i in plain]):
+        members = [plain[j] for j in group]
+        kernel.attend_parts(*([[piece[i]] for i in members] for piece in pieces), scaling, output,
+                            [firsts[i] for i in members])
 
 
 def _heads_first(piece: torch.Tensor) -> torch.Tensor:

@@ -408,6 +408,55 @@ def test_a_swap_trees_sequences_attend_as_if_each_were_alone(compiled_module, ke
         torch.testing.assert_close(ours, theirs, atol=tolerance, rtol=0)
 
 
+TREES = [(9, 6, 7), (5, 8, 3), (4, 2, 1), (3, 5, 9)]  # (prefix, first rest, second rest): continuing 7, 3, 1, 9
+
+
+def several_trees(dtype, plain: int = 4):
+    """q, k, v of one packed row of TREES and a sequence of `plain` tokens, its bounds, the trees' shared prefixes
+    and every logical sequence (a prefix with either rest, the plain one) as token indices, with its own tokens'."""
+    length = sum(map(sum, TREES)) + plain
+    query, key, value = (t[:1].to(dtype) for t in qkv(seed=11, length=length))
+    starts, shared, sequences, at = [], [], [], 0
+    for prefix, first, second in TREES:
+        starts += [at, at + prefix + first]
+        shared.append([at + prefix + first, at, prefix])
+        whole = list(range(at, at + prefix + first))
+        rest = list(range(at + prefix + first, at + prefix + first + second))
+        sequences += [(whole, whole), (whole[:prefix] + rest, rest)]
+        at += prefix + first + second
+    starts.append(at)
+    sequences.append((list(range(at, length)), list(range(at, length))))
+    bounds = torch.tensor([*starts, length], dtype=torch.int32)
+    return query, key, value, bounds, torch.tensor(shared), sequences
+
+
+@pytest.mark.parametrize("softmax", ["graph", "cpp"])
+def test_several_trees_attend_straight_from_their_pieces(softmax):
+    """Prediction's trees through the compiled kernel (attend_parts: stacked straight from each segment's pieces,
+    written into the row's output, a one-token continuing segment by sdpa): each logical sequence's output is what
+    it gets alone (float64 sdpa over its tokens) within bf16 rounding, and equal to the bit to the padded calls that
+    a forward with gradients recorded makes, with the compiled graph's softmax and with the C++ kernel's."""
+    from lmsys.modeling.causal_softmax import causal_softmax, causal_softmax_op
+
+    if softmax == "cpp" and causal_softmax_op() is None:
+        pytest.skip("the C++ causal softmax needs a CPU with AVX-512 BF16")
+    torch._dynamo.reset()
+    attention = CompiledCausalAttention(causal_softmax if softmax == "cpp" else None)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False, compiled_attention=attention)
+    query, key, value, bounds, shared, sequences = several_trees(torch.bfloat16)
+    outputs = []
+    for recorded in (False, True):  # with gradients recorded (none required): the padded calls, one by one
+        with torch.set_grad_enabled(recorded):
+            outputs.append(cpu_sdpa(module, query, key, value, None, scaling=0.25, cu_seq_lens_q=bounds,
+                                    cu_seq_lens_k=bounds, shared_prefixes=shared)[0])  # (1, T, H, D)
+    assert torch.equal(outputs[0], outputs[1])
+    for tokens, own in sequences:
+        alone = [t[:, :, tokens].double() for t in (query, key, value)]
+        expected, _ = sdpa_attention_forward(GQA, *alone, None, scaling=0.25, is_causal=True)  # (1, L, H, D)
+        ours, theirs = outputs[0][:, own].double(), expected[:, -len(own):]
+        torch.testing.assert_close(ours, theirs, atol=0.02 * float(theirs.abs().max()), rtol=0)
+
+
 def test_swap_trees_refuse_the_masked_path():
     query, key, value, bounds, shared, _ = tree_inputs(torch.float32)
     with pytest.raises(ValueError, match="swap trees"):
