@@ -473,10 +473,7 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     Rows of one segment each (rows keeping their pad tails: sequence_bounds) attend in one call on the tensors as
     they are. Otherwise (a row of real tokens: model.unpad_rows) in calls of several segments padded to their
     longest (padded_groups), inside the compiled kernel's own copies (_stacked) where one call takes the row,
-    else by pad_sequence; a swap tree's continuing segment alone (see the module's docstring). Prediction's trees
-    in the compiled kernel are stacked straight from the segments' pieces and written into the row's output
-    (_attend_trees: the same calls' arithmetic, to the bit, without the padded copies and the concatenations;
-    the bench's TTA passes 0.955 of the time, AMD EPYC with AVX-512 BF16).
+    else by pad_sequence; a swap tree's continuing segment alone; prediction's trees by _attend_trees.
 
     The flattened (R * T, H, D) views of q, k and v (laid out (R, T, H, D)) and their split are free, the split's
     backward one concatenation (slicing segments out would zero-fill a full-size gradient per segment)."""
@@ -491,18 +488,14 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if len(lengths) == rows and shared_prefixes is None:  # every row one segment
         return attend(query, key, value)
 
-    def flat(tensor: torch.Tensor) -> torch.Tensor:  # (R * T, h, D)
-        return tensor.transpose(1, 2).reshape(rows * length, tensor.shape[1], dim)
-
     prefixes = {} if shared_prefixes is None else {first: (start, size)
                                                    for first, start, size in shared_prefixes.tolist()}
-    flat_key, flat_value = flat(key), flat(value)
-    pieces = [t.split(lengths) for t in (flat(query), flat_key, flat_value)]  # each segment's (L, h, D)
+    flat_key, flat_value = _flat(key), _flat(value)
+    pieces = [t.split(lengths) for t in (_flat(query), flat_key, flat_value)]  # each segment's (L, h, D)
     firsts = list(itertools.accumulate(lengths[:-1], initial=0))  # each segment's first flattened index
     if prefixes and isinstance(kernel, CompiledCausalAttention) and not torch.is_grad_enabled():
-        output = query.new_empty(rows * length, heads, dim)
-        _attend_trees(kernel, pieces, (flat_key, flat_value), firsts, prefixes, scaling, output)
-        return output.view(rows, length, heads, dim)
+        return _attend_trees(kernel, pieces, (flat_key, flat_value), firsts, prefixes, scaling).view(
+            rows, length, heads, dim)
     outputs: list[torch.Tensor | None] = [None] * len(lengths)
     for i, first in enumerate(firsts):  # a swap tree's continuing segment: its prefix's keys and values first
         if first in prefixes:
@@ -522,12 +515,20 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return torch.cat(outputs).view(rows, length, heads, dim)
 
 
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """(R, h, T, D), laid out (R, T, h, D) -> its (R * T, h, D) view."""
+    return tensor.transpose(1, 2).reshape(-1, tensor.shape[1], tensor.shape[-1])
+
+
 def _attend_trees(kernel: CompiledCausalAttention, pieces: list[tuple[torch.Tensor, ...]],
                   flat: tuple[torch.Tensor, torch.Tensor], firsts: list[int], prefixes: dict[int, tuple[int, int]],
-                  scaling: float | None, output: torch.Tensor) -> None:
-    """Prediction's swap trees through the compiled kernel (attend_parts), each output written into `output`
-    (T, H, D) at its segment's first index: a continuing segment alone with its prefix's keys and values first (one
-    query token: torch's sdpa, attend_continuing), the others in padded_groups' calls."""
+                  scaling: float | None) -> torch.Tensor:
+    """The output (T, H, D) of prediction's swap trees through the compiled kernel (attend_parts), each segment's
+    written at its first index: a continuing segment alone with its prefix's keys and values first (one query
+    token: torch's sdpa, attend_continuing), the others in padded_groups' calls. The same calls' arithmetic as the
+    padded path, to the bit, without its padded copies and concatenations (the bench's TTA passes 0.955 of the
+    time, AMD EPYC with AVX-512 BF16)."""
+    output = pieces[0][0].new_empty(sum(len(piece) for piece in pieces[0]), *pieces[0][0].shape[1:])
     for i, first in enumerate(firsts):
         if first not in prefixes:
             continue
@@ -544,6 +545,7 @@ def _attend_trees(kernel: CompiledCausalAttention, pieces: list[tuple[torch.Tens
         members = [plain[j] for j in group]
         kernel.attend_parts(*([[piece[i]] for i in members] for piece in pieces), scaling, output,
                             [firsts[i] for i in members])
+    return output
 
 
 def _heads_first(piece: torch.Tensor) -> torch.Tensor:
