@@ -92,7 +92,12 @@ them; the one-block pair alone ~15 s).
 
 **Without gradients** (evaluation, prediction) a module with the compiled attention runs its forward graph alone
 (bf16_kernel): torch's CPU flash forward in bf16 reached ~36 GFLOP/s on the bench's prediction micro-batches, and
-the compiled forward halved the prediction's attention time (8.7 against 4.4 s of a profiled TTA pass).
+the compiled forward halved the prediction's attention time (8.7 against 4.4 s of a profiled TTA pass). Where the
+C++ segment attention runs (lmsys.modeling.segment_attention: AVX-512 BF16), a call's segments and swap trees go to
+it in one call, read from and written to the projections' layout with no stacked copies or scores tensor: 0.43-0.68
+of the compiled forward's time on the bench's micro-batch shapes, 0.28-0.46 of torch's flash forward's from 512 to
+2,048 tokens (so at any length), and the bench's TTA passes 0.925 of the time (AMD EPYC with AVX-512 BF16, 2
+threads, in one process, taking turns, 4 passes each).
 
 **Swap trees** (lmsys.data.batching.swap_tree: a pair's two orientations sharing their common prefix, computed
 once): the tree's second rest is a segment of its own that continues the prefix; PreferenceModel passes
@@ -116,6 +121,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lmsys.modeling.causal_softmax import causal_softmax, causal_softmax_op
 from lmsys.modeling.rotary import compile_rotary
+from lmsys.modeling.segment_attention import fits, segment_attention, segment_attention_op
 
 CPU_SDPA = "lmsys_sdpa_cpu"
 FLOAT32_MAX_ROW = 512  # the bf16 crossover measured above
@@ -156,9 +162,11 @@ COMPILED_FORWARD_MAX_KEYS = 640  # without gradients, where the compiled forward
 def bf16_kernel(module: torch.nn.Module, query: torch.Tensor, dropout: float, keys: int):
     """How a bf16 model attends calls of `keys` keys without dropout: with gradients, calls of up to FLOAT32_MAX_ROW
     keys by the module's compiled attention (`model.attention_kernel=compiled`: compile_attention), else by
-    Float32Backward; without gradients, calls of up to COMPILED_FORWARD_MAX_KEYS by the compiled attention's forward
-    alone (a swap tree's continuing sequence with its row's pad tail has more keys than the sequence's max_length).
-    None (torch's sdpa) in float32, on longer calls, with dropout, or without gradients and the compiled attention.
+    Float32Backward; without gradients, by the compiled attention where its C++ segment attention runs (any length:
+    0.28-0.46 of torch's flash forward's time from 512 to 2,048 tokens, lmsys.modeling.segment_attention), else
+    calls of up to COMPILED_FORWARD_MAX_KEYS by its forward alone (a swap tree's continuing sequence with its row's
+    pad tail has more keys than the sequence's max_length). None (torch's sdpa) in float32, on longer calls, with
+    dropout, or without gradients and the compiled attention.
 
     COMPILED_FORWARD_MAX_KEYS: one row, bf16, without gradients, AMD EPYC with AVX-512 BF16, 2 threads, median of 9
     (twice): the compiled forward against torch's flash 3.9 against 4.2 ms at 512 tokens, 5.1-5.6 against 5.6-9.6 at
@@ -168,7 +176,9 @@ def bf16_kernel(module: torch.nn.Module, query: torch.Tensor, dropout: float, ke
     compiled = getattr(module, "compiled_attention", None)
     if torch.is_grad_enabled():
         return (compiled or Float32Backward.apply) if keys <= FLOAT32_MAX_ROW else None
-    return compiled if keys <= COMPILED_FORWARD_MAX_KEYS else None
+    if compiled is not None and (keys <= COMPILED_FORWARD_MAX_KEYS or compiled.fuses(query)):
+        return compiled
+    return None
 
 
 class Float32Backward(torch.autograd.Function):
@@ -290,10 +300,12 @@ class CompiledCausalAttention:
     keeps the weights, without it does not); a masked or non-causal call, or a row of one token (which dynamo would
     specialize into a graph of its own), goes to Float32Backward. The same arguments as Float32Backward.apply."""
 
-    def __init__(self, softmax=None) -> None:
+    def __init__(self, softmax=None, segment_attention=None) -> None:
         self.forward_graph = torch.compile(causal_attention_forward, dynamic=True)
         self.backward_graph = torch.compile(causal_attention_backward, dynamic=True)
         self.softmax = softmax  # the C++ causal softmax: the forward runs eagerly around it, the graph unused
+        # the C++ segment attention (lmsys.modeling.segment_attention): without gradients, a call's sequences in one
+        self.segment_attention = segment_attention
 
     def __call__(self, query, key, value, mask, scaling, causal, lengths: tuple[int, ...] | None = None
                  ) -> torch.Tensor:
@@ -307,7 +319,16 @@ class CompiledCausalAttention:
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
             return KeptWeightsAttention.apply(query, key, value, scaling, self, lengths)
+        if self.fuses(query) and query.shape[2] == key.shape[2]:
+            rows, heads, length, dim = query.shape
+            table = _segment_table([length] * rows if lengths is None else list(lengths), {})
+            output = self.segment_attention(_flat(query), _flat(key), _flat(value), table, scaling)  # (R * T, H, D)
+            return output.view(rows, length, heads, dim).transpose(1, 2)
         return self.attend(query, key, value, scaling, lengths=lengths)[0]
+
+    def fuses(self, query: torch.Tensor) -> bool:
+        """Whether a call on `query` without gradients goes to the C++ segment attention."""
+        return self.segment_attention is not None and fits(query.shape[-1])
 
     def attend(self, query, key, value, scaling: float, keep_weights: bool = False,
                lengths: tuple[int, ...] | None = None):
@@ -442,7 +463,8 @@ class KeptWeightsAttention(torch.autograd.Function):
 def process_compiled_attention() -> CompiledCausalAttention:
     """The process's one CompiledCausalAttention: its graphs serve every model built in the process; its softmax
     the C++ kernel where that runs (lmsys.modeling.causal_softmax)."""
-    return CompiledCausalAttention(causal_softmax if causal_softmax_op() is not None else None)
+    return CompiledCausalAttention(causal_softmax if causal_softmax_op() is not None else None,
+                                   segment_attention if segment_attention_op() is not None else None)
 
 
 def compile_attention(model: torch.nn.Module) -> tuple[int, int]:
@@ -470,13 +492,12 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     (torch's sdpa). `shared_prefixes` (K, 3), swap trees' (lmsys.data.batching.Batch): a segment starting at a
     listed flattened index continues the listed prefix, whose keys and values go before its own.
 
-    Rows of one segment each (rows keeping their pad tails: sequence_bounds) attend in one call on the tensors as
-    they are. Otherwise (a row of real tokens: model.unpad_rows) in calls of several segments padded to their
-    longest (padded_groups), inside the compiled kernel's own copies (_stacked) where one call takes the row,
-    else by pad_sequence; a swap tree's continuing segment alone; prediction's trees by _attend_trees.
-
-    The flattened (R * T, H, D) views of q, k and v (laid out (R, T, H, D)) and their split are free, the split's
-    backward one concatenation (slicing segments out would zero-fill a full-size gradient per segment)."""
+    Rows of one segment each (rows keeping their pad tails: sequence_bounds) attend in one call as they are; the
+    compiled kernel's calls without gradients by _attend_without_gradients. Otherwise (a row of real tokens:
+    model.unpad_rows) in calls of several segments padded to their longest (padded_groups), inside the compiled
+    kernel's own copies (_stacked) where one call takes the row, else by pad_sequence; a swap tree's continuing
+    segment alone. The flat (R * T, H, D) views of q, k and v (laid out (R, T, H, D)) and their split are free, the
+    split's backward one concatenation (slicing segments out would zero-fill a full-size gradient per segment)."""
     rows, heads, length, dim = query.shape
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # (B, h, L, D) -> (B, L, H, D)
@@ -491,11 +512,12 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     prefixes = {} if shared_prefixes is None else {first: (start, size)
                                                    for first, start, size in shared_prefixes.tolist()}
     flat_key, flat_value = _flat(key), _flat(value)
+    without_gradients = isinstance(kernel, CompiledCausalAttention) and not torch.is_grad_enabled()
+    if without_gradients and (prefixes or kernel.fuses(query)):
+        flat = (_flat(query), flat_key, flat_value)
+        return _attend_without_gradients(kernel, flat, lengths, prefixes, scaling).view(rows, length, heads, dim)
     pieces = [t.split(lengths) for t in (_flat(query), flat_key, flat_value)]  # each segment's (L, h, D)
     firsts = list(itertools.accumulate(lengths[:-1], initial=0))  # each segment's first flattened index
-    if prefixes and isinstance(kernel, CompiledCausalAttention) and not torch.is_grad_enabled():
-        return _attend_trees(kernel, pieces, (flat_key, flat_value), firsts, prefixes, scaling).view(
-            rows, length, heads, dim)
     outputs: list[torch.Tensor | None] = [None] * len(lengths)
     for i, first in enumerate(firsts):  # a swap tree's continuing segment: its prefix's keys and values first
         if first in prefixes:
@@ -515,9 +537,29 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return torch.cat(outputs).view(rows, length, heads, dim)
 
 
+def _segment_table(lengths: list[int], prefixes: dict[int, tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """segment_attention's table of segments tiling the flattened rows: (first, length, prefix's first, prefix's
+    length), the prefix (0, 0) where a segment continues none."""
+    firsts = itertools.accumulate(lengths[:-1], initial=0)
+    return [(first, size, *prefixes.get(first, (0, 0))) for first, size in zip(firsts, lengths, strict=True)]
+
+
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
     """(R, h, T, D), laid out (R, T, h, D) -> its (R * T, h, D) view."""
     return tensor.transpose(1, 2).reshape(-1, tensor.shape[1], tensor.shape[-1])
+
+
+def _attend_without_gradients(kernel: CompiledCausalAttention, flat: tuple[torch.Tensor, ...], lengths: list[int],
+                              prefixes: dict[int, tuple[int, int]], scaling: float | None) -> torch.Tensor:
+    """The output (T, H, D) of a row's segments (and swap trees) from the flat q, k and v (T, h, D) without
+    gradients: every segment in one call of the C++ segment attention where it runs, else the trees' own calls of
+    the compiled kernel (_attend_trees)."""
+    if kernel.fuses(flat[0]):
+        scaling = flat[0].shape[-1] ** -0.5 if scaling is None else scaling
+        return kernel.segment_attention(*flat, _segment_table(lengths, prefixes), scaling)
+    pieces = [t.split(lengths) for t in flat]  # each segment's (L, h, D)
+    firsts = list(itertools.accumulate(lengths[:-1], initial=0))  # each segment's first flattened index
+    return _attend_trees(kernel, pieces, flat[1:], firsts, prefixes, scaling)
 
 
 def _attend_trees(kernel: CompiledCausalAttention, pieces: list[tuple[torch.Tensor, ...]],
