@@ -92,12 +92,14 @@ them; the one-block pair alone ~15 s).
 
 **Without gradients** (evaluation, prediction) a module with the compiled attention runs its forward graph alone
 (bf16_kernel): torch's CPU flash forward in bf16 reached ~36 GFLOP/s on the bench's prediction micro-batches, and
-the compiled forward halved the prediction's attention time (8.7 against 4.4 s of a profiled TTA pass). Where the
-C++ segment attention runs (lmsys.modeling.segment_attention: AVX-512 BF16), a call's segments and swap trees go to
-it in one call, read from and written to the projections' layout with no stacked copies or scores tensor: 0.43-0.68
-of the compiled forward's time on the bench's micro-batch shapes, 0.28-0.46 of torch's flash forward's from 512 to
-2,048 tokens (so at any length), and the bench's TTA passes 0.925 of the time (AMD EPYC with AVX-512 BF16, 2
-threads, in one process, taking turns, 4 passes each).
+the compiled forward halved the prediction's attention time (8.7 against 4.4 s of a profiled TTA pass).
+
+**The C++ segment attention** (lmsys.modeling.segment_attention; CPUs with AVX-512 BF16): where it runs, the
+compiled attention sends it every call it can take, with or without gradients, at any length: a call's segments
+(and, without gradients, its swap trees) in one call, read from and written to the projections' layout, no stacked
+copies, no scores tensor, no kept weights. The graphs above then serve swap trees with gradients (none in training)
+and heads that are not whole vectors of 16. In one process on the bench (AMD EPYC with AVX-512 BF16, 2 threads,
+taking turns): TTA passes 0.925 and training epochs 0.970 of the time.
 
 **Swap trees** (lmsys.data.batching.swap_tree: a pair's two orientations sharing their common prefix, computed
 once): the tree's second rest is a segment of its own that continues the prefix; PreferenceModel passes
@@ -160,13 +162,15 @@ COMPILED_FORWARD_MAX_KEYS = 640  # without gradients, where the compiled forward
 
 
 def bf16_kernel(module: torch.nn.Module, query: torch.Tensor, dropout: float, keys: int):
-    """How a bf16 model attends calls of `keys` keys without dropout: with gradients, calls of up to FLOAT32_MAX_ROW
-    keys by the module's compiled attention (`model.attention_kernel=compiled`: compile_attention), else by
-    Float32Backward; without gradients, by the compiled attention where its C++ segment attention runs (any length:
-    0.28-0.46 of torch's flash forward's time from 512 to 2,048 tokens, lmsys.modeling.segment_attention), else
-    calls of up to COMPILED_FORWARD_MAX_KEYS by its forward alone (a swap tree's continuing sequence with its row's
-    pad tail has more keys than the sequence's max_length). None (torch's sdpa) in float32, on longer calls, with
-    dropout, or without gradients and the compiled attention.
+    """How a bf16 model attends calls of `keys` keys without dropout: by the module's compiled attention
+    (`model.attention_kernel=compiled`: compile_attention) at any length where its C++ segment attention runs
+    (lmsys.modeling.segment_attention; AMD EPYC with AVX-512 BF16, 2 threads, one row of SmolLM2's heads: without
+    gradients 0.28-0.46 of torch's flash forward's time from 512 to 2,048 tokens, forward + backward 0.39-0.54 of
+    torch's bf16 sdpa's at 512, 1,024 and 2,048). Else with gradients, calls of up to FLOAT32_MAX_ROW keys by the
+    compiled attention or Float32Backward; without, calls of up to COMPILED_FORWARD_MAX_KEYS by the compiled
+    attention's forward alone (a swap tree's continuing sequence with its row's pad tail has more keys than the
+    sequence's max_length). None (torch's sdpa) in float32, on longer calls, with dropout, or without gradients and
+    the compiled attention.
 
     COMPILED_FORWARD_MAX_KEYS: one row, bf16, without gradients, AMD EPYC with AVX-512 BF16, 2 threads, median of 9
     (twice): the compiled forward against torch's flash 3.9 against 4.2 ms at 512 tokens, 5.1-5.6 against 5.6-9.6 at
@@ -174,11 +178,11 @@ def bf16_kernel(module: torch.nn.Module, query: torch.Tensor, dropout: float, ke
     if query.dtype != torch.bfloat16 or dropout:
         return None
     compiled = getattr(module, "compiled_attention", None)
+    if compiled is not None and compiled.fuses(query):
+        return compiled
     if torch.is_grad_enabled():
         return (compiled or Float32Backward.apply) if keys <= FLOAT32_MAX_ROW else None
-    if compiled is not None and (keys <= COMPILED_FORWARD_MAX_KEYS or compiled.fuses(query)):
-        return compiled
-    return None
+    return compiled if keys <= COMPILED_FORWARD_MAX_KEYS else None
 
 
 class Float32Backward(torch.autograd.Function):
@@ -304,7 +308,8 @@ class CompiledCausalAttention:
         self.forward_graph = torch.compile(causal_attention_forward, dynamic=True)
         self.backward_graph = torch.compile(causal_attention_backward, dynamic=True)
         self.softmax = softmax  # the C++ causal softmax: the forward runs eagerly around it, the graph unused
-        # the C++ segment attention (lmsys.modeling.segment_attention): without gradients, a call's sequences in one
+        # the C++ segment attention (lmsys.modeling.segment_attention): a call's sequences in one, with or without
+        # gradients; then the graphs serve only where it does not (swap trees with gradients)
         self.segment_attention = segment_attention
 
     def __call__(self, query, key, value, mask, scaling, causal, lengths: tuple[int, ...] | None = None
@@ -317,17 +322,25 @@ class CompiledCausalAttention:
                                  "and attends the sequences of a row causally only")
             return Float32Backward.apply(query, key, value, mask, scaling, causal)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        if self.fuses(query) and query.shape[2] == key.shape[2]:  # with or without gradients
+            rows, heads, length, dim = query.shape
+            sequences = [length] * rows if lengths is None else list(lengths)
+            output = self.attend_flat(_flat(query), _flat(key), _flat(value), sequences, {}, scaling)  # (R * T, H, D)
+            return output.view(rows, length, heads, dim).transpose(1, 2)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
             return KeptWeightsAttention.apply(query, key, value, scaling, self, lengths)
-        if self.fuses(query) and query.shape[2] == key.shape[2]:
-            rows, heads, length, dim = query.shape
-            table = _segment_table([length] * rows if lengths is None else list(lengths), {})
-            output = self.segment_attention(_flat(query), _flat(key), _flat(value), table, scaling)  # (R * T, H, D)
-            return output.view(rows, length, heads, dim).transpose(1, 2)
         return self.attend(query, key, value, scaling, lengths=lengths)[0]
 
+    def attend_flat(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
+                    prefixes: dict[int, tuple[int, int]], scaling: float | None) -> torch.Tensor:
+        """The C++ segment attention of q (T, H, D), k and v (T, h, D), with or without gradients: the segments of
+        `lengths` tile the tokens; one starting at a token listed in `prefixes` (first: (prefix's first token,
+        length)) continues that prefix (without gradients only). -> (T, H, D)"""
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return self.segment_attention(query, key, value, _segment_table(lengths, prefixes), scaling)
+
     def fuses(self, query: torch.Tensor) -> bool:
-        """Whether a call on `query` without gradients goes to the C++ segment attention."""
+        """Whether a call on `query` goes to the C++ segment attention."""
         return self.segment_attention is not None and fits(query.shape[-1])
 
     def attend(self, query, key, value, scaling: float, keep_weights: bool = False,
@@ -488,16 +501,16 @@ def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
 def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int], dropout: float,
                     scaling: float | None, kernel=None, shared_prefixes: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each packed segment on its own; `lengths` tile the flattened rows in order.
-    query (R, H, T, D), key/value (R, H_kv, T, D) -> (R, T, H, D). `kernel`: bf16_kernel's, or None
-    (torch's sdpa). `shared_prefixes` (K, 3), swap trees' (lmsys.data.batching.Batch): a segment starting at a
-    listed flattened index continues the listed prefix, whose keys and values go before its own.
+    query (R, H, T, D), key/value (R, H_kv, T, D) -> (R, T, H, D). `kernel`: bf16_kernel's, or None (torch's sdpa).
+    `shared_prefixes` (K, 3), swap trees' (lmsys.data.batching.Batch): a segment starting at a listed flattened index
+    continues the listed prefix, whose keys and values go before its own.
 
-    Rows of one segment each (rows keeping their pad tails: sequence_bounds) attend in one call as they are; the
-    compiled kernel's calls without gradients by _attend_without_gradients. Otherwise (a row of real tokens:
-    model.unpad_rows) in calls of several segments padded to their longest (padded_groups), inside the compiled
-    kernel's own copies (_stacked) where one call takes the row, else by pad_sequence; a swap tree's continuing
-    segment alone. The flat (R * T, H, D) views of q, k and v (laid out (R, T, H, D)) and their split are free, the
-    split's backward one concatenation (slicing segments out would zero-fill a full-size gradient per segment)."""
+    Rows of one segment each (sequence_bounds) attend in one call as they are; every segment in one call of the C++
+    segment attention where it runs (_fused); else (a row of real tokens: model.unpad_rows) in calls of several
+    segments padded to their longest (padded_groups), in the compiled kernel's own copies (_stacked) where one call
+    takes the row, else by pad_sequence; a continuing segment alone; prediction's trees by _attend_trees. The flat
+    (R * T, H, D) views and their split are free, the split's backward one concatenation (slicing would zero-fill a
+    full-size gradient per segment)."""
     rows, heads, length, dim = query.shape
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # (B, h, L, D) -> (B, L, H, D)
@@ -512,19 +525,15 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     prefixes = {} if shared_prefixes is None else {first: (start, size)
                                                    for first, start, size in shared_prefixes.tolist()}
     flat_key, flat_value = _flat(key), _flat(value)
-    without_gradients = isinstance(kernel, CompiledCausalAttention) and not torch.is_grad_enabled()
-    if without_gradients and (prefixes or kernel.fuses(query)):
-        flat = (_flat(query), flat_key, flat_value)
-        return _attend_without_gradients(kernel, flat, lengths, prefixes, scaling).view(rows, length, heads, dim)
+    if _fused(kernel, query, prefixes):  # every segment and swap tree in one C++ call
+        output = kernel.attend_flat(_flat(query), flat_key, flat_value, lengths, prefixes, scaling)  # (R * T, H, D)
+        return output.view(rows, length, heads, dim)
     pieces = [t.split(lengths) for t in (_flat(query), flat_key, flat_value)]  # each segment's (L, h, D)
     firsts = list(itertools.accumulate(lengths[:-1], initial=0))  # each segment's first flattened index
-    outputs: list[torch.Tensor | None] = [None] * len(lengths)
-    for i, first in enumerate(firsts):  # a swap tree's continuing segment: its prefix's keys and values first
-        if first in prefixes:
-            start, size = prefixes[first]
-            q, k, v = (piece[i] for piece in pieces)
-            k, v = (torch.cat([whole[start : start + size], own]) for whole, own in ((flat_key, k), (flat_value, v)))
-            outputs[i] = attend_continuing(*map(_heads_first, (q, k, v)), dropout, scaling, kernel)[0]  # (L, H, D)
+    if prefixes and isinstance(kernel, CompiledCausalAttention) and not torch.is_grad_enabled():
+        return _attend_trees(kernel, pieces, (flat_key, flat_value), firsts, prefixes, scaling).view(
+            rows, length, heads, dim)
+    outputs = _continuing_outputs(pieces, (flat_key, flat_value), firsts, prefixes, dropout, scaling, kernel)
     plain = [i for i, first in enumerate(firsts) if first not in prefixes]
     groups = [[plain[j] for j in group] for group in padded_groups([lengths[i] for i in plain])]
     if rows == 1 and len(groups) == 1 and len(plain) == len(lengths) and isinstance(kernel, CompiledCausalAttention):
@@ -535,6 +544,21 @@ def attend_segments(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              strict=True):
             outputs[i] = output
     return torch.cat(outputs).view(rows, length, heads, dim)
+
+
+def _continuing_outputs(pieces: list[tuple[torch.Tensor, ...]], flat: tuple[torch.Tensor, torch.Tensor],
+                        firsts: list[int], prefixes: dict[int, tuple[int, int]], dropout: float,
+                        scaling: float | None, kernel) -> list[torch.Tensor | None]:
+    """attend_segments' outputs of swap trees' continuing segments (L, H, D), each alone with its prefix's keys and
+    values before its own (attend_continuing); None in the other segments' places."""
+    outputs: list[torch.Tensor | None] = [None] * len(firsts)
+    for i, first in enumerate(firsts):
+        if first in prefixes:
+            start, size = prefixes[first]
+            q, k, v = (piece[i] for piece in pieces)
+            k, v = (torch.cat([whole[start : start + size], own]) for whole, own in zip(flat, (k, v), strict=True))
+            outputs[i] = attend_continuing(*map(_heads_first, (q, k, v)), dropout, scaling, kernel)[0]
+    return outputs
 
 
 def _segment_table(lengths: list[int], prefixes: dict[int, tuple[int, int]]) -> list[tuple[int, int, int, int]]:
@@ -549,17 +573,11 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.transpose(1, 2).reshape(-1, tensor.shape[1], tensor.shape[-1])
 
 
-def _attend_without_gradients(kernel: CompiledCausalAttention, flat: tuple[torch.Tensor, ...], lengths: list[int],
-                              prefixes: dict[int, tuple[int, int]], scaling: float | None) -> torch.Tensor:
-    """The output (T, H, D) of a row's segments (and swap trees) from the flat q, k and v (T, h, D) without
-    gradients: every segment in one call of the C++ segment attention where it runs, else the trees' own calls of
-    the compiled kernel (_attend_trees)."""
-    if kernel.fuses(flat[0]):
-        scaling = flat[0].shape[-1] ** -0.5 if scaling is None else scaling
-        return kernel.segment_attention(*flat, _segment_table(lengths, prefixes), scaling)
-    pieces = [t.split(lengths) for t in flat]  # each segment's (L, h, D)
-    firsts = list(itertools.accumulate(lengths[:-1], initial=0))  # each segment's first flattened index
-    return _attend_trees(kernel, pieces, flat[1:], firsts, prefixes, scaling)
+def _fused(kernel, query: torch.Tensor, prefixes: dict[int, tuple[int, int]]) -> bool:
+    """Whether attend_segments' call goes to the C++ segment attention: the compiled kernel's, where it runs, on
+    heads it takes; with gradients, no swap trees (its backward has no prefixes; training has none)."""
+    training = torch.is_grad_enabled() and query.requires_grad
+    return isinstance(kernel, CompiledCausalAttention) and kernel.fuses(query) and not (prefixes and training)
 
 
 def _attend_trees(kernel: CompiledCausalAttention, pieces: list[tuple[torch.Tensor, ...]],

@@ -115,25 +115,26 @@ torch::Tensor causal_softmax(torch::Tensor scores, double scale, int64_t groups,
 def causal_softmax_op():
     """The kernel's function (scores, scale, groups, first) -> weights, built or loaded once a process; None where
     it cannot run (see the module's docstring)."""
-    return build_kernel(NAME, SOURCE, "causal_softmax", "the C++ causal softmax")
+    module = build_kernel(NAME, SOURCE, ["causal_softmax"], "the C++ causal softmax")
+    return None if module is None else module.causal_softmax
 
 
-def build_kernel(name: str, source: str, function: str, description: str):
-    """`function` of the C++ `source` built (or loaded from torch's extension cache) as `name` with FLAGS; None, with
-    a warning, where the CPU lacks AVX-512 BF16 or the build fails (no compiler or ninja)."""
+def build_kernel(name: str, source: str, functions: list[str], description: str):
+    """The C++ `source` built (or loaded from torch's extension cache) as `name` with FLAGS: a module of its
+    `functions`; None, with a warning, where the CPU lacks AVX-512 BF16 or the build fails (no compiler or ninja)."""
     if not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():  # a private check: absent, no kernel
         return None
     from torch.utils.cpp_extension import load_inline
 
     try:
-        module = load_inline(name, cpp_sources=[source], functions=[function], extra_cflags=FLAGS,
+        module = load_inline(name, cpp_sources=[source], functions=functions, extra_cflags=FLAGS,
                              extra_ldflags=["-fopenmp"])
     except (RuntimeError, OSError, ImportError) as error:  # no compiler or ninja, or the build failed
         log.warning("attention: %s could not be built (%s); the compiled attention's own is used", description,
                     str(error).splitlines()[0] if str(error) else type(error).__name__)
         return None
     log.info("attention: %s (AVX-512 BF16) is in use", description)
-    return getattr(module, function)
+    return module
 
 
 def causal_softmax(scores: torch.Tensor, scaling: float, groups: int, first: int) -> torch.Tensor:

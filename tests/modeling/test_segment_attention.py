@@ -5,6 +5,7 @@ calls without gradients to it, trees included, at any length. Where the CPU lack
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -66,6 +67,40 @@ def test_each_segment_attends_its_prefix_and_itself(heads, kv_heads, dim, segmen
 
 
 @needs_kernel
+@pytest.mark.parametrize("heads,kv_heads,dim,lengths", [
+    (9, 3, 64, [100, 37, 1, 70]),  # query blocks of 32 tokens and key blocks of 64 crossed; a one-token segment
+    (4, 4, 64, [300]),
+    (8, 2, 128, [65, 64]),
+    (4, 2, 16, [17, 9]),
+])
+def test_the_gradients_are_those_of_float64_attention(heads, kv_heads, dim, lengths):
+    """Training's path (no prefixes): q, k and v gradients within bf16 rounding of float64 autograd's, under a
+    random output gradient; the output too."""
+    segments = [(first, length, 0, 0) for first, length in zip([0, *itertools.accumulate(lengths)], lengths)]
+    query, key, value = random_qkv(sum(lengths) + dim, sum(lengths), heads, kv_heads, dim)
+    grad_output = torch.randn(query.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    ours = [t.clone().requires_grad_(True) for t in (query, key, value)]
+    output = segment_attention(*ours, segments, dim**-0.5)
+    output.backward(grad_output)
+    exact = [t.double().requires_grad_(True) for t in (query, key, value)]
+    expected = reference(*exact, segments, dim**-0.5)
+    expected.backward(grad_output.double())
+    for mine, theirs in [(output, expected), *((a.grad, b.grad) for a, b in zip(ours, exact, strict=True))]:
+        assert mine.dtype == torch.bfloat16
+        # float64's gradients within 1% of their largest (bf16 weights and score gradients, as the compiled kernel)
+        theirs = theirs.detach()
+        torch.testing.assert_close(mine.double(), theirs, atol=0.01 * float(theirs.abs().max()), rtol=0)
+
+
+@needs_kernel
+def test_the_backward_refuses_prefixes():
+    query, key, value = (t.requires_grad_(True) for t in random_qkv(0, 8, 4, 2, 16))
+    output = segment_attention(query, key, value, [(0, 4, 0, 0), (4, 4, 0, 4)], 0.25)
+    with pytest.raises(RuntimeError, match="no prefixes"):
+        output.sum().backward()
+
+
+@needs_kernel
 def test_strided_inputs_as_the_projections_leave_them():
     """q, k and v as column blocks of one (T, (H + 2 H_kv) D) tensor: read through their strides."""
     fused = torch.randn(50, (9 + 2 * 3) * 64, generator=torch.Generator().manual_seed(3)).bfloat16()
@@ -115,16 +150,17 @@ def test_prediction_through_cpu_sdpa_takes_the_kernel_for_rows_and_trees(monkeyp
         torch.testing.assert_close(row.double(), whole, atol=2.0**-7 * float(whole.abs().max()), rtol=2.0**-8)
 
 
-def test_without_gradients_a_fusing_kernel_takes_calls_of_any_length():
-    """Beyond COMPILED_FORWARD_MAX_KEYS the compiled forward gives way to torch's sdpa, the segment attention not
-    (measured faster at every length); heads it cannot take (not whole vectors of 16) keep the limit."""
+def test_a_fusing_kernel_takes_calls_of_any_length():
+    """Beyond FLOAT32_MAX_ROW (with gradients) and COMPILED_FORWARD_MAX_KEYS (without) the compiled attention gives
+    way to torch's sdpa, the segment attention not (measured faster at every length); heads it cannot take (not
+    whole vectors of 16) keep the limits."""
     fusing = CompiledCausalAttention(segment_attention=lambda *args: None)
     module = SimpleNamespace(compiled_attention=fusing)
     longest = COMPILED_FORWARD_MAX_KEYS * 4
-    with torch.no_grad():
-        assert bf16_kernel(module, torch.zeros(1, 1, 2, 64, dtype=torch.bfloat16), 0.0, longest) is fusing
-        assert bf16_kernel(module, torch.zeros(1, 1, 2, 8, dtype=torch.bfloat16), 0.0, longest) is None
-    assert bf16_kernel(module, torch.zeros(1, 1, 2, 64, dtype=torch.bfloat16), 0.0, longest) is None  # gradients
+    for recorded in (False, True):
+        with torch.set_grad_enabled(recorded):
+            assert bf16_kernel(module, torch.zeros(1, 1, 2, 64, dtype=torch.bfloat16), 0.0, longest) is fusing
+            assert bf16_kernel(module, torch.zeros(1, 1, 2, 8, dtype=torch.bfloat16), 0.0, longest) is None
 
 
 def test_no_kernel_without_avx512_bf16(monkeypatch):
@@ -134,3 +170,22 @@ def test_no_kernel_without_avx512_bf16(monkeypatch):
         assert segment_attention_op() is None
     finally:
         kernel_module.segment_attention_op.cache_clear()
+
+
+@needs_kernel
+def test_training_takes_the_kernel_for_a_row_of_sequences_and_not_for_trees(monkeypatch):
+    """With gradients, a packed row of sequences goes to the kernel in one call (its backward reaching q, k and v);
+    swap trees (none in training) keep the compiled kernel's calls, which continue prefixes."""
+    attention = CompiledCausalAttention(segment_attention=segment_attention)
+    calls = []
+    monkeypatch.setattr(attention, "segment_attention", lambda *args: calls.append(args) or segment_attention(*args))
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=True, compiled_attention=attention)
+    query, key, value = (t.transpose(0, 1)[None].requires_grad_(True) for t in random_qkv(5, 60, 4, 2, 16))
+    bounds = torch.tensor([0, 25, 60], dtype=torch.int32)
+    output, _ = cpu_sdpa(module, query, key, value, None, scaling=0.25, cu_seq_lens_q=bounds, cu_seq_lens_k=bounds)
+    output.float().square().sum().backward()
+    assert len(calls) == 1 and all(t.grad is not None and t.grad.abs().sum() > 0 for t in (query, key, value))
+    shared = torch.tensor([[40, 0, 25]])  # the second segment continues the first's 25 tokens
+    bounds = torch.tensor([0, 40, 60], dtype=torch.int32)
+    cpu_sdpa(module, query, key, value, None, scaling=0.25, cu_seq_lens_q=bounds, shared_prefixes=shared)
+    assert [call[3] for call in calls[1:]] == [[(0, 40, 0, 0)]]  # the first segment alone; the continuing one not
