@@ -29,27 +29,31 @@ UPDATES = 3
 
 
 def curve(model_dir: Path, **model_kwargs) -> dict:
-    """The first forward's logits (6, 3), the loss of each update on one packed micro-batch, and what the compile
-    did to the model (ModelConfig `model_kwargs`)."""
+    """The first forward's logits (6, 3), the loss of each update on one packed micro-batch, the first backward's
+    gradients of the trained parameters (float64, flattened), and what the compile did to the model (ModelConfig
+    `model_kwargs`)."""
     model, spec, tokenizer = tiny.build_preference_model(model_dir, "llama", "nf4", **model_kwargs)
     pairs = pairs_from_frame(tiny.arena_frame(6, seed=11), "mem.csv", require_labels=True)
     split = encode_split(pairs, build_encoders(spec, tokenizer))
     batch = collate(split.forward, tiny.batching(True, tokenizer.pad_token_id, PaddingSide.left, 300))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    logits, losses = None, []
+    logits, losses, gradients = None, [], None
+    trained = [p for p in model.parameters() if p.requires_grad]
     for _ in range(UPDATES):
         out = model(**batch.model_inputs(CPU))  # (6, 3)
         logits = out.detach() if logits is None else logits
         loss = soft_cross_entropy(out, batch.targets)
         loss.backward()
+        if gradients is None:
+            gradients = torch.cat([p.grad.double().flatten() for p in trained])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     layers = model.backbone.base_model.model.layers
     norms = [module for module in model.modules() if type(module).__name__ == "LlamaRMSNorm"]
     mlps = [module for module in model.modules() if type(module).__name__.endswith("LlamaMLP")]
-    return {"logits": logits, "losses": torch.tensor(losses), "names": [n for n, _ in model.named_parameters()],
+    return {"logits": logits, "losses": torch.tensor(losses), "gradients": gradients, "names": [n for n, _ in model.named_parameters()],
             "layers": len(layers), "layers_compiled": sum(layer._compiled_call_impl is not None for layer in layers),
             "norms": len(norms), "norms_compiled": sum(norm._compiled_call_impl is not None for norm in norms),
             "mlps": len(mlps), "mlps_compiled": sum(isinstance(mlp, CompiledGatedMLP) for mlp in mlps),

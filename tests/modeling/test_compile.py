@@ -65,5 +65,12 @@ def test_compiled_attention_gives_the_eager_logits_and_loss_curve_in_bfloat16():
     assert 1 <= compiled["unique_graphs"] - results["bf16 mlps"]["unique_graphs"] <= 3
     assert compiled["names"] == eager["names"]
     torch.testing.assert_close(compiled["logits"], eager["logits"], atol=5e-3, rtol=0)
-    # as for the MLPs: the loss curves held to float32's
-    torch.testing.assert_close(compiled["losses"], results["eager"]["losses"], atol=2e-2, rtol=0)
+    # the first update's gradients as near float32's as eager bf16's (3.1-3.2% of their norm, the C++ segment
+    # attention's on a CPU with AVX-512 BF16, the compiled graphs' elsewhere)
+    float32 = results["eager"]["gradients"]
+    distance = {name: float((results[name]["gradients"] - float32).norm() / float32.norm())
+                for name in ("bf16 eager", "bf16 attention")}
+    assert distance["bf16 attention"] <= max(0.05, 1.2 * distance["bf16 eager"]), distance
+    # the loss curves held to float32's: the third update at lr 1e-2 amplifies the roundings (eager bf16 7e-3 from
+    # float32, the segment attention 2.7e-2, the compiled graphs 1.0e-2; a step between updates is 0.1-0.14)
+    torch.testing.assert_close(compiled["losses"], results["eager"]["losses"], atol=3e-2, rtol=0)
