@@ -48,6 +48,7 @@ SOURCE = r"""
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 using bf16 = at::BFloat16;
@@ -138,23 +139,36 @@ static inline const bf16* key_row(const torch::Tensor& t, const Segment& s, int6
 // rows row(0 .. count - 1) of dim (zeros up to `padded`) -> score_tile's operand: [16-row vector][dim / 2][16][2]
 template <typename Row>
 static void pack_vectors(Row row, int64_t count, int64_t padded, int64_t dim, bf16* out) {
-  std::memset(out, 0, padded * dim * sizeof(bf16));
-  for (int64_t j = 0; j < count; ++j) {
-    const bf16* x = row(j);
-    bf16* y = out + (j / 16) * dim * 16 + (j % 16) * 2;
-    for (int64_t d = 0; d < dim; d += 2) { y[d * 16] = x[d]; y[d * 16 + 1] = x[d + 1]; }
+  const int64_t pairs = dim / 2;
+  uint32_t* y = reinterpret_cast<uint32_t*>(out);  // a pair of bf16 as one 32-bit lane
+  for (int64_t j = 0; j < padded; ++j) {
+    uint32_t* lane = y + (j / 16) * pairs * 16 + j % 16;
+    if (j < count) {
+      const uint32_t* x = reinterpret_cast<const uint32_t*>(row(j));
+      for (int64_t p = 0; p < pairs; ++p) lane[p * 16] = x[p];
+    } else {
+      for (int64_t p = 0; p < pairs; ++p) lane[p * 16] = 0;
+    }
+  }
+}
+
+// two rows of dim bf16 (dim a multiple of 16) side by side: y[2 d] = a[d], y[2 d + 1] = b[d]
+static inline void interleave(const bf16* a, const bf16* b, int64_t dim, bf16* y) {
+  for (int64_t d = 0; d < dim; d += 16) {
+    __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + d));
+    __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + d));
+    __m256i low = _mm256_unpacklo_epi16(x0, x1), high = _mm256_unpackhi_epi16(x0, x1);  // per 128-bit lane
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + 2 * d), _mm256_permute2x128_si256(low, high, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + 2 * d + 16), _mm256_permute2x128_si256(low, high, 0x31));
   }
 }
 
 // rows row(0 .. count - 1) of dim (padded with zeros to `padded`, even) -> value_tile's operand: [row pair][dim][2]
 template <typename Row>
 static void pack_pairs(Row row, int64_t count, int64_t padded, int64_t dim, bf16* out) {
-  std::memset(out, 0, padded * dim * sizeof(bf16));
-  for (int64_t j = 0; j < count; ++j) {
-    const bf16* x = row(j);
-    bf16* y = out + (j / 2) * dim * 2 + (j % 2);
-    for (int64_t d = 0; d < dim; ++d) y[2 * d] = x[d];
-  }
+  std::vector<bf16> zeros(dim, bf16(0.f));
+  for (int64_t j = 0; j < padded; j += 2)
+    interleave(j < count ? row(j) : zeros.data(), j + 1 < count ? row(j + 1) : zeros.data(), dim, out + j * dim);
 }
 
 // a segment's keys (padded to BK) for the scores, its values for the weights' product
@@ -175,32 +189,32 @@ struct Scratch {
         rescale(rows) {}
 };
 
+// the lanes of the 16 keys from k that a row sees, of its first `visible`
+static inline __mmask16 lanes_of(int64_t visible, int64_t k) {
+  return visible - k >= 16 ? 0xFFFF : (visible > k ? (__mmask16)((1u << (visible - k)) - 1) : 0);
+}
+
 // One row's softmax step over a block of keys: `visible` of its scores count; its weights rounded to bf16 (zero
 // past them), its running maximum and sum updated, its output's rescale factor set.
-static void softmax_step(float* scores, bf16* weights, int64_t visible, int64_t width, float scale, float& top,
-                         float& total, float& rescale) {
+static void softmax_step(const float* scores, bf16* weights, int64_t visible, int64_t width, float scale,
+                         float& top, float& total, float& rescale) {
   if (visible <= 0) {
     std::fill(weights, weights + width, bf16(0.f));
     rescale = 1.f;
     return;
   }
-  float most = -std::numeric_limits<float>::infinity();
-  for (int64_t k = 0; k < width; k += 16) {
-    __mmask16 lanes = visible - k >= 16 ? 0xFFFF : (visible > k ? (__mmask16)((1u << (visible - k)) - 1) : 0);
-    __m512 x = _mm512_mul_ps(_mm512_loadu_ps(scores + k), _mm512_set1_ps(scale));
-    _mm512_storeu_ps(scores + k, x);
-    if (lanes) most = std::max(most, _mm512_mask_reduce_max_ps(lanes, x));
-  }
-  const float next = std::max(top, most);
+  __m512 most = _mm512_set1_ps(-std::numeric_limits<float>::infinity());  // of the unscaled scores (scale > 0)
+  for (int64_t k = 0; k < width; k += 16)
+    most = _mm512_mask_max_ps(most, lanes_of(visible, k), most, _mm512_loadu_ps(scores + k));
+  const float next = std::max(top, _mm512_reduce_max_ps(most) * scale);
   rescale = std::exp(top - next);  // 0 at a row's first block (top = -inf)
   __m512 sum = _mm512_setzero_ps();
   for (int64_t k = 0; k < width; k += 16) {
-    __mmask16 lanes = visible - k >= 16 ? 0xFFFF : (visible > k ? (__mmask16)((1u << (visible - k)) - 1) : 0);
-    __m512 x = _mm512_sub_ps(_mm512_loadu_ps(scores + k), _mm512_set1_ps(next));
+    const __mmask16 lanes = lanes_of(visible, k);
+    __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(scores + k), _mm512_set1_ps(scale), _mm512_set1_ps(next));
     __m512 e = _mm512_maskz_mov_ps(lanes, static_cast<__m512>(Floats(_mm512_maskz_mov_ps(lanes, x)).exp_u20()));
     sum = _mm512_add_ps(sum, e);
-    __m256bh rounded = _mm512_cvtneps_pbh(e);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(weights + k), (__m256i)rounded);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(weights + k), (__m256i)_mm512_cvtneps_pbh(e));
   }
   total = total * rescale + _mm512_reduce_add_ps(sum);
   top = next;
@@ -296,7 +310,8 @@ std::tuple<torch::Tensor, torch::Tensor> segment_attention(torch::Tensor query, 
   for (size_t i = 0; i < list.size(); ++i)
     offsets[i + 1] = offsets[i] + (list[i].prefix_length + list[i].length + BK - 1) / BK * BK;
   const int64_t groups = heads / kv_heads;
-  std::vector<bf16> keys(offsets.back() * kv_heads * dim), values(offsets.back() * kv_heads * dim);
+  std::unique_ptr<bf16[]> keys(new bf16[offsets.back() * kv_heads * dim]);  // every element packed
+  std::unique_ptr<bf16[]> values(new bf16[offsets.back() * kv_heads * dim]);
   std::vector<Block> blocks;
   for (size_t i = 0; i < list.size(); ++i)
     for (int64_t h = 0; h < kv_heads; ++h)
@@ -315,7 +330,7 @@ std::tuple<torch::Tensor, torch::Tensor> segment_attention(torch::Tensor query, 
     for (int64_t p = 0; p < pairs; ++p) {
       const int64_t i = p / kv_heads, h = p % kv_heads, padded = offsets[i + 1] - offsets[i];
       const int64_t at = (offsets[i] * kv_heads + h * padded) * dim;
-      pack(key, value, list[i], h, padded, keys.data() + at, values.data() + at);
+      pack(key, value, list[i], h, padded, keys.get() + at, values.get() + at);
     }
     Scratch scratch(((BQ * groups + TILE - 1) / TILE) * TILE, dim);
     #pragma omp for schedule(dynamic, 1)
@@ -323,8 +338,8 @@ std::tuple<torch::Tensor, torch::Tensor> segment_attention(torch::Tensor query, 
       const Block& block = blocks[b];
       const int64_t padded = offsets[block.segment + 1] - offsets[block.segment];
       const int64_t at = (offsets[block.segment] * kv_heads + block.head * padded) * dim;
-      attend_block(query, list[block.segment], block.head, groups, block.start, keys.data() + at,
-                   values.data() + at, s, scratch, output, logsumexp);
+      attend_block(query, list[block.segment], block.head, groups, block.start, keys.get() + at,
+                   values.get() + at, s, scratch, output, logsumexp);
     }
   }
   return {output, logsumexp};
@@ -365,8 +380,7 @@ static inline void store_paired(bf16* pairs, int64_t row, __m512 x) {
 static void gradient_row(const float* scores, const float* dp, int64_t r, int64_t visible, int64_t width,
                          float scale, float logsumexp, float delta, BackwardScratch& w) {
   for (int64_t k = 0; k < BK; k += 16) {
-    __mmask16 lanes = k >= width ? 0 : (visible - k >= 16 ? 0xFFFF
-                                        : (visible > k ? (__mmask16)((1u << (visible - k)) - 1) : 0));
+    const __mmask16 lanes = k >= width ? 0 : lanes_of(visible, k);
     __m512 e = _mm512_setzero_ps(), d = _mm512_setzero_ps();
     if (lanes) {
       __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(scores + k), _mm512_set1_ps(scale), _mm512_set1_ps(logsumexp));
@@ -437,9 +451,13 @@ static void load_query_block(const Gradients& a, const Segment& s, int64_t head,
       std::fill(g, g + dim, bf16(0.f));
       w.delta[r] = w.top[r] = 0.f;
     }
-    for (int64_t d = 0; d < dim; ++d) {
-      w.q_t[d * padded_rows + r] = q[d];
-      w.g_t[d * padded_rows + r] = g[d];
+  }
+  std::vector<bf16> pair(2 * dim);
+  for (int64_t r = 0; r < padded_rows; r += 2) {  // (D, rows): a row pair's two values of d side by side
+    for (auto [x, y] : {std::pair{w.q.data(), w.q_t.data()}, std::pair{w.g.data(), w.g_t.data()}}) {
+      interleave(x + r * dim, x + (r + 1) * dim, dim, pair.data());
+      const uint32_t* both = reinterpret_cast<const uint32_t*>(pair.data());
+      for (int64_t d = 0; d < dim; ++d) std::memcpy(y + d * padded_rows + r, both + d, 4);
     }
   }
 }
