@@ -57,10 +57,10 @@ output and its gradient cast up, the gradients cast back down: 0.78-0.92 of an a
 those shapes, gradients within bf16 rounding of it. Evaluation, prediction and longer rows run bf16 sdpa throughout.
 
 **Compiled, in bf16 training** (`model.attention_kernel=compiled`; `auto` where the norms and MLPs compile: bf16 on
-CPU with a C++ compiler). The same causal attention of those rows as batched bf16 products around a causal softmax
-(CompiledCausalAttention): the C++ kernel of lmsys.modeling.causal_softmax where it runs (AVX-512 BF16; the forward
-then runs eagerly around it: 0.62 of the compiled graph's time without gradients on prediction shapes, a TTA pass
-0.91 and training updates 0.93 of the time), else the float32 softmax compiled with the products. GQA by stacking
+CPU with a C++ compiler). The same causal attention of those rows as batched bf16 products around a float32
+causal softmax, compiled (CompiledCausalAttention; where the C++ segment attention runs, that instead: below).
+(Until Dec 6 a C++ causal softmax ran between the products on CPUs with AVX-512 BF16: the segment attention, on the
+same CPUs, replaced it.) GQA by stacking
 a key/value head's query heads into one operand, token by token (k and v are not repeated); on long rows the query tokens go in QUERY_BLOCKS blocks, each against the keys up to its last
 token only (5/8 of the square's products and softmax, and a block's float32 scores stay in cache), short or few rows
 in one block (query_blocks); the causal mask is generated inside the loop. The forward and a hand-written backward
@@ -121,7 +121,6 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from lmsys.modeling.causal_softmax import causal_softmax, causal_softmax_op
 from lmsys.modeling.rotary import compile_rotary
 from lmsys.modeling.segment_attention import fits, segment_attention, segment_attention_op
 
@@ -224,7 +223,7 @@ def query_blocks(rows: int, length: int, keys: int | None = None) -> int:
 
 
 def causal_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
-                             groups: int, blocks: int, keep_weights: bool = False, softmax=None
+                             groups: int, blocks: int, keep_weights: bool = False
                              ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Causal attention as batched products around a float32 softmax, GQA without repeating k and v: the `groups`
     query heads of a key/value head stack into one operand, token by token (row t * g + j: token t, head j of the
@@ -234,13 +233,12 @@ def causal_attention_forward(query: torch.Tensor, key: torch.Tensor, value: torc
     q (N, T * g, D), k and v (N, T, D), N = batch x key/value heads -> the output (N, T * g, D) in q's dtype and, with
     `keep_weights`, each block's softmax weights (N, C * g, L) as the product with v took them (q's dtype), which
     the backward takes instead of recomputing them; else (). Fewer query tokens than keys (a swap tree's continuing
-    sequence: lmsys.data.batching.swap_tree) are the keys' last ones. `softmax`: the C++ causal softmax
-    (lmsys.modeling.causal_softmax), or None: the float32 softmax of _causal_weights, which the compiled graph fuses."""
+    sequence: lmsys.data.batching.swap_tree) are the keys' last ones."""
     outputs, kept = [], []
     offset = key.shape[1] - query.shape[1] // groups  # the keys before the first query token
     for start, end in _query_block_bounds(query.shape[1] // groups, blocks):
         rows, keys = slice(start * groups, end * groups), offset + end
-        weights = _block_weights(query[:, rows], key[:, :keys], scaling, groups, offset + start, softmax)
+        weights = _causal_weights(query[:, rows], key[:, :keys], scaling, groups, offset + start).to(query.dtype)
         outputs.append(torch.matmul(weights, value[:, :keys]))  # (N, C * g, D)
         if keep_weights:
             kept.append(weights)
@@ -278,15 +276,6 @@ def _query_block_bounds(length: int, blocks: int) -> list[tuple[int, int]]:
     return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
-def _block_weights(query: torch.Tensor, key: torch.Tensor, scaling: float, groups: int, start: int,
-                   softmax=None) -> torch.Tensor:
-    """The causal softmax weights (N, C * g, L) in q's dtype of a block's query rows over its first L keys:
-    _causal_weights rounded, or `softmax` (the C++ kernel) of the bf16 scores."""
-    if softmax is None:
-        return _causal_weights(query, key, scaling, groups, start).to(query.dtype)
-    return softmax(torch.matmul(query, key.transpose(-1, -2)), scaling, groups, start)  # scores (N, C * g, L)
-
-
 def _causal_weights(query: torch.Tensor, key: torch.Tensor, scaling: float, groups: int, start: int) -> torch.Tensor:
     """The causal softmax weights (N, C * g, L) in float32 of the query rows of tokens start.. (token-major, C
     tokens) over the first L keys."""
@@ -304,10 +293,9 @@ class CompiledCausalAttention:
     keeps the weights, without it does not); a masked or non-causal call, or a row of one token (which dynamo would
     specialize into a graph of its own), goes to Float32Backward. The same arguments as Float32Backward.apply."""
 
-    def __init__(self, softmax=None, segment_attention=None) -> None:
+    def __init__(self, segment_attention=None) -> None:
         self.forward_graph = torch.compile(causal_attention_forward, dynamic=True)
         self.backward_graph = torch.compile(causal_attention_backward, dynamic=True)
-        self.softmax = softmax  # the C++ causal softmax: the forward runs eagerly around it, the graph unused
         # the C++ segment attention (lmsys.modeling.segment_attention): a call's sequences in one, with or without
         # gradients; then the graphs serve only where it does not (swap trees with gradients)
         self.segment_attention = segment_attention
@@ -352,7 +340,7 @@ class CompiledCausalAttention:
         stacked = [_stacked(tensor, kv_heads, lengths) for tensor in (query, key, value)]
         rows, length = (query.shape[0], query.shape[2]) if lengths is None else (len(lengths), max(lengths))
         blocks = query_blocks(rows, length, key.shape[2] if lengths is None else length)
-        output, weights = self._forward(*stacked, scaling, query.shape[1] // kv_heads, blocks, keep_weights)
+        output, weights = self.forward_graph(*stacked, scaling, query.shape[1] // kv_heads, blocks, keep_weights)
         return _unstacked(output, query.shape, lengths), (*stacked, output, *weights)
 
     def attend_parts(self, queries: list[list[torch.Tensor]], keys: list[list[torch.Tensor]],
@@ -372,17 +360,12 @@ class CompiledCausalAttention:
                    ((queries, lengths), (keys, seen), (values, seen))]
         groups = queries[0][0].shape[1] // kv_heads
         scaling = dim**-0.5 if scaling is None else scaling
-        output, _ = self._forward(*stacked, scaling, groups, query_blocks(len(lengths), max(lengths), max(seen)),
+        output, _ = self.forward_graph(*stacked, scaling, groups, query_blocks(len(lengths), max(lengths), max(seen)),
                                   False)
         padded = output.view(len(lengths), kv_heads, max(lengths), groups, dim)
         for i, (first, size) in enumerate(zip(at, lengths, strict=True)):
             into[first : first + size].view(size, kv_heads, groups, dim).copy_(padded[i, :, :size].transpose(0, 1))
 
-    def _forward(self, query, key, value, scaling: float, groups: int, blocks: int, keep_weights: bool):
-        """causal_attention_forward on stacked q, k, v: the compiled graph, or eager around the C++ softmax."""
-        if self.softmax is None:
-            return self.forward_graph(query, key, value, scaling, groups, blocks, keep_weights)
-        return causal_attention_forward(query, key, value, scaling, groups, blocks, keep_weights, self.softmax)
 
 
 def _stacked(tensor: torch.Tensor, kv_heads: int, lengths: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -474,10 +457,9 @@ class KeptWeightsAttention(torch.autograd.Function):
 
 @functools.cache
 def process_compiled_attention() -> CompiledCausalAttention:
-    """The process's one CompiledCausalAttention: its graphs serve every model built in the process; its softmax
-    the C++ kernel where that runs (lmsys.modeling.causal_softmax)."""
-    return CompiledCausalAttention(causal_softmax if causal_softmax_op() is not None else None,
-                                   segment_attention if segment_attention_op() is not None else None)
+    """The process's one CompiledCausalAttention: its graphs serve every model built in the process; its C++
+    segment attention where that runs (lmsys.modeling.segment_attention)."""
+    return CompiledCausalAttention(segment_attention if segment_attention_op() is not None else None)
 
 
 def compile_attention(model: torch.nn.Module) -> tuple[int, int]:

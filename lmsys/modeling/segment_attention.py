@@ -3,9 +3,11 @@ on its own, a swap tree's continuing segment after its prefix's keys (prediction
 read from and written to the (T, H, D) layout the projections leave, flash-attention style (an online softmax over
 blocks of keys; no scores tensor, no stacked copies).
 
-The kernel is built at first use with torch's extension builder (lmsys.modeling.causal_softmax.build_kernel, the
-same flags and fallbacks as the causal softmax): `segment_attention_op()` is None where it cannot run, and the
-compiled attention's own calls (attention.CompiledCausalAttention) remain.
+The kernel is built at first use with torch's extension builder (~25-45 s once a machine, cached in its extension
+directory; a changed source is built anew), with its own instruction sets rather than -march=native, so that a build
+cached in a home directory shared by machines of different CPUs runs on any with AVX-512 BF16 (checked before
+loading). Where it cannot run (another CPU, no C++ compiler or ninja, a failed build: logged once)
+`segment_attention_op()` is None, and the compiled attention's own calls (attention.CompiledCausalAttention) remain.
 
 Forward: per (segment, key/value head) the keys are packed once into the operand layout of `vdpbf16ps` (pairs of a
 key's dimensions side by side, 16 keys to a vector) and the values into pairs of keys; then per block of BQ query
@@ -31,12 +33,18 @@ within bf16 rounding, gradients included (tests/modeling/test_segment_attention.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
-from lmsys.modeling.causal_softmax import build_kernel
+log = logging.getLogger("lmsys")
 
-NAME = "lmsys_segment_attention"
+NAME = "lmsys_segment_attention"  # the build's name in torch's extension cache
+# The kernel's own instruction sets, not -march=native: a build cached in a home directory shared by machines
+# of different CPUs runs on any with AVX-512 BF16 (checked before loading).
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
+         "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -552,10 +560,21 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> segment_attention_backwa
 
 @functools.cache
 def segment_attention_op():
-    """The kernel's module (segment_attention, segment_attention_backward), built or loaded once a process; None
-    where it cannot run (lmsys.modeling.causal_softmax.build_kernel)."""
-    return build_kernel(NAME, SOURCE, ["segment_attention", "segment_attention_backward"],
-                        "the C++ segment attention")
+    """The kernel's module (segment_attention, segment_attention_backward), built or loaded once a process; None,
+    with a warning, where the CPU lacks AVX-512 BF16 or the build fails (no compiler or ninja)."""
+    if not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():  # a private check: absent, no kernel
+        return None
+    from torch.utils.cpp_extension import load_inline
+
+    try:
+        module = load_inline(NAME, cpp_sources=[SOURCE], functions=["segment_attention", "segment_attention_backward"],
+                             extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
+    except (RuntimeError, OSError, ImportError) as error:  # no compiler or ninja, or the build failed
+        log.warning("attention: the C++ segment attention could not be built (%s); the compiled attention's own "
+                    "calls are used", str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return None
+    log.info("attention: the C++ segment attention (AVX-512 BF16) is in use")
+    return module
 
 
 def fits(dim: int) -> bool:
@@ -590,3 +609,4 @@ class SegmentAttention(torch.autograd.Function):
         grads = segment_attention_op().segment_attention_backward(  # an expanded gradient (of a sum) made whole
             query, key, value, output, grad_output.contiguous(), logsumexp, table, ctx.scaling)
         return *grads, None, None
+

@@ -430,18 +430,13 @@ def several_trees(dtype, plain: int = 4):
     return query, key, value, bounds, torch.tensor(shared), sequences
 
 
-@pytest.mark.parametrize("softmax", ["graph", "cpp"])
-def test_several_trees_attend_straight_from_their_pieces(softmax):
-    """Prediction's trees through the compiled kernel (attend_parts: stacked straight from each segment's pieces,
-    written into the row's output, a one-token continuing segment by sdpa): each logical sequence's output is what
-    it gets alone (float64 sdpa over its tokens) within bf16 rounding, and equal to the bit to the padded calls that
-    a forward with gradients recorded makes, with the compiled graph's softmax and with the C++ kernel's."""
-    from lmsys.modeling.causal_softmax import causal_softmax, causal_softmax_op
-
-    if softmax == "cpp" and causal_softmax_op() is None:
-        pytest.skip("the C++ causal softmax needs a CPU with AVX-512 BF16")
+def test_several_trees_attend_straight_from_their_pieces():
+    """Prediction's trees through the compiled kernel's graphs (attend_parts: stacked straight from each segment's
+    pieces, written into the row's output, a one-token continuing segment by sdpa; where the C++ segment attention
+    does not run): each logical sequence's output is what it gets alone (float64 sdpa over its tokens) within bf16
+    rounding, and equal to the bit to the padded calls that a forward with gradients recorded makes."""
     torch._dynamo.reset()
-    attention = CompiledCausalAttention(causal_softmax if softmax == "cpp" else None)
+    attention = CompiledCausalAttention()
     module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False, compiled_attention=attention)
     query, key, value, bounds, shared, sequences = several_trees(torch.bfloat16)
     outputs = []

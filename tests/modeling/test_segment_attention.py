@@ -189,3 +189,21 @@ def test_training_takes_the_kernel_for_a_row_of_sequences_and_not_for_trees(monk
     bounds = torch.tensor([0, 40, 60], dtype=torch.int32)
     cpu_sdpa(module, query, key, value, None, scaling=0.25, cu_seq_lens_q=bounds, shared_prefixes=shared)
     assert [call[3] for call in calls[1:]] == [[(0, 40, 0, 0)]]  # the first segment alone; the continuing one not
+
+
+def test_a_failed_build_leaves_the_compiled_attention(monkeypatch, caplog):
+    """No compiler or ninja (load_inline raises RuntimeError): one warning naming the cause, and the op is None."""
+    import torch.utils.cpp_extension
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions (pip install ninja to get it)")
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", fail)
+    kernel_module.segment_attention_op.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="lmsys"):
+            assert segment_attention_op() is None
+    finally:
+        kernel_module.segment_attention_op.cache_clear()
+    assert "could not be built (Ninja is required" in caplog.text
