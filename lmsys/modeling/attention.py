@@ -360,12 +360,11 @@ class CompiledCausalAttention:
                    ((queries, lengths), (keys, seen), (values, seen))]
         groups = queries[0][0].shape[1] // kv_heads
         scaling = dim**-0.5 if scaling is None else scaling
-        output, _ = self.forward_graph(*stacked, scaling, groups, query_blocks(len(lengths), max(lengths), max(seen)),
-                                  False)
+        blocks = query_blocks(len(lengths), max(lengths), max(seen))
+        output, _ = self.forward_graph(*stacked, scaling, groups, blocks, False)
         padded = output.view(len(lengths), kv_heads, max(lengths), groups, dim)
         for i, (first, size) in enumerate(zip(at, lengths, strict=True)):
             into[first : first + size].view(size, kv_heads, groups, dim).copy_(padded[i, :, :size].transpose(0, 1))
-
 
 
 def _stacked(tensor: torch.Tensor, kv_heads: int, lengths: tuple[int, ...] | None = None) -> torch.Tensor:

@@ -588,6 +588,8 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     prefix_length) causal over its prefix's keys and its own. Only where segment_attention_op() is not None."""
     table = torch.tensor(segments, dtype=torch.int64).view(-1, 4)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        if any(segment[3] for segment in segments):
+            raise ValueError("segment_attention: a segment continuing a prefix (a swap tree) has no backward")
         return SegmentAttention.apply(query, key, value, table, float(scaling))
     return segment_attention_op().segment_attention(query, key, value, table, float(scaling))[0]
 

@@ -94,10 +94,16 @@ def test_the_gradients_are_those_of_float64_attention(heads, kv_heads, dim, leng
 
 @needs_kernel
 def test_the_backward_refuses_prefixes():
+    """With gradients, a segment continuing a prefix is refused at the forward (the backward has none), and the
+    C++ backward refuses one too."""
     query, key, value = (t.requires_grad_(True) for t in random_qkv(0, 8, 4, 2, 16))
-    output = segment_attention(query, key, value, [(0, 4, 0, 0), (4, 4, 0, 4)], 0.25)
+    segments = [(0, 4, 0, 0), (4, 4, 0, 4)]
+    with pytest.raises(ValueError, match="no backward"):
+        segment_attention(query, key, value, segments, 0.25)
+    table = torch.tensor(segments)
+    output, logsumexp = segment_attention_op().segment_attention(query, key, value, table, 0.25)
     with pytest.raises(RuntimeError, match="no prefixes"):
-        output.sum().backward()
+        segment_attention_op().segment_attention_backward(query, key, value, output, output, logsumexp, table, 0.25)
 
 
 @needs_kernel
