@@ -291,13 +291,15 @@ class CompiledCausalAttention:
     above, each by torch.compile into shape-generic graphs (dynamic=True) shared by every layer and model of the
     process (one per block count, one block or QUERY_BLOCKS, and for the forward per keep_weights: with gradients it
     keeps the weights, without it does not); a masked or non-causal call, or a row of one token (which dynamo would
-    specialize into a graph of its own), goes to Float32Backward. The same arguments as Float32Backward.apply."""
+    specialize into a graph of its own), goes to Float32Backward. The same arguments as Float32Backward.apply. With
+    `segment_attention` (the C++ kernel), every call it takes goes to it first (fuses)."""
 
     def __init__(self, segment_attention=None) -> None:
         self.forward_graph = torch.compile(causal_attention_forward, dynamic=True)
         self.backward_graph = torch.compile(causal_attention_backward, dynamic=True)
         # the C++ segment attention (lmsys.modeling.segment_attention): a call's sequences in one, with or without
-        # gradients; then the graphs serve only where it does not (swap trees with gradients)
+        # gradients; the graphs then serve only what it does not take (swap trees with gradients, heads that are
+        # not whole vectors of 16)
         self.segment_attention = segment_attention
 
     def __call__(self, query, key, value, mask, scaling, causal, lengths: tuple[int, ...] | None = None

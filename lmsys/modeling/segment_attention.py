@@ -259,7 +259,6 @@ static void attend_block(const torch::Tensor& query, const Segment& s, int64_t h
         const int64_t visible = r < rows ? std::min<int64_t>(BK, seen + r / groups + 1 - k0) : 0;
         softmax_step(w.scores.data() + r * BK, w.weights.data() + r * BK, visible, vectors * 16, scale, w.top[r],
                      w.total[r], w.rescale[r]);
-        std::fill(w.weights.data() + r * BK + vectors * 16, w.weights.data() + (r + 1) * BK, bf16(0.f));
       }
       if (vectors == 0) continue;
       const int64_t pairs = (needed + 1) / 2;
